@@ -1,0 +1,83 @@
+/**
+ * The one error catalogue. Every error the server can answer with has a stable `code`,
+ * an HTTP status and an `error_type` (the TGI/LoRAX convention for the JSON body
+ * `{ "error": message, "error_type": type }`). Code matches on `err.code`, never `instanceof`.
+ */
+
+export const ERRORS = {
+  // --- request validation (HTTP layer, engine) ---
+  VALIDATION: { status: 422, type: 'validation' },
+  BAD_REQUEST: { status: 400, type: 'validation' },
+  INPUT_TOO_LONG: { status: 422, type: 'validation' },
+  PAYLOAD_TOO_LARGE: { status: 413, type: 'payload_too_large' },
+  UNAUTHORIZED: { status: 401, type: 'unauthorized' },
+  NOT_FOUND: { status: 404, type: 'not_found' },
+  // --- adapters ---
+  ADAPTER_NOT_FOUND: { status: 404, type: 'adapter_not_found' },
+  ADAPTER_INVALID_ID: { status: 400, type: 'validation' },
+  ADAPTER_INVALID_CONFIG: { status: 422, type: 'adapter_invalid' },
+  ADAPTER_UNSUPPORTED: { status: 422, type: 'adapter_unsupported' },
+  ADAPTER_SHAPE_MISMATCH: { status: 422, type: 'adapter_invalid' },
+  ADAPTER_UNKNOWN_MODULE: { status: 422, type: 'adapter_invalid' },
+  ADAPTER_RANK_TOO_LARGE: { status: 422, type: 'adapter_invalid' },
+  ADAPTER_NON_FINITE: { status: 422, type: 'adapter_invalid' },
+  ADAPTER_PICKLE: { status: 422, type: 'adapter_unsupported' },
+  ADAPTER_FETCH_FAILED: { status: 502, type: 'adapter_fetch_failed' },
+  ADAPTER_TOO_LARGE: { status: 413, type: 'payload_too_large' },
+  ADAPTER_BUSY: { status: 409, type: 'conflict' },
+  // --- checkpoint / safetensors (startup or adapter files) ---
+  SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
+  SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },
+  CHECKPOINT_INVALID: { status: 500, type: 'invalid_checkpoint' },
+  CHECKPOINT_MISSING_TENSOR: { status: 500, type: 'invalid_checkpoint' },
+  CHECKPOINT_SHAPE: { status: 500, type: 'invalid_checkpoint' },
+  CONFIG_INVALID: { status: 500, type: 'invalid_config' },
+  MODEL_TYPE_UNSUPPORTED: { status: 500, type: 'invalid_config' },
+  TOKENIZER_INVALID: { status: 500, type: 'invalid_tokenizer' },
+  // --- serving ---
+  OVERLOADED: { status: 429, type: 'overloaded' },
+  NOT_READY: { status: 503, type: 'not_ready' },
+  SHUTTING_DOWN: { status: 503, type: 'shutting_down' },
+  CANCELLED: { status: 499, type: 'cancelled' },
+  TIMEOUT: { status: 504, type: 'timeout' },
+  GENERATION: { status: 424, type: 'generation' },
+  BACKEND_UNAVAILABLE: { status: 500, type: 'backend' },
+  INTERNAL: { status: 500, type: 'internal' },
+} as const satisfies Record<string, { status: number; type: string }>;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export class ServeError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly errorType: string;
+  /** Extra machine-readable fields (never internals); e.g. retryAfter seconds for OVERLOADED. */
+  readonly details?: Record<string, unknown>;
+
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ServeError';
+    this.code = code;
+    this.status = ERRORS[code].status;
+    this.errorType = ERRORS[code].type;
+    this.details = details;
+  }
+}
+
+/** Shorthand: `throw fail('ADAPTER_NOT_FOUND', 'adapter "x" not found')`. */
+export function fail(code: ErrorCode, message: string, details?: Record<string, unknown>): ServeError {
+  return new ServeError(code, message, details);
+}
+
+export function isServeError(err: unknown): err is ServeError {
+  return typeof err === 'object' && err !== null && typeof (err as { code?: unknown }).code === 'string' &&
+    (err as { code: string }).code in ERRORS && (err as { name?: unknown }).name === 'ServeError';
+}
+
+/** The JSON body for an error. 5xx bodies that are not ServeErrors never leak internals. */
+export function errorBody(err: unknown): { status: number; body: { error: string; error_type: string; code: string } } {
+  if (isServeError(err)) {
+    return { status: err.status, body: { error: err.message, error_type: err.errorType, code: err.code } };
+  }
+  return { status: 500, body: { error: 'internal server error', error_type: 'internal', code: 'INTERNAL' } };
+}

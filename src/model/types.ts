@@ -1,0 +1,55 @@
+/** Shared, tensor-free types of the model layer. */
+
+export type Family = 'gpt2' | 'llama';
+
+/** One typed view of an HF config.json (see normalizeConfig in config.ts). */
+export interface ModelConfig {
+  readonly family: Family;
+  /** model_type as written in config.json ("gpt2", "llama", "mistral", "qwen2", ...). */
+  readonly modelType: string;
+  readonly vocabSize: number;
+  readonly hiddenSize: number;
+  readonly numLayers: number;
+  readonly numHeads: number;
+  readonly numKvHeads: number;
+  readonly headDim: number;
+  readonly intermediateSize: number;
+  /** Longest sequence the position scheme supports (n_positions / max_position_embeddings). */
+  readonly maxPositions: number;
+  readonly normEps: number;
+  /** Llama only. */
+  readonly ropeTheta: number;
+  readonly tieWordEmbeddings: boolean;
+  /** Llama family: q/k/v projections carry a bias (Qwen2). */
+  readonly attentionBias: boolean;
+  /** Llama family: o_proj and MLP carry biases (rare; attention_bias in Llama covers o_proj too). */
+  readonly outputBias: boolean;
+  readonly mlpBias: boolean;
+  readonly activation: 'gelu_new' | 'gelu' | 'relu' | 'silu';
+  readonly bosTokenId: number | null;
+  readonly eosTokenIds: readonly number[];
+}
+
+/** A float32 tensor on the host: row-major data with its shape. */
+export interface HostTensor {
+  readonly shape: readonly number[];
+  readonly data: Float32Array;
+}
+
+/**
+ * A linear module that LoRA can target. `path` is the module path as PEFT names it after the
+ * model class (e.g. `transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`), `key` is
+ * the executor's canonical key (e.g. `0.c_attn`, `0.q_proj`), `inFeatures`/`outFeatures` are the
+ * dimensions of y = x·W (x: [.., in], y: [.., out]). `conv1d` is true for GPT-2's Conv1D modules
+ * (weights stored [in, out]; PEFT's fan_in_fan_out).
+ */
+export interface LinearModule {
+  readonly path: string;
+  readonly key: string;
+  readonly layer: number;
+  /** Short name: the last path component (q_proj, c_attn, c_proj, ...). */
+  readonly name: string;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  readonly conv1d: boolean;
+}
