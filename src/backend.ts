@@ -1,0 +1,103 @@
+/**
+ * TensorFlow.js backend selection. The native packages (@tensorflow/tfjs-node-gpu, @tensorflow/tfjs-node)
+ * download libtensorflow at install time and are therefore optional: they are imported only when present.
+ * `auto` tries tensorflow-gpu (when a CUDA device is usable), then tensorflow, then wasm, then cpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { fail } from './errors.ts';
+
+export const BACKENDS = ['auto', 'tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
+export type BackendName = (typeof BACKENDS)[number];
+
+export interface BackendInfo {
+  /** What was asked for. */
+  readonly requested: BackendName;
+  /** What runs: tensorflow-gpu | tensorflow | wasm | cpu. */
+  readonly name: Exclude<BackendName, 'auto'>;
+  /** tf.getBackend() after selection. */
+  readonly tfName: string;
+  /** Why auto skipped the backends before it. */
+  readonly skipped: readonly string[];
+}
+
+let selected: BackendInfo | null = null;
+
+async function tryImport(pkg: string): Promise<unknown> {
+  // A variable specifier keeps bundlers and tsc from resolving packages that are not installed.
+  return import(pkg);
+}
+
+/** The native package registers the 'tensorflow' backend; the GPU build only helps when CUDA is usable. */
+async function initNative(gpu: boolean): Promise<void> {
+  const pkg = gpu ? '@tensorflow/tfjs-node-gpu' : '@tensorflow/tfjs-node';
+  if (gpu && !(await gpuUsable())) {
+    throw fail('BACKEND_UNAVAILABLE', 'no CUDA GPU is visible (/dev/nvidia0 missing or CUDA_VISIBLE_DEVICES hides it); ' +
+      'the GPU backend needs the NVIDIA driver, CUDA 11.x and cuDNN 8 (see Dockerfile)');
+  }
+  try {
+    await tryImport(pkg);
+  } catch (err) {
+    throw fail('BACKEND_UNAVAILABLE', `${pkg} is not installed or failed to load its native library ` +
+      `(${(err as Error).message.split('\n')[0]}); install it (npm install ${pkg}) or choose --backend wasm`);
+  }
+  if (!(await tf.setBackend('tensorflow'))) throw fail('BACKEND_UNAVAILABLE', `${pkg} did not register the tensorflow backend`);
+  await tf.ready();
+}
+
+/**
+ * TensorFlow's GPU build falls back to the CPU, with only a log line, when the driver or CUDA libraries are
+ * missing. We require the NVIDIA device nodes to exist and CUDA_VISIBLE_DEVICES not to hide every GPU.
+ */
+async function gpuUsable(): Promise<boolean> {
+  const { existsSync } = await import('node:fs');
+  const visible = process.env.CUDA_VISIBLE_DEVICES;
+  return existsSync('/dev/nvidiactl') && existsSync('/dev/nvidia0') && visible !== '' && visible !== '-1';
+}
+
+async function initWasm(): Promise<void> {
+  await import('@tensorflow/tfjs-backend-wasm');
+  if (!(await tf.setBackend('wasm'))) throw fail('BACKEND_UNAVAILABLE', 'the wasm backend failed to initialise');
+  await tf.ready();
+}
+
+async function initCpu(): Promise<void> {
+  await import('@tensorflow/tfjs-backend-cpu');
+  if (!(await tf.setBackend('cpu'))) throw fail('BACKEND_UNAVAILABLE', 'the cpu backend failed to initialise');
+  await tf.ready();
+}
+
+const INIT: Record<Exclude<BackendName, 'auto'>, () => Promise<void>> = {
+  'tensorflow-gpu': () => initNative(true),
+  tensorflow: () => initNative(false),
+  wasm: initWasm,
+  cpu: initCpu,
+};
+
+/** Selects (once per process) and initialises the backend. */
+export async function initBackend(requested: BackendName = 'auto'): Promise<BackendInfo> {
+  if (selected) {
+    if (requested === selected.requested || requested === selected.name) return selected;
+    throw fail('BACKEND_UNAVAILABLE', `backend already initialised as ${selected.name}; cannot switch to ${requested}`);
+  }
+  if (!BACKENDS.includes(requested)) {
+    throw fail('BACKEND_UNAVAILABLE', `unknown backend "${String(requested)}" (one of ${BACKENDS.join(', ')})`);
+  }
+  const skipped: string[] = [];
+  const order: Exclude<BackendName, 'auto'>[] = requested === 'auto'
+    ? ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] : [requested];
+  for (const name of order) {
+    try {
+      await INIT[name]();
+      selected = Object.freeze({ requested, name, tfName: tf.getBackend(), skipped });
+      return selected;
+    } catch (err) {
+      if (requested !== 'auto') throw err;
+      skipped.push(`${name}: ${(err as Error).message}`);
+    }
+  }
+  throw fail('BACKEND_UNAVAILABLE', `no TensorFlow.js backend could be initialised: ${skipped.join('; ')}`);
+}
+
+export function backendInfo(): BackendInfo | null {
+  return selected;
+}

@@ -1,0 +1,169 @@
+/**
+ * LoRA on the device: adapters uploaded once into our layout (scaling folded into B), the per-step
+ * "bank" that applies many adapters to one batch unmerged, and merged weights W' = W + s·Aᵀ·Bᵀ.
+ *
+ * Layout. The model computes y = x·W with W [in, out]. PEFT stores A [r, in], B [out, r] and applies
+ * y += s·B·(A·x) per row, i.e. y += x·Aᵀ·(s·Bᵀ). We store At = Aᵀ [in, r] and Bt = s·Bᵀ [r, out].
+ * For GPT-2's Conv1D (fan_in_fan_out) A and B are stored as for Linear, so nothing differs here: only a
+ * merged delta is "transposed", and in our [in, out] layout At·Bt already is that transposed delta.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { Linear, StepLora } from '../model/layers.ts';
+import type { AdapterWeights } from './adapter-file.ts';
+
+export interface DeviceModule {
+  /** Aᵀ: [in, r]. */
+  readonly At: tf.Tensor2D;
+  /** s·Bᵀ: [r, out]. */
+  readonly Bt: tf.Tensor2D;
+  readonly r: number;
+}
+
+export interface DeviceAdapter {
+  readonly id: string;
+  readonly version: string;
+  readonly rank: number;
+  /** Float32 bytes of every At and Bt: exactly the sum of the adapter's A and B sizes. */
+  readonly bytes: number;
+  /** Keyed by LinearModule.key. */
+  readonly modules: ReadonlyMap<string, DeviceModule>;
+}
+
+/** Plain loop: At[i][j] = A[j][i] (A: [r, in]); Bt[j][o] = s · B[o][j] (B: [out, r]). */
+export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number): { At: Float32Array; Bt: Float32Array } {
+  const At = new Float32Array(inF * r);
+  for (let j = 0; j < r; j++) for (let i = 0; i < inF; i++) At[i * r + j] = A[j * inF + i]!;
+  const Bt = new Float32Array(r * outF);
+  for (let o = 0; o < outF; o++) for (let j = 0; j < r; j++) Bt[j * outF + o] = s * B[o * r + j]!;
+  return { At, Bt };
+}
+
+export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter {
+  const modules = new Map<string, DeviceModule>();
+  let bytes = 0;
+  try {
+    for (const m of w.modules) {
+      const { inFeatures: inF, outFeatures: outF } = m.module;
+      const { At, Bt } = toDeviceLayout(m.A, m.B, m.r, inF, outF, m.scaling);
+      modules.set(m.module.key, { At: tf.tensor2d(At, [inF, m.r]), Bt: tf.tensor2d(Bt, [m.r, outF]), r: m.r });
+      bytes += (At.length + Bt.length) * 4;
+    }
+  } catch (err) {
+    disposeAdapter({ id: w.id, version, rank: w.rank, bytes, modules });
+    throw err;
+  }
+  return { id: w.id, version, rank: w.rank, bytes, modules };
+}
+
+export function disposeAdapter(a: DeviceAdapter): void {
+  for (const m of a.modules.values()) {
+    m.At.dispose();
+    m.Bt.dispose();
+  }
+}
+
+/**
+ * For one fused Linear and k adapters: A [in, P·k·R] and B [P·k·R, out] where P = number of parts,
+ * R = the largest rank. Block (p, a) holds adapter a's At for part p (zero-padded to R columns) and its
+ * Bt placed in part p's output columns; zeros where adapter a does not target part p. Returns null when
+ * no adapter targets any part.
+ */
+function linearBank(lin: Linear, adapters: readonly DeviceAdapter[], R: number): { A: tf.Tensor2D; B: tf.Tensor2D } | null {
+  if (!lin.parts.some((p) => adapters.some((a) => a.modules.has(p.module.key)))) return null;
+  const [inF, outF] = lin.W.shape;
+  return tf.tidy(() => {
+    const As: tf.Tensor2D[] = [];
+    const Bs: tf.Tensor2D[] = [];
+    for (const part of lin.parts) {
+      const width = part.module.outFeatures;
+      for (const a of adapters) {
+        const m = a.modules.get(part.module.key);
+        if (!m) {
+          As.push(tf.zeros([inF, R]));
+          Bs.push(tf.zeros([R, outF]));
+          continue;
+        }
+        As.push(m.r === R ? m.At : tf.pad(m.At, [[0, 0], [0, R - m.r]]));
+        Bs.push(tf.pad(m.Bt, [[0, R - m.r], [part.offset, outF - part.offset - width]]));
+      }
+    }
+    return { A: tf.concat2d(As, 1), B: tf.concat2d(Bs, 0) };
+  });
+}
+
+/** Column blocks of adapter `slot` for a linear with P parts: ones at columns ((p·k)+slot)·R … +R. */
+function maskData(rowSlots: readonly (number | null)[], k: number, R: number, P: number): Float32Array {
+  const K = P * k * R;
+  const out = new Float32Array(rowSlots.length * K);
+  rowSlots.forEach((slot, n) => {
+    if (slot === null) return;
+    for (let p = 0; p < P; p++) out.fill(1, n * K + (p * k + slot) * R, n * K + (p * k + slot + 1) * R);
+  });
+  return out;
+}
+
+/** The adapter-specific part of a step's LoRA: built once per set of adapters, reused across steps. */
+export interface LoraBank {
+  readonly adapters: readonly DeviceAdapter[];
+  readonly R: number;
+  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D; parts: number }>;
+  readonly bytes: number;
+}
+
+export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[]): LoraBank {
+  const R = Math.max(1, ...adapters.map((a) => a.rank));
+  const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; parts: number }>();
+  let bytes = 0;
+  for (const lin of linears) {
+    const b = linearBank(lin, adapters, R);
+    if (!b) continue;
+    out.set(lin.key, { ...b, parts: lin.parts.length });
+    bytes += (b.A.size + b.B.size) * 4;
+  }
+  return { adapters, R, linears: out, bytes };
+}
+
+export function disposeBank(bank: LoraBank): void {
+  for (const { A, B } of bank.linears.values()) {
+    A.dispose();
+    B.dispose();
+  }
+}
+
+/**
+ * The StepLora for N rows: rowSlots[n] is the index into bank.adapters of row n's adapter (null: base).
+ * The returned masks belong to the caller (dispose with disposeStepLora).
+ */
+export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): StepLora {
+  const k = bank.adapters.length;
+  const masks = new Map<number, tf.Tensor2D>();
+  const unmerged = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; mask: tf.Tensor2D }>();
+  for (const [key, { A, B, parts }] of bank.linears) {
+    let mask = masks.get(parts);
+    if (!mask) {
+      mask = tf.tensor2d(maskData(rowSlots, k, bank.R, parts), [rowSlots.length, parts * k * bank.R]);
+      masks.set(parts, mask);
+    }
+    unmerged.set(key, { A, B, mask });
+  }
+  return { unmerged };
+}
+
+export function disposeStepLora(s: StepLora): void {
+  const seen = new Set<tf.Tensor>();
+  for (const u of s.unmerged?.values() ?? []) seen.add(u.mask);
+  for (const m of s.merged?.values() ?? []) seen.add(m);
+  for (const t of seen) t.dispose();
+}
+
+/**
+ * Merged weights for one adapter: W' = W + At·Bt for every linear it targets (computed from the pristine
+ * W, which stays untouched, so switching back to the base is exact).
+ */
+export function mergeWeights(linears: ReadonlyMap<string, Linear>, adapter: DeviceAdapter): Map<string, tf.Tensor2D> {
+  const bank = buildBank(linears.values(), [adapter]);
+  const merged = new Map<string, tf.Tensor2D>();
+  for (const [key, { A, B }] of bank.linears) merged.set(key, tf.tidy(() => tf.add(linears.get(key)!.W, tf.matMul(A, B))));
+  disposeBank(bank);
+  return merged;
+}

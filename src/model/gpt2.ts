@@ -1,0 +1,102 @@
+/**
+ * GPT-2 (model_type "gpt2"). Checkpoint quirks handled here:
+ * - Conv1D weights are stored [in, out] (y = x·W + b), which is already our layout: no transpose.
+ * - Files saved from GPT2LMHeadModel prefix every name with `transformer.`; the hub's original gpt2 file
+ *   has no prefix and also stores `h.N.attn.bias` / `h.N.attn.masked_bias`, causal-mask buffers that are
+ *   not parameters: we read tensors by exact name from the table below, so those are never touched
+ *   (note `h.N.attn.c_attn.bias` also ends in `attn.bias`; exact names keep them apart).
+ * - lm_head is tied to wte.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { Checkpoint } from './checkpoint.ts';
+import { attention, gelu, geluNew, layerNorm, linear, toHeads, type Linear } from './layers.ts';
+import type { Arch, StepContext } from './model.ts';
+import type { LinearModule, ModelConfig } from './types.ts';
+
+/** Per-layer linear modules: HF name (under h.N.) → [in, out]. PEFT paths are `transformer.h.N.<name>`. */
+function linearTable(c: ModelConfig): [name: string, inF: number, outF: number][] {
+  const d = c.hiddenSize;
+  return [
+    ['attn.c_attn', d, 3 * d],
+    ['attn.c_proj', d, d],
+    ['mlp.c_fc', d, c.intermediateSize],
+    ['mlp.c_proj', c.intermediateSize, d],
+  ];
+}
+
+export function gpt2Modules(c: ModelConfig): LinearModule[] {
+  const out: LinearModule[] = [];
+  for (let layer = 0; layer < c.numLayers; layer++) {
+    for (const [name, inFeatures, outFeatures] of linearTable(c)) {
+      out.push({
+        path: `transformer.h.${layer}.${name}`, key: `${layer}.${name}`, layer,
+        name: name.split('.').pop()!, inFeatures, outFeatures, conv1d: true,
+      });
+    }
+  }
+  return out;
+}
+
+interface Gpt2Layer {
+  ln1: [tf.Tensor1D, tf.Tensor1D];
+  ln2: [tf.Tensor1D, tf.Tensor1D];
+  cAttn: Linear;
+  attnProj: Linear;
+  fc: Linear;
+  mlpProj: Linear;
+}
+
+export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
+  const prefix = ckpt.names.has('transformer.wte.weight') ? 'transformer.' : '';
+  const d = c.hiddenSize;
+  const tensors: tf.Tensor[] = [];
+  const load = (name: string, shape: number[]): tf.Tensor => {
+    const t = tf.tensor(ckpt.read(prefix + name, shape).data, shape);
+    tensors.push(t);
+    return t;
+  };
+  const modules = gpt2Modules(c);
+  const linears = new Map<string, Linear>();
+  const layers: Gpt2Layer[] = [];
+  for (let l = 0; l < c.numLayers; l++) {
+    const lin = (name: string): Linear => {
+      const module = modules.find((m) => m.key === `${l}.${name}`)!;
+      const W = load(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D; // Conv1D: [in, out]
+      const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
+      const L: Linear = { key: module.key, W, b, parts: [{ module, offset: 0 }] };
+      linears.set(L.key, L);
+      return L;
+    };
+    layers.push({
+      ln1: [load(`h.${l}.ln_1.weight`, [d]) as tf.Tensor1D, load(`h.${l}.ln_1.bias`, [d]) as tf.Tensor1D],
+      cAttn: lin('attn.c_attn'),
+      attnProj: lin('attn.c_proj'),
+      ln2: [load(`h.${l}.ln_2.weight`, [d]) as tf.Tensor1D, load(`h.${l}.ln_2.bias`, [d]) as tf.Tensor1D],
+      fc: lin('mlp.c_fc'),
+      mlpProj: lin('mlp.c_proj'),
+    });
+  }
+  const wte = load('wte.weight', [c.vocabSize, d]) as tf.Tensor2D;
+  const wpe = load('wpe.weight', [c.maxPositions, d]) as tf.Tensor2D;
+  const lnf: [tf.Tensor1D, tf.Tensor1D] = [load('ln_f.weight', [d]) as tf.Tensor1D, load('ln_f.bias', [d]) as tf.Tensor1D];
+  const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
+  const nH = c.numHeads;
+  const hd = c.headDim;
+
+  return {
+    modules, linears, tensors,
+    embed: (tokens, positions) => tf.add(tf.gather(wte, tokens), tf.gather(wpe, positions)), // [N, d]
+    block(l, x, s: StepContext) {
+      const L = layers[l]!;
+      // x = x + attn(ln_1(x))
+      const qkv = linear(layerNorm(x, L.ln1[0], L.ln1[1], c.normEps), L.cAttn, s.lora); // [N, 3d] fused q|k|v
+      const [q, k, v] = tf.split(qkv, 3, 1) as [tf.Tensor2D, tf.Tensor2D, tf.Tensor2D];
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, nH, hd), toHeads(v, s.B, s.T, nH, hd)); // [B, nH, C+T, hd]
+      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, nH, hd), L.attnProj, s.lora));
+      // x = x + mlp(ln_2(x))
+      const h = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
+      return tf.add(x, linear(h, L.mlpProj, s.lora));
+    },
+    head: (x) => tf.matMul(layerNorm(x, lnf[0], lnf[1], c.normEps), wte, false, true), // tied lm_head: [N, V]
+  };
+}

@@ -1,0 +1,118 @@
+/**
+ * The building blocks shared by the architectures: fused linear layers with per-row LoRA, norms,
+ * activations, rotary embeddings and batched causal attention over a KVBatch.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { LinearModule } from './types.ts';
+
+/**
+ * A linear layer y = x·W + b with W stored [in, out]. Several HF modules may be fused into one
+ * (Llama q|k|v, gate|up): `parts` says which output columns belong to which module, so that a LoRA
+ * delta for one module lands in its own columns.
+ */
+export interface Linear {
+  readonly key: string;
+  readonly W: tf.Tensor2D; // [in, out]
+  readonly b: tf.Tensor1D | null;
+  readonly parts: readonly { readonly module: LinearModule; readonly offset: number }[];
+}
+
+/**
+ * Per-step LoRA for the rows of a batch (see src/lora/bank.ts). For a linear with unmerged LoRA:
+ * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of every (part, adapter slot) A
+ * (scaling folded into B), B [K, out] block-structured so each block writes its own part's columns,
+ * and mask [N, K] selecting, per row, the blocks of that row's adapter.
+ */
+export interface StepLora {
+  /** Replacement weights (W + s·Aᵀ·Bᵀ) when one adapter is merged, keyed by Linear.key. */
+  readonly merged?: ReadonlyMap<string, tf.Tensor2D>;
+  readonly unmerged?: ReadonlyMap<string, { readonly A: tf.Tensor2D; readonly B: tf.Tensor2D; readonly mask: tf.Tensor2D }>;
+}
+
+export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2D {
+  const W = lora?.merged?.get(lin.key) ?? lin.W;
+  let y: tf.Tensor2D = tf.matMul(x, W); // [N, out]
+  const u = lora?.unmerged?.get(lin.key);
+  if (u) y = tf.add(y, tf.matMul(tf.mul(tf.matMul(x, u.A), u.mask) as tf.Tensor2D, u.B)); // [N, K] → [N, out]
+  return lin.b ? tf.add(y, lin.b) : y;
+}
+
+export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number): tf.Tensor2D {
+  const { mean, variance } = tf.moments(x, -1, true);
+  return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, eps))), w), b) as tf.Tensor2D;
+}
+
+export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number): tf.Tensor2D {
+  const ms = tf.mean(tf.square(x), -1, true); // [N, 1]
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
+}
+
+/** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
+export function geluNew(x: tf.Tensor2D): tf.Tensor2D {
+  const inner = tf.mul(tf.add(x, tf.mul(tf.pow(x, 3), 0.044715)), Math.sqrt(2 / Math.PI));
+  return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1));
+}
+
+/** Exact gelu: 0.5·x·(1 + erf(x/√2)). */
+export function gelu(x: tf.Tensor2D): tf.Tensor2D {
+  return tf.mul(tf.mul(x, 0.5), tf.add(tf.erf(tf.mul(x, Math.SQRT1_2)), 1));
+}
+
+export function silu(x: tf.Tensor2D): tf.Tensor2D {
+  return tf.mul(x, tf.sigmoid(x));
+}
+
+/**
+ * Rotary tables [maxPositions, headDim/2], computed in float64 on the host: angle = p · θ^(−2i/headDim).
+ */
+export function ropeTables(maxPositions: number, headDim: number, theta: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const half = headDim / 2;
+  const cos = new Float32Array(maxPositions * half);
+  const sin = new Float32Array(maxPositions * half);
+  for (let p = 0; p < maxPositions; p++) {
+    for (let i = 0; i < half; i++) {
+      const angle = p * Math.pow(theta, (-2 * i) / headDim);
+      cos[p * half + i] = Math.cos(angle);
+      sin[p * half + i] = Math.sin(angle);
+    }
+  }
+  return { cos: tf.tensor2d(cos, [maxPositions, half]), sin: tf.tensor2d(sin, [maxPositions, half]) };
+}
+
+/**
+ * HF rotate_half convention (first half / second half of each head, not interleaved pairs):
+ * x' = [x1·cos − x2·sin, x2·cos + x1·sin]. x: [N, H, headDim]; cos/sin: [N, 1, headDim/2].
+ */
+export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D): tf.Tensor3D {
+  const [x1, x2] = tf.split(x, 2, 2) as [tf.Tensor3D, tf.Tensor3D]; // [N, H, headDim/2] each
+  const r1 = tf.sub(tf.mul(x1, cos), tf.mul(x2, sin)) as tf.Tensor3D;
+  const r2 = tf.add(tf.mul(x2, cos), tf.mul(x1, sin)) as tf.Tensor3D;
+  return tf.concat3d([r1, r2], 2);
+}
+
+/** Shapes of one forward step: B rows, T new tokens per row (left-padded), N = B·T. */
+export interface StepShape {
+  readonly B: number;
+  readonly T: number;
+  /** Additive mask [B, 1, T·G, C+T] (KVBatch.mask), G = numHeads / numKvHeads. */
+  readonly mask: tf.Tensor4D;
+}
+
+/**
+ * Causal attention of this step's queries over the cache (which already includes this step's keys).
+ * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
+ * the G query heads that share a KV head become G·T query rows of that head.
+ */
+export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number): tf.Tensor2D {
+  const { B, T } = s;
+  const G = nH / kvH;
+  const q4 = tf.reshape(tf.transpose(tf.reshape(q, [B, T, kvH, G * hd]), [0, 2, 1, 3]), [B, kvH, T * G, hd]); // rows (t, g)
+  const scores = tf.add(tf.matMul(tf.mul(q4, 1 / Math.sqrt(hd)), k, false, true), s.mask); // [B, kvH, T·G, C+T]
+  const o = tf.matMul(tf.softmax(scores), v); // [B, kvH, T·G, hd]
+  return tf.reshape(tf.transpose(tf.reshape(o, [B, kvH, T, G * hd]), [0, 2, 1, 3]), [B * T, nH * hd]);
+}
+
+/** [N, H·hd] → [B, H, T, hd] for the cache. */
+export function toHeads(x: tf.Tensor2D, B: number, T: number, H: number, hd: number): tf.Tensor4D {
+  return tf.transpose(tf.reshape(x, [B, T, H, hd]), [0, 2, 1, 3]);
+}

@@ -1,0 +1,146 @@
+/**
+ * The resident base model: a `model_type` registry over the architecture files, and one batched forward
+ * step over a KVBatch. Weights are uploaded once at load and stay on the device for the process' life.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { fail } from '../errors.ts';
+import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
+import { loadGpt2 } from './gpt2.ts';
+import { KVBatch } from './kv.ts';
+import type { Linear, StepLora, StepShape } from './layers.ts';
+import { loadLlama } from './llama.ts';
+import type { Family, LinearModule, ModelConfig } from './types.ts';
+
+/** What one forward step gives the architecture's block function. */
+export interface StepContext extends StepShape {
+  readonly kv: KVBatch;
+  readonly positions: tf.Tensor1D; // [N]
+  readonly lora?: StepLora;
+  /** Computes a step-wide value (e.g. rotary cos/sin for these positions) once for all layers. */
+  cache<T extends tf.Tensor>(key: string, make: () => T): T;
+}
+
+/** An architecture: its weights loaded, and the three pieces of a decoder-only forward. */
+export interface Arch {
+  /** LoRA-targetable modules, PEFT naming. */
+  readonly modules: readonly LinearModule[];
+  readonly linears: ReadonlyMap<string, Linear>;
+  /** Every device tensor the weights hold. */
+  readonly tensors: readonly tf.Tensor[];
+  embed(tokens: tf.Tensor1D, positions: tf.Tensor1D): tf.Tensor2D;
+  block(layer: number, x: tf.Tensor2D, s: StepContext): tf.Tensor2D;
+  head(x: tf.Tensor2D): tf.Tensor2D;
+}
+
+const REGISTRY: Record<Family, (c: ModelConfig, ckpt: Checkpoint) => Arch> = {
+  gpt2: loadGpt2,
+  llama: loadLlama,
+};
+
+export interface ForwardInput {
+  readonly kv: KVBatch;
+  /** [B·T] token ids, row-major; rows are left-padded to T (pad entries may be any valid id). */
+  readonly tokens: Int32Array;
+  /** [B·T] absolute positions of each token (pad entries: 0). */
+  readonly positions: Int32Array;
+  readonly T: number;
+  /** Left padding of each row's T tokens (only on a batch's first forward). */
+  readonly pad?: readonly number[];
+  readonly lora?: StepLora;
+  /** Which of the N = B·T token rows get logits (e.g. the last of each row). */
+  readonly logitRows: Int32Array;
+}
+
+export class CausalLM {
+  readonly config: ModelConfig;
+  readonly dir: string;
+  readonly dtype: string;
+  readonly modules: readonly LinearModule[];
+  readonly linears: ReadonlyMap<string, Linear>;
+  private readonly arch: Arch;
+
+  private constructor(dir: string, config: ModelConfig, dtype: string, arch: Arch) {
+    this.dir = dir;
+    this.config = config;
+    this.dtype = dtype;
+    this.arch = arch;
+    this.modules = arch.modules;
+    this.linears = arch.linears;
+  }
+
+  /** Loads a checkpoint directory onto the current TensorFlow.js backend. */
+  static load(dir: string): CausalLM {
+    const ckpt = openCheckpoint(dir);
+    try {
+      const load = REGISTRY[ckpt.config.family];
+      // tidy disposes everything uploaded so far if loading fails half-way (missing or mis-shaped tensor).
+      tf.engine().startScope();
+      let arch: Arch;
+      try {
+        arch = load(ckpt.config, ckpt);
+        for (const t of arch.tensors) tf.keep(t);
+      } finally {
+        tf.engine().endScope();
+      }
+      return new CausalLM(dir, ckpt.config, ckpt.dtype, arch);
+    } finally {
+      ckpt.close();
+    }
+  }
+
+  newKV(): KVBatch {
+    const c = this.config;
+    return new KVBatch(c.numLayers, c.numKvHeads, c.headDim);
+  }
+
+  /** Device bytes of the base weights. */
+  get bytes(): number {
+    return this.arch.tensors.reduce((n, t) => n + t.size * 4, 0);
+  }
+
+  /**
+   * One forward step: T new tokens for each of the B rows of `kv` (which grows by T columns).
+   * Returns logits [logitRows.length, vocab].
+   */
+  forward(input: ForwardInput): tf.Tensor2D {
+    const { kv, T } = input;
+    const B = kv.rows;
+    const N = B * T;
+    if (input.tokens.length !== N || input.positions.length !== N) {
+      throw new Error(`forward: expected ${N} tokens and positions, got ${input.tokens.length}/${input.positions.length}`);
+    }
+    const c = this.config;
+    for (let i = 0; i < N; i++) {
+      const p = input.positions[i]!;
+      if (p < 0 || p >= c.maxPositions) throw fail('INPUT_TOO_LONG', `position ${p} exceeds the model's ${c.maxPositions} positions`);
+      const t = input.tokens[i]!;
+      if (t < 0 || t >= c.vocabSize) throw fail('VALIDATION', `token id ${t} is outside the vocabulary (${c.vocabSize})`);
+    }
+    const G = c.numHeads / c.numKvHeads;
+    const maskData = kv.mask(T, G, input.pad);
+    const logits = tf.tidy(() => {
+      const tokens = tf.tensor1d(input.tokens, 'int32');
+      const positions = tf.tensor1d(input.positions, 'int32');
+      const mask = tf.tensor4d(maskData, [B, 1, T * G, kv.cols + T]);
+      const memo = new Map<string, tf.Tensor>();
+      const ctx: StepContext = {
+        B, T, mask, kv, positions, lora: input.lora,
+        cache: <U extends tf.Tensor>(key: string, make: () => U): U => {
+          let v = memo.get(key);
+          if (!v) memo.set(key, (v = make()));
+          return v as U;
+        },
+      };
+      let x = this.arch.embed(tokens, positions); // [N, d]
+      for (let l = 0; l < c.numLayers; l++) x = this.arch.block(l, x, ctx);
+      const rows = input.logitRows.length === N ? x : tf.gather(x, tf.tensor1d(input.logitRows, 'int32'));
+      return this.arch.head(rows); // [R, V]
+    });
+    kv.commit(T, input.pad);
+    return logits;
+  }
+
+  dispose(): void {
+    for (const t of this.arch.tensors) t.dispose();
+  }
+}

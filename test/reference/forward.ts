@@ -1,0 +1,484 @@
+/**
+ * An independent, slow reference forward pass: plain loops over Float64Array, written from the
+ * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`), taking
+ * the RAW `config.json` object and tensors by their RAW checkpoint names. Test code only: nothing
+ * here comes from src/, so the fast TensorFlow.js path can be checked against it.
+ *
+ * Every vector is one token's activations, a Float64Array; a sequence is an array of them.
+ * Weights stay the checkpoint's Float32Arrays and are read element by element (float32 → float64
+ * is exact), so all arithmetic is float64. HF computes RoPE's inv_freq and angles in float32;
+ * here they are float64 (differences ~1e-7 relative, far below float32 model noise).
+ */
+
+import { refLoraDelta, type RefLoraMap } from './lora.ts';
+
+export type { RefLora, RefLoraMap } from './lora.ts';
+
+/** A host tensor: row-major float32 data with its shape. */
+export interface RefTensor {
+  shape: readonly number[];
+  data: Float32Array;
+}
+
+/**
+ * Tensor by raw checkpoint name. A missing name throws (or returns undefined); a getter may also
+ * carry `has(name)`, which is then used for the optional tensors (biases, lm_head, name prefix).
+ */
+export interface GetTensor {
+  (name: string): RefTensor;
+  has?: (name: string) => boolean;
+}
+
+/** A GetTensor over a Map, with `has` (convenient for tests). */
+export function getterFromMap(tensors: ReadonlyMap<string, RefTensor>): GetTensor {
+  const get = (name: string): RefTensor => {
+    const t = tensors.get(name);
+    if (t === undefined) throw new Error(`reference: no tensor ${name}`);
+    return t;
+  };
+  get.has = (name: string): boolean => tensors.has(name);
+  return get;
+}
+
+type Vec = Float64Array;
+
+// ---------------------------------------------------------------------------------------------
+// Tensor access
+
+function hasTensor(get: GetTensor, name: string): boolean {
+  if (get.has !== undefined) return get.has(name);
+  try {
+    return get(name) != null;
+  } catch {
+    return false;
+  }
+}
+
+/** A required tensor, with its shape checked. */
+function need(get: GetTensor, name: string, shape: readonly number[]): RefTensor {
+  const t = get(name);
+  if (t == null) throw new Error(`reference: missing tensor ${name}`);
+  if (t.shape.length !== shape.length || t.shape.some((n, i) => n !== shape[i])) {
+    throw new Error(`reference: ${name} has shape [${t.shape.join(', ')}], expected [${shape.join(', ')}]`);
+  }
+  if (t.data.length !== shape.reduce((a, b) => a * b, 1)) {
+    throw new Error(`reference: ${name} has ${t.data.length} values for shape [${shape.join(', ')}]`);
+  }
+  return t;
+}
+
+/** An optional tensor (a bias): undefined when the checkpoint does not have it. */
+function maybe(get: GetTensor, name: string, shape: readonly number[]): RefTensor | undefined {
+  return hasTensor(get, name) ? need(get, name, shape) : undefined;
+}
+
+function int(config: Record<string, any>, key: string, fallback?: number): number {
+  const v = config[key] ?? fallback;
+  if (!Number.isInteger(v) || v <= 0) throw new Error(`reference: config.${key} must be a positive integer, got ${v}`);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks, each a plain loop
+
+/** nn.Linear, W stored [out, in]: y[o] = Σ_i W[o, i]·x[i] + b[o]. */
+function linear(x: Vec, W: RefTensor, b: RefTensor | undefined): Vec {
+  const [nOut, nIn] = W.shape as [number, number];
+  const y = new Float64Array(nOut);
+  for (let o = 0; o < nOut; o++) {
+    let sum = b === undefined ? 0 : b.data[o]!;
+    for (let i = 0; i < nIn; i++) sum += W.data[o * nIn + i]! * x[i]!;
+    y[o] = sum;
+  }
+  return y;
+}
+
+/** GPT-2 Conv1D, W stored [in, out] (the transpose of nn.Linear): y[o] = Σ_i x[i]·W[i, o] + b[o]. */
+function conv1d(x: Vec, W: RefTensor, b: RefTensor | undefined): Vec {
+  const [nIn, nOut] = W.shape as [number, number];
+  const y = new Float64Array(nOut);
+  for (let o = 0; o < nOut; o++) {
+    let sum = b === undefined ? 0 : b.data[o]!;
+    for (let i = 0; i < nIn; i++) sum += x[i]! * W.data[i * nOut + o]!;
+    y[o] = sum;
+  }
+  return y;
+}
+
+/** nn.LayerNorm: (x − mean) / sqrt(var + eps) · g + b, with the biased variance. */
+function layerNorm(x: Vec, g: RefTensor, b: RefTensor, eps: number): Vec {
+  const n = x.length;
+  let mean = 0;
+  for (let i = 0; i < n; i++) mean += x[i]!;
+  mean /= n;
+  let variance = 0;
+  for (let i = 0; i < n; i++) variance += (x[i]! - mean) * (x[i]! - mean);
+  variance /= n;
+  const y = new Float64Array(n);
+  for (let i = 0; i < n; i++) y[i] = ((x[i]! - mean) / Math.sqrt(variance + eps)) * g.data[i]! + b.data[i]!;
+  return y;
+}
+
+/** Llama RMSNorm: x / sqrt(mean(x²) + eps) · g. */
+function rmsNorm(x: Vec, g: RefTensor, eps: number): Vec {
+  const n = x.length;
+  let meanSquare = 0;
+  for (let i = 0; i < n; i++) meanSquare += x[i]! * x[i]!;
+  meanSquare /= n;
+  const y = new Float64Array(n);
+  for (let i = 0; i < n; i++) y[i] = (x[i]! / Math.sqrt(meanSquare + eps)) * g.data[i]!;
+  return y;
+}
+
+/** GPT-2's "gelu_new" (tanh approximation): 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³))). */
+export function geluNew(x: number): number {
+  return 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x * x * x)));
+}
+
+/** SiLU: x·sigmoid(x). */
+export function silu(x: number): number {
+  return x / (1 + Math.exp(-x));
+}
+
+/**
+ * HF rotary embedding for one head vector v [hd] at position `pos` (the rotate_half convention:
+ * element i is paired with element i + hd/2, not with its neighbour):
+ *   inv_freq_i = theta^(−2i/hd),  angle_i = pos · inv_freq_i,  for i in [0, hd/2)
+ *   v'[i]        = v[i]·cos(angle_i) − v[i + hd/2]·sin(angle_i)
+ *   v'[i + hd/2] = v[i + hd/2]·cos(angle_i) + v[i]·sin(angle_i)
+ */
+export function ropeRotate(v: Vec, pos: number, theta: number): Vec {
+  const hd = v.length;
+  if (hd % 2 !== 0) throw new Error(`reference: RoPE needs an even head_dim, got ${hd}`);
+  const half = hd / 2;
+  const out = new Float64Array(hd);
+  for (let i = 0; i < half; i++) {
+    const angle = pos * Math.pow(theta, (-2 * i) / hd);
+    const cos = Math.cos(angle);
+    const sin = Math.sin(angle);
+    out[i] = v[i]! * cos - v[i + half]! * sin;
+    out[i + half] = v[i + half]! * cos + v[i]! * sin;
+  }
+  return out;
+}
+
+/**
+ * Causal attention with grouped key/value heads. q[t]: [nHead·hd]; k[t], v[t]: [nKv·hd].
+ * Query head h reads kv head g = floor(h / (nHead / nKv)); for position t and head h:
+ *   w_s = softmax over s ≤ t of (q_t,h · k_s,g) / sqrt(hd)
+ *   out[t][h·hd + j] = Σ_{s ≤ t} w_s · v_s,g[j]
+ * Returns out[t]: [nHead·hd] (heads concatenated).
+ */
+function causalAttention(q: Vec[], k: Vec[], v: Vec[], nHead: number, nKv: number, hd: number): Vec[] {
+  const T = q.length;
+  const group = nHead / nKv;
+  const out: Vec[] = [];
+  for (let t = 0; t < T; t++) {
+    const o = new Float64Array(nHead * hd);
+    for (let h = 0; h < nHead; h++) {
+      const g = Math.floor(h / group);
+      // scores over the visible positions s = 0..t (later positions are masked out)
+      const scores = new Float64Array(t + 1);
+      for (let s = 0; s <= t; s++) {
+        let dot = 0;
+        for (let j = 0; j < hd; j++) dot += q[t]![h * hd + j]! * k[s]![g * hd + j]!;
+        scores[s] = dot / Math.sqrt(hd);
+      }
+      const weights = softmax(scores);
+      for (let s = 0; s <= t; s++) {
+        for (let j = 0; j < hd; j++) o[h * hd + j] += weights[s]! * v[s]![g * hd + j]!;
+      }
+    }
+    out.push(o);
+  }
+  return out;
+}
+
+function softmax(x: Vec): Vec {
+  let max = -Infinity;
+  for (let i = 0; i < x.length; i++) max = Math.max(max, x[i]!);
+  const y = new Float64Array(x.length);
+  let sum = 0;
+  for (let i = 0; i < x.length; i++) {
+    y[i] = Math.exp(x[i]! - max);
+    sum += y[i]!;
+  }
+  for (let i = 0; i < x.length; i++) y[i] = y[i]! / sum;
+  return y;
+}
+
+/** log_softmax in float64: x_i − max − log Σ_j exp(x_j − max). */
+export function logSoftmax(logits: Float64Array): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) max = Math.max(max, logits[i]!);
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i]! - max);
+  const logSum = Math.log(sum);
+  const out = new Float64Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i]! - max - logSum;
+  return out;
+}
+
+/** Index of the largest value; the first one on ties (as torch.argmax). */
+export function argmax(x: Float64Array): number {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
+  return best;
+}
+
+function add(a: Vec, b: Vec): Vec {
+  const y = new Float64Array(a.length);
+  for (let i = 0; i < a.length; i++) y[i] = a[i]! + b[i]!;
+  return y;
+}
+
+/** logits[o] = Σ_i E[o, i]·x[i] for an output matrix E [vocab, d] (lm_head, or the tied embedding). */
+function unembed(x: Vec, E: RefTensor): Float64Array {
+  return linear(x, E, undefined);
+}
+
+function embedRow(E: RefTensor, token: number): Vec {
+  const [vocab, d] = E.shape as [number, number];
+  if (!Number.isInteger(token) || token < 0 || token >= vocab) {
+    throw new Error(`reference: token id ${token} outside the vocabulary [0, ${vocab})`);
+  }
+  const row = new Float64Array(d);
+  for (let i = 0; i < d; i++) row[i] = E.data[token * d + i]!;
+  return row;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA
+
+/** Adds scale·B·(A·x) to module outputs the adapter targets; remembers which entries were used. */
+class LoraApplier {
+  private readonly used = new Set<string>();
+  constructor(private readonly map: RefLoraMap | undefined) {}
+
+  /** y (the module's output for input x) += the LoRA delta of module `path`, if targeted. */
+  apply(path: string, x: Vec, y: Vec): Vec {
+    const l = this.map?.get(path);
+    if (l === undefined) return y;
+    this.used.add(path);
+    if (l.outFeatures !== y.length) {
+      throw new Error(`reference LoRA: ${path} outputs ${y.length} features, adapter has ${l.outFeatures}`);
+    }
+    return add(y, refLoraDelta(x, l));
+  }
+
+  /** A LoRA entry for a module the forward never ran is a mistake (wrong path or prefix): throw. */
+  assertAllUsed(): void {
+    for (const path of this.map?.keys() ?? []) {
+      if (!this.used.has(path)) throw new Error(`reference LoRA: no module ${path} in this model`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPT-2
+
+/** Final hidden states (after ln_f) and the output matrix (tied wte). */
+function gpt2Hidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier) {
+  const d = int(config, 'n_embd');
+  const nLayer = int(config, 'n_layer');
+  const nHead = int(config, 'n_head');
+  const nPos = int(config, 'n_positions');
+  const inner = int(config, 'n_inner', 4 * d); // n_inner: null means 4·d
+  const eps: number = config.layer_norm_epsilon ?? 1e-5;
+  const act: string = config.activation_function ?? 'gelu_new';
+  if (act !== 'gelu_new' && act !== 'gelu_pytorch_tanh') {
+    throw new Error(`reference: GPT-2 activation_function ${act} is unsupported in reference`);
+  }
+  if (config.scale_attn_weights === false || config.scale_attn_by_inverse_layer_idx === true) {
+    throw new Error('reference: GPT-2 attention scaling options are unsupported in reference');
+  }
+  if (d % nHead !== 0) throw new Error(`reference: n_embd ${d} not divisible by n_head ${nHead}`);
+  const hd = d / nHead;
+  if (tokens.length > nPos) throw new Error(`reference: ${tokens.length} tokens exceed n_positions ${nPos}`);
+
+  // GPT2LMHeadModel saves names with "transformer."; the hub's original gpt2 file has none.
+  const prefix = hasTensor(get, 'transformer.wte.weight') ? 'transformer.' : '';
+  const vocab = int(config, 'vocab_size', get(`${prefix}wte.weight`).shape[0]);
+  const wte = need(get, `${prefix}wte.weight`, [vocab, d]);
+  const wpe = need(get, `${prefix}wpe.weight`, [nPos, d]);
+
+  // x_t = wte[token_t] + wpe[t]
+  let xs: Vec[] = tokens.map((token, t) => add(embedRow(wte, token), embedRow(wpe, t)));
+
+  for (let l = 0; l < nLayer; l++) {
+    const n = `${prefix}h.${l}.`; // tensor names
+    const path = `transformer.h.${l}.`; // PEFT module paths always follow the model class
+    const ln1g = need(get, `${n}ln_1.weight`, [d]);
+    const ln1b = need(get, `${n}ln_1.bias`, [d]);
+    const cAttnW = need(get, `${n}attn.c_attn.weight`, [d, 3 * d]); // Conv1D [in, out]
+    const cAttnB = need(get, `${n}attn.c_attn.bias`, [3 * d]);
+    const cProjW = need(get, `${n}attn.c_proj.weight`, [d, d]);
+    const cProjB = need(get, `${n}attn.c_proj.bias`, [d]);
+    const ln2g = need(get, `${n}ln_2.weight`, [d]);
+    const ln2b = need(get, `${n}ln_2.bias`, [d]);
+    const fcW = need(get, `${n}mlp.c_fc.weight`, [d, inner]);
+    const fcB = need(get, `${n}mlp.c_fc.bias`, [inner]);
+    const mProjW = need(get, `${n}mlp.c_proj.weight`, [inner, d]);
+    const mProjB = need(get, `${n}mlp.c_proj.bias`, [d]);
+
+    // x = x + attn(ln_1(x)); c_attn's output is q | k | v, each [d] = nHead heads of hd
+    const q: Vec[] = [];
+    const k: Vec[] = [];
+    const v: Vec[] = [];
+    for (const x of xs) {
+      const h = layerNorm(x, ln1g, ln1b, eps);
+      const qkv = lora.apply(`${path}attn.c_attn`, h, conv1d(h, cAttnW, cAttnB));
+      q.push(qkv.slice(0, d));
+      k.push(qkv.slice(d, 2 * d));
+      v.push(qkv.slice(2 * d, 3 * d));
+    }
+    const heads = causalAttention(q, k, v, nHead, nHead, hd);
+    xs = xs.map((x, t) => add(x, lora.apply(`${path}attn.c_proj`, heads[t]!, conv1d(heads[t]!, cProjW, cProjB))));
+
+    // x = x + mlp(ln_2(x)),  mlp(h) = c_proj(gelu_new(c_fc(h)))
+    xs = xs.map((x) => {
+      const h = layerNorm(x, ln2g, ln2b, eps);
+      const fc = lora.apply(`${path}mlp.c_fc`, h, conv1d(h, fcW, fcB));
+      const a = fc.map(geluNew);
+      return add(x, lora.apply(`${path}mlp.c_proj`, a, conv1d(a, mProjW, mProjB)));
+    });
+  }
+
+  const lnfG = need(get, `${prefix}ln_f.weight`, [d]);
+  const lnfB = need(get, `${prefix}ln_f.bias`, [d]);
+  return { hidden: xs.map((x) => layerNorm(x, lnfG, lnfB, eps)), output: wte };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Llama family (llama, mistral, qwen2)
+
+function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier) {
+  const d = int(config, 'hidden_size');
+  const nLayer = int(config, 'num_hidden_layers');
+  const nHead = int(config, 'num_attention_heads');
+  const nKv = int(config, 'num_key_value_heads', nHead);
+  const hd = int(config, 'head_dim', d / nHead);
+  const inner = int(config, 'intermediate_size');
+  const vocab = int(config, 'vocab_size');
+  const eps: number = config.rms_norm_eps ?? 1e-6;
+  const theta: number = config.rope_theta ?? 10000;
+  if (config.rope_scaling != null) throw new Error('reference: rope_scaling is unsupported in reference');
+  if (config.partial_rotary_factor != null && config.partial_rotary_factor !== 1) {
+    throw new Error('reference: partial_rotary_factor is unsupported in reference');
+  }
+  if ((config.hidden_act ?? 'silu') !== 'silu') {
+    throw new Error(`reference: hidden_act ${config.hidden_act} is unsupported in reference`);
+  }
+  const window = config.model_type === 'qwen2' && config.use_sliding_window !== true ? null : config.sliding_window;
+  if (window != null && tokens.length > window) {
+    throw new Error('reference: sequences longer than sliding_window are unsupported in reference');
+  }
+  if (nHead % nKv !== 0) throw new Error(`reference: num_attention_heads ${nHead} not divisible by num_key_value_heads ${nKv}`);
+
+  const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
+  let xs: Vec[] = tokens.map((token) => embedRow(embed, token));
+
+  for (let l = 0; l < nLayer; l++) {
+    const n = `model.layers.${l}.`; // tensor names and PEFT module paths agree for Llama
+    // nn.Linear weights [out, in]; a bias exists only if the checkpoint has it (Qwen2: q, k, v)
+    const proj = (name: string, nOut: number, nIn: number) => ({
+      path: `${n}${name}`,
+      W: need(get, `${n}${name}.weight`, [nOut, nIn]),
+      b: maybe(get, `${n}${name}.bias`, [nOut]),
+    });
+    const run = (p: ReturnType<typeof proj>, x: Vec): Vec => lora.apply(p.path, x, linear(x, p.W, p.b));
+    const inNorm = need(get, `${n}input_layernorm.weight`, [d]);
+    const qProj = proj('self_attn.q_proj', nHead * hd, d);
+    const kProj = proj('self_attn.k_proj', nKv * hd, d);
+    const vProj = proj('self_attn.v_proj', nKv * hd, d);
+    const oProj = proj('self_attn.o_proj', d, nHead * hd);
+    const postNorm = need(get, `${n}post_attention_layernorm.weight`, [d]);
+    const gate = proj('mlp.gate_proj', inner, d);
+    const up = proj('mlp.up_proj', inner, d);
+    const down = proj('mlp.down_proj', d, inner);
+
+    // x = x + attn(rmsnorm(x)), with RoPE applied to every head of q and k at its position
+    const q: Vec[] = [];
+    const k: Vec[] = [];
+    const v: Vec[] = [];
+    xs.forEach((x, t) => {
+      const h = rmsNorm(x, inNorm, eps);
+      q.push(ropeEachHead(run(qProj, h), nHead, hd, t, theta));
+      k.push(ropeEachHead(run(kProj, h), nKv, hd, t, theta));
+      v.push(run(vProj, h));
+    });
+    const heads = causalAttention(q, k, v, nHead, nKv, hd);
+    xs = xs.map((x, t) => add(x, run(oProj, heads[t]!)));
+
+    // x = x + down(silu(gate(h)) · up(h)),  h = rmsnorm(x)
+    xs = xs.map((x) => {
+      const h = rmsNorm(x, postNorm, eps);
+      const g = run(gate, h);
+      const u = run(up, h);
+      const a = new Float64Array(inner);
+      for (let i = 0; i < inner; i++) a[i] = silu(g[i]!) * u[i]!;
+      return add(x, run(down, a));
+    });
+  }
+
+  const finalNorm = need(get, 'model.norm.weight', [d]);
+  const tied = config.tie_word_embeddings === true || !hasTensor(get, 'lm_head.weight');
+  const output = tied ? embed : need(get, 'lm_head.weight', [vocab, d]);
+  return { hidden: xs.map((x) => rmsNorm(x, finalNorm, eps)), output };
+}
+
+/** Applies ropeRotate to each of the nHeads head slices [hd] of a projected vector. */
+function ropeEachHead(x: Vec, nHeads: number, hd: number, pos: number, theta: number): Vec {
+  const out = new Float64Array(nHeads * hd);
+  for (let h = 0; h < nHeads; h++) out.set(ropeRotate(x.slice(h * hd, (h + 1) * hd), pos, theta), h * hd);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+
+function hiddenStates(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora?: RefLoraMap) {
+  if (tokens.length === 0) throw new Error('reference: empty token sequence');
+  const applier = new LoraApplier(lora);
+  const modelType = config.model_type;
+  let result: { hidden: Vec[]; output: RefTensor };
+  if (modelType === 'gpt2') result = gpt2Hidden(config, get, tokens, applier);
+  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier);
+  else throw new Error(`reference: model_type ${modelType} is unsupported in reference`);
+  applier.assertAllUsed();
+  return result;
+}
+
+/** Full causal forward over one sequence; returns logits for every position: Float64Array[T] each of length vocab. */
+export function referenceForward(
+  config: Record<string, any>,
+  get: GetTensor,
+  tokens: readonly number[],
+  lora?: RefLoraMap,
+): Float64Array[] {
+  const { hidden, output } = hiddenStates(config, get, tokens, lora);
+  return hidden.map((h) => unembed(h, output));
+}
+
+/**
+ * Greedy generation by re-running the full forward each step (no KV cache — intentionally simple).
+ * Returns only the maxNewTokens new token ids (argmax, first index on ties); it does not stop at
+ * eos — truncate at the eos id yourself (greedy decoding makes every prefix valid).
+ */
+export function referenceGreedy(
+  config: Record<string, any>,
+  get: GetTensor,
+  prompt: readonly number[],
+  maxNewTokens: number,
+  lora?: RefLoraMap,
+): number[] {
+  const sequence = [...prompt];
+  const generated: number[] = [];
+  for (let step = 0; step < maxNewTokens; step++) {
+    const { hidden, output } = hiddenStates(config, get, sequence, lora);
+    const next = argmax(unembed(hidden[hidden.length - 1]!, output));
+    generated.push(next);
+    sequence.push(next);
+  }
+  return generated;
+}
