@@ -23,6 +23,7 @@ export const ERRORS = {
   ADAPTER_NON_FINITE: { status: 422, type: 'adapter_invalid' },
   ADAPTER_PICKLE: { status: 422, type: 'adapter_unsupported' },
   ADAPTER_FETCH_FAILED: { status: 502, type: 'adapter_fetch_failed' },
+  ADAPTER_FETCH_TIMEOUT: { status: 504, type: 'adapter_fetch_failed' },
   ADAPTER_TOO_LARGE: { status: 413, type: 'payload_too_large' },
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
   // --- checkpoint / safetensors (startup or adapter files) ---

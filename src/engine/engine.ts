@@ -1,0 +1,371 @@
+/**
+ * The engine: admission and queue, the step loop (schedule → executor → sample → events), cancellation,
+ * timeouts and draining. It never touches a tensor: the executor does, behind its interface.
+ */
+import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
+import type { IncrementalDecoder } from '../model/tokenizer.ts';
+import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
+import type { DecodeItem, Executor, PrefillItem, StepResult } from './executor.ts';
+import { Sampler } from './sampling.ts';
+import { schedule, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
+import { StopMatcher } from './stop.ts';
+import type {
+  EngineApi, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, TokenInfo,
+} from './types.ts';
+
+export interface EngineOptions extends SchedulerLimits {
+  /** Requests waiting (queued or for their adapter) beyond which new ones get OVERLOADED. */
+  readonly maxQueue: number;
+  readonly maxInputLength: number;
+  readonly maxTotalTokens: number;
+  /** The model's position limit. */
+  readonly maxPositions: number;
+}
+
+/** The tokenizer pieces the engine needs to turn ids into text. */
+export interface Detokenizer {
+  readonly eosTokenIds: readonly number[];
+  tokenText(id: number): string;
+  isSpecial(id: number): boolean;
+  createDecoder(opts?: { skipSpecialTokens?: boolean }): IncrementalDecoder;
+}
+
+type SeqState = 'adapter' | 'waiting' | 'prefilling' | 'running' | 'done';
+
+interface Seq {
+  readonly id: number;
+  readonly req: GenerateRequest;
+  readonly sink: GenerationSink;
+  readonly sampler: Sampler;
+  readonly decoder: IncrementalDecoder;
+  readonly stop: StopMatcher;
+  readonly submittedAt: number;
+  state: SeqState;
+  lease: AdapterLease | null;
+  prefilled: number;
+  readonly generated: number[];
+  readonly tokens: TokenInfo[];
+  readonly prefill: { id: number; text: string; logprob: number | null }[];
+  text: string;
+  scheduledAt: number | null;
+  firstTokenAt: number | null;
+  lastTokenAt: number | null;
+  /** Why it must end at the next opportunity (cancel, timeout, drain). */
+  abort: ErrorCode | null;
+  timer: NodeJS.Timeout | null;
+  onAbort: (() => void) | null;
+}
+
+const now = (): number => performance.now() / 1000;
+
+/** log_softmax(row)[id] in float64. */
+function logprobOf(row: Float32Array, id: number): number {
+  let max = -Infinity;
+  for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
+  let sum = 0;
+  for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
+  return row[id]! - max - Math.log(sum);
+}
+
+export class Engine implements EngineApi {
+  private nextId = 1;
+  private readonly seqs = new Map<number, Seq>();
+  private readonly waiting: Seq[] = [];
+  private readonly prefilling: Seq[] = [];
+  private readonly running: Seq[] = [];
+  private waitingForAdapter = 0;
+  private looping = false;
+  private accepting = true;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(
+    private readonly executor: Executor,
+    private readonly tokenizer: Detokenizer,
+    private readonly adapters: AdapterProvider | null,
+    private readonly opts: EngineOptions,
+    private readonly metrics?: EngineMetrics,
+  ) {}
+
+  stats(): EngineStats {
+    return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length, waitingForAdapter: this.waitingForAdapter };
+  }
+
+  generate(req: GenerateRequest, sink: GenerationSink): void {
+    if (!this.accepting) throw fail('SHUTTING_DOWN', 'the server is shutting down');
+    const n = req.inputIds.length;
+    if (n === 0) throw fail('VALIDATION', '`inputs` must not be empty');
+    if (n > this.opts.maxInputLength) {
+      throw fail('INPUT_TOO_LONG', `\`inputs\` must have less than ${this.opts.maxInputLength + 1} tokens. Given: ${n}`);
+    }
+    if (!Number.isInteger(req.maxNewTokens) || req.maxNewTokens < 1) throw fail('VALIDATION', '`max_new_tokens` must be a positive integer');
+    const total = Math.min(this.opts.maxTotalTokens, this.opts.maxPositions);
+    if (n + req.maxNewTokens > total) {
+      throw fail('INPUT_TOO_LONG', `\`inputs\` tokens + \`max_new_tokens\` must be <= ${total}. Given: ${n} \`inputs\` tokens and ${req.maxNewTokens} \`max_new_tokens\``);
+    }
+    if (this.waiting.length + this.waitingForAdapter >= this.opts.maxQueue) {
+      throw fail('OVERLOADED', `the queue is full (${this.opts.maxQueue} requests waiting); retry later`, { retryAfter: 1 });
+    }
+    if (req.adapterId !== null && !this.adapters) throw fail('ADAPTER_NOT_FOUND', `adapter "${req.adapterId}" not found`);
+    if (req.signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
+
+    const seq: Seq = {
+      id: this.nextId++, req, sink,
+      sampler: new Sampler(req.sampling),
+      decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
+      stop: new StopMatcher([...req.stop], { includeStop: true }),
+      submittedAt: now(), state: 'adapter', lease: null, prefilled: 0,
+      generated: [], tokens: [], prefill: [], text: '',
+      scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
+    };
+    this.seqs.set(seq.id, seq);
+    if (req.signal) {
+      seq.onAbort = () => this.abort(seq, 'CANCELLED');
+      req.signal.addEventListener('abort', seq.onAbort, { once: true });
+    }
+    if (req.timeoutMs && req.timeoutMs > 0) seq.timer = setTimeout(() => this.abort(seq, 'TIMEOUT'), req.timeoutMs);
+
+    if (req.adapterId === null) {
+      this.enqueue(seq);
+      return;
+    }
+    this.waitingForAdapter++;
+    this.adapters!.acquire(req.adapterId, req.signal).then(
+      (lease) => {
+        this.waitingForAdapter--;
+        if (seq.state === 'done') return lease.release();
+        seq.lease = lease;
+        this.enqueue(seq);
+      },
+      (err: unknown) => {
+        this.waitingForAdapter--;
+        if (seq.state !== 'done') this.finishWithError(seq, err);
+      },
+    );
+  }
+
+  async drain(graceMs: number): Promise<void> {
+    this.accepting = false;
+    if (this.seqs.size > 0) {
+      await Promise.race([
+        new Promise<void>((resolve) => this.idleWaiters.push(resolve)),
+        new Promise<void>((resolve) => setTimeout(resolve, graceMs).unref()),
+      ]);
+    }
+    for (const seq of [...this.seqs.values()]) this.abort(seq, 'SHUTTING_DOWN');
+    while (this.looping) await new Promise((r) => setTimeout(r, 5));
+  }
+
+  private enqueue(seq: Seq): void {
+    seq.state = 'waiting';
+    this.waiting.push(seq);
+    this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+    this.kick();
+  }
+
+  private abort(seq: Seq, code: ErrorCode): void {
+    if (seq.state === 'done' || seq.abort) return;
+    seq.abort = code;
+    // Sequences the executor does not hold yet end at once; others at the next step boundary.
+    if (seq.state === 'adapter' || seq.state === 'waiting' || !this.looping) this.reap();
+    else this.kick();
+  }
+
+  private kick(): void {
+    if (this.looping) return;
+    this.looping = true;
+    setImmediate(() => void this.loop());
+  }
+
+  /** Ends every sequence marked for abort, releasing its KV cache and adapter pin. */
+  private reap(): void {
+    for (const seq of [...this.seqs.values()]) {
+      if (!seq.abort || seq.state === 'done') continue;
+      const msg = seq.abort === 'TIMEOUT' ? 'the request timed out' : seq.abort === 'SHUTTING_DOWN' ? 'the server is shutting down' : 'the request was cancelled';
+      this.finishWithError(seq, new ServeError(seq.abort, msg));
+    }
+  }
+
+  private async loop(): Promise<void> {
+    try {
+      for (;;) {
+        this.reap();
+        const plan = schedule({
+          running: this.running.map(this.schedView),
+          prefilling: this.prefilling.map(this.schedView),
+          waiting: this.waiting.map(this.schedView),
+        }, this.opts);
+        if (plan.decode.length === 0 && plan.prefill.length === 0) break;
+        if (plan.decode.length > 0) await this.decodeStep();
+        if (plan.prefill.length > 0) await this.prefillStep(plan.prefill);
+        this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+        // Let the event loop deliver responses and accept requests between steps.
+        await new Promise((r) => setImmediate(r));
+      }
+    } catch (err) {
+      // An executor failure fails the sequences it held; the engine keeps serving.
+      for (const seq of [...this.running, ...this.prefilling]) this.finishWithError(seq, err);
+    } finally {
+      this.looping = false;
+      if (this.waiting.length > 0 || this.running.length > 0 || this.prefilling.length > 0) this.kick();
+      if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
+    }
+  }
+
+  private schedView = (s: Seq): SchedSeq => ({
+    seq: s.id, adapter: s.lease?.adapter.version ?? null, promptLength: s.req.inputIds.length, prefilled: s.prefilled,
+  });
+
+  private async decodeStep(): Promise<void> {
+    const items: DecodeItem[] = this.running.map((s) => ({
+      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null,
+    }));
+    const t0 = now();
+    const res = await this.executor.decode(items);
+    this.stepMetrics('decode', items.length, items.length, res, now() - t0);
+    for (const seq of [...this.running]) this.accept(seq, res.logits.get(seq.id)!);
+  }
+
+  private async prefillStep(chunks: readonly { seq: number; start: number; length: number; last: boolean }[]): Promise<void> {
+    const t = now();
+    const items: PrefillItem[] = chunks.map((c) => {
+      const seq = this.seqs.get(c.seq)!;
+      if (seq.state === 'waiting') {
+        this.waiting.splice(this.waiting.indexOf(seq), 1);
+        this.prefilling.push(seq);
+        seq.state = 'prefilling';
+        seq.scheduledAt = t;
+        this.metrics?.requestQueued(t - seq.submittedAt);
+      }
+      return {
+        seq: seq.id, tokens: seq.req.inputIds.slice(c.start, c.start + c.length), start: c.start, last: c.last,
+        adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
+      };
+    });
+    const res = await this.executor.prefill(items);
+    this.stepMetrics('prefill', items.length, items.reduce((n, i) => n + i.tokens.length, 0), res, now() - t);
+    const V = this.executor.vocabSize;
+    for (const item of items) {
+      const seq = this.seqs.get(item.seq)!;
+      seq.prefilled += item.tokens.length;
+      const logits = res.logits.get(seq.id);
+      if (seq.req.decoderInputDetails && logits) this.promptLogprobs(seq, item, logits);
+      if (!item.last) continue;
+      this.prefilling.splice(this.prefilling.indexOf(seq), 1);
+      this.running.push(seq);
+      seq.state = 'running';
+      this.accept(seq, logits!.subarray(logits!.length - V));
+    }
+  }
+
+  /** Row t of a chunk's logits predicts prompt token start+t+1: its logprob given the ones before. */
+  private promptLogprobs(seq: Seq, item: PrefillItem, logits: Float32Array): void {
+    const V = this.executor.vocabSize;
+    const prompt = seq.req.inputIds;
+    if (item.start === 0) seq.prefill.push({ id: prompt[0]!, text: this.tokenizer.tokenText(prompt[0]!), logprob: null });
+    for (let t = 0; t < item.tokens.length; t++) {
+      const next = item.start + t + 1;
+      if (next >= prompt.length) break;
+      const id = prompt[next]!;
+      seq.prefill.push({ id, text: this.tokenizer.tokenText(id), logprob: logprobOf(logits.subarray(t * V, (t + 1) * V), id) });
+    }
+  }
+
+  private stepMetrics(kind: 'prefill' | 'decode', batch: number, tokens: number, res: StepResult, seconds: number): void {
+    if (!this.metrics) return;
+    res.modes.forEach((mode, i) => this.metrics!.step({
+      kind, batch, tokens, distinctAdapters: res.adapters[i] ?? 0, mode, seconds: seconds / res.modes.length,
+    }));
+  }
+
+  /** Samples the next token from `logits`, emits it, and finishes the sequence when it should end. */
+  private accept(seq: Seq, logits: Float32Array): void {
+    if (seq.state === 'done') return;
+    const { req } = seq;
+    const sampled = seq.sampler.sample(logits, [...req.inputIds, ...seq.generated]);
+    const id = sampled.id;
+    seq.generated.push(id);
+    const t = now();
+    if (seq.firstTokenAt === null) {
+      seq.firstTokenAt = t;
+      this.metrics?.firstToken(t - seq.submittedAt);
+    } else {
+      this.metrics?.interToken(t - seq.lastTokenAt!);
+    }
+    seq.lastTokenAt = t;
+    const token: TokenInfo = {
+      id, text: this.tokenizer.tokenText(id), logprob: sampled.logprob, special: this.tokenizer.isSpecial(id),
+      ...(sampled.top ? { top: sampled.top.map((x) => ({ ...x, text: this.tokenizer.tokenText(x.id), special: this.tokenizer.isSpecial(x.id) })) } : {}),
+    };
+    seq.tokens.push(token);
+
+    let finish: FinishReason | null = null;
+    let text: string;
+    if (!req.ignoreEos && this.tokenizer.eosTokenIds.includes(id)) {
+      finish = 'eos_token';
+      text = seq.stop.push(seq.decoder.flush()).emit;
+    } else {
+      const r = seq.stop.push(seq.decoder.push(id));
+      text = r.emit;
+      if (r.stopped) finish = 'stop_sequence';
+    }
+    if (!finish && seq.generated.length >= req.maxNewTokens) finish = 'length';
+    if (finish && finish !== 'stop_sequence') {
+      if (finish === 'length') text += seq.stop.push(seq.decoder.flush()).emit;
+      if (!seq.stop.stopped) text += seq.stop.flush();
+    }
+    seq.text += text;
+    try {
+      seq.sink.onToken(token, text);
+    } catch {
+      // A broken sink (client gone) must not stop the batch.
+      seq.abort = 'CANCELLED';
+    }
+    if (finish) this.finish(seq, finish);
+  }
+
+  private release(seq: Seq): void {
+    if (seq.state === 'prefilling' || seq.state === 'running') this.executor.release(seq.id);
+    for (const list of [this.waiting, this.prefilling, this.running]) {
+      const i = list.indexOf(seq);
+      if (i >= 0) list.splice(i, 1);
+    }
+    seq.state = 'done';
+    seq.lease?.release();
+    seq.lease = null;
+    if (seq.timer) clearTimeout(seq.timer);
+    if (seq.onAbort) seq.req.signal?.removeEventListener('abort', seq.onAbort);
+    this.seqs.delete(seq.id);
+    if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
+  }
+
+  private finish(seq: Seq, reason: FinishReason): void {
+    this.release(seq);
+    const end = now();
+    const start = seq.scheduledAt ?? end;
+    const result: GenerationResult = {
+      text: seq.text, finishReason: reason, promptTokens: seq.req.inputIds.length, generatedTokens: seq.generated.length,
+      seed: seq.req.sampling.doSample ? seq.req.sampling.seed : null, prefill: seq.prefill, tokens: seq.tokens,
+      adapterId: seq.req.adapterId, queueTimeS: start - seq.submittedAt, inferenceTimeS: end - start,
+      timeToFirstTokenS: (seq.firstTokenAt ?? end) - seq.submittedAt,
+    };
+    this.metrics?.requestFinished({ promptTokens: result.promptTokens, generatedTokens: result.generatedTokens, seconds: end - seq.submittedAt, outcome: reason });
+    try {
+      seq.sink.onDone(result);
+    } catch {
+      // ignore a broken sink
+    }
+  }
+
+  private finishWithError(seq: Seq, err: unknown): void {
+    if (seq.state === 'done') return;
+    this.release(seq);
+    const e = isServeError(err) ? err : new ServeError('GENERATION', 'generation failed', undefined, { cause: err });
+    const outcome = e.code === 'CANCELLED' ? 'cancelled' : e.code === 'TIMEOUT' ? 'timeout' : 'error';
+    this.metrics?.requestFinished({ promptTokens: seq.req.inputIds.length, generatedTokens: seq.generated.length, seconds: now() - seq.submittedAt, outcome });
+    try {
+      seq.sink.onError(e);
+    } catch {
+      // ignore a broken sink
+    }
+  }
+}

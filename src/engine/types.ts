@@ -1,0 +1,90 @@
+/** The engine's public contract with the HTTP layer: plain data, no tensors. */
+import type { ServeError } from '../errors.ts';
+import type { LoraApplied } from './executor.ts';
+import type { SamplingParams } from './sampling.ts';
+
+export interface GenerateRequest {
+  /** Prompt token ids (the HTTP layer tokenises). */
+  readonly inputIds: readonly number[];
+  /** null: the base model. Unknown ids fail with ADAPTER_NOT_FOUND, never fall back to the base. */
+  readonly adapterId: string | null;
+  readonly sampling: SamplingParams;
+  readonly maxNewTokens: number;
+  readonly stop: readonly string[];
+  /** Compute prompt logprobs (TGI decoder_input_details). */
+  readonly decoderInputDetails: boolean;
+  /** Ignore eos and always generate maxNewTokens (benchmarks). */
+  readonly ignoreEos?: boolean;
+  /** Aborting cancels the request and frees its KV cache and adapter pin. */
+  readonly signal?: AbortSignal;
+  /** Per-request deadline (ms from submission); TIMEOUT when exceeded. */
+  readonly timeoutMs?: number;
+}
+
+export interface TopToken {
+  readonly id: number;
+  readonly text: string;
+  readonly logprob: number;
+  readonly special: boolean;
+}
+
+export interface TokenInfo extends TopToken {
+  /** The top_n_tokens alternatives, best first (only when asked for). */
+  readonly top?: readonly TopToken[];
+}
+
+export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';
+
+export interface GenerationResult {
+  /** Generated text: special tokens skipped; with a stop sequence, up to and including it (TGI). */
+  readonly text: string;
+  readonly finishReason: FinishReason;
+  readonly promptTokens: number;
+  /** Includes the eos token that ended the sequence. */
+  readonly generatedTokens: number;
+  /** The seed used when sampling, else null. */
+  readonly seed: number | null;
+  /** Prompt tokens with the logprob of each given the ones before (first: null); empty unless asked for. */
+  readonly prefill: readonly { readonly id: number; readonly text: string; readonly logprob: number | null }[];
+  readonly tokens: readonly TokenInfo[];
+  readonly adapterId: string | null;
+  /** Seconds from submission to the first scheduled step. */
+  readonly queueTimeS: number;
+  /** Seconds from the first scheduled step to the end. */
+  readonly inferenceTimeS: number;
+  /** Seconds from submission to the first generated token. */
+  readonly timeToFirstTokenS: number;
+}
+
+/** Receives one request's events, in order: any number of onToken, then exactly one onDone or onError. */
+export interface GenerationSink {
+  /** `text` is the newly stable text (UTF-8 complete, stop sequences applied): concatenated it is result.text. */
+  onToken(token: TokenInfo, text: string): void;
+  onDone(result: GenerationResult): void;
+  onError(err: ServeError): void;
+}
+
+export interface EngineStats {
+  readonly running: number;
+  readonly waiting: number;
+  /** Waiting for their adapter to load. */
+  readonly waitingForAdapter: number;
+}
+
+export interface EngineApi {
+  /** Validates limits at once (throws a ServeError synchronously: INPUT_TOO_LONG, OVERLOADED, SHUTTING_DOWN...). */
+  generate(req: GenerateRequest, sink: GenerationSink): void;
+  stats(): EngineStats;
+  /** Stops accepting, lets in-flight requests finish within graceMs, then cancels the rest. */
+  drain(graceMs: number): Promise<void>;
+}
+
+/** What the engine reports to metrics (implemented in src/metrics.ts). */
+export interface EngineMetrics {
+  step(e: { kind: 'prefill' | 'decode'; batch: number; tokens: number; distinctAdapters: number; mode: LoraApplied; seconds: number }): void;
+  requestQueued(seconds: number): void;
+  firstToken(seconds: number): void;
+  interToken(seconds: number): void;
+  requestFinished(e: { promptTokens: number; generatedTokens: number; seconds: number; outcome: FinishReason | 'cancelled' | 'timeout' | 'error' }): void;
+  queueDepth(running: number, waiting: number): void;
+}

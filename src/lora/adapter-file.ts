@@ -1,0 +1,213 @@
+/**
+ * A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors bytes) checked against
+ * the base model's linear modules and turned into host float32 A/B pairs. No tensors on the device.
+ *
+ * Tensor names: `base_model.model.<module path>.lora_A[.<adapter name>].weight` ([r, in]) and
+ * `.lora_B[...].weight` ([out, r]). The `base_model.model.` prefix is optional.
+ *
+ * Module path normalisation: PEFT names modules after the model class it wrapped
+ * (`transformer.h.0.attn.c_attn` for GPT2LMHeadModel, `model.layers.0.self_attn.q_proj` for
+ * LlamaForCausalLM), but an adapter trained on the bare base model (GPT2Model, LlamaModel) says
+ * `h.0.attn.c_attn` / `layers.0.self_attn.q_proj`. A file path is matched to a base module by
+ * exact path first, then after stripping one leading `transformer.` or `model.` from both sides.
+ * Two file paths landing on the same base module are rejected.
+ *
+ * Selection checks (target_modules, layers_to_transform) and rank/alpha patterns are evaluated
+ * on the path exactly as written in the file: that is the name PEFT matched while training.
+ *
+ * Conv1D (GPT-2, `fan_in_fan_out: true`): A and B are stored as for nn.Linear ([r, in] and
+ * [out, r], with in/out of y = x·W); only a merged delta B·A would need transposing to the
+ * Conv1D [in, out] weight layout, so nothing changes here. GPT-2's fused `c_attn` has one pair
+ * whose B spans the concatenated q|k|v output (out = 3·n_embd).
+ */
+
+import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
+import type { LinearModule } from '../model/types.ts';
+import { parseSafetensors, type SafetensorsReader } from '../model/safetensors.ts';
+import { matchesTarget, parsePeftConfig, scalingFor, type PeftConfig } from './peft-config.ts';
+
+export interface ModuleLora {
+  readonly module: LinearModule;
+  /** The pair's own rank (lora_A.shape[0]). */
+  readonly r: number;
+  readonly scaling: number;
+  /** [r, in], row-major (PEFT layout). */
+  readonly A: Float32Array;
+  /** [out, r], row-major (PEFT layout). */
+  readonly B: Float32Array;
+}
+
+export interface AdapterWeights {
+  readonly id: string;
+  readonly config: PeftConfig;
+  /** Sorted by (module.layer, module.key). */
+  readonly modules: ModuleLora[];
+  /** Largest rank over the modules. */
+  readonly rank: number;
+  /** Short module names hit (q_proj, c_attn, ...), sorted, unique. */
+  readonly targetModules: string[];
+  /** Bytes of all A and B as float32. */
+  readonly bytes: number;
+}
+
+const PICKLE_PROTOCOL_MIN = 2;
+const PICKLE_PROTOCOL_MAX = 5;
+
+/**
+ * Throws ADAPTER_PICKLE when the bytes look like a PyTorch `.bin` (a zip archive since torch 1.6,
+ * a raw pickle before) instead of safetensors. A safetensors file has `{` at byte 8 (the start
+ * of its JSON header), which a zip (`PK\x03\x04`) or pickle (`\x80 <protocol>`) never has there,
+ * so the check cannot misfire on a safetensors header whose length happens to start with 0x80.
+ */
+export function assertNotPickle(bytes: Uint8Array): void {
+  if (bytes.length > 8 && bytes[8] === 0x7b) return;
+  const zip = bytes.length >= 4 && bytes[0] === 0x50 && bytes[1] === 0x4b && bytes[2] === 0x03 && bytes[3] === 0x04;
+  const pickle = bytes.length >= 2 && bytes[0] === 0x80 && bytes[1]! >= PICKLE_PROTOCOL_MIN && bytes[1]! <= PICKLE_PROTOCOL_MAX;
+  if (zip || pickle) {
+    throw fail('ADAPTER_PICKLE', 'adapter weights are a PyTorch pickle (adapter_model.bin), which is never loaded; convert them to adapter_model.safetensors');
+  }
+}
+
+/** `[base_model.model.]<path>.<lora_A|lora_B>[.<adapter name>].weight` */
+const LORA_TENSOR = /^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$/;
+/** Markers of tensors this server cannot apply, with the reason. */
+const UNSUPPORTED_TENSORS: readonly (readonly [marker: RegExp, why: string])[] = [
+  [/(^|\.)lora_magnitude_vector(\.|$)/, 'DoRA magnitude vector (lora_magnitude_vector) is not supported'],
+  [/(^|\.)lora_embedding_[AB](\.|$)/, 'embedding LoRA (lora_embedding_A/B) is not supported'],
+  [/(^|\.)lora_[AB](\.[^.]+)?\.bias$/, 'LoRA bias (lora_bias) is not supported'],
+  [/(^|\.)modules_to_save(\.|$)/, 'modules_to_save weights are not supported'],
+];
+const MODEL_PREFIX = /^(?:transformer|model)\./;
+
+const normalisePath = (p: string) => p.replace(MODEL_PREFIX, '');
+
+interface PairNames {
+  A?: string;
+  B?: string;
+}
+
+function byLayerThenKey(a: ModuleLora, b: ModuleLora): number {
+  return a.module.layer - b.module.layer || (a.module.key < b.module.key ? -1 : a.module.key > b.module.key ? 1 : 0);
+}
+
+/**
+ * Validates config and weights against the base model and returns the host-side A/B pairs.
+ * Every rejection is a coded ServeError whose message starts with `adapter "<id>": `.
+ */
+export function loadAdapterWeights(
+  input: { id: string; config: unknown; weights: Uint8Array },
+  base: { modules: readonly LinearModule[] },
+  opts: { maxRank: number },
+): AdapterWeights {
+  const { id } = input;
+  const bad = (code: ErrorCode, msg: string, details?: Record<string, unknown>) => fail(code, `adapter "${id}": ${msg}`, details);
+  const withId = (err: unknown): unknown =>
+    isServeError(err) ? new ServeError(err.code, `adapter "${id}": ${err.message}`, err.details, { cause: err }) : err;
+
+  let config: PeftConfig;
+  let reader: SafetensorsReader;
+  try {
+    config = parsePeftConfig(input.config, opts);
+    assertNotPickle(input.weights);
+    reader = parseSafetensors(input.weights, 'adapter_model.safetensors');
+  } catch (err) {
+    throw withId(err);
+  }
+
+  try {
+    const exact = new Map(base.modules.map((m) => [m.path, m]));
+    const normalised = new Map(base.modules.map((m) => [normalisePath(m.path), m]));
+
+    // 1. Group tensor names into A/B pairs per module path as written in the file.
+    const pairs = new Map<string, PairNames>();
+    const adapterNames = new Set<string>();
+    for (const name of reader.tensors.keys()) {
+      const unsupported = UNSUPPORTED_TENSORS.find(([marker]) => marker.test(name));
+      if (unsupported) throw bad('ADAPTER_UNSUPPORTED', `${unsupported[1]} (tensor "${name}")`);
+      const m = LORA_TENSOR.exec(name);
+      if (!m) throw bad('ADAPTER_UNSUPPORTED', `unexpected tensor "${name}": only lora_A / lora_B weights are supported`);
+      const [, path, which, adapterName] = m as unknown as [string, string, 'lora_A' | 'lora_B', string | undefined];
+      adapterNames.add(adapterName ?? '');
+      const pair = pairs.get(path) ?? {};
+      const side = which === 'lora_A' ? 'A' : 'B';
+      if (pair[side] !== undefined) throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has two ${which} tensors ("${pair[side]}", "${name}")`);
+      pair[side] = name;
+      pairs.set(path, pair);
+    }
+    if (pairs.size === 0) throw bad('ADAPTER_INVALID_CONFIG', 'adapter_model.safetensors contains no LoRA tensors');
+    if (adapterNames.size > 1) {
+      const names = [...adapterNames].map((n) => (n === '' ? '(none)' : n)).join(', ');
+      throw bad('ADAPTER_INVALID_CONFIG', `tensors carry several adapter names (${names}); save one adapter per folder`);
+    }
+
+    // 2. Resolve each pair to a base module, check it against the config, shapes and values.
+    const modules: ModuleLora[] = [];
+    const claimedBy = new Map<LinearModule, string>();
+    for (const [path, pair] of pairs) {
+      if (pair.A === undefined || pair.B === undefined) {
+        const [has, lacks] = pair.A === undefined ? ['lora_B', 'lora_A'] : ['lora_A', 'lora_B'];
+        throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has ${has} but no ${lacks}`);
+      }
+      const module = exact.get(path) ?? normalised.get(normalisePath(path));
+      if (module === undefined) {
+        throw bad('ADAPTER_UNKNOWN_MODULE', `module "${path}" does not exist in the base model (or is not a linear layer)`, { module: path });
+      }
+      const other = claimedBy.get(module);
+      if (other !== undefined) {
+        throw bad('ADAPTER_INVALID_CONFIG', `modules "${other}" and "${path}" both resolve to base module "${module.path}"`);
+      }
+      claimedBy.set(module, path);
+      if (!matchesTarget(config, path)) {
+        throw bad('ADAPTER_INVALID_CONFIG',
+          `module "${path}" has LoRA tensors but is not selected by adapter_config.json ` +
+          `(target_modules ${JSON.stringify(config.targetModules)}` +
+          (config.layersToTransform !== null ? `, layers_to_transform ${JSON.stringify(config.layersToTransform)}` : '') + ')');
+      }
+
+      const aShape = reader.tensors.get(pair.A)!.shape;
+      const bShape = reader.tensors.get(pair.B)!.shape;
+      const shapeStr = (s: readonly number[]) => `[${s.join(', ')}]`;
+      if (aShape.length !== 2 || bShape.length !== 2) {
+        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A and lora_B must be 2-D, got ${shapeStr(aShape)} and ${shapeStr(bShape)}`);
+      }
+      const [r, aIn] = aShape as [number, number];
+      const [bOut, bR] = bShape as [number, number];
+      if (r === 0 || r !== bR) {
+        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A ${shapeStr(aShape)} and lora_B ${shapeStr(bShape)} disagree on the rank`, { expected: r, got: bR });
+      }
+      if (aIn !== module.inFeatures) {
+        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A is ${shapeStr(aShape)}, expected [r, ${module.inFeatures}] (in_features of ${module.path})`, { expected: module.inFeatures, got: aIn });
+      }
+      if (bOut !== module.outFeatures) {
+        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_B is ${shapeStr(bShape)}, expected [${module.outFeatures}, r] (out_features of ${module.path})`, { expected: module.outFeatures, got: bOut });
+      }
+      if (r > opts.maxRank) {
+        throw bad('ADAPTER_RANK_TOO_LARGE', `module "${path}" has rank ${r}, above the server's max LoRA rank ${opts.maxRank}`);
+      }
+
+      const A = reader.readFloat32(pair.A);
+      const B = reader.readFloat32(pair.B);
+      for (const [tensor, data] of [[pair.A, A], [pair.B, B]] as const) {
+        for (let i = 0; i < data.length; i++) {
+          if (!Number.isFinite(data[i]!)) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
+        }
+      }
+      modules.push({ module, r, scaling: scalingFor(config, path, r), A, B });
+    }
+
+    modules.sort(byLayerThenKey);
+    return {
+      id,
+      config,
+      modules,
+      rank: Math.max(...modules.map((m) => m.r)),
+      targetModules: [...new Set(modules.map((m) => m.module.name))].sort(),
+      bytes: modules.reduce((sum, m) => sum + (m.A.length + m.B.length) * 4, 0),
+    };
+  } catch (err) {
+    if (isServeError(err) && err.message.startsWith(`adapter "${id}": `)) throw err;
+    throw withId(err);
+  } finally {
+    reader.close();
+  }
+}

@@ -1,0 +1,329 @@
+/**
+ * The adapter manager: where adapters live and how they get to the device.
+ *
+ * Tiers: device (uploaded A/B tensors, bounded by count and/or bytes), host (parsed, validated weights in an
+ * lru-cache bounded by bytes), then disk / remote (AdapterStore). Evicting from the device disposes the
+ * adapter's tensors and whatever the executor derived from it.
+ * - An adapter used by a sequence is pinned (refcount) and never evicted; `load?pin=true` pins it too.
+ *   When every device slot is pinned, a new load waits until a pin is released: no crash, no overcommit.
+ * - Concurrent requests for an adapter that is not resident trigger exactly one load (single-flight).
+ * - Replacing or deleting an adapter retires the resident version: sequences that hold it finish on it,
+ *   it is disposed when the last one releases it, and new requests get the new version (or 404).
+ */
+import { LRUCache } from 'lru-cache';
+import { fail, isServeError, ServeError } from '../errors.ts';
+import type { LinearModule } from '../model/types.ts';
+import type { AdapterWeights } from './adapter-file.ts';
+import { disposeAdapter, uploadAdapter, type DeviceAdapter } from './device.ts';
+import { validateAdapterId } from './ids.ts';
+import { makeAdapterFiles, validateAdapterFiles, type AdapterStore } from './store.ts';
+import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
+
+export interface AdapterManagerOptions {
+  readonly maxRank: number;
+  /** Device tier: at most this many adapters (0 = no count limit)... */
+  readonly maxDeviceAdapters: number;
+  /** ...and at most this many bytes (0 = no byte limit). */
+  readonly maxDeviceBytes: number;
+  /** Host tier bytes (parsed weights kept after leaving the device). */
+  readonly maxHostBytes: number;
+}
+
+interface HostEntry {
+  readonly weights: AdapterWeights;
+  readonly version: string;
+  readonly source: 'disk' | 'upload' | 'remote';
+}
+
+interface DeviceEntry {
+  readonly id: string;
+  readonly adapter: DeviceAdapter;
+  readonly host: HostEntry;
+  pins: number;
+  userPinned: boolean;
+  /** Replaced or deleted while pinned: disposed when the last pin goes. */
+  retired: boolean;
+  disposed: boolean;
+}
+
+const MAX_FAILURES_KEPT = 1024;
+
+export class AdapterManager implements AdapterAdmin, AdapterProvider {
+  /** Insertion order = LRU order (refreshed on use). */
+  private readonly device = new Map<string, DeviceEntry>();
+  private deviceBytes = 0;
+  private readonly host: LRUCache<string, HostEntry>;
+  private readonly loading = new Map<string, Promise<DeviceEntry>>();
+  private readonly failed = new Map<string, { code: string; message: string }>();
+  private readonly lastUsed = new Map<string, number>();
+  private roomWaiters: (() => void)[] = [];
+
+  constructor(
+    private readonly store: AdapterStore,
+    private readonly base: { readonly modules: readonly LinearModule[] },
+    private readonly opts: AdapterManagerOptions,
+    /** Called before a device adapter is disposed (the executor drops merged weights / banks built from it). */
+    private readonly onEvict: (adapter: DeviceAdapter) => void = () => {},
+    private readonly metrics?: AdapterMetrics,
+  ) {
+    this.host = new LRUCache<string, HostEntry>({
+      maxSize: Math.max(1, opts.maxHostBytes),
+      sizeCalculation: (v) => Math.max(1, v.weights.bytes),
+      dispose: (_v, _k, reason) => {
+        if (reason === 'evict') this.metrics?.evicted('host');
+      },
+    });
+  }
+
+  // ---------------------------------------------------------------- engine side
+
+  async acquire(id: string, signal?: AbortSignal): Promise<AdapterLease> {
+    validateAdapterId(id);
+    for (;;) {
+      if (signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
+      const resident = this.device.get(id);
+      if (resident && !resident.retired) {
+        this.metrics?.hit('device');
+        return this.lease(resident);
+      }
+      const entry = await this.ensureDevice(id);
+      // Another load may have evicted it between its load and now (it was unpinned): try again.
+      if (!entry.disposed && !entry.retired && this.device.get(id) === entry) return this.lease(entry);
+    }
+  }
+
+  private lease(entry: DeviceEntry): AdapterLease {
+    entry.pins++;
+    this.touch(entry);
+    let released = false;
+    return {
+      adapter: entry.adapter,
+      release: () => {
+        if (released) return;
+        released = true;
+        entry.pins--;
+        this.lastUsed.set(entry.id, Date.now());
+        if (entry.pins === 0 && entry.retired) this.disposeEntry(entry);
+        this.wakeRoomWaiters();
+      },
+    };
+  }
+
+  private touch(entry: DeviceEntry): void {
+    this.lastUsed.set(entry.id, Date.now());
+    if (this.device.get(entry.id) === entry) {
+      this.device.delete(entry.id);
+      this.device.set(entry.id, entry);
+    }
+  }
+
+  /** Single-flight: one load per id at a time. */
+  private ensureDevice(id: string): Promise<DeviceEntry> {
+    let p = this.loading.get(id);
+    if (!p) {
+      p = this.loadToDevice(id).finally(() => this.loading.delete(id));
+      this.loading.set(id, p);
+    }
+    return p;
+  }
+
+  private async loadToDevice(id: string): Promise<DeviceEntry> {
+    const t0 = performance.now();
+    try {
+      let host = this.host.get(id);
+      if (host) {
+        this.metrics?.hit('host');
+      } else {
+        this.metrics?.miss();
+        const files = await this.store.read(id);
+        const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank });
+        host = { weights, version: files.version, source: files.source };
+        this.host.set(id, host);
+        this.metrics?.loaded('host', (performance.now() - t0) / 1000);
+      }
+      await this.makeRoom(host.weights.bytes);
+      const t1 = performance.now();
+      const entry: DeviceEntry = {
+        id, adapter: uploadAdapter(host.weights, host.version), host, pins: 0, userPinned: false, retired: false, disposed: false,
+      };
+      this.device.set(id, entry);
+      this.deviceBytes += entry.adapter.bytes;
+      this.failed.delete(id);
+      this.metrics?.loaded('device', (performance.now() - t1) / 1000);
+      this.reportResident();
+      return entry;
+    } catch (err) {
+      const e = isServeError(err) ? err : new ServeError('INTERNAL', 'adapter load failed', undefined, { cause: err });
+      this.metrics?.loadFailed(e.code);
+      if (e.code !== 'ADAPTER_NOT_FOUND' && e.code !== 'ADAPTER_INVALID_ID' && e.code !== 'CANCELLED') {
+        if (this.failed.size >= MAX_FAILURES_KEPT) this.failed.delete(this.failed.keys().next().value!);
+        this.failed.set(id, { code: e.code, message: e.message });
+      }
+      throw e;
+    }
+  }
+
+  private full(extraBytes: number): boolean {
+    const { maxDeviceAdapters: n, maxDeviceBytes: b } = this.opts;
+    return (n > 0 && this.device.size + 1 > n) || (b > 0 && this.deviceBytes + extraBytes > b);
+  }
+
+  /** Evicts least-recently-used unpinned adapters until one of `bytes` fits; waits while all are pinned. */
+  private async makeRoom(bytes: number): Promise<void> {
+    if (this.opts.maxDeviceBytes > 0 && bytes > this.opts.maxDeviceBytes) {
+      throw fail('ADAPTER_TOO_LARGE', `adapter needs ${bytes} device bytes but --adapter-device-bytes is ${this.opts.maxDeviceBytes}`);
+    }
+    while (this.full(bytes)) {
+      const victim = [...this.device.values()].find((e) => e.pins === 0 && !e.userPinned);
+      if (victim) {
+        this.evict(victim);
+        this.metrics?.evicted('device');
+        continue;
+      }
+      await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
+    }
+  }
+
+  private wakeRoomWaiters(): void {
+    const waiters = this.roomWaiters;
+    this.roomWaiters = [];
+    waiters.forEach((w) => w());
+  }
+
+  /** Removes from the device tier; disposes now, or when the last pin goes. */
+  private evict(entry: DeviceEntry): void {
+    if (this.device.get(entry.id) === entry) {
+      this.device.delete(entry.id);
+      this.deviceBytes -= entry.adapter.bytes;
+    }
+    entry.retired = true;
+    if (entry.pins === 0) this.disposeEntry(entry);
+    this.reportResident();
+    this.wakeRoomWaiters();
+  }
+
+  private disposeEntry(entry: DeviceEntry): void {
+    if (entry.disposed) return;
+    entry.disposed = true;
+    this.onEvict(entry.adapter);
+    disposeAdapter(entry.adapter);
+  }
+
+  private reportResident(): void {
+    this.metrics?.resident('device', this.device.size, this.deviceBytes);
+    this.metrics?.resident('host', this.host.size, this.host.calculatedSize ?? 0);
+  }
+
+  /** Drops every cached copy of an id (after put/delete). */
+  private invalidate(id: string): void {
+    const entry = this.device.get(id);
+    if (entry) this.evict(entry);
+    this.host.delete(id);
+    this.failed.delete(id);
+  }
+
+  // ---------------------------------------------------------------- admin side
+
+  async put(id: string, files: { config: unknown; weights: Uint8Array }): Promise<AdapterInfo> {
+    validateAdapterId(id);
+    const f = makeAdapterFiles(id, files.config, files.weights, 'upload');
+    // Validate fully before anything is stored: a bad upload leaves the old version untouched.
+    const weights = validateAdapterFiles(f, this.base, { maxRank: this.opts.maxRank });
+    await this.store.write(id, files);
+    // A load of the old version may be in flight: let it finish, then drop what it cached.
+    await this.loading.get(id)?.catch(() => undefined);
+    this.invalidate(id);
+    this.host.set(id, { weights, version: f.version, source: 'upload' });
+    this.reportResident();
+    return this.info(id);
+  }
+
+  async delete(id: string): Promise<boolean> {
+    validateAdapterId(id);
+    const existed = await this.store.delete(id);
+    await this.loading.get(id)?.catch(() => undefined);
+    const known = existed || this.device.has(id) || this.host.has(id);
+    this.invalidate(id);
+    this.lastUsed.delete(id);
+    return known;
+  }
+
+  async load(id: string, opts: { pin?: boolean } = {}): Promise<AdapterInfo> {
+    const lease = await this.acquire(id);
+    const entry = this.device.get(id);
+    if (entry && opts.pin) entry.userPinned = true;
+    lease.release();
+    return this.info(id);
+  }
+
+  async unload(id: string): Promise<AdapterInfo> {
+    validateAdapterId(id);
+    const entry = this.device.get(id);
+    if (!entry && !(await this.store.has(id)) && !this.host.has(id)) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
+    if (entry) {
+      entry.userPinned = false;
+      if (entry.pins === 0) this.evict(entry);
+    }
+    return this.info(id);
+  }
+
+  async info(id: string): Promise<AdapterInfo> {
+    validateAdapterId(id);
+    const dev = this.device.get(id);
+    const host = dev?.host ?? this.host.get(id, { updateAgeOnGet: false });
+    const failure = this.failed.get(id) ?? null;
+    const onDisk = dev || host ? true : await this.store.has(id);
+    if (!dev && !host && !failure && !onDisk && !this.loading.has(id)) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
+    const w = host?.weights;
+    const used = this.lastUsed.get(id);
+    return {
+      id,
+      state: dev ? 'ready' : this.loading.has(id) ? 'loading' : failure ? 'failed' : 'available',
+      tier: dev ? 'device' : host ? 'host' : 'disk',
+      source: host?.source ?? (onDisk ? 'disk' : null),
+      version: host?.version ?? null,
+      bytes: w?.bytes ?? null,
+      rank: w?.rank ?? null,
+      alpha: w?.config.loraAlpha ?? null,
+      targetModules: w?.targetModules ?? null,
+      pinned: dev?.userPinned ?? false,
+      activeRequests: dev?.pins ?? 0,
+      lastUsed: used ? new Date(used).toISOString() : null,
+      error: dev ? null : failure,
+    };
+  }
+
+  async ids(): Promise<string[]> {
+    const all = new Set([...(await this.store.list()), ...this.device.keys(), ...this.host.keys()]);
+    return [...all].sort();
+  }
+
+  async list(): Promise<AdapterInfo[]> {
+    const out: AdapterInfo[] = [];
+    for (const id of new Set([...(await this.ids()), ...this.failed.keys()])) {
+      try {
+        out.push(await this.info(id));
+      } catch {
+        // deleted meanwhile
+      }
+    }
+    return out;
+  }
+
+  stats(): AdapterCacheStats {
+    return {
+      deviceAdapters: this.device.size, deviceBytes: this.deviceBytes,
+      hostAdapters: this.host.size, hostBytes: this.host.calculatedSize ?? 0,
+      maxDeviceAdapters: this.opts.maxDeviceAdapters, maxDeviceBytes: this.opts.maxDeviceBytes, maxHostBytes: this.opts.maxHostBytes,
+    };
+  }
+
+  /** Disposes every device adapter (shutdown, tests). */
+  dispose(): void {
+    for (const e of [...this.device.values()]) {
+      this.device.delete(e.id);
+      this.disposeEntry(e);
+    }
+    this.deviceBytes = 0;
+  }
+}

@@ -1,0 +1,503 @@
+/**
+ * Where adapter files come from: a local folder (`<dir>/<id>/adapter_config.json` +
+ * `adapter_model.safetensors`, ids `name` or `org/name`), optionally backed by a remote HTTP
+ * source whose downloads are cached into that folder. Host bytes only; validation against the
+ * base model is the caller's job (`validateAdapterFiles` / `loadAdapterWeights`) and happens
+ * before `write`.
+ *
+ * Atomicity: `write` fills `<dir>/.tmp-<id>-<rand>/`, fsyncs the files and the folder, then
+ * renames it into place. Linux cannot rename a folder over a non-empty one, so an existing
+ * version is first renamed to `<dir>/.old-<id>-<rand>` and removed after the swap (put back if
+ * the swap fails). Disk operations on one id are serialised inside the store, so its readers see
+ * the old or the new version, never a half-written or mixed one (one process owns the folder). A crash can leave `.tmp-*` (deleted) or,
+ * between the two renames, `.old-*` (renamed back when its id has no folder); both are handled
+ * when the store is first used. Names starting with `.` are never listed as adapters. One store
+ * instance owns a folder: two stores (or processes) on the same folder are not coordinated.
+ */
+
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { Agent, interceptors, request, type Dispatcher } from 'undici';
+import { fail, isServeError, ServeError } from '../errors.ts';
+import type { LinearModule } from '../model/types.ts';
+import { assertNotPickle, loadAdapterWeights, type AdapterWeights } from './adapter-file.ts';
+import { adapterDirFor, validateAdapterId } from './ids.ts';
+
+export interface AdapterFiles {
+  readonly id: string;
+  /** Parsed adapter_config.json (unvalidated). */
+  readonly config: unknown;
+  /** adapter_model.safetensors bytes (unvalidated). */
+  readonly weights: Uint8Array;
+  readonly source: 'disk' | 'upload' | 'remote';
+  /** Content hash: first 16 hex of sha256(canonical config JSON, NUL, weights). */
+  readonly version: string;
+}
+
+export interface AdapterStoreOptions {
+  /** Local adapter folder (created on first write). */
+  readonly dir: string;
+  /**
+   * Remote source, a URL template with `{id}` (e.g. `http://host/adapters/{id}/`); the file
+   * names are resolved against it. Without `{id}`, `<id>/` is appended.
+   */
+  readonly remoteUrl?: string;
+  /** Limit for adapter_model.safetensors, on disk and while streaming a download. */
+  readonly maxAdapterBytes: number;
+  /** Connect, response-headers and body-idle timeout of each remote request (default 30 s). */
+  readonly fetchTimeoutMs?: number;
+  /** Extra attempts after a network error, timeout, 5xx or 429 (default 2). */
+  readonly retries?: number;
+  /** Delay before the first retry, doubled for each further one (default 250 ms). */
+  readonly retryDelayMs?: number;
+  /** HTTP dispatcher for remote requests (tests: a MockAgent); default: an Agent owned by the store. */
+  readonly dispatcher?: Dispatcher;
+  /**
+   * Test seam: runs after the temp folder is written and fsynced, right before it is renamed into
+   * place. It holds the id's lock: it must not call this store's methods for the same id.
+   */
+  readonly beforeCommit?: (tmpDir: string) => void | Promise<void>;
+  /** Called when caching a remote download to disk fails (the read itself still succeeds). */
+  readonly onWarning?: (message: string, err: unknown) => void;
+}
+
+export const CONFIG_FILE = 'adapter_config.json';
+export const WEIGHTS_FILE = 'adapter_model.safetensors';
+export const PICKLE_FILE = 'adapter_model.bin';
+const MAX_CONFIG_BYTES = 1 << 20;
+
+/** First 16 hex of sha256(JSON.stringify(config), NUL, weights): independent of config file formatting. */
+export function adapterVersion(config: unknown, weights: Uint8Array): string {
+  return createHash('sha256').update(JSON.stringify(config) ?? 'undefined').update('\0').update(weights).digest('hex').slice(0, 16);
+}
+
+/** AdapterFiles for bytes that arrived some other way (e.g. an upload body). */
+export function makeAdapterFiles(id: string, config: unknown, weights: Uint8Array, source: AdapterFiles['source']): AdapterFiles {
+  return { id: validateAdapterId(id), config, weights, source, version: adapterVersion(config, weights) };
+}
+
+/** `loadAdapterWeights` over AdapterFiles: throws the coded error of the first problem found. */
+export function validateAdapterFiles(
+  files: Pick<AdapterFiles, 'id' | 'config' | 'weights'>,
+  base: { modules: readonly LinearModule[] },
+  opts: { maxRank: number },
+): AdapterWeights {
+  return loadAdapterWeights({ id: files.id, config: files.config, weights: files.weights }, base, opts);
+}
+
+const errno = (err: unknown) => (err as NodeJS.ErrnoException | undefined)?.code;
+const isMissing = (err: unknown) => errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR';
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/** Ids in work-folder names: `/` (never part of a segment) becomes `~`. */
+const encodeId = (id: string) => id.replace('/', '~');
+const decodeId = (s: string) => s.replace('~', '/');
+const WORK_NAME = /^\.(tmp|old|del)-(.+)-[0-9a-f]{12}$/;
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await stat(p);
+    return true;
+  } catch (err) {
+    if (isMissing(err)) return false;
+    throw err;
+  }
+}
+
+async function isDir(p: string): Promise<boolean> {
+  try {
+    return (await stat(p)).isDirectory();
+  } catch (err) {
+    if (isMissing(err)) return false;
+    throw err;
+  }
+}
+
+async function writeFileSynced(file: string, data: Uint8Array): Promise<void> {
+  const fh = await open(file, 'wx');
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** fsync a folder so renames and new entries in it are durable (best effort where unsupported). */
+async function syncDir(dir: string): Promise<void> {
+  let fh;
+  try {
+    fh = await open(dir, 'r');
+    await fh.sync();
+  } catch {
+    // Some platforms/filesystems cannot fsync a directory; the data files themselves were synced.
+  } finally {
+    await fh?.close();
+  }
+}
+
+/** A failure worth another attempt (network, timeout, 5xx, 429), carrying the error to report if none is left. */
+class Transient extends Error {
+  constructor(readonly final: ServeError) {
+    super(final.message);
+  }
+}
+
+export class AdapterStore {
+  private readonly dir: string;
+  private readonly remoteUrl?: string;
+  private readonly maxAdapterBytes: number;
+  private readonly timeoutMs: number;
+  private readonly retries: number;
+  private readonly retryDelayMs: number;
+  private readonly dispatcher?: Dispatcher;
+  private ownAgent?: Dispatcher;
+  private readonly beforeCommit?: AdapterStoreOptions['beforeCommit'];
+  private readonly onWarning?: AdapterStoreOptions['onWarning'];
+  /** The last disk operation per id (see `exclusive`). */
+  private readonly pending = new Map<string, Promise<unknown>>();
+  private recovered?: Promise<void>;
+
+  constructor(opts: AdapterStoreOptions) {
+    this.dir = path.resolve(opts.dir);
+    this.remoteUrl = opts.remoteUrl;
+    this.maxAdapterBytes = opts.maxAdapterBytes;
+    this.timeoutMs = opts.fetchTimeoutMs ?? 30_000;
+    this.retries = opts.retries ?? 2;
+    this.retryDelayMs = opts.retryDelayMs ?? 250;
+    this.dispatcher = opts.dispatcher;
+    this.beforeCommit = opts.beforeCommit;
+    this.onWarning = opts.onWarning;
+  }
+
+  /** Ids of `<dir>/<name>/` and `<dir>/<org>/<name>/` folders holding an adapter_config.json, sorted. */
+  async list(): Promise<string[]> {
+    await this.recover();
+    const ids: string[] = [];
+    const children = async (d: string) => {
+      try {
+        return (await readdir(d)).filter((n) => !n.startsWith('.'));
+      } catch (err) {
+        if (isMissing(err)) return [];
+        throw err;
+      }
+    };
+    for (const name of await children(this.dir)) {
+      const folder = path.join(this.dir, name);
+      if (!(await isDir(folder))) continue;
+      if (await exists(path.join(folder, CONFIG_FILE))) ids.push(name);
+      for (const sub of await children(folder)) {
+        if ((await isDir(path.join(folder, sub))) && (await exists(path.join(folder, sub, CONFIG_FILE)))) ids.push(`${name}/${sub}`);
+      }
+    }
+    return ids.filter((id) => { try { validateAdapterId(id); return true; } catch { return false; } }).sort();
+  }
+
+  /** Whether the adapter is on local disk (the remote source is not asked). */
+  async has(id: string): Promise<boolean> {
+    const dir = adapterDirFor(this.dir, id);
+    return this.exclusive(id, () => exists(path.join(dir, CONFIG_FILE)));
+  }
+
+  /** The adapter's files: local disk first, then the remote source (cached to disk afterwards). */
+  async read(id: string): Promise<AdapterFiles> {
+    const dir = adapterDirFor(this.dir, id);
+    const local = await this.exclusive(id, () => this.readDisk(id, dir));
+    if (local !== null) return local;
+
+    if (this.remoteUrl === undefined) {
+      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
+      throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
+    }
+    const remote = await this.fetchRemote(id);
+    const files = makeAdapterFiles(id, parseConfig(id, remote.configBytes), remote.weights, 'remote');
+    try {
+      assertNotPickle(files.weights);
+    } catch (err) {
+      throw isServeError(err) ? fail(err.code, `adapter "${id}": ${err.message}`) : err;
+    }
+    try {
+      await this.commit(id, remote.configBytes, remote.weights);
+    } catch (err) {
+      this.onWarning?.(`adapter "${id}": caching the remote download to disk failed`, err);
+    }
+    return files;
+  }
+
+  /**
+   * Atomically installs (or replaces) an adapter: nothing of the new version is visible until one
+   * rename, and a failure leaves the previous version intact and no work folder behind.
+   */
+  async write(id: string, files: { config: unknown; weights: Uint8Array }): Promise<void> {
+    validateAdapterId(id);
+    const text = JSON.stringify(files.config, null, 2);
+    if (text === undefined) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": config is not JSON-serialisable`);
+    this.checkSize(id, files.weights.byteLength);
+    await this.commit(id, new TextEncoder().encode(`${text}\n`), files.weights);
+  }
+
+  /** Removes the adapter from disk; false when it was not there (an org folder is not an adapter). */
+  async delete(id: string): Promise<boolean> {
+    const dir = adapterDirFor(this.dir, id);
+    return this.exclusive(id, async () => {
+      const files = await Promise.all([CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE].map((f) => exists(path.join(dir, f))));
+      if (!files.some(Boolean)) return false;
+      // Rename first so the adapter disappears at once, then remove at leisure.
+      const doomed = path.join(this.dir, `.del-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
+      await rename(dir, doomed);
+      await rm(doomed, { recursive: true, force: true });
+      if (id.includes('/')) await rmdir(path.dirname(dir)).catch(() => undefined); // empty org folder
+      await syncDir(this.dir);
+      return true;
+    });
+  }
+
+  /** Closes the HTTP agent the store created for itself (not a dispatcher passed in). */
+  async close(): Promise<void> {
+    const agent = this.ownAgent;
+    this.ownAgent = undefined;
+    await agent?.close();
+  }
+
+  // --- disk ------------------------------------------------------------------------------
+
+  private checkSize(id: string, bytes: number): void {
+    if (bytes > this.maxAdapterBytes) {
+      throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${this.maxAdapterBytes})`);
+    }
+  }
+
+  /** Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock. */
+  private async readDisk(id: string, dir: string): Promise<AdapterFiles | null> {
+    let configBytes: Uint8Array;
+    try {
+      const size = (await stat(path.join(dir, CONFIG_FILE))).size;
+      if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
+      configBytes = await readFile(path.join(dir, CONFIG_FILE));
+    } catch (err) {
+      if (isMissing(err)) return null;
+      throw err;
+    }
+    let size: number;
+    try {
+      size = (await stat(path.join(dir, WEIGHTS_FILE))).size;
+    } catch (err) {
+      if (!isMissing(err)) throw err;
+      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
+      throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
+    }
+    this.checkSize(id, size);
+    const weights = await readFile(path.join(dir, WEIGHTS_FILE));
+    this.checkSize(id, weights.byteLength);
+    return makeAdapterFiles(id, parseConfig(id, configBytes), weights, 'disk');
+  }
+
+  private pickleError(id: string): ServeError {
+    return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
+  }
+
+  /**
+   * Runs `fn` after every earlier disk operation on `id` has finished (and after crash recovery),
+   * so a read never sees the config of one version and the weights of another. Remote downloads
+   * run outside this lock; only their disk commit takes it.
+   */
+  private exclusive<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.pending.get(id) ?? Promise.resolve();
+    const run = prev.catch(() => undefined).then(() => this.recover()).then(fn);
+    const tail = run.catch(() => undefined);
+    this.pending.set(id, tail);
+    void tail.then(() => { if (this.pending.get(id) === tail) this.pending.delete(id); });
+    return run;
+  }
+
+  private commit(id: string, configBytes: Uint8Array, weights: Uint8Array): Promise<void> {
+    const target = adapterDirFor(this.dir, id);
+    return this.exclusive(id, async () => {
+      await mkdir(this.dir, { recursive: true });
+      const tmp = path.join(this.dir, `.tmp-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
+      await mkdir(tmp);
+      try {
+        await writeFileSynced(path.join(tmp, CONFIG_FILE), configBytes);
+        await writeFileSynced(path.join(tmp, WEIGHTS_FILE), weights);
+        await syncDir(tmp);
+        await this.beforeCommit?.(tmp);
+        await mkdir(path.dirname(target), { recursive: true });
+        await this.swapIn(id, tmp, target);
+      } catch (err) {
+        await rm(tmp, { recursive: true, force: true });
+        throw err;
+      }
+    });
+  }
+
+  /** rename(tmp → target); an existing target is moved aside first and put back if that fails. */
+  private async swapIn(id: string, tmp: string, target: string): Promise<void> {
+    try {
+      await rename(tmp, target);
+    } catch (err) {
+      if (errno(err) !== 'ENOTEMPTY' && errno(err) !== 'EEXIST') throw err;
+      const old = path.join(this.dir, `.old-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
+      await rename(target, old);
+      try {
+        await rename(tmp, target);
+      } catch (err2) {
+        await rename(old, target);
+        throw err2;
+      }
+      await rm(old, { recursive: true, force: true });
+    }
+    await syncDir(path.dirname(target));
+    if (path.dirname(target) !== this.dir) await syncDir(this.dir);
+  }
+
+  /**
+   * Once per store, before its first disk operation: removes `.tmp-*` (unfinished writes) and
+   * `.del-*` (unfinished deletes), and renames an `.old-*` folder back when its id has no folder
+   * (a crash between the two renames of a swap), else removes it.
+   */
+  private recover(): Promise<void> {
+    this.recovered ??= (async () => {
+      let names: string[];
+      try {
+        names = await readdir(this.dir);
+      } catch (err) {
+        if (isMissing(err)) return;
+        throw err;
+      }
+      for (const name of names) {
+        const m = WORK_NAME.exec(name);
+        if (!m) continue;
+        const work = path.join(this.dir, name);
+        let target: string | null = null;
+        try {
+          target = m[1] === 'old' ? adapterDirFor(this.dir, decodeId(m[2]!)) : null;
+        } catch {
+          target = null;
+        }
+        if (target !== null && !(await exists(target))) {
+          await mkdir(path.dirname(target), { recursive: true });
+          await rename(work, target);
+        } else {
+          await rm(work, { recursive: true, force: true });
+        }
+      }
+    })();
+    return this.recovered;
+  }
+
+  // --- remote ----------------------------------------------------------------------------
+
+  private agent(): Dispatcher {
+    if (this.dispatcher) return this.dispatcher;
+    this.ownAgent ??= new Agent({ connect: { timeout: this.timeoutMs } }).compose(interceptors.redirect({ maxRedirections: 5 }));
+    return this.ownAgent;
+  }
+
+  private remoteBase(id: string): URL {
+    const encoded = id.split('/').map(encodeURIComponent).join('/');
+    let base = this.remoteUrl!.includes('{id}') ? this.remoteUrl!.replaceAll('{id}', encoded) : `${this.remoteUrl!.replace(/\/?$/, '/')}${encoded}`;
+    if (!base.endsWith('/')) base += '/';
+    try {
+      return new URL(base);
+    } catch {
+      throw fail('ADAPTER_FETCH_FAILED', `adapter "${id}": remote URL ${JSON.stringify(base)} is not a valid URL`);
+    }
+  }
+
+  private async fetchRemote(id: string): Promise<{ configBytes: Uint8Array; weights: Uint8Array }> {
+    const base = this.remoteBase(id);
+    const configBytes = await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES);
+    try {
+      return { configBytes, weights: await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes) };
+    } catch (err) {
+      if (isServeError(err) && err.code === 'ADAPTER_NOT_FOUND' && (await this.remoteExists(new URL(PICKLE_FILE, base)))) {
+        throw this.pickleError(id);
+      }
+      throw err;
+    }
+  }
+
+  private async fetchWithRetries(id: string, url: URL, limit: number): Promise<Uint8Array> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.fetchOnce(id, url, limit);
+      } catch (err) {
+        if (!(err instanceof Transient)) throw err;
+        if (attempt >= this.retries) throw err.final;
+        await sleep(this.retryDelayMs * 2 ** attempt);
+      }
+    }
+  }
+
+  /** One GET; the size limit is enforced from content-length and again while streaming. */
+  private async fetchOnce(id: string, url: URL, limit: number): Promise<Uint8Array> {
+    const file = path.posix.basename(url.pathname);
+    const what = `adapter "${id}": fetching ${file}`;
+    const networkError = (err: unknown) => {
+      const code = (err as { code?: unknown } | undefined)?.code;
+      if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT') {
+        return new Transient(new ServeError('ADAPTER_FETCH_TIMEOUT', `${what} timed out after ${this.timeoutMs} ms`, undefined, { cause: err }));
+      }
+      return new Transient(new ServeError('ADAPTER_FETCH_FAILED', `${what} failed (${typeof code === 'string' ? code : 'network error'})`, undefined, { cause: err }));
+    };
+
+    let res: Dispatcher.ResponseData;
+    try {
+      res = await request(url, {
+        method: 'GET',
+        dispatcher: this.agent(),
+        headersTimeout: this.timeoutMs,
+        bodyTimeout: this.timeoutMs,
+      });
+    } catch (err) {
+      throw networkError(err);
+    }
+
+    const status = res.statusCode;
+    if (status !== 200) {
+      await res.body.dump().catch(() => undefined);
+      if (status === 404) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found at the remote source (${file}: HTTP 404)`);
+      const error = fail('ADAPTER_FETCH_FAILED', `${what} failed with HTTP ${status}`, { status });
+      throw status >= 500 || status === 429 ? new Transient(error) : error;
+    }
+    const tooLarge = (bytes: number | string) => fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${file} is ${bytes} bytes (limit ${limit})`);
+    const declared = Number(res.headers['content-length']);
+    if (Number.isFinite(declared) && declared > limit) {
+      res.body.on('error', () => undefined); // destroying without a reader emits "aborted"
+      res.body.destroy();
+      throw tooLarge(declared);
+    }
+    const chunks: Buffer[] = [];
+    let received = 0;
+    try {
+      for await (const chunk of res.body as AsyncIterable<Buffer>) {
+        received += chunk.byteLength;
+        if (received > limit) throw tooLarge(`more than ${limit}`); // leaving the loop destroys the body
+        chunks.push(chunk);
+      }
+    } catch (err) {
+      if (isServeError(err)) throw err;
+      throw networkError(err);
+    }
+    return Buffer.concat(chunks, received);
+  }
+
+  /** HEAD probe (one attempt); any failure counts as "not there". */
+  private async remoteExists(url: URL): Promise<boolean> {
+    try {
+      const res = await request(url, { method: 'HEAD', dispatcher: this.agent(), headersTimeout: this.timeoutMs, bodyTimeout: this.timeoutMs });
+      await res.body.dump();
+      return res.statusCode === 200;
+    } catch {
+      return false;
+    }
+  }
+}
+
+function parseConfig(id: string, bytes: Uint8Array): unknown {
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": ${CONFIG_FILE} is not valid JSON`);
+  }
+}

@@ -1,0 +1,53 @@
+/** Test helpers for adapters: an AdapterManager over a temp folder, greedy runs through the executor. */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { AdapterManager } from '../../src/lora/manager.ts';
+import { AdapterStore } from '../../src/lora/store.ts';
+import type { AdapterLease } from '../../src/lora/types.ts';
+import { parseSafetensors } from '../../src/model/safetensors.ts';
+import type { CausalLM } from '../../src/model/model.ts';
+import { TfExecutor, type LoraMode } from '../../src/model/tf-executor.ts';
+import { refLoraFromPeft, type RefLoraMap } from '../reference/lora.ts';
+import { argmax } from './tf.ts';
+
+export function makeManager(model: CausalLM, dir: string, executor: TfExecutor | null, opts: Partial<{ maxDeviceAdapters: number; maxDeviceBytes: number; maxHostBytes: number }> = {}): AdapterManager {
+  const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
+  return new AdapterManager(store, model, {
+    maxRank: 64, maxDeviceAdapters: opts.maxDeviceAdapters ?? 16, maxDeviceBytes: opts.maxDeviceBytes ?? 0, maxHostBytes: opts.maxHostBytes ?? 64 << 20,
+  }, (a) => executor?.forgetAdapter(a));
+}
+
+/** The plain-loop reference LoRA map for an adapter folder. */
+export function refLora(model: CausalLM, adapterDir: string): RefLoraMap {
+  const config = JSON.parse(readFileSync(join(adapterDir, 'adapter_config.json'), 'utf8'));
+  const st = parseSafetensors(readFileSync(join(adapterDir, 'adapter_model.safetensors')));
+  const get = Object.assign((name: string) => ({ shape: st.tensors.get(name)!.shape, data: st.readFloat32(name) }), { has: (n: string) => st.tensors.has(n) });
+  return refLoraFromPeft(config, get, model.modules.map((m) => m.path));
+}
+
+export interface Job {
+  prompt: number[];
+  lease: AdapterLease | null;
+}
+
+/** Greedy-decodes jobs together (one batch) through an executor; returns tokens and per-step logits. */
+export async function greedyBatch(ex: TfExecutor, jobs: readonly Job[], newTokens: number, seqBase = 0): Promise<{ tokens: number[][]; logits: Float32Array[][] }> {
+  const tokens = jobs.map(() => [] as number[]);
+  const logits = jobs.map(() => [] as Float32Array[]);
+  const take = (s: number, l: Float32Array) => {
+    logits[s]!.push(l.slice());
+    tokens[s]!.push(argmax(l));
+  };
+  const res = await ex.prefill(jobs.map((j, i) => ({ seq: seqBase + i, tokens: j.prompt, start: 0, last: true, adapter: j.lease?.adapter ?? null, allLogits: false })));
+  jobs.forEach((_, i) => take(i, res.logits.get(seqBase + i)!));
+  for (let step = 1; step < newTokens; step++) {
+    const r = await ex.decode(jobs.map((j, i) => ({ seq: seqBase + i, token: tokens[i]!.at(-1)!, position: j.prompt.length + step - 1, adapter: j.lease?.adapter ?? null })));
+    jobs.forEach((_, i) => take(i, r.logits.get(seqBase + i)!));
+  }
+  jobs.forEach((_, i) => ex.release(seqBase + i));
+  return { tokens, logits };
+}
+
+export function executor(model: CausalLM, loraMode: LoraMode): TfExecutor {
+  return new TfExecutor(model, { loraMode });
+}
