@@ -1,0 +1,504 @@
+/**
+ * Next-token selection on host logits: penalties, warpers, greedy or seeded sampling.
+ *
+ * Order (TGI `HeterogeneousNextTokenChooser`, HF generation):
+ *   1. repetition penalty (HF: over every distinct id in `history`, logit > 0 → logit / p, else logit * p)
+ *   2. frequency / presence penalties (OpenAI: logit -= freq · count + presence · [count > 0]);
+ *      counts cover the whole history by default, as TGI's frequency penalty covers the whole
+ *      input; `sample(..., penaltyFrom = promptLength)` counts generated tokens only (OpenAI/vLLM)
+ *   3. temperature (logit / T)
+ *   4. top_k → top_p → typical_p (each renormalises over the survivors of the previous one)
+ *   5. sample from the survivors, or argmax for greedy (ties → lowest id)
+ *
+ * `logprob` of the chosen id (and of the `top` alternatives) is log_softmax over the logits
+ * after steps 1–3, before truncation; greedy without penalties gives log_softmax(raw logits).
+ * (TGI reports the log-softmax after truncation instead; this is the brief's definition.)
+ *
+ * All arithmetic is in float64, softmax subtracts the max first. Sampling consumes exactly one
+ * PRNG float per token (greedy none), so a seed and a logits sequence fix the output.
+ */
+import { randomBytes } from 'node:crypto';
+import { fail } from '../errors.ts';
+
+export interface SamplingParams {
+  doSample: boolean;
+  /** > 0; 1 = none. */
+  temperature: number;
+  /** 0 = off. */
+  topK: number;
+  /** 1 = off. */
+  topP: number;
+  /** 1 = off. */
+  typicalP: number;
+  /** 1 = off. */
+  repetitionPenalty: number;
+  /** 0 = off. */
+  frequencyPenalty: number;
+  /** 0 = off. */
+  presencePenalty: number;
+  seed: number;
+  /** 0 = none. */
+  topNTokens: number;
+}
+
+export const DEFAULT_SAMPLING: SamplingParams = Object.freeze({
+  doSample: false,
+  temperature: 1,
+  topK: 0,
+  topP: 1,
+  typicalP: 1,
+  repetitionPenalty: 1,
+  frequencyPenalty: 0,
+  presencePenalty: 0,
+  seed: 0,
+  topNTokens: 0,
+});
+
+/** Request parameters as TGI/LoRAX name them; `null` counts as absent (JSON clients send it). */
+export interface TgiSamplingInput {
+  do_sample?: boolean | null;
+  temperature?: number | null;
+  top_k?: number | null;
+  top_p?: number | null;
+  typical_p?: number | null;
+  repetition_penalty?: number | null;
+  frequency_penalty?: number | null;
+  presence_penalty?: number | null;
+  seed?: number | null;
+  top_n_tokens?: number | null;
+}
+
+/** TGI's default `--max-top-n-tokens`. */
+export const MAX_TOP_N_TOKENS = 5;
+
+function num(name: string, v: unknown): number | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw fail('VALIDATION', `\`${name}\` must be a finite number`);
+  return v;
+}
+
+/** A random seed in [0, 2^53), reported back to the client. */
+export function randomSeed(): number {
+  const b = randomBytes(8);
+  return (b.readUInt32LE(0) & 0x1fffff) * 2 ** 32 + b.readUInt32LE(4);
+}
+
+/**
+ * Validate TGI-style parameters into `SamplingParams`.
+ *
+ * Sampling is on when `do_sample` is true or any warper is active: temperature ≠ 1, top_k > 0,
+ * top_p < 1, typical_p < 1 — TGI's server rule (`NextTokenChooser`: `sampling = do_sample or
+ * has_warpers`), so an explicit `temperature: 1` alone stays greedy. Ranges follow TGI's
+ * router validation.rs, except that top_p = 1, typical_p = 1 and top_k = 0 are accepted as
+ * "off" (TGI rejects them; OpenAI-style clients send them).
+ */
+export function normalizeSampling(p: TgiSamplingInput, limits: { maxTopNTokens?: number } = {}): SamplingParams {
+  if (p.do_sample !== undefined && p.do_sample !== null && typeof p.do_sample !== 'boolean') {
+    throw fail('VALIDATION', '`do_sample` must be a boolean');
+  }
+  const temperature = num('temperature', p.temperature) ?? 1;
+  if (temperature <= 0) throw fail('VALIDATION', '`temperature` must be strictly positive');
+  const topK = num('top_k', p.top_k) ?? 0;
+  if (!Number.isInteger(topK) || topK < 0) throw fail('VALIDATION', '`top_k` must be a non-negative integer');
+  const topP = num('top_p', p.top_p) ?? 1;
+  if (topP <= 0 || topP > 1) throw fail('VALIDATION', '`top_p` must be > 0.0 and <= 1.0');
+  const typicalP = num('typical_p', p.typical_p) ?? 1;
+  if (typicalP <= 0 || typicalP > 1) throw fail('VALIDATION', '`typical_p` must be > 0.0 and <= 1.0');
+  const repetitionPenalty = num('repetition_penalty', p.repetition_penalty) ?? 1;
+  if (repetitionPenalty <= 0) throw fail('VALIDATION', '`repetition_penalty` must be strictly positive');
+  const frequencyPenalty = num('frequency_penalty', p.frequency_penalty) ?? 0;
+  if (frequencyPenalty < -2 || frequencyPenalty > 2) throw fail('VALIDATION', '`frequency_penalty` must be >= -2.0 and <= 2.0');
+  const presencePenalty = num('presence_penalty', p.presence_penalty) ?? 0;
+  if (presencePenalty < -2 || presencePenalty > 2) throw fail('VALIDATION', '`presence_penalty` must be >= -2.0 and <= 2.0');
+  const maxTopN = limits.maxTopNTokens ?? MAX_TOP_N_TOKENS;
+  const topNTokens = num('top_n_tokens', p.top_n_tokens) ?? 0;
+  if (!Number.isInteger(topNTokens) || topNTokens < 0) throw fail('VALIDATION', '`top_n_tokens` must be a non-negative integer');
+  if (topNTokens > maxTopN) throw fail('VALIDATION', `\`top_n_tokens\` must be <= ${maxTopN}`);
+  const givenSeed = num('seed', p.seed);
+  if (givenSeed !== undefined && (!Number.isInteger(givenSeed) || givenSeed < 0 || givenSeed >= 2 ** 64)) {
+    throw fail('VALIDATION', '`seed` must be an integer in [0, 2^64)');
+  }
+  const hasWarpers = temperature !== 1 || topK > 0 || topP < 1 || typicalP < 1;
+  return {
+    doSample: (p.do_sample ?? false) || hasWarpers,
+    temperature, topK, topP, typicalP, repetitionPenalty, frequencyPenalty, presencePenalty,
+    seed: givenSeed ?? randomSeed(),
+    topNTokens,
+  };
+}
+
+export interface SampledToken {
+  id: number;
+  logprob: number;
+  top?: { id: number; logprob: number }[];
+}
+
+// ---------------------------------------------------------------------------------------------
+// PRNG: xoshiro128** (Blackman & Vigna), state seeded by splitmix64 of the 64-bit seed.
+
+const MASK64 = (1n << 64n) - 1n;
+
+function splitmix64(state: bigint): [bigint, bigint] {
+  const next = (state + 0x9e3779b97f4a7c15n) & MASK64;
+  let z = next;
+  z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64;
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64;
+  return [next, z ^ (z >> 31n)];
+}
+
+export class Xoshiro128 {
+  private s0: number;
+  private s1: number;
+  private s2: number;
+  private s3: number;
+
+  constructor(seed: number) {
+    let st = BigInt(seed) & MASK64;
+    let a: bigint, b: bigint;
+    [st, a] = splitmix64(st);
+    [st, b] = splitmix64(st);
+    this.s0 = Number(a & 0xffffffffn) | 0;
+    this.s1 = Number(a >> 32n) | 0;
+    this.s2 = Number(b & 0xffffffffn) | 0;
+    this.s3 = Number(b >> 32n) | 0;
+    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1; // the all-zero state is a fixed point
+  }
+
+  /** Uniform 32-bit unsigned integer. */
+  nextUint32(): number {
+    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;
+    const t = this.s1 << 9;
+    this.s2 ^= this.s0;
+    this.s3 ^= this.s1;
+    this.s1 ^= this.s2;
+    this.s0 ^= this.s3;
+    this.s2 ^= t;
+    this.s3 = rotl(this.s3, 11);
+    return result;
+  }
+
+  /** Uniform in [0, 1) with 53 random bits. */
+  nextFloat(): number {
+    const hi = this.nextUint32() >>> 5; // 27 bits
+    const lo = this.nextUint32() >>> 6; // 26 bits
+    return (hi * 67108864 + lo) / 9007199254740992;
+  }
+}
+
+function rotl(x: number, k: number): number {
+  return (x << k) | (x >>> (32 - k));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/** a ranks above b: larger value, then lower id. */
+function better(x: Float64Array, a: number, b: number): boolean {
+  const xa = x[a]!, xb = x[b]!;
+  return xa > xb || (xa === xb && a < b);
+}
+
+/** The k best ids of x[0..n), best first. Partial selection with a size-k min-heap: O(n log k), no full sort. */
+function selectTop(x: Float64Array, k: number, n: number): Int32Array {
+  const heap = new Int32Array(k);
+  let size = 0;
+  const siftDown = (i: number): void => {
+    for (;;) {
+      const l = 2 * i + 1, r = l + 1;
+      let m = i;
+      if (l < size && better(x, heap[m]!, heap[l]!)) m = l;
+      if (r < size && better(x, heap[m]!, heap[r]!)) m = r;
+      if (m === i) return;
+      const t = heap[i]!; heap[i] = heap[m]!; heap[m] = t;
+      i = m;
+    }
+  };
+  for (let id = 0; id < n; id++) {
+    if (size < k) {
+      // sift up: heap[0] is the worst kept
+      let i = size++;
+      heap[i] = id;
+      while (i > 0) {
+        const p = (i - 1) >> 1;
+        if (!better(x, heap[p]!, heap[i]!)) break;
+        const t = heap[i]!; heap[i] = heap[p]!; heap[p] = t;
+        i = p;
+      }
+    } else if (better(x, id, heap[0]!)) {
+      heap[0] = id;
+      siftDown(0);
+    }
+  }
+  const out = heap.slice(0, size);
+  out.sort((a, b) => (better(x, a, b) ? -1 : better(x, b, a) ? 1 : 0));
+  return out;
+}
+
+/** Bins of the mass-threshold search; keys this far above the smallest share the overflow bin (e^-50 ≈ 2e-22). */
+const BINS = 2048;
+const KEY_SPAN = 50;
+
+export class Sampler {
+  readonly params: SamplingParams;
+  private readonly rng: Xoshiro128;
+  /** Processed logits (penalties + temperature), reused between calls. */
+  private work = new Float64Array(0);
+  private counts = new Uint32Array(0);
+  private touched = new Int32Array(0);
+  private keys = new Float64Array(0);
+  private weights = new Float64Array(0);
+  private ids = new Int32Array(0);
+  private readonly binBuf = new Float64Array(BINS + 1);
+
+  constructor(params: SamplingParams) {
+    this.params = { ...params };
+    this.rng = new Xoshiro128(params.seed);
+  }
+
+  /**
+   * Choose the next token.
+   * @param logits next-position logits, length V
+   * @param history all ids so far (prompt + generated) for the penalties
+   * @param penaltyFrom frequency/presence penalties count `history[penaltyFrom:]` only; 0 (the
+   *   default) counts the whole history like TGI's frequency penalty, the prompt length gives
+   *   OpenAI/vLLM's "generated tokens only". The repetition penalty always covers the whole history (HF).
+   */
+  sample(logits: Float32Array, history: readonly number[], penaltyFrom = 0): SampledToken {
+    const p = this.params;
+    const V = logits.length;
+    if (V === 0) throw fail('GENERATION', 'empty logits');
+    if (this.work.length !== V) {
+      this.work = new Float64Array(V);
+      this.counts = new Uint32Array(V);
+    }
+    const x = this.work;
+    for (let i = 0; i < V; i++) {
+      const v = logits[i]!;
+      x[i] = v !== v ? -Infinity : v; // NaN → never chosen
+    }
+    this.applyPenalties(x, history, penaltyFrom);
+    if (p.temperature !== 1) {
+      const inv = 1 / p.temperature;
+      for (let i = 0; i < V; i++) x[i]! *= inv;
+    }
+
+    // log-softmax normaliser over the processed logits
+    let max = -Infinity;
+    let argmax = 0;
+    for (let i = 0; i < V; i++) if (x[i]! > max) { max = x[i]!; argmax = i; }
+    if (max === -Infinity) throw fail('GENERATION', 'every logit is -inf or NaN');
+    if (max === Infinity) throw fail('GENERATION', 'the logits contain +inf');
+    let sum = 0;
+    for (let i = 0; i < V; i++) sum += Math.exp(x[i]! - max);
+    const logZ = max + Math.log(sum);
+
+    const id = p.doSample ? this.draw(x, max, sum) : argmax;
+    const out: SampledToken = { id, logprob: x[id]! - logZ };
+    if (p.topNTokens > 0) {
+      out.top = Array.from(selectTop(x, Math.min(p.topNTokens, V), V), (t) => ({ id: t, logprob: x[t]! - logZ }));
+    }
+    return out;
+  }
+
+  private applyPenalties(x: Float64Array, history: readonly number[], penaltyFrom: number): void {
+    const p = this.params;
+    const rep = p.repetitionPenalty !== 1;
+    const freq = p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
+    if (!rep && !freq) return;
+    const V = x.length;
+    const counts = this.counts;
+    if (this.touched.length < history.length) this.touched = new Int32Array(history.length);
+    const touched = this.touched;
+    // Count ids per range: the repetition penalty needs distinct ids of the whole history, the
+    // frequency/presence penalties need counts of history[penaltyFrom:]. Counts are reset after use.
+    let nTouched = 0;
+    if (rep) {
+      for (const id of history) {
+        if (id >= 0 && id < V && counts[id] === 0) { counts[id] = 1; touched[nTouched++] = id; }
+      }
+      for (let j = 0; j < nTouched; j++) {
+        const id = touched[j]!;
+        const v = x[id]!;
+        x[id] = v > 0 ? v / p.repetitionPenalty : v * p.repetitionPenalty;
+        counts[id] = 0;
+      }
+      nTouched = 0;
+    }
+    if (freq) {
+      for (let j = Math.max(0, penaltyFrom); j < history.length; j++) {
+        const id = history[j]!;
+        if (id < 0 || id >= V) continue;
+        if (counts[id] === 0) touched[nTouched++] = id;
+        counts[id]!++;
+      }
+      for (let j = 0; j < nTouched; j++) {
+        const id = touched[j]!;
+        x[id]! -= p.frequencyPenalty * counts[id]! + p.presencePenalty;
+        counts[id] = 0;
+      }
+    }
+  }
+
+  /** Apply top_k → top_p → typical_p and draw from the survivors. `max`/`sum` describe all of x. */
+  private draw(x: Float64Array, max: number, sum: number): number {
+    const p = this.params;
+    const V = x.length;
+    const topK = p.topK > 0 && p.topK < V;
+    if (!topK && p.topP >= 1 && p.typicalP >= 1) {
+      // Plain softmax sampling over the whole vocabulary: one pass, no sort.
+      let u = this.rng.nextFloat() * sum;
+      let last = 0;
+      for (let i = 0; i < V; i++) {
+        const w = Math.exp(x[i]! - max);
+        if (w === 0) continue;
+        last = i;
+        u -= w;
+        if (u < 0) return i;
+      }
+      return last; // rounding left u ≥ 0: the last token with weight
+    }
+
+    let survivors: Int32Array;
+    if (topK) {
+      // top_k by partial selection; top_p then walks the (small) best-first list.
+      let cand = selectTop(x, p.topK, V);
+      if (p.topP < 1) {
+        let total = 0;
+        for (let j = 0; j < cand.length; j++) total += Math.exp(x[cand[j]!]! - max);
+        // A token survives when the mass strictly before it is < top_p (HF: remove where
+        // cumsum_ascending <= 1 - top_p), i.e. keep up to the token that crosses top_p.
+        let cum = 0;
+        let keep = 0;
+        while (keep < cand.length && cum < p.topP * total) cum += Math.exp(x[cand[keep++]!]! - max);
+        cand = cand.subarray(0, Math.max(1, keep));
+      }
+      survivors = cand.slice().sort();
+    } else if (p.topP < 1) {
+      // top_p over the whole vocabulary: find the crossing token without sorting, keep every
+      // token ranked at or above it (ranking: logit desc, id asc).
+      const key = this.keyBuf(V);
+      const w = this.weightBuf(V);
+      for (let i = 0; i < V; i++) { key[i] = -x[i]!; w[i] = Math.exp(x[i]! - max); }
+      const c = this.crossing(null, V, key, w, p.topP * sum);
+      const xc = x[c]!;
+      let n = 0;
+      const ids = this.idBuf(V);
+      for (let i = 0; i < V; i++) if (x[i]! > xc || (x[i] === xc && i <= c)) ids[n++] = i;
+      survivors = ids.slice(0, n);
+    } else {
+      survivors = this.typical(x, null); // typical_p alone
+    }
+    if (p.typicalP < 1 && (topK || p.topP < 1) && survivors.length > 1) survivors = this.typical(x, survivors);
+
+    // Draw among the survivors in id order (max is the global max, so nothing overflows).
+    let mass = 0;
+    for (let j = 0; j < survivors.length; j++) mass += Math.exp(x[survivors[j]!]! - max);
+    let u = this.rng.nextFloat() * mass;
+    for (let j = 0; j < survivors.length; j++) {
+      u -= Math.exp(x[survivors[j]!]! - max);
+      if (u < 0) return survivors[j]!;
+    }
+    return survivors[survivors.length - 1]!;
+  }
+
+  /**
+   * HF TypicalLogitsWarper over `ids` (ascending; all of x when null), renormalised over them:
+   * rank by |−log p − H| ascending, find the token where the cumulative mass reaches
+   * typical_p, keep every token whose score is <= its score (ties kept). Returns the kept ids, ascending.
+   */
+  private typical(x: Float64Array, ids: Int32Array | null): Int32Array {
+    const V = x.length;
+    const n = ids ? ids.length : V;
+    const at = (j: number): number => (ids ? ids[j]! : j);
+    let m = -Infinity;
+    for (let j = 0; j < n; j++) m = Math.max(m, x[at(j)]!);
+    let total = 0;
+    for (let j = 0; j < n; j++) total += Math.exp(x[at(j)]! - m);
+    const logZ = m + Math.log(total);
+    const key = this.keyBuf(V);
+    const w = this.weightBuf(V);
+    let entropy = 0;
+    for (let j = 0; j < n; j++) {
+      const i = at(j);
+      const lp = x[i]! - logZ;
+      w[i] = Math.exp(lp);
+      key[i] = -lp; // −log p for now
+      if (w[i]! > 0) entropy -= lp * w[i]!;
+    }
+    for (let j = 0; j < n; j++) key[at(j)] = Math.abs(key[at(j)]! - entropy);
+    const kc = key[this.crossing(ids, n, key, w, this.params.typicalP)]!;
+    const out = this.idBuf(V);
+    let kept = 0;
+    for (let j = 0; j < n; j++) {
+      const i = at(j);
+      if (key[i]! <= kc) out[kept++] = i;
+    }
+    return out.slice(0, kept);
+  }
+
+  /**
+   * The crossing element of `ids` (all of 0..n-1 when null) ordered by (key asc, id asc): the
+   * first whose inclusive cumulative weight reaches `target`, or the last element if none does.
+   * Keys are bucketed into bins (keys more than KEY_SPAN above the smallest, or non-finite, share
+   * an overflow bin), bin masses are summed, and only the bin where the mass crosses is sorted:
+   * O(n) plus a small sort instead of sorting the vocabulary.
+   */
+  private crossing(ids: Int32Array | null, n: number, key: Float64Array, w: Float64Array, target: number): number {
+    const at = (j: number): number => (ids ? ids[j]! : j);
+    let kmin = Infinity;
+    let kmax = -Infinity;
+    for (let j = 0; j < n; j++) {
+      const k = key[at(j)]!;
+      if (k < kmin) kmin = k;
+      if (k > kmax && k !== Infinity) kmax = k;
+    }
+    const hi = Math.min(kmax, kmin + KEY_SPAN);
+    const scale = hi > kmin ? BINS / (hi - kmin) : 0;
+    const bin = (k: number): number => (k <= hi ? Math.min(BINS - 1, Math.floor((k - kmin) * scale)) : BINS);
+    const mass = this.binBuf.fill(0);
+    for (let j = 0; j < n; j++) {
+      const i = at(j);
+      mass[bin(key[i]!)]! += w[i]!;
+    }
+    let cum = 0;
+    let b = 0;
+    for (; b <= BINS; b++) {
+      if (cum + mass[b]! >= target) break;
+      cum += mass[b]!;
+    }
+    if (b > BINS) {
+      // The mass never reaches target (target ≈ total, rounding): the last element in the order.
+      let last = at(0);
+      for (let j = 1; j < n; j++) {
+        const i = at(j);
+        if (key[i]! > key[last]! || (key[i] === key[last] && i > last)) last = i;
+      }
+      return last;
+    }
+    const members: number[] = [];
+    for (let j = 0; j < n; j++) {
+      const i = at(j);
+      if (bin(key[i]!) === b) members.push(i);
+    }
+    members.sort((a, c) => key[a]! - key[c]! || a - c);
+    for (const i of members) {
+      cum += w[i]!;
+      if (cum >= target) return i;
+    }
+    return members[members.length - 1]!; // rounding between the bin sum and the element sum
+  }
+
+  private keyBuf(V: number): Float64Array {
+    if (this.keys.length !== V) this.keys = new Float64Array(V);
+    return this.keys;
+  }
+
+  private weightBuf(V: number): Float64Array {
+    if (this.weights.length !== V) this.weights = new Float64Array(V);
+    return this.weights;
+  }
+
+  private idBuf(V: number): Int32Array {
+    if (this.ids.length !== V) this.ids = new Int32Array(V);
+    return this.ids;
+  }
+}

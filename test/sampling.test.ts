@@ -1,0 +1,249 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { DEFAULT_SAMPLING, Sampler, Xoshiro128, normalizeSampling, type SamplingParams } from '../src/engine/sampling.ts';
+
+const params = (p: Partial<SamplingParams>): SamplingParams => ({ ...DEFAULT_SAMPLING, seed: 42, ...p });
+const f32 = (xs: number[]): Float32Array => Float32Array.from(xs);
+const lse = (xs: number[]): number => {
+  const m = xs.reduce((a, b) => Math.max(a, b), -Infinity);
+  return m + Math.log(xs.reduce((s, x) => s + Math.exp(x - m), 0));
+};
+const close = (a: number, b: number, eps = 1e-9): void => assert.ok(Math.abs(a - b) <= eps, `${a} vs ${b}`);
+const isValidation = (err: { code?: string }): boolean => err.code === 'VALIDATION';
+
+/** Draw `n` tokens with fresh histories and count them. */
+function frequencies(s: Sampler, logits: number[], n: number): number[] {
+  const counts = new Array(logits.length).fill(0);
+  const l = f32(logits);
+  for (let i = 0; i < n; i++) counts[s.sample(l, []).id]++;
+  return counts.map((c) => c / n);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+test('normalizeSampling: TGI rules for implied sampling and ranges', () => {
+  const d = normalizeSampling({});
+  assert.equal(d.doSample, false);
+  assert.ok(Number.isSafeInteger(d.seed) && d.seed >= 0);
+  assert.notEqual(normalizeSampling({}).seed, normalizeSampling({}).seed);
+  assert.equal(normalizeSampling({ seed: 7 }).seed, 7);
+
+  assert.equal(normalizeSampling({ temperature: 1 }).doSample, false); // TGI: has_warpers is false
+  assert.equal(normalizeSampling({ temperature: 0.7 }).doSample, true);
+  assert.equal(normalizeSampling({ top_k: 5 }).doSample, true);
+  assert.equal(normalizeSampling({ top_p: 0.9 }).doSample, true);
+  assert.equal(normalizeSampling({ typical_p: 0.9 }).doSample, true);
+  assert.equal(normalizeSampling({ top_p: 1, top_k: 0, typical_p: 1 }).doSample, false);
+  assert.equal(normalizeSampling({ do_sample: true }).doSample, true);
+  assert.equal(normalizeSampling({ repetition_penalty: 1.2 }).doSample, false);
+  assert.deepEqual(
+    { ...normalizeSampling({ temperature: null, top_k: null, seed: 1, top_n_tokens: null }) },
+    { ...DEFAULT_SAMPLING, seed: 1 },
+  );
+
+  for (const bad of [
+    { temperature: 0 }, { temperature: -1 }, { top_p: 0 }, { top_p: 1.1 }, { typical_p: 0 }, { typical_p: 1.5 },
+    { top_k: -1 }, { top_k: 1.5 }, { repetition_penalty: 0 }, { frequency_penalty: 2.5 }, { presence_penalty: -3 },
+    { seed: -1 }, { seed: 0.5 }, { top_n_tokens: 6 }, { top_n_tokens: -1 }, { temperature: Number.NaN },
+    { temperature: '1' as unknown as number }, { do_sample: 'yes' as unknown as boolean },
+  ]) {
+    assert.throws(() => normalizeSampling(bad), isValidation, JSON.stringify(bad));
+  }
+  assert.equal(normalizeSampling({ top_n_tokens: 10 }, { maxTopNTokens: 10 }).topNTokens, 10);
+});
+
+test('greedy: argmax, ties to the lowest id, logprob = log_softmax(raw logits)', () => {
+  const logits = [1, 2, 3, 0.5];
+  const out = new Sampler(params({})).sample(f32(logits), []);
+  assert.equal(out.id, 2);
+  close(out.logprob, 3 - lse(logits));
+  assert.equal(out.top, undefined);
+  assert.equal(new Sampler(params({})).sample(f32([1, 3, 3, 2]), []).id, 1);
+  // -inf and NaN are never chosen
+  assert.equal(new Sampler(params({})).sample(f32([Number.NaN, -Infinity, -5]), []).id, 2);
+  assert.throws(() => new Sampler(params({})).sample(f32([-Infinity, Number.NaN]), []),
+    (err: { code?: string }) => err.code === 'GENERATION');
+});
+
+test('repetition penalty: HF rule over distinct ids of the history', () => {
+  // [2, 1, -1, 0], history {0, 2} (0 twice), p = 2 → [1, 1, -2, 0]
+  const s = new Sampler(params({ repetitionPenalty: 2 }));
+  const out = s.sample(f32([2, 1, -1, 0]), [0, 2, 0]);
+  assert.equal(out.id, 0); // tie 1 vs 1 → lowest id
+  close(out.logprob, 1 - lse([1, 1, -2, 0]));
+  // ids outside the vocabulary in the history are ignored; the buffers are reset between calls
+  const again = s.sample(f32([2, 1, -1, 0]), [99, -1]);
+  assert.equal(again.id, 0);
+  close(again.logprob, 2 - lse([2, 1, -1, 0]));
+});
+
+test('frequency and presence penalties: OpenAI rule, counted from penaltyFrom', () => {
+  const s = new Sampler(params({ frequencyPenalty: 0.5, presencePenalty: 0.25 }));
+  const logits = [0, 3, 2];
+  // whole history [1, 1, 2]: x1 = 3 - 0.5·2 - 0.25 = 1.75, x2 = 2 - 0.5 - 0.25 = 1.25
+  const a = s.sample(f32(logits), [1, 1, 2]);
+  assert.equal(a.id, 1);
+  close(a.logprob, 1.75 - lse([0, 1.75, 1.25]));
+  // only history[2:] = [2] counts
+  const b = s.sample(f32(logits), [1, 1, 2], 2);
+  close(b.logprob, 3 - lse([0, 3, 1.25]));
+  // a strong penalty changes the argmax
+  const c = new Sampler(params({ frequencyPenalty: 2 })).sample(f32(logits), [1]);
+  assert.equal(c.id, 2);
+});
+
+test('penalties apply in TGI order: repetition first, then frequency', () => {
+  const s = new Sampler(params({ repetitionPenalty: 2, frequencyPenalty: 1 }));
+  // x0 = 4 / 2 - 1 = 1 (the other order would give (4 - 1) / 2 = 1.5)
+  const out = s.sample(f32([4, 0]), [0]);
+  close(out.logprob, 1 - lse([1, 0]));
+});
+
+test('temperature scales the logits; logprob is under the tempered distribution', () => {
+  const s = new Sampler(params({ doSample: true, temperature: 0.5, topNTokens: 2 }));
+  const out = s.sample(f32([1, 2]), []);
+  close(out.logprob, [2, 4][out.id]! - lse([2, 4]));
+  assert.deepEqual(out.top!.map((t) => t.id), [1, 0]);
+  close(out.top![0]!.logprob, 4 - lse([2, 4]));
+});
+
+test('top_k keeps the k best; logprob stays the untruncated one', () => {
+  const logits = [1, 2, 3, 0];
+  const s = new Sampler(params({ doSample: true, topK: 2 }));
+  const freq = frequencies(s, logits, 20000);
+  assert.equal(freq[0], 0);
+  assert.equal(freq[3], 0);
+  const p1 = Math.exp(2) / (Math.exp(2) + Math.exp(3));
+  assert.ok(Math.abs(freq[1]! - p1) < 0.015, `${freq[1]} vs ${p1}`);
+  const out = new Sampler(params({ doSample: true, topK: 1 })).sample(f32(logits), []);
+  assert.equal(out.id, 2);
+  close(out.logprob, 3 - lse(logits));
+});
+
+test('top_p keeps the smallest best set whose mass reaches top_p', () => {
+  const logits = [0.5, 0.3, 0.15, 0.05].map(Math.log);
+  const only0 = frequencies(new Sampler(params({ doSample: true, topP: 0.45 })), logits, 2000);
+  assert.deepEqual(only0, [1, 0, 0, 0]);
+  const two = frequencies(new Sampler(params({ doSample: true, topP: 0.75 })), logits, 20000);
+  assert.equal(two[2], 0);
+  assert.equal(two[3], 0);
+  assert.ok(Math.abs(two[0]! - 0.625) < 0.015, `${two[0]}`);
+  const three = frequencies(new Sampler(params({ doSample: true, topP: 0.85 })), logits, 20000);
+  assert.equal(three[3], 0);
+  assert.ok(Math.abs(three[2]! - 0.15 / 0.95) < 0.015, `${three[2]}`);
+});
+
+test('typical_p: hand-computed typical set', () => {
+  // p = [.5, .3, .15, .05]: H = 1.1421; |−ln p − H| = [.449, .062, .755, 1.854];
+  // ascending: t1 (cum .3), t0 (cum .8), ... → typical_p 0.2 keeps {t1}; 0.5 keeps {t1, t0}
+  const logits = [0.5, 0.3, 0.15, 0.05].map(Math.log);
+  assert.deepEqual(frequencies(new Sampler(params({ doSample: true, typicalP: 0.2 })), logits, 2000), [0, 1, 0, 0]);
+  const two = frequencies(new Sampler(params({ doSample: true, typicalP: 0.5 })), logits, 20000);
+  assert.equal(two[2], 0);
+  assert.equal(two[3], 0);
+  assert.ok(Math.abs(two[1]! - 0.375) < 0.015, `${two[1]}`);
+  // after top_k = 2 the typical set is computed over the renormalised survivors {t0, t1}
+  const k2 = frequencies(new Sampler(params({ doSample: true, topK: 2, typicalP: 0.3 })), logits, 2000);
+  assert.equal(k2[2]! + k2[3]!, 0);
+});
+
+test('sampling frequencies follow the softmax', () => {
+  const logits = [0, 1, 2, -1, 0.5];
+  const freq = frequencies(new Sampler(params({ doSample: true, seed: 3 })), logits, 40000);
+  const z = lse(logits);
+  logits.forEach((x, i) => assert.ok(Math.abs(freq[i]! - Math.exp(x - z)) < 0.012, `id ${i}: ${freq[i]} vs ${Math.exp(x - z)}`));
+});
+
+test('same seed and logits give the same tokens; another seed differs', () => {
+  const run = (seed: number): number[] => {
+    const s = new Sampler(params({ doSample: true, seed, temperature: 1.3, topK: 50, topP: 0.95 }));
+    const out: number[] = [];
+    const logits = new Float32Array(1000);
+    for (let step = 0; step < 50; step++) {
+      for (let i = 0; i < logits.length; i++) logits[i] = Math.sin(i * 0.37 + step) * 3;
+      out.push(s.sample(logits, out).id);
+    }
+    return out;
+  };
+  assert.deepEqual(run(1), run(1));
+  assert.notDeepEqual(run(1), run(2));
+  // seeds beyond 2^32 are distinct too
+  assert.notDeepEqual(run(2 ** 40), run(2 ** 40 + 2 ** 33));
+  const a = new Xoshiro128(123), b = new Xoshiro128(123);
+  for (let i = 0; i < 10; i++) {
+    const x = a.nextFloat();
+    assert.equal(x, b.nextFloat());
+    assert.ok(x >= 0 && x < 1);
+  }
+});
+
+test('top-n: best alternatives under the same distribution, ties to the lowest id', () => {
+  const logits = [1, 3, 3, 2];
+  const out = new Sampler(params({ topNTokens: 3 })).sample(f32(logits), []);
+  assert.equal(out.id, 1);
+  assert.deepEqual(out.top!.map((t) => t.id), [1, 2, 3]);
+  out.top!.forEach((t) => close(t.logprob, logits[t.id]! - lse(logits)));
+  assert.equal(out.top![0]!.logprob, out.logprob);
+  // more than V asked for
+  assert.equal(new Sampler(params({ topNTokens: 5 })).sample(f32([0, 1]), []).top!.length, 2);
+});
+
+test('large vocabulary: partial selection agrees with a full-sort reference', () => {
+  const V = 150_000;
+  const logits = new Float32Array(V);
+  let s = 99;
+  for (let i = 0; i < V; i++) { s = (Math.imul(s, 1664525) + 1013904223) >>> 0; logits[i] = (s / 2 ** 32) * 12 - 6; }
+  // a few strong tokens, as with real models
+  for (const i of [10, 77_777, 149_999]) logits[i] = 9;
+
+  /** Reference: sort everything, filter top_k → top_p → typical_p, draw in id order with the same PRNG stream. */
+  function reference(p: SamplingParams, draws: number): number[] {
+    const rng = new Xoshiro128(p.seed);
+    const x = Float64Array.from(logits, (v) => v / p.temperature);
+    const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => x[b]! - x[a]! || a - b);
+    const max = x[order[0]!]!;
+    let cand = p.topK > 0 ? order.slice(0, p.topK) : order;
+    if (p.topP < 1) {
+      const total = cand.reduce((acc, i) => acc + Math.exp(x[i]! - max), 0);
+      let cum = 0;
+      let keep = 0;
+      while (keep < cand.length && cum < p.topP * total) cum += Math.exp(x[cand[keep++]!]! - max);
+      cand = cand.slice(0, Math.max(1, keep));
+    }
+    if (p.typicalP < 1) {
+      const z = lse(cand.map((i) => x[i]!));
+      const lp = new Map(cand.map((i) => [i, x[i]! - z]));
+      const h = -cand.reduce((acc, i) => acc + lp.get(i)! * Math.exp(lp.get(i)!), 0);
+      const score = (i: number): number => Math.abs(-lp.get(i)! - h);
+      const byScore = [...cand].sort((a, b) => score(a) - score(b) || a - b);
+      let cum = 0;
+      let lastInd = 0;
+      for (const i of byScore) { cum += Math.exp(lp.get(i)!); if (cum < p.typicalP) lastInd++; else break; }
+      const threshold = score(byScore[Math.min(lastInd, byScore.length - 1)]!);
+      cand = cand.filter((i) => score(i) <= threshold);
+    }
+    cand = [...cand].sort((a, b) => a - b);
+    const out: number[] = [];
+    for (let d = 0; d < draws; d++) {
+      const mass = cand.reduce((acc, i) => acc + Math.exp(x[i]! - max), 0);
+      let u = rng.nextFloat() * mass;
+      let pick = cand[cand.length - 1]!;
+      for (const i of cand) { u -= Math.exp(x[i]! - max); if (u < 0) { pick = i; break; } }
+      out.push(pick);
+    }
+    return out;
+  }
+
+  for (const p of [
+    params({ doSample: true, topK: 40, seed: 5 }),
+    params({ doSample: true, topP: 0.9, temperature: 0.8, seed: 6 }),
+    params({ doSample: true, topK: 1000, topP: 0.5, seed: 7 }),
+    params({ doSample: true, topP: 0.999, seed: 8 }), // most of the flat tail survives
+    params({ doSample: true, typicalP: 0.9, seed: 9 }),
+    params({ doSample: true, topP: 0.95, typicalP: 0.5, temperature: 2, seed: 10 }),
+  ]) {
+    const sampler = new Sampler(p);
+    const got = Array.from({ length: 20 }, () => sampler.sample(logits, []).id);
+    assert.deepEqual(got, reference(p, 20), JSON.stringify(p));
+  }
+});
