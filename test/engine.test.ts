@@ -1,0 +1,87 @@
+/** The engine over the real executor: continuous batching, determinism, details, cancellation and leaks. */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
+import type { Runtime } from '../src/runtime.ts';
+import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
+import { setupBackend, tempDir } from './helpers/tf.ts';
+
+const tmp = tempDir();
+let rt: Runtime;
+before(async () => {
+  await setupBackend();
+  const r = await fixtureRuntime(tmp.dir, TINY_LLAMA, { maxQueue: 64 });
+  rt = r.rt;
+  for (let i = 0; i < 4; i++) {
+    await writePeftAdapter(join(tmp.dir, 'adapters', `ad${i}`), { baseConfig: r.config, seed: 50 + i, r: 4, loraAlpha: 8, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj'] });
+  }
+});
+after(async () => {
+  await rt.close();
+  tmp.cleanup();
+});
+
+const prompt = (i: number) => Array.from({ length: 2 + (i % 7) }, (_, t) => (i * 13 + t * 5) % 300 + 3);
+
+test('concurrent requests on mixed adapters give the same tokens as each alone', async () => {
+  const reqs = Array.from({ length: 12 }, (_, i) => request(prompt(i), { adapterId: i % 5 === 4 ? null : `ad${i % 4}`, maxNewTokens: 10, ignoreEos: true }));
+  const alone = [];
+  for (const r of reqs) alone.push((await generate(rt, r)).tokens.map((t) => t.id));
+  const together = await Promise.all(reqs.map((r) => generate(rt, r)));
+  assert.deepEqual(together.map((o) => o.tokens.map((t) => t.id)), alone);
+  for (const o of together) {
+    assert.equal(o.result?.generatedTokens, 10);
+    assert.equal(o.result?.finishReason, 'length');
+    assert.equal(o.text, o.result?.text);
+  }
+});
+
+test('seeded sampling is reproducible; details carry prompt logprobs', async () => {
+  const r = request(prompt(3), { sampling: { doSample: true, temperature: 0.8, topK: 20, seed: 42 }, maxNewTokens: 6, decoderInputDetails: true });
+  const a = await generate(rt, r);
+  const b = await generate(rt, r);
+  assert.deepEqual(a.tokens.map((t) => t.id), b.tokens.map((t) => t.id));
+  assert.equal(a.result!.seed, 42);
+  assert.equal(a.result!.prefill.length, r.inputIds.length);
+  assert.equal(a.result!.prefill[0]!.logprob, null);
+  assert.ok(a.result!.prefill.slice(1).every((p) => typeof p.logprob === 'number' && p.logprob <= 0));
+});
+
+test('long prompts are prefilled in chunks and match an unchunked run', async () => {
+  const long = Array.from({ length: 90 }, (_, t) => (t * 11) % 300 + 3);
+  const chunked = await generate(rt, request(long, { maxNewTokens: 5, ignoreEos: true }));
+  const other = await fixtureRuntime(join(tmp.dir, 'nochunk'), TINY_LLAMA, { prefillChunk: 128 });
+  const whole = await generate(other.rt, request(long, { maxNewTokens: 5, ignoreEos: true }));
+  await other.rt.close();
+  assert.deepEqual(chunked.tokens.map((t) => t.id), whole.tokens.map((t) => t.id));
+});
+
+test('unknown adapters are refused, never served by the base model', async () => {
+  const o = await generate(rt, request(prompt(1), { adapterId: 'nope' }));
+  assert.equal(o.error?.code, 'ADAPTER_NOT_FOUND');
+  assert.equal(o.tokens.length, 0);
+  assert.throws(() => rt.engine.generate(request(Array(101).fill(5)), { onToken() {}, onDone() {}, onError() {} }), { code: 'INPUT_TOO_LONG' });
+});
+
+test('cancelling mid-generation frees the sequence', async () => {
+  const ac = new AbortController();
+  const o = await generate(rt, request(prompt(2), { maxNewTokens: 100, ignoreEos: true, signal: ac.signal, adapterId: 'ad1' }), (n) => {
+    if (n === 3) ac.abort();
+  });
+  assert.equal(o.error?.code, 'CANCELLED');
+  assert.ok(o.tokens.length >= 3 && o.tokens.length < 100);
+  assert.equal(rt.engine.stats().running, 0);
+  assert.equal(rt.executor.running, 0);
+});
+
+test('no tensor leaks after 200 generate calls', async () => {
+  await generate(rt, request(prompt(0), { adapterId: 'ad0' })); // warm: adapter resident, bank built
+  const baseline = tf.memory().numTensors;
+  for (let round = 0; round < 20; round++) {
+    await Promise.all(Array.from({ length: 10 }, (_, i) => generate(rt, request(prompt(i), { adapterId: i % 3 === 0 ? null : 'ad0', maxNewTokens: 4 }))));
+  }
+  assert.equal(rt.engine.stats().running, 0);
+  assert.equal(tf.memory().numTensors, baseline);
+});
