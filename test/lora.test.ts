@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { TINY_GPT2, TINY_LLAMA, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/fixtures/index.ts';
+import type { AdapterLease } from '../src/lora/types.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { referenceForward } from './reference/forward.ts';
 import { executor, greedyBatch, makeManager, refLora } from './helpers/lora.ts';
@@ -81,7 +82,7 @@ test('llama: 8 sequences on 8 adapters plus one on the base give the same greedy
   const { config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(join(root, 'model'));
   const manager = makeManager(model, join(root, 'adapters'), null);
-  const leases = [];
+  const leases: AdapterLease[] = [];
   for (let i = 0; i < 8; i++) {
     await writePeftAdapter(join(root, 'adapters', `m${i}`), { baseConfig: config, seed: 200 + i, r: 2 + (i % 4) * 2, loraAlpha: 8, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj', 'o_proj'] });
     leases.push(await manager.acquire(`m${i}`));

@@ -25,7 +25,7 @@ export interface Outcome {
   text: string;
 }
 
-export function request(inputIds: number[], extra: Partial<GenerateRequest> & { sampling?: Partial<SamplingParams> } = {}): GenerateRequest {
+export function request(inputIds: number[], extra: Partial<Omit<GenerateRequest, 'sampling'>> & { sampling?: Partial<SamplingParams> } = {}): GenerateRequest {
   return {
     inputIds, adapterId: null, maxNewTokens: 8, stop: [], decoderInputDetails: false,
     ...extra, sampling: { ...DEFAULT_SAMPLING, ...extra.sampling },
