@@ -112,7 +112,7 @@ export class Engine implements EngineApi {
       id: this.nextId++, req, sink,
       sampler: new Sampler(req.sampling),
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
-      stop: new StopMatcher([...req.stop], { includeStop: true }),
+      stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       submittedAt: now(), state: 'adapter', lease: null, prefilled: 0,
       generated: [], tokens: [], prefill: [], text: '',
       scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
@@ -281,7 +281,7 @@ export class Engine implements EngineApi {
   private accept(seq: Seq, logits: Float32Array): void {
     if (seq.state === 'done') return;
     const { req } = seq;
-    const sampled = seq.sampler.sample(logits, [...req.inputIds, ...seq.generated]);
+    const sampled = seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0);
     const id = sampled.id;
     seq.generated.push(id);
     const t = now();

@@ -11,6 +11,10 @@ export interface GenerateRequest {
   readonly sampling: SamplingParams;
   readonly maxNewTokens: number;
   readonly stop: readonly string[];
+  /** Keep a matched stop sequence in the text (TGI, the default) or cut it (OpenAI). */
+  readonly includeStop?: boolean;
+  /** Frequency/presence penalties count generated tokens only (OpenAI) instead of the whole history (TGI). */
+  readonly penalizeGeneratedOnly?: boolean;
   /** Compute prompt logprobs (TGI decoder_input_details). */
   readonly decoderInputDetails: boolean;
   /** Ignore eos and always generate maxNewTokens (benchmarks). */
