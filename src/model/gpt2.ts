@@ -78,6 +78,9 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   const wte = load('wte.weight', [c.vocabSize, d]) as tf.Tensor2D;
   const wpe = load('wpe.weight', [c.maxPositions, d]) as tf.Tensor2D;
+  // Tied lm_head, kept transposed [d, V]: matMul with transposeB is ~10× slower on wasm.
+  const lmHead = tf.transpose(wte) as tf.Tensor2D;
+  tensors.push(lmHead);
   const lnf: [tf.Tensor1D, tf.Tensor1D] = [load('ln_f.weight', [d]) as tf.Tensor1D, load('ln_f.bias', [d]) as tf.Tensor1D];
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
   const nH = c.numHeads;
@@ -97,6 +100,6 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
       const h = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
       return tf.add(x, linear(h, L.mlpProj, s.lora));
     },
-    head: (x) => tf.matMul(layerNorm(x, lnf[0], lnf[1], c.normEps), wte, false, true), // tied lm_head: [N, V]
+    head: (x) => tf.matMul(layerNorm(x, lnf[0], lnf[1], c.normEps), lmHead), // [N, V]
   };
 }

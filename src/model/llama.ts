@@ -98,12 +98,11 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);
-  let lmHead = embed; // [V, d], used transposed
-  if (ckpt.names.has('lm_head.weight')) {
-    if (!c.tieWordEmbeddings) lmHead = keep(read('lm_head.weight', [c.vocabSize, d]) as tf.Tensor2D);
-  } else if (!c.tieWordEmbeddings) {
+  if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
     throw fail('CHECKPOINT_MISSING_TENSOR', `checkpoint ${ckpt.dir} has no "lm_head.weight" and tie_word_embeddings is false`);
   }
+  // lm_head [V, d] is kept transposed, [d, V]: matMul with transposeB is ~10× slower on wasm.
+  const lmHead = keep(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D);
   const rope = ropeTables(c.maxPositions, c.headDim, c.ropeTheta);
   tensors.push(rope.cos, rope.sin);
 
@@ -131,6 +130,6 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const [gate, up] = tf.split(gu, [I, I], 1) as [tf.Tensor2D, tf.Tensor2D];
       return tf.add(x, linear(tf.mul(silu(gate), up), L.down, s.lora));
     },
-    head: (x) => tf.matMul(rmsNorm(x, norm, c.normEps), lmHead, false, true), // [N, V]
+    head: (x) => tf.matMul(rmsNorm(x, norm, c.normEps), lmHead), // [N, V]
   };
 }
