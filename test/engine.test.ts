@@ -38,6 +38,18 @@ test('concurrent requests on mixed adapters give the same tokens as each alone',
   }
 });
 
+test('sequences that finish at different steps leave the batch without disturbing the others', async () => {
+  // Different lengths and arrival times: rows leave (gather) and the cache is trimmed while others decode.
+  const reqs = Array.from({ length: 10 }, (_, i) => request(prompt(i + 3), { adapterId: i % 3 ? `ad${i % 4}` : null, maxNewTokens: 3 + ((i * 7) % 17), ignoreEos: true }));
+  const alone = [];
+  for (const r of reqs) alone.push((await generate(rt, r)).tokens.map((t) => t.id));
+  const together = await Promise.all(reqs.map(async (r, i) => {
+    await new Promise((res) => setTimeout(res, i * 15));
+    return generate(rt, r);
+  }));
+  assert.deepEqual(together.map((o) => o.tokens.map((t) => t.id)), alone);
+});
+
 test('seeded sampling is reproducible; details carry prompt logprobs', async () => {
   const r = request(prompt(3), { sampling: { doSample: true, temperature: 0.8, topK: 20, seed: 42 }, maxNewTokens: 6, decoderInputDetails: true });
   const a = await generate(rt, r);

@@ -8,6 +8,7 @@
  * are trimmed so padding never grows without bound.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { dropLeadingCols, gatherRows } from './kv-ops.ts';
 
 export class KVBatch {
   /** Per layer [B, kvHeads, C, headDim]; null while the batch holds no column. */
@@ -116,24 +117,19 @@ export class KVBatch {
       return;
     }
     const start = rows.map((r) => this.start[r]!);
-    const trim = Math.min(...start);
-    const idx = tf.tensor1d(rows as number[], 'int32');
+    // Trim leading columns no remaining row uses, once they are a quarter of the cache (amortised).
+    const unused = Math.min(...start);
+    const trim = unused * 4 >= this.cols ? unused : 0;
     for (let l = 0; l < this.numLayers; l++) {
-      const k = this.k[l];
-      const v = this.v[l];
-      if (!k || !v) continue;
-      this.k[l] = tf.keep(tf.tidy(() => {
-        const g = tf.gather(k, idx, 0);
-        return trim > 0 ? tf.slice(g, [0, 0, trim, 0], [-1, -1, -1, -1]) : g;
-      }));
-      this.v[l] = tf.keep(tf.tidy(() => {
-        const g = tf.gather(v, idx, 0);
-        return trim > 0 ? tf.slice(g, [0, 0, trim, 0], [-1, -1, -1, -1]) : g;
-      }));
-      k.dispose();
-      v.dispose();
+      for (const cache of [this.k, this.v]) {
+        const t = cache[l];
+        if (!t) continue;
+        const g = gatherRows(t, rows);
+        cache[l] = tf.keep(trim > 0 ? dropLeadingCols(g, trim) : g);
+        if (trim > 0) g.dispose();
+        t.dispose();
+      }
     }
-    idx.dispose();
     this.start = start.map((s) => s - trim);
     this.cols -= trim;
   }
