@@ -31,7 +31,7 @@ async function tryImport(pkg: string): Promise<unknown> {
 async function initNative(gpu: boolean): Promise<void> {
   const pkg = gpu ? '@tensorflow/tfjs-node-gpu' : '@tensorflow/tfjs-node';
   if (gpu && !(await gpuUsable())) {
-    throw fail('BACKEND_UNAVAILABLE', 'no CUDA GPU is visible (/dev/nvidia0 missing or CUDA_VISIBLE_DEVICES hides it); ' +
+    throw fail('BACKEND_UNAVAILABLE', 'no CUDA GPU is visible (no /dev/nvidiaN device, or CUDA_VISIBLE_DEVICES hides them); ' +
       'the GPU backend needs the NVIDIA driver, CUDA 11.x and cuDNN 8 (see Dockerfile)');
   }
   try {
@@ -49,9 +49,11 @@ async function initNative(gpu: boolean): Promise<void> {
  * missing. We require the NVIDIA device nodes to exist and CUDA_VISIBLE_DEVICES not to hide every GPU.
  */
 async function gpuUsable(): Promise<boolean> {
-  const { existsSync } = await import('node:fs');
+  const { existsSync, readdirSync } = await import('node:fs');
   const visible = process.env.CUDA_VISIBLE_DEVICES;
-  return existsSync('/dev/nvidiactl') && existsSync('/dev/nvidia0') && visible !== '' && visible !== '-1';
+  // Containers keep the host's numbering: a container given GPU 3 only has /dev/nvidia3.
+  const gpus = existsSync('/dev') ? readdirSync('/dev').filter((f) => /^nvidia\d+$/.test(f)) : [];
+  return existsSync('/dev/nvidiactl') && gpus.length > 0 && visible !== '' && visible !== '-1';
 }
 
 async function initWasm(): Promise<void> {
