@@ -10,6 +10,7 @@ export const ERRORS = {
   BAD_REQUEST: { status: 400, type: 'validation' },
   INPUT_TOO_LONG: { status: 422, type: 'validation' },
   PAYLOAD_TOO_LARGE: { status: 413, type: 'payload_too_large' },
+  UNSUPPORTED_MEDIA_TYPE: { status: 415, type: 'validation' },
   UNAUTHORIZED: { status: 401, type: 'unauthorized' },
   NOT_FOUND: { status: 404, type: 'not_found' },
   // --- adapters ---

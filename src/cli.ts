@@ -1,0 +1,231 @@
+/**
+ * Command-line and environment options. Every option is one row of `OPTIONS` (flag, env var,
+ * default, help), so `--help`, the README and the tests read the same data.
+ *
+ * Precedence: flag > env `LORA_SERVE_<UPPER_SNAKE>` > default. Flags take `--name value` or
+ * `--name=value`. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
+ */
+import { BACKENDS, type BackendName } from './backend.ts';
+
+export const LORA_MODES = ['auto', 'merged', 'unmerged'] as const;
+export type LoraModeOption = (typeof LORA_MODES)[number];
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+export interface ServerOptions {
+  /** Checkpoint directory; '' serves the embedded demo model. */
+  readonly model: string;
+  readonly port: number;
+  readonly host: string;
+  readonly adapterDir: string;
+  /** Base URL adapters are fetched from when not on disk; undefined: none. */
+  readonly adapterSourceUrl: string | undefined;
+  readonly backend: BackendName;
+  readonly loraMode: LoraModeOption;
+  readonly maxLoraRank: number;
+  readonly maxLoadedAdapters: number;
+  /** 0: no byte limit (only --max-loaded-adapters). */
+  readonly adapterDeviceBytes: number;
+  readonly adapterHostBytes: number;
+  readonly maxAdapterBytes: number;
+  readonly maxBatchSize: number;
+  readonly maxBatchTokens: number;
+  readonly maxInputLength: number;
+  readonly maxTotalTokens: number;
+  readonly maxQueue: number;
+  /** Default max_new_tokens of /generate and /generate_stream. */
+  readonly maxNewTokens: number;
+  readonly prefillChunk: number;
+  /** Seconds; 0: no per-request timeout. */
+  readonly requestTimeout: number;
+  /** Seconds in-flight requests get to finish on SIGTERM/SIGINT. */
+  readonly shutdownGrace: number;
+  /** undefined: no authentication. */
+  readonly apiKey: string | undefined;
+  readonly logLevel: LogLevel;
+  /** --help was given: print helpText() and exit. */
+  readonly help: boolean;
+}
+
+type Kind = 'string' | 'int' | 'seconds' | 'bytes' | 'url' | 'choice';
+
+export interface OptionSpec {
+  readonly flag: string;
+  readonly key: Exclude<keyof ServerOptions, 'help'>;
+  readonly env: string;
+  readonly kind: Kind;
+  readonly default: string | number | undefined;
+  readonly help: string;
+  readonly min?: number;
+  readonly choices?: readonly string[];
+  /** Never echoed back in error messages. */
+  readonly secret?: boolean;
+}
+
+export const ENV_PREFIX = 'LORA_SERVE_';
+const MiB = 1024 * 1024;
+
+function opt(flag: string, key: OptionSpec['key'], kind: Kind, def: OptionSpec['default'], help: string, extra: Partial<OptionSpec> = {}): OptionSpec {
+  return Object.freeze({ flag, key, env: ENV_PREFIX + flag.toUpperCase().replaceAll('-', '_'), kind, default: def, help, ...extra });
+}
+
+export const OPTIONS: readonly OptionSpec[] = Object.freeze([
+  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty: the embedded demo model'),
+  opt('host', 'host', 'string', '127.0.0.1', 'Address to listen on (use 0.0.0.0 in a container)'),
+  opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
+  opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
+  opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
+  opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend', { choices: BACKENDS }),
+  opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
+  opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),
+  opt('max-loaded-adapters', 'maxLoadedAdapters', 'int', 16, 'Adapters resident on the device at once', { min: 1 }),
+  opt('adapter-device-bytes', 'adapterDeviceBytes', 'bytes', 0, 'Device memory for adapters (0: no byte limit, only --max-loaded-adapters)'),
+  opt('adapter-host-bytes', 'adapterHostBytes', 'bytes', 256 * MiB, 'Host memory cache of parsed adapters'),
+  opt('max-adapter-bytes', 'maxAdapterBytes', 'bytes', 64 * MiB, 'Largest adapter upload or download', { min: 1 }),
+  opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1 }),
+  opt('max-batch-tokens', 'maxBatchTokens', 'int', 2048, 'Tokens per forward step (prefill tokens + decode rows)', { min: 1 }),
+  opt('max-input-length', 'maxInputLength', 'int', 1024, 'Longest prompt, in tokens', { min: 1 }),
+  opt('max-total-tokens', 'maxTotalTokens', 'int', 2048, 'Longest prompt + generation, in tokens', { min: 2 }),
+  opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
+  opt('max-new-tokens', 'maxNewTokens', 'int', 20, 'Default max_new_tokens of /generate and /generate_stream (TGI clients\' default); /v1/completions defaults to 16, chat to the remaining context', { min: 1 }),
+  opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
+  opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
+  opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
+  opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
+  opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
+]);
+
+/** The defaults as a ServerOptions object. */
+export const DEFAULT_OPTIONS: ServerOptions = Object.freeze({
+  ...Object.fromEntries(OPTIONS.map((o) => [o.key, o.default])),
+  help: false,
+}) as ServerOptions;
+
+/** A bad flag or environment value; main prints the message and exits with status 2. */
+export class CliError extends Error {
+  readonly code = 'CLI_USAGE';
+  constructor(message: string) {
+    super(message);
+    this.name = 'CliError';
+  }
+}
+
+const BYTE_UNITS: Record<string, number> = {
+  '': 1, b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1000, mb: 1000 ** 2, gb: 1000 ** 3,
+};
+
+function parseValue(spec: OptionSpec, raw: string, source: string): string | number | undefined {
+  const bad = (why: string): never => {
+    const shown = spec.secret ? '' : ` ${JSON.stringify(raw)}`;
+    throw new CliError(`invalid value${shown} for ${source}: ${why}`);
+  };
+  switch (spec.kind) {
+    case 'string':
+      return spec.key === 'apiKey' && raw === '' ? undefined : raw;
+    case 'choice':
+      if (!spec.choices!.includes(raw)) bad(`expected one of ${spec.choices!.join(', ')}`);
+      return raw;
+    case 'url': {
+      if (raw === '') return undefined;
+      let url: URL;
+      try {
+        url = new URL(raw);
+      } catch {
+        return bad('expected an http(s) URL');
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') bad('expected an http(s) URL');
+      return raw;
+    }
+    case 'int': {
+      if (!/^\d+$/.test(raw.trim())) bad('expected a non-negative integer');
+      const n = Number(raw);
+      if (!Number.isSafeInteger(n)) bad('too large');
+      if (spec.min !== undefined && n < spec.min) bad(`must be >= ${spec.min}`);
+      if (spec.key === 'port' && n > 65535) bad('must be <= 65535');
+      return n;
+    }
+    case 'seconds': {
+      const n = Number(raw);
+      if (raw.trim() === '' || !Number.isFinite(n) || n < 0) bad('expected a non-negative number of seconds');
+      return n;
+    }
+    case 'bytes': {
+      const m = /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(raw);
+      const unit = m ? BYTE_UNITS[m[2]!.toLowerCase()] : undefined;
+      if (!m || unit === undefined) return bad('expected bytes, e.g. 1048576, 512MiB, 2GiB or 500MB');
+      const n = Math.round(Number(m[1]) * unit);
+      if (!Number.isSafeInteger(n)) bad('too large');
+      if (spec.min !== undefined && n < spec.min) bad(`must be >= ${spec.min}`);
+      return n;
+    }
+  }
+}
+
+const BY_FLAG = new Map(OPTIONS.map((o) => [o.flag, o]));
+
+/** Options from argv (without node and the script) and the environment. Throws CliError on bad input. */
+export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): ServerOptions {
+  // --help wins over any bad value next to it.
+  if (argv.includes('--help') || argv.includes('-h')) return Object.freeze({ ...DEFAULT_OPTIONS, help: true });
+  const out: Record<string, unknown> = { ...DEFAULT_OPTIONS };
+  for (const spec of OPTIONS) {
+    const raw = env[spec.env];
+    if (raw !== undefined) out[spec.key] = parseValue(spec, raw, spec.env);
+  }
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (!arg.startsWith('--')) throw new CliError(`unexpected argument ${JSON.stringify(arg)} (options start with --; see --help)`);
+    const eq = arg.indexOf('=');
+    const name = arg.slice(2, eq < 0 ? undefined : eq);
+    const spec = BY_FLAG.get(name);
+    if (!spec) throw new CliError(`unknown option --${name} (see --help)`);
+    let value: string;
+    if (eq >= 0) {
+      value = arg.slice(eq + 1);
+    } else {
+      if (i + 1 >= argv.length) throw new CliError(`--${name} needs a value`);
+      value = argv[++i]!;
+    }
+    out[spec.key] = parseValue(spec, value, `--${name}`);
+  }
+  const o = out as unknown as ServerOptions;
+  if (o.maxInputLength >= o.maxTotalTokens) {
+    throw new CliError(`--max-input-length (${o.maxInputLength}) must be less than --max-total-tokens (${o.maxTotalTokens})`);
+  }
+  if (o.maxNewTokens >= o.maxTotalTokens) {
+    throw new CliError(`--max-new-tokens (${o.maxNewTokens}) must be less than --max-total-tokens (${o.maxTotalTokens})`);
+  }
+  if (o.prefillChunk > o.maxBatchTokens) {
+    throw new CliError(`--prefill-chunk (${o.prefillChunk}) must be at most --max-batch-tokens (${o.maxBatchTokens})`);
+  }
+  return Object.freeze(o);
+}
+
+function showDefault(spec: OptionSpec): string {
+  if (spec.default === undefined) return 'unset';
+  if (spec.default === '') return '""';
+  if (spec.kind === 'bytes' && typeof spec.default === 'number' && spec.default > 0 && spec.default % MiB === 0) return `${spec.default / MiB}MiB`;
+  return String(spec.default);
+}
+
+/** The --help text: every flag with its env var and default. */
+export function helpText(): string {
+  const rows = OPTIONS.map((o) => {
+    const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : `<${o.kind === 'string' ? 'value' : o.kind}>`;
+    return { left: `--${o.flag} ${value}`, help: o.help, meta: `env ${o.env}, default ${showDefault(o)}` };
+  });
+  const width = Math.max(...rows.map((r) => r.left.length)) + 2;
+  const pad = ' '.repeat(width + 2);
+  return [
+    'lora-serve: one base model, many LoRA adapters, TGI/LoRAX and OpenAI-compatible HTTP API.',
+    '',
+    'Usage: npm start -- [options]',
+    '',
+    'Options (flags override environment variables):',
+    ...rows.map((r) => `  ${r.left.padEnd(width)}${r.help}\n${pad}(${r.meta})`),
+    `  ${'--help'.padEnd(width)}Show this text`,
+    '',
+    'Byte sizes: 1048576, 512KiB, 256MiB, 2GiB (or KB/MB/GB in powers of 1000).',
+    '',
+  ].join('\n');
+}

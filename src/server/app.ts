@@ -1,0 +1,177 @@
+/**
+ * The HTTP layer as a fastify app builder (no listen: src/server/main.ts does that). It parses
+ * and validates JSON, tokenises, talks to the engine and the adapter manager through their
+ * plain-data contracts and formats responses. It never touches a tensor.
+ *
+ * One error handler answers every error as `{error, error_type, code}` (OpenAI routes:
+ * `{error: {message, type, param, code}}`) with the status of the error catalogue.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import type { EngineApi } from '../engine/types.ts';
+import { fail, isServeError, ServeError } from '../errors.ts';
+import type { AdapterAdmin } from '../lora/types.ts';
+import type { Metrics } from '../metrics.ts';
+import type { TextTokenizer } from '../model/tokenizer.ts';
+import { adapterRoutes } from './routes/adapters.ts';
+import { openAIErrorBody, publicErrorBody } from './routes/common.ts';
+import { generateRoutes } from './routes/generate.ts';
+import { openAIRoutes } from './routes/openai.ts';
+import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
+import { serviceRoutes } from './routes/service.ts';
+
+/** What /info reports beyond the request limits of `AppOptions`. */
+export interface ServerInfo {
+  /** The base model's id (also its `model` name on the OpenAI routes). */
+  readonly modelId: string;
+  /** config.json model_type (llama, gpt2, ...). */
+  readonly modelType: string;
+  readonly dtype: string;
+  /** TensorFlow.js backend in use. */
+  readonly backend: string;
+  readonly version: string;
+  readonly lora: {
+    readonly mode: 'auto' | 'merged' | 'unmerged';
+    readonly maxRank: number;
+    readonly maxLoadedAdapters: number;
+    /** 0: no byte limit. */
+    readonly deviceBytes: number;
+    readonly hostBytes: number;
+  };
+  readonly limits: {
+    readonly maxBatchSize: number;
+    readonly maxBatchTokens: number;
+    readonly maxQueue: number;
+    readonly prefillChunk: number;
+  };
+}
+
+export interface AppOptions {
+  /** Require `Authorization: Bearer <apiKey>` on every route but /health and /metrics. */
+  readonly apiKey?: string;
+  readonly maxInputLength: number;
+  readonly maxTotalTokens: number;
+  /** Default max_new_tokens of /generate and /generate_stream. */
+  readonly maxNewTokensDefault: number;
+  readonly maxAdapterBytes: number;
+  /** JSON body limit. */
+  readonly bodyLimitBytes: number;
+  /** Per-request deadline passed to the engine; absent or 0: none. */
+  readonly requestTimeoutMs?: number;
+  /** false until the model is loaded (and again while shutting down): /health answers 503. */
+  ready(): boolean;
+}
+
+export interface AppDeps {
+  readonly engine: EngineApi;
+  readonly adapters: AdapterAdmin;
+  readonly tokenizer: TextTokenizer;
+  readonly metrics: Metrics;
+  readonly info: ServerInfo;
+  readonly options: AppOptions;
+}
+
+export interface BuildOptions {
+  /** fastify's logger option (default: off, or pino at `logLevel`). */
+  readonly logger?: FastifyServerOptions['logger'];
+  readonly logLevel?: string;
+}
+
+function sha256(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
+}
+
+/** Any error as a ServeError: fastify's own client errors get catalogue codes, everything else is INTERNAL. */
+function toServeError(err: unknown): ServeError {
+  if (isServeError(err)) return err;
+  const e = err as Partial<FastifyError>;
+  if (e.validation) return fail('VALIDATION', e.message ?? 'invalid request');
+  const status = e.statusCode ?? 500;
+  if (typeof e.code === 'string' && e.code.startsWith('FST_') && status >= 400 && status < 500) {
+    if (status === 413) return fail('PAYLOAD_TOO_LARGE', e.message ?? 'request body too large');
+    if (status === 415) return fail('UNSUPPORTED_MEDIA_TYPE', e.message ?? 'unsupported content type');
+    return fail('BAD_REQUEST', e.message ?? 'bad request');
+  }
+  return new ServeError('INTERNAL', 'internal server error', undefined, { cause: err });
+}
+
+/**
+ * One readable line per request validation failure: `parameters.max_new_tokens` must be integer.
+ * The `anyOf`/`null` alternatives of nullable fields are dropped from the message.
+ */
+function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: string): Error {
+  const useful = errors.filter((e) => e.keyword !== 'anyOf' && !(e.keyword === 'type' && e.params.type === 'null'));
+  const lines = (useful.length > 0 ? useful : errors).map((e) => {
+    const path = e.instancePath.replace(/^\//, '').replaceAll('/', '.');
+    return `${path ? `\`${path}\` ` : ''}${e.message ?? 'is invalid'}`;
+  });
+  const text = [...new Set(lines)].join('; ');
+  return new Error(dataVar === 'body' ? text : `${dataVar}: ${text}`);
+}
+
+/** OpenAI-compatible routes answer errors in OpenAI's shape. */
+function isOpenAIRoute(request: FastifyRequest): boolean {
+  return request.url.startsWith('/v1/');
+}
+
+const ROUTES = new WeakMap<FastifyInstance, readonly RouteRecord[]>();
+
+/** The routes an app built by buildApp registered (recorded by its onRoute hook). */
+export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
+  return ROUTES.get(app) ?? [];
+}
+
+export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    logger: opts.logger ?? (opts.logLevel ? { level: opts.logLevel } : false),
+    bodyLimit: deps.options.bodyLimitBytes,
+    exposeHeadRoutes: false,
+    // Strict JSON: no "5" for 5, as TGI and OpenAI reject it too. Query strings are declared as strings.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+    schemaErrorFormatter: formatSchemaErrors,
+  });
+
+  const routes: RouteRecord[] = [];
+  ROUTES.set(app, routes);
+  app.addHook('onRoute', (r) => {
+    routes.push(...recordRoute(r));
+  });
+
+  const key = deps.options.apiKey;
+  if (key) {
+    const expected = sha256(key);
+    app.addHook('onRequest', async (request) => {
+      if (request.routeOptions.config?.public) return;
+      const m = /^Bearer +(\S+) *$/i.exec(request.headers.authorization ?? '');
+      // Hashes have equal lengths, so timingSafeEqual never throws and the key length does not leak.
+      if (!m || !timingSafeEqual(sha256(m[1]!), expected)) {
+        throw fail('UNAUTHORIZED', 'missing or invalid API key: send "Authorization: Bearer <key>"');
+      }
+    });
+  }
+
+  app.addHook('onResponse', async (request, reply) => {
+    deps.metrics.httpRequest(request.routeOptions.url ?? 'unmatched', request.method, reply.statusCode, reply.elapsedTime / 1000);
+  });
+
+  app.setErrorHandler((err, request, reply) => {
+    const e = toServeError(err);
+    const { status, body } = publicErrorBody(e);
+    if (status >= 500) request.log.error({ err }, 'request failed');
+    const retryAfter = e.details?.retryAfter;
+    if (typeof retryAfter === 'number') reply.header('retry-after', String(Math.ceil(retryAfter)));
+    if (e.code === 'UNAUTHORIZED') reply.header('www-authenticate', 'Bearer');
+    return reply.code(status).type('application/json; charset=utf-8').send(isOpenAIRoute(request) ? openAIErrorBody(body) : body);
+  });
+
+  app.setNotFoundHandler((request) => {
+    throw fail('NOT_FOUND', `no route ${request.method} ${request.url.split('?')[0]}`);
+  });
+
+  generateRoutes(app, deps);
+  openAIRoutes(app, deps);
+  await app.register(async (scope) => adapterRoutes(scope, deps));
+  serviceRoutes(app, deps);
+  openApiRoutes(app, routes);
+  return app;
+}

@@ -1,0 +1,22 @@
+/** GET /info's content, from the runtime and the options (no tensors: plain fields only). */
+import { readFileSync } from 'node:fs';
+import type { ServerOptions } from '../cli.ts';
+import type { Runtime } from '../runtime.ts';
+import type { ServerInfo } from './app.ts';
+
+const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
+  return {
+    modelId: rt.modelId,
+    modelType: rt.model.config.modelType,
+    dtype: rt.model.dtype,
+    backend: rt.backend.name,
+    version: VERSION,
+    lora: {
+      mode: o.loraMode, maxRank: o.maxLoraRank, maxLoadedAdapters: o.maxLoadedAdapters,
+      deviceBytes: o.adapterDeviceBytes, hostBytes: o.adapterHostBytes,
+    },
+    limits: { maxBatchSize: o.maxBatchSize, maxBatchTokens: o.maxBatchTokens, maxQueue: o.maxQueue, prefillChunk: o.prefillChunk },
+  };
+}

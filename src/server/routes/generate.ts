@@ -1,0 +1,107 @@
+/** TGI / LoRAX generation: POST /generate and POST /generate_stream. */
+import type { FastifyInstance } from 'fastify';
+import { normalizeSampling } from '../../engine/sampling.ts';
+import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
+import { fail, type ErrorCode } from '../../errors.ts';
+import type { AppDeps } from '../app.ts';
+import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
+import { finiteLogprob, fitLengths, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
+
+/** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
+export const GENERATION_ERRORS: readonly ErrorCode[] = [
+  'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
+  'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION',
+];
+
+interface Prepared {
+  readonly req: EngineRequest;
+  readonly body: GenerateRequestBody;
+  readonly params: NonNullable<GenerateRequestBody['parameters']>;
+}
+
+function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Prepared {
+  const params = body.parameters ?? {};
+  const top = body.adapter_id ?? null;
+  const inner = params.adapter_id ?? null;
+  if (top !== null && inner !== null && top !== inner) {
+    throw fail('VALIDATION', `conflicting adapter ids: "${top}" at the top level and "${inner}" in parameters; give one`);
+  }
+  if (stream && params.decoder_input_details) {
+    throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
+  }
+  const adapterId = resolveAdapter(deps, top ?? inner);
+  const sampling = normalizeSampling(params);
+  const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(body.inputs), {
+    maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
+    names: { input: 'inputs', maxNew: 'max_new_tokens' },
+  });
+  return {
+    body, params,
+    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false },
+  };
+}
+
+const tokenJson = (t: TopToken) => ({ id: t.id, text: t.text, logprob: finiteLogprob(t.logprob), special: t.special });
+
+function generatedText(p: Prepared, r: GenerationResult): string {
+  return (p.params.return_full_text ? p.body.inputs : '') + r.text;
+}
+
+function details(p: Prepared, r: GenerationResult) {
+  return {
+    finish_reason: r.finishReason,
+    generated_tokens: r.generatedTokens,
+    prompt_tokens: r.promptTokens,
+    seed: r.seed,
+    prefill: r.prefill.map((t) => ({ id: t.id, text: t.text, logprob: t.logprob === null ? null : finiteLogprob(t.logprob) })),
+    tokens: r.tokens.map(tokenJson),
+    ...(p.req.sampling.topNTokens > 0 ? { top_tokens: r.tokens.map((t) => (t.top ?? []).map(tokenJson)) } : {}),
+  };
+}
+
+export function generateRoutes(app: FastifyInstance, deps: AppDeps): void {
+  app.post<{ Body: GenerateRequestBody }>('/generate', {
+    schema: { summary: 'Generate text (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
+    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS } },
+  }, async (request, reply) => {
+    const p = prepare(deps, request.body, false);
+    const r = await generateOnce(deps, reply, p.req);
+    resultHeaders(reply, r);
+    return {
+      generated_text: generatedText(p, r),
+      ...(p.params.details ? { details: details(p, r) } : {}),
+    };
+  });
+
+  app.post<{ Body: GenerateRequestBody }>('/generate_stream', {
+    schema: { summary: 'Generate text as server-sent events (TGI/LoRAX)', body: GenerateRequest },
+    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
+  }, async (request, reply) => {
+    const p = prepare(deps, request.body, true);
+    return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
+      let index = 0;
+      let lastToken: TokenInfo | null = null;
+      return {
+        token(token, _text, result) {
+          // Finished without a token left to attach the result to: repeat the last one with no text.
+          const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
+          lastToken = t;
+          send({
+            index: ++index,
+            token: tokenJson(t),
+            ...(t.top?.length ? { top_tokens: t.top.map(tokenJson) } : {}),
+            generated_text: result ? generatedText(p, result) : null,
+            // TGI sends these details only when asked for; they are always here (clients ignore extra fields).
+            details: result
+              ? { finish_reason: result.finishReason, generated_tokens: result.generatedTokens, seed: result.seed, input_length: result.promptTokens }
+              : null,
+          });
+        },
+        error(err) {
+          send(publicErrorBody(err).body);
+        },
+      };
+    });
+  });
+}

@@ -1,0 +1,255 @@
+/**
+ * OpenAI-compatible routes (as vLLM and LoRAX expose them): the adapter id goes in `model`,
+ * `temperature: 0` is greedy (the default, 1, samples), stop sequences are not part of the text,
+ * streams end with `data: [DONE]`. Errors are `{error: {message, type, param, code}}`.
+ */
+import { randomUUID } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { normalizeSampling, type TgiSamplingInput } from '../../engine/sampling.ts';
+import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
+import { fail } from '../../errors.ts';
+import type { ChatMessage as TemplateMessage } from '../../model/tokenizer.ts';
+import type { AppDeps } from '../app.ts';
+import {
+  ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
+  type ChatCompletionRequestBody, type CompletionRequestBody,
+} from '../schemas.ts';
+import {
+  finiteLogprob, fitLengths, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+} from './common.ts';
+import { GENERATION_ERRORS } from './generate.ts';
+
+const OWNER = 'lora-serve';
+const COMPLETION_DEFAULT_MAX_TOKENS = 16;
+
+type Common = Pick<CompletionRequestBody, 'model' | 'temperature' | 'top_p' | 'top_k' | 'repetition_penalty' | 'frequency_penalty'
+  | 'presence_penalty' | 'n' | 'seed' | 'stop' | 'stream' | 'stream_options'>;
+
+function samplingInput(b: Common, topN: number): TgiSamplingInput {
+  if ((b.n ?? 1) !== 1) throw fail('VALIDATION', '`n` must be 1: one choice per request');
+  const greedy = b.temperature === 0;
+  return {
+    do_sample: !greedy,
+    temperature: greedy ? null : b.temperature,
+    top_p: greedy ? null : b.top_p,
+    top_k: greedy ? null : b.top_k,
+    repetition_penalty: b.repetition_penalty,
+    frequency_penalty: b.frequency_penalty,
+    presence_penalty: b.presence_penalty,
+    seed: b.seed,
+    top_n_tokens: topN,
+  };
+}
+
+function stopList(stop: Common['stop']): string[] {
+  if (stop === undefined || stop === null) return [];
+  return (typeof stop === 'string' ? [stop] : stop).filter((s) => s.length > 0);
+}
+
+const finishReason = (r: GenerationResult) => (r.finishReason === 'length' ? 'length' : 'stop');
+const usage = (r: GenerationResult) => ({ prompt_tokens: r.promptTokens, completion_tokens: r.generatedTokens, total_tokens: r.promptTokens + r.generatedTokens });
+
+/** Envelope fields shared by a response and its chunks. */
+function envelope(prefix: string, model: string) {
+  return { id: `${prefix}-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model };
+}
+
+// --- logprobs ------------------------------------------------------------------------------------
+
+/** Legacy completions logprobs: the chosen token and its alternatives by text (the chosen one included). */
+class CompletionLogprobs {
+  private offset = 0;
+  constructor(private readonly start: number) {}
+
+  of(tokens: readonly TokenInfo[]) {
+    const out = { tokens: [] as string[], token_logprobs: [] as number[], top_logprobs: [] as Record<string, number>[], text_offset: [] as number[] };
+    for (const t of tokens) {
+      out.tokens.push(t.text);
+      out.token_logprobs.push(finiteLogprob(t.logprob));
+      const top: Record<string, number> = {};
+      for (const x of t.top ?? []) top[x.text] ??= finiteLogprob(x.logprob);
+      top[t.text] ??= finiteLogprob(t.logprob);
+      out.top_logprobs.push(top);
+      out.text_offset.push(this.start + this.offset);
+      this.offset += t.text.length;
+    }
+    return out;
+  }
+}
+
+function chatLogprobs(tokens: readonly TokenInfo[]) {
+  const entry = (t: { text: string; logprob: number }) => ({ token: t.text, logprob: finiteLogprob(t.logprob), bytes: [...Buffer.from(t.text, 'utf8')] });
+  return { content: tokens.map((t) => ({ ...entry(t), top_logprobs: (t.top ?? []).map(entry) })) };
+}
+
+// --- chat ----------------------------------------------------------------------------------------
+
+function templateMessages(messages: ChatCompletionRequestBody['messages']): TemplateMessage[] {
+  return messages.map((m, i) => {
+    let content: string;
+    if (m.content === undefined || m.content === null) content = '';
+    else if (typeof m.content === 'string') content = m.content;
+    else {
+      content = m.content.map((part) => {
+        if (part.type !== 'text' || typeof part.text !== 'string') {
+          throw fail('VALIDATION', `messages[${i}]: only text content parts are supported (got type "${part.type}")`);
+        }
+        return part.text;
+      }).join('\n');
+    }
+    return { role: m.role, content };
+  });
+}
+
+// --- streaming -----------------------------------------------------------------------------------
+
+/**
+ * Text deltas without the stop sequence. The engine's stop matcher holds back any text that
+ * could still become a stop, so only the last delta can contain it.
+ */
+class DeltaText {
+  private emitted = '';
+  constructor(private readonly stops: readonly string[], private prefix = '') {}
+
+  next(text: string, result: GenerationResult | null): string {
+    const total = this.emitted + text;
+    const kept = result ? withoutStop(total, result, this.stops) : total;
+    const delta = this.prefix + kept.slice(this.emitted.length);
+    this.emitted = kept;
+    this.prefix = '';
+    return delta;
+  }
+}
+
+// --- routes --------------------------------------------------------------------------------------
+
+export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
+  const created = Math.floor(Date.now() / 1000);
+
+  app.post<{ Body: CompletionRequestBody }>('/v1/completions', {
+    schema: { summary: 'Text completion (OpenAI-compatible; stream: true answers with server-sent events)', body: CompletionRequest, response: { 200: Completion } },
+    config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
+  }, async (request, reply) => {
+    const b = request.body;
+    const prompt = typeof b.prompt === 'string' ? b.prompt : b.prompt[0]!;
+    const topN = b.logprobs ?? 0;
+    const stops = stopList(b.stop);
+    const sampling = normalizeSampling(samplingInput(b, topN));
+    const adapterId = resolveAdapter(deps, b.model);
+    const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(prompt), {
+      maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS, names: { input: 'prompt', maxNew: 'max_tokens' },
+    });
+    const req: EngineRequest = { inputIds, adapterId, sampling, maxNewTokens, stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true };
+    const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
+    const echo = b.echo ? prompt : '';
+    const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
+
+    if (!b.stream) {
+      const r = await generateOnce(deps, reply, req);
+      resultHeaders(reply, r);
+      return {
+        ...env,
+        choices: [{
+          index: 0,
+          text: echo + withoutStop(r.text, r, stops),
+          logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens) : null,
+          finish_reason: finishReason(r),
+        }],
+        usage: usage(r),
+      };
+    }
+    const includeUsage = b.stream_options?.include_usage === true;
+    return streamGeneration(deps, reply, req, { openai: true }, (send) => {
+      const deltas = new DeltaText(stops, echo);
+      const logprobs = new CompletionLogprobs(echo.length);
+      const chunk = (text: string, lp: unknown, finish: string | null) =>
+        ({ ...env, choices: [{ index: 0, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
+      return {
+        token(token, text, result) {
+          const delta = deltas.next(text, result);
+          if (delta !== '' || result || (wantLogprobs && token)) {
+            send(chunk(delta, wantLogprobs && token ? logprobs.of([token]) : null, result ? finishReason(result) : null));
+          }
+          if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
+        },
+        error(err) {
+          send(openAIErrorBody(publicErrorBody(err).body));
+        },
+      };
+    });
+  });
+
+  app.post<{ Body: ChatCompletionRequestBody }>('/v1/chat/completions', {
+    schema: { summary: 'Chat completion with the model\'s chat template (OpenAI-compatible; stream: true answers with server-sent events)', body: ChatCompletionRequest, response: { 200: ChatCompletion } },
+    config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
+  }, async (request, reply) => {
+    const b = request.body;
+    if (b.tools && b.tools.length > 0) throw fail('VALIDATION', 'tool calling is not supported');
+    if (b.top_logprobs !== undefined && b.top_logprobs !== null && !b.logprobs) {
+      throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`');
+    }
+    const stops = stopList(b.stop);
+    const sampling = normalizeSampling(samplingInput(b, b.logprobs ? b.top_logprobs ?? 0 : 0));
+    const adapterId = resolveAdapter(deps, b.model);
+    // The template writes the special tokens (e.g. bos_token) itself.
+    const prompt = deps.tokenizer.applyChatTemplate(templateMessages(b.messages), { addGenerationPrompt: true });
+    const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(prompt, { addSpecialTokens: false }), {
+      maxNew: b.max_completion_tokens ?? b.max_tokens, defaultMaxNew: deps.options.maxTotalTokens, names: { input: 'messages', maxNew: 'max_tokens' },
+    });
+    const req: EngineRequest = { inputIds, adapterId, sampling, maxNewTokens, stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true };
+    const model = b.model || deps.info.modelId;
+
+    if (!b.stream) {
+      const r = await generateOnce(deps, reply, req);
+      resultHeaders(reply, r);
+      return {
+        ...envelope('chatcmpl', model),
+        object: 'chat.completion' as const,
+        choices: [{
+          index: 0,
+          message: { role: 'assistant' as const, content: withoutStop(r.text, r, stops) },
+          logprobs: b.logprobs ? chatLogprobs(r.tokens) : null,
+          finish_reason: finishReason(r),
+        }],
+        usage: usage(r),
+      };
+    }
+    const includeUsage = b.stream_options?.include_usage === true;
+    const env = { ...envelope('chatcmpl', model), object: 'chat.completion.chunk' as const };
+    return streamGeneration(deps, reply, req, { openai: true }, (send) => {
+      const deltas = new DeltaText(stops);
+      const chunk = (delta: object, lp: unknown, finish: string | null) =>
+        ({ ...env, choices: [{ index: 0, delta, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
+      let first = true;
+      return {
+        token(token, text, result) {
+          if (first) send(chunk({ role: 'assistant', content: '' }, null, null));
+          first = false;
+          const delta = deltas.next(text, result);
+          if (delta !== '' || result || (b.logprobs && token)) {
+            send(chunk(delta === '' && result ? {} : { content: delta }, b.logprobs && token ? chatLogprobs([token]) : null, result ? finishReason(result) : null));
+          }
+          if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
+        },
+        error(err) {
+          send(openAIErrorBody(publicErrorBody(err).body));
+        },
+      };
+    });
+  });
+
+  app.get('/v1/models', {
+    schema: { summary: 'The base model and every known adapter (OpenAI-compatible)', response: { 200: ModelList } },
+    config: { doc: { tag: 'OpenAI' } },
+  }, async () => {
+    const base = deps.info.modelId;
+    const ids = (await deps.adapters.ids()).filter((id) => id !== base).sort();
+    return {
+      object: 'list' as const,
+      data: [
+        { id: base, object: 'model' as const, created, owned_by: OWNER },
+        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: OWNER, parent: base })),
+      ],
+    };
+  });
+}

@@ -1,0 +1,338 @@
+/**
+ * Every request and response body of the HTTP API, written once with TypeBox. Routes validate
+ * requests and serialise responses with them; openapi.yaml is generated from them (a schema's
+ * `title` makes it a named component). Field names follow TGI/LoRAX and OpenAI exactly.
+ *
+ * Request schemas check types and structure only; value ranges of the sampling parameters are
+ * checked by `normalizeSampling` (one place, TGI's rules). Unknown request fields are ignored,
+ * as TGI (serde) and OpenAI-compatible servers do.
+ */
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { MAX_TOP_N_TOKENS } from '../engine/sampling.ts';
+
+/** TGI's `--max-stop-sequences` default. */
+export const MAX_STOP_SEQUENCES = 4;
+
+const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
+/** A string enum (`{type: string, enum: [...]}`), typed as the union of its values. */
+const Enum = <const T extends readonly string[]>(values: T, options: { title?: string; description?: string } = {}) =>
+  Type.Unsafe<T[number]>({ type: 'string', enum: [...values], ...options });
+/** Optional, and `null` means absent (JSON clients send both). */
+const Opt = <T extends TSchema>(schema: T) => Type.Optional(Nullable(schema));
+
+// ------------------------------------------------------------------------------------------------
+// Errors
+
+export const ErrorBody = Type.Object({
+  error: Type.String({ description: 'Human-readable message' }),
+  error_type: Type.String({ description: 'TGI/LoRAX error type, e.g. validation, overloaded, adapter_not_found' }),
+  code: Type.String({ description: 'Stable error code from the catalogue (src/errors.ts), e.g. VALIDATION, ADAPTER_NOT_FOUND' }),
+}, { title: 'ErrorBody' });
+
+export const OpenAIErrorBody = Type.Object({
+  error: Type.Object({
+    message: Type.String(),
+    type: Type.String({ description: 'The error_type of the catalogue' }),
+    param: Type.Null(),
+    code: Type.String({ description: 'The catalogue code' }),
+  }),
+}, { title: 'OpenAIErrorBody' });
+
+// ------------------------------------------------------------------------------------------------
+// TGI / LoRAX: POST /generate, POST /generate_stream
+
+export const GenerateParameters = Type.Object({
+  adapter_id: Opt(Type.String({ description: 'LoRA adapter id (name or org/name); absent, "" or the base model id: the base model' })),
+  max_new_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default: the server\'s --max-new-tokens' })),
+  do_sample: Opt(Type.Boolean()),
+  temperature: Opt(Type.Number({ description: '> 0; setting it (or top_k, top_p, typical_p) turns sampling on' })),
+  top_k: Opt(Type.Integer()),
+  top_p: Opt(Type.Number({ description: '(0, 1]' })),
+  typical_p: Opt(Type.Number({ description: '(0, 1]' })),
+  repetition_penalty: Opt(Type.Number({ description: '> 0' })),
+  frequency_penalty: Opt(Type.Number({ description: '[-2, 2]' })),
+  presence_penalty: Opt(Type.Number({ description: '[-2, 2]' })),
+  seed: Opt(Type.Integer()),
+  stop: Opt(Type.Array(Type.String({ minLength: 1 }), { maxItems: MAX_STOP_SEQUENCES })),
+  return_full_text: Opt(Type.Boolean({ description: 'Prepend the prompt to generated_text' })),
+  truncate: Opt(Type.Integer({ minimum: 1, description: 'Keep only the last N prompt tokens' })),
+  details: Opt(Type.Boolean()),
+  decoder_input_details: Opt(Type.Boolean({ description: 'Prompt token logprobs in details.prefill (not on /generate_stream)' })),
+  top_n_tokens: Opt(Type.Integer({ description: `0-${MAX_TOP_N_TOKENS}` })),
+  best_of: Opt(Type.Integer({ minimum: 1, maximum: 1, description: 'Only 1 is supported' })),
+}, { title: 'GenerateParameters' });
+
+export const GenerateRequest = Type.Object({
+  inputs: Type.String(),
+  adapter_id: Opt(Type.String({ description: 'LoRAX: may be given here or in parameters; both must agree' })),
+  parameters: Opt(GenerateParameters),
+}, { title: 'GenerateRequest' });
+export type GenerateRequestBody = Static<typeof GenerateRequest>;
+
+export const FinishReason = Enum(['length', 'eos_token', 'stop_sequence'], { title: 'FinishReason' });
+
+export const Token = Type.Object({
+  id: Type.Integer(),
+  text: Type.String(),
+  logprob: Type.Number(),
+  special: Type.Boolean(),
+}, { title: 'Token' });
+
+export const PrefillToken = Type.Object({
+  id: Type.Integer(),
+  text: Type.String(),
+  logprob: Nullable(Type.Number({ description: 'null for the first prompt token' })),
+}, { title: 'PrefillToken' });
+
+export const Details = Type.Object({
+  finish_reason: FinishReason,
+  generated_tokens: Type.Integer(),
+  prompt_tokens: Type.Integer(),
+  seed: Nullable(Type.Integer()),
+  prefill: Type.Array(PrefillToken),
+  tokens: Type.Array(Token),
+  top_tokens: Type.Optional(Type.Array(Type.Array(Token), { description: 'Per generated token, its top_n_tokens alternatives (only when top_n_tokens > 0)' })),
+}, { title: 'Details' });
+
+export const GenerateResponse = Type.Object({
+  generated_text: Type.String(),
+  details: Type.Optional(Details),
+}, { title: 'GenerateResponse' });
+
+export const StreamDetails = Type.Object({
+  finish_reason: FinishReason,
+  generated_tokens: Type.Integer(),
+  seed: Nullable(Type.Integer()),
+  input_length: Type.Integer(),
+}, { title: 'StreamDetails' });
+
+/** One `data:` event of /generate_stream. */
+export const StreamResponse = Type.Object({
+  index: Type.Integer({ minimum: 1 }),
+  token: Token,
+  top_tokens: Type.Optional(Type.Array(Token)),
+  generated_text: Nullable(Type.String({ description: 'Only on the last event' })),
+  details: Nullable(StreamDetails),
+}, { title: 'StreamResponse' });
+
+export const GenerateStreamEvent = Type.Union([StreamResponse, ErrorBody], { title: 'GenerateStreamEvent' });
+
+// ------------------------------------------------------------------------------------------------
+// OpenAI-compatible
+
+const Stop = Opt(Type.Union([Type.String(), Type.Array(Type.String({ minLength: 1 }), { maxItems: MAX_STOP_SEQUENCES })]));
+
+const OpenAISampling = {
+  model: Opt(Type.String({ description: 'An adapter id; the base model id, "" or absent: the base model' })),
+  temperature: Opt(Type.Number({ minimum: 0, maximum: 2, description: '0: greedy. Default 1 (sampling)' })),
+  top_p: Opt(Type.Number()),
+  top_k: Opt(Type.Integer({ description: 'Extension (vLLM, LoRAX)' })),
+  repetition_penalty: Opt(Type.Number({ description: 'Extension (vLLM, LoRAX)' })),
+  frequency_penalty: Opt(Type.Number()),
+  presence_penalty: Opt(Type.Number()),
+  n: Opt(Type.Integer({ description: 'Only 1 is supported' })),
+  seed: Opt(Type.Integer()),
+  stop: Stop,
+  stream: Opt(Type.Boolean()),
+  stream_options: Opt(Type.Object({ include_usage: Opt(Type.Boolean()) })),
+};
+
+export const CompletionRequest = Type.Object({
+  ...OpenAISampling,
+  prompt: Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1, maxItems: 1 })], { description: 'One prompt (a string or a list of one string)' }),
+  max_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default 16' })),
+  logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
+  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text' })),
+}, { title: 'CompletionRequest' });
+export type CompletionRequestBody = Static<typeof CompletionRequest>;
+
+const ContentPart = Type.Object({ type: Type.String(), text: Type.Optional(Type.String()) });
+
+export const ChatMessage = Type.Object({
+  role: Type.String(),
+  content: Opt(Type.Union([Type.String(), Type.Array(ContentPart)], { description: 'A string or a list of text parts' })),
+  name: Opt(Type.String()),
+}, { title: 'ChatMessage' });
+
+export const ChatCompletionRequest = Type.Object({
+  ...OpenAISampling,
+  messages: Type.Array(ChatMessage, { minItems: 1 }),
+  max_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default: the rest of the context (--max-total-tokens minus the prompt)' })),
+  max_completion_tokens: Opt(Type.Integer({ minimum: 1, description: 'Newer name of max_tokens; wins when both are given' })),
+  logprobs: Opt(Type.Boolean()),
+  top_logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
+  tools: Opt(Type.Array(Type.Unknown(), { maxItems: 0, description: 'Tool calling is not supported' })),
+}, { title: 'ChatCompletionRequest' });
+export type ChatCompletionRequestBody = Static<typeof ChatCompletionRequest>;
+
+export const OpenAIFinishReason = Enum(['stop', 'length'], { title: 'OpenAIFinishReason' });
+
+export const Usage = Type.Object({
+  prompt_tokens: Type.Integer(),
+  completion_tokens: Type.Integer(),
+  total_tokens: Type.Integer(),
+}, { title: 'Usage' });
+
+export const CompletionLogprobs = Type.Object({
+  tokens: Type.Array(Type.String()),
+  token_logprobs: Type.Array(Type.Number()),
+  top_logprobs: Type.Array(Type.Record(Type.String(), Type.Number())),
+  text_offset: Type.Array(Type.Integer()),
+}, { title: 'CompletionLogprobs' });
+
+export const CompletionChoice = Type.Object({
+  index: Type.Integer(),
+  text: Type.String(),
+  logprobs: Nullable(CompletionLogprobs),
+  finish_reason: Nullable(OpenAIFinishReason),
+}, { title: 'CompletionChoice' });
+
+const OpenAIEnvelope = {
+  id: Type.String(),
+  created: Type.Integer({ description: 'Unix seconds' }),
+  model: Type.String(),
+};
+
+export const Completion = Type.Object({
+  ...OpenAIEnvelope,
+  object: Type.Literal('text_completion'),
+  choices: Type.Array(CompletionChoice),
+  usage: Usage,
+}, { title: 'Completion' });
+
+export const CompletionChunk = Type.Object({
+  ...OpenAIEnvelope,
+  object: Type.Literal('text_completion'),
+  choices: Type.Array(CompletionChoice),
+  usage: Type.Optional(Nullable(Usage)),
+}, { title: 'CompletionChunk' });
+
+const TopLogprob = Type.Object({
+  token: Type.String(),
+  logprob: Type.Number(),
+  bytes: Type.Array(Type.Integer()),
+});
+
+export const ChatLogprobs = Type.Object({
+  content: Type.Array(Type.Object({ ...TopLogprob.properties, top_logprobs: Type.Array(TopLogprob) })),
+}, { title: 'ChatLogprobs' });
+
+export const ChatCompletion = Type.Object({
+  ...OpenAIEnvelope,
+  object: Type.Literal('chat.completion'),
+  choices: Type.Array(Type.Object({
+    index: Type.Integer(),
+    message: Type.Object({ role: Type.Literal('assistant'), content: Type.String() }),
+    logprobs: Nullable(ChatLogprobs),
+    finish_reason: OpenAIFinishReason,
+  })),
+  usage: Usage,
+}, { title: 'ChatCompletion' });
+
+export const ChatCompletionChunk = Type.Object({
+  ...OpenAIEnvelope,
+  object: Type.Literal('chat.completion.chunk'),
+  choices: Type.Array(Type.Object({
+    index: Type.Integer(),
+    delta: Type.Object({ role: Type.Optional(Type.Literal('assistant')), content: Type.Optional(Type.String()) }),
+    logprobs: Nullable(ChatLogprobs),
+    finish_reason: Nullable(OpenAIFinishReason),
+  })),
+  usage: Type.Optional(Nullable(Usage)),
+}, { title: 'ChatCompletionChunk' });
+
+export const CompletionStreamEvent = Type.Union([CompletionChunk, OpenAIErrorBody], { title: 'CompletionStreamEvent' });
+export const ChatCompletionStreamEvent = Type.Union([ChatCompletionChunk, OpenAIErrorBody], { title: 'ChatCompletionStreamEvent' });
+
+export const ModelCard = Type.Object({
+  id: Type.String(),
+  object: Type.Literal('model'),
+  created: Type.Integer(),
+  owned_by: Type.String(),
+  parent: Type.Optional(Type.String({ description: 'Adapters: the base model id' })),
+}, { title: 'ModelCard' });
+
+export const ModelList = Type.Object({
+  object: Type.Literal('list'),
+  data: Type.Array(ModelCard),
+}, { title: 'ModelList' });
+
+// ------------------------------------------------------------------------------------------------
+// Adapters
+
+export const AdapterInfo = Type.Object({
+  id: Type.String(),
+  state: Enum(['available', 'loading', 'ready', 'failed']),
+  tier: Enum(['device', 'host', 'disk', 'remote']),
+  source: Nullable(Enum(['disk', 'upload', 'remote'])),
+  version: Nullable(Type.String({ description: 'Content hash of config + weights' })),
+  bytes: Nullable(Type.Integer({ description: 'Float32 bytes of every A and B' })),
+  rank: Nullable(Type.Integer()),
+  alpha: Nullable(Type.Number()),
+  target_modules: Nullable(Type.Array(Type.String())),
+  pinned: Type.Boolean(),
+  active_requests: Type.Integer(),
+  last_used: Nullable(Type.String({ description: 'ISO time' })),
+  error: Nullable(Type.Object({ code: Type.String(), message: Type.String() })),
+}, { title: 'AdapterInfo' });
+
+export const AdapterCache = Type.Object({
+  device_adapters: Type.Integer(),
+  device_bytes: Type.Integer(),
+  host_adapters: Type.Integer(),
+  host_bytes: Type.Integer(),
+  max_device_adapters: Type.Integer(),
+  max_device_bytes: Type.Integer({ description: '0: no byte limit' }),
+  max_host_bytes: Type.Integer(),
+}, { title: 'AdapterCache' });
+
+export const AdapterList = Type.Object({
+  adapters: Type.Array(AdapterInfo),
+  cache: AdapterCache,
+}, { title: 'AdapterList' });
+
+export const AdapterDeleted = Type.Object({
+  id: Type.String(),
+  deleted: Type.Literal(true),
+}, { title: 'AdapterDeleted' });
+
+export const AdapterUpload = Type.Object({
+  config: Type.String({ format: 'binary', description: 'adapter_config.json' }),
+  weights: Type.String({ format: 'binary', description: 'adapter_model.safetensors' }),
+}, { title: 'AdapterUpload' });
+
+export const LoadQuery = Type.Object({
+  pin: Type.Optional(Enum(['true', 'false'], { description: 'Keep it on the device until unloaded' })),
+});
+export type LoadQueryString = Static<typeof LoadQuery>;
+
+// ------------------------------------------------------------------------------------------------
+// Service
+
+export const Health = Type.Object({ status: Type.Literal('ok') }, { title: 'Health' });
+
+export const Info = Type.Object({
+  model_id: Type.String(),
+  model_type: Type.String({ description: 'config.json model_type, e.g. llama, gpt2' }),
+  model_dtype: Type.String(),
+  backend: Type.String({ description: 'TensorFlow.js backend in use' }),
+  version: Type.String(),
+  chat_template: Type.Boolean({ description: 'Whether /v1/chat/completions is usable' }),
+  max_input_tokens: Type.Integer(),
+  max_total_tokens: Type.Integer(),
+  max_new_tokens: Type.Integer({ description: 'Default max_new_tokens of /generate' }),
+  max_stop_sequences: Type.Integer(),
+  max_top_n_tokens: Type.Integer(),
+  max_batch_size: Type.Integer(),
+  max_batch_total_tokens: Type.Integer(),
+  max_queue: Type.Integer(),
+  prefill_chunk: Type.Integer(),
+  max_adapter_bytes: Type.Integer(),
+  lora: Type.Object({
+    mode: Type.String({ description: 'auto | merged | unmerged' }),
+    max_rank: Type.Integer(),
+    max_loaded_adapters: Type.Integer(),
+    device_bytes: Type.Integer({ description: '0: no byte limit' }),
+    host_bytes: Type.Integer(),
+  }),
+}, { title: 'Info' });

@@ -1,0 +1,53 @@
+/** Builds the whole server (runtime + HTTP app) from options; main.ts listens, tests and benchmarks reuse it. */
+import type { FastifyInstance } from 'fastify';
+import type { ServerOptions } from '../cli.ts';
+import { Metrics } from '../metrics.ts';
+import { deviceMemory, startRuntime, type Runtime } from '../runtime.ts';
+import { buildApp } from './app.ts';
+import { serverInfo } from './info.ts';
+
+export interface Server {
+  readonly app: FastifyInstance;
+  readonly runtime: Runtime;
+  readonly metrics: Metrics;
+  /** /health answers 200 only while ready. */
+  setReady(ready: boolean): void;
+  /** Stops accepting, drains in-flight requests within graceMs, frees the model. */
+  close(graceMs?: number): Promise<void>;
+}
+
+export async function createServer(options: ServerOptions, log: (msg: string) => void = () => {}): Promise<Server> {
+  const metrics = new Metrics({ deviceMemory });
+  let ready = false;
+  const runtime = await startRuntime(options, { log, metrics });
+  const app = await buildApp({
+    engine: runtime.engine,
+    adapters: runtime.adapters,
+    tokenizer: runtime.tokenizer,
+    metrics,
+    info: serverInfo(runtime, options),
+    options: {
+      apiKey: options.apiKey,
+      maxInputLength: options.maxInputLength,
+      maxTotalTokens: options.maxTotalTokens,
+      maxNewTokensDefault: options.maxNewTokens,
+      maxAdapterBytes: options.maxAdapterBytes,
+      bodyLimitBytes: 4 * 1024 * 1024,
+      requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
+      ready: () => ready,
+    },
+  }, { logger: options.logLevel === 'silent' ? false : { level: options.logLevel } });
+  return {
+    app, runtime, metrics,
+    setReady: (r) => {
+      ready = r;
+    },
+    async close(graceMs = 0) {
+      ready = false;
+      // Stop accepting; requests in flight (streams included) finish, or are cancelled after the grace.
+      const closing = app.close();
+      await runtime.close(graceMs);
+      await closing;
+    },
+  };
+}

@@ -1,0 +1,115 @@
+/** src/cli.ts: defaults, environment, flag precedence, bad values, --help. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { CliError, DEFAULT_OPTIONS, helpText, OPTIONS, parseOptions } from '../src/cli.ts';
+
+test('defaults', () => {
+  const o = parseOptions([], {});
+  assert.deepEqual(o, DEFAULT_OPTIONS);
+  assert.equal(o.model, '');
+  assert.equal(o.host, '127.0.0.1');
+  assert.equal(o.port, 3000);
+  assert.equal(o.adapterDir, 'adapters');
+  assert.equal(o.adapterSourceUrl, undefined);
+  assert.equal(o.backend, 'auto');
+  assert.equal(o.loraMode, 'auto');
+  assert.equal(o.maxLoraRank, 64);
+  assert.equal(o.maxLoadedAdapters, 16);
+  assert.equal(o.adapterDeviceBytes, 0);
+  assert.equal(o.adapterHostBytes, 256 * 1024 * 1024);
+  assert.equal(o.maxAdapterBytes, 64 * 1024 * 1024);
+  assert.equal(o.maxBatchSize, 32);
+  assert.equal(o.maxBatchTokens, 2048);
+  assert.equal(o.maxInputLength, 1024);
+  assert.equal(o.maxTotalTokens, 2048);
+  assert.equal(o.maxQueue, 256);
+  assert.equal(o.maxNewTokens, 20);
+  assert.equal(o.prefillChunk, 256);
+  assert.equal(o.requestTimeout, 0);
+  assert.equal(o.shutdownGrace, 30);
+  assert.equal(o.apiKey, undefined);
+  assert.equal(o.logLevel, 'info');
+  assert.equal(o.help, false);
+});
+
+test('every option is settable by its LORA_SERVE_* variable; flags override the environment', () => {
+  const env = {
+    LORA_SERVE_MAX_BATCH_SIZE: '8', LORA_SERVE_API_KEY: 'from-env', LORA_SERVE_PORT: '8080', LORA_SERVE_BACKEND: 'wasm',
+    LORA_SERVE_ADAPTER_HOST_BYTES: '512MiB', LORA_SERVE_REQUEST_TIMEOUT: '2.5', LORA_SERVE_ADAPTER_SOURCE_URL: 'http://127.0.0.1:9000/adapters',
+  };
+  const fromEnv = parseOptions([], env);
+  assert.equal(fromEnv.maxBatchSize, 8);
+  assert.equal(fromEnv.apiKey, 'from-env');
+  assert.equal(fromEnv.port, 8080);
+  assert.equal(fromEnv.backend, 'wasm');
+  assert.equal(fromEnv.adapterHostBytes, 512 * 1024 * 1024);
+  assert.equal(fromEnv.requestTimeout, 2.5);
+  assert.equal(fromEnv.adapterSourceUrl, 'http://127.0.0.1:9000/adapters');
+
+  const flags = parseOptions(['--max-batch-size', '4', '--api-key=from-flag', '--port=0', '--model', '/models/x', '--lora-mode', 'merged'], env);
+  assert.equal(flags.maxBatchSize, 4);
+  assert.equal(flags.apiKey, 'from-flag');
+  assert.equal(flags.port, 0);
+  assert.equal(flags.model, '/models/x');
+  assert.equal(flags.loraMode, 'merged');
+  assert.equal(flags.backend, 'wasm', 'unset flags keep the env value');
+
+  for (const spec of OPTIONS) assert.equal(spec.env, `LORA_SERVE_${spec.flag.toUpperCase().replaceAll('-', '_')}`);
+  assert.equal(parseOptions([], { LORA_SERVE_API_KEY: '' }).apiKey, undefined, 'an empty key means none');
+});
+
+test('byte sizes take units', () => {
+  const bytes = (v: string) => parseOptions(['--adapter-device-bytes', v], {}).adapterDeviceBytes;
+  assert.equal(bytes('1048576'), 1048576);
+  assert.equal(bytes('2GiB'), 2 * 1024 ** 3);
+  assert.equal(bytes('1.5MiB'), 1.5 * 1024 ** 2);
+  assert.equal(bytes('500MB'), 500e6);
+  assert.equal(bytes('64kib'), 65536);
+});
+
+test('bad values are clear CliErrors', () => {
+  const bad: [string[], Record<string, string>, RegExp][] = [
+    [['--max-batch-size', 'many'], {}, /--max-batch-size.*non-negative integer/],
+    [['--max-batch-size', '0'], {}, /--max-batch-size.*>= 1/],
+    [['--max-batch-size', '-3'], {}, /--max-batch-size/],
+    [['--port', '70000'], {}, /--port.*65535/],
+    [['--backend', 'cuda'], {}, /--backend.*auto, tensorflow-gpu, tensorflow, wasm, cpu/],
+    [['--lora-mode', 'mixed'], {}, /--lora-mode/],
+    [['--log-level', 'loud'], {}, /--log-level/],
+    [['--adapter-host-bytes', '12 parsecs'], {}, /--adapter-host-bytes.*bytes/],
+    [['--request-timeout', '-1'], {}, /--request-timeout.*seconds/],
+    [['--adapter-source-url', 'ftp://x'], {}, /http\(s\) URL/],
+    [['--nope'], {}, /unknown option --nope/],
+    [['--port'], {}, /--port needs a value/],
+    [['positional'], {}, /unexpected argument/],
+    [[], { LORA_SERVE_MAX_QUEUE: 'lots' }, /LORA_SERVE_MAX_QUEUE/],
+    [['--max-input-length', '4096'], {}, /--max-input-length \(4096\) must be less than --max-total-tokens \(2048\)/],
+    [['--prefill-chunk', '4096'], {}, /--prefill-chunk/],
+  ];
+  for (const [argv, env, message] of bad) {
+    assert.throws(() => parseOptions(argv, env), (err: unknown) => {
+      assert.ok(err instanceof CliError, `${argv.join(' ')}: ${String(err)}`);
+      assert.equal(err.code, 'CLI_USAGE');
+      assert.match(err.message, message);
+      return true;
+    }, argv.join(' '));
+  }
+  // The API key is never echoed.
+  assert.throws(() => parseOptions(['--api-key'], {}), /needs a value/);
+});
+
+test('--help lists every flag with its env var and default', () => {
+  assert.equal(parseOptions(['--help'], {}).help, true);
+  assert.equal(parseOptions(['-h'], {}).help, true);
+  assert.equal(parseOptions(['--port', 'x', '--help'], { LORA_SERVE_MAX_QUEUE: 'lots' }).help, true);
+  const text = helpText();
+  for (const spec of OPTIONS) {
+    const line = text.split('\n').findIndex((l) => l.trimStart().startsWith(`--${spec.flag} `));
+    assert.ok(line >= 0, `--${spec.flag} missing`);
+    const block = text.split('\n').slice(line, line + 2).join('\n');
+    assert.ok(block.includes(spec.env), `${spec.env} missing`);
+    assert.match(block, /default /);
+  }
+  assert.match(text, /--adapter-host-bytes[\s\S]*default 256MiB/);
+  assert.match(text, /--host[\s\S]*default 127\.0\.0\.1/);
+});

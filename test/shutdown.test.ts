@@ -1,0 +1,55 @@
+/** The real entry point in a child process: --help, bad flags, and SIGTERM draining an in-flight stream. */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { request } from 'undici';
+import { TINY_LLAMA, writeCheckpoint } from '../src/fixtures/index.ts';
+import { tempDir } from './helpers/tf.ts';
+
+const tmp = tempDir();
+before(() => writeCheckpoint(join(tmp.dir, 'model'), TINY_LLAMA));
+after(tmp.cleanup);
+
+const MAIN = ['--import', 'tsx', 'src/server/main.ts'];
+
+test('--help lists the flags; a bad flag exits 2 with a clear message', () => {
+  const help = spawnSync(process.execPath, [...MAIN, '--help'], { encoding: 'utf8' });
+  assert.equal(help.status, 0);
+  for (const flag of ['--model', '--port', '--host', '--adapter-dir', '--backend', '--lora-mode', '--max-loaded-adapters']) assert.ok(help.stdout.includes(flag), flag);
+  const bad = spawnSync(process.execPath, [...MAIN, '--backend', 'tpu'], { encoding: 'utf8' });
+  assert.equal(bad.status, 2);
+  assert.match(bad.stderr, /backend/);
+});
+
+test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0', async () => {
+  const child = spawn(process.execPath, [...MAIN, '--model', join(tmp.dir, 'model'), '--adapter-dir', join(tmp.dir, 'adapters'),
+    '--port', '0', '--backend', 'wasm', '--shutdown-grace', '20', '--log-level', 'silent'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  let out = '';
+  const url = await new Promise<string>((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /listening on (http:\/\/[^\s"]+)/.exec(out);
+      if (m) resolve(m[1]!);
+    });
+    child.on('exit', () => reject(new Error(`server exited early: ${out}`)));
+  });
+  const res = await request(`${url}/generate_stream`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ inputs: 'drain me', parameters: { max_new_tokens: 60 } }),
+  });
+  let text = '';
+  let signalled = false;
+  for await (const chunk of res.body) {
+    text += chunk.toString();
+    if (!signalled && text.includes('"token"')) {
+      signalled = true;
+      child.kill('SIGTERM');
+    }
+  }
+  const events = text.split('\n\n').filter((f) => f.startsWith('data:')).map((f) => JSON.parse(f.slice(5)));
+  const last = events.at(-1);
+  assert.ok(last.generated_text !== null && last.details, `stream did not finish: ${text.slice(-300)}`);
+  assert.equal(await exited, 0);
+});
