@@ -63,41 +63,39 @@ export function disposeAdapter(a: DeviceAdapter): void {
 }
 
 /**
- * For one fused Linear and k adapters: A [in, P·k·R] and B [P·k·R, out] where P = number of parts,
- * R = the largest rank. Block (p, a) holds adapter a's At for part p (zero-padded to R columns) and its
- * Bt placed in part p's output columns; zeros where adapter a does not target part p. Returns null when
- * no adapter targets any part.
+ * For one Linear and k adapters: A [in, k·R] (adapter a's Aᵀ in columns a·R … a·R+r, zero-padded to R) and
+ * B [k·R, out] (its s·Bᵀ restricted to this linear's columns of the module output, zero rows past r).
+ * Null when no adapter targets the linear's module.
  */
 function linearBank(lin: Linear, adapters: readonly DeviceAdapter[], R: number): { A: tf.Tensor2D; B: tf.Tensor2D } | null {
-  if (!lin.parts.some((p) => adapters.some((a) => a.modules.has(p.module.key)))) return null;
+  const key = lin.module.key;
+  if (!adapters.some((a) => a.modules.has(key))) return null;
   const [inF, outF] = lin.W.shape;
+  const whole = outF === lin.module.outFeatures;
   return tf.tidy(() => {
     const As: tf.Tensor2D[] = [];
     const Bs: tf.Tensor2D[] = [];
-    for (const part of lin.parts) {
-      const width = part.module.outFeatures;
-      for (const a of adapters) {
-        const m = a.modules.get(part.module.key);
-        if (!m) {
-          As.push(tf.zeros([inF, R]));
-          Bs.push(tf.zeros([R, outF]));
-          continue;
-        }
-        As.push(m.r === R ? m.At : tf.pad(m.At, [[0, 0], [0, R - m.r]]));
-        Bs.push(tf.pad(m.Bt, [[0, R - m.r], [part.offset, outF - part.offset - width]]));
+    for (const a of adapters) {
+      const m = a.modules.get(key);
+      if (!m) {
+        As.push(tf.zeros([inF, R]));
+        Bs.push(tf.zeros([R, outF]));
+        continue;
       }
+      const Bt = whole ? m.Bt : tf.slice(m.Bt, [0, lin.moduleOffset], [m.r, outF]); // this linear's columns
+      As.push(m.r === R ? m.At : tf.pad(m.At, [[0, 0], [0, R - m.r]]));
+      Bs.push(m.r === R ? Bt : tf.pad(Bt, [[0, R - m.r], [0, 0]]));
     }
-    return { A: tf.concat2d(As, 1), B: tf.concat2d(Bs, 0) };
+    return { A: As.length === 1 ? tf.clone(As[0]!) : tf.concat2d(As, 1), B: Bs.length === 1 ? tf.clone(Bs[0]!) : tf.concat2d(Bs, 0) };
   });
 }
 
-/** Column blocks of adapter `slot` for a linear with P parts: ones at columns ((p·k)+slot)·R … +R. */
-function maskData(rowSlots: readonly (number | null)[], k: number, R: number, P: number): Float32Array {
-  const K = P * k * R;
+/** Row n selects columns slot·R … slot·R+R of adapter `rowSlots[n]` (none for a base row). */
+function maskData(rowSlots: readonly (number | null)[], k: number, R: number): Float32Array {
+  const K = k * R;
   const out = new Float32Array(rowSlots.length * K);
   rowSlots.forEach((slot, n) => {
-    if (slot === null) return;
-    for (let p = 0; p < P; p++) out.fill(1, n * K + (p * k + slot) * R, n * K + (p * k + slot + 1) * R);
+    if (slot !== null) out.fill(1, n * K + slot * R, n * K + (slot + 1) * R);
   });
   return out;
 }
@@ -106,18 +104,18 @@ function maskData(rowSlots: readonly (number | null)[], k: number, R: number, P:
 export interface LoraBank {
   readonly adapters: readonly DeviceAdapter[];
   readonly R: number;
-  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D; parts: number }>;
+  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D }>;
   readonly bytes: number;
 }
 
 export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[]): LoraBank {
   const R = Math.max(1, ...adapters.map((a) => a.rank));
-  const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; parts: number }>();
+  const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D }>();
   let bytes = 0;
   for (const lin of linears) {
     const b = linearBank(lin, adapters, R);
     if (!b) continue;
-    out.set(lin.key, { ...b, parts: lin.parts.length });
+    out.set(lin.key, b);
     bytes += (b.A.size + b.B.size) * 4;
   }
   return { adapters, R, linears: out, bytes };
@@ -136,16 +134,11 @@ export function disposeBank(bank: LoraBank): void {
  */
 export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): StepLora {
   const k = bank.adapters.length;
-  const masks = new Map<number, tf.Tensor2D>();
   const unmerged = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; mask: tf.Tensor2D }>();
-  for (const [key, { A, B, parts }] of bank.linears) {
-    let mask = masks.get(parts);
-    if (!mask) {
-      mask = tf.tensor2d(maskData(rowSlots, k, bank.R, parts), [rowSlots.length, parts * k * bank.R]);
-      masks.set(parts, mask);
-    }
-    unmerged.set(key, { A, B, mask });
-  }
+  if (bank.linears.size === 0) return { unmerged };
+  // One mask for every linear of the step (all banks share the k·R column layout).
+  const mask = tf.tensor2d(maskData(rowSlots, k, bank.R), [rowSlots.length, k * bank.R]);
+  for (const [key, { A, B }] of bank.linears) unmerged.set(key, { A, B, mask });
   return { unmerged };
 }
 

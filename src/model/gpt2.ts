@@ -6,6 +6,8 @@
  *   not parameters: we read tensors by exact name from the table below, so those are never touched
  *   (note `h.N.attn.c_attn.bias` also ends in `attn.bias`; exact names keep them apart).
  * - lm_head is tied to wte.
+ * - The fused c_attn [d, 3d] is split at load into three matmuls (q, k, v), each computing its third of the
+ *   module's output (so a LoRA delta on c_attn lands in the right columns, and no output is ever split).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Checkpoint } from './checkpoint.ts';
@@ -40,7 +42,9 @@ export function gpt2Modules(c: ModelConfig): LinearModule[] {
 interface Gpt2Layer {
   ln1: [tf.Tensor1D, tf.Tensor1D];
   ln2: [tf.Tensor1D, tf.Tensor1D];
-  cAttn: Linear;
+  q: Linear;
+  k: Linear;
+  v: Linear;
   attnProj: Linear;
   fc: Linear;
   mlpProj: Linear;
@@ -59,17 +63,34 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const linears = new Map<string, Linear>();
   const layers: Gpt2Layer[] = [];
   for (let l = 0; l < c.numLayers; l++) {
-    const lin = (name: string): Linear => {
-      const module = modules.find((m) => m.key === `${l}.${name}`)!;
-      const W = load(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D; // Conv1D: [in, out]
-      const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
-      const L: Linear = { key: module.key, W, b, parts: [{ module, offset: 0 }] };
+    const moduleOf = (name: string) => modules.find((m) => m.key === `${l}.${name}`)!;
+    const add = (L: Linear): Linear => {
       linears.set(L.key, L);
       return L;
     };
+    const lin = (name: string): Linear => {
+      const module = moduleOf(name);
+      const W = load(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D; // Conv1D: [in, out]
+      const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
+      return add({ key: module.key, W, b, module, moduleOffset: 0 });
+    };
+    // c_attn: columns [0, d) are q, [d, 2d) k, [2d, 3d) v.
+    const cAttn = moduleOf('attn.c_attn');
+    const w = ckpt.read(`${prefix}h.${l}.attn.c_attn.weight`, [d, 3 * d]).data; // [d, 3d]
+    const bias = ckpt.read(`${prefix}h.${l}.attn.c_attn.bias`, [3 * d]).data;
+    const third = (i: number): Linear => {
+      const Wi = new Float32Array(d * d);
+      for (let r = 0; r < d; r++) Wi.set(w.subarray(r * 3 * d + i * d, r * 3 * d + (i + 1) * d), r * d);
+      const W = tf.tensor2d(Wi, [d, d]);
+      const b = tf.tensor1d(bias.slice(i * d, (i + 1) * d));
+      tensors.push(W, b);
+      return add({ key: `${cAttn.key}.${'qkv'[i]}`, W, b, module: cAttn, moduleOffset: i * d });
+    };
     layers.push({
       ln1: [load(`h.${l}.ln_1.weight`, [d]) as tf.Tensor1D, load(`h.${l}.ln_1.bias`, [d]) as tf.Tensor1D],
-      cAttn: lin('attn.c_attn'),
+      q: third(0),
+      k: third(1),
+      v: third(2),
       attnProj: lin('attn.c_proj'),
       ln2: [load(`h.${l}.ln_2.weight`, [d]) as tf.Tensor1D, load(`h.${l}.ln_2.bias`, [d]) as tf.Tensor1D],
       fc: lin('mlp.c_fc'),
@@ -92,13 +113,13 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     block(l, x, s: StepContext) {
       const L = layers[l]!;
       // x = x + attn(ln_1(x))
-      const qkv = linear(layerNorm(x, L.ln1[0], L.ln1[1], c.normEps), L.cAttn, s.lora); // [N, 3d] fused q|k|v
-      const [q, k, v] = tf.split(qkv, 3, 1) as [tf.Tensor2D, tf.Tensor2D, tf.Tensor2D];
+      const h = layerNorm(x, L.ln1[0], L.ln1[1], c.normEps);
+      const [q, k, v] = [linear(h, L.q, s.lora), linear(h, L.k, s.lora), linear(h, L.v, s.lora)]; // [N, d] each
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, nH, hd), toHeads(v, s.B, s.T, nH, hd)); // [B, nH, C+T, hd]
       x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, nH, hd), L.attnProj, s.lora));
       // x = x + mlp(ln_2(x))
-      const h = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
-      return tf.add(x, linear(h, L.mlpProj, s.lora));
+      const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
+      return tf.add(x, linear(m, L.mlpProj, s.lora));
     },
     head: (x) => tf.matMul(layerNorm(x, lnf[0], lnf[1], c.normEps), lmHead), // [N, V]
   };

@@ -1,27 +1,29 @@
 /**
- * The building blocks shared by the architectures: fused linear layers with per-row LoRA, norms,
+ * The building blocks shared by the architectures: linear layers with per-row LoRA, norms,
  * activations, rotary embeddings and batched causal attention over a KVBatch.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { LinearModule } from './types.ts';
 
 /**
- * A linear layer y = x·W + b with W stored [in, out]. Several HF modules may be fused into one
- * (Llama q|k|v, gate|up): `parts` says which output columns belong to which module, so that a LoRA
- * delta for one module lands in its own columns.
+ * A linear layer y = x·W + b with W stored [in, out]. It computes columns [moduleOffset, moduleOffset + out)
+ * of one HF module's output: the whole module for Llama's projections, a third of it for each of GPT-2's
+ * fused c_attn (q, k and v get a matmul each, so no split of a fused output is ever needed: tf.split and
+ * tf.slice copy element by element on the wasm backend). A LoRA delta for the module lands in those columns.
  */
 export interface Linear {
   readonly key: string;
   readonly W: tf.Tensor2D; // [in, out]
   readonly b: tf.Tensor1D | null;
-  readonly parts: readonly { readonly module: LinearModule; readonly offset: number }[];
+  readonly module: LinearModule;
+  readonly moduleOffset: number;
 }
 
 /**
- * Per-step LoRA for the rows of a batch (see src/lora/bank.ts). For a linear with unmerged LoRA:
- * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of every (part, adapter slot) A
- * (scaling folded into B), B [K, out] block-structured so each block writes its own part's columns,
- * and mask [N, K] selecting, per row, the blocks of that row's adapter.
+ * Per-step LoRA for the rows of a batch (see src/lora/device.ts). For a linear with unmerged LoRA:
+ * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of the step's adapters' Aᵀ (each padded
+ * to R columns), B [K, out] the row-concatenation of their s·Bᵀ (this linear's columns), and mask [N, K]
+ * selecting, per row, the block of that row's adapter.
  */
 export interface StepLora {
   /** Replacement weights (W + s·Aᵀ·Bᵀ) when one adapter is merged, keyed by Linear.key. */
@@ -63,31 +65,43 @@ export function silu(x: tf.Tensor2D): tf.Tensor2D {
 }
 
 /**
- * Rotary tables [maxPositions, headDim/2], computed in float64 on the host: angle = p · θ^(−2i/headDim).
+ * Rotary tables [maxPositions, headDim] (each half repeated, as HF's emb = cat(freqs, freqs)), computed in
+ * float64 on the host: angle(p, i) = p · θ^(−2i/headDim) for i < headDim/2.
  */
 export function ropeTables(maxPositions: number, headDim: number, theta: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
   const half = headDim / 2;
-  const cos = new Float32Array(maxPositions * half);
-  const sin = new Float32Array(maxPositions * half);
+  const cos = new Float32Array(maxPositions * headDim);
+  const sin = new Float32Array(maxPositions * headDim);
   for (let p = 0; p < maxPositions; p++) {
     for (let i = 0; i < half; i++) {
       const angle = p * Math.pow(theta, (-2 * i) / headDim);
-      cos[p * half + i] = Math.cos(angle);
-      sin[p * half + i] = Math.sin(angle);
+      cos[p * headDim + i] = cos[p * headDim + i + half] = Math.cos(angle);
+      sin[p * headDim + i] = sin[p * headDim + i + half] = Math.sin(angle);
     }
   }
-  return { cos: tf.tensor2d(cos, [maxPositions, half]), sin: tf.tensor2d(sin, [maxPositions, half]) };
+  return { cos: tf.tensor2d(cos, [maxPositions, headDim]), sin: tf.tensor2d(sin, [maxPositions, headDim]) };
 }
 
 /**
- * HF rotate_half convention (first half / second half of each head, not interleaved pairs):
- * x' = [x1·cos − x2·sin, x2·cos + x1·sin]. x: [N, H, headDim]; cos/sin: [N, 1, headDim/2].
+ * rotate_half as a matrix: x·R = [−x2, x1] for x = [x1, x2] (HF's convention: first half / second half of
+ * each head, not interleaved pairs). A matmul instead of split + concat, which copy element-wise on wasm;
+ * exact, since each output is one input times ±1 plus zeros.
  */
-export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D): tf.Tensor3D {
-  const [x1, x2] = tf.split(x, 2, 2) as [tf.Tensor3D, tf.Tensor3D]; // [N, H, headDim/2] each
-  const r1 = tf.sub(tf.mul(x1, cos), tf.mul(x2, sin)) as tf.Tensor3D;
-  const r2 = tf.add(tf.mul(x2, cos), tf.mul(x1, sin)) as tf.Tensor3D;
-  return tf.concat3d([r1, r2], 2);
+export function rotateHalfMatrix(headDim: number): tf.Tensor2D {
+  const half = headDim / 2;
+  const R = new Float32Array(headDim * headDim);
+  for (let i = 0; i < half; i++) {
+    R[(i + half) * headDim + i] = -1; // out[i] = −x[i + half]
+    R[i * headDim + i + half] = 1; // out[i + half] = x[i]
+  }
+  return tf.tensor2d(R, [headDim, headDim]);
+}
+
+/** x' = x·cos + rotate_half(x)·sin. x: [N, H, headDim]; cos/sin: [N, 1, headDim] (each half repeated). */
+export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D, R: tf.Tensor2D): tf.Tensor3D {
+  const [N, H, D] = x.shape;
+  const rotated = tf.reshape(tf.matMul(tf.reshape(x, [N * H, D]), R), [N, H, D]);
+  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin)) as tf.Tensor3D;
 }
 
 /** Shapes of one forward step: B rows, T new tokens per row (left-padded), N = B·T. */
