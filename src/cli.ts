@@ -36,6 +36,8 @@ export interface ServerOptions {
   /** Default max_new_tokens of /generate and /generate_stream. */
   readonly maxNewTokens: number;
   readonly prefillChunk: number;
+  /** Executor worker threads, each holding a copy of the model (1: in the server's thread). */
+  readonly workers: number;
   /** Seconds; 0: no per-request timeout. */
   readonly requestTimeout: number;
   /** Seconds in-flight requests get to finish on SIGTERM/SIGINT. */
@@ -89,6 +91,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, 'Default max_new_tokens of /generate and /generate_stream (TGI clients\' default); /v1/completions defaults to 16, chat to the remaining context', { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
+  opt('workers', 'workers', 'int', 1, 'Executor threads, each with its own copy of the model; sequences are spread over them (wasm runs one thread per copy: 2 uses two cores)', { min: 1 }),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),

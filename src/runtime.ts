@@ -9,12 +9,16 @@ import { initBackend, type BackendInfo, type BackendName } from './backend.ts';
 import { Engine } from './engine/engine.ts';
 import type { EngineMetrics } from './engine/types.ts';
 import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './fixtures/index.ts';
+import type { Executor } from './engine/executor.ts';
 import { AdapterManager } from './lora/manager.ts';
 import { AdapterStore } from './lora/store.ts';
 import type { AdapterMetrics } from './lora/types.ts';
-import { CausalLM } from './model/model.ts';
+import { openCheckpoint } from './model/checkpoint.ts';
+import { CausalLM, modulesFor } from './model/model.ts';
+import { ParallelExecutor } from './model/parallel-executor.ts';
 import { TextTokenizer } from './model/tokenizer.ts';
 import { TfExecutor, type LoraMode } from './model/tf-executor.ts';
+import type { ModelConfig } from './model/types.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -34,19 +38,28 @@ export interface RuntimeOptions {
   readonly maxTotalTokens: number;
   readonly maxQueue: number;
   readonly prefillChunk: number;
+  /** Executor worker threads, each with its own copy of the model (1: run in this thread). */
+  readonly workers: number;
 }
 
 export interface Runtime {
-  readonly backend: BackendInfo;
-  readonly model: CausalLM;
+  /** The backend that runs the model (in the workers when there are several). */
+  readonly backend: string;
+  readonly config: ModelConfig;
+  /** Checkpoint dtype as stored (computation is float32). */
+  readonly dtype: string;
+  /** Device bytes of one copy of the base weights. */
+  readonly modelBytes: number;
   readonly modelId: string;
   /** True when serving the generated demo checkpoint. */
   readonly demo: boolean;
   readonly tokenizer: TextTokenizer;
-  readonly executor: TfExecutor;
+  readonly executor: Executor;
   readonly adapters: AdapterManager;
   readonly store: AdapterStore;
   readonly engine: Engine;
+  /** TensorFlow.js memory of every copy of the model (this thread's, or the workers'). */
+  deviceMemory(): { numTensors: number; numBytes: number };
   close(graceMs?: number): Promise<void>;
 }
 
@@ -78,20 +91,44 @@ export async function startRuntime(
   hooks: { log?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics } = {},
 ): Promise<Runtime> {
   const log = hooks.log ?? (() => {});
-  const backend = await initBackend(opts.backend);
-  log(`TensorFlow.js backend: ${backend.name}${backend.skipped.length ? ` (skipped: ${backend.skipped.join('; ')})` : ''}`);
   const demo = opts.model === '';
   const dir = demo ? await ensureDemo(opts.adapterDir, log) : resolve(opts.model);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
-  const model = CausalLM.load(dir);
-  const c = model.config;
-  log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(model.bytes / 2 ** 20).toFixed(1)} MiB on the device`);
+
+  let executor: TfExecutor | ParallelExecutor;
+  let config: ModelConfig;
+  let dtype: string;
+  let modelBytes: number;
+  let backend: string;
+  let model: CausalLM | null = null;
+  if (opts.workers > 1) {
+    const ckpt = openCheckpoint(dir);
+    config = ckpt.config;
+    dtype = ckpt.dtype;
+    ckpt.close();
+    const parallel = await ParallelExecutor.start({ workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode });
+    executor = parallel;
+    modelBytes = parallel.modelBytes;
+    backend = parallel.backend;
+    log(`TensorFlow.js backend: ${backend} in ${opts.workers} worker threads, one copy of the model each`);
+  } else {
+    const info: BackendInfo = await initBackend(opts.backend);
+    backend = info.name;
+    log(`TensorFlow.js backend: ${info.name}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+    model = CausalLM.load(dir);
+    config = model.config;
+    dtype = model.dtype;
+    modelBytes = model.bytes;
+    executor = new TfExecutor(model, { loraMode: opts.loraMode });
+  }
+  const c = config;
+  log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
   const tokenizer = await TextTokenizer.load(dir, c);
-  const executor = new TfExecutor(model, { loraMode: opts.loraMode });
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
-  const adapters = new AdapterManager(store, model, {
+  const local = executor instanceof TfExecutor ? executor : null;
+  const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: opts.adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
-  }, (a) => executor.forgetAdapter(a), hooks.metrics);
+  }, (a) => local?.forgetAdapter(a), hooks.metrics, executor instanceof ParallelExecutor ? executor.adapterDevice : undefined);
   const engine = new Engine(executor, tokenizer, adapters, {
     maxBatchSize: opts.maxBatchSize, maxBatchTokens: opts.maxBatchTokens, prefillChunk: opts.prefillChunk, loraMode: opts.loraMode,
     maxQueue: opts.maxQueue, maxInputLength: opts.maxInputLength, maxTotalTokens: opts.maxTotalTokens, maxPositions: c.maxPositions,
@@ -99,21 +136,25 @@ export async function startRuntime(
   const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, model, modelId, demo, tokenizer, executor, adapters, store, engine,
+    backend, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
+    deviceMemory: () => (executor instanceof ParallelExecutor ? executor.memory() : localMemory()),
     async close(graceMs = 0) {
       if (closed) return;
       closed = true;
       await engine.drain(graceMs);
-      executor.dispose();
       adapters.dispose();
-      model.dispose();
+      if (executor instanceof ParallelExecutor) {
+        await executor.close();
+      } else {
+        executor.dispose();
+        model?.dispose();
+      }
       await store.close();
     },
   };
 }
 
-/** tf.memory() for metrics and /info without importing TensorFlow.js in the HTTP layer. */
-export function deviceMemory(): { numTensors: number; numBytes: number } {
+function localMemory(): { numTensors: number; numBytes: number } {
   const m = tf.memory();
   return { numTensors: m.numTensors, numBytes: m.numBytes };
 }

@@ -55,6 +55,29 @@ export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter
   return { id: w.id, version, rank: w.rank, bytes, modules };
 }
 
+/**
+ * Where the adapter manager puts adapters: the in-process device (default), or the device of every
+ * worker of a ParallelExecutor. The handle it returns is what prefill/decode items carry.
+ */
+export interface AdapterDevice {
+  upload(w: AdapterWeights, version: string): Promise<ResidentAdapter>;
+  /** Frees the adapter's device memory and everything derived from it. */
+  dispose(a: ResidentAdapter): void;
+}
+
+/** An adapter on the device(s), as the manager sees it. */
+export interface ResidentAdapter {
+  readonly id: string;
+  readonly version: string;
+  readonly rank: number;
+  readonly bytes: number;
+}
+
+export const localAdapterDevice: AdapterDevice = {
+  upload: async (w, version) => uploadAdapter(w, version),
+  dispose: (a) => disposeAdapter(a as DeviceAdapter),
+};
+
 export function disposeAdapter(a: DeviceAdapter): void {
   for (const m of a.modules.values()) {
     m.At.dispose();

@@ -14,7 +14,7 @@ import { LRUCache } from 'lru-cache';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import type { AdapterWeights } from './adapter-file.ts';
-import { disposeAdapter, uploadAdapter, type DeviceAdapter } from './device.ts';
+import { localAdapterDevice, type AdapterDevice, type ResidentAdapter } from './device.ts';
 import { validateAdapterId } from './ids.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterStore } from './store.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
@@ -37,7 +37,7 @@ interface HostEntry {
 
 interface DeviceEntry {
   readonly id: string;
-  readonly adapter: DeviceAdapter;
+  readonly adapter: ResidentAdapter;
   readonly host: HostEntry;
   pins: number;
   userPinned: boolean;
@@ -63,8 +63,10 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     private readonly base: { readonly modules: readonly LinearModule[] },
     private readonly opts: AdapterManagerOptions,
     /** Called before a device adapter is disposed (the executor drops merged weights / banks built from it). */
-    private readonly onEvict: (adapter: DeviceAdapter) => void = () => {},
+    private readonly onEvict: (adapter: ResidentAdapter) => void = () => {},
     private readonly metrics?: AdapterMetrics,
+    /** Where adapters are uploaded: this process's TensorFlow.js device, or the workers'. */
+    private readonly uploader: AdapterDevice = localAdapterDevice,
   ) {
     this.host = new LRUCache<string, HostEntry>({
       maxSize: Math.max(1, opts.maxHostBytes),
@@ -144,7 +146,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       await this.makeRoom(host.weights.bytes);
       const t1 = performance.now();
       const entry: DeviceEntry = {
-        id, adapter: uploadAdapter(host.weights, host.version), host, pins: 0, userPinned: false, retired: false, disposed: false,
+        id, adapter: await this.uploader.upload(host.weights, host.version), host, pins: 0, userPinned: false, retired: false, disposed: false,
       };
       this.device.set(id, entry);
       this.deviceBytes += entry.adapter.bytes;
@@ -206,7 +208,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     if (entry.disposed) return;
     entry.disposed = true;
     this.onEvict(entry.adapter);
-    disposeAdapter(entry.adapter);
+    this.uploader.dispose(entry.adapter);
   }
 
   private reportResident(): void {

@@ -5,10 +5,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../errors.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
-import { loadGpt2 } from './gpt2.ts';
+import { gpt2Modules, loadGpt2 } from './gpt2.ts';
 import { KVBatch } from './kv.ts';
 import type { Linear, StepLora, StepShape } from './layers.ts';
-import { loadLlama } from './llama.ts';
+import { llamaModules, loadLlama } from './llama.ts';
 import type { Family, LinearModule, ModelConfig } from './types.ts';
 
 /** What one forward step gives the architecture's block function. */
@@ -32,10 +32,15 @@ export interface Arch {
   head(x: tf.Tensor2D): tf.Tensor2D;
 }
 
-const REGISTRY: Record<Family, (c: ModelConfig, ckpt: Checkpoint) => Arch> = {
-  gpt2: loadGpt2,
-  llama: loadLlama,
+const REGISTRY: Record<Family, { load: (c: ModelConfig, ckpt: Checkpoint) => Arch; modules: (c: ModelConfig) => LinearModule[] }> = {
+  gpt2: { load: loadGpt2, modules: gpt2Modules },
+  llama: { load: loadLlama, modules: llamaModules },
 };
+
+/** The LoRA-targetable modules of a model, from its config alone (no weights loaded). */
+export function modulesFor(config: ModelConfig): LinearModule[] {
+  return REGISTRY[config.family].modules(config);
+}
 
 export interface ForwardInput {
   readonly kv: KVBatch;
@@ -72,7 +77,7 @@ export class CausalLM {
   static load(dir: string): CausalLM {
     const ckpt = openCheckpoint(dir);
     try {
-      const load = REGISTRY[ckpt.config.family];
+      const { load } = REGISTRY[ckpt.config.family];
       // tidy disposes everything uploaded so far if loading fails half-way (missing or mis-shaped tensor).
       tf.engine().startScope();
       let arch: Arch;

@@ -9,9 +9,9 @@ const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.me
 export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
   return {
     modelId: rt.modelId,
-    modelType: rt.model.config.modelType,
-    dtype: rt.model.dtype,
-    backend: rt.backend.name,
+    modelType: rt.config.modelType,
+    dtype: rt.dtype,
+    backend: rt.backend,
     version: VERSION,
     lora: {
       mode: o.loraMode, maxRank: o.maxLoraRank, maxLoadedAdapters: o.maxLoadedAdapters,

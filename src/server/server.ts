@@ -2,7 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ServerOptions } from '../cli.ts';
 import { Metrics } from '../metrics.ts';
-import { deviceMemory, startRuntime, type Runtime } from '../runtime.ts';
+import { startRuntime, type Runtime } from '../runtime.ts';
 import { buildApp } from './app.ts';
 import { serverInfo } from './info.ts';
 
@@ -17,9 +17,10 @@ export interface Server {
 }
 
 export async function createServer(options: ServerOptions, log: (msg: string) => void = () => {}): Promise<Server> {
-  const metrics = new Metrics({ deviceMemory });
+  let runtime: Runtime | null = null;
+  const metrics = new Metrics({ deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 } });
   let ready = false;
-  const runtime = await startRuntime(options, { log, metrics });
+  runtime = await startRuntime(options, { log, metrics });
   const app = await buildApp({
     engine: runtime.engine,
     adapters: runtime.adapters,

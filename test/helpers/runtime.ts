@@ -9,7 +9,7 @@ import { startRuntime, type Runtime, type RuntimeOptions } from '../../src/runti
 export const TEST_RUNTIME: Omit<RuntimeOptions, 'model' | 'adapterDir'> = {
   backend: 'wasm', loraMode: 'auto', maxLoraRank: 64, maxLoadedAdapters: 16, adapterDeviceBytes: 0,
   adapterHostBytes: 64 << 20, maxAdapterBytes: 64 << 20, maxBatchSize: 32, maxBatchTokens: 2048,
-  maxInputLength: 100, maxTotalTokens: 128, maxQueue: 256, prefillChunk: 32,
+  maxInputLength: 100, maxTotalTokens: 128, maxQueue: 256, prefillChunk: 32, workers: 1,
 };
 
 export async function fixtureRuntime(root: string, ckpt: CheckpointOptions, opts: Partial<RuntimeOptions> = {}): Promise<{ rt: Runtime; config: Record<string, unknown> }> {

@@ -1,0 +1,106 @@
+/**
+ * A worker thread that owns one copy of the model and one TfExecutor (see parallel-executor.ts).
+ * Requests arrive as `{ id, op, args }` and are answered in order with `{ id, result }` or `{ id, error }`.
+ * Adapters are uploaded here by version; prefill/decode items name them by version.
+ */
+import { parentPort } from 'node:worker_threads';
+import * as tf from '@tensorflow/tfjs-core';
+import { initBackend, type BackendName } from '../backend.ts';
+import type { DecodeItem, ExecAdapter, PrefillItem, StepResult } from '../engine/executor.ts';
+import { isServeError } from '../errors.ts';
+import type { AdapterWeights } from '../lora/adapter-file.ts';
+import { disposeAdapter, uploadAdapter, type DeviceAdapter } from '../lora/device.ts';
+import { CausalLM } from './model.ts';
+import { TfExecutor, type LoraMode } from './tf-executor.ts';
+
+export interface WorkerInit {
+  readonly modelDir: string;
+  readonly backend: BackendName;
+  readonly loraMode: LoraMode;
+}
+
+/** A step's answer: logits per sequence (transferred), plus the worker's device memory after the step. */
+export interface WorkerStep {
+  readonly logits: [number, Float32Array][];
+  readonly modes: StepResult['modes'];
+  readonly adapters: StepResult['adapters'];
+  readonly memory: { numTensors: number; numBytes: number };
+}
+
+let executor: TfExecutor | null = null;
+let model: CausalLM | null = null;
+const adapters = new Map<string, DeviceAdapter>();
+
+function resolve(a: ExecAdapter | null): DeviceAdapter | null {
+  if (!a) return null;
+  const d = adapters.get(a.version);
+  if (!d) throw new Error(`worker: adapter ${a.id}@${a.version} is not loaded`);
+  return d;
+}
+
+function memory() {
+  const m = tf.memory();
+  return { numTensors: m.numTensors, numBytes: m.numBytes };
+}
+
+function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
+  // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
+  const logits: [number, Float32Array][] = [...r.logits].map(([seq, l]) => [seq, l.slice()]);
+  return { value: { logits, modes: r.modes, adapters: r.adapters, memory: memory() }, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
+}
+
+const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: ArrayBuffer[] }> | { value: unknown; transfer?: ArrayBuffer[] }> = {
+  async init(args: WorkerInit) {
+    const backend = await initBackend(args.backend);
+    model = CausalLM.load(args.modelDir);
+    executor = new TfExecutor(model, { loraMode: args.loraMode });
+    return { value: { backend: backend.name, vocabSize: model.config.vocabSize, bytes: model.bytes, dtype: model.dtype } };
+  },
+  async prefill(items: PrefillItem[]) {
+    return step(await executor!.prefill(items.map((i) => ({ ...i, adapter: resolve(i.adapter) }))));
+  },
+  async decode(items: DecodeItem[]) {
+    return step(await executor!.decode(items.map((i) => ({ ...i, adapter: resolve(i.adapter) }))));
+  },
+  release(seq: number) {
+    executor!.release(seq);
+    return { value: null };
+  },
+  loadAdapter(args: { weights: AdapterWeights; version: string }) {
+    if (!adapters.has(args.version)) adapters.set(args.version, uploadAdapter(args.weights, args.version));
+    return { value: null };
+  },
+  offloadAdapter(a: ExecAdapter) {
+    const d = adapters.get(a.version);
+    if (d) {
+      executor!.forgetAdapter(d);
+      disposeAdapter(d);
+      adapters.delete(a.version);
+    }
+    return { value: null };
+  },
+  memory() {
+    return { value: memory() };
+  },
+  dispose() {
+    executor?.dispose();
+    for (const d of adapters.values()) disposeAdapter(d);
+    adapters.clear();
+    model?.dispose();
+    return { value: memory() };
+  },
+};
+
+// Requests are handled strictly one after another, in arrival order.
+let queue = Promise.resolve();
+parentPort!.on('message', (msg: { id: number; op: string; args: unknown }) => {
+  queue = queue.then(async () => {
+    try {
+      const { value, transfer } = await ops[msg.op]!(msg.args);
+      parentPort!.postMessage({ id: msg.id, result: value }, transfer ?? []);
+    } catch (err) {
+      const e = err as Error & { code?: string };
+      parentPort!.postMessage({ id: msg.id, error: { message: e.message, code: isServeError(err) ? e.code : undefined } });
+    }
+  });
+});

@@ -1,0 +1,55 @@
+/** Two executor worker threads: same tokens as in-process, adapters on every worker, no leaks. */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
+import type { Runtime } from '../src/runtime.ts';
+import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
+import { setupBackend, tempDir } from './helpers/tf.ts';
+
+const tmp = tempDir();
+let local: Runtime;
+let parallel: Runtime;
+before(async () => {
+  await setupBackend();
+  const r = await fixtureRuntime(tmp.dir, TINY_LLAMA);
+  local = r.rt;
+  for (let i = 0; i < 4; i++) {
+    await writePeftAdapter(join(tmp.dir, 'adapters', `p${i}`), { baseConfig: r.config, seed: 90 + i, r: 4, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj'] });
+  }
+  const { startRuntime } = await import('../src/runtime.ts');
+  const { TEST_RUNTIME } = await import('./helpers/runtime.ts');
+  parallel = await startRuntime({ ...TEST_RUNTIME, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), workers: 2, maxLoadedAdapters: 2 });
+});
+after(async () => {
+  await local.close();
+  await parallel.close();
+  tmp.cleanup();
+});
+
+const prompt = (i: number) => Array.from({ length: 3 + (i % 5) }, (_, t) => (i * 17 + t * 3) % 300 + 3);
+
+test('2 workers give the same greedy tokens as in-process, with adapters evicted and reloaded', async () => {
+  const reqs = Array.from({ length: 12 }, (_, i) => request(prompt(i), { adapterId: i % 5 === 0 ? null : `p${i % 4}`, maxNewTokens: 4 + (i % 6), ignoreEos: true }));
+  const expected = [];
+  for (const r of reqs) expected.push((await generate(local, r)).tokens.map((t) => t.id));
+  const got = await Promise.all(reqs.map((r) => generate(parallel, r)));
+  assert.deepEqual(got.map((o) => o.error?.code ?? o.tokens.map((t) => t.id)), expected);
+  assert.equal(parallel.executor.running, 0);
+});
+
+test('worker memory returns to its baseline once requests finish and adapters are evicted', async () => {
+  const { ParallelExecutor } = await import('../src/model/parallel-executor.ts');
+  const ex = parallel.executor as InstanceType<typeof ParallelExecutor>;
+  const unloadAll = async () => {
+    for (const a of await parallel.adapters.list()) if (a.state === 'ready') await parallel.adapters.unload(a.id);
+  };
+  await unloadAll();
+  const baseline = (await ex.refreshMemory()).numTensors;
+  for (let round = 0; round < 3; round++) {
+    await Promise.all(Array.from({ length: 8 }, (_, i) => generate(parallel, request(prompt(i), { adapterId: i % 3 ? `p${(i + round) % 4}` : null, maxNewTokens: 3 }))));
+  }
+  assert.ok((await ex.refreshMemory()).numTensors > baseline, 'adapters were resident on the workers');
+  await unloadAll();
+  assert.equal((await ex.refreshMemory()).numTensors, baseline);
+});
