@@ -3,6 +3,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
+import type { ParallelExecutor } from '../src/model/parallel-executor.ts';
 import type { Runtime } from '../src/runtime.ts';
 import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
@@ -39,8 +40,7 @@ test('2 workers give the same greedy tokens as in-process, with adapters evicted
 });
 
 test('worker memory returns to its baseline once requests finish and adapters are evicted', async () => {
-  const { ParallelExecutor } = await import('../src/model/parallel-executor.ts');
-  const ex = parallel.executor as InstanceType<typeof ParallelExecutor>;
+  const ex = parallel.executor as ParallelExecutor;
   const unloadAll = async () => {
     for (const a of await parallel.adapters.list()) if (a.state === 'ready') await parallel.adapters.unload(a.id);
   };
