@@ -42,6 +42,8 @@ interface Seq {
   readonly submittedAt: number;
   state: SeqState;
   lease: AdapterLease | null;
+  /** Counted in waitingForAdapter (until its adapter resolves or it ends). */
+  awaitingAdapter: boolean;
   prefilled: number;
   readonly generated: number[];
   readonly tokens: TokenInfo[];
@@ -113,7 +115,7 @@ export class Engine implements EngineApi {
       sampler: new Sampler(req.sampling),
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
-      submittedAt: now(), state: 'adapter', lease: null, prefilled: 0,
+      submittedAt: now(), state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
       generated: [], tokens: [], prefill: [], text: '',
       scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
     };
@@ -129,15 +131,15 @@ export class Engine implements EngineApi {
       return;
     }
     this.waitingForAdapter++;
+    seq.awaitingAdapter = true;
     this.adapters!.acquire(req.adapterId, req.signal).then(
       (lease) => {
-        this.waitingForAdapter--;
         if (seq.state === 'done') return lease.release();
+        this.stopAwaitingAdapter(seq);
         seq.lease = lease;
         this.enqueue(seq);
       },
       (err: unknown) => {
-        this.waitingForAdapter--;
         if (seq.state !== 'done') this.finishWithError(seq, err);
       },
     );
@@ -155,6 +157,12 @@ export class Engine implements EngineApi {
     while (this.looping) await new Promise((r) => setTimeout(r, 5));
   }
 
+  private stopAwaitingAdapter(seq: Seq): void {
+    if (!seq.awaitingAdapter) return;
+    seq.awaitingAdapter = false;
+    this.waitingForAdapter--;
+  }
+
   private enqueue(seq: Seq): void {
     seq.state = 'waiting';
     this.waiting.push(seq);
@@ -165,9 +173,17 @@ export class Engine implements EngineApi {
   private abort(seq: Seq, code: ErrorCode): void {
     if (seq.state === 'done' || seq.abort) return;
     seq.abort = code;
-    // Sequences the executor does not hold yet end at once; others at the next step boundary.
-    if (seq.state === 'adapter' || seq.state === 'waiting' || !this.looping) this.reap();
+    // A sequence the executor does not hold yet ends at once (a step in flight skips it); one it holds ends at
+    // the next step boundary, never while a prefill/decode call is running.
+    if (seq.state === 'adapter' || seq.state === 'waiting') this.finishAborted(seq);
+    else if (!this.looping) this.reap();
     else this.kick();
+  }
+
+  private finishAborted(seq: Seq): void {
+    const code = seq.abort!;
+    const msg = code === 'TIMEOUT' ? 'the request timed out' : code === 'SHUTTING_DOWN' ? 'the server is shutting down' : 'the request was cancelled';
+    this.finishWithError(seq, new ServeError(code, msg));
   }
 
   private kick(): void {
@@ -178,11 +194,7 @@ export class Engine implements EngineApi {
 
   /** Ends every sequence marked for abort, releasing its KV cache and adapter pin. */
   private reap(): void {
-    for (const seq of [...this.seqs.values()]) {
-      if (!seq.abort || seq.state === 'done') continue;
-      const msg = seq.abort === 'TIMEOUT' ? 'the request timed out' : seq.abort === 'SHUTTING_DOWN' ? 'the server is shutting down' : 'the request was cancelled';
-      this.finishWithError(seq, new ServeError(seq.abort, msg));
-    }
+    for (const seq of [...this.seqs.values()]) if (seq.abort && seq.state !== 'done') this.finishAborted(seq);
   }
 
   private async loop(): Promise<void> {
@@ -227,7 +239,10 @@ export class Engine implements EngineApi {
 
   private async prefillStep(chunks: readonly { seq: number; start: number; length: number; last: boolean }[]): Promise<void> {
     const t = now();
-    const items: PrefillItem[] = chunks.map((c) => {
+    // A waiting sequence planned for this step may have been cancelled during its decode half.
+    const live = chunks.filter((c) => this.seqs.get(c.seq)?.state === 'waiting' || this.seqs.get(c.seq)?.state === 'prefilling');
+    if (live.length === 0) return;
+    const items: PrefillItem[] = live.map((c) => {
       const seq = this.seqs.get(c.seq)!;
       if (seq.state === 'waiting') {
         this.waiting.splice(this.waiting.indexOf(seq), 1);
@@ -329,6 +344,7 @@ export class Engine implements EngineApi {
       const i = list.indexOf(seq);
       if (i >= 0) list.splice(i, 1);
     }
+    this.stopAwaitingAdapter(seq);
     seq.state = 'done';
     seq.lease?.release();
     seq.lease = null;

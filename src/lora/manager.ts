@@ -52,8 +52,13 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   /** Insertion order = LRU order (refreshed on use). */
   private readonly device = new Map<string, DeviceEntry>();
   private deviceBytes = 0;
+  /** Slots and bytes promised to loads whose upload is in progress (so concurrent loads cannot overcommit). */
+  private reserved = 0;
+  private reservedBytes = 0;
   private readonly host: LRUCache<string, HostEntry>;
   private readonly loading = new Map<string, Promise<DeviceEntry>>();
+  /** Requests waiting for an id's load: a freshly loaded adapter is not evicted before they pin it. */
+  private readonly acquiring = new Map<string, number>();
   private readonly failed = new Map<string, { code: string; message: string }>();
   private readonly lastUsed = new Map<string, number>();
   private roomWaiters: (() => void)[] = [];
@@ -88,8 +93,16 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         this.metrics?.hit('device');
         return this.lease(resident);
       }
-      const entry = await this.ensureDevice(id);
-      // Another load may have evicted it between its load and now (it was unpinned): try again.
+      this.acquiring.set(id, (this.acquiring.get(id) ?? 0) + 1);
+      let entry: DeviceEntry;
+      try {
+        entry = await this.ensureDevice(id);
+      } finally {
+        const n = this.acquiring.get(id)! - 1;
+        if (n === 0) this.acquiring.delete(id);
+        else this.acquiring.set(id, n);
+      }
+      // Replaced or deleted between its load and now: try again (new version, or 404).
       if (!entry.disposed && !entry.retired && this.device.get(id) === entry) return this.lease(entry);
     }
   }
@@ -143,11 +156,18 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         this.host.set(id, host);
         this.metrics?.loaded('host', (performance.now() - t0) / 1000);
       }
-      await this.makeRoom(host.weights.bytes);
+      const bytes = host.weights.bytes;
+      await this.makeRoom(bytes); // reserves a slot and the bytes
       const t1 = performance.now();
-      const entry: DeviceEntry = {
-        id, adapter: await this.uploader.upload(host.weights, host.version), host, pins: 0, userPinned: false, retired: false, disposed: false,
-      };
+      let adapter;
+      try {
+        adapter = await this.uploader.upload(host.weights, host.version);
+      } finally {
+        this.reserved--;
+        this.reservedBytes -= bytes;
+        this.wakeRoomWaiters();
+      }
+      const entry: DeviceEntry = { id, adapter, host, pins: 0, userPinned: false, retired: false, disposed: false };
       this.device.set(id, entry);
       this.deviceBytes += entry.adapter.bytes;
       this.failed.delete(id);
@@ -167,16 +187,19 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   private full(extraBytes: number): boolean {
     const { maxDeviceAdapters: n, maxDeviceBytes: b } = this.opts;
-    return (n > 0 && this.device.size + 1 > n) || (b > 0 && this.deviceBytes + extraBytes > b);
+    return (n > 0 && this.device.size + this.reserved + 1 > n) || (b > 0 && this.deviceBytes + this.reservedBytes + extraBytes > b);
   }
 
-  /** Evicts least-recently-used unpinned adapters until one of `bytes` fits; waits while all are pinned. */
+  /**
+   * Evicts least-recently-used unpinned adapters until one of `bytes` fits, then reserves the room (the caller
+   * releases the reservation once its upload is done); waits while everything resident is pinned.
+   */
   private async makeRoom(bytes: number): Promise<void> {
     if (this.opts.maxDeviceBytes > 0 && bytes > this.opts.maxDeviceBytes) {
       throw fail('ADAPTER_TOO_LARGE', `adapter needs ${bytes} device bytes but --adapter-device-bytes is ${this.opts.maxDeviceBytes}`);
     }
     while (this.full(bytes)) {
-      const victim = [...this.device.values()].find((e) => e.pins === 0 && !e.userPinned);
+      const victim = [...this.device.values()].find((e) => e.pins === 0 && !e.userPinned && !this.acquiring.has(e.id));
       if (victim) {
         this.evict(victim);
         this.metrics?.evicted('device');
@@ -184,6 +207,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       }
       await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
     }
+    this.reserved++;
+    this.reservedBytes += bytes;
   }
 
   private wakeRoomWaiters(): void {

@@ -1,0 +1,483 @@
+/**
+ * The Engine alone, with a fake Executor (token t is always followed by (t + 1) % V), a fake Detokenizer
+ * (token t is the letter 'A' + t) and a fake AdapterProvider whose loads the test finishes by hand: adapter
+ * loads not blocking others, timeouts, OVERLOADED, draining, eos, stop sequences, executor failures.
+ * No TensorFlow.js.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
+import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
+import type { GenerateRequest } from '../src/engine/types.ts';
+import { fail, isServeError, type ServeError } from '../src/errors.ts';
+import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
+import { IncrementalDecoder } from '../src/model/tokenizer.ts';
+import { request, type Outcome } from './helpers/runtime.ts';
+
+const V = 32;
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const next = (t: number) => (t + 1) % V;
+/** The tokens the fake model generates after `last`. */
+const chain = (last: number, n: number) => Array.from({ length: n }, (_, i) => (last + 1 + i) % V);
+const letters = (ids: readonly number[]) => ids.map((i) => String.fromCharCode(65 + i)).join('');
+
+function logitsRow(lastToken: number): Float32Array {
+  const row = new Float32Array(V);
+  row[next(lastToken)] = 10;
+  return row;
+}
+
+type Kind = 'prefill' | 'decode';
+
+/** Executor fake: tracks which sequences it holds and checks the engine's calls against the contract. */
+class FakeExecutor implements Executor {
+  readonly vocabSize = V;
+  readonly decodeBatch = new Map<number, ExecAdapter | null>();
+  readonly partial = new Set<number>();
+  readonly calls: { kind: Kind; seqs: number[]; adapters: (string | null)[] }[] = [];
+  readonly released: number[] = [];
+  /** Contract violations seen (a decode item missing, release during a call...). */
+  readonly violations: string[] = [];
+  delayMs = 0;
+  /** Runs at the start of each call (may wait, may throw). */
+  hook: ((kind: Kind, n: number) => void | Promise<void>) | null = null;
+  private inFlight = false;
+  private n = 0;
+
+  get running(): number {
+    return this.decodeBatch.size;
+  }
+
+  private async enter(kind: Kind, seqs: number[], adapters: (ExecAdapter | null)[]): Promise<void> {
+    if (this.inFlight) this.violations.push(`${kind} while another call is in flight`);
+    this.inFlight = true;
+    this.calls.push({ kind, seqs, adapters: adapters.map((a) => a?.id ?? null) });
+    try {
+      await this.hook?.(kind, ++this.n);
+      if (this.delayMs > 0) await sleep(this.delayMs);
+    } catch (err) {
+      this.inFlight = false;
+      throw err;
+    }
+  }
+
+  async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
+    await this.enter('prefill', items.map((i) => i.seq), items.map((i) => i.adapter));
+    const logits = new Map<number, Float32Array>();
+    for (const it of items) {
+      if (this.decodeBatch.has(it.seq)) this.violations.push(`prefill of running seq ${it.seq}`);
+      if (it.last) {
+        this.partial.delete(it.seq);
+        this.decodeBatch.set(it.seq, it.adapter);
+      } else {
+        this.partial.add(it.seq);
+      }
+      const rows = it.allLogits ? it.tokens.length : it.last ? 1 : 0;
+      if (rows === 0) continue;
+      const out = new Float32Array(rows * V);
+      const toks = it.tokens.slice(it.tokens.length - rows);
+      toks.forEach((t, r) => out.set(logitsRow(t), r * V));
+      logits.set(it.seq, out);
+    }
+    this.inFlight = false;
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size] };
+  }
+
+  async decode(items: readonly DecodeItem[]): Promise<StepResult> {
+    const seqs = new Set(items.map((i) => i.seq));
+    if (seqs.size !== this.decodeBatch.size || [...this.decodeBatch.keys()].some((s) => !seqs.has(s))) {
+      this.violations.push(`decode items ${[...seqs]} != decode batch ${[...this.decodeBatch.keys()]}`);
+    }
+    await this.enter('decode', items.map((i) => i.seq), items.map((i) => i.adapter));
+    const logits = new Map<number, Float32Array>();
+    for (const it of items) logits.set(it.seq, logitsRow(it.token));
+    this.inFlight = false;
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size] };
+  }
+
+  release(seq: number): void {
+    if (this.inFlight) this.violations.push(`release(${seq}) during an in-flight step`);
+    this.released.push(seq);
+    this.decodeBatch.delete(seq);
+    this.partial.delete(seq);
+  }
+
+  forgetAdapter(): void {}
+
+  /** Sequence ids that were prefilled with this adapter id. */
+  seqsOf(adapterId: string | null): number[] {
+    const out = new Set<number>();
+    for (const c of this.calls) if (c.kind === 'prefill') c.seqs.forEach((s, i) => c.adapters[i] === adapterId && out.add(s));
+    return [...out];
+  }
+
+  /** Resolves at the next call of this kind (after it is recorded, before it runs). */
+  waitForCall(kind: Kind): Promise<void> {
+    const seen = this.calls.filter((c) => c.kind === kind).length;
+    return (async () => {
+      while (this.calls.filter((c) => c.kind === kind).length === seen) await sleep(1);
+    })();
+  }
+}
+
+/** Token t is the letter 'A' + t; the eos ids are special (skipped in text). */
+function fakeTokenizer(eos: readonly number[] = []): Detokenizer {
+  const text = (id: number) => String.fromCharCode(65 + id);
+  return {
+    eosTokenIds: eos,
+    tokenText: text,
+    isSpecial: (id) => eos.includes(id),
+    createDecoder: (opts) => new IncrementalDecoder((ids) => ids.filter((i) => !(opts?.skipSpecialTokens && eos.includes(i))).map(text).join(''), []),
+  };
+}
+
+interface FakeLease { readonly id: string; released: boolean }
+
+/** Adapters in `slow` resolve only when `finish(id)` is called; `missing` ones reject with ADAPTER_NOT_FOUND. */
+class FakeProvider implements AdapterProvider {
+  readonly leases: FakeLease[] = [];
+  readonly slow = new Set<string>();
+  readonly missing = new Set<string>();
+  private readonly waiters = new Map<string, (() => void)[]>();
+
+  acquire(id: string): Promise<AdapterLease> {
+    if (this.missing.has(id)) return Promise.reject(fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`));
+    const make = (): AdapterLease => {
+      const rec: FakeLease = { id, released: false };
+      this.leases.push(rec);
+      return {
+        adapter: { id, version: `v-${id}` },
+        release: () => {
+          assert.equal(rec.released, false, `lease on ${id} released twice`);
+          rec.released = true;
+        },
+      };
+    };
+    if (!this.slow.has(id)) return Promise.resolve(make());
+    return new Promise((resolve) => {
+      const list = this.waiters.get(id) ?? [];
+      list.push(() => resolve(make()));
+      this.waiters.set(id, list);
+    });
+  }
+
+  finish(id: string): void {
+    this.slow.delete(id);
+    for (const w of this.waiters.get(id) ?? []) w();
+    this.waiters.delete(id);
+  }
+
+  unreleased(): string[] {
+    return this.leases.filter((l) => !l.released).map((l) => l.id);
+  }
+}
+
+const OPTS: EngineOptions = {
+  maxBatchSize: 8, maxBatchTokens: 256, prefillChunk: 16, loraMode: 'unmerged',
+  maxQueue: 16, maxInputLength: 64, maxTotalTokens: 4096, maxPositions: 4096,
+};
+
+function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = []) {
+  const ex = new FakeExecutor();
+  const provider = new FakeProvider();
+  const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts });
+  const finished: string[] = [];
+  /** Submits a request; resolves with its outcome (the label is recorded in completion order). */
+  const submit = (label: string, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> => new Promise((resolve) => {
+    const out: Outcome = { tokens: [], text: '' };
+    engine.generate(req, {
+      onToken(token, text) {
+        out.tokens.push(token);
+        out.text += text;
+        onToken?.(out.tokens.length);
+      },
+      onDone(result) {
+        out.result = result;
+        finished.push(label);
+        resolve(out);
+      },
+      onError(error) {
+        out.error = error;
+        finished.push(label);
+        resolve(out);
+      },
+    });
+  });
+  return { ex, provider, engine, submit, finished };
+}
+
+const ids = (o: Outcome) => o.tokens.map((t) => t.id);
+
+/** `p`, or a failure after `ms` (a regression must fail the test, not hang the suite). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done after ${ms} ms`)), ms);
+  });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
+test('a request whose adapter is loading blocks nobody; it runs once the adapter is resident', async () => {
+  const { ex, provider, engine, submit, finished } = setup();
+  provider.slow.add('slow');
+  const a = submit('slow', request([5], { adapterId: 'slow', maxNewTokens: 4 }));
+  const b = submit('fast', request([10, 11], { adapterId: 'fast', maxNewTokens: 4 }));
+  const c = submit('base', request([20], { maxNewTokens: 3 }));
+  const [ob, oc] = await Promise.all([b, c]);
+  assert.deepEqual(ids(ob), chain(11, 4));
+  assert.equal(ob.result?.finishReason, 'length');
+  assert.deepEqual(ids(oc), chain(20, 3));
+  assert.deepEqual(finished.sort(), ['base', 'fast']);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 1 });
+  assert.equal(ex.seqsOf('slow').length, 0, 'nothing of the loading adapter reached the executor');
+
+  provider.finish('slow');
+  const oa = await a;
+  assert.deepEqual(finished.at(-1), 'slow');
+  assert.deepEqual(ids(oa), chain(5, 4));
+  assert.equal(oa.result?.adapterId, 'slow');
+  assert.equal(oa.text, letters(chain(5, 4)));
+  assert.deepEqual(provider.unreleased(), []);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  assert.deepEqual(ex.violations, []);
+});
+
+test('an unknown adapter fails with ADAPTER_NOT_FOUND and never reaches the executor', async () => {
+  const { ex, provider, submit } = setup();
+  provider.missing.add('nope');
+  const o = await submit('x', request([1], { adapterId: 'nope' }));
+  assert.equal(o.error?.code, 'ADAPTER_NOT_FOUND');
+  assert.equal(o.tokens.length, 0);
+  assert.equal(ex.calls.length, 0);
+});
+
+test('timeoutMs ends a running request with TIMEOUT and releases its KV cache and adapter pin', async () => {
+  const { ex, provider, engine, submit } = setup();
+  ex.delayMs = 10;
+  const t0 = performance.now();
+  const o = await within(submit('t', request([3], { adapterId: 'fast', maxNewTokens: 1000, ignoreEos: true, timeoutMs: 100 })), 5000, 'timeout');
+  const elapsed = performance.now() - t0;
+  assert.equal(o.error?.code, 'TIMEOUT');
+  assert.ok(o.tokens.length >= 1 && o.tokens.length < 1000, `${o.tokens.length} tokens`);
+  assert.ok(elapsed >= 95 && elapsed < 2000, `ended after ${elapsed} ms`);
+  const [seq] = ex.seqsOf('fast');
+  assert.ok(ex.released.includes(seq!), 'executor.release was called for the timed-out sequence');
+  assert.equal(ex.running, 0);
+  assert.deepEqual(provider.unreleased(), []);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  assert.deepEqual(ex.violations, []);
+});
+
+test('timeoutMs while the adapter is still loading: TIMEOUT, and the late lease is released at once', async () => {
+  const { ex, provider, submit } = setup();
+  provider.slow.add('slow');
+  const o = await within(submit('t', request([3], { adapterId: 'slow', timeoutMs: 30 })), 5000, 'timeout');
+  assert.equal(o.error?.code, 'TIMEOUT');
+  provider.finish('slow');
+  await sleep(5);
+  assert.equal(provider.leases.length, 1);
+  assert.deepEqual(provider.unreleased(), []);
+  assert.equal(ex.calls.length, 0);
+});
+
+test('a request that timed out while its adapter loads no longer counts toward maxQueue', async () => {
+  const { provider, engine, submit } = setup({ maxQueue: 1 });
+  provider.slow.add('slow');
+  try {
+    const o = await submit('t', request([1], { adapterId: 'slow', timeoutMs: 20 }));
+    assert.equal(o.error?.code, 'TIMEOUT');
+    assert.equal(engine.stats().waitingForAdapter, 0);
+    const next = await submit('n', request([2], { maxNewTokens: 1 }));
+    assert.equal(next.result?.generatedTokens, 1);
+  } finally {
+    provider.finish('slow');
+  }
+});
+
+test('a full queue throws OVERLOADED synchronously with details.retryAfter; the queue frees up', async () => {
+  const { provider, engine, submit } = setup({ maxQueue: 3 });
+  provider.slow.add('slow');
+  // Two waiting for their adapter and one queued count toward maxQueue (the step loop starts asynchronously).
+  const waiting = [submit('s1', request([1], { adapterId: 'slow', maxNewTokens: 2 })), submit('s2', request([2], { adapterId: 'slow', maxNewTokens: 2 }))];
+  const queued = submit('q', request([3], { maxNewTokens: 2 }));
+  let sinkCalled = false;
+  const sink = { onToken() { sinkCalled = true; }, onDone() { sinkCalled = true; }, onError() { sinkCalled = true; } };
+  assert.throws(() => engine.generate(request([4]), sink), (err: unknown) => {
+    assert.ok(isServeError(err));
+    assert.equal(err.code, 'OVERLOADED');
+    assert.equal(err.status, 429);
+    assert.ok(typeof err.details?.retryAfter === 'number' && err.details.retryAfter > 0, JSON.stringify(err.details));
+    return true;
+  });
+  assert.equal((await queued).result?.finishReason, 'length');
+  // The queued one has left; the two still waiting for their adapter keep the queue at 2 of 3: one more fits, not two.
+  const extra = submit('e', request([5], { maxNewTokens: 1 }));
+  assert.throws(() => engine.generate(request([6]), sink), { code: 'OVERLOADED' });
+  assert.equal((await extra).result?.generatedTokens, 1);
+  provider.finish('slow');
+  for (const o of await Promise.all(waiting)) assert.equal(o.result?.finishReason, 'length');
+  assert.equal(sinkCalled, false, 'a refused request gets no events');
+  assert.equal((await submit('after', request([7], { maxNewTokens: 1 }))).result?.generatedTokens, 1);
+});
+
+test('drain: running requests finish, new ones are refused with SHUTTING_DOWN, drain resolves when idle', async () => {
+  const { ex, engine, submit } = setup();
+  ex.delayMs = 5;
+  let draining: Promise<void> | undefined;
+  const t0 = performance.now();
+  const o = await within(submit('r', request([1], { maxNewTokens: 12, ignoreEos: true }), (n) => {
+    if (n === 2) draining = engine.drain(10_000);
+  }), 5000, 'request');
+  assert.ok(draining);
+  assert.throws(() => engine.generate(request([2]), { onToken() {}, onDone() {}, onError() {} }), { code: 'SHUTTING_DOWN' });
+  await within(draining!, 5000, 'drain');
+  assert.ok(performance.now() - t0 < 5000, 'drain did not wait for the grace period');
+  assert.equal(o.result?.finishReason, 'length');
+  assert.deepEqual(ids(o), chain(1, 12));
+  assert.deepEqual(ex.violations, []);
+});
+
+test('drain: what is left after the grace period is cancelled with SHUTTING_DOWN and freed', async () => {
+  const { ex, provider, engine, submit } = setup();
+  ex.delayMs = 5;
+  provider.slow.add('slow');
+  const pendingAdapter = submit('a', request([9], { adapterId: 'slow' }));
+  let draining: Promise<void> | undefined;
+  let t0 = 0;
+  const long = submit('r', request([1], { adapterId: 'fast', maxNewTokens: 3000, ignoreEos: true }), (n) => {
+    if (n === 2) {
+      t0 = performance.now();
+      draining = engine.drain(150);
+    }
+  });
+  const [ol, oa] = await within(Promise.all([long, pendingAdapter]), 5000, 'requests after the grace period');
+  await within(draining!, 1000, 'drain');
+  const elapsed = performance.now() - t0;
+  assert.ok(elapsed >= 140 && elapsed < 3000, `drain took ${elapsed} ms`);
+  assert.equal(ol.error?.code, 'SHUTTING_DOWN');
+  assert.ok(ol.tokens.length > 2 && ol.tokens.length < 3000, `${ol.tokens.length} tokens`);
+  assert.equal(oa.error?.code, 'SHUTTING_DOWN');
+  assert.ok(ex.released.includes(ex.seqsOf('fast')[0]!));
+  assert.equal(ex.running, 0);
+  provider.finish('slow');
+  await sleep(5);
+  assert.deepEqual(provider.unreleased(), []);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  assert.deepEqual(ex.violations, []);
+});
+
+test('eos ends with eos_token; the eos token is counted but not in the text; ignoreEos runs on', async () => {
+  const { ex, submit } = setup({}, [9]);
+  const o = await submit('e', request([5], { maxNewTokens: 10 }));
+  assert.equal(o.result?.finishReason, 'eos_token');
+  assert.deepEqual(ids(o), [6, 7, 8, 9]);
+  assert.equal(o.result?.generatedTokens, 4);
+  assert.equal(o.tokens.at(-1)?.special, true);
+  assert.equal(o.result?.text, 'GHI');
+  assert.equal(o.text, 'GHI');
+  assert.equal(ex.running, 0);
+
+  const ig = await submit('i', request([5], { maxNewTokens: 6, ignoreEos: true }));
+  assert.equal(ig.result?.finishReason, 'length');
+  assert.deepEqual(ids(ig), [6, 7, 8, 9, 10, 11]);
+  assert.equal(ig.result?.text, 'GHIKL');
+});
+
+test('stop sequences end with stop_sequence (kept by default, cut with includeStop: false)', async () => {
+  const { ex, submit } = setup();
+  // Prompt [0] generates B C D E F ...
+  const kept = await submit('k', request([0], { maxNewTokens: 20, stop: ['DE'] }));
+  assert.equal(kept.result?.finishReason, 'stop_sequence');
+  assert.equal(kept.result?.generatedTokens, 4);
+  assert.equal(kept.result?.text, 'BCDE');
+  assert.equal(kept.text, 'BCDE', 'streamed text adds up to the result');
+
+  const cut = await submit('c', request([0], { maxNewTokens: 20, stop: ['XYZ', 'DE'], includeStop: false }));
+  assert.equal(cut.result?.finishReason, 'stop_sequence');
+  assert.equal(cut.result?.text, 'BC');
+  assert.equal(cut.text, 'BC');
+
+  const none = await submit('n', request([0], { maxNewTokens: 5, stop: ['DF'] }));
+  assert.equal(none.result?.finishReason, 'length');
+  assert.equal(none.result?.text, 'BCDEF');
+  assert.equal(ex.running, 0);
+});
+
+test('an executor that throws fails the sequences it held with GENERATION; the engine keeps serving', async () => {
+  const { ex, provider, engine, submit } = setup({ maxBatchSize: 2 });
+  ex.delayMs = 2;
+  const boom = new Error('device lost');
+  ex.hook = (kind, n) => {
+    if (kind === 'decode' && n === 3) throw boom; // prefill(r1, r2), decode, decode → throws
+  };
+  const r1 = submit('r1', request([1], { adapterId: 'fast', maxNewTokens: 10 }));
+  while (engine.stats().waitingForAdapter > 0) await Promise.resolve(); // r1 queued first (the loop starts on setImmediate)
+  const r2 = submit('r2', request([2], { maxNewTokens: 10 }));
+  const r3 = submit('r3', request([3], { maxNewTokens: 4 })); // no slot: waits, survives the failure
+  const [o1, o2, o3] = await within(Promise.all([r1, r2, r3]), 5000, 'requests');
+  for (const o of [o1, o2]) {
+    assert.equal(o.error?.code, 'GENERATION');
+    assert.equal((o.error as ServeError & { cause?: unknown }).cause, boom);
+    assert.equal(o.tokens.length, 2);
+  }
+  assert.deepEqual(ex.calls[0]!.seqs.length, 2, 'r1 and r2 share the first batch');
+  assert.deepEqual(ids(o3), chain(3, 4));
+  assert.equal(o3.result?.finishReason, 'length');
+  const failed = [...ex.seqsOf('fast'), ...ex.calls[0]!.seqs];
+  for (const s of failed) assert.ok(ex.released.includes(s), `seq ${s} released`);
+  assert.deepEqual(provider.unreleased(), []);
+
+  // A prefill failure too, then normal service.
+  ex.hook = (kind) => {
+    if (kind === 'prefill') throw new Error('prefill failed');
+  };
+  const o4 = await within(submit('r4', request([4], { maxNewTokens: 3 })), 5000, 'r4');
+  assert.equal(o4.error?.code, 'GENERATION');
+  ex.hook = null;
+  const o5 = await within(submit('r5', request([5], { maxNewTokens: 3 })), 5000, 'r5');
+  assert.deepEqual(ids(o5), chain(5, 3));
+  assert.equal(ex.running, 0);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  assert.deepEqual(ex.violations, []);
+});
+
+test('cancelling a queued request while a step is in flight does not disturb the running batch', async () => {
+  const { ex, engine, submit } = setup();
+  let openPrefill!: () => void;
+  const prefillGate = new Promise<void>((r) => (openPrefill = r));
+  const ac = new AbortController();
+  ex.hook = async (kind, n) => {
+    if (kind === 'prefill' && n === 1) await prefillGate;
+    // The plan of this step holds decode [r1] and prefill [r2]; r2 is cancelled while the decode runs.
+    if (kind === 'decode' && n === 2) ac.abort();
+  };
+  const r1 = submit('r1', request([1], { maxNewTokens: 5 }));
+  await ex.waitForCall('prefill');
+  const r2 = submit('r2', request([2], { maxNewTokens: 5, signal: ac.signal }));
+  openPrefill();
+  const [o1, o2] = await within(Promise.all([r1, r2]), 5000, 'requests');
+  assert.equal(o2.error?.code, 'CANCELLED');
+  assert.equal(o1.error, undefined, `running request failed: ${o1.error?.code} ${String((o1.error as { cause?: unknown } | undefined)?.cause)}`);
+  assert.deepEqual(ids(o1), chain(1, 5));
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+});
+
+test('a cancellation during an in-flight step never calls executor.release mid-step', async () => {
+  const { ex, provider, submit } = setup();
+  provider.slow.add('slow');
+  const acRunning = new AbortController();
+  const acLoading = new AbortController();
+  ex.hook = (kind, n) => {
+    if (kind === 'decode' && n === 3) {
+      acRunning.abort(); // deferred: r1 is held by the executor
+      acLoading.abort(); // r2 waits for its adapter: reaped at once... and r1 with it
+    }
+  };
+  const r1 = submit('r1', request([1], { maxNewTokens: 50, ignoreEos: true, signal: acRunning.signal }));
+  const r2 = submit('r2', request([2], { adapterId: 'slow', signal: acLoading.signal }));
+  const [o1, o2] = await within(Promise.all([r1, r2]), 5000, 'requests');
+  provider.finish('slow');
+  assert.equal(o1.error?.code, 'CANCELLED');
+  assert.equal(o2.error?.code, 'CANCELLED');
+  assert.deepEqual(ex.violations, []);
+});

@@ -1,0 +1,460 @@
+/**
+ * The AdapterManager on a TINY_LLAMA fixture (wasm backend): pinning and waiting for a device slot, user pins,
+ * single-flight loads, replace/delete while a lease is held, bad uploads leaving the old version, the failed
+ * state, and the device byte limit. Tensor counts return to their baseline at the end of every test.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync, statSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/fixtures/index.ts';
+import { AdapterManager, type AdapterManagerOptions } from '../src/lora/manager.ts';
+import { adapterVersion, AdapterStore } from '../src/lora/store.ts';
+import type { AdapterLease, AdapterMetrics } from '../src/lora/types.ts';
+import type { DeviceAdapter } from '../src/lora/device.ts';
+import type { ExecAdapter } from '../src/engine/executor.ts';
+import { CausalLM } from '../src/model/model.ts';
+import { TfExecutor } from '../src/model/tf-executor.ts';
+import { greedyBatch } from './helpers/lora.ts';
+import { fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
+
+const tmp = tempDir();
+let model: CausalLM;
+let baseConfig: Record<string, unknown>;
+before(async () => {
+  await setupBackend();
+  const { config } = await fixtureCheckpoint(join(tmp.dir, 'model'), TINY_LLAMA);
+  baseConfig = config;
+  model = CausalLM.load(join(tmp.dir, 'model'));
+});
+after(() => {
+  model.dispose();
+  tmp.cleanup();
+});
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+class CountingMetrics implements AdapterMetrics {
+  misses = 0;
+  readonly hits = { device: 0, host: 0 };
+  readonly failed: string[] = [];
+  readonly evictions = { device: 0, host: 0 };
+  hit(tier: 'device' | 'host'): void {
+    this.hits[tier]++;
+  }
+  miss(): void {
+    this.misses++;
+  }
+  loaded(): void {}
+  loadFailed(code: string): void {
+    this.failed.push(code);
+  }
+  evicted(tier: 'device' | 'host'): void {
+    this.evictions[tier]++;
+  }
+  resident(): void {}
+}
+
+let dirs = 0;
+/** A fresh adapter folder with a manager over it; counts store reads. */
+function setup(opts: Partial<AdapterManagerOptions> = {}, onEvict?: (a: ExecAdapter) => void) {
+  const dir = join(tmp.dir, `adapters-${++dirs}`);
+  mkdirSync(dir, { recursive: true });
+  const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
+  const reads: string[] = [];
+  const read = store.read.bind(store);
+  store.read = (id) => {
+    reads.push(id);
+    return read(id);
+  };
+  const metrics = new CountingMetrics();
+  const manager = new AdapterManager(store, model, {
+    maxRank: 64, maxDeviceAdapters: 16, maxDeviceBytes: 0, maxHostBytes: 64 << 20, ...opts,
+  }, onEvict, metrics);
+  const write = (id: string, o: Omit<AdapterOptions, 'baseConfig'> = {}) =>
+    writePeftAdapter(join(dir, id), { baseConfig, r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj'], seed: 7, ...o });
+  return { dir, store, manager, metrics, reads, write };
+}
+
+/** The files of an adapter as an upload body (written outside any adapter folder). */
+async function uploadFiles(name: string, o: Omit<AdapterOptions, 'baseConfig'>): Promise<{ config: Record<string, unknown>; weights: Uint8Array }> {
+  const d = join(tmp.dir, 'staging', `${name}-${++dirs}`);
+  await writePeftAdapter(d, { baseConfig, r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj'], ...o });
+  return { config: JSON.parse(readFileSync(join(d, 'adapter_config.json'), 'utf8')), weights: readFileSync(join(d, 'adapter_model.safetensors')) };
+}
+
+const firstModule = (l: AdapterLease) => (l.adapter as DeviceAdapter).modules.values().next().value!;
+
+/** Whether the promise settles within `ms`. */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let done = false;
+  void p.then(() => (done = true), () => (done = true));
+  const t0 = Date.now();
+  while (!done && Date.now() - t0 < ms) await sleep(5);
+  return done;
+}
+
+/** Every file under `dir` with its size (relative paths, sorted). */
+function snapshot(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const name of readdirSync(d)) {
+      const p = join(d, name);
+      if (statSync(p).isDirectory()) walk(p);
+      else out.push(`${relative(dir, p)}:${statSync(p).size}`);
+    }
+  };
+  walk(dir);
+  return out.sort();
+}
+
+test('pinning: with one device slot, a second adapter waits for the lease on the first, which is then evicted', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, write } = setup({ maxDeviceAdapters: 1 });
+  await write('a', { seed: 1 });
+  await write('b', { seed: 2 });
+  const la = await manager.acquire('a');
+  assert.equal(tf.memory().numTensors > baseline, true, 'a is on the device');
+  let lb: AdapterLease | undefined;
+  const pb = manager.acquire('b').then((l) => (lb = l));
+  await sleep(100);
+  assert.equal(lb, undefined, 'acquire(b) must wait while a is pinned');
+  assert.equal((await manager.info('a')).tier, 'device');
+  assert.equal((await manager.info('a')).activeRequests, 1);
+  assert.equal((await manager.info('b')).state, 'loading');
+  assert.equal(manager.stats().deviceAdapters, 1);
+
+  la.release();
+  assert.equal(await settlesWithin(pb, 3000), true, 'acquire(b) resolves once a is released');
+  assert.equal(lb!.adapter.id, 'b');
+  const ia = await manager.info('a');
+  assert.notEqual(ia.tier, 'device');
+  assert.equal(ia.activeRequests, 0);
+  assert.equal(firstModule(la).At.isDisposed, true, "a's tensors were freed on eviction");
+  assert.equal((await manager.info('b')).tier, 'device');
+  assert.equal(manager.stats().deviceAdapters, 1);
+  la.release(); // idempotent
+  assert.equal((await manager.info('b')).tier, 'device');
+
+  lb!.release();
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('load(pin) keeps an adapter on the device under pressure; unload releases it', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, write } = setup({ maxDeviceAdapters: 2 });
+  for (const [i, id] of ['p', 'b', 'c', 'd', 'x', 'y'].entries()) await write(id, { seed: 10 + i });
+  const info = await manager.load('p', { pin: true });
+  assert.equal(info.pinned, true);
+  assert.equal(info.tier, 'device');
+  assert.equal(info.activeRequests, 0);
+  for (const id of ['b', 'c', 'd']) (await manager.acquire(id)).release();
+  assert.equal((await manager.info('p')).tier, 'device', 'the pinned adapter survived');
+  assert.notEqual((await manager.info('b')).tier, 'device', 'unpinned ones were evicted instead');
+  assert.notEqual((await manager.info('c')).tier, 'device');
+  assert.equal((await manager.info('d')).tier, 'device');
+
+  // Both slots held (p pinned, x leased): y waits until unload(p).
+  const lx = await manager.acquire('x');
+  let ly: AdapterLease | undefined;
+  const py = manager.acquire('y').then((l) => (ly = l));
+  await sleep(100);
+  assert.equal(ly, undefined, 'acquire(y) must wait: every slot is pinned');
+  const after = await manager.unload('p');
+  assert.equal(after.pinned, false);
+  assert.equal(await settlesWithin(py, 3000), true, 'unload(p) made room');
+  assert.notEqual((await manager.info('p')).tier, 'device');
+  assert.equal(manager.stats().deviceAdapters, 2);
+
+  lx.release();
+  ly!.release();
+  await assert.rejects(manager.unload('never-existed'), { code: 'ADAPTER_NOT_FOUND' });
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('single-flight: 10 concurrent acquires of an adapter that is not loaded read the store once', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, metrics, reads, write } = setup();
+  await write('x');
+  const leases = await Promise.all(Array.from({ length: 10 }, () => manager.acquire('x')));
+  assert.equal(metrics.misses, 1);
+  assert.deepEqual(reads, ['x']);
+  assert.equal(new Set(leases.map((l) => l.adapter)).size, 1, 'one device adapter shared by all');
+  assert.equal((await manager.info('x')).activeRequests, 10);
+  assert.equal(manager.stats().deviceAdapters, 1);
+  leases.forEach((l) => l.release());
+  assert.equal((await manager.info('x')).activeRequests, 0);
+  // Resident now: a further acquire is a device hit, no new read.
+  (await manager.acquire('x')).release();
+  assert.equal(metrics.misses, 1);
+  assert.equal(metrics.hits.device, 1);
+  assert.deepEqual(reads, ['x']);
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('replace while in use: the old lease keeps v1 until released, new acquires get v2', async () => {
+  const baseline = tf.memory().numTensors;
+  const evicted: string[] = [];
+  const { manager, write } = setup({}, (a) => evicted.push(a.version));
+  await write('r', { seed: 1 });
+  const l1 = await manager.acquire('r');
+  const v1 = l1.adapter.version;
+  assert.equal((await manager.info('r')).version, v1);
+
+  const v2files = await uploadFiles('v2', { seed: 2 });
+  const v2 = adapterVersion(v2files.config, v2files.weights);
+  assert.notEqual(v2, v1);
+  const info = await manager.put('r', v2files);
+  assert.equal(info.version, v2);
+  assert.equal(info.source, 'upload');
+
+  assert.equal(l1.adapter.version, v1);
+  const m1 = firstModule(l1);
+  assert.equal(m1.At.isDisposed, false, 'v1 still alive while leased');
+  assert.equal(m1.Bt.isDisposed, false);
+  assert.deepEqual(evicted, []);
+
+  const l2 = await manager.acquire('r');
+  assert.equal(l2.adapter.version, v2);
+  assert.notEqual(l2.adapter, l1.adapter);
+  assert.equal((await manager.info('r')).version, v2);
+
+  l1.release();
+  assert.equal(m1.At.isDisposed, true, 'v1 disposed once its last lease is released');
+  assert.equal(m1.Bt.isDisposed, true);
+  assert.deepEqual(evicted, [v1], 'the executor was told to forget v1');
+  assert.equal(firstModule(l2).At.isDisposed, false, 'v2 untouched');
+  assert.equal((await manager.info('r')).tier, 'device');
+
+  l2.release();
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('delete while in use: new acquires get ADAPTER_NOT_FOUND; the old lease keeps working until released', async () => {
+  const baseline = tf.memory().numTensors;
+  const ex = new TfExecutor(model, { loraMode: 'unmerged' });
+  const { manager, write } = setup({}, (a) => ex.forgetAdapter(a));
+  await write('d', { seed: 3, std: 1 });
+  const l1 = await manager.acquire('d');
+  const prompt = [5, 17, 42, 99];
+  const before = await greedyBatch(ex, [{ prompt, lease: l1 }], 3);
+  const base = await greedyBatch(ex, [{ prompt, lease: null }], 1);
+  assert.ok(maxRelErr(before.logits[0]![0]!, base.logits[0]![0]!) > 1e-4, 'the adapter changes the logits');
+
+  assert.equal(await manager.delete('d'), true);
+  await assert.rejects(manager.acquire('d'), { code: 'ADAPTER_NOT_FOUND' });
+  await assert.rejects(manager.info('d'), { code: 'ADAPTER_NOT_FOUND' });
+  assert.equal((await manager.ids()).includes('d'), false);
+
+  assert.equal(firstModule(l1).At.isDisposed, false);
+  const again = await greedyBatch(ex, [{ prompt, lease: l1 }], 3);
+  assert.deepEqual(again.tokens, before.tokens);
+  assert.deepEqual(again.logits, before.logits, 'the held version computes exactly as before');
+
+  l1.release();
+  assert.equal(firstModule(l1).At.isDisposed, true, 'disposed with its last lease');
+  assert.equal(await manager.delete('d'), false, 'a second delete finds nothing');
+  ex.dispose();
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('a bad upload is rejected with its code and leaves the previous version (memory and disk) in place', async () => {
+  const baseline = tf.memory().numTensors;
+  const { dir, store, manager, write } = setup();
+  await write('u', { seed: 4 });
+  const l0 = await manager.acquire('u');
+  const v1 = l0.adapter.version;
+  l0.release();
+  const disk = snapshot(dir);
+  const cfgBefore = readFileSync(join(dir, 'u', 'adapter_config.json'));
+
+  const good = await uploadFiles('u-next', { seed: 5 });
+  await assert.rejects(manager.put('u', { config: { ...good.config, use_dora: true }, weights: good.weights }), { code: 'ADAPTER_UNSUPPORTED' });
+  await assert.rejects(manager.put('u', { config: good.config, weights: good.weights.subarray(0, good.weights.length - 64) }), { code: 'SAFETENSORS_INVALID' });
+  await assert.rejects(manager.put('u', { config: { ...good.config, target_modules: null }, weights: good.weights }), { code: 'ADAPTER_INVALID_CONFIG' });
+
+  const info = await manager.info('u');
+  assert.equal(info.version, v1);
+  assert.equal(info.state, 'ready');
+  assert.equal(info.error, null);
+  const l1 = await manager.acquire('u');
+  assert.equal(l1.adapter.version, v1);
+  l1.release();
+  assert.deepEqual(snapshot(dir), disk, 'nothing new on disk');
+  assert.deepEqual(readFileSync(join(dir, 'u', 'adapter_config.json')), cfgBefore);
+
+  // A fresh manager on the same folder loads the same version from disk.
+  const fresh = new AdapterManager(store, model, { maxRank: 64, maxDeviceAdapters: 4, maxDeviceBytes: 0, maxHostBytes: 64 << 20 });
+  const l2 = await fresh.acquire('u');
+  assert.equal(l2.adapter.version, v1);
+  l2.release();
+  fresh.dispose();
+
+  // A bad upload under a new id stores nothing and is not listed.
+  await assert.rejects(manager.put('fresh-bad', { config: { ...good.config, use_dora: true }, weights: good.weights }), { code: 'ADAPTER_UNSUPPORTED' });
+  await assert.rejects(manager.info('fresh-bad'), { code: 'ADAPTER_NOT_FOUND' });
+  assert.deepEqual(snapshot(dir), disk);
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('failed state: a bad adapter folder fails with its code and is reported as failed; unknown ids are 404 and unlisted', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, metrics, write } = setup();
+  await write('dora', { extraConfig: { use_dora: true } });
+  await write('notargets', { extraConfig: { target_modules: null } });
+  await write('ok');
+
+  for (const [id, code] of [['dora', 'ADAPTER_UNSUPPORTED'], ['notargets', 'ADAPTER_INVALID_CONFIG']] as const) {
+    await assert.rejects(manager.acquire(id), { code });
+    const info = await manager.info(id);
+    assert.equal(info.state, 'failed', id);
+    assert.equal(info.error?.code, code);
+    assert.notEqual(info.tier, 'device');
+    // Still failing on a retry (not silently served).
+    await assert.rejects(manager.acquire(id), { code });
+  }
+  assert.deepEqual(metrics.failed, ['ADAPTER_UNSUPPORTED', 'ADAPTER_UNSUPPORTED', 'ADAPTER_INVALID_CONFIG', 'ADAPTER_INVALID_CONFIG']);
+  const listed = new Map((await manager.list()).map((i) => [i.id, i]));
+  assert.equal(listed.get('dora')?.state, 'failed');
+  assert.equal(listed.get('notargets')?.error?.code, 'ADAPTER_INVALID_CONFIG');
+  assert.equal(listed.get('ok')?.state, 'available');
+
+  await assert.rejects(manager.acquire('ghost'), { code: 'ADAPTER_NOT_FOUND' });
+  await assert.rejects(manager.info('ghost'), { code: 'ADAPTER_NOT_FOUND' });
+  assert.equal(listed.has('ghost'), false);
+  assert.equal((await manager.list()).some((i) => i.id === 'ghost'), false);
+  assert.equal((await manager.ids()).includes('ghost'), false);
+  await assert.rejects(manager.acquire('../etc'), { code: 'ADAPTER_INVALID_ID' });
+
+  // Fixing the folder on disk via put clears the failure.
+  const fixed = await uploadFiles('fixed', { seed: 9 });
+  const info = await manager.put('dora', fixed);
+  assert.equal(info.error, null);
+  const l = await manager.acquire('dora');
+  assert.equal((await manager.info('dora')).state, 'ready');
+  l.release();
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('byte limit: at most one of two adapters fits; an adapter larger than the limit fails with ADAPTER_TOO_LARGE', async () => {
+  const baseline = tf.memory().numTensors;
+  // Measure the sizes with an unlimited manager.
+  const probe = setup();
+  await probe.write('a', { seed: 1 });
+  const la = await probe.manager.acquire('a');
+  const bytes = (await probe.manager.info('a')).bytes!;
+  la.release();
+  probe.manager.dispose();
+  assert.ok(bytes > 0);
+  const limit = Math.floor(1.5 * bytes);
+
+  const { manager, write } = setup({ maxDeviceAdapters: 0, maxDeviceBytes: limit });
+  await write('a', { seed: 1 });
+  await write('b', { seed: 2 });
+  await write('big', { seed: 3, r: 16, loraAlpha: 16 });
+
+  (await manager.acquire('a')).release();
+  assert.equal(manager.stats().deviceBytes, bytes);
+  const lb = await manager.acquire('b');
+  assert.equal(manager.stats().deviceAdapters, 1);
+  assert.equal(manager.stats().deviceBytes, bytes);
+  assert.notEqual((await manager.info('a')).tier, 'device', 'a was evicted to make room for b');
+
+  let la2: AdapterLease | undefined;
+  const pa = manager.acquire('a').then((l) => (la2 = l));
+  await sleep(100);
+  assert.equal(la2, undefined, 'a waits while b is leased');
+  assert.ok(manager.stats().deviceBytes <= limit);
+  lb.release();
+  assert.equal(await settlesWithin(pa, 3000), true);
+  assert.equal(manager.stats().deviceAdapters, 1);
+  la2!.release();
+
+  await assert.rejects(manager.acquire('big'), { code: 'ADAPTER_TOO_LARGE' });
+  const big = await manager.info('big');
+  assert.equal(big.state, 'failed');
+  assert.equal(big.error?.code, 'ADAPTER_TOO_LARGE');
+  assert.ok(big.bytes! > limit, `big is ${big.bytes} bytes`);
+  assert.equal((await manager.info('a')).tier, 'device', 'a failed load evicts nothing');
+  assert.ok(manager.stats().deviceBytes <= limit);
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+
+test('two loads waiting for the one device slot, woken by one release: only one gets it', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, write } = setup({ maxDeviceAdapters: 1 });
+  for (const [i, id] of ['a', 'b', 'c'].entries()) await write(id, { seed: 20 + i });
+  const leases: AdapterLease[] = [];
+  try {
+    const la = await manager.acquire('a');
+    const pending = ['b', 'c'].map((id) => manager.acquire(id).then((l) => leases.push(l)));
+    // Both read and validated (host tier), now waiting for the slot.
+    for (let i = 0; i < 400 && manager.stats().hostAdapters < 3; i++) await sleep(5);
+    assert.equal(manager.stats().hostAdapters, 3);
+    await sleep(20);
+    la.release();
+    await sleep(100);
+    const n = manager.stats().deviceAdapters;
+    assert.equal(n <= 1, true, `${n} adapters on the device with maxDeviceAdapters 1`);
+    assert.equal(leases.length, 1, 'only one of b, c may get the slot');
+    leases[0]!.release();
+    await Promise.all(pending);
+  } finally {
+    leases.forEach((l) => l.release());
+    manager.dispose();
+    assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+  }
+});
+
+test('two host-tier adapters acquired at once into an empty device tier: only one is resident', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, write, reads } = setup({ maxDeviceAdapters: 1 });
+  for (const [i, id] of ['b', 'c'].entries()) await write(id, { seed: 30 + i });
+  const leases: AdapterLease[] = [];
+  try {
+    for (const id of ['b', 'c']) (await manager.acquire(id)).release();
+    await manager.unload('c');
+    assert.equal(manager.stats().deviceAdapters, 0);
+    assert.equal((await manager.info('b')).tier, 'host');
+    const pending = ['b', 'c'].map((id) => manager.acquire(id).then((l) => leases.push(l)));
+    await sleep(100);
+    assert.deepEqual(reads, ['b', 'c'], 'both came from the host tier');
+    const n = manager.stats().deviceAdapters;
+    assert.equal(n <= 1, true, `${n} adapters on the device with maxDeviceAdapters 1`);
+    leases[0]?.release();
+    await Promise.all(pending);
+  } finally {
+    leases.forEach((l) => l.release());
+    manager.dispose();
+    assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+  }
+});
+
+test('info/ids: disk adapters are listed as available with no version until loaded', async () => {
+  const { manager, write, dir } = setup();
+  await write('org/name', { seed: 1 });
+  writeFileSync(join(dir, 'README.txt'), 'not an adapter');
+  assert.deepEqual(await manager.ids(), ['org/name']);
+  const i = await manager.info('org/name');
+  assert.equal(i.state, 'available');
+  assert.equal(i.tier, 'disk');
+  assert.equal(i.version, null);
+  const l = await manager.acquire('org/name');
+  const j = await manager.info('org/name');
+  assert.equal(j.state, 'ready');
+  assert.equal(j.version, l.adapter.version);
+  assert.equal(j.rank, 4);
+  assert.deepEqual([...j.targetModules!].sort(), ['q_proj', 'v_proj']);
+  l.release();
+  manager.dispose();
+});
