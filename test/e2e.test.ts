@@ -182,6 +182,15 @@ test('the official openai client: completions, streaming, chat, models', async (
   await assert.rejects(client.completions.create({ model: 'org/missing', prompt: 'x', max_tokens: 2 }), (err: { status?: number }) => err.status === 404);
 });
 
+test('ignore_eos (extension) generates exactly max_new_tokens', async () => {
+  for (let i = 0; i < 4; i++) {
+    const r = await post(`${main.url}/generate`, { inputs: `eos ${i}`, parameters: { max_new_tokens: 40, ignore_eos: true, details: true } });
+    assert.equal(r.status, 200);
+    assert.equal(r.json.details.generated_tokens, 40);
+    assert.equal(r.json.details.finish_reason, 'length');
+  }
+});
+
 test('/metrics parses and counters move', async () => {
   const read = async () => (await (await http(`${main.url}/metrics`)).body.text());
   const value = (text: string, name: string) => text.split('\n').filter((l) => l.startsWith(name) && !l.startsWith('#'))

@@ -113,6 +113,16 @@ function linearBank(lin: Linear, adapters: readonly DeviceAdapter[], R: number):
   });
 }
 
+/**
+ * A single adapter whose tensors already have the bank layout (k = 1, R = r, the linear covers the whole module)
+ * is used as it is, without copies: switching to a cached adapter then costs one mask tensor.
+ */
+function sharedBank(lin: Linear, a: DeviceAdapter): { A: tf.Tensor2D; B: tf.Tensor2D } | null {
+  const m = a.modules.get(lin.module.key);
+  if (!m || m.r !== a.rank || lin.W.shape[1] !== lin.module.outFeatures) return null;
+  return { A: m.At, B: m.Bt };
+}
+
 /** Row n selects columns slot·R … slot·R+R of adapter `rowSlots[n]` (none for a base row). */
 function maskData(rowSlots: readonly (number | null)[], k: number, R: number): Float32Array {
   const K = k * R;
@@ -127,25 +137,32 @@ function maskData(rowSlots: readonly (number | null)[], k: number, R: number): F
 export interface LoraBank {
   readonly adapters: readonly DeviceAdapter[];
   readonly R: number;
-  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D }>;
+  /** owned: false when A and B are the adapter's own tensors (not disposed with the bank). */
+  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>;
   readonly bytes: number;
 }
 
 export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[]): LoraBank {
   const R = Math.max(1, ...adapters.map((a) => a.rank));
-  const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D }>();
+  const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>();
   let bytes = 0;
   for (const lin of linears) {
+    const shared = adapters.length === 1 ? sharedBank(lin, adapters[0]!) : null;
+    if (shared) {
+      out.set(lin.key, { ...shared, owned: false });
+      continue;
+    }
     const b = linearBank(lin, adapters, R);
     if (!b) continue;
-    out.set(lin.key, b);
+    out.set(lin.key, { ...b, owned: true });
     bytes += (b.A.size + b.B.size) * 4;
   }
   return { adapters, R, linears: out, bytes };
 }
 
 export function disposeBank(bank: LoraBank): void {
-  for (const { A, B } of bank.linears.values()) {
+  for (const { A, B, owned } of bank.linears.values()) {
+    if (!owned) continue;
     A.dispose();
     B.dispose();
   }

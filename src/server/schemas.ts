@@ -60,6 +60,7 @@ export const GenerateParameters = Type.Object({
   decoder_input_details: Opt(Type.Boolean({ description: 'Prompt token logprobs in details.prefill (not on /generate_stream)' })),
   top_n_tokens: Opt(Type.Integer({ description: `0-${MAX_TOP_N_TOKENS}` })),
   best_of: Opt(Type.Integer({ minimum: 1, maximum: 1, description: 'Only 1 is supported' })),
+  ignore_eos: Opt(Type.Boolean({ description: 'Extension (as vLLM): keep generating past eos up to max_new_tokens (benchmarks)' })),
 }, { title: 'GenerateParameters' });
 
 export const GenerateRequest = Type.Object({

@@ -38,7 +38,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   });
   return {
     body, params,
-    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false },
+    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos: params.ignore_eos ?? false },
   };
 }
 

@@ -1,0 +1,88 @@
+/** What a benchmark case is, what it gets, what it reports; and the side-by-side round runner. */
+import { median, type ApiClient, type Throughput } from './client.ts';
+import type { ServerFlags } from './server.ts';
+import type { AdapterPool } from './setup.ts';
+
+/** How much work each case does (`--quick` and `--rounds` change them). */
+export interface Sizes {
+  /** Rounds of every side-by-side comparison (median reported). */
+  readonly rounds: number;
+  /** max_new_tokens of throughput requests. */
+  readonly newTokens: number;
+  /** Requests run one at a time for the batching gain's baseline. */
+  readonly sequential: number;
+  /** Cold loads timed. */
+  readonly loads: number;
+  /** Switch/active request pairs timed. */
+  readonly switchPairs: number;
+  /** Streamed requests timed on the idle server. */
+  readonly ttftIdle: number;
+  /** Requests of the memory case (snapshots after 100 and after this many). */
+  readonly memoryRequests: number;
+}
+
+export interface Target {
+  readonly op: '>=' | '<=';
+  readonly value: number;
+}
+
+/** One reported number. With a target it is met or missed; `ref` is llama.cpp's figure where one exists. */
+export interface Figure {
+  readonly label: string;
+  readonly value: number;
+  readonly unit: string;
+  readonly target?: Target;
+  readonly ref?: number;
+  /** The values a median or percentile was taken over: one per round, or one per sample. */
+  readonly values?: readonly number[];
+}
+
+export interface CaseContext {
+  readonly sizes: Sizes;
+  readonly adapters: AdapterPool;
+  /** The i-th prompt (~32 tokens; distinct for i < 64). */
+  prompt(i: number): string;
+  /** Runs `fn` against a fresh server started with the harness's flags plus `flags`, then stops it. */
+  withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T>;
+  log(msg: string): void;
+}
+
+export interface BenchCase {
+  readonly name: string;
+  readonly title: string;
+  /** Generated adapters the case uses (bench-000 ...). */
+  readonly adapters: number;
+  run(ctx: CaseContext): Promise<Figure[]>;
+}
+
+export const met = (f: Figure): boolean | undefined =>
+  f.target === undefined || !Number.isFinite(f.value) ? undefined : f.target.op === '>=' ? f.value >= f.target.value : f.value <= f.target.value;
+
+/**
+ * Measures each configuration once per round, alternating the order every round (ABC, CBA, ...) so
+ * drift and warm-up hit all of them alike. Returns tokens/s per configuration per round.
+ */
+export async function sideBySide<K extends string>(
+  rounds: number, configs: Record<K, () => Promise<Throughput>>, log: (msg: string) => void,
+): Promise<Record<K, number[]>> {
+  const names = Object.keys(configs) as K[];
+  const out = Object.fromEntries(names.map((k) => [k, [] as number[]])) as Record<K, number[]>;
+  for (let r = 0; r < rounds; r++) {
+    for (const k of r % 2 === 0 ? names : [...names].reverse()) {
+      const t = await configs[k]();
+      out[k].push(t.tokensPerSecond);
+      log(`round ${r + 1}/${rounds} ${k}: ${t.tokens} tokens in ${t.seconds.toFixed(2)} s = ${t.tokensPerSecond.toFixed(1)} tok/s`);
+    }
+  }
+  return out;
+}
+
+/** Median over rounds of the per-round ratio a/b (each round's pair was measured side by side). */
+export function ratioFigure(label: string, a: readonly number[], b: readonly number[], extra: Partial<Figure> = {}): Figure {
+  const values = a.map((x, i) => x / b[i]!);
+  return { label, value: median(values), unit: '×', values, ...extra };
+}
+
+export function rateFigure(label: string, perRound: readonly number[], extra: Partial<Figure> = {}): Figure {
+  return { label, value: median(perRound), unit: 'tok/s', values: perRound, ...extra };
+}

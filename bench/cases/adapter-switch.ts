@@ -1,0 +1,32 @@
+/**
+ * Adapter switch: the latency a single request pays when its adapter is on the device but another
+ * one is active (merged), against the same request when its adapter is already the active one.
+ */
+import type { BenchCase } from '../case.ts';
+import { median } from '../client.ts';
+
+export const adapterSwitch: BenchCase = {
+  name: 'adapter-switch',
+  title: 'Adapter switch: one request whose adapter is cached but not active vs already active',
+  adapters: 2,
+  run: (ctx) => ctx.withServer({}, async (api) => {
+    const [x, y] = [ctx.adapters.id(0), ctx.adapters.id(1)];
+    // Short answers: what a switch costs lies in a request's first steps, and short requests are less noisy.
+    const one = async (adapter: string, maxNewTokens = 4) => (await api.generate(ctx.prompt(0), { adapter, maxNewTokens })).seconds * 1000;
+    await one(x); // load both, warm the kernels
+    await one(y);
+    const switched: number[] = [];
+    const active: number[] = [];
+    for (let i = 0; i < ctx.sizes.switchPairs; i++) {
+      await one(y, 8); // y becomes the active adapter (auto merges a sole adapter after a couple of steps)
+      switched.push(await one(x)); // x: on the device, not active
+      active.push(await one(x)); // x: active
+    }
+    const added = switched.map((s, i) => s - active[i]!);
+    return [
+      { label: 'request latency, adapter already active (median)', value: median(active), unit: 'ms' },
+      { label: 'request latency, adapter cached, not active (median)', value: median(switched), unit: 'ms' },
+      { label: `added by the switch (median of ${added.length} pairs)`, value: median(added), unit: 'ms', target: { op: '<=', value: 1 }, values: added },
+    ];
+  }),
+};

@@ -1,0 +1,45 @@
+/**
+ * Batching: 32 concurrent requests on 32 distinct adapters against the same 32 all on one adapter
+ * (mixed-adapter batching), against the base model, and against the same requests one at a time
+ * (batching gain). All four are measured side by side in every round, streamed, so the mixed run
+ * also gives the time to first token under mixed-adapter load.
+ */
+import { ratioFigure, rateFigure, sideBySide, type BenchCase } from '../case.ts';
+import { drive, percentile } from '../client.ts';
+
+const N = 32;
+
+export const batching: BenchCase = {
+  name: 'batching',
+  title: `Batching: ${N} concurrent requests on ${N} adapters vs one adapter vs the base model vs one at a time`,
+  adapters: N,
+  // The device tier must hold all 32 adapters at once for them to share a batch.
+  run: (ctx) => ctx.withServer({ 'max-loaded-adapters': N, 'max-batch-size': N }, async (api) => {
+    const { sizes, adapters } = ctx;
+    const run = (count: number, concurrency: number, adapter: (i: number) => string | null, maxNewTokens = sizes.newTokens) =>
+      drive(Array.from({ length: count }, (_, i) => () => api.generate(ctx.prompt(i), { adapter: adapter(i), maxNewTokens, stream: true })), concurrency);
+    await run(N, N, (i) => adapters.id(i), 2); // load the 32 adapters, warm the kernels
+    await run(N, N, () => adapters.id(0), 2);
+    const ttft: number[] = [];
+    const r = await sideBySide(sizes.rounds, {
+      mixed: async () => {
+        const t = await run(N, N, (i) => adapters.id(i));
+        ttft.push(...t.generations.map((g) => g.ttft! * 1000));
+        return t;
+      },
+      one: () => run(N, N, () => adapters.id(0)),
+      base: () => run(N, N, () => null),
+      sequential: () => run(sizes.sequential, 1, (i) => adapters.id(i)),
+    }, ctx.log);
+    return [
+      rateFigure(`one at a time (${sizes.sequential} requests, distinct adapters)`, r.sequential, { ref: 60 }),
+      rateFigure(`${N} concurrent, base model`, r.base, { ref: 295 }),
+      rateFigure(`${N} concurrent, one adapter`, r.one, { ref: 317 }),
+      rateFigure(`${N} concurrent, ${N} adapters`, r.mixed, { ref: 59 }),
+      ratioFigure(`mixed-adapter batching: ${N} adapters ÷ one adapter`, r.mixed, r.one, { target: { op: '>=', value: 0.85 }, ref: 59 / 317 }),
+      ratioFigure(`batching gain: ${N} concurrent ÷ one at a time`, r.mixed, r.sequential, { target: { op: '>=', value: 4 }, ref: 59 / 60 }),
+      { label: `time to first token, ${N} concurrent on ${N} adapters, p50`, value: percentile(ttft, 50), unit: 'ms' },
+      { label: `time to first token, ${N} concurrent on ${N} adapters, p95 (${ttft.length} requests)`, value: percentile(ttft, 95), unit: 'ms' },
+    ];
+  }),
+};

@@ -1,0 +1,23 @@
+/** Merged overhead: one adapter merged into the weights should decode as fast as the base model. */
+import { ratioFigure, rateFigure, sideBySide, type BenchCase } from '../case.ts';
+import { drive } from '../client.ts';
+
+const CONCURRENT = 8;
+
+export const mergedOverhead: BenchCase = {
+  name: 'merged-overhead',
+  title: `Merged overhead: ${CONCURRENT} concurrent requests, one adapter served merged vs the base model`,
+  adapters: 1,
+  run: (ctx) => ctx.withServer({ 'lora-mode': 'merged' }, async (api) => {
+    const batch = (adapter: string | null, maxNewTokens = ctx.sizes.newTokens) =>
+      drive(Array.from({ length: CONCURRENT }, (_, i) => () => api.generate(ctx.prompt(i), { adapter, maxNewTokens })), CONCURRENT);
+    await batch(ctx.adapters.id(0), 2); // load and merge the adapter, warm the kernels
+    await batch(null, 2);
+    const r = await sideBySide(ctx.sizes.rounds, { merged: () => batch(ctx.adapters.id(0)), base: () => batch(null) }, ctx.log);
+    return [
+      rateFigure(`${CONCURRENT} concurrent, base model`, r.base),
+      rateFigure(`${CONCURRENT} concurrent, one adapter merged`, r.merged),
+      ratioFigure('merged ÷ base', r.merged, r.base, { target: { op: '>=', value: 0.98 } }),
+    ];
+  }),
+};

@@ -1,0 +1,214 @@
+/**
+ * `npm run bench [-- [case ...] [--quick] [--rounds N] [--model DIR] [--backend NAME] [--out DIR]]`
+ *
+ * Starts the real server (src/server/main.ts) in a child process per case, drives it over HTTP,
+ * prints a table and writes every figure, with the machine, backend, model and git commit, to
+ * bench/results/*.json. Benchmarks report; they never fail: a case that breaks is reported as such.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { join, resolve } from 'node:path';
+import { met, type BenchCase, type CaseContext, type Figure, type Sizes } from './case.ts';
+import { adapterSwitch } from './cases/adapter-switch.ts';
+import { batching } from './cases/batching.ts';
+import { coldLoad } from './cases/cold-load.ts';
+import { manyAdapters } from './cases/many-adapters.ts';
+import { memory } from './cases/memory.ts';
+import { mergedOverhead } from './cases/merged-overhead.ts';
+import { ttft } from './cases/ttft.ts';
+import type { ApiClient } from './client.ts';
+import { startServer, type ServerFlags } from './server.ts';
+import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
+
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory];
+
+/** Sized to finish within 20 minutes on a 2-core machine. */
+const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 20, ttftIdle: 20, memoryRequests: 5000 };
+/** A smoke run: one round, fewer samples. Figures are indicative only. */
+const QUICK: Sizes = { rounds: 1, newTokens: 32, sequential: 4, loads: 15, switchPairs: 8, ttftIdle: 5, memoryRequests: 1000 };
+
+const PROMPT_TOKENS = 32;
+const PROMPTS = 64;
+
+const HELP = `Usage: npm run bench -- [case ...] [options]
+
+Cases (default: all): ${CASES.map((c) => c.name).join(', ')}
+
+Options:
+  --quick           one round and fewer samples (a smoke run; figures are indicative)
+  --rounds N        rounds of every side-by-side comparison (default ${FULL.rounds}; median reported)
+  --model DIR       benchmark this checkpoint instead of the generated BENCH_LLAMA one
+  --backend NAME    the server's --backend (default wasm)
+  --workers N       the server's --workers (default 2: one model copy per core of this 2-core machine)
+  --out DIR         where the JSON results go (default bench/results)
+  --help            this text
+`;
+
+interface Args {
+  cases: BenchCase[];
+  quick: boolean;
+  rounds?: number;
+  model?: string;
+  backend: string;
+  workers: number;
+  out: string;
+}
+
+function parseArgs(argv: readonly string[]): Args {
+  const args: Args = { cases: [], quick: false, backend: 'wasm', workers: 2, out: 'bench/results' };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = () => {
+      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
+      return argv[++i]!;
+    };
+    if (a === '--help' || a === '-h') {
+      process.stdout.write(HELP);
+      process.exit(0);
+    } else if (a === '--quick') args.quick = true;
+    else if (a === '--rounds') {
+      args.rounds = Number(value());
+      if (!Number.isInteger(args.rounds) || args.rounds < 1) throw new Error('--rounds must be a positive integer');
+    } else if (a === '--model') args.model = value();
+    else if (a === '--backend') args.backend = value();
+    else if (a === '--workers') {
+      args.workers = Number(value());
+      if (!Number.isInteger(args.workers) || args.workers < 1) throw new Error('--workers must be a positive integer');
+    }
+    else if (a === '--out') args.out = value();
+    else if (a.startsWith('--')) throw new Error(`unknown option ${a}`);
+    else {
+      const c = CASES.find((x) => x.name === a);
+      if (!c) throw new Error(`unknown case "${a}" (cases: ${CASES.map((x) => x.name).join(', ')})`);
+      args.cases.push(c);
+    }
+  }
+  if (args.cases.length === 0) args.cases = [...CASES];
+  return args;
+}
+
+function git(...args: string[]): string {
+  try {
+    return execFileSync('git', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+  } catch {
+    return '';
+  }
+}
+
+function fmt(v: number, unit: string): string {
+  if (!Number.isFinite(v)) return String(v);
+  const n = Math.abs(v) >= 100 || unit === 'B' ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2);
+  return unit === '×' ? `${n}×` : unit ? `${n} ${unit}` : n;
+}
+
+interface CaseResult {
+  readonly name: string;
+  readonly title: string;
+  readonly seconds: number;
+  readonly figures: readonly Figure[];
+  readonly error?: string;
+}
+
+function table(results: readonly CaseResult[]): string {
+  const rows = [['case', 'figure', 'ours', 'llama.cpp', 'target', 'result']];
+  for (const r of results) {
+    if (r.error) rows.push([r.name, `FAILED: ${r.error.split('\n')[0]}`, '', '', '', '']);
+    for (const f of r.figures) {
+      const ok = met(f);
+      rows.push([
+        r.name, f.label, fmt(f.value, f.unit), f.ref === undefined ? '' : fmt(f.ref, f.unit),
+        f.target ? `${f.target.op} ${fmt(f.target.value, f.unit)}` : '', ok === undefined ? '' : ok ? 'met' : 'MISSED',
+      ]);
+    }
+  }
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
+  const line = (row: string[]) => row.map((cell, c) => (c >= 2 && c <= 3 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  ').trimEnd();
+  return [line(rows[0]!), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.slice(1).map(line)].join('\n');
+}
+
+async function main(): Promise<void> {
+  let args: Args;
+  try {
+    args = parseArgs(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n\n${HELP}`);
+    process.exit(2);
+  }
+  process.once('SIGINT', () => process.exit(130)); // the server children are killed on exit
+  const started = new Date();
+  const t0 = performance.now();
+  const sizes: Sizes = { ...(args.quick ? QUICK : FULL), ...(args.rounds ? { rounds: args.rounds } : {}) };
+  const say = (msg: string) => process.stderr.write(`${msg}\n`);
+
+  const modelDir = await prepareModel(args.model, say);
+  const adapters = await prepareAdapters(modelDir, Math.max(...args.cases.map((c) => c.adapters)), say);
+  const prompts = await preparePrompts(modelDir, PROMPTS, PROMPT_TOKENS);
+  const logDir = resolve('.cache/bench-logs');
+  let serverInfo: Record<string, unknown> | undefined;
+
+  const results: CaseResult[] = [];
+  for (const c of args.cases) {
+    say(`\n== ${c.name}: ${c.title}`);
+    const tc = performance.now();
+    const log = (msg: string) => say(`[${c.name}] ${msg}`);
+    const ctx: CaseContext = {
+      sizes, adapters, log,
+      prompt: (i) => prompts[i % prompts.length]!,
+      async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
+        const server = await startServer({
+          model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, workers: args.workers, 'log-level': 'warn', 'shutdown-grace': 1, ...flags,
+        }, logDir, c.name);
+        log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
+        try {
+          serverInfo ??= await server.api.json('GET', '/info');
+          return await fn(server.api);
+        } finally {
+          await server.stop();
+        }
+      },
+    };
+    let figures: Figure[] = [];
+    let error: string | undefined;
+    try {
+      figures = await c.run(ctx);
+    } catch (err) {
+      const e = err as Error;
+      say(`[${c.name}] FAILED: ${e.stack ?? e.message}`);
+      error = e.message;
+    }
+    const caseSeconds = (performance.now() - tc) / 1000;
+    results.push({ name: c.name, title: c.title, seconds: caseSeconds, figures, ...(error === undefined ? {} : { error }) });
+    say(`[${c.name}] ${caseSeconds.toFixed(0)} s`);
+  }
+
+  const seconds = (performance.now() - t0) / 1000;
+  const commit = git('rev-parse', 'HEAD');
+  const report = {
+    started: started.toISOString(),
+    seconds,
+    args: process.argv.slice(2),
+    sizes,
+    machine: {
+      cpu: os.cpus()[0]?.model ?? 'unknown', cores: os.cpus().length, memoryBytes: os.totalmem(),
+      platform: `${os.platform()} ${os.release()} ${os.arch()}`, node: process.version, loadAverage: os.loadavg(),
+    },
+    backend: { requested: args.backend, server: serverInfo?.backend ?? null, workers: args.workers },
+    model: { dir: modelDir, generated: args.model === undefined, config: JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) },
+    serverInfo: serverInfo ?? null,
+    git: { commit, dirty: git('status', '--porcelain').length > 0 },
+    cases: results,
+  };
+  mkdirSync(args.out, { recursive: true });
+  const stamp = started.toISOString().replace(/[:.]/g, '-');
+  const file = join(args.out, `${stamp}-${commit.slice(0, 8) || 'nogit'}${args.quick ? '-quick' : ''}.json`);
+  writeFileSync(file, JSON.stringify(report, null, 2) + '\n');
+
+  const m = report.machine;
+  process.stdout.write(`\n${m.cpu}, ${m.cores} cores, ${(m.memoryBytes / 2 ** 30).toFixed(0)} GiB; backend ${report.backend.server ?? args.backend}; ` +
+    `model ${modelDir}; commit ${commit.slice(0, 12)}${report.git.dirty ? ' (dirty)' : ''}; ` +
+    `${args.quick ? 'quick, ' : ''}${sizes.rounds} round(s), medians; ${(seconds / 60).toFixed(1)} min\n\n`);
+  process.stdout.write(`${table(results)}\n\nllama.cpp: llama-server, same model, 2 threads. Results: ${file}\n`);
+}
+
+await main();
