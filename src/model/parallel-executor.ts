@@ -23,7 +23,8 @@ class WorkerClient {
   memory = { numTensors: 0, numBytes: 0 };
 
   constructor(readonly worker: Worker) {
-    worker.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
+    worker.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string }; memory?: { numTensors: number; numBytes: number } }) => {
+      if (msg.memory) this.memory = msg.memory;
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
@@ -87,15 +88,13 @@ export class ParallelExecutor implements Executor {
     return this.runningSeqs.size;
   }
 
-  /** Device memory summed over the workers, as of their last answer. */
+  /** Device memory summed over the workers, as of their last answer (every answer carries it). */
   memory(): { numTensors: number; numBytes: number } {
     return this.clients.reduce((m, c) => ({ numTensors: m.numTensors + c.memory.numTensors, numBytes: m.numBytes + c.memory.numBytes }), { numTensors: 0, numBytes: 0 });
   }
 
   async refreshMemory(): Promise<{ numTensors: number; numBytes: number }> {
-    await Promise.all(this.clients.map(async (c) => {
-      c.memory = await c.call('memory');
-    }));
+    await Promise.all(this.clients.map((c) => c.call('memory')));
     return this.memory();
   }
 
@@ -118,11 +117,7 @@ export class ParallelExecutor implements Executor {
       if (!g) groups.set(c, (g = []));
       g.push(item);
     }
-    const answers = await Promise.all([...groups].map(async ([c, g]) => {
-      const r = await c.call<WorkerStep>(op, g);
-      c.memory = r.memory;
-      return r;
-    }));
+    const answers = await Promise.all([...groups].map(([c, g]) => c.call<WorkerStep>(op, g)));
     const logits = new Map<number, Float32Array>();
     const modes: LoraApplied[] = [];
     const adapters: number[] = [];

@@ -19,12 +19,11 @@ export interface WorkerInit {
   readonly loraMode: LoraMode;
 }
 
-/** A step's answer: logits per sequence (transferred), plus the worker's device memory after the step. */
+/** A step's answer: logits per sequence (transferred). */
 export interface WorkerStep {
   readonly logits: [number, Float32Array][];
   readonly modes: StepResult['modes'];
   readonly adapters: StepResult['adapters'];
-  readonly memory: { numTensors: number; numBytes: number };
 }
 
 let executor: TfExecutor | null = null;
@@ -46,7 +45,7 @@ function memory() {
 function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
   // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
   const logits: [number, Float32Array][] = [...r.logits].map(([seq, l]) => [seq, l.slice()]);
-  return { value: { logits, modes: r.modes, adapters: r.adapters, memory: memory() }, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
+  return { value: { logits, modes: r.modes, adapters: r.adapters }, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
 }
 
 const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: ArrayBuffer[] }> | { value: unknown; transfer?: ArrayBuffer[] }> = {
@@ -80,14 +79,14 @@ const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: Ar
     return { value: null };
   },
   memory() {
-    return { value: memory() };
+    return { value: null };
   },
   dispose() {
     executor?.dispose();
     for (const d of adapters.values()) disposeAdapter(d);
     adapters.clear();
     model?.dispose();
-    return { value: memory() };
+    return { value: null };
   },
 };
 
@@ -97,7 +96,8 @@ parentPort!.on('message', (msg: { id: number; op: string; args: unknown }) => {
   queue = queue.then(async () => {
     try {
       const { value, transfer } = await ops[msg.op]!(msg.args);
-      parentPort!.postMessage({ id: msg.id, result: value }, transfer ?? []);
+      // Every answer carries the device memory after the operation (for metrics and /info).
+      parentPort!.postMessage({ id: msg.id, result: value, memory: memory() }, transfer ?? []);
     } catch (err) {
       const e = err as Error & { code?: string };
       parentPort!.postMessage({ id: msg.id, error: { message: e.message, code: isServeError(err) ? e.code : undefined } });
