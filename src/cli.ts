@@ -5,39 +5,23 @@
  * Precedence: flag > env `LORA_SERVE_<UPPER_SNAKE>` > default. Flags take `--name value` or
  * `--name=value`. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
  */
-import { BACKENDS, type BackendName } from './backend.ts';
+import { BACKENDS } from './backend.ts';
+import type { RuntimeOptions } from './runtime.ts';
 
 export const LORA_MODES = ['auto', 'merged', 'unmerged'] as const;
 export type LoraModeOption = (typeof LORA_MODES)[number];
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
-export interface ServerOptions {
-  /** Checkpoint directory; '' serves the embedded demo model. */
-  readonly model: string;
+/** Everything the runtime takes (model, adapters, batching limits: see src/runtime.ts), plus the HTTP side. */
+export interface ServerOptions extends RuntimeOptions {
   readonly port: number;
   readonly host: string;
-  readonly adapterDir: string;
   /** Base URL adapters are fetched from when not on disk; undefined: none. */
   readonly adapterSourceUrl: string | undefined;
-  readonly backend: BackendName;
   readonly loraMode: LoraModeOption;
-  readonly maxLoraRank: number;
-  readonly maxLoadedAdapters: number;
-  /** 0: no byte limit (only --max-loaded-adapters). */
-  readonly adapterDeviceBytes: number;
-  readonly adapterHostBytes: number;
-  readonly maxAdapterBytes: number;
-  readonly maxBatchSize: number;
-  readonly maxBatchTokens: number;
-  readonly maxInputLength: number;
-  readonly maxTotalTokens: number;
-  readonly maxQueue: number;
   /** Default max_new_tokens of /generate and /generate_stream. */
   readonly maxNewTokens: number;
-  readonly prefillChunk: number;
-  /** Executor worker threads, each holding a copy of the model (1: in the server's thread). */
-  readonly workers: number;
   /** Seconds; 0: no per-request timeout. */
   readonly requestTimeout: number;
   /** Seconds in-flight requests get to finish on SIGTERM/SIGINT. */

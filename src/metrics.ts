@@ -17,7 +17,7 @@ import type { AdapterMetrics } from './lora/types.ts';
 export const METRIC_PREFIX = 'lora_serve_';
 
 /** Device memory as TensorFlow.js reports it (`tf.memory()`), passed in so this file never imports tfjs. */
-export type DeviceMemory = () => { numBytes: number; numTensors: number };
+export type DeviceMemory = () => { numBytes: number; numTensors: number } | Promise<{ numBytes: number; numTensors: number }>;
 
 export interface MetricsOptions {
   /** Sampled on every scrape; without it the TensorFlow.js gauges stay 0. */
@@ -138,12 +138,12 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
     new Gauge({
       name: `${METRIC_PREFIX}tfjs_memory_bytes`, help: 'Bytes held by TensorFlow.js tensors (tf.memory().numBytes).',
       registers: [this.registry],
-      collect() { if (memory) this.set(memory().numBytes); },
+      async collect() { if (memory) this.set((await memory()).numBytes); },
     });
     new Gauge({
       name: `${METRIC_PREFIX}tfjs_tensors`, help: 'Live TensorFlow.js tensors (tf.memory().numTensors).',
       registers: [this.registry],
-      collect() { if (memory) this.set(memory().numTensors); },
+      async collect() { if (memory) this.set((await memory()).numTensors); },
     });
     if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }

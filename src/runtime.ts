@@ -58,8 +58,8 @@ export interface Runtime {
   readonly adapters: AdapterManager;
   readonly store: AdapterStore;
   readonly engine: Engine;
-  /** TensorFlow.js memory of every copy of the model (this thread's, or the workers'). */
-  deviceMemory(): { numTensors: number; numBytes: number };
+  /** TensorFlow.js memory of every copy of the model (this thread's, or the workers' after they answer). */
+  deviceMemory(): Promise<{ numTensors: number; numBytes: number }>;
   close(graceMs?: number): Promise<void>;
 }
 
@@ -137,7 +137,8 @@ export async function startRuntime(
   let closed = false;
   return {
     backend, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
-    deviceMemory: () => (executor instanceof ParallelExecutor ? executor.memory() : localMemory()),
+    // Workers answer in order, so this also waits for adapter offloads posted before it.
+    deviceMemory: async () => (executor instanceof ParallelExecutor ? executor.refreshMemory() : localMemory()),
     async close(graceMs = 0) {
       if (closed) return;
       closed = true;

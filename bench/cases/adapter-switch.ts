@@ -1,6 +1,6 @@
 /**
  * Adapter switch: the latency a single request pays when its adapter is on the device but another
- * one is active (merged), against the same request when its adapter is already the active one.
+ * one was used last, against the same request when its adapter is already the active one.
  */
 import type { BenchCase } from '../case.ts';
 import { median } from '../client.ts';
