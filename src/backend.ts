@@ -99,7 +99,3 @@ export async function initBackend(requested: BackendName = 'auto'): Promise<Back
   }
   throw fail('BACKEND_UNAVAILABLE', `no TensorFlow.js backend could be initialised: ${skipped.join('; ')}`);
 }
-
-export function backendInfo(): BackendInfo | null {
-  return selected;
-}

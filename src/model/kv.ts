@@ -149,11 +149,6 @@ export class KVBatch {
     this.clear();
   }
 
-  /** Bytes held on the device. */
-  get bytes(): number {
-    return 2 * this.numLayers * this.rows * this.kvHeads * this.cols * this.headDim * 4;
-  }
-
   private take(other: KVBatch): void {
     this.clear();
     this.k = other.k.slice();
