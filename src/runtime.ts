@@ -125,10 +125,9 @@ export async function startRuntime(
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
   const tokenizer = await TextTokenizer.load(dir, c);
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
-  const local = executor instanceof TfExecutor ? executor : null;
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: opts.adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
-  }, (a) => local?.forgetAdapter(a), hooks.metrics, executor instanceof ParallelExecutor ? executor.adapterDevice : undefined);
+  }, executor.adapterDevice, hooks.metrics);
   const engine = new Engine(executor, tokenizer, adapters, {
     maxBatchSize: opts.maxBatchSize, maxBatchTokens: opts.maxBatchTokens, prefillChunk: opts.prefillChunk, loraMode: opts.loraMode,
     maxQueue: opts.maxQueue, maxInputLength: opts.maxInputLength, maxTotalTokens: opts.maxTotalTokens, maxPositions: c.maxPositions,

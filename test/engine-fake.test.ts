@@ -12,7 +12,7 @@ import type { GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/model/tokenizer.ts';
-import { request, type Outcome } from './helpers/runtime.ts';
+import { generate, request, type Outcome } from './helpers/runtime.ts';
 
 const V = 32;
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -183,26 +183,11 @@ function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = []) {
   const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts });
   const finished: string[] = [];
   /** Submits a request; resolves with its outcome (the label is recorded in completion order). */
-  const submit = (label: string, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> => new Promise((resolve) => {
-    const out: Outcome = { tokens: [], text: '' };
-    engine.generate(req, {
-      onToken(token, text) {
-        out.tokens.push(token);
-        out.text += text;
-        onToken?.(out.tokens.length);
-      },
-      onDone(result) {
-        out.result = result;
-        finished.push(label);
-        resolve(out);
-      },
-      onError(error) {
-        out.error = error;
-        finished.push(label);
-        resolve(out);
-      },
+  const submit = (label: string, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> =>
+    generate({ engine }, req, onToken).then((out) => {
+      finished.push(label);
+      return out;
     });
-  });
   return { ex, provider, engine, submit, finished };
 }
 

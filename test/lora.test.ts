@@ -46,7 +46,7 @@ for (const [family, opts] of BASES) {
     const model = CausalLM.load(join(root, 'model'));
     const exU = executor(model, 'unmerged');
     const exM = executor(model, 'merged');
-    const manager = makeManager(model, join(root, 'adapters'), null);
+    const manager = makeManager(model, join(root, 'adapters'), exU);
     for (const [i, [name, aopts]] of ADAPTERS[family as 'gpt2' | 'llama'].entries()) {
       const id = `a${i}`;
       await writePeftAdapter(join(root, 'adapters', id), { baseConfig: config, seed: 100 + i, ...aopts });
@@ -81,7 +81,7 @@ test('llama: 8 sequences on 8 adapters plus one on the base give the same greedy
   const root = join(tmp.dir, 'mixed');
   const { config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(join(root, 'model'));
-  const manager = makeManager(model, join(root, 'adapters'), null);
+  const manager = makeManager(model, join(root, 'adapters'), executor(model, 'unmerged'));
   const leases: AdapterLease[] = [];
   for (let i = 0; i < 8; i++) {
     await writePeftAdapter(join(root, 'adapters', `m${i}`), { baseConfig: config, seed: 200 + i, r: 2 + (i % 4) * 2, loraAlpha: 8, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj', 'o_proj'] });

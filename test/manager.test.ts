@@ -12,8 +12,7 @@ import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/fixtur
 import { AdapterManager, type AdapterManagerOptions } from '../src/lora/manager.ts';
 import { adapterVersion, AdapterStore } from '../src/lora/store.ts';
 import type { AdapterLease, AdapterMetrics } from '../src/lora/types.ts';
-import type { DeviceAdapter } from '../src/lora/device.ts';
-import type { ExecAdapter } from '../src/engine/executor.ts';
+import type { AdapterDevice, DeviceAdapter } from '../src/lora/device.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { TfExecutor } from '../src/model/tf-executor.ts';
 import { greedyBatch } from './helpers/lora.ts';
@@ -58,7 +57,10 @@ class CountingMetrics implements AdapterMetrics {
 
 let dirs = 0;
 /** A fresh adapter folder with a manager over it; counts store reads. */
-function setup(opts: Partial<AdapterManagerOptions> = {}, onEvict?: (a: ExecAdapter) => void) {
+/** An in-process device (a TfExecutor's) for managers whose executor the test does not run. */
+const localDevice = (): AdapterDevice => new TfExecutor(model, { loraMode: 'unmerged' }).adapterDevice;
+
+function setup(opts: Partial<AdapterManagerOptions> = {}, device: AdapterDevice = localDevice()) {
   const dir = join(tmp.dir, `adapters-${++dirs}`);
   mkdirSync(dir, { recursive: true });
   const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
@@ -71,7 +73,7 @@ function setup(opts: Partial<AdapterManagerOptions> = {}, onEvict?: (a: ExecAdap
   const metrics = new CountingMetrics();
   const manager = new AdapterManager(store, model, {
     maxRank: 64, maxDeviceAdapters: 16, maxDeviceBytes: 0, maxHostBytes: 64 << 20, ...opts,
-  }, onEvict, metrics);
+  }, device, metrics);
   const write = (id: string, o: Omit<AdapterOptions, 'baseConfig'> = {}) =>
     writePeftAdapter(join(dir, id), { baseConfig, r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj'], seed: 7, ...o });
   return { dir, store, manager, metrics, reads, write };
@@ -199,7 +201,14 @@ test('single-flight: 10 concurrent acquires of an adapter that is not loaded rea
 test('replace while in use: the old lease keeps v1 until released, new acquires get v2', async () => {
   const baseline = tf.memory().numTensors;
   const evicted: string[] = [];
-  const { manager, write } = setup({}, (a) => evicted.push(a.version));
+  const device = localDevice();
+  const { manager, write } = setup({}, {
+    upload: device.upload,
+    dispose: (a) => {
+      evicted.push(a.version);
+      device.dispose(a);
+    },
+  });
   await write('r', { seed: 1 });
   const l1 = await manager.acquire('r');
   const v1 = l1.adapter.version;
@@ -238,7 +247,7 @@ test('replace while in use: the old lease keeps v1 until released, new acquires 
 test('delete while in use: new acquires get ADAPTER_NOT_FOUND; the old lease keeps working until released', async () => {
   const baseline = tf.memory().numTensors;
   const ex = new TfExecutor(model, { loraMode: 'unmerged' });
-  const { manager, write } = setup({}, (a) => ex.forgetAdapter(a));
+  const { manager, write } = setup({}, ex.adapterDevice);
   await write('d', { seed: 3, std: 1 });
   const l1 = await manager.acquire('d');
   const prompt = [5, 17, 42, 99];
@@ -290,7 +299,7 @@ test('a bad upload is rejected with its code and leaves the previous version (me
   assert.deepEqual(readFileSync(join(dir, 'u', 'adapter_config.json')), cfgBefore);
 
   // A fresh manager on the same folder loads the same version from disk.
-  const fresh = new AdapterManager(store, model, { maxRank: 64, maxDeviceAdapters: 4, maxDeviceBytes: 0, maxHostBytes: 64 << 20 });
+  const fresh = new AdapterManager(store, model, { maxRank: 64, maxDeviceAdapters: 4, maxDeviceBytes: 0, maxHostBytes: 64 << 20 }, localDevice());
   const l2 = await fresh.acquire('u');
   assert.equal(l2.adapter.version, v1);
   l2.release();

@@ -49,6 +49,4 @@ export interface Executor {
   decode(items: readonly DecodeItem[]): Promise<StepResult>;
   /** Frees a sequence's KV cache (running or mid-prefill). Idempotent. */
   release(seq: number): void;
-  /** Drops anything derived from this adapter (merged weights, banks) before it is evicted. */
-  forgetAdapter(adapter: ExecAdapter): void;
 }

@@ -56,7 +56,7 @@ export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter
 }
 
 /**
- * Where the adapter manager puts adapters: the in-process device (default), or the device of every
+ * Where the adapter manager puts adapters: an in-process TfExecutor's device, or the device of every
  * worker of a ParallelExecutor. The handle it returns is what prefill/decode items carry.
  */
 export interface AdapterDevice {
@@ -72,11 +72,6 @@ export interface ResidentAdapter {
   readonly rank: number;
   readonly bytes: number;
 }
-
-export const localAdapterDevice: AdapterDevice = {
-  upload: async (w, version) => uploadAdapter(w, version),
-  dispose: (a) => disposeAdapter(a as DeviceAdapter),
-};
 
 export function disposeAdapter(a: DeviceAdapter): void {
   for (const m of a.modules.values()) {

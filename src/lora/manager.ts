@@ -14,7 +14,7 @@ import { LRUCache } from 'lru-cache';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import type { AdapterWeights } from './adapter-file.ts';
-import { localAdapterDevice, type AdapterDevice, type ResidentAdapter } from './device.ts';
+import type { AdapterDevice, ResidentAdapter } from './device.ts';
 import { validateAdapterId } from './ids.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterStore } from './store.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
@@ -67,11 +67,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     private readonly store: AdapterStore,
     private readonly base: { readonly modules: readonly LinearModule[] },
     private readonly opts: AdapterManagerOptions,
-    /** Called before a device adapter is disposed (the executor drops merged weights / banks built from it). */
-    private readonly onEvict: (adapter: ResidentAdapter) => void = () => {},
+    /** Where adapters are uploaded and disposed: the executor's device (TfExecutor or the workers'). */
+    private readonly uploader: AdapterDevice,
     private readonly metrics?: AdapterMetrics,
-    /** Where adapters are uploaded: this process's TensorFlow.js device, or the workers'. */
-    private readonly uploader: AdapterDevice = localAdapterDevice,
   ) {
     this.host = new LRUCache<string, HostEntry>({
       maxSize: Math.max(1, opts.maxHostBytes),
@@ -232,7 +230,6 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private disposeEntry(entry: DeviceEntry): void {
     if (entry.disposed) return;
     entry.disposed = true;
-    this.onEvict(entry.adapter);
     this.uploader.dispose(entry.adapter);
   }
 

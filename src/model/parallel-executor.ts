@@ -153,10 +153,6 @@ export class ParallelExecutor implements Executor {
     c.call('release', seq).catch(() => undefined);
   }
 
-  forgetAdapter(): void {
-    // Nothing to do here: offloading an adapter (dispose) drops what the workers derived from it.
-  }
-
   /** Where the adapter manager uploads adapters: to every worker. */
   readonly adapterDevice: AdapterDevice = {
     upload: async (w: AdapterWeights, version: string): Promise<ResidentAdapter> => {

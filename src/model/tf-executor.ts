@@ -11,7 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
-import { buildBank, disposeBank, disposeStepLora, mergeWeights, stepLora, type DeviceAdapter, type LoraBank } from '../lora/device.ts';
+import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from '../lora/device.ts';
 import type { StepLora } from './layers.ts';
 import type { KVBatch } from './kv.ts';
 import type { CausalLM } from './model.ts';
@@ -145,6 +145,19 @@ export class TfExecutor implements Executor {
     }
   }
 
+  /**
+   * Where the adapter manager puts adapters for this executor: uploaded here; disposing one first drops the
+   * merged weights and banks built from it.
+   */
+  readonly adapterDevice: AdapterDevice = {
+    upload: async (w, version) => uploadAdapter(w, version),
+    dispose: (a) => {
+      this.forgetAdapter(a);
+      disposeAdapter(a as DeviceAdapter);
+    },
+  };
+
+  /** Drops anything derived from this adapter (merged weights, banks). */
   forgetAdapter(adapter: ExecAdapter): void {
     if (this.merged?.adapter.version === adapter.version) this.dropMerged();
     for (const [key, bank] of this.banks) {

@@ -72,8 +72,7 @@ const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: Ar
   offloadAdapter(a: ExecAdapter) {
     const d = adapters.get(a.version);
     if (d) {
-      executor!.forgetAdapter(d);
-      disposeAdapter(d);
+      executor!.adapterDevice.dispose(d);
       adapters.delete(a.version);
     }
     return { value: null };

@@ -10,11 +10,11 @@ import { TfExecutor, type LoraMode } from '../../src/model/tf-executor.ts';
 import { refLoraFromPeft, type RefLoraMap } from '../reference/lora.ts';
 import { argmax } from './tf.ts';
 
-export function makeManager(model: CausalLM, dir: string, executor: TfExecutor | null, opts: Partial<{ maxDeviceAdapters: number; maxDeviceBytes: number; maxHostBytes: number }> = {}): AdapterManager {
+export function makeManager(model: CausalLM, dir: string, executor: TfExecutor, opts: Partial<{ maxDeviceAdapters: number; maxDeviceBytes: number; maxHostBytes: number }> = {}): AdapterManager {
   const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
   return new AdapterManager(store, model, {
     maxRank: 64, maxDeviceAdapters: opts.maxDeviceAdapters ?? 16, maxDeviceBytes: opts.maxDeviceBytes ?? 0, maxHostBytes: opts.maxHostBytes ?? 64 << 20,
-  }, (a) => executor?.forgetAdapter(a));
+  }, executor.adapterDevice);
 }
 
 /** The plain-loop reference LoRA map for an adapter folder. */

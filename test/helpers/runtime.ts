@@ -1,7 +1,7 @@
 /** A Runtime over a fixture checkpoint and a temp adapter folder, plus a promise wrapper around generate(). */
 import { join } from 'node:path';
 import { DEFAULT_SAMPLING, type SamplingParams } from '../../src/engine/sampling.ts';
-import type { GenerateRequest, GenerationResult, TokenInfo } from '../../src/engine/types.ts';
+import type { EngineApi, GenerateRequest, GenerationResult, TokenInfo } from '../../src/engine/types.ts';
 import type { ServeError } from '../../src/errors.ts';
 import { writeCheckpoint, type CheckpointOptions } from '../../src/fixtures/index.ts';
 import { startRuntime, type Runtime, type RuntimeOptions } from '../../src/runtime.ts';
@@ -33,7 +33,7 @@ export function request(inputIds: number[], extra: Partial<Omit<GenerateRequest,
 }
 
 /** Runs one request to completion (rejects only on synchronous validation errors). */
-export function generate(rt: Runtime, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> {
+export function generate(rt: { readonly engine: EngineApi }, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> {
   return new Promise((resolve) => {
     const out: Outcome = { tokens: [], text: '' };
     rt.engine.generate(req, {
