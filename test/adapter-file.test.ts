@@ -6,7 +6,7 @@ import path from 'node:path';
 import { listLinearModules, writePeftAdapter, type AdapterOptions, type AdapterTensor, type LinearModuleInfo } from '../src/fixtures/adapter.ts';
 import { writeSafetensors } from '../src/model/safetensors.ts';
 import type { LinearModule } from '../src/model/types.ts';
-import { assertNotPickle, loadAdapterWeights } from '../src/lora/adapter-file.ts';
+import { assertNotPickle, firstNonFinite, loadAdapterWeights } from '../src/lora/adapter-file.ts';
 
 const GPT2 = { model_type: 'gpt2', n_embd: 8, n_layer: 2, n_head: 2 };
 const LLAMA = { model_type: 'llama', hidden_size: 8, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 12 };
@@ -48,7 +48,13 @@ const renameAll = (f: (name: string) => string) => (t: Record<string, AdapterTen
   }
 };
 
-test('GPT-2: loads every targeted Conv1D module with PEFT-layout A/B and scaling', async () => {
+/** PEFT's A [r, in] as [in, r] (Aᵀ). */
+const transposedA = (A: Float32Array, r: number, inF: number) => Float32Array.from({ length: inF * r }, (_, k) => A[(k % r) * inF + Math.floor(k / r)]!);
+/** PEFT's B [out, r] as s·Bᵀ [r, out]. */
+const scaledTransposedB = (B: Float32Array, r: number, outF: number, s: number) =>
+  Float32Array.from({ length: r * outF }, (_, k) => s * B[(k % outF) * r + Math.floor(k / outF)]!);
+
+test('GPT-2: loads every targeted Conv1D module as Aᵀ and scaling·Bᵀ, all views of one shared buffer', async () => {
   const { written, input } = await build({ baseConfig: GPT2, r: 4, loraAlpha: 8, targetModules: ['c_attn', 'c_proj'] });
   const w = loadAdapterWeights(input, gpt2Base, MAX);
   assert.equal(w.id, 'test-adapter');
@@ -63,15 +69,18 @@ test('GPT-2: loads every targeted Conv1D module with PEFT-layout A/B and scaling
     assert.equal(m.r, 4);
     assert.equal(m.scaling, t.scaling);
     assert.equal(m.scaling, 2);
-    assert.deepEqual(m.A, written.tensors[t.aName]!.data);
-    assert.deepEqual(m.B, written.tensors[t.bName]!.data);
-    assert.equal(m.A.length, 4 * m.module.inFeatures);
-    assert.equal(m.B.length, m.module.outFeatures * 4);
-    bytes += (m.A.length + m.B.length) * 4;
+    assert.deepEqual(m.At, transposedA(written.tensors[t.aName]!.data, 4, m.module.inFeatures));
+    assert.deepEqual(m.Bt, scaledTransposedB(written.tensors[t.bName]!.data, 4, m.module.outFeatures, 2));
+    assert.equal(m.At.length, 4 * m.module.inFeatures);
+    assert.equal(m.Bt.length, m.module.outFeatures * 4);
+    assert.ok(m.At.buffer instanceof SharedArrayBuffer && m.Bt.buffer === m.At.buffer);
+    assert.equal(m.At.buffer, w.modules[0]!.At.buffer);
+    bytes += (m.At.length + m.Bt.length) * 4;
   }
   // Fused c_attn: one pair whose B spans q|k|v (out = 3·n_embd).
-  assert.equal(w.modules[0]!.B.length, 3 * 8 * 4);
+  assert.equal(w.modules[0]!.Bt.length, 3 * 8 * 4);
   assert.equal(w.bytes, bytes);
+  assert.equal(w.modules[0]!.At.buffer.byteLength, bytes);
 });
 
 test('Llama: rank/alpha patterns, rsLoRA, F16 storage and the `.default` adapter-name infix', async () => {
@@ -87,7 +96,8 @@ test('Llama: rank/alpha patterns, rsLoRA, F16 storage and the `.default` adapter
     const t = written.targets.find((x) => x.path === m.module.path)!;
     assert.equal(m.r, t.r, m.module.path);
     assert.ok(Math.abs(m.scaling - t.scaling) < 1e-12, m.module.path);
-    assert.deepEqual(m.A, written.tensors[t.aName]!.data);
+    assert.deepEqual(m.At, transposedA(written.tensors[t.aName]!.data, t.r, m.module.inFeatures));
+    assert.deepEqual(m.Bt, scaledTransposedB(written.tensors[t.bName]!.data, t.r, m.module.outFeatures, m.scaling));
   }
   const q1 = w.modules.find((m) => m.module.path === 'model.layers.1.self_attn.q_proj')!;
   assert.equal(q1.r, 2);
@@ -227,4 +237,18 @@ test('assertNotPickle does not misfire on a safetensors header of length 0x280',
   bytes.set([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x7b, 0x7d]);
   assert.doesNotThrow(() => assertNotPickle(bytes));
   assert.throws(() => assertNotPickle(new Uint8Array([0x80, 0x04, 0x95, 0, 0, 0, 0, 0, 0, 0])), { code: 'ADAPTER_PICKLE' });
+});
+
+test('firstNonFinite finds the first NaN or ±Infinity and passes every finite value', () => {
+  const finite = new Float32Array([0, -0, 1e-45, -1e-45, 3.4028234663852886e38, -3.4028234663852886e38, 1.5]);
+  assert.equal(firstNonFinite(finite), -1);
+  assert.equal(firstNonFinite(new Float32Array(0)), -1);
+  for (const bad of [NaN, Infinity, -Infinity]) {
+    for (const at of [0, 3, 6]) {
+      const a = Float32Array.from(finite);
+      a[at] = bad;
+      if (at < 6) a[6] = NaN; // a later one too: the first is reported
+      assert.equal(firstNonFinite(a), at, `${bad} at ${at}`);
+    }
+  }
 });

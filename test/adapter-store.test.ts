@@ -57,6 +57,34 @@ test('adapterDirFor stays inside the root', () => {
 
 // --- disk ------------------------------------------------------------------------------------
 
+test('readWith: borrowed read buffers give each read its own bytes (concurrent, different sizes, after errors)', async () => {
+  const dir = await tmp();
+  try {
+    const store = new AdapterStore({ dir, maxAdapterBytes: LIMIT });
+    /** Adapter n with 2·n values, so sizes differ. */
+    const sized = (n: number) => ({
+      config: { peft_type: 'LORA', r: 1, lora_alpha: n, target_modules: ['c_attn'] },
+      weights: writeSafetensors({ 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight': { shape: [1, 2 * n], data: new Float32Array(2 * n).fill(n) } }),
+    });
+    for (const n of [1, 50, 3]) await store.write(`a${n}`, sized(n));
+    const copy = (id: string) => store.readWith(id, (f) => ({ weights: f.weights.slice(), version: f.version, source: f.source }));
+    const together = await Promise.all([copy('a1'), copy('a50'), copy('a3'), copy('a50')]);
+    assert.deepEqual(together.map((r) => r.weights), [sized(1).weights, sized(50).weights, sized(3).weights, sized(50).weights]);
+    assert.deepEqual(together.map((r) => r.source), ['disk', 'disk', 'disk', 'disk']);
+    // Buffers go back to the pool and are reused for smaller and larger files.
+    for (const n of [50, 1, 3, 50, 1]) {
+      const r = await copy(`a${n}`);
+      assert.deepEqual(r.weights, sized(n).weights);
+      assert.equal(r.version, adapterVersion(sized(n).config, sized(n).weights));
+    }
+    await rejectsWith(copy('missing'), 'ADAPTER_NOT_FOUND');
+    await assert.rejects(store.readWith('a3', () => { throw new Error('use failed'); }), /use failed/);
+    assert.deepEqual((await copy('a3')).weights, sized(3).weights);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('write → read/has/list → replace → delete', async () => {
   const dir = await tmp();
   try {

@@ -65,10 +65,10 @@ function setup(opts: Partial<AdapterManagerOptions> = {}, device: AdapterDevice 
   mkdirSync(dir, { recursive: true });
   const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
   const reads: string[] = [];
-  const read = store.read.bind(store);
-  store.read = (id) => {
+  const readWith = store.readWith.bind(store);
+  store.readWith = (id, use) => {
     reads.push(id);
-    return read(id);
+    return readWith(id, use);
   };
   const metrics = new CountingMetrics();
   const manager = new AdapterManager(store, model, {

@@ -291,3 +291,33 @@ test('file-backed reader reports a file that shrinks after opening', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('viewFloat32: an aligned F32 tensor of an in-memory file is a view; otherwise the same values as readFloat32', async () => {
+  const data = Float32Array.from({ length: 12 }, (_, i) => i / 7 - 0.5);
+  const bytes = writeSafetensors({ a: { dtype: 'F32', shape: [3, 4], data }, h: { dtype: 'F16', shape: [12], data } });
+  const r = parseSafetensors(bytes, 'mem');
+  const v = r.viewFloat32('a');
+  assert.deepEqual(v, data);
+  assert.equal(v.buffer, bytes.buffer, 'no copy');
+  assert.deepEqual(r.viewFloat32('h'), r.readFloat32('h'), 'F16 is converted');
+  // The same file one byte into a buffer: the tensor is misaligned, so it is copied.
+  const shifted = new Uint8Array(bytes.byteLength + 1);
+  shifted.set(bytes, 1);
+  const r2 = parseSafetensors(shifted.subarray(1), 'shifted');
+  const c = r2.viewFloat32('a');
+  assert.deepEqual(c, data);
+  assert.notEqual(c.buffer, shifted.buffer);
+  r.close();
+  expectCode(() => r.viewFloat32('a'), 'SAFETENSORS_INVALID', 'closed');
+  expectCode(() => r2.viewFloat32('missing'), 'CHECKPOINT_MISSING_TENSOR', 'missing');
+  // A file reader has no buffer to view: it reads.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'st-view-'));
+  try {
+    await writeSafetensorsFile(path.join(dir, 'x.safetensors'), { a: { dtype: 'F32', shape: [3, 4], data } });
+    const f = openSafetensors(path.join(dir, 'x.safetensors'));
+    assert.deepEqual(f.viewFloat32('a'), data);
+    f.close();
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

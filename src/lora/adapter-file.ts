@@ -1,6 +1,7 @@
 /**
  * A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors bytes) checked against
- * the base model's linear modules and turned into host float32 A/B pairs. No tensors on the device.
+ * the base model's linear modules and turned into host float32 pairs already in the device layout
+ * (see ModuleLora). No tensors on the device.
  *
  * Tensor names: `base_model.model.<module path>.lora_A[.<adapter name>].weight` ([r, in]) and
  * `.lora_B[...].weight` ([out, r]). The `base_model.model.` prefix is optional.
@@ -31,10 +32,10 @@ export interface ModuleLora {
   /** The pair's own rank (lora_A.shape[0]). */
   readonly r: number;
   readonly scaling: number;
-  /** [r, in], row-major (PEFT layout). */
-  readonly A: Float32Array;
-  /** [out, r], row-major (PEFT layout). */
-  readonly B: Float32Array;
+  /** Aᵀ: [in, r], row-major (PEFT's lora_A is [r, in]). */
+  readonly At: Float32Array;
+  /** scaling·Bᵀ: [r, out], row-major (PEFT's lora_B is [out, r]). */
+  readonly Bt: Float32Array;
 }
 
 export interface AdapterWeights {
@@ -46,8 +47,31 @@ export interface AdapterWeights {
   readonly rank: number;
   /** Short module names hit (q_proj, c_attn, ...), sorted, unique. */
   readonly targetModules: string[];
-  /** Bytes of all A and B as float32. */
+  /**
+   * Bytes of all A and B as float32. Every At and Bt is a view of one SharedArrayBuffer of exactly this
+   * size: posting the weights to a worker thread shares them instead of copying, and a tensor made from
+   * them is one memcpy.
+   */
   readonly bytes: number;
+}
+
+/** Index of the first NaN or ±Infinity, or -1. */
+export function firstNonFinite(data: Float32Array): number {
+  // x·0 is 0 for every finite x and NaN otherwise: one multiply-add per element, then a scan only if needed.
+  let probe = 0;
+  for (let i = 0; i < data.length; i++) probe += data[i]! * 0;
+  if (probe === 0) return -1;
+  return data.findIndex((x) => !Number.isFinite(x));
+}
+
+/**
+ * The device layout from PEFT's (plain loops): At[i][j] = A[j][i] (A: [r, in]) and Bt[j][o] = s·B[o][j]
+ * (B: [out, r]). The model computes y = x·W with W [in, out]; PEFT adds s·B·(A·x) per row, which is
+ * x·At·Bt in this layout.
+ */
+export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number, At: Float32Array, Bt: Float32Array): void {
+  for (let i = 0; i < inF; i++) for (let j = 0; j < r; j++) At[i * r + j] = A[j * inF + i]!;
+  for (let j = 0; j < r; j++) for (let o = 0; o < outF; o++) Bt[j * outF + o] = s * B[o * r + j]!;
 }
 
 const PICKLE_PROTOCOL_MIN = 2;
@@ -141,7 +165,7 @@ export function loadAdapterWeights(
     }
 
     // 2. Resolve each pair to a base module, check it against the config, shapes and values.
-    const modules: ModuleLora[] = [];
+    const found: { module: LinearModule; r: number; scaling: number; aName: string; bName: string }[] = [];
     const claimedBy = new Map<LinearModule, string>();
     for (const [path, pair] of pairs) {
       if (pair.A === undefined || pair.B === undefined) {
@@ -185,14 +209,30 @@ export function loadAdapterWeights(
         throw bad('ADAPTER_RANK_TOO_LARGE', `module "${path}" has rank ${r}, above the server's max LoRA rank ${opts.maxRank}`);
       }
 
-      const A = reader.readFloat32(pair.A);
-      const B = reader.readFloat32(pair.B);
-      for (const [tensor, data] of [[pair.A, A], [pair.B, B]] as const) {
-        for (let i = 0; i < data.length; i++) {
-          if (!Number.isFinite(data[i]!)) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
-        }
+      found.push({ module, r, scaling: scalingFor(config, path, r), aName: pair.A, bName: pair.B });
+    }
+
+    // 3. Read the values (finite only) into one shared buffer, in the device layout.
+    const floats = found.reduce((n, f) => n + f.r * (f.module.inFeatures + f.module.outFeatures), 0);
+    const shared = new SharedArrayBuffer(floats * 4);
+    let offset = 0;
+    const view = (n: number) => {
+      const v = new Float32Array(shared, offset * 4, n);
+      offset += n;
+      return v;
+    };
+    const modules: ModuleLora[] = [];
+    for (const { module, r, scaling, aName, bName } of found) {
+      const A = reader.viewFloat32(aName); // read only, before the reader closes
+      const B = reader.viewFloat32(bName);
+      for (const [tensor, data] of [[aName, A], [bName, B]] as const) {
+        const i = firstNonFinite(data);
+        if (i >= 0) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
       }
-      modules.push({ module, r, scaling: scalingFor(config, path, r), A, B });
+      const At = view(module.inFeatures * r);
+      const Bt = view(r * module.outFeatures);
+      toDeviceLayout(A, B, r, module.inFeatures, module.outFeatures, scaling, At, Bt);
+      modules.push({ module, r, scaling, At, Bt });
     }
 
     modules.sort(byLayerThenKey);
@@ -202,7 +242,7 @@ export function loadAdapterWeights(
       modules,
       rank: Math.max(...modules.map((m) => m.r)),
       targetModules: [...new Set(modules.map((m) => m.module.name))].sort(),
-      bytes: modules.reduce((sum, m) => sum + (m.A.length + m.B.length) * 4, 0),
+      bytes: shared.byteLength,
     };
   } catch (err) {
     if (isServeError(err) && err.message.startsWith(`adapter "${id}": `)) throw err;

@@ -1,5 +1,5 @@
 /**
- * LoRA on the device: adapters uploaded once into our layout (scaling folded into B), the per-step
+ * LoRA on the device: adapters uploaded once in the layout of adapter-file.ts (scaling folded into B), the per-step
  * "bank" that applies many adapters to one batch unmerged, and merged weights W' = W + s·Aᵀ·Bᵀ.
  *
  * Layout. The model computes y = x·W with W [in, out]. PEFT stores A [r, in], B [out, r] and applies
@@ -29,24 +29,15 @@ export interface DeviceAdapter {
   readonly modules: ReadonlyMap<string, DeviceModule>;
 }
 
-/** Plain loop: At[i][j] = A[j][i] (A: [r, in]); Bt[j][o] = s · B[o][j] (B: [out, r]). */
-export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number): { At: Float32Array; Bt: Float32Array } {
-  const At = new Float32Array(inF * r);
-  for (let j = 0; j < r; j++) for (let i = 0; i < inF; i++) At[i * r + j] = A[j * inF + i]!;
-  const Bt = new Float32Array(r * outF);
-  for (let o = 0; o < outF; o++) for (let j = 0; j < r; j++) Bt[j * outF + o] = s * B[o * r + j]!;
-  return { At, Bt };
-}
-
 export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter {
   const modules = new Map<string, DeviceModule>();
   let bytes = 0;
   try {
     for (const m of w.modules) {
-      const { inFeatures: inF, outFeatures: outF } = m.module;
-      const { At, Bt } = toDeviceLayout(m.A, m.B, m.r, inF, outF, m.scaling);
-      modules.set(m.module.key, { At: tf.tensor2d(At, [inF, m.r]), Bt: tf.tensor2d(Bt, [m.r, outF]), r: m.r });
-      bytes += (At.length + Bt.length) * 4;
+      // The host arrays are already in this layout (and never written again, so a backend that keeps a
+      // reference to them instead of copying, as the cpu backend does, is safe).
+      modules.set(m.module.key, { At: tf.tensor2d(m.At, [m.module.inFeatures, m.r]), Bt: tf.tensor2d(m.Bt, [m.r, m.module.outFeatures]), r: m.r });
+      bytes += (m.At.length + m.Bt.length) * 4;
     }
   } catch (err) {
     disposeAdapter({ id: w.id, version, rank: w.rank, bytes, modules });

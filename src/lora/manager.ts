@@ -148,9 +148,12 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         this.metrics?.hit('host');
       } else {
         this.metrics?.miss();
-        const files = await this.store.read(id);
-        const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank });
-        host = { weights, version: files.version, source: files.source };
+        // The file bytes are only needed until validated (the weights come out in their own buffer).
+        host = await this.store.readWith(id, (files) => ({
+          weights: validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank }),
+          version: files.version,
+          source: files.source,
+        }));
         this.host.set(id, host);
         this.metrics?.loaded('host', (performance.now() - t0) / 1000);
       }

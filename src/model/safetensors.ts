@@ -32,6 +32,11 @@ export interface SafetensorsReader {
   readonly tensors: ReadonlyMap<string, TensorEntry>;
   /** The tensor as float32 (F32, F16, BF16 converted exactly). Missing name: CHECKPOINT_MISSING_TENSOR. */
   readFloat32(name: string): Float32Array;
+  /**
+   * As readFloat32, but an F32 tensor at a 4-byte aligned address of an in-memory buffer comes back as a
+   * view of that buffer (no copy): valid only while the buffer is, and never to be written.
+   */
+  viewFloat32(name: string): Float32Array;
   /** The tensor's raw little-endian bytes, whatever its dtype. */
   readRaw(name: string): Uint8Array;
   close(): void;
@@ -175,7 +180,13 @@ function parseEntry(name: string, raw: unknown, dataStart: number, source: strin
 // ---------------------------------------------------------------------------------------------
 
 /** Shared reader logic over a `readBytes(begin, end)` primitive. */
-function makeReader(source: string, header: ParsedHeader, readBytes: (begin: number, end: number) => Uint8Array, close: () => void): SafetensorsReader {
+function makeReader(
+  source: string,
+  header: ParsedHeader,
+  readBytes: (begin: number, end: number) => Uint8Array,
+  close: () => void,
+  view?: (begin: number, end: number) => Uint8Array,
+): SafetensorsReader {
   const entry = (name: string): TensorEntry => {
     const e = header.tensors.get(name);
     if (!e) throw fail('CHECKPOINT_MISSING_TENSOR', `tensor "${name}" not found in ${source}`);
@@ -195,6 +206,12 @@ function makeReader(source: string, header: ParsedHeader, readBytes: (begin: num
         throw fail('SAFETENSORS_DTYPE', `tensor "${name}" in ${source} has dtype ${e.dtype}; only F32, F16 and BF16 are supported`);
       }
       return decodeFloat32(readBytes(e.begin, e.end), e.dtype);
+    },
+    viewFloat32(name) {
+      const e = entry(name);
+      const bytes = e.dtype === 'F32' ? view?.(e.begin, e.end) : undefined;
+      if (!bytes || bytes.byteOffset % 4 !== 0) return this.readFloat32(name);
+      return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
     },
     close,
   };
@@ -218,7 +235,10 @@ export function parseSafetensors(bytes: Uint8Array, source = '<buffer>'): Safete
   return makeReader(source, header, (begin, end) => {
     if (closed) throw invalid(source, 'reader is closed');
     return new Uint8Array(bytes.subarray(begin, end)); // a fresh, aligned copy (Buffer#slice would be a view)
-  }, () => { closed = true; });
+  }, () => { closed = true; }, (begin, end) => {
+    if (closed) throw invalid(source, 'reader is closed');
+    return bytes.subarray(begin, end);
+  });
 }
 
 /**
