@@ -39,6 +39,8 @@ export interface Figure {
 
 export interface CaseContext {
   readonly sizes: Sizes;
+  /** The server's --workers. */
+  readonly workers: number;
   readonly adapters: AdapterPool;
   /** The i-th prompt (~32 tokens; distinct for i < 64). */
   prompt(i: number): string;

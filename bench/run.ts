@@ -16,12 +16,13 @@ import { coldLoad } from './cases/cold-load.ts';
 import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
+import { profile } from './cases/profile.ts';
 import { ttft } from './cases/ttft.ts';
 import type { ApiClient } from './client.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 20, ttftIdle: 20, memoryRequests: 5000 };
@@ -153,7 +154,7 @@ async function main(): Promise<void> {
     const tc = performance.now();
     const log = (msg: string) => say(`[${c.name}] ${msg}`);
     const ctx: CaseContext = {
-      sizes, adapters, log,
+      sizes, adapters, log, workers: args.workers,
       prompt: (i) => prompts[i % prompts.length]!,
       async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
         const server = await startServer({

@@ -3,7 +3,7 @@
  * default, help), so `--help`, the README and the tests read the same data.
  *
  * Precedence: flag > env `LORA_SERVE_<UPPER_SNAKE>` > default. Flags take `--name value` or
- * `--name=value`. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
+ * `--name=value`; a boolean flag alone means true. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
  */
 import { BACKENDS } from './backend.ts';
 import type { RuntimeOptions } from './runtime.ts';
@@ -33,14 +33,14 @@ export interface ServerOptions extends RuntimeOptions {
   readonly help: boolean;
 }
 
-type Kind = 'string' | 'int' | 'seconds' | 'bytes' | 'url' | 'choice';
+type Kind = 'string' | 'int' | 'seconds' | 'bytes' | 'url' | 'choice' | 'bool';
 
 export interface OptionSpec {
   readonly flag: string;
   readonly key: Exclude<keyof ServerOptions, 'help'>;
   readonly env: string;
   readonly kind: Kind;
-  readonly default: string | number | undefined;
+  readonly default: string | number | boolean | undefined;
   readonly help: string;
   readonly min?: number;
   readonly choices?: readonly string[];
@@ -76,6 +76,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, 'Default max_new_tokens of /generate and /generate_stream (TGI clients\' default); /v1/completions defaults to 16, chat to the remaining context', { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
   opt('workers', 'workers', 'int', 1, 'Executor threads, each with its own copy of the model; sequences are spread over them (wasm runs one thread per copy: 2 uses two cores)', { min: 1 }),
+  opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
@@ -101,12 +102,18 @@ const BYTE_UNITS: Record<string, number> = {
   '': 1, b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1000, mb: 1000 ** 2, gb: 1000 ** 3,
 };
 
-function parseValue(spec: OptionSpec, raw: string, source: string): string | number | undefined {
+function parseValue(spec: OptionSpec, raw: string, source: string): string | number | boolean | undefined {
   const bad = (why: string): never => {
     const shown = spec.secret ? '' : ` ${JSON.stringify(raw)}`;
     throw new CliError(`invalid value${shown} for ${source}: ${why}`);
   };
   switch (spec.kind) {
+    case 'bool': {
+      const v = raw.trim().toLowerCase();
+      if (['true', '1', 'yes', 'on'].includes(v)) return true;
+      if (['false', '0', 'no', 'off', ''].includes(v)) return false;
+      return bad('expected true or false');
+    }
     case 'string':
       return spec.key === 'apiKey' && raw === '' ? undefined : raw;
     case 'choice':
@@ -169,6 +176,8 @@ export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): S
     let value: string;
     if (eq >= 0) {
       value = arg.slice(eq + 1);
+    } else if (spec.kind === 'bool' && (i + 1 >= argv.length || argv[i + 1]!.startsWith('--'))) {
+      value = 'true';
     } else {
       if (i + 1 >= argv.length) throw new CliError(`--${name} needs a value`);
       value = argv[++i]!;
@@ -198,7 +207,7 @@ function showDefault(spec: OptionSpec): string {
 /** The --help text: every flag with its env var and default. */
 export function helpText(): string {
   const rows = OPTIONS.map((o) => {
-    const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : `<${o.kind === 'string' ? 'value' : o.kind}>`;
+    const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : o.kind === 'bool' ? '[true|false]' : `<${o.kind === 'string' ? 'value' : o.kind}>`;
     return { left: `--${o.flag} ${value}`, help: o.help, meta: `env ${o.env}, default ${showDefault(o)}` };
   });
   const width = Math.max(...rows.map((r) => r.left.length)) + 2;

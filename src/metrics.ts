@@ -13,6 +13,7 @@ import type { LoraApplied } from './engine/executor.ts';
 import { ERRORS } from './errors.ts';
 import type { EngineMetrics, FinishReason } from './engine/types.ts';
 import type { AdapterMetrics } from './lora/types.ts';
+import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
 
@@ -22,6 +23,8 @@ export type DeviceMemory = () => { numBytes: number; numTensors: number } | Prom
 export interface MetricsOptions {
   /** Sampled on every scrape; without it the TensorFlow.js gauges stay 0. */
   deviceMemory?: DeviceMemory;
+  /** Step phase totals, all threads (src/profile.ts; only with --profile). */
+  profile?: () => ProfileTotals;
   /** Register the Node.js process defaults (default true). */
   processMetrics?: boolean;
 }
@@ -144,6 +147,23 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
       name: `${METRIC_PREFIX}tfjs_tensors`, help: 'Live TensorFlow.js tensors (tf.memory().numTensors).',
       registers: [this.registry],
       async collect() { if (memory) this.set((await memory()).numTensors); },
+    });
+    const profile = opts.profile;
+    const seen = new Map<string, number>();
+    new Counter({
+      name: `${METRIC_PREFIX}profile_seconds_total`,
+      help: 'With --profile: time spent in each phase of prefill and decode steps (see docs/metrics.md), summed over the main thread and the executor workers.',
+      labelNames: ['kind', 'phase'] as const, registers: [this.registry],
+      collect() {
+        for (const [kind, phases] of Object.entries(profile?.() ?? {}) as [StepKind, Partial<Record<Phase, number>>][]) {
+          for (const [phase, seconds] of Object.entries(phases) as [Phase, number][]) {
+            const key = `${kind}/${phase}`;
+            const delta = seconds - (seen.get(key) ?? 0);
+            if (delta > 0) this.inc({ kind, phase }, delta);
+            seen.set(key, seconds);
+          }
+        }
+      },
     });
     if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }

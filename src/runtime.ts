@@ -19,6 +19,7 @@ import { ParallelExecutor } from './model/parallel-executor.ts';
 import { TextTokenizer } from './model/tokenizer.ts';
 import { TfExecutor, type LoraMode } from './model/tf-executor.ts';
 import type { ModelConfig } from './model/types.ts';
+import { addTotals, profiler, type ProfileTotals } from './profile.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -40,6 +41,8 @@ export interface RuntimeOptions {
   readonly prefillChunk: number;
   /** Executor worker threads, each with its own copy of the model (1: run in this thread). */
   readonly workers: number;
+  /** Time the phases of every step (src/profile.ts). */
+  readonly profile?: boolean;
 }
 
 export interface Runtime {
@@ -60,6 +63,8 @@ export interface Runtime {
   readonly engine: Engine;
   /** TensorFlow.js memory of every copy of the model (this thread's, or the workers' after they answer). */
   deviceMemory(): Promise<{ numTensors: number; numBytes: number }>;
+  /** Step phase totals of this thread and the executor workers (with `profile`). */
+  profile(): ProfileTotals;
   close(graceMs?: number): Promise<void>;
 }
 
@@ -91,6 +96,8 @@ export async function startRuntime(
   hooks: { log?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics } = {},
 ): Promise<Runtime> {
   const log = hooks.log ?? (() => {});
+  profiler.enabled = opts.profile === true;
+  profiler.reset();
   const demo = opts.model === '';
   const dir = demo ? await ensureDemo(opts.adapterDir, log) : resolve(opts.model);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
@@ -106,7 +113,7 @@ export async function startRuntime(
     config = ckpt.config;
     dtype = ckpt.dtype;
     ckpt.close();
-    const parallel = await ParallelExecutor.start({ workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode });
+    const parallel = await ParallelExecutor.start({ workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile });
     executor = parallel;
     modelBytes = parallel.modelBytes;
     backend = parallel.backend;
@@ -138,6 +145,7 @@ export async function startRuntime(
     backend, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
     // Workers answer in order, so this also waits for adapter offloads posted before it.
     deviceMemory: async () => (executor instanceof ParallelExecutor ? executor.refreshMemory() : localMemory()),
+    profile: () => addTotals(profiler.snapshot(), executor instanceof ParallelExecutor ? executor.profile() : {}),
     async close(graceMs = 0) {
       if (closed) return;
       closed = true;

@@ -3,6 +3,7 @@
  * timeouts and draining. It never touches a tensor: the executor does, behind its interface.
  */
 import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
+import { profiler } from '../profile.ts';
 import type { IncrementalDecoder } from '../model/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
 import type { DecodeItem, Executor, PrefillItem, StepResult } from './executor.ts';
@@ -207,8 +208,8 @@ export class Engine implements EngineApi {
           waiting: this.waiting.map(this.schedView),
         }, this.opts);
         if (plan.decode.length === 0 && plan.prefill.length === 0) break;
-        if (plan.decode.length > 0) await this.decodeStep();
-        if (plan.prefill.length > 0) await this.prefillStep(plan.prefill);
+        if (plan.decode.length > 0) await profiler.step('decode', 'engine', () => this.decodeStep());
+        if (plan.prefill.length > 0) await profiler.step('prefill', 'engine', () => this.prefillStep(plan.prefill));
         this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
         // Let the event loop deliver responses and accept requests between steps.
         await new Promise((r) => setImmediate(r));
@@ -296,7 +297,7 @@ export class Engine implements EngineApi {
   private accept(seq: Seq, logits: Float32Array): void {
     if (seq.state === 'done') return;
     const { req } = seq;
-    const sampled = seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0);
+    const sampled = profiler.time('sampling', () => seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0));
     const id = sampled.id;
     seq.generated.push(id);
     const t = now();

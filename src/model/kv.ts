@@ -9,6 +9,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { dropLeadingCols, gatherRows } from './kv-ops.ts';
+import { profiler } from '../profile.ts';
 
 export class KVBatch {
   /** Per layer [B, kvHeads, C, headDim]; null while the batch holds no column. */
@@ -39,6 +40,10 @@ export class KVBatch {
    * The caller calls `commit(T, newStart)` once after the last layer.
    */
   appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D } {
+    return profiler.time('kv_cache', () => this.appendCols(layer, k, v));
+  }
+
+  private appendCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D } {
     const oldK = this.k[layer];
     const oldV = this.v[layer];
     const newK = oldK ? tf.concat4d([oldK, k], 2) : tf.keep(k.clone());

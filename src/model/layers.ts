@@ -3,6 +3,7 @@
  * activations, rotary embeddings and batched causal attention over a KVBatch.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { profiler } from '../profile.ts';
 import type { LinearModule } from './types.ts';
 
 /**
@@ -33,10 +34,11 @@ export interface StepLora {
 
 export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2D {
   const W = lora?.merged?.get(lin.key) ?? lin.W;
-  let y: tf.Tensor2D = tf.matMul(x, W); // [N, out]
+  let y: tf.Tensor2D = profiler.time('base_matmul', () => tf.matMul(x, W)); // [N, out]
   const u = lora?.unmerged?.get(lin.key);
-  if (u) y = tf.add(y, tf.matMul(tf.mul(tf.matMul(x, u.A), u.mask) as tf.Tensor2D, u.B)); // [N, K] → [N, out]
-  return lin.b ? tf.add(y, lin.b) : y;
+  if (u) y = profiler.time('lora_delta', () => tf.add(y, tf.matMul(tf.mul(tf.matMul(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
+  const b = lin.b;
+  return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
 }
 
 export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number): tf.Tensor2D {
@@ -118,6 +120,10 @@ export interface StepShape {
  * the G query heads that share a KV head become G·T query rows of that head.
  */
 export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number): tf.Tensor2D {
+  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd));
+}
+
+function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number): tf.Tensor2D {
   const { B, T } = s;
   const G = nH / kvH;
   const q4 = tf.reshape(tf.transpose(tf.reshape(q, [B, T, kvH, G * hd]), [0, 2, 1, 3]), [B, kvH, T * G, hd]); // rows (t, g)

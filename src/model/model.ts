@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../errors.ts';
+import { profiler } from '../profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { gpt2Modules, loadGpt2 } from './gpt2.ts';
 import { KVBatch } from './kv.ts';
@@ -122,8 +123,18 @@ export class CausalLM {
       if (t < 0 || t >= c.vocabSize) throw fail('VALIDATION', `token id ${t} is outside the vocabulary (${c.vocabSize})`);
     }
     const G = c.numHeads / c.numKvHeads;
+    // Time not spent in a nested section (matmuls, LoRA, attention, KV, head) is the other kernels.
+    const logits = profiler.time('other_ops', () => this.run(input, B, T, G));
+    kv.commit(T, input.pad);
+    return logits;
+  }
+
+  private run(input: ForwardInput, B: number, T: number, G: number): tf.Tensor2D {
+    const { kv } = input;
+    const c = this.config;
+    const N = B * T;
     const maskData = kv.mask(T, G, input.pad);
-    const logits = tf.tidy(() => {
+    return tf.tidy(() => {
       const tokens = tf.tensor1d(input.tokens, 'int32');
       const positions = tf.tensor1d(input.positions, 'int32');
       const mask = tf.tensor4d(maskData, [B, 1, T * G, kv.cols + T]);
@@ -139,10 +150,8 @@ export class CausalLM {
       let x = this.arch.embed(tokens, positions); // [N, d]
       for (let l = 0; l < c.numLayers; l++) x = this.arch.block(l, x, ctx);
       const rows = input.logitRows.length === N ? x : tf.gather(x, tf.tensor1d(input.logitRows, 'int32'));
-      return this.arch.head(rows); // [R, V]
+      return profiler.time('lm_head', () => this.arch.head(rows)); // [R, V]
     });
-    kv.commit(T, input.pad);
-    return logits;
   }
 
   dispose(): void {

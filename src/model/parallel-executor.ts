@@ -13,6 +13,7 @@ import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { AdapterDevice, ResidentAdapter } from '../lora/device.ts';
 import type { LoraMode } from './tf-executor.ts';
 import type { WorkerStep } from './worker.ts';
+import { addTotals, profiler, type ProfileTotals } from '../profile.ts';
 
 class WorkerClient {
   private next = 1;
@@ -21,10 +22,15 @@ class WorkerClient {
   /** Sequences assigned here (prefilling or running). */
   load = 0;
   memory = { numTensors: 0, numBytes: 0 };
+  /** The worker's step profile as of its last answer (with --profile). */
+  profile: ProfileTotals = {};
 
   constructor(readonly worker: Worker) {
-    worker.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string }; memory?: { numTensors: number; numBytes: number } }) => {
+    worker.on('message', (msg: {
+      id: number; result?: unknown; error?: { message: string; code?: string }; memory?: { numTensors: number; numBytes: number }; profile?: ProfileTotals;
+    }) => {
       if (msg.memory) this.memory = msg.memory;
+      if (msg.profile) this.profile = msg.profile;
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
@@ -59,6 +65,8 @@ export interface ParallelExecutorOptions {
   readonly modelDir: string;
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
+  /** Time the phases of each step in the workers (src/profile.ts). */
+  readonly profile?: boolean;
 }
 
 export class ParallelExecutor implements Executor {
@@ -75,7 +83,7 @@ export class ParallelExecutor implements Executor {
         clients.push(new WorkerClient(new Worker(new URL('./worker-entry.mjs', import.meta.url))));
       }
       const infos = await Promise.all(clients.map((c) => c.call<{ backend: string; vocabSize: number; bytes: number }>('init', {
-        modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode,
+        modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile ?? false,
       })));
       return new ParallelExecutor(clients, infos[0]!.vocabSize, infos[0]!.bytes, infos[0]!.backend);
     } catch (err) {
@@ -91,6 +99,11 @@ export class ParallelExecutor implements Executor {
   /** Device memory summed over the workers, as of their last answer (every answer carries it). */
   memory(): { numTensors: number; numBytes: number } {
     return this.clients.reduce((m, c) => ({ numTensors: m.numTensors + c.memory.numTensors, numBytes: m.numBytes + c.memory.numBytes }), { numTensors: 0, numBytes: 0 });
+  }
+
+  /** The workers' step profiles, summed, as of their last answers. */
+  profile(): ProfileTotals {
+    return addTotals(...this.clients.map((c) => c.profile));
   }
 
   async refreshMemory(): Promise<{ numTensors: number; numBytes: number }> {
@@ -117,7 +130,7 @@ export class ParallelExecutor implements Executor {
       if (!g) groups.set(c, (g = []));
       g.push(item);
     }
-    const answers = await Promise.all([...groups].map(([c, g]) => c.call<WorkerStep>(op, g)));
+    const answers = await profiler.timeAsync('executor_wait', () => Promise.all([...groups].map(([c, g]) => c.call<WorkerStep>(op, g))));
     const logits = new Map<number, Float32Array>();
     const modes: LoraApplied[] = [];
     const adapters: number[] = [];

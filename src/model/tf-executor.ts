@@ -12,6 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from '../lora/device.ts';
+import { profiler } from '../profile.ts';
 import type { StepLora } from './layers.ts';
 import type { KVBatch } from './kv.ts';
 import type { CausalLM } from './model.ts';
@@ -53,7 +54,11 @@ export class TfExecutor implements Executor {
     return this.rows.length;
   }
 
-  async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
+  prefill(items: readonly PrefillItem[]): Promise<StepResult> {
+    return profiler.timeAsync('executor', () => this.prefillAll(items));
+  }
+
+  private async prefillAll(items: readonly PrefillItem[]): Promise<StepResult> {
     const logits = new Map<number, Float32Array>();
     const modes: LoraApplied[] = [];
     const adapters: number[] = [];
@@ -108,7 +113,11 @@ export class TfExecutor implements Executor {
     }
   }
 
-  async decode(items: readonly DecodeItem[]): Promise<StepResult> {
+  decode(items: readonly DecodeItem[]): Promise<StepResult> {
+    return profiler.timeAsync('executor', () => this.decodeAll(items));
+  }
+
+  private async decodeAll(items: readonly DecodeItem[]): Promise<StepResult> {
     const bySeq = new Map(items.map((i) => [i.seq, i]));
     if (bySeq.size !== this.rows.length || this.rows.some((r) => !bySeq.has(r.seq))) {
       throw new Error(`decode: expected one item for each of the ${this.rows.length} running sequences`);
@@ -227,13 +236,14 @@ export class TfExecutor implements Executor {
 
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
     rowAdapters: readonly (DeviceAdapter | null)[], logitRows: number[], modes: LoraApplied[], adapters: number[]): Promise<Float32Array> {
-    const choice = this.loraFor(rowAdapters);
+    const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters));
     modes.push(choice.mode);
     adapters.push(choice.distinct);
     let logits: tf.Tensor2D | null = null;
     try {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      return logitRows.length === 0 ? new Float32Array(0) : (await logits.data()) as Float32Array;
+      const l = logits;
+      return logitRows.length === 0 ? new Float32Array(0) : await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array);
     } finally {
       logits?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);

@@ -8,6 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend, type BackendName } from '../backend.ts';
 import type { DecodeItem, ExecAdapter, PrefillItem, StepResult } from '../engine/executor.ts';
 import { isServeError } from '../errors.ts';
+import { profiler } from '../profile.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import { disposeAdapter, uploadAdapter, type DeviceAdapter } from '../lora/device.ts';
 import { CausalLM } from './model.ts';
@@ -17,6 +18,8 @@ export interface WorkerInit {
   readonly modelDir: string;
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
+  /** Time the phases of each step (src/profile.ts). */
+  readonly profile: boolean;
 }
 
 /** A step's answer: logits per sequence (transferred). */
@@ -50,16 +53,17 @@ function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
 
 const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: ArrayBuffer[] }> | { value: unknown; transfer?: ArrayBuffer[] }> = {
   async init(args: WorkerInit) {
+    profiler.enabled = args.profile;
     const backend = await initBackend(args.backend);
     model = CausalLM.load(args.modelDir);
     executor = new TfExecutor(model, { loraMode: args.loraMode });
     return { value: { backend: backend.name, vocabSize: model.config.vocabSize, bytes: model.bytes, dtype: model.dtype } };
   },
-  async prefill(items: PrefillItem[]) {
-    return step(await executor!.prefill(items.map((i) => ({ ...i, adapter: resolve(i.adapter) }))));
+  prefill(items: PrefillItem[]) {
+    return profiler.step('prefill', 'executor', async () => step(await executor!.prefill(items.map((i) => ({ ...i, adapter: resolve(i.adapter) })))));
   },
-  async decode(items: DecodeItem[]) {
-    return step(await executor!.decode(items.map((i) => ({ ...i, adapter: resolve(i.adapter) }))));
+  decode(items: DecodeItem[]) {
+    return profiler.step('decode', 'executor', async () => step(await executor!.decode(items.map((i) => ({ ...i, adapter: resolve(i.adapter) })))));
   },
   release(seq: number) {
     executor!.release(seq);
@@ -95,8 +99,9 @@ parentPort!.on('message', (msg: { id: number; op: string; args: unknown }) => {
   queue = queue.then(async () => {
     try {
       const { value, transfer } = await ops[msg.op]!(msg.args);
-      // Every answer carries the device memory after the operation (for metrics and /info).
-      parentPort!.postMessage({ id: msg.id, result: value, memory: memory() }, transfer ?? []);
+      // Every answer carries the device memory after the operation (for metrics and /info), and the step profile.
+      const profile = profiler.enabled ? profiler.snapshot() : undefined;
+      parentPort!.postMessage({ id: msg.id, result: value, memory: memory(), profile }, transfer ?? []);
     } catch (err) {
       const e = err as Error & { code?: string };
       parentPort!.postMessage({ id: msg.id, error: { message: e.message, code: isServeError(err) ? e.code : undefined } });

@@ -18,7 +18,10 @@ export interface Server {
 
 export async function createServer(options: ServerOptions, log: (msg: string) => void = () => {}): Promise<Server> {
   let runtime: Runtime | null = null;
-  const metrics = new Metrics({ deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 } });
+  const metrics = new Metrics({
+    deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 },
+    profile: () => runtime?.profile() ?? {},
+  });
   let ready = false;
   runtime = await startRuntime(options, { log, metrics });
   const app = await buildApp({
