@@ -6,30 +6,30 @@
  * download and executor JavaScript (summed over the workers: thread time, not wall time).
  */
 import type { BenchCase, CaseContext, Figure } from '../case.ts';
-import { drive, type ApiClient, type Metrics } from '../client.ts';
+import { drive, metric, type ApiClient } from '../client.ts';
 import { PHASES, STEP_KINDS, type Phase, type StepKind } from '../../src/profile.ts';
 
 const N = 32;
 const MAIN: readonly Phase[] = ['engine', 'sampling', 'executor_wait'];
 
 interface Snapshot {
+  /** Seconds per `${kind}/${phase}`. */
   readonly seconds: Map<string, number>;
   readonly steps: Map<StepKind, number>;
 }
 
 async function snapshot(api: ApiClient): Promise<Snapshot> {
-  const m: Metrics = await api.metrics();
+  const m = await api.metrics();
   const seconds = new Map<string, number>();
   const steps = new Map<StepKind, number>();
-  for (const [series, value] of m) {
-    const labels = Object.fromEntries([...series.matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1], x[2]]));
-    if (series.startsWith('lora_serve_profile_seconds_total{')) seconds.set(`${labels.kind}/${labels.phase}`, value);
-    if (series.startsWith('lora_serve_steps_total{')) steps.set(labels.kind as StepKind, (steps.get(labels.kind as StepKind) ?? 0) + value);
+  for (const kind of STEP_KINDS) {
+    steps.set(kind, metric(m, 'lora_serve_steps_total', { kind }));
+    for (const phase of Object.keys(PHASES) as Phase[]) seconds.set(`${kind}/${phase}`, metric(m, 'lora_serve_profile_seconds_total', { kind, phase }));
   }
   return { seconds, steps };
 }
 
-/** Figures for one workload: ms per step of each phase (main thread as is, worker phases per worker). */
+/** Figures for one workload: ms per step of each phase (executor phases summed over the workers). */
 function figures(name: string, before: Snapshot, after: Snapshot, workers: number, kinds: readonly StepKind[]): Figure[] {
   const out: Figure[] = [];
   for (const kind of kinds) {
@@ -54,7 +54,7 @@ async function profiled(api: ApiClient, ctx: CaseContext, name: string, kinds: r
   const before = await snapshot(api);
   await work();
   const after = await snapshot(api);
-  if (after.seconds.size === 0) throw new Error('the server reported no profile (was it started with --profile?)');
+  if ([...after.seconds.values()].every((v) => v === 0)) throw new Error('the server reported no profile (was it started with --profile?)');
   ctx.log(`${name}: profiled`);
   return figures(name, before, after, ctx.workers, kinds);
 }
