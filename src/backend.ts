@@ -2,9 +2,11 @@
  * TensorFlow.js backend selection. The native packages (@tensorflow/tfjs-node-gpu, @tensorflow/tfjs-node)
  * download libtensorflow at install time and are therefore optional: they are imported only when present.
  * `auto` tries tensorflow-gpu (when a CUDA device is usable), then tensorflow, then wasm, then cpu.
+ * On wasm, matrix products run through the native AVX2/FMA addon when it is built (src/native-matmul.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from './errors.ts';
+import { installNativeMatmul, nativeMatmulUnavailable } from './native-matmul.ts';
 
 export const BACKENDS = ['auto', 'tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
@@ -18,6 +20,15 @@ export interface BackendInfo {
   readonly tfName: string;
   /** Why auto skipped the backends before it. */
   readonly skipped: readonly string[];
+  /** Matrix products run in the native addon (wasm backend only). */
+  readonly nativeMatmul: boolean;
+  /** Why the native matmul is not used, when it was asked for on wasm and is not. */
+  readonly nativeMatmulNote?: string;
+}
+
+export interface BackendOptions {
+  /** Use the native matmul addon on the wasm backend when it is available (default true). */
+  readonly nativeMatmul?: boolean;
 }
 
 let selected: BackendInfo | null = null;
@@ -76,7 +87,7 @@ const INIT: Record<Exclude<BackendName, 'auto'>, () => Promise<void>> = {
 };
 
 /** Selects (once per process) and initialises the backend. */
-export async function initBackend(requested: BackendName = 'auto'): Promise<BackendInfo> {
+export async function initBackend(requested: BackendName = 'auto', opts: BackendOptions = {}): Promise<BackendInfo> {
   if (selected) {
     if (requested === selected.requested || requested === selected.name) return selected;
     throw fail('BACKEND_UNAVAILABLE', `backend already initialised as ${selected.name}; cannot switch to ${requested}`);
@@ -90,7 +101,12 @@ export async function initBackend(requested: BackendName = 'auto'): Promise<Back
   for (const name of order) {
     try {
       await INIT[name]();
-      selected = Object.freeze({ requested, name, tfName: tf.getBackend(), skipped });
+      const wantNative = name === 'wasm' && opts.nativeMatmul !== false;
+      const nativeMatmul = wantNative && installNativeMatmul();
+      selected = Object.freeze({
+        requested, name, tfName: tf.getBackend(), skipped, nativeMatmul,
+        ...(wantNative && !nativeMatmul ? { nativeMatmulNote: nativeMatmulUnavailable() } : {}),
+      });
       return selected;
     } catch (err) {
       if (requested !== 'auto') throw err;

@@ -76,6 +76,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, 'Default max_new_tokens of /generate and /generate_stream (TGI clients\' default); /v1/completions defaults to 16, chat to the remaining context', { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
   opt('workers', 'workers', 'int', 1, 'Executor threads, each with its own copy of the model; sequences are spread over them (wasm runs one thread per copy: 2 uses two cores)', { min: 1 }),
+  opt('native-matmul', 'nativeMatmul', 'bool', true, 'On the wasm backend, run matrix products in the native AVX2/FMA addon built by npm ci (falls back to the wasm kernels when it is missing)'),
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),

@@ -43,11 +43,15 @@ export interface RuntimeOptions {
   readonly workers: number;
   /** Time the phases of every step (src/profile.ts). */
   readonly profile?: boolean;
+  /** On wasm, run matrix products in the native AVX2/FMA addon when it is built (default true). */
+  readonly nativeMatmul?: boolean;
 }
 
 export interface Runtime {
   /** The backend that runs the model (in the workers when there are several). */
   readonly backend: string;
+  /** Matrix products run in the native addon (src/native-matmul.ts). */
+  readonly nativeMatmul: boolean;
   readonly config: ModelConfig;
   /** Checkpoint dtype as stored (computation is float32). */
   readonly dtype: string;
@@ -107,21 +111,26 @@ export async function startRuntime(
   let dtype: string;
   let modelBytes: number;
   let backend: string;
+  let nativeMatmul: boolean;
   let model: CausalLM | null = null;
   if (opts.workers > 1) {
     const ckpt = openCheckpoint(dir);
     config = ckpt.config;
     dtype = ckpt.dtype;
     ckpt.close();
-    const parallel = await ParallelExecutor.start({ workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile });
+    const parallel = await ParallelExecutor.start({
+      workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
+    });
     executor = parallel;
     modelBytes = parallel.modelBytes;
     backend = parallel.backend;
-    log(`TensorFlow.js backend: ${backend} in ${opts.workers} worker threads, one copy of the model each`);
+    nativeMatmul = parallel.nativeMatmul;
+    log(`TensorFlow.js backend: ${backend}${kernelsNote(parallel)} in ${opts.workers} worker threads, one copy of the model each`);
   } else {
-    const info: BackendInfo = await initBackend(opts.backend);
+    const info: BackendInfo = await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
     backend = info.name;
-    log(`TensorFlow.js backend: ${info.name}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+    nativeMatmul = info.nativeMatmul;
+    log(`TensorFlow.js backend: ${info.name}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     model = CausalLM.load(dir);
     config = model.config;
     dtype = model.dtype;
@@ -142,7 +151,7 @@ export async function startRuntime(
   const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
+    backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
     // Workers answer in order, so this also waits for adapter offloads posted before it.
     deviceMemory: async () => (executor instanceof ParallelExecutor ? executor.refreshMemory() : localMemory()),
     profile: () => addTotals(profiler.snapshot(), executor instanceof ParallelExecutor ? executor.profile() : {}),
@@ -165,4 +174,10 @@ export async function startRuntime(
 function localMemory(): { numTensors: number; numBytes: number } {
   const m = tf.memory();
   return { numTensors: m.numTensors, numBytes: m.numBytes };
+}
+
+/** ", matmuls in the native addon", or why the wasm kernels run instead. */
+function kernelsNote(b: { nativeMatmul: boolean; nativeMatmulNote?: string }): string {
+  if (b.nativeMatmul) return ' (matmuls in the native AVX2/FMA addon)';
+  return b.nativeMatmulNote ? ` (native matmul unavailable: ${b.nativeMatmulNote})` : '';
 }

@@ -12,7 +12,7 @@ import { ServeError, type ErrorCode, ERRORS } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { AdapterDevice, ResidentAdapter } from '../lora/device.ts';
 import type { LoraMode } from './tf-executor.ts';
-import type { WorkerStep } from './worker.ts';
+import type { WorkerInfo, WorkerInit, WorkerStep } from './worker.ts';
 import { addTotals, profiler, type ProfileTotals } from '../profile.ts';
 
 class WorkerClient {
@@ -67,13 +67,16 @@ export interface ParallelExecutorOptions {
   readonly loraMode: LoraMode;
   /** Time the phases of each step in the workers (src/profile.ts). */
   readonly profile?: boolean;
+  /** On wasm, matmuls in the native addon when it is available (default true). */
+  readonly nativeMatmul?: boolean;
 }
 
 export class ParallelExecutor implements Executor {
   private readonly owner = new Map<number, WorkerClient>();
   private runningSeqs = new Set<number>();
 
-  private constructor(private readonly clients: WorkerClient[], readonly vocabSize: number, readonly modelBytes: number, readonly backend: string) {}
+  private constructor(private readonly clients: WorkerClient[], readonly vocabSize: number, readonly modelBytes: number, readonly backend: string,
+    readonly nativeMatmul: boolean, readonly nativeMatmulNote?: string) {}
 
   static async start(opts: ParallelExecutorOptions): Promise<ParallelExecutor> {
     const clients: WorkerClient[] = [];
@@ -82,10 +85,11 @@ export class ParallelExecutor implements Executor {
         // worker-entry.mjs registers the TypeScript loader in the worker, then loads worker.ts.
         clients.push(new WorkerClient(new Worker(new URL('./worker-entry.mjs', import.meta.url))));
       }
-      const infos = await Promise.all(clients.map((c) => c.call<{ backend: string; vocabSize: number; bytes: number }>('init', {
-        modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile ?? false,
-      })));
-      return new ParallelExecutor(clients, infos[0]!.vocabSize, infos[0]!.bytes, infos[0]!.backend);
+      const infos = await Promise.all(clients.map((c) => c.call<WorkerInfo>('init', {
+        modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
+      } satisfies WorkerInit)));
+      const i = infos[0]!;
+      return new ParallelExecutor(clients, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);
     } catch (err) {
       await Promise.all(clients.map((c) => c.worker.terminate()));
       throw err;

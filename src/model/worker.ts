@@ -20,6 +20,18 @@ export interface WorkerInit {
   readonly loraMode: LoraMode;
   /** Time the phases of each step (src/profile.ts). */
   readonly profile: boolean;
+  /** On wasm, matmuls in the native addon when it is available. */
+  readonly nativeMatmul: boolean;
+}
+
+/** init's answer. */
+export interface WorkerInfo {
+  readonly backend: string;
+  readonly vocabSize: number;
+  readonly bytes: number;
+  readonly dtype: string;
+  readonly nativeMatmul: boolean;
+  readonly nativeMatmulNote?: string;
 }
 
 /** A step's answer: logits per sequence (transferred). */
@@ -54,10 +66,14 @@ function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
 const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: ArrayBuffer[] }> | { value: unknown; transfer?: ArrayBuffer[] }> = {
   async init(args: WorkerInit) {
     profiler.enabled = args.profile;
-    const backend = await initBackend(args.backend);
+    const backend = await initBackend(args.backend, { nativeMatmul: args.nativeMatmul });
     model = CausalLM.load(args.modelDir);
     executor = new TfExecutor(model, { loraMode: args.loraMode });
-    return { value: { backend: backend.name, vocabSize: model.config.vocabSize, bytes: model.bytes, dtype: model.dtype } };
+    const info: WorkerInfo = {
+      backend: backend.name, vocabSize: model.config.vocabSize, bytes: model.bytes, dtype: model.dtype,
+      nativeMatmul: backend.nativeMatmul, ...(backend.nativeMatmulNote ? { nativeMatmulNote: backend.nativeMatmulNote } : {}),
+    };
+    return { value: info };
   },
   prefill(items: PrefillItem[]) {
     return profiler.step('prefill', 'executor', async () => step(await executor!.prefill(items.map((i) => ({ ...i, adapter: resolve(i.adapter) })))));

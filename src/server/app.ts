@@ -29,6 +29,8 @@ export interface ServerInfo {
   readonly dtype: string;
   /** TensorFlow.js backend in use. */
   readonly backend: string;
+  /** Matrix products run in the native addon. */
+  readonly nativeMatmul: boolean;
   readonly version: string;
   readonly lora: {
     readonly mode: 'auto' | 'merged' | 'unmerged';

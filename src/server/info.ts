@@ -12,6 +12,7 @@ export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
     modelType: rt.config.modelType,
     dtype: rt.dtype,
     backend: rt.backend,
+    nativeMatmul: rt.nativeMatmul,
     version: VERSION,
     lora: {
       mode: o.loraMode, maxRank: o.maxLoraRank, maxLoadedAdapters: o.maxLoadedAdapters,

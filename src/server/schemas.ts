@@ -317,6 +317,7 @@ export const Info = Type.Object({
   model_type: Type.String({ description: 'config.json model_type, e.g. llama, gpt2' }),
   model_dtype: Type.String(),
   backend: Type.String({ description: 'TensorFlow.js backend in use' }),
+  native_matmul: Type.Boolean({ description: 'Matrix products run in the native AVX2/FMA addon (wasm backend, --native-matmul)' }),
   version: Type.String(),
   chat_template: Type.Boolean({ description: 'Whether /v1/chat/completions is usable' }),
   max_input_tokens: Type.Integer(),

@@ -7,8 +7,9 @@ import { writeCheckpoint, type CheckpointOptions } from '../../src/fixtures/inde
 import { openCheckpoint } from '../../src/model/checkpoint.ts';
 import type { GetTensor } from '../reference/forward.ts';
 
+/** The wasm backend (TEST_BACKEND=cpu for the cpu one), with the native matmul unless TEST_NATIVE_MATMUL=0. */
 export async function setupBackend(): Promise<void> {
-  await initBackend((process.env.TEST_BACKEND as 'wasm' | 'cpu' | undefined) ?? 'wasm');
+  await initBackend((process.env.TEST_BACKEND as 'wasm' | 'cpu' | undefined) ?? 'wasm', { nativeMatmul: process.env.TEST_NATIVE_MATMUL !== '0' });
 }
 
 export function tempDir(prefix = 'lora-serve-test-'): { dir: string; cleanup: () => void } {

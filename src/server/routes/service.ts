@@ -24,6 +24,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
       model_type: info.modelType,
       model_dtype: info.dtype,
       backend: info.backend,
+      native_matmul: info.nativeMatmul,
       version: info.version,
       chat_template: deps.tokenizer.chatTemplate !== null,
       max_input_tokens: options.maxInputLength,

@@ -1,0 +1,120 @@
+/**
+ * Native matmul for the wasm backend. TensorFlow.js's wasm kernels use 128-bit SIMD without fused multiply-add
+ * (about 20 GFLOP/s per core here); src/native/matmul.cc runs the same products with AVX2/FMA register-blocked
+ * kernels (2–4× faster) directly on the tensors in the wasm heap. It is built by `npm ci` (node-gyp, the install
+ * script) and used when it built and the CPU has AVX2 and FMA; otherwise the wasm kernels run, unchanged.
+ *
+ * It replaces the wasm backend's BatchMatMul kernel for float32 products without transposeA whose batch dimensions
+ * are equal or 1 on one side (every matmul the model makes); anything else goes to the original kernel.
+ */
+import { createRequire } from 'node:module';
+import * as tf from '@tensorflow/tfjs-core';
+
+interface Addon {
+  readonly supported: boolean;
+  matmul(heap: Uint8Array, aOffset: number, bOffset: number, cOffset: number, batch: number, M: number, K: number, N: number,
+    aBatchStride: number, bBatchStride: number, transposeB: boolean): void;
+}
+
+/** Where node-gyp puts the addon (src/native/build is ignored by git). */
+export const ADDON_PATH = new URL('./native/build/Release/matmul.node', import.meta.url);
+
+let addon: Addon | null | undefined;
+let loadError = '';
+
+/** The addon, or null (with `nativeMatmulUnavailable()` saying why). */
+export function nativeAddon(): Addon | null {
+  if (addon === undefined) {
+    try {
+      addon = createRequire(import.meta.url)(ADDON_PATH.pathname) as Addon;
+      if (!addon.supported) {
+        loadError = 'this CPU lacks AVX2/FMA';
+        addon = null;
+      }
+    } catch (err) {
+      loadError = `the addon is not built (${(err as Error).message.split('\n')[0]}); run npm ci (needs python3, make and g++)`;
+      addon = null;
+    }
+  }
+  return addon;
+}
+
+export function nativeMatmulUnavailable(): string {
+  nativeAddon();
+  return loadError;
+}
+
+/** The subset of the wasm backend this kernel touches. */
+interface WasmBackend {
+  readonly wasm: { readonly HEAPU8: Uint8Array };
+  readonly dataIdMap: { get(dataId: object): { memoryOffset: number } };
+  makeOutput(shape: number[], dtype: 'float32'): tf.TensorInfo;
+}
+
+let installed = false;
+
+/**
+ * Routes the wasm backend's BatchMatMul through the addon. Returns false (and changes nothing) when the addon is
+ * unavailable or the backend is not wasm. Idempotent.
+ */
+export function installNativeMatmul(): boolean {
+  if (installed) return true;
+  const native = nativeAddon();
+  if (!native || tf.getBackend() !== 'wasm') return false;
+  const original = tf.getKernel(tf.BatchMatMul, 'wasm');
+  if (!original) return false;
+  const fallback = original.kernelFunc;
+  const kernelFunc: tf.KernelFunc = (args) => {
+    const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
+    const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
+    const plan = planOf(a, b, transposeA, transposeB);
+    if (!plan) return fallback(args);
+    const backend = args.backend as unknown as WasmBackend;
+    const out = backend.makeOutput(plan.outShape, 'float32');
+    if (plan.batch > 0 && plan.M > 0 && plan.N > 0) {
+      const offset = (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId).memoryOffset;
+      native.matmul(backend.wasm.HEAPU8, offset(a), offset(b), offset(out), plan.batch, plan.M, plan.K, plan.N,
+        plan.aStride, plan.bStride, transposeB);
+    }
+    return out;
+  };
+  tf.unregisterKernel(tf.BatchMatMul, 'wasm');
+  tf.registerKernel({ ...original, kernelFunc });
+  installed = true;
+  return true;
+}
+
+interface Plan {
+  readonly outShape: number[];
+  readonly batch: number;
+  readonly M: number;
+  readonly K: number;
+  readonly N: number;
+  readonly aStride: number;
+  readonly bStride: number;
+}
+
+const size = (dims: readonly number[]) => dims.reduce((n, d) => n * d, 1);
+
+/** The native call for a product, or null when the original kernel should run it. */
+export function planOf(a: tf.TensorInfo, b: tf.TensorInfo, transposeA: boolean, transposeB: boolean): Plan | null {
+  if (a.dtype !== 'float32' || b.dtype !== 'float32' || transposeA || a.shape.length < 2 || b.shape.length < 2) return null;
+  const M = a.shape[a.shape.length - 2]!;
+  const K = a.shape[a.shape.length - 1]!;
+  const N = transposeB ? b.shape[b.shape.length - 2]! : b.shape[b.shape.length - 1]!;
+  const Kb = transposeB ? b.shape[b.shape.length - 1]! : b.shape[b.shape.length - 2]!;
+  if (K !== Kb) return null; // the original kernel reports the mismatch
+  const outerA = a.shape.slice(0, -2);
+  const outerB = b.shape.slice(0, -2);
+  const batchA = size(outerA);
+  const batchB = size(outerB);
+  let outer: number[];
+  if (batchA === batchB && outerA.length === outerB.length && outerA.every((d, i) => d === outerB[i])) outer = outerA;
+  else if (batchB === 1 && outerB.length <= outerA.length) outer = outerA;
+  else if (batchA === 1 && outerA.length <= outerB.length) outer = outerB;
+  else return null;
+  return {
+    outShape: [...outer, M, N], batch: size(outer), M, K, N,
+    aStride: batchA === 1 ? 0 : M * K, bStride: batchB === 1 ? 0 : K * N,
+  };
+}

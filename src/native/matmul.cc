@@ -1,0 +1,169 @@
+// Native float32 matmul for the wasm backend (src/native-matmul.ts): C[b] = A[b]·B[b] (or A[b]·B[b]ᵀ), computed on
+// tensors that live in the TensorFlow.js wasm heap, with AVX2/FMA register-blocked kernels.
+//
+// Exactness: every output element is one chain of fused multiply-adds over k = 0..K-1 in order, starting from 0,
+// whichever kernel (row block, column block, tail) computes it. A row's result therefore never depends on how many
+// other rows share the call, so a sequence's logits do not depend on its batch (as with the wasm kernels).
+#include <node_api.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr size_t KC = 256;  // k block: a 6-row slice of A (6 KB) and a 16-column panel of B (16 KB) stay in L1
+constexpr int MR = 6;
+
+// acc[i][v] (+)= sum over k < kc of A[i, k] · B[k, 8v .. 8v+7]; C is read first unless this is the first k block.
+template <int R, int NV>
+__attribute__((target("avx2,fma"))) inline void Kernel(const float* A, size_t lda, const float* B, size_t ldb, float* C, size_t ldc,
+                                                       size_t kc, bool first) {
+  __m256 acc[R][NV];
+  for (int i = 0; i < R; i++)
+    for (int v = 0; v < NV; v++) acc[i][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(C + i * ldc + 8 * v);
+  for (size_t k = 0; k < kc; k++) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; v++) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+    for (int i = 0; i < R; i++) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; i++)
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + i * ldc + 8 * v, acc[i][v]);
+}
+
+// All M rows of one column block (8·NV columns); B points at the block's first column, ldb its row stride.
+template <int NV>
+__attribute__((target("avx2,fma"))) void Rows(const float* A, size_t lda, const float* B, size_t ldb, float* C, size_t ldc, size_t M,
+                                              size_t kc, bool first) {
+  size_t i = 0;
+  for (; i + MR <= M; i += MR) Kernel<MR, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, kc, first);
+  const float* a = A + i * lda;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: Kernel<5, NV>(a, lda, B, ldb, c, ldc, kc, first); break;
+    case 4: Kernel<4, NV>(a, lda, B, ldb, c, ldc, kc, first); break;
+    case 3: Kernel<3, NV>(a, lda, B, ldb, c, ldc, kc, first); break;
+    case 2: Kernel<2, NV>(a, lda, B, ldb, c, ldc, kc, first); break;
+    case 1: Kernel<1, NV>(a, lda, B, ldb, c, ldc, kc, first); break;
+    default: break;
+  }
+}
+
+// C[M, N] = A[M, K] · B[K, N], all row-major and dense.
+__attribute__((target("avx2,fma"))) void Gemm(const float* A, const float* B, float* C, size_t M, size_t K, size_t N) {
+  if (K == 0) {
+    for (size_t i = 0; i < M * N; i++) C[i] = 0;
+    return;
+  }
+  alignas(64) static thread_local float panel[KC * 16];
+  const size_t N16 = N - N % 16;
+  const size_t N8 = N - N % 8;
+  for (size_t k0 = 0; k0 < K; k0 += KC) {
+    const size_t kc = K - k0 < KC ? K - k0 : KC;
+    const bool first = k0 == 0;
+    const float* Ak = A + k0;
+    const float* Bk = B + k0 * N;
+    size_t j = 0;
+    if (M == 1) {
+      // One row: 8 independent accumulators per k hide the FMA latency.
+      for (; j + 64 <= N; j += 64) Kernel<1, 8>(Ak, K, Bk + j, N, C + j, N, kc, first);
+    } else if (M > 32) {
+      // Many rows: copy the block's 16-column panel of B to contiguous memory once (rows of B far apart in memory
+      // map to the same cache sets), then run every row block over it.
+      for (; j < N16; j += 16) {
+        for (size_t k = 0; k < kc; k++) {
+          _mm256_store_ps(panel + k * 16, _mm256_loadu_ps(Bk + k * N + j));
+          _mm256_store_ps(panel + k * 16 + 8, _mm256_loadu_ps(Bk + k * N + j + 8));
+        }
+        Rows<2>(Ak, K, panel, 16, C + j, N, M, kc, first);
+      }
+    }
+    for (; j < N16; j += 16) Rows<2>(Ak, K, Bk + j, N, C + j, N, M, kc, first);
+    for (; j < N8; j += 8) Rows<1>(Ak, K, Bk + j, N, C + j, N, M, kc, first);
+    for (; j < N; j++) {
+      for (size_t i = 0; i < M; i++) {
+        float acc = first ? 0.0f : C[i * N + j];
+        for (size_t k = 0; k < kc; k++) acc = std::fma(Ak[i * K + k], Bk[k * N + j], acc);
+        C[i * N + j] = acc;
+      }
+    }
+  }
+}
+
+bool Supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+napi_value Throw(napi_env env, const char* msg) {
+  napi_throw_error(env, "NATIVE_MATMUL", msg);
+  return nullptr;
+}
+
+// matmul(heap: Uint8Array, aOffset, bOffset, cOffset, batch, M, K, N, aBatchStride, bBatchStride, transposeB)
+// Offsets are byte offsets into heap; batch strides are in elements (0: the same matrix for every batch entry).
+// With transposeB, B[b] is stored [N, K].
+napi_value MatMul(napi_env env, napi_callback_info info) {
+  size_t argc = 11;
+  napi_value argv[11];
+  if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok || argc != 11) return Throw(env, "matmul: expected 11 arguments");
+  napi_typedarray_type type;
+  size_t length = 0;
+  void* data = nullptr;
+  napi_value buffer;
+  size_t byteOffset = 0;
+  if (napi_get_typedarray_info(env, argv[0], &type, &length, &data, &buffer, &byteOffset) != napi_ok || type != napi_uint8_array) {
+    return Throw(env, "matmul: heap must be a Uint8Array");
+  }
+  double n[9];
+  for (int i = 0; i < 9; i++) {
+    if (napi_get_value_double(env, argv[i + 1], &n[i]) != napi_ok || !(n[i] >= 0) || n[i] != std::floor(n[i])) {
+      return Throw(env, "matmul: offsets, sizes and strides must be non-negative integers");
+    }
+  }
+  bool transposeB = false;
+  if (napi_get_value_bool(env, argv[10], &transposeB) != napi_ok) return Throw(env, "matmul: transposeB must be a boolean");
+  const size_t aOff = n[0], bOff = n[1], cOff = n[2], batch = n[3], M = n[4], K = n[5], N = n[6], sa = n[7], sb = n[8];
+  if (aOff % 4 || bOff % 4 || cOff % 4) return Throw(env, "matmul: offsets must be 4-byte aligned");
+  // Bounds: the last batch entry of each operand must lie inside the heap.
+  const auto end = [&](size_t off, size_t stride, size_t size) { return off + 4 * ((batch - 1) * stride + size); };
+  if (batch > 0 && (end(aOff, sa, M * K) > length || end(bOff, sb, K * N) > length || end(cOff, M * N, M * N) > length)) {
+    return Throw(env, "matmul: an operand lies outside the heap");
+  }
+  uint8_t* heap = static_cast<uint8_t*>(data);
+  std::vector<float> bt;
+  if (transposeB) bt.resize(K * N);
+  for (size_t b = 0; b < batch; b++) {
+    const float* A = reinterpret_cast<const float*>(heap + aOff) + b * sa;
+    const float* B = reinterpret_cast<const float*>(heap + bOff) + b * sb;
+    float* C = reinterpret_cast<float*>(heap + cOff) + b * M * N;
+    if (transposeB) {
+      if (b == 0 || sb != 0) {
+        for (size_t r = 0; r < N; r++)
+          for (size_t k = 0; k < K; k++) bt[k * N + r] = B[r * K + k];
+      }
+      B = bt.data();
+    }
+    Gemm(A, B, C, M, K, N);
+  }
+  return nullptr;
+}
+
+napi_value Init(napi_env env, napi_value exports) {
+  napi_value fn, supported;
+  napi_create_function(env, "matmul", NAPI_AUTO_LENGTH, MatMul, nullptr, &fn);
+  napi_set_named_property(env, exports, "matmul", fn);
+  napi_get_boolean(env, Supported(), &supported);
+  napi_set_named_property(env, exports, "supported", supported);
+  return exports;
+}
+
+}  // namespace
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)
