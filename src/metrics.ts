@@ -11,7 +11,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { LoraApplied } from './engine/executor.ts';
 import { ERRORS } from './errors.ts';
-import type { EngineMetrics, FinishReason } from './engine/types.ts';
+import type { EngineMetrics, FinishReason, StepPass } from './engine/types.ts';
 import type { AdapterMetrics } from './lora/types.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 
@@ -86,19 +86,19 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
 
   // --- engine steps ---
   private readonly steps = new Counter({
-    name: `${METRIC_PREFIX}steps_total`, help: 'Forward steps, by kind (prefill, decode) and how LoRA was applied (none, merged, unmerged).',
+    name: `${METRIC_PREFIX}steps_total`, help: 'Forward passes, by kind (prefill, decode) and how LoRA was applied (none, merged, unmerged); a step runs one pass per worker with sequences in it, and one per prompt chunk.',
     labelNames: ['kind', 'lora_mode'] as const, registers: [this.registry],
   });
   private readonly stepDuration = new Histogram({
-    name: `${METRIC_PREFIX}step_duration_seconds`, help: 'Duration of one forward step.',
+    name: `${METRIC_PREFIX}step_duration_seconds`, help: 'Duration of one engine step (all its forward passes).',
     labelNames: ['kind'] as const, buckets: TOKEN_LATENCY_BUCKETS, registers: [this.registry],
   });
   private readonly batchSize = new Histogram({
-    name: `${METRIC_PREFIX}batch_size`, help: 'Sequences in one forward step.',
+    name: `${METRIC_PREFIX}batch_size`, help: 'Sequences in one forward pass.',
     labelNames: ['kind'] as const, buckets: BATCH_BUCKETS, registers: [this.registry],
   });
   private readonly batchAdapters = new Histogram({
-    name: `${METRIC_PREFIX}batch_adapters`, help: 'Distinct adapters in one forward step (0: base model only).',
+    name: `${METRIC_PREFIX}batch_adapters`, help: 'Distinct adapters in one forward pass (0: base model only).',
     labelNames: ['kind'] as const, buckets: ADAPTER_COUNT_BUCKETS, registers: [this.registry],
   });
 
@@ -184,11 +184,13 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
 
   // --- EngineMetrics ---
 
-  step(e: { kind: 'prefill' | 'decode'; batch: number; tokens: number; distinctAdapters: number; mode: LoraApplied; seconds: number }): void {
-    this.steps.inc({ kind: e.kind, lora_mode: e.mode });
+  step(e: { kind: 'prefill' | 'decode'; seconds: number; passes: readonly StepPass[] }): void {
     this.stepDuration.observe({ kind: e.kind }, e.seconds);
-    this.batchSize.observe({ kind: e.kind }, e.batch);
-    this.batchAdapters.observe({ kind: e.kind }, e.distinctAdapters);
+    for (const p of e.passes) {
+      this.steps.inc({ kind: e.kind, lora_mode: p.mode });
+      this.batchSize.observe({ kind: e.kind }, p.batch);
+      this.batchAdapters.observe({ kind: e.kind }, p.distinctAdapters);
+    }
   }
 
   requestQueued(seconds: number): void {

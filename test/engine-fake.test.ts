@@ -80,7 +80,7 @@ class FakeExecutor implements Executor {
       logits.set(it.seq, out);
     }
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size] };
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size], rows: [items.length] };
   }
 
   async decode(items: readonly DecodeItem[]): Promise<StepResult> {
@@ -92,7 +92,7 @@ class FakeExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     for (const it of items) logits.set(it.seq, logitsRow(it.token));
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size] };
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size], rows: [items.length] };
   }
 
   release(seq: number): void {

@@ -78,7 +78,7 @@ function value(families: Map<string, Family>, sample: string, labels: Record<str
 
 test('the exposition parses; own metrics are prefixed, counters end in _total, no adapter labels', async () => {
   const m = new Metrics({ deviceMemory: () => ({ numBytes: 2048, numTensors: 3 }) });
-  m.step({ kind: 'decode', batch: 4, tokens: 4, distinctAdapters: 2, mode: 'unmerged', seconds: 0.01 });
+  m.step({ kind: 'decode', seconds: 0.01, passes: [{ batch: 4, distinctAdapters: 2, mode: 'unmerged' }] });
   m.httpRequest('/generate', 'POST', 200, 0.05);
   const families = parseExposition(await m.text());
   const defaults = await defaultMetricNames();
@@ -98,11 +98,24 @@ test('the exposition parses; own metrics are prefixed, counters end in _total, n
   assert.ok((value(families, 'process_cpu_user_seconds_total') ?? -1) >= 0, 'process defaults are collected');
 });
 
+test('a step of several forward passes (one per worker) is one step duration, and each pass counts its own rows', async () => {
+  const m = new Metrics({ processMetrics: false });
+  m.step({ kind: 'decode', seconds: 0.08, passes: [{ batch: 16, distinctAdapters: 16, mode: 'unmerged' }, { batch: 15, distinctAdapters: 1, mode: 'merged' }] });
+  const f = parseExposition(await m.text());
+  assert.equal(value(f, 'lora_serve_step_duration_seconds_count', { kind: 'decode' }), 1);
+  assert.equal(value(f, 'lora_serve_step_duration_seconds_sum', { kind: 'decode' }), 0.08);
+  assert.equal(value(f, 'lora_serve_steps_total', { kind: 'decode', lora_mode: 'unmerged' }), 1);
+  assert.equal(value(f, 'lora_serve_steps_total', { kind: 'decode', lora_mode: 'merged' }), 1);
+  assert.equal(value(f, 'lora_serve_batch_size_sum', { kind: 'decode' }), 31, 'rows are counted once, not once per pass');
+  assert.equal(value(f, 'lora_serve_batch_size_count', { kind: 'decode' }), 2);
+  assert.equal(value(f, 'lora_serve_batch_adapters_sum', { kind: 'decode' }), 17);
+});
+
 test('engine, adapter and HTTP events move the counters', async () => {
   const m = new Metrics({ processMetrics: false });
-  m.step({ kind: 'prefill', batch: 2, tokens: 30, distinctAdapters: 1, mode: 'merged', seconds: 0.02 });
-  m.step({ kind: 'decode', batch: 2, tokens: 2, distinctAdapters: 2, mode: 'unmerged', seconds: 0.005 });
-  m.step({ kind: 'decode', batch: 2, tokens: 2, distinctAdapters: 2, mode: 'unmerged', seconds: 0.005 });
+  m.step({ kind: 'prefill', seconds: 0.02, passes: [{ batch: 2, distinctAdapters: 1, mode: 'merged' }] });
+  m.step({ kind: 'decode', seconds: 0.005, passes: [{ batch: 2, distinctAdapters: 2, mode: 'unmerged' }] });
+  m.step({ kind: 'decode', seconds: 0.005, passes: [{ batch: 2, distinctAdapters: 2, mode: 'unmerged' }] });
   m.requestQueued(0.1);
   m.firstToken(0.2);
   m.interToken(0.01);

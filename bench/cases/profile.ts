@@ -23,7 +23,7 @@ async function snapshot(api: ApiClient): Promise<Snapshot> {
   const seconds = new Map<string, number>();
   const steps = new Map<StepKind, number>();
   for (const kind of STEP_KINDS) {
-    steps.set(kind, metric(m, 'lora_serve_steps_total', { kind }));
+    steps.set(kind, metric(m, 'lora_serve_step_duration_seconds_count', { kind })); // engine steps (steps_total counts passes)
     for (const phase of Object.keys(PHASES) as Phase[]) seconds.set(`${kind}/${phase}`, metric(m, 'lora_serve_profile_seconds_total', { kind, phase }));
   }
   return { seconds, steps };

@@ -234,7 +234,7 @@ export class Engine implements EngineApi {
     }));
     const t0 = now();
     const res = await this.executor.decode(items);
-    this.stepMetrics('decode', items.length, items.length, res, now() - t0);
+    this.stepMetrics('decode', res, now() - t0);
     for (const seq of [...this.running]) this.accept(seq, res.logits.get(seq.id)!);
   }
 
@@ -258,7 +258,7 @@ export class Engine implements EngineApi {
       };
     });
     const res = await this.executor.prefill(items);
-    this.stepMetrics('prefill', items.length, items.reduce((n, i) => n + i.tokens.length, 0), res, now() - t);
+    this.stepMetrics('prefill', res, now() - t);
     const V = this.executor.vocabSize;
     for (const item of items) {
       const seq = this.seqs.get(item.seq)!;
@@ -286,11 +286,8 @@ export class Engine implements EngineApi {
     }
   }
 
-  private stepMetrics(kind: 'prefill' | 'decode', batch: number, tokens: number, res: StepResult, seconds: number): void {
-    if (!this.metrics) return;
-    res.modes.forEach((mode, i) => this.metrics!.step({
-      kind, batch, tokens, distinctAdapters: res.adapters[i] ?? 0, mode, seconds: seconds / res.modes.length,
-    }));
+  private stepMetrics(kind: 'prefill' | 'decode', res: StepResult, seconds: number): void {
+    this.metrics?.step({ kind, seconds, passes: res.modes.map((mode, i) => ({ mode, batch: res.rows[i] ?? 0, distinctAdapters: res.adapters[i] ?? 0 })) });
   }
 
   /** Samples the next token from `logits`, emits it, and finishes the sequence when it should end. */

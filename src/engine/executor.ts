@@ -34,10 +34,12 @@ export type LoraApplied = 'none' | 'merged' | 'unmerged';
 export interface StepResult {
   /** Per sequence: logits rows, row-major [rows, vocab]. */
   readonly logits: ReadonlyMap<number, Float32Array>;
-  /** How LoRA was applied in each forward pass of the call. */
+  /** How LoRA was applied in each forward pass of the call (a worker's share of a step is one pass). */
   readonly modes: readonly LoraApplied[];
   /** Distinct adapters per forward pass. */
   readonly adapters: readonly number[];
+  /** Sequences per forward pass. */
+  readonly rows: readonly number[];
 }
 
 export interface Executor {

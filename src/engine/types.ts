@@ -84,8 +84,16 @@ export interface EngineApi {
 }
 
 /** What the engine reports to metrics (implemented in src/metrics.ts). */
+/** One forward pass of a step: its sequences, distinct adapters and how LoRA was applied. */
+export interface StepPass {
+  readonly batch: number;
+  readonly distinctAdapters: number;
+  readonly mode: LoraApplied;
+}
+
 export interface EngineMetrics {
-  step(e: { kind: 'prefill' | 'decode'; batch: number; tokens: number; distinctAdapters: number; mode: LoraApplied; seconds: number }): void;
+  /** One engine step (one executor call): its duration and each of its forward passes. */
+  step(e: { kind: 'prefill' | 'decode'; seconds: number; passes: readonly StepPass[] }): void;
   requestQueued(seconds: number): void;
   firstToken(seconds: number): void;
   interToken(seconds: number): void;

@@ -138,12 +138,14 @@ export class ParallelExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     const modes: LoraApplied[] = [];
     const adapters: number[] = [];
+    const rows: number[] = [];
     for (const r of answers) {
       for (const [seq, l] of r.logits) logits.set(seq, l);
       modes.push(...r.modes);
       adapters.push(...r.adapters);
+      rows.push(...r.rows);
     }
-    return { logits, modes, adapters };
+    return { logits, modes, adapters, rows };
   }
 
   async prefill(items: readonly PrefillItem[]): Promise<StepResult> {

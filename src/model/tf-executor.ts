@@ -62,15 +62,17 @@ export class TfExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     const modes: LoraApplied[] = [];
     const adapters: number[] = [];
+    const rows: number[] = [];
     // Whole prompts in one chunk run together (left-padded); chunks of long prompts run one by one.
     const whole = items.filter((i) => i.start === 0 && i.last && !this.prefilling.has(i.seq));
     const chunks = items.filter((i) => !whole.includes(i));
-    if (whole.length > 0) await this.prefillPass(whole, logits, modes, adapters);
-    for (const item of chunks) await this.prefillPass([item], logits, modes, adapters);
-    return { logits, modes, adapters };
+    if (whole.length > 0) await this.prefillPass(whole, logits, modes, adapters, rows);
+    for (const item of chunks) await this.prefillPass([item], logits, modes, adapters, rows);
+    return { logits, modes, adapters, rows };
   }
 
-  private async prefillPass(items: readonly PrefillItem[], out: Map<number, Float32Array>, modes: LoraApplied[], adapters: number[]): Promise<void> {
+  private async prefillPass(items: readonly PrefillItem[], out: Map<number, Float32Array>, modes: LoraApplied[], adapters: number[], rows: number[]): Promise<void> {
+    rows.push(items.length);
     const T = Math.max(...items.map((i) => i.tokens.length));
     const B = items.length;
     let kv: KVBatch;
@@ -137,7 +139,7 @@ export class TfExecutor implements Executor {
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     this.rows.forEach((r, b) => logits.set(r.seq, data.subarray(b * V, (b + 1) * V)));
-    return { logits, modes, adapters };
+    return { logits, modes, adapters, rows: [B] };
   }
 
   release(seq: number): void {

@@ -38,6 +38,7 @@ export interface WorkerInfo {
 export interface WorkerStep {
   readonly logits: [number, Float32Array][];
   readonly modes: StepResult['modes'];
+  readonly rows: StepResult['rows'];
   readonly adapters: StepResult['adapters'];
 }
 
@@ -60,7 +61,7 @@ function memory() {
 function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
   // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
   const logits: [number, Float32Array][] = [...r.logits].map(([seq, l]) => [seq, l.slice()]);
-  return { value: { logits, modes: r.modes, adapters: r.adapters }, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
+  return { value: { logits, modes: r.modes, adapters: r.adapters, rows: r.rows }, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
 }
 
 const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: ArrayBuffer[] }> | { value: unknown; transfer?: ArrayBuffer[] }> = {
