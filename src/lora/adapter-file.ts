@@ -25,6 +25,7 @@
 import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import { parseSafetensors, type SafetensorsReader } from '../model/safetensors.ts';
+import { hostBuffers } from './host-buffers.ts';
 import { matchesTarget, parsePeftConfig, scalingFor, type PeftConfig } from './peft-config.ts';
 
 export interface ModuleLora {
@@ -67,11 +68,26 @@ export function firstNonFinite(data: Float32Array): number {
 /**
  * The device layout from PEFT's (plain loops): At[i][j] = A[j][i] (A: [r, in]) and Bt[j][o] = s·B[o][j]
  * (B: [out, r]). The model computes y = x·W with W [in, out]; PEFT adds s·B·(A·x) per row, which is
- * x·At·Bt in this layout.
+ * x·At·Bt in this layout. Returns whether every element of A and B is finite (checked in the same pass, as
+ * firstNonFinite does: x·0 is 0 for finite x, NaN otherwise).
  */
-export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number, At: Float32Array, Bt: Float32Array): void {
-  for (let i = 0; i < inF; i++) for (let j = 0; j < r; j++) At[i * r + j] = A[j * inF + i]!;
-  for (let j = 0; j < r; j++) for (let o = 0; o < outF; o++) Bt[j * outF + o] = s * B[o * r + j]!;
+export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number, At: Float32Array, Bt: Float32Array): boolean {
+  let probe = 0;
+  for (let i = 0; i < inF; i++) {
+    for (let j = 0; j < r; j++) {
+      const a = A[j * inF + i]!;
+      At[i * r + j] = a;
+      probe += a * 0;
+    }
+  }
+  for (let j = 0; j < r; j++) {
+    for (let o = 0; o < outF; o++) {
+      const b = B[o * r + j]!;
+      Bt[j * outF + o] = s * b;
+      probe += b * 0;
+    }
+  }
+  return probe === 0;
 }
 
 const PICKLE_PROTOCOL_MIN = 2;
@@ -214,7 +230,7 @@ export function loadAdapterWeights(
 
     // 3. Read the values (finite only) into one shared buffer, in the device layout.
     const floats = found.reduce((n, f) => n + f.r * (f.module.inFeatures + f.module.outFeatures), 0);
-    const shared = new SharedArrayBuffer(floats * 4);
+    const shared = hostBuffers.take(floats * 4); // pre-touched when one of this size is spare (host-buffers.ts)
     let offset = 0;
     const view = (n: number) => {
       const v = new Float32Array(shared, offset * 4, n);
@@ -225,13 +241,14 @@ export function loadAdapterWeights(
     for (const { module, r, scaling, aName, bName } of found) {
       const A = reader.viewFloat32(aName); // read only, before the reader closes
       const B = reader.viewFloat32(bName);
-      for (const [tensor, data] of [[aName, A], [bName, B]] as const) {
-        const i = firstNonFinite(data);
-        if (i >= 0) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
-      }
       const At = view(module.inFeatures * r);
       const Bt = view(r * module.outFeatures);
-      toDeviceLayout(A, B, r, module.inFeatures, module.outFeatures, scaling, At, Bt);
+      if (!toDeviceLayout(A, B, r, module.inFeatures, module.outFeatures, scaling, At, Bt)) {
+        for (const [tensor, data] of [[aName, A], [bName, B]] as const) {
+          const i = firstNonFinite(data);
+          if (i >= 0) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
+        }
+      }
       modules.push({ module, r, scaling, At, Bt });
     }
 

@@ -16,7 +16,7 @@
  */
 
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { Agent, interceptors, request, type Dispatcher } from 'undici';
 import { fail, isServeError, ServeError } from '../errors.ts';
@@ -302,31 +302,62 @@ export class AdapterStore {
 
   /** Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock. */
   private async readDisk(id: string, dir: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
-    let configBytes: Uint8Array;
+    // The config read and the weights' open/stat run at the same time (each is a round trip to libuv's pool).
+    const configP = this.readConfig(id, dir);
+    const weightsP = open(path.join(dir, WEIGHTS_FILE), 'r').then(async (fh) => {
+      try {
+        return { fh, size: (await fh.stat()).size };
+      } catch (err) {
+        await fh.close();
+        throw err;
+      }
+    }, (err: unknown) => ({ err }));
+    let configBytes: Uint8Array | null;
     try {
-      const size = (await stat(path.join(dir, CONFIG_FILE))).size;
-      if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
-      configBytes = await readFile(path.join(dir, CONFIG_FILE));
+      configBytes = await configP;
     } catch (err) {
-      if (isMissing(err)) return null;
+      await weightsP.then((w) => ('fh' in w ? w.fh.close() : undefined), () => undefined);
       throw err;
     }
-    let fh;
-    try {
-      fh = await open(path.join(dir, WEIGHTS_FILE), 'r');
-    } catch (err) {
-      if (!isMissing(err)) throw err;
+    const w = await weightsP;
+    if (configBytes === null) {
+      if ('fh' in w) await w.fh.close();
+      return null;
+    }
+    if ('err' in w) {
+      if (!isMissing(w.err)) throw w.err;
       if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
       throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
     }
+    const { fh, size } = w;
     try {
-      const size = (await fh.stat()).size;
       this.checkSize(id, size);
       const weights = alloc(size);
       let got = 0;
       for (let n = -1; got < size && n !== 0; got += n) n = (await fh.read(weights, got, size - got, got)).bytesRead;
       // A file that shrank mid-read is returned short: validation then reports it as truncated.
       return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** adapter_config.json's bytes, or null when it does not exist. */
+  private async readConfig(id: string, dir: string): Promise<Uint8Array | null> {
+    let fh;
+    try {
+      fh = await open(path.join(dir, CONFIG_FILE), 'r');
+    } catch (err) {
+      if (isMissing(err)) return null;
+      throw err;
+    }
+    try {
+      const size = (await fh.stat()).size;
+      if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
+      const bytes = new Uint8Array(size);
+      let got = 0;
+      for (let n = -1; got < size && n !== 0; got += n) n = (await fh.read(bytes, got, size - got, got)).bytesRead;
+      return bytes.subarray(0, got);
     } finally {
       await fh.close();
     }

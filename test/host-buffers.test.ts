@@ -1,0 +1,36 @@
+/** src/lora/host-buffers.ts: spare pre-touched buffers for adapter host copies, refilled by a helper thread. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SpareBuffers } from '../src/lora/host-buffers.ts';
+
+test('take gives a zeroed buffer of exactly the size asked, and spares of that size are refilled in the background', async () => {
+  const pool = new SpareBuffers(2, 4, 1 << 20);
+  const first = pool.take(4096);
+  assert.equal(first.byteLength, 4096);
+  assert.ok(first instanceof SharedArrayBuffer);
+  await pool.settled();
+  assert.equal(pool.heldBytes, 2 * 4096, 'depth 2: two spares of the size just used');
+  const spare = pool.take(4096);
+  assert.equal(spare.byteLength, 4096);
+  assert.ok(new Uint8Array(spare).every((b) => b === 0), 'a spare is zeroed');
+  assert.ok(pool.heldBytes <= 2 * 4096);
+  await pool.settled();
+  assert.equal(pool.heldBytes, 2 * 4096, 'the spare taken is replaced');
+  new Uint8Array(spare).fill(7); // a taken buffer is the caller's: writing it does not touch the pool
+  assert.ok(new Uint8Array(pool.take(4096)).every((b) => b === 0));
+});
+
+test('sizes above the limit get no spares; only the most recently used sizes keep theirs', async () => {
+  const pool = new SpareBuffers(1, 2, 8192);
+  pool.take(16384);
+  await pool.settled();
+  assert.equal(pool.heldBytes, 0, 'no spare above maxBytes');
+  for (const size of [1024, 2048, 4096]) {
+    pool.take(size);
+    await pool.settled();
+  }
+  assert.equal(pool.heldBytes, 2048 + 4096, 'the oldest size (1024) was dropped');
+  pool.take(0);
+  await pool.settled();
+  assert.equal(pool.heldBytes, 2048 + 4096, 'nothing kept for empty buffers');
+});
