@@ -45,7 +45,15 @@ export interface RuntimeOptions {
   readonly profile?: boolean;
   /** On wasm, run matrix products in the native AVX2/FMA addon when it is built (default true). */
   readonly nativeMatmul?: boolean;
+  /**
+   * Heap bytes each executor allocates and frees at start on the wasm backend (TfExecutor.warmUp), so that first
+   * adapter uploads and forwards write already-faulted memory. Default WARM_HEAP_BYTES.
+   */
+  readonly warmHeapBytes?: number;
 }
+
+/** Default RuntimeOptions.warmHeapBytes: room for the intermediates of a large step and a device tier of adapters. */
+export const WARM_HEAP_BYTES = 64 * 2 ** 20;
 
 export interface Runtime {
   /** The backend that runs the model (in the workers when there are several). */
@@ -120,6 +128,7 @@ export async function startRuntime(
     ckpt.close();
     const parallel = await ParallelExecutor.start({
       workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
+      warmHeapBytes: opts.warmHeapBytes ?? WARM_HEAP_BYTES,
     });
     executor = parallel;
     modelBytes = parallel.modelBytes;
@@ -136,6 +145,7 @@ export async function startRuntime(
     dtype = model.dtype;
     modelBytes = model.bytes;
     executor = new TfExecutor(model, { loraMode: opts.loraMode });
+    await executor.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
   }
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);

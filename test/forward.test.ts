@@ -73,3 +73,23 @@ for (const [name, opts] of CASES) {
     assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
   });
 }
+
+test('warmUp runs a throwaway prefill and decode and touches heap without leaving tensors or state behind', async () => {
+  const { dir, config, get } = await fixtureCheckpoint(`${tmp.dir}/warmup`, TINY_LLAMA);
+  const model = CausalLM.load(dir);
+  const ex = new TfExecutor(model, { loraMode: 'unmerged' });
+  const tensors = tf.memory().numTensors;
+  const bytes = tf.memory().numBytes;
+  await ex.warmUp(1 << 20);
+  assert.equal(tf.memory().numTensors, tensors, 'no tensor left');
+  assert.equal(tf.memory().numBytes, bytes, 'the touched heap is freed');
+  assert.equal(ex.running, 0, 'no sequence joined the decode batch');
+  // The executor still computes the reference afterwards.
+  const prompt = PROMPTS[0]!;
+  const res = await ex.prefill([{ seq: 1, tokens: prompt, start: 0, last: true, adapter: null, allLogits: false }]);
+  const ref = referenceForward(config, get, prompt);
+  assert.ok(maxRelErr(res.logits.get(1)!, ref[prompt.length - 1]!) < 1e-4);
+  ex.release(1);
+  ex.dispose();
+  model.dispose();
+});

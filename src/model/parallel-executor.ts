@@ -69,6 +69,8 @@ export interface ParallelExecutorOptions {
   readonly profile?: boolean;
   /** On wasm, matmuls in the native addon when it is available (default true). */
   readonly nativeMatmul?: boolean;
+  /** Heap bytes each worker touches at start on wasm (TfExecutor.warmUp; default 0). */
+  readonly warmHeapBytes?: number;
 }
 
 export class ParallelExecutor implements Executor {
@@ -87,6 +89,7 @@ export class ParallelExecutor implements Executor {
       }
       const infos = await Promise.all(clients.map((c) => c.call<WorkerInfo>('init', {
         modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
+        warmHeapBytes: opts.warmHeapBytes ?? 0,
       } satisfies WorkerInit)));
       const i = infos[0]!;
       return new ParallelExecutor(clients, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);

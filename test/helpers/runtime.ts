@@ -10,6 +10,7 @@ export const TEST_RUNTIME: Omit<RuntimeOptions, 'model' | 'adapterDir'> = {
   backend: 'wasm', loraMode: 'auto', maxLoraRank: 64, maxLoadedAdapters: 16, adapterDeviceBytes: 0,
   adapterHostBytes: 64 << 20, maxAdapterBytes: 64 << 20, maxBatchSize: 32, maxBatchTokens: 2048,
   maxInputLength: 100, maxTotalTokens: 128, maxQueue: 256, prefillChunk: 32, workers: 1,
+  warmHeapBytes: 0, // the warm-up forward still runs; touching heap only saves page faults (slower starts in tests)
 };
 
 export async function fixtureRuntime(root: string, ckpt: CheckpointOptions, opts: Partial<RuntimeOptions> = {}): Promise<{ rt: Runtime; config: Record<string, unknown> }> {
