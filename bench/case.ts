@@ -39,6 +39,8 @@ export interface Figure {
 
 export interface CaseContext {
   readonly sizes: Sizes;
+  /** The checkpoint the servers run (for cases that compute in the harness itself). */
+  readonly modelDir: string;
   /** The server's --workers. */
   readonly workers: number;
   readonly adapters: AdapterPool;

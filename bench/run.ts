@@ -16,13 +16,14 @@ import { coldLoad } from './cases/cold-load.ts';
 import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
+import { kernels } from './cases/kernels.ts';
 import { profile } from './cases/profile.ts';
 import { ttft } from './cases/ttft.ts';
 import type { ApiClient } from './client.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 20, ttftIdle: 20, memoryRequests: 5000 };
@@ -154,7 +155,7 @@ async function main(): Promise<void> {
     const tc = performance.now();
     const log = (msg: string) => say(`[${c.name}] ${msg}`);
     const ctx: CaseContext = {
-      sizes, adapters, log, workers: args.workers,
+      sizes, adapters, log, workers: args.workers, modelDir,
       prompt: (i) => prompts[i % prompts.length]!,
       async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
         const server = await startServer({

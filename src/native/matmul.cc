@@ -55,11 +55,50 @@ __attribute__((target("avx2,fma"))) void Rows(const float* A, size_t lda, const 
   }
 }
 
+// Few rows (decode of one or a few sequences: bound by reading B): stream B's rows in order, eight at a time, with
+// C's rows resident in L1. Per element the FMAs still run over k in order from 0, as in the blocked kernels.
+template <int R>
+__attribute__((target("avx2,fma"))) void SmallM(const float* A, const float* B, float* C, size_t K, size_t N) {
+  constexpr int U = 8;
+  const size_t N8 = N - N % 8;
+  for (size_t i = 0; i < R * N; i++) C[i] = 0;
+  size_t k = 0;
+  for (; k + U <= K; k += U) {
+    const float* b = B + k * N;
+    for (size_t j = 0; j < N8; j += 8) {
+      __m256 x[U];
+      for (int u = 0; u < U; u++) x[u] = _mm256_loadu_ps(b + u * N + j);
+      for (int i = 0; i < R; i++) {
+        __m256 c = _mm256_loadu_ps(C + i * N + j);
+        for (int u = 0; u < U; u++) c = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * K + k + u), x[u], c);
+        _mm256_storeu_ps(C + i * N + j, c);
+      }
+    }
+    for (size_t j = N8; j < N; j++) {
+      for (int i = 0; i < R; i++) {
+        float c = C[i * N + j];
+        for (int u = 0; u < U; u++) c = std::fma(A[i * K + k + u], B[(k + u) * N + j], c);
+        C[i * N + j] = c;
+      }
+    }
+  }
+  for (; k < K; k++)
+    for (size_t j = 0; j < N; j++)
+      for (int i = 0; i < R; i++) C[i * N + j] = std::fma(A[i * K + k], B[k * N + j], C[i * N + j]);
+}
+
 // C[M, N] = A[M, K] · B[K, N], all row-major and dense.
 __attribute__((target("avx2,fma"))) void Gemm(const float* A, const float* B, float* C, size_t M, size_t K, size_t N) {
   if (K == 0) {
     for (size_t i = 0; i < M * N; i++) C[i] = 0;
     return;
+  }
+  switch (M) {
+    case 1: return SmallM<1>(A, B, C, K, N);
+    case 2: return SmallM<2>(A, B, C, K, N);
+    case 3: return SmallM<3>(A, B, C, K, N);
+    case 4: return SmallM<4>(A, B, C, K, N);
+    default: break;
   }
   alignas(64) static thread_local float panel[KC * 16];
   const size_t N16 = N - N % 16;
@@ -70,10 +109,7 @@ __attribute__((target("avx2,fma"))) void Gemm(const float* A, const float* B, fl
     const float* Ak = A + k0;
     const float* Bk = B + k0 * N;
     size_t j = 0;
-    if (M == 1) {
-      // One row: 8 independent accumulators per k hide the FMA latency.
-      for (; j + 64 <= N; j += 64) Kernel<1, 8>(Ak, K, Bk + j, N, C + j, N, kc, first);
-    } else if (M > 32) {
+    if (M > 32) {
       // Many rows: copy the block's 16-column panel of B to contiguous memory once (rows of B far apart in memory
       // map to the same cache sets), then run every row block over it.
       for (; j < N16; j += 16) {
