@@ -64,13 +64,19 @@ export const met = (f: Figure): boolean | undefined =>
 
 /**
  * Measures each configuration once per round, alternating the order every round (ABC, CBA, ...) so
- * drift and warm-up hit all of them alike. Returns tokens/s per configuration per round.
+ * drift hits all of them alike, after one untimed warm-up round of every configuration (the first full-size
+ * batches of a fresh server run slower, which would penalise whichever configuration went first).
+ * Returns tokens/s per configuration per timed round.
  */
 export async function sideBySide<K extends string>(
   rounds: number, configs: Record<K, () => Promise<Throughput>>, log: (msg: string) => void,
 ): Promise<Record<K, number[]>> {
   const names = Object.keys(configs) as K[];
   const out = Object.fromEntries(names.map((k) => [k, [] as number[]])) as Record<K, number[]>;
+  for (const k of names) {
+    const t = await configs[k]();
+    log(`warm-up ${k}: ${t.tokens} tokens in ${t.seconds.toFixed(2)} s (not counted)`);
+  }
   for (let r = 0; r < rounds; r++) {
     for (const k of r % 2 === 0 ? names : [...names].reverse()) {
       const t = await configs[k]();
