@@ -8,42 +8,10 @@
  * It replaces the wasm backend's BatchMatMul kernel for float32 products without transposeA whose batch dimensions
  * are equal or 1 on one side (every matmul the model makes); anything else goes to the original kernel.
  */
-import { createRequire } from 'node:module';
 import * as tf from '@tensorflow/tfjs-core';
+import { nativeAddon, nativeMatmulUnavailable } from './native/addon.ts';
 
-interface Addon {
-  readonly supported: boolean;
-  matmul(heap: Uint8Array, aOffset: number, bOffset: number, cOffset: number, batch: number, M: number, K: number, N: number,
-    aBatchStride: number, bBatchStride: number, transposeB: boolean): void;
-}
-
-/** Where node-gyp puts the addon (src/native/build is ignored by git). */
-export const ADDON_PATH = new URL('./native/build/Release/matmul.node', import.meta.url);
-
-let addon: Addon | null | undefined;
-let loadError = '';
-
-/** The addon, or null (with `nativeMatmulUnavailable()` saying why). */
-export function nativeAddon(): Addon | null {
-  if (addon === undefined) {
-    try {
-      addon = createRequire(import.meta.url)(ADDON_PATH.pathname) as Addon;
-      if (!addon.supported) {
-        loadError = 'this CPU lacks AVX2/FMA';
-        addon = null;
-      }
-    } catch (err) {
-      loadError = `the addon is not built (${(err as Error).message.split('\n')[0]}); run npm ci (needs python3, make and g++)`;
-      addon = null;
-    }
-  }
-  return addon;
-}
-
-export function nativeMatmulUnavailable(): string {
-  nativeAddon();
-  return loadError;
-}
+export { nativeAddon, nativeMatmulUnavailable };
 
 /** The subset of the wasm backend this kernel touches. */
 interface WasmBackend {

@@ -7,6 +7,7 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend.ts';
+import { toDeviceLayout } from '../src/lora/adapter-file.ts';
 import { installNativeMatmul, nativeAddon, nativeMatmulUnavailable, planOf } from '../src/native-matmul.ts';
 import { setupBackend } from './helpers/tf.ts';
 
@@ -171,4 +172,28 @@ test('--native-matmul false (nativeMatmul: false) keeps the wasm kernels', async
   // initBackend runs once per process: the choice is recorded on the first call, so ask what it recorded.
   const info = await initBackend((process.env.TEST_BACKEND as 'wasm' | 'cpu' | undefined) ?? 'wasm', { nativeMatmul: native });
   assert.equal(info.nativeMatmul, native && info.name === 'wasm');
+});
+
+test('the addon\'s adapter layout equals toDeviceLayout bit for bit, and reports non-finite values', { skip: !native && 'TEST_NATIVE_MATMUL=0' }, () => {
+  const addon = nativeAddon()!;
+  for (const [r, inF, outF, s] of [[8, 768, 256, 2], [3, 5, 7, 0.7071067811865476], [1, 1, 1, 16 / 3]] as const) {
+    const A = values(r * inF, r + 1);
+    const B = values(outF * r, r + 2);
+    const jsAt = new Float32Array(inF * r);
+    const jsBt = new Float32Array(r * outF);
+    const nAt = new Float32Array(inF * r);
+    const nBt = new Float32Array(r * outF);
+    assert.equal(toDeviceLayout(A, B, r, inF, outF, s, jsAt, jsBt), true);
+    assert.equal(addon.layout(A, B, r, inF, outF, s, nAt, nBt), true);
+    assert.deepEqual(nAt, jsAt, `At, r=${r}`);
+    assert.deepEqual(nBt, jsBt, `Bt, r=${r} s=${s}`);
+    for (const bad of [Number.NaN, Number.POSITIVE_INFINITY]) {
+      const B2 = B.slice();
+      B2[B2.length - 1] = bad;
+      assert.equal(addon.layout(A, B2, r, inF, outF, s, nAt, nBt), false);
+      assert.equal(toDeviceLayout(A, B2, r, inF, outF, s, jsAt, jsBt), false);
+    }
+  }
+  assert.throws(() => addon.layout(new Float32Array(4), new Float32Array(4), 2, 2, 3, 1, new Float32Array(4), new Float32Array(6)), /lengths/);
+  assert.throws(() => (addon.layout as (...a: unknown[]) => boolean)(new Float64Array(4), new Float32Array(4), 2, 2, 2, 1, new Float32Array(4), new Float32Array(4)), /Float32Arrays/);
 });

@@ -191,10 +191,65 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+
+// layout(A, B, r, in, out, s, At, Bt) → all finite: At[i][j] = A[j][i] (A [r, in]) and Bt[j][o] = s·B[o][j] (B [out, r]),
+// the device layout of src/lora/adapter-file.ts (toDeviceLayout is the plain-JS version of the same loops).
+napi_value Layout(napi_env env, napi_callback_info info) {
+  size_t argc = 8;
+  napi_value argv[8];
+  if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok || argc != 8) return Throw(env, "layout: expected 8 arguments");
+  float* arrays[4];
+  size_t lengths[4];
+  const int which[4] = {0, 1, 6, 7};
+  for (int n = 0; n < 4; n++) {
+    napi_typedarray_type type;
+    void* data = nullptr;
+    napi_value buffer;
+    size_t offset = 0;
+    if (napi_get_typedarray_info(env, argv[which[n]], &type, &lengths[n], &data, &buffer, &offset) != napi_ok || type != napi_float32_array) {
+      return Throw(env, "layout: A, B, At and Bt must be Float32Arrays");
+    }
+    arrays[n] = static_cast<float*>(data);
+  }
+  double d[4];
+  for (int n = 0; n < 4; n++) {
+    if (napi_get_value_double(env, argv[2 + n], &d[n]) != napi_ok) return Throw(env, "layout: r, in, out and s must be numbers");
+  }
+  if (!(d[0] >= 0 && d[1] >= 0 && d[2] >= 0) || d[0] != std::floor(d[0]) || d[1] != std::floor(d[1]) || d[2] != std::floor(d[2])) {
+    return Throw(env, "layout: r, in and out must be non-negative integers");
+  }
+  const size_t r = d[0], in = d[1], out = d[2];
+  const double s = d[3];  // s·b in double, rounded once to float: exactly what the JavaScript loop stores
+  if (lengths[0] != r * in || lengths[2] != r * in || lengths[1] != out * r || lengths[3] != r * out) return Throw(env, "layout: array lengths do not match r, in and out");
+  const float* A = arrays[0];
+  const float* B = arrays[1];
+  float* At = arrays[2];
+  float* Bt = arrays[3];
+  float probe = 0;  // x·0 is 0 for finite x and NaN otherwise
+  for (size_t i = 0; i < in; i++)
+    for (size_t j = 0; j < r; j++) {
+      const float a = A[j * in + i];
+      At[i * r + j] = a;
+      probe += a * 0.0f;
+    }
+  for (size_t o = 0; o < out; o++)
+    for (size_t j = 0; j < r; j++) {
+      const float b = B[o * r + j];
+      Bt[j * out + o] = static_cast<float>(s * static_cast<double>(b));
+      probe += b * 0.0f;
+    }
+  napi_value result;
+  napi_get_boolean(env, probe == 0.0f, &result);
+  return result;
+}
+
 napi_value Init(napi_env env, napi_value exports) {
   napi_value fn, supported;
   napi_create_function(env, "matmul", NAPI_AUTO_LENGTH, MatMul, nullptr, &fn);
   napi_set_named_property(env, exports, "matmul", fn);
+  napi_value layout;
+  napi_create_function(env, "layout", NAPI_AUTO_LENGTH, Layout, nullptr, &layout);
+  napi_set_named_property(env, exports, "layout", layout);
   napi_get_boolean(env, Supported(), &supported);
   napi_set_named_property(env, exports, "supported", supported);
   return exports;
