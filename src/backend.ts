@@ -6,7 +6,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from './errors.ts';
-import { installNativeMatmul, nativeMatmulUnavailable } from './native-matmul.ts';
+import { nativeMatmulUnavailable } from './native/addon.ts';
+import { installNativeMatmul } from './native-matmul.ts';
 
 export const BACKENDS = ['auto', 'tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];

@@ -9,7 +9,6 @@
  * unprefixed names (`process_*`, `nodejs_*`) so stock dashboards work.
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { LoraApplied } from './engine/executor.ts';
 import { ERRORS } from './errors.ts';
 import type { EngineMetrics, FinishReason, StepPass } from './engine/types.ts';
 import type { AdapterMetrics } from './lora/types.ts';

@@ -9,9 +9,7 @@
  * are equal or 1 on one side (every matmul the model makes); anything else goes to the original kernel.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { nativeAddon, nativeMatmulUnavailable } from './native/addon.ts';
-
-export { nativeAddon, nativeMatmulUnavailable };
+import { nativeAddon } from './native/addon.ts';
 
 /** The subset of the wasm backend this kernel touches. */
 interface WasmBackend {

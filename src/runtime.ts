@@ -145,7 +145,7 @@ export async function startRuntime(
     dtype = model.dtype;
     modelBytes = model.bytes;
     executor = new TfExecutor(model, { loraMode: opts.loraMode });
-    await executor.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
+    executor.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
   }
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);

@@ -80,7 +80,7 @@ test('warmUp runs a throwaway prefill and decode and touches heap without leavin
   const ex = new TfExecutor(model, { loraMode: 'unmerged' });
   const tensors = tf.memory().numTensors;
   const bytes = tf.memory().numBytes;
-  await ex.warmUp(1 << 20);
+  ex.warmUp(1 << 20);
   assert.equal(tf.memory().numTensors, tensors, 'no tensor left');
   assert.equal(tf.memory().numBytes, bytes, 'the touched heap is freed');
   assert.equal(ex.running, 0, 'no sequence joined the decode batch');

@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend.ts';
 import { toDeviceLayout } from '../src/lora/adapter-file.ts';
-import { installNativeMatmul, nativeAddon, nativeMatmulUnavailable, planOf } from '../src/native-matmul.ts';
+import { nativeAddon, nativeMatmulUnavailable } from '../src/native/addon.ts';
+import { installNativeMatmul, planOf } from '../src/native-matmul.ts';
 import { setupBackend } from './helpers/tf.ts';
 
 const native = process.env.TEST_NATIVE_MATMUL !== '0';
@@ -168,7 +169,7 @@ test('planOf: output shapes and strides for the shapes the model uses', () => {
   assert.equal(planOf({ ...t([2, 3]), dtype: 'int32' }, t([3, 4]), false, false), null);
 });
 
-test('--native-matmul false (nativeMatmul: false) keeps the wasm kernels', async () => {
+test('initBackend records whether the matmuls run natively (TEST_NATIVE_MATMUL=0 runs the suite on the wasm kernels)', async () => {
   // initBackend runs once per process: the choice is recorded on the first call, so ask what it recorded.
   const info = await initBackend((process.env.TEST_BACKEND as 'wasm' | 'cpu' | undefined) ?? 'wasm', { nativeMatmul: native });
   assert.equal(info.nativeMatmul, native && info.name === 'wasm');

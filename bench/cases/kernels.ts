@@ -11,7 +11,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
 import { initBackend } from '../../src/backend.ts';
-import { installNativeMatmul, nativeMatmulUnavailable } from '../../src/native-matmul.ts';
+import { nativeMatmulUnavailable } from '../../src/native/addon.ts';
+import { installNativeMatmul } from '../../src/native-matmul.ts';
 
 const ROWS = [1, 16, 512];
 

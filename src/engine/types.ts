@@ -83,7 +83,6 @@ export interface EngineApi {
   drain(graceMs: number): Promise<void>;
 }
 
-/** What the engine reports to metrics (implemented in src/metrics.ts). */
 /** One forward pass of a step: its sequences, distinct adapters and how LoRA was applied. */
 export interface StepPass {
   readonly batch: number;
@@ -91,6 +90,7 @@ export interface StepPass {
   readonly mode: LoraApplied;
 }
 
+/** What the engine reports to metrics (implemented in src/metrics.ts). */
 export interface EngineMetrics {
   /** One engine step (one executor call): its duration and each of its forward passes. */
   step(e: { kind: 'prefill' | 'decode'; seconds: number; passes: readonly StepPass[] }): void;

@@ -60,7 +60,7 @@ export class TfExecutor implements Executor {
    * costs a page fault per 4 KiB (about 2–3 ms per MB on the bench machine): a fresh server would pay that in its
    * first adapter uploads and forwards, a server that has run pays it never again, as the heap is reused.
    */
-  async warmUp(heapBytes = 0): Promise<void> {
+  warmUp(heapBytes = 0): void {
     const c = this.model.config;
     const T = Math.min(16, c.maxPositions - 1);
     const kv = this.model.newKV();

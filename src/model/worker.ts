@@ -72,7 +72,7 @@ const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: Ar
     const backend = await initBackend(args.backend, { nativeMatmul: args.nativeMatmul });
     model = CausalLM.load(args.modelDir);
     executor = new TfExecutor(model, { loraMode: args.loraMode });
-    await executor.warmUp(backend.name === 'wasm' ? args.warmHeapBytes : 0);
+    executor.warmUp(backend.name === 'wasm' ? args.warmHeapBytes : 0);
     const info: WorkerInfo = {
       backend: backend.name, vocabSize: model.config.vocabSize, bytes: model.bytes, dtype: model.dtype,
       nativeMatmul: backend.nativeMatmul, ...(backend.nativeMatmulNote ? { nativeMatmulNote: backend.nativeMatmulNote } : {}),
