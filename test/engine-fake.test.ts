@@ -80,7 +80,7 @@ class FakeExecutor implements Executor {
       logits.set(it.seq, out);
     }
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size], rows: [items.length] };
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
   }
 
   async decode(items: readonly DecodeItem[]): Promise<StepResult> {
@@ -92,7 +92,7 @@ class FakeExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     for (const it of items) logits.set(it.seq, logitsRow(it.token));
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.version ?? null)).size], rows: [items.length] };
+    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
   }
 
   release(seq: number): void {
@@ -146,7 +146,8 @@ class FakeProvider implements AdapterProvider {
       const rec: FakeLease = { id, released: false };
       this.leases.push(rec);
       return {
-        adapter: { id, version: `v-${id}` },
+        adapter: { id, key: `k-${id}` },
+        version: `v-${id}`,
         release: () => {
           assert.equal(rec.released, false, `lease on ${id} released twice`);
           rec.released = true;

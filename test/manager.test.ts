@@ -200,18 +200,18 @@ test('single-flight: 10 concurrent acquires of an adapter that is not loaded rea
 
 test('replace while in use: the old lease keeps v1 until released, new acquires get v2', async () => {
   const baseline = tf.memory().numTensors;
-  const evicted: string[] = [];
+  const evicted: string[] = []; // device keys
   const device = localDevice();
   const { manager, write } = setup({}, {
     upload: device.upload,
     dispose: (a) => {
-      evicted.push(a.version);
+      evicted.push(a.key);
       device.dispose(a);
     },
   });
   await write('r', { seed: 1 });
   const l1 = await manager.acquire('r');
-  const v1 = l1.adapter.version;
+  const v1 = l1.version;
   assert.equal((await manager.info('r')).version, v1);
 
   const v2files = await uploadFiles('v2', { seed: 2 });
@@ -221,21 +221,21 @@ test('replace while in use: the old lease keeps v1 until released, new acquires 
   assert.equal(info.version, v2);
   assert.equal(info.source, 'upload');
 
-  assert.equal(l1.adapter.version, v1);
+  assert.equal(l1.version, v1);
   const m1 = firstModule(l1);
   assert.equal(m1.At.isDisposed, false, 'v1 still alive while leased');
   assert.equal(m1.Bt.isDisposed, false);
   assert.deepEqual(evicted, []);
 
   const l2 = await manager.acquire('r');
-  assert.equal(l2.adapter.version, v2);
+  assert.equal(l2.version, v2);
   assert.notEqual(l2.adapter, l1.adapter);
   assert.equal((await manager.info('r')).version, v2);
 
   l1.release();
   assert.equal(m1.At.isDisposed, true, 'v1 disposed once its last lease is released');
   assert.equal(m1.Bt.isDisposed, true);
-  assert.deepEqual(evicted, [v1], 'the executor was told to forget v1');
+  assert.deepEqual(evicted, [l1.adapter.key], 'the executor was told to forget v1');
   assert.equal(firstModule(l2).At.isDisposed, false, 'v2 untouched');
   assert.equal((await manager.info('r')).tier, 'device');
 
@@ -278,7 +278,7 @@ test('a bad upload is rejected with its code and leaves the previous version (me
   const { dir, store, manager, write } = setup();
   await write('u', { seed: 4 });
   const l0 = await manager.acquire('u');
-  const v1 = l0.adapter.version;
+  const v1 = l0.version;
   l0.release();
   const disk = snapshot(dir);
   const cfgBefore = readFileSync(join(dir, 'u', 'adapter_config.json'));
@@ -293,7 +293,7 @@ test('a bad upload is rejected with its code and leaves the previous version (me
   assert.equal(info.state, 'ready');
   assert.equal(info.error, null);
   const l1 = await manager.acquire('u');
-  assert.equal(l1.adapter.version, v1);
+  assert.equal(l1.version, v1);
   l1.release();
   assert.deepEqual(snapshot(dir), disk, 'nothing new on disk');
   assert.deepEqual(readFileSync(join(dir, 'u', 'adapter_config.json')), cfgBefore);
@@ -301,7 +301,7 @@ test('a bad upload is rejected with its code and leaves the previous version (me
   // A fresh manager on the same folder loads the same version from disk.
   const fresh = new AdapterManager(store, model, { maxRank: 64, maxDeviceAdapters: 4, maxDeviceBytes: 0, maxHostBytes: 64 << 20 }, localDevice());
   const l2 = await fresh.acquire('u');
-  assert.equal(l2.adapter.version, v1);
+  assert.equal(l2.version, v1);
   l2.release();
   fresh.dispose();
 
@@ -461,7 +461,7 @@ test('info/ids: disk adapters are listed as available with no version until load
   const l = await manager.acquire('org/name');
   const j = await manager.info('org/name');
   assert.equal(j.state, 'ready');
-  assert.equal(j.version, l.adapter.version);
+  assert.equal(j.version, l.version);
   assert.equal(j.rank, 4);
   assert.deepEqual([...j.targetModules!].sort(), ['q_proj', 'v_proj']);
   l.release();

@@ -1,6 +1,7 @@
 /** Two executor worker threads: same tokens as in-process, adapters on every worker, no leaks. */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { cpSync } from 'node:fs';
 import { join } from 'node:path';
 import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
 import type { ParallelExecutor } from '../src/model/parallel-executor.ts';
@@ -18,6 +19,8 @@ before(async () => {
   for (let i = 0; i < 4; i++) {
     await writePeftAdapter(join(tmp.dir, 'adapters', `p${i}`), { baseConfig: r.config, seed: 90 + i, r: 4, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj'] });
   }
+  // The same files under a second id: the same content version.
+  cpSync(join(tmp.dir, 'adapters', 'p1'), join(tmp.dir, 'adapters', 'p1-twin'), { recursive: true });
   const { startRuntime } = await import('../src/runtime.ts');
   const { TEST_RUNTIME } = await import('./helpers/runtime.ts');
   parallel = await startRuntime({ ...TEST_RUNTIME, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), workers: 2, maxLoadedAdapters: 2 });
@@ -52,4 +55,16 @@ test('worker memory returns to its baseline once requests finish and adapters ar
   assert.ok((await ex.refreshMemory()).numTensors > baseline, 'adapters were resident on the workers');
   await unloadAll();
   assert.equal((await ex.refreshMemory()).numTensors, baseline);
+});
+
+test('two ids with the same content are separate on the workers: unloading one leaves the other serving', async () => {
+  const req = (id: string) => request(prompt(7), { adapterId: id, maxNewTokens: 5, ignoreEos: true });
+  const expected = (await generate(local, req('p1'))).tokens.map((t) => t.id);
+  const a = await parallel.adapters.load('p1');
+  const b = await parallel.adapters.load('p1-twin');
+  assert.equal(a.version, b.version, 'same content, same version');
+  await parallel.adapters.unload('p1');
+  const got = await generate(parallel, req('p1-twin'));
+  assert.deepEqual(got.error?.code ?? got.tokens.map((t) => t.id), expected);
+  await parallel.adapters.unload('p1-twin');
 });

@@ -225,7 +225,7 @@ export class Engine implements EngineApi {
   }
 
   private schedView = (s: Seq): SchedSeq => ({
-    seq: s.id, adapter: s.lease?.adapter.version ?? null, promptLength: s.req.inputIds.length, prefilled: s.prefilled,
+    seq: s.id, adapter: s.lease?.adapter.key ?? null, promptLength: s.req.inputIds.length, prefilled: s.prefilled,
   });
 
   private async decodeStep(): Promise<void> {

@@ -6,7 +6,11 @@
 /** An adapter resident on the device, as the engine sees it: opaque beyond its identity. */
 export interface ExecAdapter {
   readonly id: string;
-  readonly version: string;
+  /**
+   * Names this upload of the adapter on the device: unique for the life of the process (two ids with the same
+   * content, or one id loaded again after an eviction, get different keys). Not the content version.
+   */
+  readonly key: string;
 }
 
 export interface PrefillItem {

@@ -18,7 +18,7 @@
 
 export interface SchedSeq {
   readonly seq: number;
-  /** Adapter version key (null: base). */
+  /** The adapter's device key, ExecAdapter.key (null: base). */
   readonly adapter: string | null;
   readonly promptLength: number;
   /** Prompt tokens already prefilled. */

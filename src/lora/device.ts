@@ -9,6 +9,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Linear, StepLora } from '../model/layers.ts';
+import type { ExecAdapter } from '../engine/executor.ts';
 import type { AdapterWeights } from './adapter-file.ts';
 
 export interface DeviceModule {
@@ -21,7 +22,7 @@ export interface DeviceModule {
 
 export interface DeviceAdapter {
   readonly id: string;
-  readonly version: string;
+  readonly key: string;
   readonly rank: number;
   /** Float32 bytes of every At and Bt: exactly the sum of the adapter's A and B sizes. */
   readonly bytes: number;
@@ -29,7 +30,7 @@ export interface DeviceAdapter {
   readonly modules: ReadonlyMap<string, DeviceModule>;
 }
 
-export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter {
+export function uploadAdapter(w: AdapterWeights, key: string): DeviceAdapter {
   const modules = new Map<string, DeviceModule>();
   let bytes = 0;
   try {
@@ -40,10 +41,10 @@ export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter
       bytes += (m.At.length + m.Bt.length) * 4;
     }
   } catch (err) {
-    disposeAdapter({ id: w.id, version, rank: w.rank, bytes, modules });
+    disposeAdapter({ id: w.id, key, rank: w.rank, bytes, modules });
     throw err;
   }
-  return { id: w.id, version, rank: w.rank, bytes, modules };
+  return { id: w.id, key, rank: w.rank, bytes, modules };
 }
 
 /**
@@ -51,15 +52,14 @@ export function uploadAdapter(w: AdapterWeights, version: string): DeviceAdapter
  * worker of a ParallelExecutor. The handle it returns is what prefill/decode items carry.
  */
 export interface AdapterDevice {
-  upload(w: AdapterWeights, version: string): Promise<ResidentAdapter>;
+  /** Uploads under `key` (ExecAdapter.key: the caller makes it unique). */
+  upload(w: AdapterWeights, key: string): Promise<ResidentAdapter>;
   /** Frees the adapter's device memory and everything derived from it. */
   dispose(a: ResidentAdapter): void;
 }
 
 /** An adapter on the device(s), as the manager sees it. */
-export interface ResidentAdapter {
-  readonly id: string;
-  readonly version: string;
+export interface ResidentAdapter extends ExecAdapter {
   readonly rank: number;
   readonly bytes: number;
 }

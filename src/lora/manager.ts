@@ -62,6 +62,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private readonly failed = new Map<string, { code: string; message: string }>();
   private readonly lastUsed = new Map<string, number>();
   private roomWaiters: (() => void)[] = [];
+  /** Uploads so far: each gets its own device key (ExecAdapter.key). */
+  private uploads = 0;
 
   constructor(
     private readonly store: AdapterStore,
@@ -111,6 +113,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     let released = false;
     return {
       adapter: entry.adapter,
+      version: entry.host.version,
       release: () => {
         if (released) return;
         released = true;
@@ -162,7 +165,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       const t1 = performance.now();
       let adapter;
       try {
-        adapter = await this.uploader.upload(host.weights, host.version);
+        adapter = await this.uploader.upload(host.weights, String(++this.uploads));
       } finally {
         this.reserved--;
         this.reservedBytes -= bytes;

@@ -56,6 +56,8 @@ export interface AdapterCacheStats {
 /** A pinned device adapter held by one sequence. */
 export interface AdapterLease {
   readonly adapter: ExecAdapter;
+  /** The content version the lease holds (AdapterInfo.version). */
+  readonly version: string;
   release(): void;
 }
 

@@ -152,7 +152,7 @@ export class ParallelExecutor implements Executor {
   }
 
   async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
-    const strip = items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, version: i.adapter.version } }));
+    const strip = items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, key: i.adapter.key } }));
     const r = await this.fanOut('prefill', strip);
     for (const i of items) if (i.last) this.runningSeqs.add(i.seq);
     return r;
@@ -162,7 +162,7 @@ export class ParallelExecutor implements Executor {
     if (items.length !== this.runningSeqs.size || items.some((i) => !this.runningSeqs.has(i.seq))) {
       throw new Error(`decode: expected one item for each of the ${this.runningSeqs.size} running sequences`);
     }
-    return this.fanOut('decode', items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, version: i.adapter.version } })));
+    return this.fanOut('decode', items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, key: i.adapter.key } })));
   }
 
   release(seq: number): void {
@@ -177,12 +177,12 @@ export class ParallelExecutor implements Executor {
 
   /** Where the adapter manager uploads adapters: to every worker. */
   readonly adapterDevice: AdapterDevice = {
-    upload: async (w: AdapterWeights, version: string): Promise<ResidentAdapter> => {
-      await Promise.all(this.clients.map((c) => c.call('loadAdapter', { weights: w, version })));
-      return { id: w.id, version, rank: w.rank, bytes: w.bytes };
+    upload: async (w: AdapterWeights, key: string): Promise<ResidentAdapter> => {
+      await Promise.all(this.clients.map((c) => c.call('loadAdapter', { weights: w, key })));
+      return { id: w.id, key, rank: w.rank, bytes: w.bytes };
     },
     dispose: (a: ResidentAdapter): void => {
-      for (const c of this.clients) c.call('offloadAdapter', { id: a.id, version: a.version }).catch(() => undefined);
+      for (const c of this.clients) c.call('offloadAdapter', { id: a.id, key: a.key }).catch(() => undefined);
     },
   };
 

@@ -39,7 +39,7 @@ export class TfExecutor implements Executor {
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
   private readonly banks = new Map<string, LoraBank>();
   private merged: { adapter: DeviceAdapter; weights: Map<string, tf.Tensor2D> } | null = null;
-  private soleStreak: { version: string; passes: number } | null = null;
+  private soleStreak: { key: string; passes: number } | null = null;
   private readonly mergeAfter: number;
   private readonly maxBanks: number;
 
@@ -186,7 +186,7 @@ export class TfExecutor implements Executor {
    * merged weights and banks built from it.
    */
   readonly adapterDevice: AdapterDevice = {
-    upload: async (w, version) => uploadAdapter(w, version),
+    upload: async (w, key) => uploadAdapter(w, key),
     dispose: (a) => {
       this.forgetAdapter(a);
       disposeAdapter(a as DeviceAdapter);
@@ -195,9 +195,9 @@ export class TfExecutor implements Executor {
 
   /** Drops anything derived from this adapter (merged weights, banks). */
   forgetAdapter(adapter: ExecAdapter): void {
-    if (this.merged?.adapter.version === adapter.version) this.dropMerged();
+    if (this.merged?.adapter.key === adapter.key) this.dropMerged();
     for (const [key, bank] of this.banks) {
-      if (bank.adapters.some((a) => a.version === adapter.version)) {
+      if (bank.adapters.some((a) => a.key === adapter.key)) {
         disposeBank(bank);
         this.banks.delete(key);
       }
@@ -222,29 +222,29 @@ export class TfExecutor implements Executor {
 
   /** Decides merged/unmerged for one pass and builds its StepLora (see the rule at the top). */
   private loraFor(rowAdapters: readonly (DeviceAdapter | null)[]): { lora?: StepLora; mode: LoraApplied; distinct: number; owned: boolean } {
-    const distinct = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.version, a])).values()];
+    const distinct = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
     if (distinct.length === 0) {
       this.soleStreak = null;
       return { mode: 'none', distinct: 0, owned: false };
     }
     const sole = distinct.length === 1 && rowAdapters.every((a) => a !== null) ? distinct[0]! : null;
     if (sole) {
-      this.soleStreak = this.soleStreak?.version === sole.version
-        ? { version: sole.version, passes: this.soleStreak.passes + 1 } : { version: sole.version, passes: 1 };
+      this.soleStreak = this.soleStreak?.key === sole.key
+        ? { key: sole.key, passes: this.soleStreak.passes + 1 } : { key: sole.key, passes: 1 };
     } else {
       this.soleStreak = null;
     }
     const mode = this.opts.loraMode;
     const wantMerge = sole !== null && (mode === 'merged' ||
-      (mode === 'auto' && (this.merged?.adapter.version === sole.version || this.soleStreak!.passes >= this.mergeAfter)));
+      (mode === 'auto' && (this.merged?.adapter.key === sole.key || this.soleStreak!.passes >= this.mergeAfter)));
     if (wantMerge) {
-      if (this.merged?.adapter.version !== sole!.version) {
+      if (this.merged?.adapter.key !== sole!.key) {
         this.dropMerged();
         this.merged = { adapter: sole!, weights: mergeWeights(this.model.linears, sole!) };
       }
       return { lora: { merged: this.merged!.weights }, mode: 'merged', distinct: 1, owned: false };
     }
-    const key = distinct.map((a) => a.version).sort().join(',');
+    const key = distinct.map((a) => a.key).sort().join(',');
     let bank = this.banks.get(key);
     if (bank) {
       this.banks.delete(key); // refresh LRU position
@@ -257,8 +257,8 @@ export class TfExecutor implements Executor {
       }
     }
     this.banks.set(key, bank);
-    const slot = new Map(bank.adapters.map((a, i) => [a.version, i]));
-    return { lora: stepLora(bank, rowAdapters.map((a) => (a ? slot.get(a.version)! : null))), mode: 'unmerged', distinct: distinct.length, owned: true };
+    const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
+    return { lora: stepLora(bank, rowAdapters.map((a) => (a ? slot.get(a.key)! : null))), mode: 'unmerged', distinct: distinct.length, owned: true };
   }
 
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,

@@ -1,7 +1,7 @@
 /**
  * A worker thread that owns one copy of the model and one TfExecutor (see parallel-executor.ts).
  * Requests arrive as `{ id, op, args }` and are answered in order with `{ id, result }` or `{ id, error }`.
- * Adapters are uploaded here by version; prefill/decode items name them by version.
+ * Adapters are uploaded here by key (ExecAdapter.key); prefill/decode items name them by key.
  */
 import { parentPort } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs-core';
@@ -50,8 +50,8 @@ const adapters = new Map<string, DeviceAdapter>();
 
 function resolve(a: ExecAdapter | null): DeviceAdapter | null {
   if (!a) return null;
-  const d = adapters.get(a.version);
-  if (!d) throw new Error(`worker: adapter ${a.id}@${a.version} is not loaded`);
+  const d = adapters.get(a.key);
+  if (!d) throw new Error(`worker: adapter ${a.id} (upload ${a.key}) is not loaded`);
   return d;
 }
 
@@ -89,15 +89,15 @@ const ops: Record<string, (args: any) => Promise<{ value: unknown; transfer?: Ar
     executor!.release(seq);
     return { value: null };
   },
-  loadAdapter(args: { weights: AdapterWeights; version: string }) {
-    if (!adapters.has(args.version)) adapters.set(args.version, uploadAdapter(args.weights, args.version));
+  loadAdapter(args: { weights: AdapterWeights; key: string }) {
+    if (!adapters.has(args.key)) adapters.set(args.key, uploadAdapter(args.weights, args.key));
     return { value: null };
   },
   offloadAdapter(a: ExecAdapter) {
-    const d = adapters.get(a.version);
+    const d = adapters.get(a.key);
     if (d) {
       executor!.adapterDevice.dispose(d);
-      adapters.delete(a.version);
+      adapters.delete(a.key);
     }
     return { value: null };
   },
