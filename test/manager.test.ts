@@ -467,3 +467,40 @@ test('info/ids: disk adapters are listed as available with no version until load
   l.release();
   manager.dispose();
 });
+
+test('warmUp runs the load path on a synthetic adapter (every base module) and keeps nothing', async () => {
+  const baseline = tf.memory().numTensors;
+  const local = localDevice();
+  const uploads: { key: string; modules: number; bytes: number }[] = [];
+  let disposed = 0;
+  const { manager, metrics, reads, write } = setup({}, {
+    upload: (w, key) => {
+      uploads.push({ key, modules: w.modules.length, bytes: w.bytes });
+      return local.upload(w, key);
+    },
+    dispose: (a) => {
+      disposed++;
+      local.dispose(a);
+    },
+  });
+  await manager.warmUp(3);
+  assert.equal(uploads.length, 3);
+  assert.equal(disposed, 3);
+  assert.equal(new Set(uploads.map((u) => u.key)).size, 3, 'each round is its own upload');
+  for (const u of uploads) {
+    assert.equal(u.modules, model.modules.length, 'a pair on every base module');
+    assert.ok(u.bytes > 0);
+  }
+  assert.equal(tf.memory().numTensors, baseline, 'nothing stays on the device');
+  assert.deepEqual(manager.stats(), { ...manager.stats(), deviceAdapters: 0, deviceBytes: 0, hostAdapters: 0, hostBytes: 0 });
+  assert.deepEqual(reads, [], 'the store is not read');
+  assert.deepEqual([metrics.misses, metrics.hits.device, metrics.hits.host, metrics.failed.length], [0, 0, 0, 0]);
+  assert.deepEqual(await manager.ids(), []);
+  // A real adapter loads as usual afterwards, under a key of its own.
+  await write('after');
+  const l = await manager.acquire('after');
+  assert.ok(!uploads.slice(0, 3).some((u) => u.key === l.adapter.key));
+  l.release();
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});

@@ -24,7 +24,7 @@
 
 import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
-import { parseSafetensors, type SafetensorsReader } from '../model/safetensors.ts';
+import { parseSafetensors, writeSafetensors, type SafetensorsReader, type WriteTensor } from '../model/safetensors.ts';
 import { nativeAddon } from '../native/addon.ts';
 import { hostBuffers } from './host-buffers.ts';
 import { matchesTarget, parsePeftConfig, scalingFor, type PeftConfig } from './peft-config.ts';
@@ -94,6 +94,17 @@ export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF:
 /** toDeviceLayout in the native addon when it is built (the same loops, ~10× faster), else in JavaScript. */
 const layout: typeof toDeviceLayout = (...args) => (nativeAddon()?.layout ?? toDeviceLayout)(...args);
 
+/** A PEFT adapter of rank 1 with zero weights on every base module (AdapterManager.warmUp runs the load path on it). */
+export function syntheticAdapter(base: { modules: readonly LinearModule[] }): { config: Record<string, unknown>; weights: Uint8Array } {
+  const tensors: Record<string, WriteTensor> = {};
+  for (const m of base.modules) {
+    tensors[`base_model.model.${m.path}.lora_A.weight`] = { shape: [1, m.inFeatures], data: new Float32Array(m.inFeatures) };
+    tensors[`base_model.model.${m.path}.lora_B.weight`] = { shape: [m.outFeatures, 1], data: new Float32Array(m.outFeatures) };
+  }
+  const names = [...new Set(base.modules.map((m) => m.name))].sort();
+  return { config: { peft_type: 'LORA', r: 1, lora_alpha: 1, target_modules: names, bias: 'none' }, weights: writeSafetensors(tensors) };
+}
+
 const PICKLE_PROTOCOL_MIN = 2;
 const PICKLE_PROTOCOL_MAX = 5;
 
@@ -141,7 +152,8 @@ function byLayerThenKey(a: ModuleLora, b: ModuleLora): number {
 export function loadAdapterWeights(
   input: { id: string; config: unknown; weights: Uint8Array },
   base: { modules: readonly LinearModule[] },
-  opts: { maxRank: number },
+  /** spare: false takes a fresh buffer for the host copy instead of a pre-touched one (see host-buffers.ts). */
+  opts: { maxRank: number; spare?: boolean },
 ): AdapterWeights {
   const { id } = input;
   const bad = (code: ErrorCode, msg: string, details?: Record<string, unknown>) => fail(code, `adapter "${id}": ${msg}`, details);
@@ -234,7 +246,8 @@ export function loadAdapterWeights(
 
     // 3. Read the values (finite only) into one shared buffer, in the device layout.
     const floats = found.reduce((n, f) => n + f.r * (f.module.inFeatures + f.module.outFeatures), 0);
-    const shared = hostBuffers.take(floats * 4); // pre-touched when one of this size is spare (host-buffers.ts)
+    // Pre-touched when one of this size is spare (host-buffers.ts).
+    const shared = opts.spare === false ? new SharedArrayBuffer(floats * 4) : hostBuffers.take(floats * 4);
     let offset = 0;
     const view = (n: number) => {
       const v = new Float32Array(shared, offset * 4, n);

@@ -11,8 +11,14 @@ import { Worker } from 'node:worker_threads';
 const MiB = 2 ** 20;
 
 // The helper: allocates a SharedArrayBuffer of the asked size, writes every page, hands it back (shared, not copied).
+// It runs at the lowest CPU priority (Linux: setpriority on a thread id changes just that thread), so the faults are
+// taken when a core is idle, not in the place of the threads serving requests (a 2 MB buffer is 6.6 ms of faults).
 const TOUCHER = `
 const { parentPort } = require('node:worker_threads');
+try {
+  const tid = Number(require('node:fs').readlinkSync('/proc/thread-self').split('/').pop());
+  require('node:os').setPriority(tid, 19);
+} catch {}
 parentPort.on('message', (bytes) => {
   const buf = new SharedArrayBuffer(bytes);
   new Uint8Array(buf).fill(0);

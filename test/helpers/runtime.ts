@@ -11,6 +11,7 @@ export const TEST_RUNTIME: Omit<RuntimeOptions, 'model' | 'adapterDir'> = {
   adapterHostBytes: 64 << 20, maxAdapterBytes: 64 << 20, maxBatchSize: 32, maxBatchTokens: 2048,
   maxInputLength: 100, maxTotalTokens: 128, maxQueue: 256, prefillChunk: 32, workers: 1,
   warmHeapBytes: 0, // the warm-up forward still runs; touching heap only saves page faults (slower starts in tests)
+  warmUpLoads: 2, // the adapter load path's warm-up runs, briefly
 };
 
 export async function fixtureRuntime(root: string, ckpt: CheckpointOptions, opts: Partial<RuntimeOptions> = {}): Promise<{ rt: Runtime; config: Record<string, unknown> }> {
