@@ -1,7 +1,7 @@
-/** src/lora/host-buffers.ts: spare pre-touched buffers for adapter host copies, refilled by a helper thread. */
+/** src/lora/host-buffers.ts: spare pre-touched buffers for adapter host copies, refilled by a helper thread; recycled scratch buffers. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { SpareBuffers } from '../src/lora/host-buffers.ts';
+import { ScratchBuffers, SpareBuffers } from '../src/lora/host-buffers.ts';
 
 test('take gives a zeroed buffer of exactly the size asked, and spares of that size are refilled in the background', async () => {
   const pool = new SpareBuffers(2, 4, 1 << 20);
@@ -33,4 +33,24 @@ test('sizes above the limit get no spares; only the most recently used sizes kee
   pool.take(0);
   await pool.settled();
   assert.equal(pool.heldBytes, 2048 + 4096, 'nothing kept for empty buffers');
+});
+
+test('scratch buffers: a buffer given back is borrowed again; at most perSize kept per size, for the sizes given back last', async () => {
+  const spares = new SpareBuffers(0, 1, 0); // no spares: every new buffer is fresh
+  const scratch = new ScratchBuffers(spares, 2, 2);
+  const a = scratch.borrow(4096);
+  const b = scratch.borrow(4096);
+  assert.notEqual(a, b, 'two loads in flight never share a buffer');
+  assert.equal(a.byteLength, 4096);
+  scratch.giveBack(a);
+  assert.equal(scratch.borrow(4096), a, 'reused');
+  scratch.giveBack(a);
+  scratch.giveBack(b);
+  scratch.giveBack(new SharedArrayBuffer(4096));
+  assert.equal(scratch.held, 2, 'perSize 2');
+  scratch.giveBack(new SharedArrayBuffer(1024));
+  scratch.giveBack(new SharedArrayBuffer(2048));
+  assert.equal(scratch.held, 2, 'the 4096 size, given back least recently, was dropped (maxSizes 2)');
+  assert.notEqual(scratch.borrow(4096), a);
+  assert.equal(scratch.borrow(2048).byteLength, 2048);
 });

@@ -152,8 +152,8 @@ function byLayerThenKey(a: ModuleLora, b: ModuleLora): number {
 export function loadAdapterWeights(
   input: { id: string; config: unknown; weights: Uint8Array },
   base: { modules: readonly LinearModule[] },
-  /** spare: false takes a fresh buffer for the host copy instead of a pre-touched one (see host-buffers.ts). */
-  opts: { maxRank: number; spare?: boolean },
+  /** alloc: where the host copy goes (default: a spare, pre-touched buffer when there is one; see host-buffers.ts). */
+  opts: { maxRank: number; alloc?: (bytes: number) => SharedArrayBuffer },
 ): AdapterWeights {
   const { id } = input;
   const bad = (code: ErrorCode, msg: string, details?: Record<string, unknown>) => fail(code, `adapter "${id}": ${msg}`, details);
@@ -247,7 +247,7 @@ export function loadAdapterWeights(
     // 3. Read the values (finite only) into one shared buffer, in the device layout.
     const floats = found.reduce((n, f) => n + f.r * (f.module.inFeatures + f.module.outFeatures), 0);
     // Pre-touched when one of this size is spare (host-buffers.ts).
-    const shared = opts.spare === false ? new SharedArrayBuffer(floats * 4) : hostBuffers.take(floats * 4);
+    const shared = (opts.alloc ?? ((n) => hostBuffers.take(n)))(floats * 4);
     let offset = 0;
     const view = (n: number) => {
       const v = new Float32Array(shared, offset * 4, n);

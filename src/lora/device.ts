@@ -52,6 +52,11 @@ export function uploadAdapter(w: AdapterWeights, key: string): DeviceAdapter {
  * worker of a ParallelExecutor. The handle it returns is what prefill/decode items carry.
  */
 export interface AdapterDevice {
+  /**
+   * Whether an upload has copied the weights once its promise settles (wasm), so their host arrays may be reused;
+   * false where device tensors may keep referencing them (the cpu backend's do).
+   */
+  readonly copiesOnUpload: boolean;
   /** Uploads under `key` (ExecAdapter.key: the caller makes it unique). */
   upload(w: AdapterWeights, key: string): Promise<ResidentAdapter>;
   /** Frees the adapter's device memory and everything derived from it. */

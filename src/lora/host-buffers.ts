@@ -108,5 +108,43 @@ export class SpareBuffers {
   }
 }
 
+/**
+ * Recycled buffers for host copies that are only needed until the device has copied them: an adapter loaded for
+ * the first time is not kept in the host tier (see AdapterManager), so its host copy goes into one of these and
+ * comes back once uploaded. Written once, a buffer is then reused by later loads of its size without page faults.
+ * At most `perSize` are kept per size, for the `maxSizes` sizes given back last; a new one is a spare when one is
+ * ready (SpareBuffers).
+ */
+export class ScratchBuffers {
+  /** Free buffers by size, the size given back last at the end. */
+  private readonly free = new Map<number, SharedArrayBuffer[]>();
+
+  constructor(private readonly spares: SpareBuffers, private readonly perSize = 4, private readonly maxSizes = 4) {}
+
+  /** A buffer of exactly `bytes` for the caller alone until giveBack (its contents are stale: overwrite them). */
+  borrow(bytes: number): SharedArrayBuffer {
+    return this.free.get(bytes)?.pop() ?? this.spares.take(bytes);
+  }
+
+  /** Returns a borrowed buffer; the caller must not use it (or views of it) again. */
+  giveBack(buf: SharedArrayBuffer): void {
+    const n = buf.byteLength;
+    const list = this.free.get(n) ?? [];
+    this.free.delete(n);
+    this.free.set(n, list);
+    if (list.length < this.perSize) list.push(buf);
+    while (this.free.size > this.maxSizes) this.free.delete(this.free.keys().next().value!);
+  }
+
+  /** Free buffers held (for tests). */
+  get held(): number {
+    let n = 0;
+    for (const list of this.free.values()) n += list.length;
+    return n;
+  }
+}
+
 /** The process' spares for adapter host copies (src/lora/adapter-file.ts). */
 export const hostBuffers = new SpareBuffers();
+/** The process' recycled buffers for host copies that live only until uploaded (src/lora/manager.ts). */
+export const scratchBuffers = new ScratchBuffers(hostBuffers);

@@ -96,7 +96,7 @@ export function makeAdapterFiles(id: string, config: unknown, weights: Uint8Arra
 export function validateAdapterFiles(
   files: Pick<AdapterFiles, 'id' | 'config' | 'weights'>,
   base: { modules: readonly LinearModule[] },
-  opts: { maxRank: number; spare?: boolean },
+  opts: { maxRank: number; alloc?: (bytes: number) => SharedArrayBuffer },
 ): AdapterWeights {
   return loadAdapterWeights({ id: files.id, config: files.config, weights: files.weights }, base, opts);
 }

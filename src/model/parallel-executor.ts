@@ -176,15 +176,26 @@ export class ParallelExecutor implements Executor {
   }
 
   /** Where the adapter manager uploads adapters: to every worker. */
-  readonly adapterDevice: AdapterDevice = {
+  readonly adapterDevice: AdapterDevice = ((executor: ParallelExecutor): AdapterDevice => ({
+    // A wasm worker has copied the weights into its heap when it answers (TfExecutor.adapterDevice).
+    get copiesOnUpload() {
+      return executor.backend === 'wasm';
+    },
     upload: async (w: AdapterWeights, key: string): Promise<ResidentAdapter> => {
-      await Promise.all(this.clients.map((c) => c.call('loadAdapter', { weights: w, key })));
+      // Every worker answers before this settles (so the host arrays are no longer read); one that failed leaves
+      // nothing behind on the others.
+      const answers = await Promise.allSettled(executor.clients.map((c) => c.call('loadAdapter', { weights: w, key })));
+      const failed = answers.find((a): a is PromiseRejectedResult => a.status === 'rejected');
+      if (failed) {
+        for (const c of executor.clients) c.call('offloadAdapter', { id: w.id, key }).catch(() => undefined);
+        throw failed.reason;
+      }
       return { id: w.id, key, rank: w.rank, bytes: w.bytes };
     },
     dispose: (a: ResidentAdapter): void => {
-      for (const c of this.clients) c.call('offloadAdapter', { id: a.id, key: a.key }).catch(() => undefined);
+      for (const c of executor.clients) c.call('offloadAdapter', { id: a.id, key: a.key }).catch(() => undefined);
     },
-  };
+  }))(this);
 
   /** Frees the workers' device memory and stops them. */
   async close(): Promise<void> {

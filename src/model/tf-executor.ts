@@ -186,6 +186,10 @@ export class TfExecutor implements Executor {
    * merged weights and banks built from it.
    */
   readonly adapterDevice: AdapterDevice = {
+    // The wasm backend copies a new tensor's values into its heap at once; the cpu backend keeps the array.
+    get copiesOnUpload() {
+      return tf.getBackend() === 'wasm';
+    },
     upload: async (w, key) => uploadAdapter(w, key),
     dispose: (a) => {
       this.forgetAdapter(a);

@@ -1,0 +1,37 @@
+import { readdirSync } from 'node:fs';
+import { parseOptions } from '../src/cli.ts';
+import { createServer } from '../src/server/server.ts';
+import { hostBuffers } from '../src/lora/host-buffers.ts';
+import { ApiClient } from './client.ts';
+const root = '.cache/bench-adapters/' + readdirSync('.cache/bench-adapters')[0];
+const options = parseOptions(['--model', '.cache/bench-model', '--adapter-dir', root, '--workers', '2', '--log-level', 'warn', '--port', '0'], {});
+const server = await createServer(options);
+const address = await server.app.listen({ host: '127.0.0.1', port: 0 });
+server.setReady(true);
+const api = new ApiClient(address);
+const mgr = server.runtime.adapters as any;
+const hb = hostBuffers as any;
+let spare = '';
+const take = hb.take.bind(hb);
+const ring: SharedArrayBuffer[] = []; let ri = 0;
+hb.take = (b: number) => { if (process.env.RING) { if (ring.length < 8) { const x = new SharedArrayBuffer(b); ring.push(x); spare = 'RINGNEW'; return x; } spare = 'ring'; return ring[ri++ % 8]!; } const had = (hb.spares.get(b)?.length ?? 0); spare = had ? 's' + had : 'FRESH'; return take(b); };
+let cur: Record<string, number> = {};
+const store = mgr.store; const rw = store.readWith.bind(store);
+store.readWith = async (id: any, use: any) => { cur.r0 = performance.now(); return rw(id, (f: any) => { cur.r1 = performance.now(); return use(f); }); };
+const dev = mgr.uploader; const up = dev.upload.bind(dev);
+dev.upload = (w: any, k: any) => { cur.u0 = performance.now(); const p = up(w, k); p.then(() => { cur.u1 = performance.now(); }); return p; };
+const id = (i: number) => `bench-${String(i).padStart(3, '0')}`;
+const off = Number(process.env.OFF ?? 0);
+for (let i = 0; i < 50; i++) await api.json('GET', '/health');
+await api.json('POST', `/adapters/${id(off)}/load`);
+const rows: string[] = [];
+for (let i = 1; i <= 40; i++) {
+  cur = {}; spare = '';
+  const t = performance.now();
+  await api.json('POST', `/adapters/${id(off + i)}/load`);
+  const T = performance.now() - t;
+  rows.push(`${T.toFixed(1).padStart(5)} pre ${(cur.r0 - t).toFixed(1)} read ${(cur.r1 - cur.r0).toFixed(1)} valid ${(cur.u0 - cur.r1).toFixed(1)} up ${(cur.u1 - cur.u0).toFixed(1)} post ${(t + T - cur.u1).toFixed(1)} ${spare}`);
+}
+const v = rows.map((r) => parseFloat(r)).sort((a, b) => a - b); console.log(process.env.RING ? 'ring' : 'spares', 'p50', v[20], 'p90', v[36]);
+await api.close(); await server.close(0);
+process.exit(0);
