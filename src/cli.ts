@@ -66,7 +66,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),
   opt('max-loaded-adapters', 'maxLoadedAdapters', 'int', 16, 'Adapters resident on the device at once', { min: 1 }),
   opt('adapter-device-bytes', 'adapterDeviceBytes', 'bytes', 0, 'Device memory for adapters (0: no byte limit, only --max-loaded-adapters)'),
-  opt('adapter-host-bytes', 'adapterHostBytes', 'bytes', 256 * MiB, 'Host memory cache of parsed adapters'),
+  opt('adapter-host-bytes', 'adapterHostBytes', 'bytes', 256 * MiB, 'Host memory cache of validated adapters (an adapter is kept from its second load since start)'),
   opt('max-adapter-bytes', 'maxAdapterBytes', 'bytes', 64 * MiB, 'Largest adapter upload or download', { min: 1 }),
   opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1 }),
   opt('max-batch-tokens', 'maxBatchTokens', 'int', 2048, 'Tokens per forward step (prefill tokens + decode rows)', { min: 1 }),
