@@ -80,6 +80,17 @@ test('readWith: borrowed read buffers give each read its own bytes (concurrent, 
     await rejectsWith(copy('missing'), 'ADAPTER_NOT_FOUND');
     await assert.rejects(store.readWith('a3', () => { throw new Error('use failed'); }), /use failed/);
     assert.deepEqual((await copy('a3')).weights, sized(3).weights);
+    // release gives the buffer back before use settles, once (the return after use does not add it again).
+    const early = await store.readWith('a50', async (f, release) => {
+      const mine = f.weights.slice();
+      release();
+      release();
+      return { mine, next: await copy('a50') };
+    });
+    assert.deepEqual(early.mine, sized(50).weights);
+    assert.deepEqual(early.next.weights, sized(50).weights);
+    const pool = (store as unknown as { pool: Uint8Array[] }).pool;
+    assert.equal(new Set(pool).size, pool.length, 'no buffer is in the pool twice');
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

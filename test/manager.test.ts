@@ -404,7 +404,7 @@ test('byte limit: at most one of two adapters fits; an adapter larger than the l
 
 test('two loads waiting for the one device slot, woken by one release: only one gets it', async () => {
   const baseline = tf.memory().numTensors;
-  const { manager, write } = setup({ maxDeviceAdapters: 1 });
+  const { manager, store, write } = setup({ maxDeviceAdapters: 1 });
   for (const [i, id] of ['a', 'b', 'c'].entries()) await write(id, { seed: 20 + i });
   const leases: AdapterLease[] = [];
   try {
@@ -423,6 +423,8 @@ test('two loads waiting for the one device slot, woken by one release: only one 
     assert.equal(leases.length, 1, 'only one of b, c may get the slot');
     leases[0]!.release();
     await Promise.all(pending);
+    // They hashed their files before waiting (and gave the read buffers back): the versions are the files'.
+    for (const id of ['b', 'c']) assert.equal((await manager.info(id)).version, (await store.read(id)).version);
   } finally {
     leases.forEach((l) => l.release());
     manager.dispose();

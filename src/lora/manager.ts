@@ -161,12 +161,13 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         const admit = this.admitToHost(id);
         // The file bytes are needed until validated (the weights come out in their own buffer) and hashed: the
         // hash (files.version) is taken once the upload has started, while the executor workers copy the weights.
-        entry = await this.store.readWith(id, async (files) => {
+        entry = await this.store.readWith(id, async (files, release) => {
           let scratch: SharedArrayBuffer | null = null;
           let unhashed: AdapterFiles | null = files; // dropped once hashed
           let version = '';
+          let host: HostEntry | undefined;
           try {
-            const host: HostEntry = {
+            host = {
               weights: validateAdapterFiles(files, this.base, {
                 maxRank: this.opts.maxRank, alloc: admit ? undefined : (n) => (scratch = scratchBuffers.borrow(n)),
               }),
@@ -180,9 +181,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
               this.host.set(id, host);
               this.metrics?.loaded('host', (performance.now() - t0) / 1000);
             }
-            return await this.upload(id, host, scratch !== null);
+            // A load that must wait for a device slot hashes first and gives the file bytes back meanwhile.
+            const h = host;
+            return await this.upload(id, h, scratch !== null, () => {
+              void h.version;
+              release();
+            });
           } finally {
-            void unhashed?.version; // before readWith takes the file bytes back (when the upload failed or never started)
+            void host?.version; // hashed before readWith takes the file bytes back (when the upload failed or never started)
             if (scratch) scratchBuffers.giveBack(scratch);
           }
         });
@@ -219,9 +225,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
    * Reserves room for the host entry's weights and uploads them under a new device key; while the upload runs (on
    * the executor workers' threads, when there are some) it reads `host.version`, which a fresh load computes then.
    */
-  private async upload(id: string, host: HostEntry, scratch = false): Promise<DeviceEntry> {
+  private async upload(id: string, host: HostEntry, scratch = false, beforeWait?: () => void): Promise<DeviceEntry> {
     const bytes = host.weights.bytes;
-    await this.makeRoom(bytes); // reserves a slot and the bytes
+    await this.makeRoom(bytes, beforeWait); // reserves a slot and the bytes
     const t1 = performance.now();
     let adapter: ResidentAdapter;
     try {
@@ -249,9 +255,10 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   /**
    * Evicts least-recently-used unpinned adapters until one of `bytes` fits, then reserves the room (the caller
-   * releases the reservation once its upload is done); waits while everything resident is pinned.
+   * releases the reservation once its upload is done); waits while everything resident is pinned, calling
+   * `beforeWait` once before it first does.
    */
-  private async makeRoom(bytes: number): Promise<void> {
+  private async makeRoom(bytes: number, beforeWait?: () => void): Promise<void> {
     if (this.opts.maxDeviceBytes > 0 && bytes > this.opts.maxDeviceBytes) {
       throw fail('ADAPTER_TOO_LARGE', `adapter needs ${bytes} device bytes but --adapter-device-bytes is ${this.opts.maxDeviceBytes}`);
     }
@@ -262,6 +269,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         this.metrics?.evicted('device');
         continue;
       }
+      beforeWait?.();
+      beforeWait = undefined;
       await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
     }
     this.reserved++;

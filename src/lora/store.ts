@@ -249,23 +249,27 @@ export class AdapterStore {
 
   /**
    * `use(read(id))` without a fresh buffer for the weights: a disk read borrows one of the store's buffers,
-   * so `files.weights` (and a `files.version` not yet computed) is only valid until `use` returns or its promise
-   * settles; copy out anything kept.
+   * so `files.weights` (and a `files.version` not yet computed) is only valid until `use` returns, its promise
+   * settles, or it calls `release` (which gives the buffer back early); copy out anything kept.
    */
-  async readWith<T>(id: string, use: (files: AdapterFiles) => T | Promise<T>): Promise<T> {
+  async readWith<T>(id: string, use: (files: AdapterFiles, release: () => void) => T | Promise<T>): Promise<T> {
     let lent: Uint8Array | undefined;
     const borrow = (size: number) => {
       const i = this.pool.findIndex((b) => b.byteLength >= size);
       lent = i >= 0 ? this.pool.splice(i, 1)[0]! : new Uint8Array(size);
       return lent.subarray(0, size);
     };
-    try {
-      return await use(await this.readFrom(id, borrow));
-    } finally {
+    const release = () => {
       if (lent && lent.byteLength <= POOLED_MAX) {
         this.pool.push(lent);
         if (this.pool.length > POOL_SIZE) this.pool.sort((a, b) => b.byteLength - a.byteLength).pop();
       }
+      lent = undefined;
+    };
+    try {
+      return await use(await this.readFrom(id, borrow), release);
+    } finally {
+      release();
     }
   }
 
