@@ -7,6 +7,11 @@
  *
  * It replaces the wasm backend's BatchMatMul kernel for float32 products without transposeA whose batch dimensions
  * are equal or 1 on one side (every matmul the model makes); anything else goes to the original kernel.
+ *
+ * Weights can be stored packed (packWeight): 16-column panels, each contiguous, which the kernels read in address
+ * order (a column panel of a row-major [K, N] matrix takes 16 floats from each of K rows 4·N bytes apart: cache-set
+ * conflicts and more streams than the prefetchers follow). Bench case `kernels` measures both layouts; the results
+ * are the same bit for bit (each output element is the same chain of fused multiply-adds).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { nativeAddon } from './native/addon.ts';
@@ -19,6 +24,35 @@ interface WasmBackend {
 }
 
 let installed = false;
+/** dataIds of tensors whose data is in the packed panel layout (packWeight, markPacked). */
+const packedIds = new WeakSet<object>();
+
+/** Whether a tensor's data is in the packed panel layout: only this module's BatchMatMul reads it correctly. */
+export const isPacked = (t: tf.TensorInfo): boolean => packedIds.has(t.dataId);
+
+/** Marks a tensor computed elementwise from packed ones of its shape (W + a packed delta) as packed too. */
+export function markPacked(t: tf.Tensor): void {
+  packedIds.add(t.dataId);
+}
+
+/**
+ * W [K, N] packed (see the top of this file), as a new tensor, with W disposed; W itself when the native matmul is not
+ * installed in this thread, N is not a multiple of 16, or W is packed already. A packed tensor may only be the b
+ * operand of an untransposed tf.matMul (the model's linear() does that), or be added elementwise to another packed
+ * tensor of its shape (mergeWeights); the BatchMatMul kernel refuses anything else.
+ */
+export function packWeight(W: tf.Tensor2D): tf.Tensor2D {
+  const native = nativeAddon();
+  const [K, N] = W.shape;
+  if (!installed || !native || tf.getBackend() !== 'wasm' || W.dtype !== 'float32' || N % 16 !== 0 || K * N === 0 || isPacked(W)) return W;
+  const backend = tf.backend() as unknown as WasmBackend;
+  const out = backend.makeOutput([K, N], 'float32');
+  const offset = (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId).memoryOffset;
+  native.pack(backend.wasm.HEAPU8, offset(W), offset(out), K, N);
+  packedIds.add(out.dataId);
+  W.dispose();
+  return tf.engine().makeTensorFromTensorInfo(out) as tf.Tensor2D;
+}
 
 /**
  * Routes the wasm backend's BatchMatMul through the addon. Returns false (and changes nothing) when the addon is
@@ -35,13 +69,17 @@ export function installNativeMatmul(): boolean {
     const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
     const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
     const plan = planOf(a, b, transposeA, transposeB);
+    const packedB = isPacked(b);
+    if ((packedB || isPacked(a)) && (!plan || transposeB || isPacked(a) || plan.N % 16 !== 0)) {
+      throw new Error('native matmul: a packed weight can only be the b operand of an untransposed product');
+    }
     if (!plan) return fallback(args);
     const backend = args.backend as unknown as WasmBackend;
     const out = backend.makeOutput(plan.outShape, 'float32');
     if (plan.batch > 0 && plan.M > 0 && plan.N > 0) {
       const offset = (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId).memoryOffset;
       native.matmul(backend.wasm.HEAPU8, offset(a), offset(b), offset(out), plan.batch, plan.M, plan.K, plan.N,
-        plan.aStride, plan.bStride, transposeB);
+        plan.aStride, plan.bStride, transposeB, packedB);
     }
     return out;
   };

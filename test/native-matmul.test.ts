@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend.ts';
 import { toDeviceLayout } from '../src/lora/adapter-file.ts';
 import { nativeAddon, nativeMatmulUnavailable } from '../src/native/addon.ts';
-import { installNativeMatmul, planOf } from '../src/native-matmul.ts';
+import { installNativeMatmul, isPacked, markPacked, packWeight, planOf } from '../src/native-matmul.ts';
 import { setupBackend } from './helpers/tf.ts';
 
 const native = process.env.TEST_NATIVE_MATMUL !== '0';
@@ -197,4 +197,76 @@ test('the addon\'s adapter layout equals toDeviceLayout bit for bit, and reports
   }
   assert.throws(() => addon.layout(new Float32Array(4), new Float32Array(4), 2, 2, 3, 1, new Float32Array(4), new Float32Array(6)), /lengths/);
   assert.throws(() => (addon.layout as (...a: unknown[]) => boolean)(new Float64Array(4), new Float32Array(4), 2, 2, 2, 1, new Float32Array(4), new Float32Array(4)), /Float32Arrays/);
+});
+
+/** B [K, N] row-major in the addon's packed panel layout, by plain loops. */
+function packedLayout(B: Float32Array, K: number, N: number): Float32Array {
+  const P = new Float32Array(K * N);
+  for (let j = 0; j < N; j += 16) for (let k = 0; k < K; k++) for (let c = 0; c < 16; c++) P[j * K + k * 16 + c] = B[k * N + j + c]!;
+  return P;
+}
+
+test('packed B: pack writes the panel layout, and products on it equal the row-major ones bit for bit', { skip: !native && 'TEST_NATIVE_MATMUL=0' }, () => {
+  const addon = nativeAddon()!;
+  for (const [K, N] of [[1, 16], [17, 48], [300, 32], [513, 64]] as const) {
+    const B = values(K * N, K + N);
+    const heap = new Uint8Array(8 * K * N + 32);
+    const f = new Float32Array(heap.buffer);
+    f.set(B, 4);
+    addon.pack(heap, 16, 16 + 4 * K * N, K, N);
+    assert.deepEqual(f.slice(4 + K * N, 4 + 2 * K * N), packedLayout(B, K, N), `pack ${K}×${N}`);
+    for (const M of [1, 2, 3, 4, 5, 6, 7, 16, 33, 40]) {
+      const A = values(M * K, M * 7 + K);
+      const rowMajor = runAddon(A, B, 1, M, K, N, 0, 0, false);
+      const heap2 = new Uint8Array(4 * (A.length + B.length + M * N) + 64);
+      const g = new Float32Array(heap2.buffer);
+      const aOff = 16;
+      const bOff = aOff + 4 * A.length;
+      const cOff = bOff + 4 * B.length;
+      g.set(A, aOff / 4);
+      g.set(packedLayout(B, K, N), bOff / 4);
+      g.fill(Number.NaN, cOff / 4);
+      addon.matmul(heap2, aOff, bOff, cOff, 1, M, K, N, 0, 0, false, true);
+      const got = g.slice(cOff / 4, cOff / 4 + M * N);
+      assert.ok(got.every((v, i) => Object.is(v, rowMajor[i])), `M ${M}, K ${K}, N ${N}: packed differs from row-major`);
+    }
+  }
+  const heap = new Uint8Array(4096);
+  assert.throws(() => addon.pack(heap, 0, 1024, 4, 8), /multiple of 16/);
+  assert.throws(() => addon.pack(heap, 0, 128, 4, 16), /overlap/);
+  assert.throws(() => addon.pack(heap, 0, 2048, 40, 16), /outside the heap/);
+  assert.throws(() => addon.matmul(heap, 0, 0, 512, 1, 1, 4, 16, 0, 0, true, true), /never transposed/);
+  assert.throws(() => addon.matmul(heap, 0, 0, 512, 1, 1, 4, 8, 0, 0, false, true), /multiple of 16/);
+});
+
+test('packWeight: tf.matMul on a packed weight equals the row-major product bit for bit; it is refused anywhere else', { skip: !native && 'TEST_NATIVE_MATMUL=0' }, () => {
+  const before = tf.memory();
+  const W = tf.tensor2d(values(96 * 48, 5), [96, 48]);
+  const rowMajor = W.clone();
+  const P = packWeight(W);
+  assert.ok(isPacked(P) && P !== W && W.isDisposed, 'a new, packed tensor; the row-major one disposed');
+  assert.deepEqual(P.shape, [96, 48]);
+  for (const rows of [1, 3, 16, 40]) {
+    tf.tidy(() => {
+      const x = tf.tensor2d(values(rows * 96, rows), [rows, 96]);
+      const want = tf.matMul(x, rowMajor).dataSync();
+      const got = tf.matMul(x, P).dataSync();
+      assert.ok(got.every((v, i) => Object.is(v, want[i])), `${rows} rows`);
+      // W + a delta, both packed, is W' packed (mergeWeights).
+      const delta = tf.tensor2d(values(96 * 48, 9), [96, 48]);
+      const merged = tf.add(P, packWeight(delta.clone()));
+      markPacked(merged);
+      const wantMerged = tf.matMul(x, tf.add(rowMajor, delta)).dataSync();
+      assert.ok(tf.matMul(x, merged).dataSync().every((v, i) => Object.is(v, wantMerged[i])), `${rows} rows, merged`);
+    });
+  }
+  assert.throws(() => tf.tidy(() => tf.matMul(tf.ones([2, 48]), P, false, true)), /packed weight/, 'transposed');
+  assert.throws(() => tf.tidy(() => tf.matMul(P, tf.ones([48, 2]))), /packed weight/, 'as the a operand');
+  const odd = tf.ones([8, 24]) as tf.Tensor2D;
+  assert.equal(packWeight(odd), odd, 'N not a multiple of 16: left row-major');
+  odd.dispose();
+  P.dispose();
+  rowMajor.dispose();
+  const after = tf.memory();
+  assert.deepEqual([after.numTensors, after.numBytes], [before.numTensors, before.numBytes], 'nothing leaked');
 });

@@ -3,7 +3,8 @@
  * (src/native-matmul.ts), side by side in this process (no server), on the linear layers of the bench model: every
  * layer's projections (q, k, v, o, gate, up, down; distinct weights per layer, as in the model, so one row is bound by
  * reading them from memory) for 1 row (one request decoding), 16 rows (a worker's share of 32 concurrent decodes) and
- * 512 rows (a prefill). Same inputs, same backend; only the kernel differs.
+ * 512 rows (a prefill). Same inputs, same backend; only the kernel differs, and for the native kernel the weights'
+ * layout: row-major, or packed in 16-column panels as the server stores them (packWeight).
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -12,7 +13,7 @@ import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
 import { initBackend } from '../../src/backend.ts';
 import { nativeMatmulUnavailable } from '../../src/native/addon.ts';
-import { installNativeMatmul } from '../../src/native-matmul.ts';
+import { installNativeMatmul, packWeight } from '../../src/native-matmul.ts';
 
 const ROWS = [1, 16, 512];
 
@@ -35,12 +36,13 @@ export const kernels: BenchCase = {
     const layerShapes: [number, number][] = [[d, q], [d, kv], [d, kv], [q, d], [d, I], [d, I], [I, d]];
     const shapes = Array.from({ length: c.num_hidden_layers! }, () => layerShapes).flat();
     const weights = shapes.map(([i, o], n) => tf.randomUniform([i, o], -0.05, 0.05, 'float32', n) as tf.Tensor2D);
+    const packed = weights.map((w) => packWeight(w.clone()));
     const backend = tf.backend();
     /** Milliseconds for every layer's projections of `rows` rows through `kernel`. */
-    const forward = (kernel: tf.KernelFunc, x: tf.Tensor2D[]) => {
+    const forward = (kernel: tf.KernelFunc, x: tf.Tensor2D[], ws: tf.Tensor2D[]) => {
       const t0 = performance.now();
-      for (let i = 0; i < weights.length; i++) {
-        const out = kernel({ inputs: { a: x[i]!, b: weights[i]! }, backend, attrs: { transposeA: false, transposeB: false } }) as tf.TensorInfo;
+      for (let i = 0; i < ws.length; i++) {
+        const out = kernel({ inputs: { a: x[i]!, b: ws[i]! }, backend, attrs: { transposeA: false, transposeB: false } }) as tf.TensorInfo;
         backend.disposeData(out.dataId);
       }
       return performance.now() - t0;
@@ -52,26 +54,32 @@ export const kernels: BenchCase = {
       const reps = Math.max(1, Math.round(2e9 / flops)); // ~2 GFLOP per timing
       const wasm: number[] = [];
       const native: number[] = [];
-      for (let r = 0; r < ctx.sizes.rounds * 2 + 1; r++) {
-        // Alternate which kernel goes first; the first round of each warms up and is dropped.
-        const order = r % 2 === 0 ? [[wasmKernel, wasm], [nativeKernel, native]] as const : [[nativeKernel, native], [wasmKernel, wasm]] as const;
-        for (const [kernel, out] of order) {
+      const nativePacked: number[] = [];
+      const configs = [[wasmKernel, weights, wasm], [nativeKernel, weights, native], [nativeKernel, packed, nativePacked]] as const;
+      for (let r = 0; r < ctx.sizes.rounds * 3 + 1; r++) {
+        // Rotate which configuration goes first; the first round warms up and is dropped.
+        for (let n = 0; n < configs.length; n++) {
+          const [kernel, ws, out] = configs[(r + n) % configs.length]!;
           let ms = 0;
-          for (let i = 0; i < reps; i++) ms += forward(kernel, x);
+          for (let i = 0; i < reps; i++) ms += forward(kernel, x, ws);
           if (r > 0) out.push(ms / reps);
         }
       }
       x.forEach((t) => t.dispose());
       const ratios = wasm.map((w, i) => w / native[i]!);
+      const packedRatios = native.map((w, i) => w / nativePacked[i]!);
       const gflops = (ms: number) => flops / ms / 1e6;
-      ctx.log(`${rows} rows: wasm ${median(wasm).toFixed(3)} ms, native ${median(native).toFixed(3)} ms`);
+      ctx.log(`${rows} rows: wasm ${median(wasm).toFixed(3)} ms, native ${median(native).toFixed(3)} ms, native packed ${median(nativePacked).toFixed(3)} ms`);
       figures.push(
         { label: `${rows} row(s), all ${c.num_hidden_layers} layers' projections: wasm kernel`, value: median(wasm), unit: 'ms', values: wasm },
-        { label: `${rows} row(s): native kernel`, value: median(native), unit: 'ms', values: native },
+        { label: `${rows} row(s): native kernel, row-major weights`, value: median(native), unit: 'ms', values: native },
         { label: `${rows} row(s): native speed-up (GFLOP/s ${gflops(median(wasm)).toFixed(1)} → ${gflops(median(native)).toFixed(1)})`, value: median(ratios), unit: '×', values: ratios },
+        { label: `${rows} row(s): native kernel, packed weights (as served)`, value: median(nativePacked), unit: 'ms', values: nativePacked },
+        { label: `${rows} row(s): packed ÷ row-major speed-up (GFLOP/s → ${gflops(median(nativePacked)).toFixed(1)})`, value: median(packedRatios), unit: '×', values: packedRatios },
       );
     }
     weights.forEach((w) => w.dispose());
+    packed.forEach((w) => w.dispose());
     return figures;
   },
 };

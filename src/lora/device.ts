@@ -10,6 +10,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Linear, StepLora } from '../model/layers.ts';
 import type { ExecAdapter } from '../engine/executor.ts';
+import { isPacked, markPacked, packWeight } from '../native-matmul.ts';
 import type { AdapterWeights } from './adapter-file.ts';
 
 export interface DeviceModule {
@@ -187,7 +188,16 @@ export function disposeStepLora(s: StepLora): void {
 export function mergeWeights(linears: ReadonlyMap<string, Linear>, adapter: DeviceAdapter): Map<string, tf.Tensor2D> {
   const bank = buildBank(linears.values(), [adapter]);
   const merged = new Map<string, tf.Tensor2D>();
-  for (const [key, { A, B }] of bank.linears) merged.set(key, tf.tidy(() => tf.add(linears.get(key)!.W, tf.matMul(A, B))));
+  for (const [key, { A, B }] of bank.linears) {
+    merged.set(key, tf.tidy((): tf.Tensor2D => {
+      const W = linears.get(key)!.W;
+      if (!isPacked(W)) return tf.add(W, tf.matMul(A, B));
+      // A packed W (src/native-matmul.ts) gets a delta packed the same way: the sum is W' packed.
+      const sum = tf.add<tf.Tensor2D>(W, packWeight(tf.matMul(A, B)));
+      markPacked(sum);
+      return sum;
+    }));
+  }
   disposeBank(bank);
   return merged;
 }

@@ -10,6 +10,7 @@
  *   module's output (so a LoRA delta on c_attn lands in the right columns, and no output is ever split).
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { packWeight } from '../native-matmul.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { attention, gelu, geluNew, layerNorm, linear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
@@ -70,7 +71,9 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     };
     const lin = (name: string): Linear => {
       const module = moduleOf(name);
-      const W = load(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D; // Conv1D: [in, out]
+      const shape = [module.inFeatures, module.outFeatures]; // Conv1D: [in, out]
+      const W = packWeight(tf.tensor2d(ckpt.read(`${prefix}h.${l}.${name}.weight`, shape).data, shape as [number, number]));
+      tensors.push(W);
       const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
       return add({ key: module.key, W, b, module, moduleOffset: 0 });
     };
@@ -81,7 +84,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     const third = (i: number): Linear => {
       const Wi = new Float32Array(d * d);
       for (let r = 0; r < d; r++) Wi.set(w.subarray(r * 3 * d + i * d, r * 3 * d + (i + 1) * d), r * d);
-      const W = tf.tensor2d(Wi, [d, d]);
+      const W = packWeight(tf.tensor2d(Wi, [d, d]));
       const b = tf.tensor1d(bias.slice(i * d, (i + 1) * d));
       tensors.push(W, b);
       return add({ key: `${cAttn.key}.${'qkv'[i]}`, W, b, module: cAttn, moduleOffset: i * d });

@@ -6,6 +6,7 @@
  * on the wasm backend).
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { packWeight } from '../native-matmul.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { applyRope, attention, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
@@ -70,7 +71,7 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
     const lin = (name: string, withBias: boolean): Linear => {
       const module = modules.find((m) => m.key === `${l}.${name}`)!;
       const w = read(`model.layers.${l}.${name}.weight`, [module.outFeatures, module.inFeatures]); // Linear: [out, in]
-      const W = keep(tf.transpose(w) as tf.Tensor2D); // → [in, out]
+      const W = keep(packWeight(tf.transpose(w) as tf.Tensor2D)); // → [in, out] (packed for the native matmul when it runs)
       const b = withBias ? keep(read(`model.layers.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D) : null;
       const L: Linear = { key: module.key, W, b, module, moduleOffset: 0 };
       linears.set(L.key, L);

@@ -7,8 +7,11 @@ import { createRequire } from 'node:module';
 
 export interface Addon {
   readonly supported: boolean;
+  /** packedB: B is in pack's panel layout (never transposed; N a multiple of 16). */
   matmul(heap: Uint8Array, aOffset: number, bOffset: number, cOffset: number, batch: number, M: number, K: number, N: number,
-    aBatchStride: number, bBatchStride: number, transposeB: boolean): void;
+    aBatchStride: number, bBatchStride: number, transposeB: boolean, packedB?: boolean): void;
+  /** B [K, N] row-major at srcOffset → 16-column panels (each K·16 floats, contiguous) at dstOffset; N a multiple of 16. */
+  pack(heap: Uint8Array, srcOffset: number, dstOffset: number, K: number, N: number): void;
   /** toDeviceLayout (src/lora/adapter-file.ts) in C++: same loops, same result; whether A and B are all finite. */
   layout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number, At: Float32Array, Bt: Float32Array): boolean;
 }
