@@ -102,8 +102,8 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   const wte = load('wte.weight', [c.vocabSize, d]) as tf.Tensor2D;
   const wpe = load('wpe.weight', [c.maxPositions, d]) as tf.Tensor2D;
-  // Tied lm_head, kept transposed [d, V]: matMul with transposeB is ~10× slower on wasm.
-  const lmHead = tf.transpose(wte) as tf.Tensor2D;
+  // Tied lm_head, kept transposed [d, V] (and packed, with the native matmul): matMul with transposeB is ~10× slower on wasm.
+  const lmHead = packWeight(tf.transpose(wte) as tf.Tensor2D);
   tensors.push(lmHead);
   const lnf: [tf.Tensor1D, tf.Tensor1D] = [load('ln_f.weight', [d]) as tf.Tensor1D, load('ln_f.bias', [d]) as tf.Tensor1D];
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;

@@ -94,8 +94,8 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
     throw fail('CHECKPOINT_MISSING_TENSOR', `checkpoint ${ckpt.dir} has no "lm_head.weight" and tie_word_embeddings is false`);
   }
-  // lm_head [V, d] is kept transposed, [d, V]: matMul with transposeB is ~10× slower on wasm.
-  const lmHead = keep(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D);
+  // lm_head [V, d] is kept transposed, [d, V] (and packed, with the native matmul): matMul with transposeB is ~10× slower on wasm.
+  const lmHead = keep(packWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
   const rope = ropeTables(c.maxPositions, c.headDim, c.ropeTheta);
   const R = rotateHalfMatrix(c.headDim);
   tensors.push(rope.cos, rope.sin, R);
