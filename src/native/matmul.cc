@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace {
@@ -166,6 +167,27 @@ napi_value Throw(napi_env env, const char* msg) {
   return nullptr;
 }
 
+// argv[0] is the heap (a Uint8Array), argv[1..count] are non-negative integers (into n). On a bad argument it throws
+// `<fn>: <what is wrong>` and returns false.
+bool HeapArgs(napi_env env, const napi_value* argv, const char* fn, const char* numbers, int count, uint8_t** heap, size_t* length, double* n) {
+  napi_typedarray_type type;
+  void* data = nullptr;
+  napi_value buffer;
+  size_t byteOffset = 0;
+  if (napi_get_typedarray_info(env, argv[0], &type, length, &data, &buffer, &byteOffset) != napi_ok || type != napi_uint8_array) {
+    Throw(env, (std::string(fn) + ": heap must be a Uint8Array").c_str());
+    return false;
+  }
+  for (int i = 0; i < count; i++) {
+    if (napi_get_value_double(env, argv[i + 1], &n[i]) != napi_ok || !(n[i] >= 0) || n[i] != std::floor(n[i])) {
+      Throw(env, (std::string(fn) + ": " + numbers + " must be non-negative integers").c_str());
+      return false;
+    }
+  }
+  *heap = static_cast<uint8_t*>(data);
+  return true;
+}
+
 // matmul(heap: Uint8Array, aOffset, bOffset, cOffset, batch, M, K, N, aBatchStride, bBatchStride, transposeB)
 // Offsets are byte offsets into heap; batch strides are in elements (0: the same matrix for every batch entry).
 // With transposeB, B[b] is stored [N, K].
@@ -173,20 +195,10 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
   size_t argc = 12;
   napi_value argv[12];
   if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok || argc < 11 || argc > 12) return Throw(env, "matmul: expected 11 or 12 arguments");
-  napi_typedarray_type type;
+  uint8_t* heap = nullptr;
   size_t length = 0;
-  void* data = nullptr;
-  napi_value buffer;
-  size_t byteOffset = 0;
-  if (napi_get_typedarray_info(env, argv[0], &type, &length, &data, &buffer, &byteOffset) != napi_ok || type != napi_uint8_array) {
-    return Throw(env, "matmul: heap must be a Uint8Array");
-  }
   double n[9];
-  for (int i = 0; i < 9; i++) {
-    if (napi_get_value_double(env, argv[i + 1], &n[i]) != napi_ok || !(n[i] >= 0) || n[i] != std::floor(n[i])) {
-      return Throw(env, "matmul: offsets, sizes and strides must be non-negative integers");
-    }
-  }
+  if (!HeapArgs(env, argv, "matmul", "offsets, sizes and strides", 9, &heap, &length, n)) return nullptr;
   bool transposeB = false;
   if (napi_get_value_bool(env, argv[10], &transposeB) != napi_ok) return Throw(env, "matmul: transposeB must be a boolean");
   bool packedB = false;
@@ -199,7 +211,6 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
   if (batch > 0 && (end(aOff, sa, M * K) > length || end(bOff, sb, K * N) > length || end(cOff, M * N, M * N) > length)) {
     return Throw(env, "matmul: an operand lies outside the heap");
   }
-  uint8_t* heap = static_cast<uint8_t*>(data);
   std::vector<float> bt;
   if (transposeB) bt.resize(K * N);
   for (size_t b = 0; b < batch; b++) {
@@ -225,28 +236,18 @@ napi_value Pack(napi_env env, napi_callback_info info) {
   size_t argc = 5;
   napi_value argv[5];
   if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok || argc != 5) return Throw(env, "pack: expected 5 arguments");
-  napi_typedarray_type type;
+  uint8_t* heap = nullptr;
   size_t length = 0;
-  void* data = nullptr;
-  napi_value buffer;
-  size_t byteOffset = 0;
-  if (napi_get_typedarray_info(env, argv[0], &type, &length, &data, &buffer, &byteOffset) != napi_ok || type != napi_uint8_array) {
-    return Throw(env, "pack: heap must be a Uint8Array");
-  }
   double n[4];
-  for (int i = 0; i < 4; i++) {
-    if (napi_get_value_double(env, argv[i + 1], &n[i]) != napi_ok || !(n[i] >= 0) || n[i] != std::floor(n[i])) {
-      return Throw(env, "pack: offsets and sizes must be non-negative integers");
-    }
-  }
+  if (!HeapArgs(env, argv, "pack", "offsets and sizes", 4, &heap, &length, n)) return nullptr;
   const size_t src = n[0], dst = n[1], K = n[2], N = n[3];
   if (src % 4 || dst % 4) return Throw(env, "pack: offsets must be 4-byte aligned");
   if (N % 16 != 0) return Throw(env, "pack: N must be a multiple of 16");
   const size_t bytes = 4 * K * N;
   if (src + bytes > length || dst + bytes > length) return Throw(env, "pack: an operand lies outside the heap");
   if (src < dst + bytes && dst < src + bytes && bytes > 0) return Throw(env, "pack: source and destination overlap");
-  const float* B = reinterpret_cast<const float*>(static_cast<uint8_t*>(data) + src);
-  float* P = reinterpret_cast<float*>(static_cast<uint8_t*>(data) + dst);
+  const float* B = reinterpret_cast<const float*>(heap + src);
+  float* P = reinterpret_cast<float*>(heap + dst);
   for (size_t j = 0; j < N; j += 16)
     for (size_t k = 0; k < K; k++)
       for (size_t c = 0; c < 16; c++) P[j * K + k * 16 + c] = B[k * N + j + c];
