@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -214,7 +215,7 @@ test('crash leftovers: .tmp-* and .del-* are removed, an orphaned .old-* is put 
   }
 });
 
-test('disk rejects: pickle only, missing weights, bad JSON, too large', async () => {
+test('disk rejects: pickle only, missing weights, bad JSON, too large, not a regular file', async () => {
   const dir = await tmp();
   try {
     const store = new AdapterStore({ dir, maxAdapterBytes: 64 });
@@ -239,6 +240,15 @@ test('disk rejects: pickle only, missing weights, bad JSON, too large', async ()
     await rejectsWith(store.read('big'), 'ADAPTER_TOO_LARGE');
     await rejectsWith(store.write('big2', { config: {}, weights: new Uint8Array(65) }), 'ADAPTER_TOO_LARGE');
     await rejectsWith(store.read('missing'), 'ADAPTER_NOT_FOUND');
+
+    // A FIFO or a folder where a file should be is refused at once (a FIFO must not block the synchronous open).
+    await mkdir(path.join(dir, 'fifo'));
+    execFileSync('mkfifo', [path.join(dir, 'fifo', 'adapter_config.json')]);
+    await rejectsWith(store.read('fifo'), 'ADAPTER_INVALID_CONFIG', /adapter_config\.json is not a regular file/);
+    await mkdir(path.join(dir, 'folder'));
+    await writeFile(path.join(dir, 'folder', 'adapter_config.json'), '{}');
+    await mkdir(path.join(dir, 'folder', 'adapter_model.safetensors'));
+    await rejectsWith(store.read('folder'), 'ADAPTER_INVALID_CONFIG', /adapter_model\.safetensors is not a regular file/);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

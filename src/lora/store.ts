@@ -16,7 +16,7 @@
  */
 
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fstatSync, openSync, read, readSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, read, readSync } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import path from 'node:path';
@@ -110,18 +110,27 @@ const decodeId = (s: string) => s.replace('~', '/');
 const WORK_NAME = /^\.(tmp|old|del)-(.+)-[0-9a-f]{12}$/;
 
 const readAt = promisify(read);
+/** Read-only, and non-blocking so that opening a FIFO put where a file should be cannot hang the event loop. */
+const OPEN_FLAGS = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
+
+/** fstat of an open file, which must be a regular file (not a FIFO, device or folder). */
+function regularSize(fd: number, id: string, file: string): number {
+  const st = fstatSync(fd);
+  if (!st.isFile()) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": ${file} is not a regular file`);
+  return st.size;
+}
 
 /** adapter_config.json's bytes, or null when it does not exist (synchronous: see AdapterStore.readDisk). */
 function readConfigSync(id: string, dir: string): Uint8Array | null {
   let fd: number;
   try {
-    fd = openSync(path.join(dir, CONFIG_FILE), 'r');
+    fd = openSync(path.join(dir, CONFIG_FILE), OPEN_FLAGS);
   } catch (err) {
     if (isMissing(err)) return null;
     throw err;
   }
   try {
-    const size = fstatSync(fd).size;
+    const size = regularSize(fd, id, CONFIG_FILE);
     if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
     const bytes = new Uint8Array(size);
     let got = 0;
@@ -351,14 +360,14 @@ export class AdapterStore {
     if (configBytes === null) return null;
     let fd: number;
     try {
-      fd = openSync(path.join(dir, WEIGHTS_FILE), 'r');
+      fd = openSync(path.join(dir, WEIGHTS_FILE), OPEN_FLAGS);
     } catch (err) {
       if (!isMissing(err)) throw err;
       if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
       throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
     }
     try {
-      const size = fstatSync(fd).size;
+      const size = regularSize(fd, id, WEIGHTS_FILE);
       this.checkSize(id, size);
       const weights = alloc(size);
       let got = 0;
