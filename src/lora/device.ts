@@ -134,7 +134,8 @@ export interface LoraBank {
   readonly bytes: number;
 }
 
-export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[]): LoraBank {
+/** pack: store the bank's own A and B packed (src/native-matmul.ts), for banks only ever used as linear()'s b operands. */
+export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[], opts: { pack?: boolean } = {}): LoraBank {
   const R = Math.max(1, ...adapters.map((a) => a.rank));
   const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>();
   let bytes = 0;
@@ -144,8 +145,9 @@ export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAd
       out.set(lin.key, { ...shared, owned: false });
       continue;
     }
-    const b = linearBank(lin, adapters, R);
-    if (!b) continue;
+    const made = linearBank(lin, adapters, R);
+    if (!made) continue;
+    const b = opts.pack ? { A: packWeight(made.A), B: packWeight(made.B) } : made;
     out.set(lin.key, { ...b, owned: true });
     bytes += (b.A.size + b.B.size) * 4;
   }

@@ -253,7 +253,7 @@ export class TfExecutor implements Executor {
     if (bank) {
       this.banks.delete(key); // refresh LRU position
     } else {
-      bank = buildBank(this.model.linears.values(), distinct);
+      bank = buildBank(this.model.linears.values(), distinct, { pack: true });
       while (this.banks.size >= this.maxBanks) {
         const [oldKey, old] = this.banks.entries().next().value!;
         disposeBank(old);
