@@ -26,7 +26,7 @@ import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
-const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 20, ttftIdle: 20, memoryRequests: 5000 };
+const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };
 /** A smoke run: one round, fewer samples. Figures are indicative only. */
 const QUICK: Sizes = { rounds: 1, newTokens: 32, sequential: 4, loads: 15, switchPairs: 8, ttftIdle: 5, memoryRequests: 1000 };
 

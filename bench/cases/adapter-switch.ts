@@ -11,14 +11,15 @@ export const adapterSwitch: BenchCase = {
   adapters: 2,
   run: (ctx) => ctx.withServer({}, async (api) => {
     const [x, y] = [ctx.adapters.id(0), ctx.adapters.id(1)];
-    // Short answers: what a switch costs lies in a request's first steps, and short requests are less noisy.
-    const one = async (adapter: string, maxNewTokens = 4) => (await api.generate(ctx.prompt(0), { adapter, maxNewTokens })).seconds * 1000;
+    // One new token: what a switch costs lies in a request's first step (its prefill), and a one-step request varies
+    // least (4-token requests varied by ±15 ms from one to the next, which 20 pairs could not average below ±4 ms).
+    const one = async (adapter: string, maxNewTokens = 1) => (await api.generate(ctx.prompt(0), { adapter, maxNewTokens })).seconds * 1000;
     await one(x); // load both, warm the kernels
     await one(y);
     const switched: number[] = [];
     const active: number[] = [];
     for (let i = 0; i < ctx.sizes.switchPairs; i++) {
-      await one(y, 8); // y becomes the active adapter (auto merges a sole adapter after a couple of steps)
+      await one(y, 8); // y becomes the active adapter: the last one the executor ran
       switched.push(await one(x)); // x: on the device, not active
       active.push(await one(x)); // x: active
     }
