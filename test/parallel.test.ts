@@ -4,6 +4,8 @@ import assert from 'node:assert/strict';
 import { cpSync } from 'node:fs';
 import { join } from 'node:path';
 import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
+import { validateAdapterFiles } from '../src/lora/store.ts';
+import { modulesFor } from '../src/model/model.ts';
 import type { ParallelExecutor } from '../src/model/parallel-executor.ts';
 import type { Runtime } from '../src/runtime.ts';
 import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
@@ -67,4 +69,17 @@ test('two ids with the same content are separate on the workers: unloading one l
   const got = await generate(parallel, req('p1-twin'));
   assert.deepEqual(got.error?.code ?? got.tokens.map((t) => t.id), expected);
   await parallel.adapters.unload('p1-twin');
+});
+
+test('an upload that fails on one worker is undone on the others', async () => {
+  const ex = parallel.executor as ParallelExecutor;
+  const clients = (ex as unknown as { clients: { call(op: string, args?: unknown): Promise<unknown> }[] }).clients;
+  const baseline = (await ex.refreshMemory()).numTensors;
+  const good = validateAdapterFiles(await parallel.store.read('p0'), { modules: modulesFor(parallel.config) }, { maxRank: 64 });
+  // Worker 0 already holds key "split" (it then skips the upload); worker 1 gets weights whose arrays are too short.
+  await clients[0]!.call('loadAdapter', { weights: good, key: 'split' });
+  assert.ok((await ex.refreshMemory()).numTensors > baseline);
+  const bad = { ...good, modules: good.modules.map((m) => ({ ...m, At: m.At.subarray(1) })) };
+  await assert.rejects(ex.adapterDevice.upload(bad, 'split'));
+  assert.equal((await ex.refreshMemory()).numTensors, baseline, 'the copy on worker 0 was offloaded too');
 });
