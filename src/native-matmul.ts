@@ -24,6 +24,9 @@ interface WasmBackend {
 }
 
 let installed = false;
+
+/** Byte offset of a tensor's data in the wasm heap. */
+const heapOffset = (backend: WasmBackend, t: tf.TensorInfo): number => backend.dataIdMap.get(t.dataId).memoryOffset;
 /** dataIds of tensors whose data is in the packed panel layout (packWeight, markPacked). */
 const packedIds = new WeakSet<object>();
 
@@ -47,8 +50,7 @@ export function packWeight(W: tf.Tensor2D): tf.Tensor2D {
   if (!installed || !native || tf.getBackend() !== 'wasm' || W.dtype !== 'float32' || N % 16 !== 0 || K * N === 0 || isPacked(W)) return W;
   const backend = tf.backend() as unknown as WasmBackend;
   const out = backend.makeOutput([K, N], 'float32');
-  const offset = (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId).memoryOffset;
-  native.pack(backend.wasm.HEAPU8, offset(W), offset(out), K, N);
+  native.pack(backend.wasm.HEAPU8, heapOffset(backend, W), heapOffset(backend, out), K, N);
   packedIds.add(out.dataId);
   W.dispose();
   return tf.engine().makeTensorFromTensorInfo(out) as tf.Tensor2D;
@@ -70,15 +72,14 @@ export function installNativeMatmul(): boolean {
     const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
     const plan = planOf(a, b, transposeA, transposeB);
     const packedB = isPacked(b);
-    if ((packedB || isPacked(a)) && (!plan || transposeB || isPacked(a) || plan.N % 16 !== 0)) {
+    if (isPacked(a) || (packedB && (!plan || transposeB || plan.N % 16 !== 0))) {
       throw new Error('native matmul: a packed weight can only be the b operand of an untransposed product');
     }
     if (!plan) return fallback(args);
     const backend = args.backend as unknown as WasmBackend;
     const out = backend.makeOutput(plan.outShape, 'float32');
     if (plan.batch > 0 && plan.M > 0 && plan.N > 0) {
-      const offset = (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId).memoryOffset;
-      native.matmul(backend.wasm.HEAPU8, offset(a), offset(b), offset(out), plan.batch, plan.M, plan.K, plan.N,
+      native.matmul(backend.wasm.HEAPU8, heapOffset(backend, a), heapOffset(backend, b), heapOffset(backend, out), plan.batch, plan.M, plan.K, plan.N,
         plan.aStride, plan.bStride, transposeB, packedB);
     }
     return out;

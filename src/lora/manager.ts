@@ -65,8 +65,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private readonly failed = new Map<string, { code: string; message: string }>();
   private readonly lastUsed = new Map<string, number>();
   private roomWaiters: (() => void)[] = [];
-  /** Ids loaded from disk or the remote source since start, least recent first (admitToHost). */
-  private readonly seen = new Map<string, true>();
+  /** Ids loaded from disk or the remote source since start, the most recent MAX_SEEN (admitToHost). */
+  private readonly seen = new LRUCache<string, true>({ max: MAX_SEEN });
   /** Uploads so far: each gets its own device key (ExecAdapter.key). */
   private uploads = 0;
 
@@ -215,9 +215,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
    * page faults of a fresh 2 MB buffer cost 6.6 ms, more than the rest of the load.
    */
   private admitToHost(id: string): boolean {
-    const again = this.seen.delete(id);
+    const again = this.seen.has(id);
     this.seen.set(id, true);
-    if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.keys().next().value!);
     return again || !this.uploader.copiesOnUpload;
   }
 
@@ -421,9 +420,12 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   async warmUp(rounds: number): Promise<void> {
     if (rounds <= 0) return;
     const { config, weights: bytes } = syntheticAdapter(this.base);
+    // One host buffer for every round (each upload is disposed before the next round writes it), kept out of the
+    // spare and scratch buffers, which are sized for real adapters.
+    let host: SharedArrayBuffer | undefined;
     for (let i = 0; i < rounds; i++) {
       const files = makeAdapterFiles('warm-up', config, bytes, 'upload');
-      const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank, alloc: (n) => new SharedArrayBuffer(n) });
+      const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank, alloc: (n) => (host ??= new SharedArrayBuffer(n)) });
       const uploading = this.uploader.upload(weights, String(++this.uploads));
       void files.version;
       this.uploader.dispose(await uploading);

@@ -55,11 +55,12 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const prefix = ckpt.names.has('transformer.wte.weight') ? 'transformer.' : '';
   const d = c.hiddenSize;
   const tensors: tf.Tensor[] = [];
-  const load = (name: string, shape: number[]): tf.Tensor => {
-    const t = tf.tensor(ckpt.read(prefix + name, shape).data, shape);
+  const keep = <T extends tf.Tensor>(t: T): T => {
     tensors.push(t);
     return t;
   };
+  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(prefix + name, shape).data, shape);
+  const load = (name: string, shape: number[]): tf.Tensor => keep(read(name, shape));
   const modules = gpt2Modules(c);
   const linears = new Map<string, Linear>();
   const layers: Gpt2Layer[] = [];
@@ -71,9 +72,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     };
     const lin = (name: string): Linear => {
       const module = moduleOf(name);
-      const shape = [module.inFeatures, module.outFeatures]; // Conv1D: [in, out]
-      const W = packWeight(tf.tensor2d(ckpt.read(`${prefix}h.${l}.${name}.weight`, shape).data, shape as [number, number]));
-      tensors.push(W);
+      const W = keep(packWeight(read(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D)); // Conv1D: [in, out]
       const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
       return add({ key: module.key, W, b, module, moduleOffset: 0 });
     };
