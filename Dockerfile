@@ -30,7 +30,7 @@
 # Every server option is an environment variable LORA_SERVE_<FLAG_IN_UPPER_SNAKE> (src/cli.ts);
 # the backend is set by LORA_SERVE_BACKEND (not baked into CMD) so `-e LORA_SERVE_BACKEND=...` works.
 # `npm ci --omit=dev` keeps tsx, a runtime dependency: the server runs TypeScript through it. Its install script builds
-# the native matmul addon (src/native, node-gyp: python3, make, g++ in the deps stages); the final stages copy only
+# the native matmul addon (src/backend/wasm/addon, node-gyp: python3, make, g++ in the deps stages); the final stages copy only
 # the build output (an empty folder where the build failed, e.g. on arm64). On a CPU without AVX2/FMA (or where the build failed) the server uses the wasm kernels.
 
 ARG NODE_IMAGE=node:20-bookworm-slim
@@ -51,9 +51,9 @@ WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends python3 make g++ ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY package.json package-lock.json ./
-COPY src/native ./src/native
+COPY src/backend/wasm/addon ./src/backend/wasm/addon
 RUN npm ci --omit=dev --no-audit --no-fund \
-    && mkdir -p src/native/build/Release \
+    && mkdir -p src/backend/wasm/addon/build/Release \
     && if [ "$TFJS_NODE" = "1" ]; then \
          npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node@${TFJS_VERSION}" \
          && ls node_modules/@tensorflow/tfjs-node/deps/lib/libtensorflow.so.2* \
@@ -76,11 +76,11 @@ RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && node --version && npm --version
 WORKDIR /app
 COPY package.json package-lock.json ./
-COPY src/native ./src/native
+COPY src/backend/wasm/addon ./src/backend/wasm/addon
 # The last line fails the build when the install script did not run (e.g. an npm that skips unapproved
 # install scripts): libtensorflow sits in deps/lib, the addon (rpath ../../deps/lib) in lib/napi-v*/.
 RUN npm ci --omit=dev --no-audit --no-fund \
-    && mkdir -p src/native/build/Release \
+    && mkdir -p src/backend/wasm/addon/build/Release \
     && npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node-gpu@${TFJS_VERSION}" \
     && npm cache clean --force \
     && ls node_modules/@tensorflow/tfjs-node-gpu/deps/lib/libtensorflow.so.2* \
@@ -101,7 +101,7 @@ WORKDIR /app
 COPY --from=cpu-deps /app/node_modules ./node_modules
 COPY package.json package-lock.json tsconfig.json ./
 COPY src ./src
-COPY --from=cpu-deps /app/src/native/build/Release ./src/native/build/Release
+COPY --from=cpu-deps /app/src/backend/wasm/addon/build/Release ./src/backend/wasm/addon/build/Release
 ENV NODE_ENV=production \
     LORA_SERVE_HOST=0.0.0.0 \
     LORA_SERVE_PORT=3000 \
@@ -130,7 +130,7 @@ WORKDIR /app
 COPY --from=gpu-deps /app/node_modules ./node_modules
 COPY package.json package-lock.json tsconfig.json ./
 COPY src ./src
-COPY --from=gpu-deps /app/src/native/build/Release ./src/native/build/Release
+COPY --from=gpu-deps /app/src/backend/wasm/addon/build/Release ./src/backend/wasm/addon/build/Release
 # TF_FORCE_GPU_ALLOW_GROWTH: TensorFlow allocates GPU memory as needed instead of reserving nearly all of it,
 # so nvidia-smi and lora_serve_tfjs_memory_bytes tell the truth; set it to false to pre-reserve.
 # CUDA_CACHE_*: keeps the PTX JIT results (see the top of this file) in a writable, mountable folder.

@@ -5,9 +5,9 @@
 import { createHash } from 'node:crypto';
 import { existsSync, promises as fs, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { BENCH_LLAMA, ensureCheckpoint, writePeftAdapter } from '../src/fixtures/index.ts';
-import { openSafetensors } from '../src/model/safetensors.ts';
-import { TextTokenizer } from '../src/model/tokenizer.ts';
+import { BENCH_LLAMA, ensureCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
+import { openSafetensors } from '../src/formats/safetensors.ts';
+import { TextTokenizer } from '../src/text/tokenizer.ts';
 
 export const BENCH_MODEL_DIR = resolve('.cache/bench-model');
 const ADAPTERS_ROOT = resolve('.cache/bench-adapters');

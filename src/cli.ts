@@ -5,7 +5,7 @@
  * Precedence: flag > env `LORA_SERVE_<UPPER_SNAKE>` > default. Flags take `--name value` or
  * `--name=value`; a boolean flag alone means true. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
  */
-import { BACKENDS } from './backend.ts';
+import { BACKENDS } from './backend/select.ts';
 import type { RuntimeOptions } from './runtime.ts';
 
 export const LORA_MODES = ['auto', 'merged', 'unmerged'] as const;

@@ -5,21 +5,21 @@
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { initBackend, type BackendInfo, type BackendName } from './backend.ts';
+import { initBackend, type BackendInfo, type BackendName } from './backend/select.ts';
 import { Engine } from './engine/engine.ts';
 import type { EngineMetrics } from './engine/types.ts';
-import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './fixtures/index.ts';
+import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './demo/index.ts';
 import type { Executor } from './engine/executor.ts';
 import { AdapterManager } from './lora/manager.ts';
 import { AdapterStore } from './lora/store.ts';
 import type { AdapterMetrics } from './lora/types.ts';
 import { openCheckpoint } from './model/checkpoint.ts';
 import { CausalLM, modulesFor } from './model/model.ts';
-import { ParallelExecutor } from './model/parallel-executor.ts';
-import { TextTokenizer } from './model/tokenizer.ts';
-import { TfExecutor, type LoraMode } from './model/tf-executor.ts';
+import { ParallelExecutor } from './exec/parallel-executor.ts';
+import { TextTokenizer } from './text/tokenizer.ts';
+import { TfExecutor, type LoraMode } from './exec/tf-executor.ts';
 import type { ModelConfig } from './model/types.ts';
-import { addTotals, profiler, type ProfileTotals } from './profile.ts';
+import { addTotals, profiler, type ProfileTotals } from './obs/profile.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -41,7 +41,7 @@ export interface RuntimeOptions {
   readonly prefillChunk: number;
   /** Executor worker threads, each with its own copy of the model (1: run in this thread). */
   readonly workers: number;
-  /** Time the phases of every step (src/profile.ts). */
+  /** Time the phases of every step (src/obs/profile.ts). */
   readonly profile?: boolean;
   /** On wasm, run matrix products in the native AVX2/FMA addon when it is built (default true). */
   readonly nativeMatmul?: boolean;
@@ -62,7 +62,7 @@ export const WARM_UP_LOADS = 40;
 export interface Runtime {
   /** The backend that runs the model (in the workers when there are several). */
   readonly backend: string;
-  /** Matrix products run in the native addon (src/native-matmul.ts). */
+  /** Matrix products run in the native addon (src/backend/wasm/native-matmul.ts). */
   readonly nativeMatmul: boolean;
   readonly config: ModelConfig;
   /** Checkpoint dtype as stored (computation is float32). */

@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { listLinearModules, writePeftAdapter, type AdapterOptions, type AdapterTensor, type LinearModuleInfo } from '../src/fixtures/adapter.ts';
-import { writeSafetensors } from '../src/model/safetensors.ts';
+import { listLinearModules, writePeftAdapter, type AdapterOptions, type AdapterTensor, type LinearModuleInfo } from '../src/demo/adapter.ts';
+import { writeSafetensors } from '../src/formats/safetensors.ts';
 import type { LinearModule } from '../src/model/types.ts';
 import { assertNotPickle, firstNonFinite, loadAdapterWeights } from '../src/lora/adapter-file.ts';
 

@@ -6,8 +6,8 @@ import type { AddressInfo } from 'node:net';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { listLinearModules, writePeftAdapter } from '../src/fixtures/adapter.ts';
-import { writeSafetensors } from '../src/model/safetensors.ts';
+import { listLinearModules, writePeftAdapter } from '../src/demo/adapter.ts';
+import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { adapterDirFor, validateAdapterId } from '../src/lora/ids.ts';
 import { AdapterStore, adapterVersion, validateAdapterFiles } from '../src/lora/store.ts';
 

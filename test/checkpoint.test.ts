@@ -4,11 +4,11 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, truncateSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, writeCheckpoint } from '../src/fixtures/index.ts';
+import { TINY_GPT2, TINY_LLAMA, writeCheckpoint } from '../src/demo/index.ts';
 import { normalizeConfig } from '../src/model/config.ts';
 import { CausalLM } from '../src/model/model.ts';
-import { TextTokenizer } from '../src/model/tokenizer.ts';
-import { writeSafetensors } from '../src/model/safetensors.ts';
+import { TextTokenizer } from '../src/text/tokenizer.ts';
+import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
@@ -65,7 +65,7 @@ test('bad checkpoint folders fail with coded errors and leak no tensors', async 
   const missing = await fresh('missing-tensor');
   const st = readFileSync(join(missing, 'model.safetensors'));
   // Rewrite the file without one layer norm.
-  const { parseSafetensors } = await import('../src/model/safetensors.ts');
+  const { parseSafetensors } = await import('../src/formats/safetensors.ts');
   const r = parseSafetensors(st);
   const kept: Record<string, { shape: readonly number[]; data: Float32Array }> = {};
   for (const [name, e] of r.tensors) if (name !== 'model.layers.1.post_attention_layernorm.weight') kept[name] = { shape: e.shape, data: r.readFloat32(name) };

@@ -11,7 +11,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import OpenAI from 'openai';
 import { request as http, FormData } from 'undici';
 import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
-import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/fixtures/index.ts';
+import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
 import { createServer, type Server } from '../src/server/server.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 

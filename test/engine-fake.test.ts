@@ -11,7 +11,7 @@ import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from 
 import type { GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
-import { IncrementalDecoder } from '../src/model/tokenizer.ts';
+import { IncrementalDecoder } from '../src/text/tokenizer.ts';
 import { generate, request, type Outcome } from './helpers/runtime.ts';
 
 const V = 32;

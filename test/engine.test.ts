@@ -3,7 +3,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_LLAMA, writePeftAdapter } from '../src/fixtures/index.ts';
+import { TINY_LLAMA, writePeftAdapter } from '../src/demo/index.ts';
 import type { Runtime } from '../src/runtime.ts';
 import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';

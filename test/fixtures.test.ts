@@ -5,11 +5,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
-import { bf16ToF32, f32ToBf16, openSafetensors, type SafetensorsReader } from '../src/model/safetensors.ts';
+import { bf16ToF32, f32ToBf16, openSafetensors, type SafetensorsReader } from '../src/formats/safetensors.ts';
 import {
   TINY_GPT2, TINY_LLAMA, DEMO_LLAMA, BENCH_LLAMA, buildTokenizer, createRng, ensureCheckpoint, listLinearModules,
   matchesTarget, patternValue, writeCheckpoint, writePeftAdapter, type CheckpointOptions,
-} from '../src/fixtures/index.ts';
+} from '../src/demo/index.ts';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'fixtures-test-'));
 process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));

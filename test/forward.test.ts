@@ -5,10 +5,10 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, type CheckpointOptions } from '../src/fixtures/index.ts';
+import { TINY_GPT2, TINY_LLAMA, type CheckpointOptions } from '../src/demo/index.ts';
 import { CausalLM } from '../src/model/model.ts';
-import { isPacked } from '../src/native-matmul.ts';
-import { TfExecutor } from '../src/model/tf-executor.ts';
+import { isPacked } from '../src/backend/wasm/native-matmul.ts';
+import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { referenceForward } from './reference/forward.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
 
@@ -56,7 +56,7 @@ for (const [name, opts] of CASES) {
     const { dir, config, get } = await fixtureCheckpoint(`${tmp.dir}/${name.replace(/\W+/g, '_')}`, opts);
     const baseline = tf.memory().numTensors;
     const model = CausalLM.load(dir);
-    // With the native matmul, weights whose output width is a multiple of 16 are stored packed (src/native-matmul.ts).
+    // With the native matmul, weights whose output width is a multiple of 16 are stored packed (src/backend/wasm/native-matmul.ts).
     const linears = [...model.linears.values()];
     const packable = process.env.TEST_NATIVE_MATMUL === '0' ? [] : linears.filter((l) => l.W.shape[1] % 16 === 0);
     assert.deepEqual(linears.filter((l) => isPacked(l.W)).map((l) => l.key), packable.map((l) => l.key));

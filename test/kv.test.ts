@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-wasm';
 import '@tensorflow/tfjs-backend-cpu';
-import { dropLeadingCols, gatherRows } from '../src/model/kv-ops.ts';
+import { dropLeadingCols, gatherRows } from '../src/backend/raw-copy.ts';
 
 for (const backend of ['wasm', 'cpu']) {
   test(`gatherRows and dropLeadingCols are exact on ${backend}`, async () => {

@@ -7,7 +7,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/fixtures/index.ts';
+import { TINY_GPT2, TINY_LLAMA, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/demo/index.ts';
 import type { AdapterLease } from '../src/lora/types.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { referenceForward } from './reference/forward.ts';

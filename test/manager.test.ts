@@ -8,14 +8,14 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync, statSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/fixtures/index.ts';
+import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/demo/index.ts';
 import { AdapterManager, type AdapterManagerOptions } from '../src/lora/manager.ts';
 import { adapterVersion, AdapterStore } from '../src/lora/store.ts';
 import type { AdapterLease, AdapterMetrics } from '../src/lora/types.ts';
-import type { AdapterDevice, DeviceAdapter } from '../src/lora/device.ts';
+import type { AdapterDevice, DeviceAdapter } from '../src/exec/lora-bank.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { scratchBuffers } from '../src/lora/host-buffers.ts';
-import { TfExecutor } from '../src/model/tf-executor.ts';
+import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { greedyBatch } from './helpers/lora.ts';
 import { fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
 

@@ -1,9 +1,9 @@
-/** src/metrics.ts: the exposition parses, names follow the conventions, counters move, docs/metrics.md matches. */
+/** src/obs/metrics.ts: the exposition parses, names follow the conventions, counters move, docs/metrics.md matches. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { collectDefaultMetrics, Registry } from 'prom-client';
-import { Metrics } from '../src/metrics.ts';
+import { Metrics } from '../src/obs/metrics.ts';
 import { build } from './helpers/app.ts';
 
 interface Family {

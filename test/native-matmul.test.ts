@@ -1,15 +1,15 @@
 /**
- * src/native/matmul.cc through src/native-matmul.ts: products against plain float64 loops (every kernel path: one
+ * src/backend/wasm/addon/matmul.cc through src/backend/wasm/native-matmul.ts: products against plain float64 loops (every kernel path: one
  * row, row blocks with tails, packed panels, column tails, k blocks, batches, transposed B), rows that do not depend
  * on the rest of the batch (bit for bit), the tfjs kernel it replaces (same products, fallbacks, no leaked tensors).
  */
 import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
-import { initBackend } from '../src/backend.ts';
+import { initBackend } from '../src/backend/select.ts';
 import { toDeviceLayout } from '../src/lora/adapter-file.ts';
-import { nativeAddon, nativeMatmulUnavailable } from '../src/native/addon.ts';
-import { installNativeMatmul, isPacked, markPacked, packWeight, planOf } from '../src/native-matmul.ts';
+import { nativeAddon, nativeMatmulUnavailable } from '../src/backend/wasm/addon/addon.ts';
+import { installNativeMatmul, isPacked, markPacked, packWeight, planOf } from '../src/backend/wasm/native-matmul.ts';
 import { setupBackend } from './helpers/tf.ts';
 
 const native = process.env.TEST_NATIVE_MATMUL !== '0';

@@ -1,12 +1,12 @@
-/** src/profile.ts: nested sections, the runtime's totals (in-process and workers), the metric, the --profile flag. */
+/** src/obs/profile.ts: nested sections, the runtime's totals (in-process and workers), the metric, the --profile flag. */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseOptions, CliError } from '../src/cli.ts';
-import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/fixtures/index.ts';
-import { Metrics } from '../src/metrics.ts';
-import { addTotals, PHASES, profiler, type ProfileTotals } from '../src/profile.ts';
+import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
+import { Metrics } from '../src/obs/metrics.ts';
+import { addTotals, PHASES, profiler, type ProfileTotals } from '../src/obs/profile.ts';
 import { startRuntime } from '../src/runtime.ts';
 import { generate, request, TEST_RUNTIME } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
@@ -114,7 +114,7 @@ test('--profile: alone, with a value, from the environment', () => {
   assert.throws(() => parseOptions(['--profile', 'maybe'], {}), (e: unknown) => e instanceof CliError && /expected true or false/.test(e.message));
 });
 
-test('docs/metrics.md describes exactly the phases of src/profile.ts', () => {
+test('docs/metrics.md describes exactly the phases of src/obs/profile.ts', () => {
   const doc = readFileSync('docs/metrics.md', 'utf8');
   const section = doc.slice(doc.indexOf('## Step profile'));
   const documented = [...section.matchAll(/^\| `(\w+)` \| (main|executor) \|/gm)].map((m) => m[1]);

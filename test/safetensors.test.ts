@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import {
   bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, f32ToF16Bits, openSafetensors, parseSafetensors,
   writeSafetensors, writeSafetensorsFile,
-} from '../src/model/safetensors.ts';
+} from '../src/formats/safetensors.ts';
 
 /** Asserts that `fn` throws a ServeError with `code` (never a RangeError or another crash). */
 function expectCode(fn: () => unknown, code: string, label = ''): void {

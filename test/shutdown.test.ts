@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { request } from 'undici';
-import { TINY_LLAMA, writeCheckpoint } from '../src/fixtures/index.ts';
+import { TINY_LLAMA, writeCheckpoint } from '../src/demo/index.ts';
 import { tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { TextTokenizer } from '../src/model/tokenizer.ts';
+import { TextTokenizer } from '../src/text/tokenizer.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Inline tokenizer.json builders

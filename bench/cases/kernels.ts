@@ -1,6 +1,6 @@
 /**
  * Kernels: the wasm backend's matrix products through tfjs's own wasm kernel and through the native AVX2/FMA addon
- * (src/native-matmul.ts), side by side in this process (no server), on the linear layers of the bench model: every
+ * (src/backend/wasm/native-matmul.ts), side by side in this process (no server), on the linear layers of the bench model: every
  * layer's projections (q, k, v, o, gate, up, down; distinct weights per layer, as in the model, so one row is bound by
  * reading them from memory) for 1 row (one request decoding), 16 rows (a worker's share of 32 concurrent decodes) and
  * 512 rows (a prefill). Same inputs, same backend; only the kernel differs, and for the native kernel the weights'
@@ -11,9 +11,9 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
-import { initBackend } from '../../src/backend.ts';
-import { nativeMatmulUnavailable } from '../../src/native/addon.ts';
-import { installNativeMatmul, packWeight } from '../../src/native-matmul.ts';
+import { initBackend } from '../../src/backend/select.ts';
+import { nativeMatmulUnavailable } from '../../src/backend/wasm/addon/addon.ts';
+import { installNativeMatmul, packWeight } from '../../src/backend/wasm/native-matmul.ts';
 
 const ROWS = [1, 16, 512];
 

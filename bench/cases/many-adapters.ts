@@ -4,7 +4,7 @@
  */
 import { ratioFigure, rateFigure, sideBySide, type BenchCase } from '../case.ts';
 import { drive, metric, percentile, zipfSampler, type ApiClient, type Generation } from '../client.ts';
-import { createRng } from '../../src/fixtures/index.ts';
+import { createRng } from '../../src/demo/index.ts';
 
 const ADAPTERS = 500;
 const DEVICE_TIER = 16;

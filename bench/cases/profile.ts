@@ -1,5 +1,5 @@
 /**
- * Profile: where a step's time goes (`--profile`, src/profile.ts), for the two workloads of the batching case:
+ * Profile: where a step's time goes (`--profile`, src/obs/profile.ts), for the two workloads of the batching case:
  * 32 concurrent requests on 32 adapters, and requests one at a time. Per decode (and prefill) step: the main
  * thread's wall time split into engine JavaScript, sampling and waiting for the workers, and the executor's
  * time split into base matmuls, LoRA deltas, attention, KV cache, LM head, other kernels, LoRA setup, logits
@@ -7,7 +7,7 @@
  */
 import type { BenchCase, CaseContext, Figure } from '../case.ts';
 import { drive, metric, type ApiClient } from '../client.ts';
-import { PHASES, STEP_KINDS, type Phase, type StepKind } from '../../src/profile.ts';
+import { PHASES, STEP_KINDS, type Phase, type StepKind } from '../../src/obs/profile.ts';
 
 const N = 32;
 const MAIN: readonly Phase[] = ['engine', 'sampling', 'executor_wait'];

@@ -3,8 +3,8 @@
  * timeouts and draining. It never touches a tensor: the executor does, behind its interface.
  */
 import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
-import { profiler } from '../profile.ts';
-import type { IncrementalDecoder } from '../model/tokenizer.ts';
+import { profiler } from '../obs/profile.ts';
+import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
 import type { DecodeItem, Executor, PrefillItem, StepResult } from './executor.ts';
 import { Sampler } from './sampling.ts';

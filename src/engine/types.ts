@@ -90,7 +90,7 @@ export interface StepPass {
   readonly mode: LoraApplied;
 }
 
-/** What the engine reports to metrics (implemented in src/metrics.ts). */
+/** What the engine reports to metrics (implemented in src/obs/metrics.ts). */
 export interface EngineMetrics {
   /** One engine step (one executor call): its duration and each of its forward passes. */
   step(e: { kind: 'prefill' | 'decode'; seconds: number; passes: readonly StepPass[] }): void;

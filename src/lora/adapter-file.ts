@@ -24,8 +24,8 @@
 
 import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
-import { parseSafetensors, writeSafetensors, type SafetensorsReader, type WriteTensor } from '../model/safetensors.ts';
-import { nativeAddon } from '../native/addon.ts';
+import { parseSafetensors, writeSafetensors, type SafetensorsReader, type WriteTensor } from '../formats/safetensors.ts';
+import { nativeAddon } from '../backend/wasm/addon/addon.ts';
 import { hostBuffers } from './host-buffers.ts';
 import { matchesTarget, parsePeftConfig, scalingFor, type PeftConfig } from './peft-config.ts';
 

@@ -14,7 +14,7 @@ import { LRUCache } from 'lru-cache';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
-import type { AdapterDevice, ResidentAdapter } from './device.ts';
+import type { AdapterDevice, ResidentAdapter } from '../exec/lora-bank.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';

@@ -67,7 +67,7 @@ export interface AdapterProvider {
   acquire(id: string, signal?: AbortSignal): Promise<AdapterLease>;
 }
 
-/** What the adapter manager reports to metrics (implemented in src/metrics.ts). */
+/** What the adapter manager reports to metrics (implemented in src/obs/metrics.ts). */
 export interface AdapterMetrics {
   hit(tier: 'device' | 'host'): void;
   miss(): void;

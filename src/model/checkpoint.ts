@@ -7,7 +7,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fail } from '../errors.ts';
 import { normalizeConfig } from './config.ts';
-import { openSafetensors, type SafetensorsReader } from './safetensors.ts';
+import { openSafetensors, type SafetensorsReader } from '../formats/safetensors.ts';
 import type { HostTensor, ModelConfig } from './types.ts';
 
 export interface Checkpoint {

@@ -10,7 +10,7 @@
  *   module's output (so a LoRA delta on c_attn lands in the right columns, and no output is ever split).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { packWeight } from '../native-matmul.ts';
+import { packWeight } from '../backend/wasm/native-matmul.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { attention, gelu, geluNew, layerNorm, linear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';

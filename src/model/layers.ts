@@ -3,7 +3,7 @@
  * activations, rotary embeddings and batched causal attention over a KVBatch.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { profiler } from '../profile.ts';
+import { profiler } from '../obs/profile.ts';
 import type { LinearModule } from './types.ts';
 
 /**
@@ -21,7 +21,7 @@ export interface Linear {
 }
 
 /**
- * Per-step LoRA for the rows of a batch (see src/lora/device.ts). For a linear with unmerged LoRA:
+ * Per-step LoRA for the rows of a batch (see src/exec/lora-bank.ts). For a linear with unmerged LoRA:
  * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of the step's adapters' Aᵀ (each padded
  * to R columns), B [K, out] the row-concatenation of their s·Bᵀ (this linear's columns), and mask [N, K]
  * selecting, per row, the block of that row's adapter.

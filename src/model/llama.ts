@@ -6,7 +6,7 @@
  * on the wasm backend).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { packWeight } from '../native-matmul.ts';
+import { packWeight } from '../backend/wasm/native-matmul.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { applyRope, attention, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';

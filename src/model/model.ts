@@ -4,10 +4,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../errors.ts';
-import { profiler } from '../profile.ts';
+import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { gpt2Modules, loadGpt2 } from './gpt2.ts';
-import { KVBatch } from './kv.ts';
+import { KVBatch } from '../exec/kv.ts';
 import type { Linear, StepLora, StepShape } from './layers.ts';
 import { llamaModules, loadLlama } from './llama.ts';
 import type { Family, LinearModule, ModelConfig } from './types.ts';

@@ -11,8 +11,8 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, 
 import type { EngineApi } from '../engine/types.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { AdapterAdmin } from '../lora/types.ts';
-import type { Metrics } from '../metrics.ts';
-import type { TextTokenizer } from '../model/tokenizer.ts';
+import type { Metrics } from '../obs/metrics.ts';
+import type { TextTokenizer } from '../text/tokenizer.ts';
 import { adapterRoutes } from './routes/adapters.ts';
 import { openAIErrorBody, publicErrorBody } from './routes/common.ts';
 import { generateRoutes } from './routes/generate.ts';

@@ -1,7 +1,7 @@
 /** Builds the whole server (runtime + HTTP app) from options; main.ts listens, tests and benchmarks reuse it. */
 import type { FastifyInstance } from 'fastify';
 import type { ServerOptions } from '../cli.ts';
-import { Metrics } from '../metrics.ts';
+import { Metrics } from '../obs/metrics.ts';
 import { startRuntime, type Runtime } from '../runtime.ts';
 import { buildApp } from './app.ts';
 import { serverInfo } from './info.ts';

@@ -10,10 +10,10 @@ import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fas
 import YAML from 'yaml';
 import type { EngineApi, FinishReason, GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../src/engine/types.ts';
 import { fail, type ServeError } from '../../src/errors.ts';
-import { buildTokenizer } from '../../src/fixtures/index.ts';
+import { buildTokenizer } from '../../src/demo/index.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo } from '../../src/lora/types.ts';
-import { Metrics } from '../../src/metrics.ts';
-import { TextTokenizer } from '../../src/model/tokenizer.ts';
+import { Metrics } from '../../src/obs/metrics.ts';
+import { TextTokenizer } from '../../src/text/tokenizer.ts';
 import { buildApp, type AppOptions, type ServerInfo } from '../../src/server/app.ts';
 
 export const BASE_MODEL = 'test-org/base';

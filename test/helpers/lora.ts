@@ -4,9 +4,9 @@ import { join } from 'node:path';
 import { AdapterManager } from '../../src/lora/manager.ts';
 import { AdapterStore } from '../../src/lora/store.ts';
 import type { AdapterLease } from '../../src/lora/types.ts';
-import { parseSafetensors } from '../../src/model/safetensors.ts';
+import { parseSafetensors } from '../../src/formats/safetensors.ts';
 import type { CausalLM } from '../../src/model/model.ts';
-import { TfExecutor, type LoraMode } from '../../src/model/tf-executor.ts';
+import { TfExecutor, type LoraMode } from '../../src/exec/tf-executor.ts';
 import { refLoraFromPeft, type RefLoraMap } from '../reference/lora.ts';
 import { argmax } from './tf.ts';
 

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { DEFAULT_SAMPLING, type SamplingParams } from '../../src/engine/sampling.ts';
 import type { EngineApi, GenerateRequest, GenerationResult, TokenInfo } from '../../src/engine/types.ts';
 import type { ServeError } from '../../src/errors.ts';
-import { writeCheckpoint, type CheckpointOptions } from '../../src/fixtures/index.ts';
+import { writeCheckpoint, type CheckpointOptions } from '../../src/demo/index.ts';
 import { startRuntime, type Runtime, type RuntimeOptions } from '../../src/runtime.ts';
 
 export const TEST_RUNTIME: Omit<RuntimeOptions, 'model' | 'adapterDir'> = {

@@ -2,8 +2,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { initBackend } from '../../src/backend.ts';
-import { writeCheckpoint, type CheckpointOptions } from '../../src/fixtures/index.ts';
+import { initBackend } from '../../src/backend/select.ts';
+import { writeCheckpoint, type CheckpointOptions } from '../../src/demo/index.ts';
 import { openCheckpoint } from '../../src/model/checkpoint.ts';
 import type { GetTensor } from '../reference/forward.ts';
 

@@ -8,7 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import { normalizeSampling, type TgiSamplingInput } from '../../engine/sampling.ts';
 import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
 import { fail } from '../../errors.ts';
-import type { ChatMessage as TemplateMessage } from '../../model/tokenizer.ts';
+import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import type { AppDeps } from '../app.ts';
 import {
   ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,

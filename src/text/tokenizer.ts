@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
 import { fail, isServeError } from '../errors.ts';
-import type { ModelConfig } from './types.ts';
+import type { ModelConfig } from '../model/types.ts';
 
 export interface ChatMessage {
   role: string;

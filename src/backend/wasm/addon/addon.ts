@@ -1,6 +1,6 @@
 /**
- * The native addon (src/native/matmul.cc, built by `npm ci` with node-gyp): loaded once per thread, or null when it
- * is not built or the CPU lacks AVX2/FMA. No TensorFlow.js here: src/native-matmul.ts plugs its matmul into the wasm
+ * The native addon (src/backend/wasm/addon/matmul.cc, built by `npm ci` with node-gyp): loaded once per thread, or null when it
+ * is not built or the CPU lacks AVX2/FMA. No TensorFlow.js here: src/backend/wasm/native-matmul.ts plugs its matmul into the wasm
  * backend, src/lora/adapter-file.ts uses its layout loop.
  */
 import { createRequire } from 'node:module';
@@ -16,7 +16,7 @@ export interface Addon {
   layout(A: Float32Array, B: Float32Array, r: number, inF: number, outF: number, s: number, At: Float32Array, Bt: Float32Array): boolean;
 }
 
-/** Where node-gyp puts the addon (src/native/build is ignored by git). */
+/** Where node-gyp puts the addon (src/backend/wasm/addon/build is ignored by git). */
 export const ADDON_PATH = new URL('./build/Release/matmul.node', import.meta.url);
 
 let addon: Addon | null | undefined;

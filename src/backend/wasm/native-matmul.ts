@@ -1,6 +1,6 @@
 /**
  * Native matmul for the wasm backend. TensorFlow.js's wasm kernels use 128-bit SIMD without fused multiply-add
- * (about 30–35 GFLOP/s per core here); src/native/matmul.cc runs the same products with AVX2/FMA register-blocked
+ * (about 30–35 GFLOP/s per core here); src/backend/wasm/addon/matmul.cc runs the same products with AVX2/FMA register-blocked
  * kernels directly on the tensors in the wasm heap (bench case `kernels`: about 1.5× at 16 rows, 2.6× at 512; at one
  * row both are bound by reading the weights). It is built by `npm ci` (node-gyp, the install script) and used when it
  * built and the CPU has AVX2 and FMA; otherwise the wasm kernels run, unchanged.
@@ -14,7 +14,7 @@
  * are the same bit for bit (each output element is the same chain of fused multiply-adds).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { nativeAddon } from './native/addon.ts';
+import { nativeAddon } from './addon/addon.ts';
 
 /** The subset of the wasm backend this kernel touches. */
 interface WasmBackend {

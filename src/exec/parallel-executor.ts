@@ -6,14 +6,14 @@
  * rows share its batch.
  */
 import { Worker } from 'node:worker_threads';
-import type { BackendName } from '../backend.ts';
+import type { BackendName } from '../backend/select.ts';
 import type { DecodeItem, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
 import { ServeError, type ErrorCode, ERRORS } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import type { AdapterDevice, ResidentAdapter } from '../lora/device.ts';
+import type { AdapterDevice, ResidentAdapter } from './lora-bank.ts';
 import type { LoraMode } from './tf-executor.ts';
 import type { WorkerInfo, WorkerInit, WorkerStep } from './worker.ts';
-import { addTotals, profiler, type ProfileTotals } from '../profile.ts';
+import { addTotals, profiler, type ProfileTotals } from '../obs/profile.ts';
 
 class WorkerClient {
   private next = 1;
@@ -65,7 +65,7 @@ export interface ParallelExecutorOptions {
   readonly modelDir: string;
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
-  /** Time the phases of each step in the workers (src/profile.ts). */
+  /** Time the phases of each step in the workers (src/obs/profile.ts). */
   readonly profile?: boolean;
   /** On wasm, matmuls in the native addon when it is available (default true). */
   readonly nativeMatmul?: boolean;

@@ -5,20 +5,20 @@
  */
 import { parentPort } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs-core';
-import { initBackend, type BackendName } from '../backend.ts';
+import { initBackend, type BackendName } from '../backend/select.ts';
 import type { DecodeItem, ExecAdapter, PrefillItem, StepResult } from '../engine/executor.ts';
 import { isServeError } from '../errors.ts';
-import { profiler } from '../profile.ts';
+import { profiler } from '../obs/profile.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import { disposeAdapter, uploadAdapter, type DeviceAdapter } from '../lora/device.ts';
-import { CausalLM } from './model.ts';
+import { disposeAdapter, uploadAdapter, type DeviceAdapter } from './lora-bank.ts';
+import { CausalLM } from '../model/model.ts';
 import { TfExecutor, type LoraMode } from './tf-executor.ts';
 
 export interface WorkerInit {
   readonly modelDir: string;
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
-  /** Time the phases of each step (src/profile.ts). */
+  /** Time the phases of each step (src/obs/profile.ts). */
   readonly profile: boolean;
   /** On wasm, matmuls in the native addon when it is available. */
   readonly nativeMatmul: boolean;

@@ -10,8 +10,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Linear, StepLora } from '../model/layers.ts';
 import type { ExecAdapter } from '../engine/executor.ts';
-import { isPacked, markPacked, packWeight } from '../native-matmul.ts';
-import type { AdapterWeights } from './adapter-file.ts';
+import { isPacked, markPacked, packWeight } from '../backend/wasm/native-matmul.ts';
+import type { AdapterWeights } from '../lora/adapter-file.ts';
 
 export interface DeviceModule {
   /** Aᵀ: [in, r]. */
@@ -134,7 +134,7 @@ export interface LoraBank {
   readonly bytes: number;
 }
 
-/** pack: store the bank's own A and B packed (src/native-matmul.ts), for banks only ever used as linear()'s b operands. */
+/** pack: store the bank's own A and B packed (src/backend/wasm/native-matmul.ts), for banks only ever used as linear()'s b operands. */
 export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[], opts: { pack?: boolean } = {}): LoraBank {
   const R = Math.max(1, ...adapters.map((a) => a.rank));
   const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>();
@@ -194,7 +194,7 @@ export function mergeWeights(linears: ReadonlyMap<string, Linear>, adapter: Devi
     merged.set(key, tf.tidy((): tf.Tensor2D => {
       const W = linears.get(key)!.W;
       if (!isPacked(W)) return tf.add(W, tf.matMul(A, B));
-      // A packed W (src/native-matmul.ts) gets a delta packed the same way: the sum is W' packed.
+      // A packed W (src/backend/wasm/native-matmul.ts) gets a delta packed the same way: the sum is W' packed.
       const sum = tf.add<tf.Tensor2D>(W, packWeight(tf.matMul(A, B)));
       markPacked(sum);
       return sum;

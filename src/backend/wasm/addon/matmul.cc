@@ -1,4 +1,4 @@
-// Native float32 matmul for the wasm backend (src/native-matmul.ts): C[b] = A[b]·B[b] (or A[b]·B[b]ᵀ), computed on
+// Native float32 matmul for the wasm backend (src/backend/wasm/native-matmul.ts): C[b] = A[b]·B[b] (or A[b]·B[b]ᵀ), computed on
 // tensors that live in the TensorFlow.js wasm heap, with AVX2/FMA register-blocked kernels.
 //
 // Exactness: every output element is one chain of fused multiply-adds over k = 0..K-1 in order, starting from 0,

@@ -11,11 +11,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
-import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from '../lora/device.ts';
-import { profiler } from '../profile.ts';
-import type { StepLora } from './layers.ts';
+import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
+import { profiler } from '../obs/profile.ts';
+import type { StepLora } from '../model/layers.ts';
 import type { KVBatch } from './kv.ts';
-import type { CausalLM } from './model.ts';
+import type { CausalLM } from '../model/model.ts';
 
 export type LoraMode = 'auto' | 'merged' | 'unmerged';
 

@@ -3,7 +3,7 @@
  *
  * Sections nest: a section's time excludes the sections run inside it, so the phases of a thread add up to
  * the time its steps took. One profiler per thread (module state): the engine's on the main thread, and each
- * executor worker's own, whose totals ride on the worker's replies (src/model/parallel-executor.ts).
+ * executor worker's own, whose totals ride on the worker's replies (src/exec/parallel-executor.ts).
  *
  * Off by default, and then a section costs one boolean test. Kernel phases are exact on the wasm and cpu
  * backends, where every TensorFlow.js kernel runs synchronously inside its section; on the native and GPU

@@ -8,8 +8,8 @@
  * are trimmed so padding never grows without bound.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { dropLeadingCols, gatherRows } from './kv-ops.ts';
-import { profiler } from '../profile.ts';
+import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
+import { profiler } from '../obs/profile.ts';
 
 export class KVBatch {
   /** Per layer [B, kvHeads, C, headDim]; null while the batch holds no column. */

@@ -9,9 +9,9 @@
  * unprefixed names (`process_*`, `nodejs_*`) so stock dashboards work.
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import { ERRORS } from './errors.ts';
-import type { EngineMetrics, FinishReason, StepPass } from './engine/types.ts';
-import type { AdapterMetrics } from './lora/types.ts';
+import { ERRORS } from '../errors.ts';
+import type { EngineMetrics, FinishReason, StepPass } from '../engine/types.ts';
+import type { AdapterMetrics } from '../lora/types.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
@@ -22,7 +22,7 @@ export type DeviceMemory = () => { numBytes: number; numTensors: number } | Prom
 export interface MetricsOptions {
   /** Sampled on every scrape; without it the TensorFlow.js gauges stay 0. */
   deviceMemory?: DeviceMemory;
-  /** Step phase totals, all threads (src/profile.ts; only with --profile). */
+  /** Step phase totals, all threads (src/obs/profile.ts; only with --profile). */
   profile?: () => ProfileTotals;
   /** Register the Node.js process defaults (default true). */
   processMetrics?: boolean;

@@ -2,12 +2,12 @@
  * TensorFlow.js backend selection. The native packages (@tensorflow/tfjs-node-gpu, @tensorflow/tfjs-node)
  * download libtensorflow at install time and are therefore optional: they are imported only when present.
  * `auto` tries tensorflow-gpu (when a CUDA device is usable), then tensorflow, then wasm, then cpu.
- * On wasm, matrix products run through the native AVX2/FMA addon when it is built (src/native-matmul.ts).
+ * On wasm, matrix products run through the native AVX2/FMA addon when it is built (src/backend/wasm/native-matmul.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { fail } from './errors.ts';
-import { nativeMatmulUnavailable } from './native/addon.ts';
-import { installNativeMatmul } from './native-matmul.ts';
+import { fail } from '../errors.ts';
+import { nativeMatmulUnavailable } from './wasm/addon/addon.ts';
+import { installNativeMatmul } from './wasm/native-matmul.ts';
 
 export const BACKENDS = ['auto', 'tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
