@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { TINY_GPT2, TINY_LLAMA, type CheckpointOptions } from '../src/demo/index.ts';
 import { CausalLM } from '../src/model/model.ts';
-import { isPacked } from '../src/backend/wasm/native-matmul.ts';
+import { isLaidOut } from '../src/backend/weights.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { referenceForward } from './reference/forward.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
@@ -59,7 +59,7 @@ for (const [name, opts] of CASES) {
     // With the native matmul, weights whose output width is a multiple of 16 are stored packed (src/backend/wasm/native-matmul.ts).
     const linears = [...model.linears.values()];
     const packable = process.env.TEST_NATIVE_MATMUL === '0' ? [] : linears.filter((l) => l.W.shape[1] % 16 === 0);
-    assert.deepEqual(linears.filter((l) => isPacked(l.W)).map((l) => l.key), packable.map((l) => l.key));
+    assert.deepEqual(linears.filter((l) => isLaidOut(l.W)).map((l) => l.key), packable.map((l) => l.key));
     for (const batch of [[PROMPTS[0]!], PROMPTS]) {
       const { tokens, logits } = await runBatch(model, batch);
       batch.forEach((prompt, s) => {

@@ -9,7 +9,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend/select.ts';
 import { toDeviceLayout } from '../src/lora/adapter-file.ts';
 import { nativeAddon, nativeMatmulUnavailable } from '../src/backend/wasm/addon/addon.ts';
-import { installNativeMatmul, isPacked, markPacked, packWeight, planOf } from '../src/backend/wasm/native-matmul.ts';
+import { installNativeMatmul, PackedWeight, packWeight, planOf } from '../src/backend/wasm/native-matmul.ts';
+import { addToWeight, matmulW, storeWeight } from '../src/backend/weights.ts';
 import { setupBackend } from './helpers/tf.ts';
 
 const native = process.env.TEST_NATIVE_MATMUL !== '0';
@@ -239,34 +240,37 @@ test('packed B: pack writes the panel layout, and products on it equal the row-m
   assert.throws(() => addon.matmul(heap, 0, 0, 512, 1, 1, 4, 8, 0, 0, false, true), /multiple of 16/);
 });
 
-test('packWeight: tf.matMul on a packed weight equals the row-major product bit for bit; it is refused anywhere else', { skip: !native && 'TEST_NATIVE_MATMUL=0' }, () => {
+test('PackedWeight: its products equal the row-major ones bit for bit; other ops cannot take it, and the kernel refuses its tensor anywhere but as b', { skip: !native && 'TEST_NATIVE_MATMUL=0' }, () => {
   const before = tf.memory();
   const W = tf.tensor2d(values(96 * 48, 5), [96, 48]);
   const rowMajor = W.clone();
-  const P = packWeight(W);
-  assert.ok(isPacked(P) && P !== W && W.isDisposed, 'a new, packed tensor; the row-major one disposed');
+  const P = storeWeight(W);
+  assert.ok(P instanceof PackedWeight && W.isDisposed, 'a PackedWeight; the row-major tensor disposed');
   assert.deepEqual(P.shape, [96, 48]);
+  const delta = tf.tensor2d(values(96 * 48, 9), [96, 48]);
+  const merged = addToWeight(P, delta);
+  assert.ok(merged instanceof PackedWeight, 'W + delta stays packed (merged LoRA weights)');
   for (const rows of [1, 3, 16, 40]) {
     tf.tidy(() => {
       const x = tf.tensor2d(values(rows * 96, rows), [rows, 96]);
       const want = tf.matMul(x, rowMajor).dataSync();
-      const got = tf.matMul(x, P).dataSync();
-      assert.ok(got.every((v, i) => Object.is(v, want[i])), `${rows} rows`);
-      // W + a delta, both packed, is W' packed (mergeWeights).
-      const delta = tf.tensor2d(values(96 * 48, 9), [96, 48]);
-      const merged = tf.add(P, packWeight(delta.clone()));
-      markPacked(merged);
+      assert.ok(matmulW(x, P).dataSync().every((v, i) => Object.is(v, want[i])), `${rows} rows`);
       const wantMerged = tf.matMul(x, tf.add(rowMajor, delta)).dataSync();
-      assert.ok(tf.matMul(x, merged).dataSync().every((v, i) => Object.is(v, wantMerged[i])), `${rows} rows, merged`);
+      assert.ok(matmulW(x, merged).dataSync().every((v, i) => Object.is(v, wantMerged[i])), `${rows} rows, merged`);
     });
   }
-  assert.throws(() => tf.tidy(() => tf.matMul(tf.ones([2, 48]), P, false, true)), /packed weight/, 'transposed');
-  assert.throws(() => tf.tidy(() => tf.matMul(P, tf.ones([48, 2]))), /packed weight/, 'as the a operand');
+  // Any TensorFlow.js op is a type error on a PackedWeight (the lines below would not compile without the directive) …
+  // @ts-expect-error a PackedWeight is not a tf.Tensor
+  assert.throws(() => tf.slice(P, [0, 0], [1, 1]));
+  // … and the kernel refuses the packed tensor in any other place of a product.
+  const t = PackedWeight.kernelInput(P) as tf.Tensor2D;
+  assert.throws(() => tf.tidy(() => tf.matMul(tf.ones([2, 48]), t, false, true)), /packed weight/, 'transposed');
+  assert.throws(() => tf.tidy(() => tf.matMul(t, tf.ones([48, 2]))), /packed weight/, 'as the a operand');
   const odd = tf.ones([8, 24]) as tf.Tensor2D;
   assert.equal(packWeight(odd), odd, 'N not a multiple of 16: left row-major');
+  assert.throws(() => PackedWeight.pack(odd), /cannot pack/);
   odd.dispose();
-  P.dispose();
-  rowMajor.dispose();
+  for (const w of [P, merged, delta, rowMajor]) w.dispose();
   const after = tf.memory();
   assert.deepEqual([after.numTensors, after.numBytes], [before.numTensors, before.numBytes], 'nothing leaked');
 });

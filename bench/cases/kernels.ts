@@ -4,7 +4,7 @@
  * layer's projections (q, k, v, o, gate, up, down; distinct weights per layer, as in the model, so one row is bound by
  * reading them from memory) for 1 row (one request decoding), 16 rows (a worker's share of 32 concurrent decodes) and
  * 512 rows (a prefill). Same inputs, same backend; only the kernel differs, and for the native kernel the weights'
- * layout: row-major, or packed in 16-column panels as the server stores them (packWeight).
+ * layout: row-major, or packed in 16-column panels as the server stores them (PackedWeight).
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,7 +13,7 @@ import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
 import { initBackend } from '../../src/backend/select.ts';
 import { nativeMatmulUnavailable } from '../../src/backend/wasm/addon/addon.ts';
-import { installNativeMatmul, packWeight } from '../../src/backend/wasm/native-matmul.ts';
+import { installNativeMatmul, PackedWeight } from '../../src/backend/wasm/native-matmul.ts';
 
 const ROWS = [1, 16, 512];
 
@@ -36,10 +36,11 @@ export const kernels: BenchCase = {
     const layerShapes: [number, number][] = [[d, q], [d, kv], [d, kv], [q, d], [d, I], [d, I], [I, d]];
     const shapes = Array.from({ length: c.num_hidden_layers! }, () => layerShapes).flat();
     const weights = shapes.map(([i, o], n) => tf.randomUniform([i, o], -0.05, 0.05, 'float32', n) as tf.Tensor2D);
-    const packed = weights.map((w) => packWeight(w.clone()));
+    const packedWeights = weights.map((w) => PackedWeight.pack(w.clone()));
+    const packed = packedWeights.map(PackedWeight.kernelInput);
     const backend = tf.backend();
     /** Milliseconds for every layer's projections of `rows` rows through `kernel`. */
-    const forward = (kernel: tf.KernelFunc, x: tf.Tensor2D[], ws: tf.Tensor2D[]) => {
+    const forward = (kernel: tf.KernelFunc, x: tf.Tensor2D[], ws: readonly tf.TensorInfo[]) => {
       const t0 = performance.now();
       for (let i = 0; i < ws.length; i++) {
         const out = kernel({ inputs: { a: x[i]!, b: ws[i]! }, backend, attrs: { transposeA: false, transposeB: false } }) as tf.TensorInfo;
@@ -79,7 +80,7 @@ export const kernels: BenchCase = {
       );
     }
     weights.forEach((w) => w.dispose());
-    packed.forEach((w) => w.dispose());
+    packedWeights.forEach((w) => w.dispose());
     return figures;
   },
 };

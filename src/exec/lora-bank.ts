@@ -10,7 +10,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Linear, StepLora } from '../model/layers.ts';
 import type { ExecAdapter } from '../engine/executor.ts';
-import { isPacked, markPacked, packWeight } from '../backend/wasm/native-matmul.ts';
+import { addToWeight, storeWeight, type Weight } from '../backend/weights.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 
 export interface DeviceModule {
@@ -130,26 +130,35 @@ export interface LoraBank {
   readonly adapters: readonly DeviceAdapter[];
   readonly R: number;
   /** owned: false when A and B are the adapter's own tensors (not disposed with the bank). */
-  readonly linears: ReadonlyMap<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>;
+  readonly linears: ReadonlyMap<string, { A: Weight; B: Weight; owned: boolean }>;
   readonly bytes: number;
 }
 
-/** pack: store the bank's own A and B packed (src/backend/wasm/native-matmul.ts), for banks only ever used as linear()'s b operands. */
-export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[], opts: { pack?: boolean } = {}): LoraBank {
-  const R = Math.max(1, ...adapters.map((a) => a.rank));
+/** The bank's A and B of every linear some adapter targets; owned: false when they are the adapter's own tensors. */
+function bankTensors(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[], R: number): Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }> {
   const out = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; owned: boolean }>();
-  let bytes = 0;
   for (const lin of linears) {
     const shared = adapters.length === 1 ? sharedBank(lin, adapters[0]!) : null;
-    if (shared) {
-      out.set(lin.key, { ...shared, owned: false });
+    const made = shared ? null : linearBank(lin, adapters, R);
+    if (shared) out.set(lin.key, { ...shared, owned: false });
+    else if (made) out.set(lin.key, { ...made, owned: true });
+  }
+  return out;
+}
+
+/** A bank for a set of adapters; its own A and B are stored in the backend's weight layout (storeWeight). */
+export function buildBank(linears: Iterable<Linear>, adapters: readonly DeviceAdapter[]): LoraBank {
+  const R = Math.max(1, ...adapters.map((a) => a.rank));
+  const out = new Map<string, { A: Weight; B: Weight; owned: boolean }>();
+  let bytes = 0;
+  for (const [key, { A, B, owned }] of bankTensors(linears, adapters, R)) {
+    if (!owned) {
+      out.set(key, { A, B, owned });
       continue;
     }
-    const made = linearBank(lin, adapters, R);
-    if (!made) continue;
-    const b = opts.pack ? { A: packWeight(made.A), B: packWeight(made.B) } : made;
-    out.set(lin.key, { ...b, owned: true });
-    bytes += (b.A.size + b.B.size) * 4;
+    const stored = { A: storeWeight(A), B: storeWeight(B), owned };
+    out.set(key, stored);
+    bytes += (stored.A.size + stored.B.size) * 4;
   }
   return { adapters, R, linears: out, bytes };
 }
@@ -168,7 +177,7 @@ export function disposeBank(bank: LoraBank): void {
  */
 export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): StepLora {
   const k = bank.adapters.length;
-  const unmerged = new Map<string, { A: tf.Tensor2D; B: tf.Tensor2D; mask: tf.Tensor2D }>();
+  const unmerged = new Map<string, { A: Weight; B: Weight; mask: tf.Tensor2D }>();
   if (bank.linears.size === 0) return { unmerged };
   // One mask for every linear of the step (all banks share the k·R column layout).
   const mask = tf.tensor2d(maskData(rowSlots, k, bank.R), [rowSlots.length, k * bank.R]);
@@ -177,7 +186,7 @@ export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): 
 }
 
 export function disposeStepLora(s: StepLora): void {
-  const seen = new Set<tf.Tensor>();
+  const seen = new Set<Weight>();
   for (const u of s.unmerged?.values() ?? []) seen.add(u.mask);
   for (const m of s.merged?.values() ?? []) seen.add(m);
   for (const t of seen) t.dispose();
@@ -187,19 +196,23 @@ export function disposeStepLora(s: StepLora): void {
  * Merged weights for one adapter: W' = W + At·Bt for every linear it targets (computed from the pristine
  * W, which stays untouched, so switching back to the base is exact).
  */
-export function mergeWeights(linears: ReadonlyMap<string, Linear>, adapter: DeviceAdapter): Map<string, tf.Tensor2D> {
-  const bank = buildBank(linears.values(), [adapter]);
-  const merged = new Map<string, tf.Tensor2D>();
-  for (const [key, { A, B }] of bank.linears) {
-    merged.set(key, tf.tidy((): tf.Tensor2D => {
-      const W = linears.get(key)!.W;
-      if (!isPacked(W)) return tf.add(W, tf.matMul(A, B));
-      // A packed W (src/backend/wasm/native-matmul.ts) gets a delta packed the same way: the sum is W' packed.
-      const sum = tf.add<tf.Tensor2D>(W, packWeight(tf.matMul(A, B)));
-      markPacked(sum);
-      return sum;
-    }));
+export function mergeWeights(linears: ReadonlyMap<string, Linear>, adapter: DeviceAdapter): Map<string, Weight> {
+  const parts = bankTensors(linears.values(), [adapter], Math.max(1, adapter.rank));
+  const merged = new Map<string, Weight>();
+  try {
+    for (const [key, { A, B }] of parts) {
+      const delta = tf.matMul(A, B) as tf.Tensor2D;
+      try {
+        merged.set(key, addToWeight(linears.get(key)!.W, delta));
+      } finally {
+        delta.dispose();
+      }
+    }
+  } catch (err) {
+    for (const w of merged.values()) w.dispose();
+    throw err;
+  } finally {
+    for (const { A, B, owned } of parts.values()) if (owned) { A.dispose(); B.dispose(); }
   }
-  disposeBank(bank);
   return merged;
 }

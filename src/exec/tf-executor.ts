@@ -12,6 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
+import type { Weight } from '../backend/weights.ts';
 import { profiler } from '../obs/profile.ts';
 import type { StepLora } from '../model/layers.ts';
 import type { KVBatch } from './kv.ts';
@@ -38,7 +39,7 @@ export class TfExecutor implements Executor {
   private rows: Row[] = [];
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
   private readonly banks = new Map<string, LoraBank>();
-  private merged: { adapter: DeviceAdapter; weights: Map<string, tf.Tensor2D> } | null = null;
+  private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
   private soleStreak: { key: string; passes: number } | null = null;
   private readonly mergeAfter: number;
   private readonly maxBanks: number;
@@ -253,7 +254,7 @@ export class TfExecutor implements Executor {
     if (bank) {
       this.banks.delete(key); // refresh LRU position
     } else {
-      bank = buildBank(this.model.linears.values(), distinct, { pack: true });
+      bank = buildBank(this.model.linears.values(), distinct);
       while (this.banks.size >= this.maxBanks) {
         const [oldKey, old] = this.banks.entries().next().value!;
         disposeBank(old);

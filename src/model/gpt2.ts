@@ -10,7 +10,7 @@
  *   module's output (so a LoRA delta on c_attn lands in the right columns, and no output is ever split).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { packWeight } from '../backend/wasm/native-matmul.ts';
+import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { attention, gelu, geluNew, layerNorm, linear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
@@ -54,8 +54,8 @@ interface Gpt2Layer {
 export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const prefix = ckpt.names.has('transformer.wte.weight') ? 'transformer.' : '';
   const d = c.hiddenSize;
-  const tensors: tf.Tensor[] = [];
-  const keep = <T extends tf.Tensor>(t: T): T => {
+  const tensors: (tf.Tensor | Weight)[] = [];
+  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
     tensors.push(t);
     return t;
   };
@@ -72,7 +72,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     };
     const lin = (name: string): Linear => {
       const module = moduleOf(name);
-      const W = keep(packWeight(read(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D)); // Conv1D: [in, out]
+      const W = keep(storeWeight(read(`h.${l}.${name}.weight`, [module.inFeatures, module.outFeatures]) as tf.Tensor2D)); // Conv1D: [in, out]
       const b = load(`h.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D;
       return add({ key: module.key, W, b, module, moduleOffset: 0 });
     };
@@ -83,7 +83,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     const third = (i: number): Linear => {
       const Wi = new Float32Array(d * d);
       for (let r = 0; r < d; r++) Wi.set(w.subarray(r * 3 * d + i * d, r * 3 * d + (i + 1) * d), r * d);
-      const W = packWeight(tf.tensor2d(Wi, [d, d]));
+      const W = storeWeight(tf.tensor2d(Wi, [d, d]));
       const b = tf.tensor1d(bias.slice(i * d, (i + 1) * d));
       tensors.push(W, b);
       return add({ key: `${cAttn.key}.${'qkv'[i]}`, W, b, module: cAttn, moduleOffset: i * d });
@@ -101,8 +101,8 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   const wte = load('wte.weight', [c.vocabSize, d]) as tf.Tensor2D;
   const wpe = load('wpe.weight', [c.maxPositions, d]) as tf.Tensor2D;
-  // Tied lm_head, kept transposed [d, V] (and packed, with the native matmul): matMul with transposeB is ~10× slower on wasm.
-  const lmHead = packWeight(tf.transpose(wte) as tf.Tensor2D);
+  // Tied lm_head, kept transposed [d, V] like the linear weights, so the head is an untransposed product.
+  const lmHead = storeWeight(tf.transpose(wte) as tf.Tensor2D);
   tensors.push(lmHead);
   const lnf: [tf.Tensor1D, tf.Tensor1D] = [load('ln_f.weight', [d]) as tf.Tensor1D, load('ln_f.bias', [d]) as tf.Tensor1D];
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
@@ -123,6 +123,6 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
       const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
       return tf.add(x, linear(m, L.mlpProj, s.lora));
     },
-    head: (x) => tf.matMul(layerNorm(x, lnf[0], lnf[1], c.normEps), lmHead), // [N, V]
+    head: (x) => matmulW(layerNorm(x, lnf[0], lnf[1], c.normEps), lmHead), // [N, V]
   };
 }

@@ -3,6 +3,7 @@
  * activations, rotary embeddings and batched causal attention over a KVBatch.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { matmulW, type Weight } from '../backend/weights.ts';
 import { profiler } from '../obs/profile.ts';
 import type { LinearModule } from './types.ts';
 
@@ -14,7 +15,8 @@ import type { LinearModule } from './types.ts';
  */
 export interface Linear {
   readonly key: string;
-  readonly W: tf.Tensor2D; // [in, out]
+  /** [in, out], in the backend's layout (src/backend/weights.ts). */
+  readonly W: Weight;
   readonly b: tf.Tensor1D | null;
   readonly module: LinearModule;
   readonly moduleOffset: number;
@@ -28,15 +30,15 @@ export interface Linear {
  */
 export interface StepLora {
   /** Replacement weights (W + s·Aᵀ·Bᵀ) when one adapter is merged, keyed by Linear.key. */
-  readonly merged?: ReadonlyMap<string, tf.Tensor2D>;
-  readonly unmerged?: ReadonlyMap<string, { readonly A: tf.Tensor2D; readonly B: tf.Tensor2D; readonly mask: tf.Tensor2D }>;
+  readonly merged?: ReadonlyMap<string, Weight>;
+  readonly unmerged?: ReadonlyMap<string, { readonly A: Weight; readonly B: Weight; readonly mask: tf.Tensor2D }>;
 }
 
 export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2D {
   const W = lora?.merged?.get(lin.key) ?? lin.W;
-  let y: tf.Tensor2D = profiler.time('base_matmul', () => tf.matMul(x, W)); // [N, out]
+  let y: tf.Tensor2D = profiler.time('base_matmul', () => matmulW(x, W)); // [N, out]
   const u = lora?.unmerged?.get(lin.key);
-  if (u) y = profiler.time('lora_delta', () => tf.add(y, tf.matMul(tf.mul(tf.matMul(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
+  if (u) y = profiler.time('lora_delta', () => tf.add(y, matmulW(tf.mul(matmulW(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
   const b = lin.b;
   return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
 }

@@ -6,7 +6,7 @@
  * on the wasm backend).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { packWeight } from '../backend/wasm/native-matmul.ts';
+import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { applyRope, attention, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
@@ -57,8 +57,8 @@ interface LlamaLayer {
 
 export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   const d = c.hiddenSize;
-  const tensors: tf.Tensor[] = [];
-  const keep = <T extends tf.Tensor>(t: T): T => {
+  const tensors: (tf.Tensor | Weight)[] = [];
+  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
     tensors.push(t);
     return t;
   };
@@ -71,7 +71,7 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
     const lin = (name: string, withBias: boolean): Linear => {
       const module = modules.find((m) => m.key === `${l}.${name}`)!;
       const w = read(`model.layers.${l}.${name}.weight`, [module.outFeatures, module.inFeatures]); // Linear: [out, in]
-      const W = keep(packWeight(tf.transpose(w) as tf.Tensor2D)); // → [in, out] (packed for the native matmul when it runs)
+      const W = keep(storeWeight(tf.transpose(w) as tf.Tensor2D)); // → [in, out]
       const b = withBias ? keep(read(`model.layers.${l}.${name}.bias`, [module.outFeatures]) as tf.Tensor1D) : null;
       const L: Linear = { key: module.key, W, b, module, moduleOffset: 0 };
       linears.set(L.key, L);
@@ -94,8 +94,8 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
     throw fail('CHECKPOINT_MISSING_TENSOR', `checkpoint ${ckpt.dir} has no "lm_head.weight" and tie_word_embeddings is false`);
   }
-  // lm_head [V, d] is kept transposed, [d, V] (and packed, with the native matmul): matMul with transposeB is ~10× slower on wasm.
-  const lmHead = keep(packWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
+  // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
+  const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
   const rope = ropeTables(c.maxPositions, c.headDim, c.ropeTheta);
   const R = rotateHalfMatrix(c.headDim);
   tensors.push(rope.cos, rope.sin, R);
@@ -123,6 +123,6 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const h2 = rmsNorm(x, L.postNorm, c.normEps);
       return tf.add(x, linear(tf.mul(silu(linear(h2, L.gate, s.lora)), linear(h2, L.up, s.lora)), L.down, s.lora));
     },
-    head: (x) => tf.matMul(rmsNorm(x, norm, c.normEps), lmHead), // [N, V]
+    head: (x) => matmulW(rmsNorm(x, norm, c.normEps), lmHead), // [N, V]
   };
 }

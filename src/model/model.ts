@@ -3,6 +3,7 @@
  * step over a KVBatch. Weights are uploaded once at load and stay on the device for the process' life.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { keepWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
@@ -26,8 +27,8 @@ export interface Arch {
   /** LoRA-targetable modules, PEFT naming. */
   readonly modules: readonly LinearModule[];
   readonly linears: ReadonlyMap<string, Linear>;
-  /** Every device tensor the weights hold. */
-  readonly tensors: readonly tf.Tensor[];
+  /** Every device tensor and stored weight the architecture holds. */
+  readonly tensors: readonly (tf.Tensor | Weight)[];
   embed(tokens: tf.Tensor1D, positions: tf.Tensor1D): tf.Tensor2D;
   block(layer: number, x: tf.Tensor2D, s: StepContext): tf.Tensor2D;
   head(x: tf.Tensor2D): tf.Tensor2D;
@@ -84,7 +85,7 @@ export class CausalLM {
       let arch: Arch;
       try {
         arch = load(ckpt.config, ckpt);
-        for (const t of arch.tensors) tf.keep(t);
+        for (const t of arch.tensors) keepWeight(t);
       } finally {
         tf.engine().endScope();
       }

@@ -27,33 +27,93 @@ let installed = false;
 
 /** Byte offset of a tensor's data in the wasm heap. */
 const heapOffset = (backend: WasmBackend, t: tf.TensorInfo): number => backend.dataIdMap.get(t.dataId).memoryOffset;
-/** dataIds of tensors whose data is in the packed panel layout (packWeight, markPacked). */
+/** dataIds of the tensors held by PackedWeights: the kernel below refuses them anywhere but as a product's b operand. */
 const packedIds = new WeakSet<object>();
 
 /** Whether a tensor's data is in the packed panel layout: only this module's BatchMatMul reads it correctly. */
-export const isPacked = (t: tf.TensorInfo): boolean => packedIds.has(t.dataId);
+const isPacked = (t: tf.TensorInfo): boolean => packedIds.has(t.dataId);
 
-/** Marks a tensor computed elementwise from packed ones of its shape (W + a packed delta) as packed too. */
-export function markPacked(t: tf.Tensor): void {
-  packedIds.add(t.dataId);
+/**
+ * A weight W [K, N] stored in the packed panel layout (see the top of this file). It is not a tf.Tensor: its values
+ * are permuted, so any TensorFlow.js op but this module's matmul would read them wrongly, and the type system keeps
+ * it out of every other op. It owns its tensor.
+ */
+export class PackedWeight {
+  readonly #tensor: tf.Tensor2D;
+  readonly shape: [number, number];
+
+  private constructor(t: tf.Tensor2D) {
+    this.#tensor = t;
+    this.shape = [t.shape[0], t.shape[1]];
+    packedIds.add(t.dataId);
+  }
+
+  /** Packs W (disposing it). Only when the native matmul is installed on the wasm backend and N is a multiple of 16. */
+  static pack(W: tf.Tensor2D): PackedWeight {
+    const native = nativeAddon();
+    const [K, N] = W.shape;
+    if (!native || !packable(W)) throw new Error(`native matmul: cannot pack a ${W.dtype} [${K}, ${N}] weight here`);
+    const backend = tf.backend() as unknown as WasmBackend;
+    const out = backend.makeOutput([K, N], 'float32');
+    native.pack(backend.wasm.HEAPU8, heapOffset(backend, W), heapOffset(backend, out), K, N);
+    W.dispose();
+    return new PackedWeight(tf.engine().makeTensorFromTensorInfo(out) as tf.Tensor2D);
+  }
+
+  get size(): number {
+    return this.#tensor.size;
+  }
+
+  get isDisposed(): boolean {
+    return this.#tensor.isDisposed;
+  }
+
+  /** x·W, x [M, K] → [M, N]. */
+  matmul(x: tf.Tensor2D): tf.Tensor2D {
+    return tf.matMul(x, this.#tensor);
+  }
+
+  /**
+   * W + delta as a new PackedWeight (delta [K, N], row-major, is not disposed). Packing is a permutation, so the sum
+   * of two packed arrays is the packed sum: W' = W + s·Aᵀ·Bᵀ stays packed (merged LoRA weights).
+   */
+  plus(delta: tf.Tensor2D): PackedWeight {
+    const d = PackedWeight.pack(delta.clone());
+    try {
+      return new PackedWeight(tf.add(this.#tensor, d.#tensor));
+    } finally {
+      d.dispose();
+    }
+  }
+
+  /** Keeps the tensor out of the enclosing tf.tidy scopes (as tf.keep). */
+  keep(): this {
+    tf.keep(this.#tensor);
+    return this;
+  }
+
+  dispose(): void {
+    this.#tensor.dispose();
+  }
+
+  /** The kernel operand, for code that calls the BatchMatMul kernel directly (bench/ kernels). */
+  static kernelInput(w: PackedWeight): tf.TensorInfo {
+    return w.#tensor;
+  }
 }
 
 /**
- * W [K, N] packed (see the top of this file), as a new tensor, with W disposed; W itself when the native matmul is not
- * installed in this thread, N is not a multiple of 16, or W is packed already. A packed tensor may only be the b
- * operand of an untransposed tf.matMul (the model's linear() does that), or be added elementwise to another packed
- * tensor of its shape (mergeWeights); the BatchMatMul kernel refuses anything else.
+ * W stored for x·W products: a PackedWeight when the native matmul is installed in this thread and N is a multiple of
+ * 16 (W is then disposed), else W itself.
  */
-export function packWeight(W: tf.Tensor2D): tf.Tensor2D {
-  const native = nativeAddon();
+export function packWeight(W: tf.Tensor2D): tf.Tensor2D | PackedWeight {
+  return packable(W) ? PackedWeight.pack(W) : W;
+}
+
+/** The native matmul is installed in this thread (wasm) and reads W packed: float32, N a multiple of 16. */
+function packable(W: tf.Tensor2D): boolean {
   const [K, N] = W.shape;
-  if (!installed || !native || tf.getBackend() !== 'wasm' || W.dtype !== 'float32' || N % 16 !== 0 || K * N === 0 || isPacked(W)) return W;
-  const backend = tf.backend() as unknown as WasmBackend;
-  const out = backend.makeOutput([K, N], 'float32');
-  native.pack(backend.wasm.HEAPU8, heapOffset(backend, W), heapOffset(backend, out), K, N);
-  packedIds.add(out.dataId);
-  W.dispose();
-  return tf.engine().makeTensorFromTensorInfo(out) as tf.Tensor2D;
+  return installed && nativeAddon() !== null && tf.getBackend() === 'wasm' && W.dtype === 'float32' && N % 16 === 0 && K * N > 0;
 }
 
 /**
