@@ -1,10 +1,10 @@
 /**
  * Row and column selection on KV cache tensors [B, H, C, D].
  *
- * TensorFlow.js's generic Gather and Slice kernels on the wasm backend copy element by element (tens of ms for a
- * few MB), which made every sequence that left a batch cost more than a decode step. On the wasm and cpu backends
- * these two operations are done here as plain memory copies of contiguous runs (exact: values are moved, never
- * computed); other backends (tfjs-node) use tf.gather / tf.slice.
+ * TensorFlow.js's generic Gather and Slice kernels on the wasm backend copy element by element, so a sequence
+ * leaving a batch would cost more than a decode step. On the wasm and cpu backends these two operations are done here
+ * as plain memory copies of contiguous runs (exact: values are moved, never computed); other backends use tf.gather /
+ * tf.slice.
  */
 import * as tf from '@tensorflow/tfjs-core';
 

@@ -153,8 +153,7 @@ export class CausalLM {
         let x = this.arch.embed(tokens, positions); // [N, d]
         for (let l = 0; l < c.numLayers; l++) {
           // Each layer's intermediates are freed as soon as it is done, so the next layer reuses the same
-          // (cache-warm) heap blocks instead of touching fresh memory: one scope per forward kept every
-          // intermediate of every layer alive, ~900 MiB of wasm heap for a 16×33-token prefill.
+          // (cache-warm) heap blocks instead of touching fresh memory, and a step's memory is one layer's worth.
           const prev = x;
           x = tf.tidy(() => this.arch.block(l, prev, ctx));
           prev.dispose();

@@ -1,17 +1,17 @@
 /**
- * Native matmul for the wasm backend. TensorFlow.js's wasm kernels use 128-bit SIMD without fused multiply-add
- * (about 30–35 GFLOP/s per core here); src/backend/wasm/addon/matmul.cc runs the same products with AVX2/FMA register-blocked
- * kernels directly on the tensors in the wasm heap (bench case `kernels`: about 1.5× at 16 rows, 2.6× at 512; at one
- * row both are bound by reading the weights). It is built by `npm ci` (node-gyp, the install script) and used when it
- * built and the CPU has AVX2 and FMA; otherwise the wasm kernels run, unchanged.
+ * Native matmul for the wasm backend. TensorFlow.js's wasm kernels use 128-bit SIMD without fused multiply-add;
+ * src/backend/wasm/addon/matmul.cc runs the same products with AVX2/FMA register-blocked kernels directly on the
+ * tensors in the wasm heap (bench case `kernels` compares them; docs/architecture.md quotes the figures). It is built
+ * by `npm ci` (node-gyp, the install script) and used when it built and the CPU has AVX2 and FMA; otherwise the wasm
+ * kernels run, unchanged.
  *
  * It replaces the wasm backend's BatchMatMul kernel for float32 products without transposeA whose batch dimensions
  * are equal or 1 on one side (every matmul the model makes); anything else goes to the original kernel.
  *
- * Weights can be stored packed (packWeight): 16-column panels, each contiguous, which the kernels read in address
+ * Weights can be stored packed (PackedWeight): 16-column panels, each contiguous, which the kernels read in address
  * order (a column panel of a row-major [K, N] matrix takes 16 floats from each of K rows 4·N bytes apart: cache-set
- * conflicts and more streams than the prefetchers follow). Bench case `kernels` measures both layouts; the results
- * are the same bit for bit (each output element is the same chain of fused multiply-adds).
+ * conflicts and more streams than the prefetchers follow). The results are the same bit for bit in both layouts (each
+ * output element is the same chain of fused multiply-adds).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { nativeAddon } from './addon/addon.ts';
