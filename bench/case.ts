@@ -26,13 +26,21 @@ export interface Target {
   readonly value: number;
 }
 
-/** One reported number. With a target it is met or missed; `ref` is llama.cpp's figure where one exists. */
+/**
+ * One reported number, measured by this run. With a target it is met or missed. Figures of other systems are never
+ * figures: they live in bench/references.ts, keyed by `${case}/${key}`.
+ */
 export interface Figure {
   readonly label: string;
   readonly value: number;
   readonly unit: string;
   readonly target?: Target;
-  readonly ref?: number;
+  /** Names the figure across runs whose labels differ (counts in labels) and for references; unique in its case. */
+  readonly key?: string;
+  /** Shown in the README's Performance table (figures with a target always are). */
+  readonly headline?: boolean;
+  /** Why the value is missing (NaN), e.g. a variant this machine cannot run. */
+  readonly note?: string;
   /** The values a median or percentile was taken over: one per round, or one per sample. */
   readonly values?: readonly number[];
 }

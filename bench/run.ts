@@ -20,6 +20,8 @@ import { kernels } from './cases/kernels.ts';
 import { profile } from './cases/profile.ts';
 import { ttft } from './cases/ttft.ts';
 import type { ApiClient } from './client.ts';
+import { fmt } from './readme.ts';
+import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
@@ -42,8 +44,9 @@ Options:
   --rounds N        rounds of every side-by-side comparison (default ${FULL.rounds}; median reported)
   --model DIR       benchmark this checkpoint instead of the generated BENCH_LLAMA one
   --backend NAME    the server's --backend (default wasm)
-  --workers N       the server's --workers (default 2: one model copy per core of this 2-core machine)
+  --workers N       the server's --workers (default 1, the server's default; 2 on this 2-core machine is the tuned setting)
   --out DIR         where the JSON results go (default bench/results)
+  --save NAME       also write the results to DIR/NAME.json (latest-defaults, latest: what the README renders)
   --help            this text
 `;
 
@@ -55,10 +58,11 @@ interface Args {
   backend: string;
   workers: number;
   out: string;
+  save?: string;
 }
 
 function parseArgs(argv: readonly string[]): Args {
-  const args: Args = { cases: [], quick: false, backend: 'wasm', workers: 2, out: 'bench/results' };
+  const args: Args = { cases: [], quick: false, backend: 'wasm', workers: 1, out: 'bench/results' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -79,6 +83,10 @@ function parseArgs(argv: readonly string[]): Args {
       if (!Number.isInteger(args.workers) || args.workers < 1) throw new Error('--workers must be a positive integer');
     }
     else if (a === '--out') args.out = value();
+    else if (a === '--save') {
+      args.save = value();
+      if (!/^[\w.-]+$/.test(args.save)) throw new Error('--save takes a file name without a folder');
+    }
     else if (a.startsWith('--')) throw new Error(`unknown option ${a}`);
     else {
       const c = CASES.find((x) => x.name === a);
@@ -98,28 +106,35 @@ function git(...args: string[]): string {
   }
 }
 
-function fmt(v: number, unit: string): string {
-  if (!Number.isFinite(v)) return String(v);
-  const n = Math.abs(v) >= 100 || unit === 'B' ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2);
-  return unit === '×' ? `${n}×` : unit ? `${n} ${unit}` : n;
+
+/** A server a case ran against: the flags the harness gave it and what its GET /info said. */
+interface CaseServer {
+  readonly flags: Readonly<Record<string, string | number>>;
+  readonly info: Record<string, unknown>;
 }
 
-interface CaseResult {
+export interface CaseResult {
   readonly name: string;
   readonly title: string;
   readonly seconds: number;
   readonly figures: readonly Figure[];
+  readonly servers: readonly CaseServer[];
   readonly error?: string;
 }
 
 function table(results: readonly CaseResult[]): string {
-  const rows = [['case', 'figure', 'ours', 'llama.cpp', 'target', 'result']];
+  const systems = REFERENCES.map((x) => x.system);
+  const rows = [['case', 'figure', 'measured', ...systems.map((s) => `${s} (ref.)`), 'target', 'result']];
   for (const r of results) {
-    if (r.error) rows.push([r.name, `FAILED: ${r.error.split('\n')[0]}`, '', '', '', '']);
+    if (r.error) rows.push([r.name, `FAILED: ${r.error.split('\n')[0]}`, '', ...systems.map(() => ''), '', '']);
     for (const f of r.figures) {
       const ok = met(f);
+      const refs = referenceOf(r.name, f.key);
       rows.push([
-        r.name, f.label, fmt(f.value, f.unit), f.ref === undefined ? '' : fmt(f.ref, f.unit),
+        r.name, f.label, f.note ?? fmt(f.value, f.unit), ...systems.map((s) => {
+          const x = refs.find((y) => y.system === s);
+          return x ? fmt(x.value, f.unit) : '';
+        }),
         f.target ? `${f.target.op} ${fmt(f.target.value, f.unit)}` : '', ok === undefined ? '' : ok ? 'met' : 'MISSED',
       ]);
     }
@@ -147,23 +162,25 @@ async function main(): Promise<void> {
   const adapters = await prepareAdapters(modelDir, Math.max(...args.cases.map((c) => c.adapters)), say);
   const prompts = await preparePrompts(modelDir, PROMPTS, PROMPT_TOKENS);
   const logDir = resolve('.cache/bench-logs');
-  let serverInfo: Record<string, unknown> | undefined;
+  let backendInfo: unknown;
 
   const results: CaseResult[] = [];
   for (const c of args.cases) {
     say(`\n== ${c.name}: ${c.title}`);
     const tc = performance.now();
     const log = (msg: string) => say(`[${c.name}] ${msg}`);
+    const servers: CaseServer[] = [];
     const ctx: CaseContext = {
       sizes, adapters, log, workers: args.workers, modelDir,
       prompt: (i) => prompts[i % prompts.length]!,
       async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
-        const server = await startServer({
-          model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, workers: args.workers, 'log-level': 'warn', 'shutdown-grace': 1, ...flags,
-        }, logDir, c.name);
+        const all = { model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, workers: args.workers, 'log-level': 'warn', 'shutdown-grace': 1, ...flags };
+        const server = await startServer(all, logDir, c.name);
         log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
         try {
-          serverInfo ??= await server.api.json('GET', '/info');
+          const info = await server.api.json('GET', '/info');
+          servers.push({ flags: all, info });
+          backendInfo ??= info.backend;
           return await fn(server.api);
         } finally {
           await server.stop();
@@ -180,7 +197,7 @@ async function main(): Promise<void> {
       error = e.message;
     }
     const caseSeconds = (performance.now() - tc) / 1000;
-    results.push({ name: c.name, title: c.title, seconds: caseSeconds, figures, ...(error === undefined ? {} : { error }) });
+    results.push({ name: c.name, title: c.title, seconds: caseSeconds, figures, servers, ...(error === undefined ? {} : { error }) });
     say(`[${c.name}] ${caseSeconds.toFixed(0)} s`);
   }
 
@@ -195,9 +212,10 @@ async function main(): Promise<void> {
       cpu: os.cpus()[0]?.model ?? 'unknown', cores: os.cpus().length, memoryBytes: os.totalmem(),
       platform: `${os.platform()} ${os.release()} ${os.arch()}`, node: process.version, loadAverage: os.loadavg(),
     },
-    backend: { requested: args.backend, server: serverInfo?.backend ?? null, workers: args.workers },
+    backend: { requested: args.backend, server: backendInfo ?? null, workers: args.workers },
     model: { dir: modelDir, generated: args.model === undefined, config: JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) },
-    serverInfo: serverInfo ?? null,
+    // Figures of other systems shown beside ours: not measured by this run.
+    references: REFERENCES,
     git: { commit, dirty: git('status', '--porcelain').length > 0 },
     cases: results,
   };
@@ -205,12 +223,13 @@ async function main(): Promise<void> {
   const stamp = started.toISOString().replace(/[:.]/g, '-');
   const file = join(args.out, `${stamp}-${commit.slice(0, 8) || 'nogit'}${args.quick ? '-quick' : ''}.json`);
   writeFileSync(file, JSON.stringify(report, null, 2) + '\n');
+  if (args.save) writeFileSync(join(args.out, `${args.save}.json`), JSON.stringify(report, null, 2) + '\n');
 
   const m = report.machine;
   process.stdout.write(`\n${m.cpu}, ${m.cores} cores, ${(m.memoryBytes / 2 ** 30).toFixed(0)} GiB; backend ${report.backend.server ?? args.backend}; ` +
     `model ${modelDir}; commit ${commit.slice(0, 12)}${report.git.dirty ? ' (dirty)' : ''}; ` +
     `${args.quick ? 'quick, ' : ''}${sizes.rounds} round(s), medians; ${(seconds / 60).toFixed(1)} min\n\n`);
-  process.stdout.write(`${table(results)}\n\nllama.cpp: llama-server, same model, 2 threads. Results: ${file}\n`);
+  process.stdout.write(`${table(results)}\n\n${REFERENCES.map((x) => `${x.system} (ref.): ${x.source}.`).join('\n')}\nResults: ${file}\n`);
 }
 
 await main();

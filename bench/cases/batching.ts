@@ -32,14 +32,14 @@ export const batching: BenchCase = {
       sequential: () => run(sizes.sequential, 1, (i) => adapters.id(i)),
     }, ctx.log);
     return [
-      rateFigure(`one at a time (${sizes.sequential} requests, distinct adapters)`, r.sequential, { ref: 60 }),
-      rateFigure(`${N} concurrent, base model`, r.base, { ref: 295 }),
-      rateFigure(`${N} concurrent, one adapter`, r.one, { ref: 317 }),
-      rateFigure(`${N} concurrent, ${N} adapters`, r.mixed, { ref: 59 }),
-      ratioFigure(`mixed-adapter batching: ${N} adapters ÷ one adapter`, r.mixed, r.one, { target: { op: '>=', value: 0.85 }, ref: 59 / 317 }),
-      ratioFigure(`batching gain: ${N} concurrent ÷ one at a time`, r.mixed, r.sequential, { target: { op: '>=', value: 4 }, ref: 59 / 60 }),
-      { label: `time to first token, ${N} concurrent on ${N} adapters, p50`, value: percentile(ttft, 50), unit: 'ms' },
-      { label: `time to first token, ${N} concurrent on ${N} adapters, p95 (${ttft.length} requests)`, value: percentile(ttft, 95), unit: 'ms' },
+      rateFigure(`one at a time (${sizes.sequential} requests, distinct adapters)`, r.sequential, { key: 'sequential', headline: true }),
+      rateFigure(`${N} concurrent, base model`, r.base, { key: 'base', headline: true }),
+      rateFigure(`${N} concurrent, one adapter`, r.one, { key: 'one', headline: true }),
+      rateFigure(`${N} concurrent, ${N} adapters`, r.mixed, { key: 'mixed', headline: true }),
+      ratioFigure(`mixed-adapter batching: ${N} adapters ÷ one adapter`, r.mixed, r.one, { key: 'mixed-ratio', target: { op: '>=', value: 0.85 } }),
+      ratioFigure(`batching gain: ${N} concurrent ÷ one at a time`, r.mixed, r.sequential, { key: 'gain', target: { op: '>=', value: 4 } }),
+      { label: `time to first token, ${N} concurrent on ${N} adapters, p50`, key: 'ttft-p50', value: percentile(ttft, 50), unit: 'ms', headline: true },
+      { label: `time to first token, ${N} concurrent on ${N} adapters, p95`, key: 'ttft-p95', value: percentile(ttft, 95), unit: 'ms', headline: true },
     ];
   }),
 };

@@ -51,12 +51,12 @@ export const manyAdapters: BenchCase = {
     }, ctx.log);
     const p = (k: 'zipf' | 'one', q: number) => percentile(latency[k].map((g) => g.seconds * 1000), q);
     return [
-      rateFigure('Zipf(1.0) over 500 adapters', r.zipf),
-      rateFigure('all on one adapter', r.one),
+      rateFigure('Zipf(1.0) over 500 adapters', r.zipf, { headline: true }),
+      rateFigure('all on one adapter', r.one, { headline: true }),
       ratioFigure('Zipf ÷ one adapter', r.zipf, r.one, { target: { op: '>=', value: 0.7 } }),
-      { label: 'device-tier hit rate (Zipf, from /metrics)', value: (100 * hits) / (hits + loads), unit: '%' },
-      { label: 'request latency p50, Zipf', value: p('zipf', 50), unit: 'ms' },
-      { label: 'request latency p95, Zipf', value: p('zipf', 95), unit: 'ms' },
+      { label: 'device-tier hit rate (Zipf, from /metrics)', value: (100 * hits) / (hits + loads), unit: '%', headline: true },
+      { label: 'request latency p50, Zipf', value: p('zipf', 50), unit: 'ms', headline: true },
+      { label: 'request latency p95, Zipf', value: p('zipf', 95), unit: 'ms', headline: true },
       { label: 'request latency p50, one adapter', value: p('one', 50), unit: 'ms' },
       { label: 'request latency p95, one adapter', value: p('one', 95), unit: 'ms' },
     ];

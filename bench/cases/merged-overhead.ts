@@ -17,8 +17,8 @@ export const mergedOverhead: BenchCase = {
     await batch(null, 2, 1);
     const r = await sideBySide(ctx.sizes.rounds, { merged: () => batch(ctx.adapters.id(0)), base: () => batch(null) }, ctx.log);
     return [
-      rateFigure(`${CONCURRENT} concurrent, base model`, r.base),
-      rateFigure(`${CONCURRENT} concurrent, one adapter merged`, r.merged),
+      rateFigure(`${CONCURRENT} concurrent, base model`, r.base, { headline: true }),
+      rateFigure(`${CONCURRENT} concurrent, one adapter merged`, r.merged, { headline: true }),
       ratioFigure('merged ÷ base', r.merged, r.base, { target: { op: '>=', value: 0.98 } }),
     ];
   }),

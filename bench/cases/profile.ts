@@ -40,9 +40,9 @@ function figures(name: string, before: Snapshot, after: Snapshot, workers: numbe
     const exec = (Object.keys(PHASES) as Phase[]).filter((p) => !MAIN.includes(p));
     const execTotal = exec.reduce((s, p) => s + ms(p), 0);
     const main = MAIN.reduce((s, p) => s + ms(p), 0) + (workers > 1 ? 0 : execTotal);
-    out.push({ label: `${name}, ${kind}: ${steps} steps, main thread ms/step`, value: main, unit: 'ms' });
+    out.push({ label: `${name}, ${kind}: main thread ms/step (${steps} steps)`, key: `${name}/${kind}/main`, value: main, unit: 'ms', headline: true });
     for (const p of MAIN) out.push({ label: `${name}, ${kind}: ${p}`, value: ms(p), unit: 'ms/step' });
-    out.push({ label: `${name}, ${kind}: executor ms/step${workers > 1 ? `, summed over ${workers} workers` : ''}`, value: execTotal, unit: 'ms' });
+    out.push({ label: `${name}, ${kind}: executor ms/step${workers > 1 ? `, summed over ${workers} workers` : ''}`, key: `${name}/${kind}/executor`, value: execTotal, unit: 'ms', headline: true });
     for (const p of [...exec].sort((a, b) => ms(b) - ms(a))) {
       out.push({ label: `${name}, ${kind}: ${p} (${((100 * ms(p)) / execTotal).toFixed(1)} %)`, value: ms(p), unit: 'ms/step' });
     }

@@ -15,8 +15,8 @@ export const ttft: BenchCase = {
     const ms: number[] = [];
     for (let i = 0; i < ctx.sizes.ttftIdle; i++) ms.push((await first(i)).ttft! * 1000);
     return [
-      { label: `p50 (${ms.length} requests)`, value: percentile(ms, 50), unit: 'ms', values: ms },
-      { label: 'p95', value: percentile(ms, 95), unit: 'ms' },
+      { label: `idle, p50 (${ms.length} requests)`, key: 'p50', value: percentile(ms, 50), unit: 'ms', values: ms, headline: true },
+      { label: 'idle, p95', value: percentile(ms, 95), unit: 'ms', headline: true },
     ];
   }),
 };
