@@ -37,19 +37,44 @@ test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0', async (
   });
   const res = await request(`${url}/generate_stream`, {
     method: 'POST', headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ inputs: 'drain me', parameters: { max_new_tokens: 60 } }),
+    body: JSON.stringify({ inputs: 'drain me', parameters: { max_new_tokens: 60, ignore_eos: true } }),
   });
   let text = '';
   let signalled = false;
+  let refused: Promise<string> | null = null;
   for await (const chunk of res.body) {
     text += chunk.toString();
     if (!signalled && text.includes('"token"')) {
       signalled = true;
       child.kill('SIGTERM');
+      refused = refusedAfterSignal(url);
     }
   }
   const events = text.split('\n\n').filter((f) => f.startsWith('data:')).map((f) => JSON.parse(f.slice(5)));
   const last = events.at(-1);
   assert.ok(last.generated_text !== null && last.details, `stream did not finish: ${text.slice(-300)}`);
+  assert.equal(last.details.finish_reason, 'length', 'the in-flight stream ran to its end, not cancelled');
+  assert.equal(last.details.generated_tokens, 60);
+  assert.match(await refused!, /^(ECONNREFUSED|503)$/, 'a new request after SIGTERM is refused');
   assert.equal(await exited, 0);
 });
+
+/** Sends new generate requests after the signal until one is refused (connection refused, or 503 while closing). */
+async function refusedAfterSignal(url: string): Promise<string> {
+  for (let i = 0; i < 100; i++) {
+    try {
+      const r = await request(`${url}/generate`, {
+        method: 'POST', headers: { 'content-type': 'application/json' }, reset: true,
+        body: JSON.stringify({ inputs: 'late', parameters: { max_new_tokens: 1 } }),
+      });
+      await r.body.dump();
+      if (r.statusCode === 503) return '503';
+    } catch (err) {
+      const code = (err as { code?: string }).code ?? '';
+      if (code === 'ECONNREFUSED') return code;
+      throw err;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return 'still accepting after 2 s';
+}
