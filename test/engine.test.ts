@@ -50,11 +50,20 @@ test('sequences that finish at different steps leave the batch without disturbin
   assert.deepEqual(together.map((o) => o.tokens.map((t) => t.id)), alone);
 });
 
-test('seeded sampling is reproducible; details carry prompt logprobs', async () => {
-  const r = request(prompt(3), { sampling: { doSample: true, temperature: 0.8, topK: 20, seed: 42 }, maxNewTokens: 6, decoderInputDetails: true });
+test('seeded sampling is reproducible, seeds differ, top_k 1 is greedy; details carry prompt logprobs', async () => {
+  const sampled = (seed: number, topK = 20) => generate(rt, request(prompt(3), {
+    sampling: { doSample: true, temperature: 0.8, topK, seed }, maxNewTokens: 6, ignoreEos: true, decoderInputDetails: true,
+  }));
+  const ids = (o: Awaited<ReturnType<typeof generate>>) => o.tokens.map((t) => t.id);
+  const r = request(prompt(3), { sampling: { doSample: true, temperature: 0.8, topK: 20, seed: 42 }, maxNewTokens: 6, ignoreEos: true, decoderInputDetails: true });
   const a = await generate(rt, r);
-  const b = await generate(rt, r);
-  assert.deepEqual(a.tokens.map((t) => t.id), b.tokens.map((t) => t.id));
+  const b = await sampled(42);
+  assert.deepEqual(ids(a), ids(b), 'the same seed gives the same tokens');
+  const others = await Promise.all([1, 2, 3, 4, 5].map((s) => sampled(s)));
+  assert.ok(others.some((o) => ids(o).join() !== ids(a).join()), 'some other seed gives other tokens');
+  const greedy = await generate(rt, request(prompt(3), { maxNewTokens: 6, ignoreEos: true }));
+  assert.deepEqual(ids(await sampled(7, 1)), ids(greedy), 'top_k 1 samples the argmax');
+  assert.ok(a.tokens.every((t) => t.logprob <= 0));
   assert.equal(a.result!.seed, 42);
   assert.equal(a.result!.prefill.length, r.inputIds.length);
   assert.equal(a.result!.prefill[0]!.logprob, null);
@@ -92,7 +101,11 @@ test('no tensor leaks after 200 generate calls', async () => {
   await generate(rt, request(prompt(0), { adapterId: 'ad0' })); // warm: adapter resident, bank built
   const baseline = tf.memory().numTensors;
   for (let round = 0; round < 20; round++) {
-    await Promise.all(Array.from({ length: 10 }, (_, i) => generate(rt, request(prompt(i), { adapterId: i % 3 === 0 ? null : 'ad0', maxNewTokens: 4 }))));
+    const outs = await Promise.all(Array.from({ length: 10 }, (_, i) => generate(rt, request(prompt(i), { adapterId: i % 3 === 0 ? null : 'ad0', maxNewTokens: 4 }))));
+    for (const o of outs) {
+      assert.equal(o.error, undefined, `round ${round}: ${o.error?.message}`);
+      assert.ok(o.result && o.result.generatedTokens >= 1 && o.result.generatedTokens <= 4);
+    }
   }
   assert.equal(rt.engine.stats().running, 0);
   assert.equal(tf.memory().numTensors, baseline);
