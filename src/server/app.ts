@@ -13,6 +13,7 @@ import { fail, isServeError, ServeError } from '../errors.ts';
 import type { AdapterAdmin } from '../lora/types.ts';
 import type { Metrics } from '../obs/metrics.ts';
 import type { TextTokenizer } from '../text/tokenizer.ts';
+import { lingerOnClose } from './linger.ts';
 import { adapterRoutes } from './routes/adapters.ts';
 import { openAIErrorBody, publicErrorBody } from './routes/common.ts';
 import { generateRoutes } from './routes/generate.ts';
@@ -151,6 +152,12 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
       }
     });
   }
+
+  // A response that closes the connection before the request body was read (a body over the limit) lingers.
+  app.addHook('onSend', async (request, reply, payload) => {
+    if (String(reply.getHeader('connection')).toLowerCase() === 'close') lingerOnClose(request.raw);
+    return payload;
+  });
 
   app.addHook('onResponse', async (request, reply) => {
     deps.metrics.httpRequest(request.routeOptions.url ?? 'unmatched', request.method, reply.statusCode, reply.elapsedTime / 1000);
