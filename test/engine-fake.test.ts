@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
+import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
 import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
 import type { GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
@@ -202,6 +202,27 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   });
   return Promise.race([p, t]).finally(() => clearTimeout(timer));
 }
+
+test('length rules: empty, too long, max-new-tokens, total within the model positions; fields name the messages', () => {
+  const { engine, ex } = setup({ maxInputLength: 8, maxTotalTokens: 16, maxPositions: 12 });
+  assert.deepEqual(engine.limits, { maxInputLength: 8, maxTotalTokens: 12 });
+  const sink = { onToken() {}, onDone() {}, onError() {} };
+  const cases: [GenerateRequest, string, string][] = [
+    [request([]), 'VALIDATION', '`inputs` must not be empty'],
+    [request(Array(9).fill(1)), 'INPUT_TOO_LONG', '`inputs` must have at most 8 tokens. Given: 9'],
+    [request([1], { maxNewTokens: 0 }), 'VALIDATION', '`max_new_tokens` must be a positive integer'],
+    [request([1], { maxNewTokens: 1.5 }), 'VALIDATION', '`max_new_tokens` must be a positive integer'],
+    [request([1, 2], { maxNewTokens: 11 }), 'INPUT_TOO_LONG', '`inputs` tokens + `max_new_tokens` must be <= 12. Given: 2 `inputs` tokens and 11 `max_new_tokens`'],
+    [request([1, 2], { maxNewTokens: 11, fields: { input: 'prompt', maxNewTokens: 'max_tokens' } }), 'INPUT_TOO_LONG',
+      '`prompt` tokens + `max_tokens` must be <= 12. Given: 2 `prompt` tokens and 11 `max_tokens`'],
+  ];
+  for (const [req, code, message] of cases) {
+    assert.throws(() => engine.generate(req, sink), { code, message });
+    assert.throws(() => checkLengths(req, engine.limits), { code, message });
+  }
+  checkLengths(request([1, 2], { maxNewTokens: 10 }), engine.limits);
+  assert.equal(ex.calls.length, 0);
+});
 
 test('a request whose adapter is loading blocks nobody; it runs once the adapter is resident', async () => {
   const { ex, provider, engine, submit, finished } = setup();
