@@ -97,6 +97,29 @@ test('readWith: borrowed read buffers give each read its own bytes (concurrent, 
   }
 });
 
+test('readWith: files.version is the hash of the files read, even when read after their buffer went back to the pool', async () => {
+  const dir = await tmp();
+  try {
+    const store = new AdapterStore({ dir, maxAdapterBytes: LIMIT });
+    const versionOf = (n: number) => adapterVersion(files(n).config, files(n).weights);
+    await store.write('a', files(1));
+    await store.write('b', files(2)); // same size: the next read reuses the buffer
+    // Returned out of `use`: its buffer is recycled when `use` settles, then holds b's bytes.
+    const kept = await store.readWith('a', (f) => f);
+    assert.equal(await store.readWith('b', (f) => f.version), versionOf(2));
+    assert.equal(kept.version, versionOf(1));
+    // Given back early with release(), then overwritten while `use` still runs.
+    const early = await store.readWith('a', async (f, release) => {
+      release();
+      assert.deepEqual(await store.readWith('b', (g) => g.weights.slice()), files(2).weights);
+      return f.version;
+    });
+    assert.equal(early, versionOf(1));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('write → read/has/list → replace → delete', async () => {
   const dir = await tmp();
   try {

@@ -34,9 +34,9 @@ export interface AdapterFiles {
   readonly weights: Uint8Array;
   readonly source: 'disk' | 'upload' | 'remote';
   /**
-   * Content hash: first 16 hex of sha256(canonical config JSON, NUL, weights). Computed on first use (hashing a
-   * 2 MB adapter takes about a millisecond; a load does it while the workers copy the weights), so with readWith
-   * read it before `use` settles.
+   * Content hash (`adapterVersion`) of these config and weights. Computed on first read, so that a load can hash
+   * while the device upload runs; files read with `readWith` are hashed before their buffer is lent again, so the
+   * value is always that of the bytes read.
    */
   readonly version: string;
 }
@@ -205,8 +205,8 @@ export class AdapterStore {
   private readonly pending = new Map<string, Promise<unknown>>();
   private recovered?: Promise<void>;
   /**
-   * Read buffers lent by readWith. Fresh multi-MB allocations are costly (every page is faulted in and
-   * zeroed; ~5 ms for a 2 MB adapter on a VM), and a load only needs the file bytes until they are validated.
+   * Read buffers lent by readWith: a load needs the file bytes only until they are validated and hashed, and a
+   * recycled buffer spares faulting in and zeroing a fresh multi-megabyte one (docs/architecture.md, "Adapter cache").
    */
   private readonly pool: Uint8Array[] = [];
 
@@ -258,25 +258,30 @@ export class AdapterStore {
 
   /**
    * `use(read(id))` without a fresh buffer for the weights: a disk read borrows one of the store's buffers,
-   * so `files.weights` (and a `files.version` not yet computed) is only valid until `use` returns, its promise
-   * settles, or it calls `release` (which gives the buffer back early); copy out anything kept.
+   * so `files.weights` is only valid until `use` returns, its promise settles, or it calls `release` (which
+   * gives the buffer back early); copy out anything kept. `files.version` stays valid: it is computed, if it
+   * was not yet, before the buffer goes back.
    */
   async readWith<T>(id: string, use: (files: AdapterFiles, release: () => void) => T | Promise<T>): Promise<T> {
     let lent: Uint8Array | undefined;
+    let files: AdapterFiles | undefined;
     const borrow = (size: number) => {
       const i = this.pool.findIndex((b) => b.byteLength >= size);
       lent = i >= 0 ? this.pool.splice(i, 1)[0]! : new Uint8Array(size);
       return lent.subarray(0, size);
     };
     const release = () => {
-      if (lent && lent.byteLength <= POOLED_MAX) {
+      if (!lent) return;
+      void files?.version; // hashed while the bytes are still these files'
+      if (lent.byteLength <= POOLED_MAX) {
         this.pool.push(lent);
         if (this.pool.length > POOL_SIZE) this.pool.sort((a, b) => b.byteLength - a.byteLength).pop();
       }
       lent = undefined;
     };
     try {
-      return await use(await this.readFrom(id, borrow), release);
+      files = await this.readFrom(id, borrow);
+      return await use(files, release);
     } finally {
       release();
     }
