@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
 import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
-import type { GenerateRequest } from '../src/engine/types.ts';
+import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/text/tokenizer.ts';
@@ -178,10 +178,10 @@ const OPTS: EngineOptions = {
   maxQueue: 16, maxInputLength: 64, maxTotalTokens: 4096, maxPositions: 4096,
 };
 
-function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = []) {
+function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = [], metrics?: EngineMetrics) {
   const ex = new FakeExecutor();
   const provider = new FakeProvider();
-  const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts });
+  const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts }, metrics);
   const finished: string[] = [];
   /** Submits a request; resolves with its outcome (the label is recorded in completion order). */
   const submit = (label: string, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> =>
@@ -247,6 +247,27 @@ test('a request whose adapter is loading blocks nobody; it runs once the adapter
   assert.deepEqual(provider.unreleased(), []);
   assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
   assert.deepEqual(ex.violations, []);
+});
+
+test('queueDepth: waiting counts requests queued and those waiting for their adapter', async () => {
+  let depth = { running: -1, waiting: -1 };
+  const noop = () => {};
+  const metrics: EngineMetrics = {
+    step: noop, requestQueued: noop, firstToken: noop, interToken: noop, requestFinished: noop,
+    queueDepth: (running, waiting) => { depth = { running, waiting }; },
+  };
+  const { provider, submit } = setup({}, [], metrics);
+  provider.slow.add('slow');
+  const a = submit('slow-1', request([5], { adapterId: 'slow', maxNewTokens: 2 }));
+  const b = submit('slow-2', request([6], { adapterId: 'slow', maxNewTokens: 2 }));
+  assert.deepEqual(depth, { running: 0, waiting: 2 });
+  const c = submit('base', request([20], { maxNewTokens: 2 }));
+  assert.deepEqual(depth, { running: 0, waiting: 3 });
+  await c;
+  assert.deepEqual(depth, { running: 0, waiting: 2 }, 'the two still waiting for their adapter');
+  provider.finish('slow');
+  await Promise.all([a, b]);
+  assert.deepEqual(depth, { running: 0, waiting: 0 });
 });
 
 test('an unknown adapter fails with ADAPTER_NOT_FOUND and never reaches the executor', async () => {

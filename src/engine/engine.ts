@@ -147,6 +147,7 @@ export class Engine implements EngineApi {
     }
     this.waitingForAdapter++;
     seq.awaitingAdapter = true;
+    this.reportDepth();
     this.adapters!.acquire(req.adapterId, req.signal).then(
       (lease) => {
         if (seq.state === 'done') return lease.release();
@@ -176,12 +177,19 @@ export class Engine implements EngineApi {
     if (!seq.awaitingAdapter) return;
     seq.awaitingAdapter = false;
     this.waitingForAdapter--;
+    this.reportDepth();
+  }
+
+  /** Running: prefilling or decoding; waiting: queued or waiting for their adapter (as stats() counts them). */
+  private reportDepth(): void {
+    const s = this.stats();
+    this.metrics?.queueDepth(s.running, s.waiting + s.waitingForAdapter);
   }
 
   private enqueue(seq: Seq): void {
     seq.state = 'waiting';
     this.waiting.push(seq);
-    this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+    this.reportDepth();
     this.kick();
   }
 
@@ -224,7 +232,7 @@ export class Engine implements EngineApi {
         if (plan.decode.length === 0 && plan.prefill.length === 0) break;
         if (plan.decode.length > 0) await profiler.step('decode', 'engine', () => this.decodeStep());
         if (plan.prefill.length > 0) await profiler.step('prefill', 'engine', () => this.prefillStep(plan.prefill));
-        this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+        this.reportDepth();
         // Let the event loop deliver responses and accept requests between steps.
         await new Promise((r) => setImmediate(r));
       }
@@ -363,6 +371,7 @@ export class Engine implements EngineApi {
     if (seq.timer) clearTimeout(seq.timer);
     if (seq.onAbort) seq.req.signal?.removeEventListener('abort', seq.onAbort);
     this.seqs.delete(seq.id);
+    this.reportDepth();
     if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
   }
 

@@ -112,5 +112,6 @@ export interface EngineMetrics {
   firstToken(seconds: number): void;
   interToken(seconds: number): void;
   requestFinished(e: { promptTokens: number; generatedTokens: number; seconds: number; outcome: FinishReason | 'cancelled' | 'timeout' | 'error' }): void;
+  /** Requests prefilling or decoding, and requests waiting: queued or waiting for their adapter to load. */
   queueDepth(running: number, waiting: number): void;
 }
