@@ -262,6 +262,9 @@ test('disk rejects: pickle only, missing weights, bad JSON, too large, not a reg
     await writeFile(path.join(dir, 'big', 'adapter_model.safetensors'), new Uint8Array(65));
     await rejectsWith(store.read('big'), 'ADAPTER_TOO_LARGE');
     await rejectsWith(store.write('big2', { config: {}, weights: new Uint8Array(65) }), 'ADAPTER_TOO_LARGE');
+    // A config the store could not read back is not written (the limit is 1 MiB both ways).
+    await rejectsWith(store.write('bigconfig', { config: { note: 'x'.repeat(1 << 20) }, weights: new Uint8Array(8) }), 'ADAPTER_TOO_LARGE', /adapter_config\.json/);
+    assert.equal(await store.has('bigconfig'), false);
     await rejectsWith(store.read('missing'), 'ADAPTER_NOT_FOUND');
 
     // A FIFO or a folder where a file should be is refused at once (a FIFO must not block the synchronous open).

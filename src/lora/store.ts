@@ -120,6 +120,11 @@ function regularSize(fd: number, id: string, file: string): number {
   return st.size;
 }
 
+/** adapter_config.json is at most MAX_CONFIG_BYTES, written or read. */
+function checkConfigSize(id: string, bytes: number): void {
+  if (bytes > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${bytes} bytes (limit ${MAX_CONFIG_BYTES})`);
+}
+
 /** adapter_config.json's bytes, or null when it does not exist (synchronous: see AdapterStore.readDisk). */
 function readConfigSync(id: string, dir: string): Uint8Array | null {
   let fd: number;
@@ -131,7 +136,7 @@ function readConfigSync(id: string, dir: string): Uint8Array | null {
   }
   try {
     const size = regularSize(fd, id, CONFIG_FILE);
-    if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
+    checkConfigSize(id, size);
     const bytes = new Uint8Array(size);
     let got = 0;
     for (let n = -1; got < size && n !== 0; got += n) n = readSync(fd, bytes, got, size - got, got);
@@ -319,8 +324,10 @@ export class AdapterStore {
     validateAdapterId(id);
     const text = JSON.stringify(files.config, null, 2);
     if (text === undefined) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": config is not JSON-serialisable`);
+    const configBytes = new TextEncoder().encode(`${text}\n`);
+    checkConfigSize(id, configBytes.byteLength);
     this.checkSize(id, files.weights.byteLength);
-    await this.commit(id, new TextEncoder().encode(`${text}\n`), files.weights);
+    await this.commit(id, configBytes, files.weights);
   }
 
   /** Removes the adapter from disk; false when it was not there (an org folder is not an adapter). */

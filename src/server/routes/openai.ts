@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
 import { fail } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
+import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
 import { fitLengths, openAISampling } from '../params.ts';
 import {
@@ -18,8 +19,6 @@ import {
   finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
-
-const OWNER = 'lora-serve';
 
 function stopList(stop: CompletionRequestBody['stop']): string[] {
   if (stop === undefined || stop === null) return [];
@@ -233,8 +232,8 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     return {
       object: 'list' as const,
       data: [
-        { id: base, object: 'model' as const, created, owned_by: OWNER },
-        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: OWNER, parent: base })),
+        { id: base, object: 'model' as const, created, owned_by: NAME },
+        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: NAME, parent: base })),
       ],
     };
   });
