@@ -210,8 +210,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
    * Whether a load from disk (or the remote source) keeps the adapter in the host tier: from its second load since
    * start on (a doorkeeper, as in TinyLFU: adapters loaded once do not push out ones that come back), and always
    * when the device may keep referencing host arrays (AdapterDevice.copiesOnUpload false). The host copy of an
-   * adapter not kept goes into a recycled scratch buffer, so its load writes no fresh memory: on the bench machine the
-   * page faults of a fresh 2 MB buffer cost 6.6 ms, more than the rest of the load.
+   * adapter not kept goes into a recycled scratch buffer, so its load writes no fresh memory (the page faults of a
+   * fresh buffer would cost more than the rest of the load: docs/architecture.md, "Adapter cache").
    */
   private admitToHost(id: string): boolean {
     const again = this.seen.has(id);
@@ -412,9 +412,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   /**
    * Runs the load path `rounds` times at start on a synthetic adapter (rank 1, zero weights, every base module):
    * validation, the content hash, the upload to the device (every worker) and its disposal. The first loads of a
-   * fresh process otherwise run their JavaScript before it is compiled: bench/ cold-load measured a p50 of about
-   * 8 ms over the first 40 loads after start against about 5 ms once 40 had run. Nothing is kept and no metric is
-   * counted; the adapter store (disk) is not touched.
+   * fresh process otherwise run their JavaScript before it is compiled, and are slower than later ones
+   * (docs/architecture.md, "Adapter cache"). Nothing is kept and no metric is counted; the adapter store (disk)
+   * is not touched.
    */
   async warmUp(rounds: number): Promise<void> {
     if (rounds <= 0) return;

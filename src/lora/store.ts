@@ -363,9 +363,9 @@ export class AdapterStore {
 
   /**
    * Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock.
-   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each takes
-   * microseconds, where a round trip to libuv's thread pool costs 0.1-0.3 ms on the bench machine and a load made
-   * eight of them. The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
+   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
+   * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
+   * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
    */
   private async readDisk(id: string, dir: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
     const configBytes = readConfigSync(id, dir);
