@@ -7,6 +7,7 @@
  */
 import { BACKENDS } from './backend/select.ts';
 import type { RuntimeOptions } from './runtime.ts';
+import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
 
 export const LORA_MODES = ['auto', 'merged', 'unmerged'] as const;
 export type LoraModeOption = (typeof LORA_MODES)[number];
@@ -71,9 +72,9 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1 }),
   opt('max-batch-tokens', 'maxBatchTokens', 'int', 2048, 'Tokens per forward step (prefill tokens + decode rows)', { min: 1 }),
   opt('max-input-length', 'maxInputLength', 'int', 1024, 'Longest prompt, in tokens', { min: 1 }),
-  opt('max-total-tokens', 'maxTotalTokens', 'int', 2048, 'Longest prompt + generation, in tokens', { min: 2 }),
+  opt('max-total-tokens', 'maxTotalTokens', 'int', 2048, 'Longest prompt + generation, in tokens (and at most the model\'s max positions)', { min: 2 }),
   opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
-  opt('max-new-tokens', 'maxNewTokens', 'int', 20, 'Default max_new_tokens of /generate and /generate_stream (TGI clients\' default); /v1/completions defaults to 16, chat to the remaining context', { min: 1 }),
+  opt('max-new-tokens', 'maxNewTokens', 'int', 20, `Default max_new_tokens of /generate and /generate_stream (TGI clients' default); /v1/completions defaults to ${COMPLETION_DEFAULT_MAX_TOKENS}, chat to the remaining context`, { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
   opt('workers', 'workers', 'int', 1, 'Executor threads, each with its own copy of the model; sequences are spread over them (wasm runs one thread per copy: 2 uses two cores)', { min: 1 }),
   opt('native-matmul', 'nativeMatmul', 'bool', true, 'On the wasm backend, run matrix products in the native AVX2/FMA addon built by npm ci (falls back to the wasm kernels when it is missing)'),

@@ -97,6 +97,29 @@ test('readWith: borrowed read buffers give each read its own bytes (concurrent, 
   }
 });
 
+test('readWith: files.version is the hash of the files read, even when read after their buffer went back to the pool', async () => {
+  const dir = await tmp();
+  try {
+    const store = new AdapterStore({ dir, maxAdapterBytes: LIMIT });
+    const versionOf = (n: number) => adapterVersion(files(n).config, files(n).weights);
+    await store.write('a', files(1));
+    await store.write('b', files(2)); // same size: the next read reuses the buffer
+    // Returned out of `use`: its buffer is recycled when `use` settles, then holds b's bytes.
+    const kept = await store.readWith('a', (f) => f);
+    assert.equal(await store.readWith('b', (f) => f.version), versionOf(2));
+    assert.equal(kept.version, versionOf(1));
+    // Given back early with release(), then overwritten while `use` still runs.
+    const early = await store.readWith('a', async (f, release) => {
+      release();
+      assert.deepEqual(await store.readWith('b', (g) => g.weights.slice()), files(2).weights);
+      return f.version;
+    });
+    assert.equal(early, versionOf(1));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('write → read/has/list → replace → delete', async () => {
   const dir = await tmp();
   try {
@@ -239,6 +262,9 @@ test('disk rejects: pickle only, missing weights, bad JSON, too large, not a reg
     await writeFile(path.join(dir, 'big', 'adapter_model.safetensors'), new Uint8Array(65));
     await rejectsWith(store.read('big'), 'ADAPTER_TOO_LARGE');
     await rejectsWith(store.write('big2', { config: {}, weights: new Uint8Array(65) }), 'ADAPTER_TOO_LARGE');
+    // A config the store could not read back is not written (the limit is 1 MiB both ways).
+    await rejectsWith(store.write('bigconfig', { config: { note: 'x'.repeat(1 << 20) }, weights: new Uint8Array(8) }), 'ADAPTER_TOO_LARGE', /adapter_config\.json/);
+    assert.equal(await store.has('bigconfig'), false);
     await rejectsWith(store.read('missing'), 'ADAPTER_NOT_FOUND');
 
     // A FIFO or a folder where a file should be is refused at once (a FIFO must not block the synchronous open).

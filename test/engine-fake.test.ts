@@ -6,9 +6,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
+import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
 import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
-import type { GenerateRequest } from '../src/engine/types.ts';
+import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/text/tokenizer.ts';
@@ -178,10 +178,10 @@ const OPTS: EngineOptions = {
   maxQueue: 16, maxInputLength: 64, maxTotalTokens: 4096, maxPositions: 4096,
 };
 
-function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = []) {
+function setup(opts: Partial<EngineOptions> = {}, eos: readonly number[] = [], metrics?: EngineMetrics) {
   const ex = new FakeExecutor();
   const provider = new FakeProvider();
-  const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts });
+  const engine = new Engine(ex, fakeTokenizer(eos), provider, { ...OPTS, ...opts }, metrics);
   const finished: string[] = [];
   /** Submits a request; resolves with its outcome (the label is recorded in completion order). */
   const submit = (label: string, req: GenerateRequest, onToken?: (n: number) => void): Promise<Outcome> =>
@@ -202,6 +202,27 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   });
   return Promise.race([p, t]).finally(() => clearTimeout(timer));
 }
+
+test('length rules: empty, too long, max-new-tokens, total within the model positions; fields name the messages', () => {
+  const { engine, ex } = setup({ maxInputLength: 8, maxTotalTokens: 16, maxPositions: 12 });
+  assert.deepEqual(engine.limits, { maxInputLength: 8, maxTotalTokens: 12 });
+  const sink = { onToken() {}, onDone() {}, onError() {} };
+  const cases: [GenerateRequest, string, string][] = [
+    [request([]), 'VALIDATION', '`inputs` must not be empty'],
+    [request(Array(9).fill(1)), 'INPUT_TOO_LONG', '`inputs` must have at most 8 tokens. Given: 9'],
+    [request([1], { maxNewTokens: 0 }), 'VALIDATION', '`max_new_tokens` must be a positive integer'],
+    [request([1], { maxNewTokens: 1.5 }), 'VALIDATION', '`max_new_tokens` must be a positive integer'],
+    [request([1, 2], { maxNewTokens: 11 }), 'INPUT_TOO_LONG', '`inputs` tokens + `max_new_tokens` must be <= 12. Given: 2 `inputs` tokens and 11 `max_new_tokens`'],
+    [request([1, 2], { maxNewTokens: 11, fields: { input: 'prompt', maxNewTokens: 'max_tokens' } }), 'INPUT_TOO_LONG',
+      '`prompt` tokens + `max_tokens` must be <= 12. Given: 2 `prompt` tokens and 11 `max_tokens`'],
+  ];
+  for (const [req, code, message] of cases) {
+    assert.throws(() => engine.generate(req, sink), { code, message });
+    assert.throws(() => checkLengths(req, engine.limits), { code, message });
+  }
+  checkLengths(request([1, 2], { maxNewTokens: 10 }), engine.limits);
+  assert.equal(ex.calls.length, 0);
+});
 
 test('a request whose adapter is loading blocks nobody; it runs once the adapter is resident', async () => {
   const { ex, provider, engine, submit, finished } = setup();
@@ -226,6 +247,27 @@ test('a request whose adapter is loading blocks nobody; it runs once the adapter
   assert.deepEqual(provider.unreleased(), []);
   assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
   assert.deepEqual(ex.violations, []);
+});
+
+test('queueDepth: waiting counts requests queued and those waiting for their adapter', async () => {
+  let depth = { running: -1, waiting: -1 };
+  const noop = () => {};
+  const metrics: EngineMetrics = {
+    step: noop, requestQueued: noop, firstToken: noop, interToken: noop, requestFinished: noop,
+    queueDepth: (running, waiting) => { depth = { running, waiting }; },
+  };
+  const { provider, submit } = setup({}, [], metrics);
+  provider.slow.add('slow');
+  const a = submit('slow-1', request([5], { adapterId: 'slow', maxNewTokens: 2 }));
+  const b = submit('slow-2', request([6], { adapterId: 'slow', maxNewTokens: 2 }));
+  assert.deepEqual(depth, { running: 0, waiting: 2 });
+  const c = submit('base', request([20], { maxNewTokens: 2 }));
+  assert.deepEqual(depth, { running: 0, waiting: 3 });
+  await c;
+  assert.deepEqual(depth, { running: 0, waiting: 2 }, 'the two still waiting for their adapter');
+  provider.finish('slow');
+  await Promise.all([a, b]);
+  assert.deepEqual(depth, { running: 0, waiting: 0 });
 });
 
 test('an unknown adapter fails with ADAPTER_NOT_FOUND and never reaches the executor', async () => {

@@ -308,6 +308,13 @@ test('OpenAI routes answer errors as {error: {message, type, param, code}}', asy
   const schema = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 5 }) });
   assert.equal(schema.statusCode, 422);
   assert.equal(schema.json().error.code, 'VALIDATION');
+  const long = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'word '.repeat(15), max_tokens: 80 }) });
+  assert.equal(long.statusCode, 422);
+  assert.equal(long.json().error.code, 'INPUT_TOO_LONG');
+  assert.match(long.json().error.message, /^`prompt` tokens \+ `max_tokens` must be <= 96\. Given: \d+ `prompt` tokens and 80 `max_tokens`$/);
+  const chat = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'word '.repeat(100) }] }) });
+  assert.equal(chat.statusCode, 422);
+  assert.match(chat.json().error.message, /^`messages` must have at most 64 tokens\. Given: \d+$/);
   const unknown = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', model: 'nope' }) });
   assert.equal(unknown.statusCode, 404);
   assert.equal(unknown.json().error.type, 'adapter_not_found');

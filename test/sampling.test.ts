@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULT_SAMPLING, Sampler, Xoshiro128, normalizeSampling, type SamplingParams } from '../src/engine/sampling.ts';
+import { DEFAULT_SAMPLING, Sampler, Xoshiro128, type SamplingParams } from '../src/engine/sampling.ts';
 
 const params = (p: Partial<SamplingParams>): SamplingParams => ({ ...DEFAULT_SAMPLING, seed: 42, ...p });
 const f32 = (xs: number[]): Float32Array => Float32Array.from(xs);
@@ -9,7 +9,6 @@ const lse = (xs: number[]): number => {
   return m + Math.log(xs.reduce((s, x) => s + Math.exp(x - m), 0));
 };
 const close = (a: number, b: number, eps = 1e-9): void => assert.ok(Math.abs(a - b) <= eps, `${a} vs ${b}`);
-const isValidation = (err: { code?: string }): boolean => err.code === 'VALIDATION';
 
 /** Draw `n` tokens with fresh histories and count them. */
 function frequencies(s: Sampler, logits: number[], n: number): number[] {
@@ -20,37 +19,6 @@ function frequencies(s: Sampler, logits: number[], n: number): number[] {
 }
 
 // ---------------------------------------------------------------------------------------------
-
-test('normalizeSampling: TGI rules for implied sampling and ranges', () => {
-  const d = normalizeSampling({});
-  assert.equal(d.doSample, false);
-  assert.ok(Number.isSafeInteger(d.seed) && d.seed >= 0);
-  assert.notEqual(normalizeSampling({}).seed, normalizeSampling({}).seed);
-  assert.equal(normalizeSampling({ seed: 7 }).seed, 7);
-
-  assert.equal(normalizeSampling({ temperature: 1 }).doSample, false); // TGI: has_warpers is false
-  assert.equal(normalizeSampling({ temperature: 0.7 }).doSample, true);
-  assert.equal(normalizeSampling({ top_k: 5 }).doSample, true);
-  assert.equal(normalizeSampling({ top_p: 0.9 }).doSample, true);
-  assert.equal(normalizeSampling({ typical_p: 0.9 }).doSample, true);
-  assert.equal(normalizeSampling({ top_p: 1, top_k: 0, typical_p: 1 }).doSample, false);
-  assert.equal(normalizeSampling({ do_sample: true }).doSample, true);
-  assert.equal(normalizeSampling({ repetition_penalty: 1.2 }).doSample, false);
-  assert.deepEqual(
-    { ...normalizeSampling({ temperature: null, top_k: null, seed: 1, top_n_tokens: null }) },
-    { ...DEFAULT_SAMPLING, seed: 1 },
-  );
-
-  for (const bad of [
-    { temperature: 0 }, { temperature: -1 }, { top_p: 0 }, { top_p: 1.1 }, { typical_p: 0 }, { typical_p: 1.5 },
-    { top_k: -1 }, { top_k: 1.5 }, { repetition_penalty: 0 }, { frequency_penalty: 2.5 }, { presence_penalty: -3 },
-    { seed: -1 }, { seed: 0.5 }, { top_n_tokens: 6 }, { top_n_tokens: -1 }, { temperature: Number.NaN },
-    { temperature: '1' as unknown as number }, { do_sample: 'yes' as unknown as boolean },
-  ]) {
-    assert.throws(() => normalizeSampling(bad), isValidation, JSON.stringify(bad));
-  }
-  assert.equal(normalizeSampling({ top_n_tokens: 10 }, { maxTopNTokens: 10 }).topNTokens, 10);
-});
 
 test('greedy: argmax, ties to the lowest id, logprob = log_softmax(raw logits)', () => {
   const logits = [1, 2, 3, 0.5];

@@ -11,7 +11,7 @@ import { Sampler } from './sampling.ts';
 import { schedule, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
-  EngineApi, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, TokenInfo,
+  EngineApi, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
 } from './types.ts';
 
 export interface EngineOptions extends SchedulerLimits {
@@ -70,7 +70,28 @@ function logprobOf(row: Float32Array, id: number): number {
   return row[id]! - max - Math.log(sum);
 }
 
+/** The length fields' names when the caller gives none: TGI's. */
+const TGI_FIELDS: LengthFields = { input: 'inputs', maxNewTokens: 'max_new_tokens' };
+
+/**
+ * The length rules, for every caller (HTTP routes, tests, benchmarks): a non-empty prompt of at most
+ * maxInputLength tokens, a positive integer max-new-tokens, and the two together within maxTotalTokens.
+ * Throws VALIDATION or INPUT_TOO_LONG naming the fields as `req.fields` does.
+ */
+export function checkLengths(req: Pick<GenerateRequest, 'inputIds' | 'maxNewTokens' | 'fields'>, limits: LengthLimits): void {
+  const { input, maxNewTokens: maxNew } = req.fields ?? TGI_FIELDS;
+  const n = req.inputIds.length;
+  if (n === 0) throw fail('VALIDATION', `\`${input}\` must not be empty`);
+  if (n > limits.maxInputLength) throw fail('INPUT_TOO_LONG', `\`${input}\` must have at most ${limits.maxInputLength} tokens. Given: ${n}`);
+  if (!Number.isInteger(req.maxNewTokens) || req.maxNewTokens < 1) throw fail('VALIDATION', `\`${maxNew}\` must be a positive integer`);
+  if (n + req.maxNewTokens > limits.maxTotalTokens) {
+    throw fail('INPUT_TOO_LONG', `\`${input}\` tokens + \`${maxNew}\` must be <= ${limits.maxTotalTokens}. Given: ${n} \`${input}\` tokens and ${req.maxNewTokens} \`${maxNew}\``);
+  }
+}
+
 export class Engine implements EngineApi {
+  /** The length limits requests must fit (`checkLengths`): maxTotalTokens within the model's positions. */
+  readonly limits: LengthLimits;
   private nextId = 1;
   private readonly seqs = new Map<number, Seq>();
   private readonly waiting: Seq[] = [];
@@ -87,7 +108,9 @@ export class Engine implements EngineApi {
     private readonly adapters: AdapterProvider | null,
     private readonly opts: EngineOptions,
     private readonly metrics?: EngineMetrics,
-  ) {}
+  ) {
+    this.limits = { maxInputLength: opts.maxInputLength, maxTotalTokens: Math.min(opts.maxTotalTokens, opts.maxPositions) };
+  }
 
   stats(): EngineStats {
     return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length, waitingForAdapter: this.waitingForAdapter };
@@ -95,16 +118,7 @@ export class Engine implements EngineApi {
 
   generate(req: GenerateRequest, sink: GenerationSink): void {
     if (!this.accepting) throw fail('SHUTTING_DOWN', 'the server is shutting down');
-    const n = req.inputIds.length;
-    if (n === 0) throw fail('VALIDATION', '`inputs` must not be empty');
-    if (n > this.opts.maxInputLength) {
-      throw fail('INPUT_TOO_LONG', `\`inputs\` must have less than ${this.opts.maxInputLength + 1} tokens. Given: ${n}`);
-    }
-    if (!Number.isInteger(req.maxNewTokens) || req.maxNewTokens < 1) throw fail('VALIDATION', '`max_new_tokens` must be a positive integer');
-    const total = Math.min(this.opts.maxTotalTokens, this.opts.maxPositions);
-    if (n + req.maxNewTokens > total) {
-      throw fail('INPUT_TOO_LONG', `\`inputs\` tokens + \`max_new_tokens\` must be <= ${total}. Given: ${n} \`inputs\` tokens and ${req.maxNewTokens} \`max_new_tokens\``);
-    }
+    checkLengths(req, this.limits);
     if (this.waiting.length + this.waitingForAdapter >= this.opts.maxQueue) {
       throw fail('OVERLOADED', `the queue is full (${this.opts.maxQueue} requests waiting); retry later`, { retryAfter: 1 });
     }
@@ -133,6 +147,7 @@ export class Engine implements EngineApi {
     }
     this.waitingForAdapter++;
     seq.awaitingAdapter = true;
+    this.reportDepth();
     this.adapters!.acquire(req.adapterId, req.signal).then(
       (lease) => {
         if (seq.state === 'done') return lease.release();
@@ -162,12 +177,19 @@ export class Engine implements EngineApi {
     if (!seq.awaitingAdapter) return;
     seq.awaitingAdapter = false;
     this.waitingForAdapter--;
+    this.reportDepth();
+  }
+
+  /** Running: prefilling or decoding; waiting: queued or waiting for their adapter (as stats() counts them). */
+  private reportDepth(): void {
+    const s = this.stats();
+    this.metrics?.queueDepth(s.running, s.waiting + s.waitingForAdapter);
   }
 
   private enqueue(seq: Seq): void {
     seq.state = 'waiting';
     this.waiting.push(seq);
-    this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+    this.reportDepth();
     this.kick();
   }
 
@@ -210,7 +232,7 @@ export class Engine implements EngineApi {
         if (plan.decode.length === 0 && plan.prefill.length === 0) break;
         if (plan.decode.length > 0) await profiler.step('decode', 'engine', () => this.decodeStep());
         if (plan.prefill.length > 0) await profiler.step('prefill', 'engine', () => this.prefillStep(plan.prefill));
-        this.metrics?.queueDepth(this.running.length + this.prefilling.length, this.waiting.length);
+        this.reportDepth();
         // Let the event loop deliver responses and accept requests between steps.
         await new Promise((r) => setImmediate(r));
       }
@@ -349,6 +371,7 @@ export class Engine implements EngineApi {
     if (seq.timer) clearTimeout(seq.timer);
     if (seq.onAbort) seq.req.signal?.removeEventListener('abort', seq.onAbort);
     this.seqs.delete(seq.id);
+    this.reportDepth();
     if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
   }
 

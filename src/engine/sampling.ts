@@ -11,13 +11,12 @@
  *   5. sample from the survivors, or argmax for greedy (ties → lowest id)
  *
  * `logprob` of the chosen id (and of the `top` alternatives) is log_softmax over the logits
- * after steps 1–3, before truncation; greedy without penalties gives log_softmax(raw logits).
- * (TGI reports the log-softmax after truncation instead; this is the brief's definition.)
+ * after steps 1–3, before truncation, so it does not depend on top_k/top_p/typical_p; greedy
+ * without penalties gives log_softmax(raw logits). (TGI reports the log-softmax after truncation.)
  *
  * All arithmetic is in float64, softmax subtracts the max first. Sampling consumes exactly one
  * PRNG float per token (greedy none), so a seed and a logits sequence fix the output.
  */
-import { randomBytes } from 'node:crypto';
 import { fail } from '../errors.ts';
 
 export interface SamplingParams {
@@ -53,79 +52,6 @@ export const DEFAULT_SAMPLING: SamplingParams = Object.freeze({
   seed: 0,
   topNTokens: 0,
 });
-
-/** Request parameters as TGI/LoRAX name them; `null` counts as absent (JSON clients send it). */
-export interface TgiSamplingInput {
-  do_sample?: boolean | null;
-  temperature?: number | null;
-  top_k?: number | null;
-  top_p?: number | null;
-  typical_p?: number | null;
-  repetition_penalty?: number | null;
-  frequency_penalty?: number | null;
-  presence_penalty?: number | null;
-  seed?: number | null;
-  top_n_tokens?: number | null;
-}
-
-/** TGI's default `--max-top-n-tokens`. */
-export const MAX_TOP_N_TOKENS = 5;
-
-function num(name: string, v: unknown): number | undefined {
-  if (v === undefined || v === null) return undefined;
-  if (typeof v !== 'number' || !Number.isFinite(v)) throw fail('VALIDATION', `\`${name}\` must be a finite number`);
-  return v;
-}
-
-/** A random seed in [0, 2^53), reported back to the client. */
-export function randomSeed(): number {
-  const b = randomBytes(8);
-  return (b.readUInt32LE(0) & 0x1fffff) * 2 ** 32 + b.readUInt32LE(4);
-}
-
-/**
- * Validate TGI-style parameters into `SamplingParams`.
- *
- * Sampling is on when `do_sample` is true or any warper is active: temperature ≠ 1, top_k > 0,
- * top_p < 1, typical_p < 1 — TGI's server rule (`NextTokenChooser`: `sampling = do_sample or
- * has_warpers`), so an explicit `temperature: 1` alone stays greedy. Ranges follow TGI's
- * router validation.rs, except that top_p = 1, typical_p = 1 and top_k = 0 are accepted as
- * "off" (TGI rejects them; OpenAI-style clients send them).
- */
-export function normalizeSampling(p: TgiSamplingInput, limits: { maxTopNTokens?: number } = {}): SamplingParams {
-  if (p.do_sample !== undefined && p.do_sample !== null && typeof p.do_sample !== 'boolean') {
-    throw fail('VALIDATION', '`do_sample` must be a boolean');
-  }
-  const temperature = num('temperature', p.temperature) ?? 1;
-  if (temperature <= 0) throw fail('VALIDATION', '`temperature` must be strictly positive');
-  const topK = num('top_k', p.top_k) ?? 0;
-  if (!Number.isInteger(topK) || topK < 0) throw fail('VALIDATION', '`top_k` must be a non-negative integer');
-  const topP = num('top_p', p.top_p) ?? 1;
-  if (topP <= 0 || topP > 1) throw fail('VALIDATION', '`top_p` must be > 0.0 and <= 1.0');
-  const typicalP = num('typical_p', p.typical_p) ?? 1;
-  if (typicalP <= 0 || typicalP > 1) throw fail('VALIDATION', '`typical_p` must be > 0.0 and <= 1.0');
-  const repetitionPenalty = num('repetition_penalty', p.repetition_penalty) ?? 1;
-  if (repetitionPenalty <= 0) throw fail('VALIDATION', '`repetition_penalty` must be strictly positive');
-  const frequencyPenalty = num('frequency_penalty', p.frequency_penalty) ?? 0;
-  if (frequencyPenalty < -2 || frequencyPenalty > 2) throw fail('VALIDATION', '`frequency_penalty` must be >= -2.0 and <= 2.0');
-  const presencePenalty = num('presence_penalty', p.presence_penalty) ?? 0;
-  if (presencePenalty < -2 || presencePenalty > 2) throw fail('VALIDATION', '`presence_penalty` must be >= -2.0 and <= 2.0');
-  const maxTopN = limits.maxTopNTokens ?? MAX_TOP_N_TOKENS;
-  const topNTokens = num('top_n_tokens', p.top_n_tokens) ?? 0;
-  if (!Number.isInteger(topNTokens) || topNTokens < 0) throw fail('VALIDATION', '`top_n_tokens` must be a non-negative integer');
-  if (topNTokens > maxTopN) throw fail('VALIDATION', `\`top_n_tokens\` must be <= ${maxTopN}`);
-  const givenSeed = num('seed', p.seed);
-  if (givenSeed !== undefined && (!Number.isInteger(givenSeed) || givenSeed < 0 || givenSeed >= 2 ** 64)) {
-    throw fail('VALIDATION', '`seed` must be an integer in [0, 2^64)');
-  }
-  const hasWarpers = temperature !== 1 || topK > 0 || topP < 1 || typicalP < 1;
-  return {
-    doSample: (p.do_sample ?? false) || hasWarpers,
-    temperature, topK, topP, typicalP, repetitionPenalty, frequencyPenalty, presencePenalty,
-    seed: givenSeed ?? randomSeed(),
-    topNTokens,
-  };
-}
 
 export interface SampledToken {
   id: number;

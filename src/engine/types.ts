@@ -10,6 +10,8 @@ export interface GenerateRequest {
   readonly adapterId: string | null;
   readonly sampling: SamplingParams;
   readonly maxNewTokens: number;
+  /** How the client's API names inputIds and maxNewTokens, for the length errors (default TGI's). */
+  readonly fields?: LengthFields;
   readonly stop: readonly string[];
   /** Keep a matched stop sequence in the text (TGI, the default) or cut it (OpenAI). */
   readonly includeStop?: boolean;
@@ -23,6 +25,18 @@ export interface GenerateRequest {
   readonly signal?: AbortSignal;
   /** Per-request deadline (ms from submission); TIMEOUT when exceeded. */
   readonly timeoutMs?: number;
+}
+
+/** Names of the length fields in error messages, e.g. TGI's `inputs` and `max_new_tokens`. */
+export interface LengthFields {
+  readonly input: string;
+  readonly maxNewTokens: string;
+}
+
+/** The lengths every request must fit: the prompt alone, and the prompt with everything it may generate. */
+export interface LengthLimits {
+  readonly maxInputLength: number;
+  readonly maxTotalTokens: number;
 }
 
 export interface TopToken {
@@ -98,5 +112,6 @@ export interface EngineMetrics {
   firstToken(seconds: number): void;
   interToken(seconds: number): void;
   requestFinished(e: { promptTokens: number; generatedTokens: number; seconds: number; outcome: FinishReason | 'cancelled' | 'timeout' | 'error' }): void;
+  /** Requests prefilling or decoding, and requests waiting: queued or waiting for their adapter to load. */
   queueDepth(running: number, waiting: number): void;
 }

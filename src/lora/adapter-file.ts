@@ -91,7 +91,7 @@ export function toDeviceLayout(A: Float32Array, B: Float32Array, r: number, inF:
   return probe === 0;
 }
 
-/** toDeviceLayout in the native addon when it is built (the same loops, ~10× faster), else in JavaScript. */
+/** toDeviceLayout in the native addon when it is built (the same loops, compiled), else in JavaScript. */
 const layout: typeof toDeviceLayout = (...args) => (nativeAddon()?.layout ?? toDeviceLayout)(...args);
 
 /** A PEFT adapter of rank 1 with zero weights on every base module (AdapterManager.warmUp runs the load path on it). */

@@ -1,10 +1,10 @@
 /**
  * Pre-touched SharedArrayBuffers for adapters' host copies. The first write to fresh memory costs a page fault per
- * 4 KiB page: 6.6 ms for a 2 MB buffer on the bench machine against 0.14 ms to write the same buffer once touched,
- * and a cold load writes every byte of its host copy once. So each size recently asked for gets a few spare
- * buffers, allocated and touched by a helper thread (the faults cost that thread, not the main thread that serves
+ * 4 KiB page, many times the cost of writing memory already touched (docs/architecture.md, "Adapter cache"), and a
+ * cold load writes every byte of its host copy once. So each size recently asked for gets a few spare buffers,
+ * allocated and touched by a helper thread (the faults cost that thread, not the main thread that serves
  * requests), and loads of that size take them. Adapters of one configuration (rank, target modules) share one size.
- * Touching takes about as long as a load, so one spare would be back only for every other load of a burst.
+ * Touching a buffer takes about as long as a load, so a burst of loads needs several spares per size, not one.
  */
 import { Worker } from 'node:worker_threads';
 
@@ -12,7 +12,7 @@ const MiB = 2 ** 20;
 
 // The helper: allocates a SharedArrayBuffer of the asked size, writes every page, hands it back (shared, not copied).
 // It runs at the lowest CPU priority (Linux: setpriority on a thread id changes just that thread), so the faults are
-// taken when a core is idle, not in the place of the threads serving requests (a 2 MB buffer is 6.6 ms of faults).
+// taken when a core is idle, not in the place of the threads serving requests.
 const TOUCHER = `
 const { parentPort } = require('node:worker_threads');
 try {

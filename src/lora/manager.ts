@@ -47,6 +47,19 @@ interface DeviceEntry {
   disposed: boolean;
 }
 
+/** A host entry for weights read from `files`: its version is `files.version`, and `files` is dropped once that is read. */
+function hostEntry(weights: AdapterWeights, files: AdapterFiles): HostEntry {
+  let from: AdapterFiles | null = files;
+  let version = '';
+  return {
+    weights, source: files.source,
+    get version() {
+      if (from) [version, from] = [from.version, null];
+      return version;
+    },
+  };
+}
+
 const MAX_FAILURES_KEPT = 1024;
 /** Ids remembered as loaded before (admitToHost). */
 const MAX_SEEN = 16384;
@@ -159,36 +172,22 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       } else {
         this.metrics?.miss();
         const admit = this.admitToHost(id);
-        // The file bytes are needed until validated (the weights come out in their own buffer) and hashed: the
-        // hash (files.version) is taken once the upload has started, while the executor workers copy the weights.
+        // The file bytes are needed until validated (the weights come out in their own buffer) and hashed: upload
+        // reads host.version while the device copies the weights, and the store hashes before it takes them back.
         entry = await this.store.readWith(id, async (files, release) => {
           let scratch: SharedArrayBuffer | null = null;
-          let unhashed: AdapterFiles | null = files; // dropped once hashed
-          let version = '';
-          let host: HostEntry | undefined;
           try {
-            host = {
-              weights: validateAdapterFiles(files, this.base, {
-                maxRank: this.opts.maxRank, alloc: admit ? undefined : (n) => (scratch = scratchBuffers.borrow(n)),
-              }),
-              get version() {
-                if (unhashed) [version, unhashed] = [unhashed.version, null];
-                return version;
-              },
-              source: files.source,
-            };
+            const weights = validateAdapterFiles(files, this.base, {
+              maxRank: this.opts.maxRank, alloc: admit ? undefined : (n) => (scratch = scratchBuffers.borrow(n)),
+            });
+            const host = hostEntry(weights, files);
             if (admit) {
               this.host.set(id, host);
               this.metrics?.loaded('host', (performance.now() - t0) / 1000);
             }
-            // A load that must wait for a device slot hashes first and gives the file bytes back meanwhile.
-            const h = host;
-            return await this.upload(id, h, scratch !== null, () => {
-              void h.version;
-              release();
-            });
+            // A load that must wait for a device slot gives the file bytes back meanwhile.
+            return await this.upload(id, host, scratch !== null, release);
           } finally {
-            void host?.version; // hashed before readWith takes the file bytes back (when the upload failed or never started)
             if (scratch) scratchBuffers.giveBack(scratch);
           }
         });
@@ -211,8 +210,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
    * Whether a load from disk (or the remote source) keeps the adapter in the host tier: from its second load since
    * start on (a doorkeeper, as in TinyLFU: adapters loaded once do not push out ones that come back), and always
    * when the device may keep referencing host arrays (AdapterDevice.copiesOnUpload false). The host copy of an
-   * adapter not kept goes into a recycled scratch buffer, so its load writes no fresh memory: on the bench machine the
-   * page faults of a fresh 2 MB buffer cost 6.6 ms, more than the rest of the load.
+   * adapter not kept goes into a recycled scratch buffer, so its load writes no fresh memory (the page faults of a
+   * fresh buffer would cost more than the rest of the load: docs/architecture.md, "Adapter cache").
    */
   private admitToHost(id: string): boolean {
     const again = this.seen.has(id);
@@ -231,7 +230,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     let adapter: ResidentAdapter;
     try {
       const uploading = this.uploader.upload(host.weights, String(++this.uploads));
-      void host.version;
+      void host.version; // a fresh load's content hash, computed while the device copies the weights
       adapter = await uploading;
     } finally {
       this.reserved--;
@@ -413,9 +412,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   /**
    * Runs the load path `rounds` times at start on a synthetic adapter (rank 1, zero weights, every base module):
    * validation, the content hash, the upload to the device (every worker) and its disposal. The first loads of a
-   * fresh process otherwise run their JavaScript before it is compiled: bench/ cold-load measured a p50 of about
-   * 8 ms over the first 40 loads after start against about 5 ms once 40 had run. Nothing is kept and no metric is
-   * counted; the adapter store (disk) is not touched.
+   * fresh process otherwise run their JavaScript before it is compiled, and are slower than later ones
+   * (docs/architecture.md, "Adapter cache"). Nothing is kept and no metric is counted; the adapter store (disk)
+   * is not touched.
    */
   async warmUp(rounds: number): Promise<void> {
     if (rounds <= 0) return;
@@ -427,7 +426,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       const files = makeAdapterFiles('warm-up', config, bytes, 'upload');
       const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank, alloc: (n) => (host ??= new SharedArrayBuffer(n)) });
       const uploading = this.uploader.upload(weights, String(++this.uploads));
-      void files.version;
+      void files.version; // hashed while the device copies, as a load does
       this.uploader.dispose(await uploading);
     }
   }

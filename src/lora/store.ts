@@ -34,9 +34,9 @@ export interface AdapterFiles {
   readonly weights: Uint8Array;
   readonly source: 'disk' | 'upload' | 'remote';
   /**
-   * Content hash: first 16 hex of sha256(canonical config JSON, NUL, weights). Computed on first use (hashing a
-   * 2 MB adapter takes about a millisecond; a load does it while the workers copy the weights), so with readWith
-   * read it before `use` settles.
+   * Content hash (`adapterVersion`) of these config and weights. Computed on first read, so that a load can hash
+   * while the device upload runs; files read with `readWith` are hashed before their buffer is lent again, so the
+   * value is always that of the bytes read.
    */
   readonly version: string;
 }
@@ -120,6 +120,11 @@ function regularSize(fd: number, id: string, file: string): number {
   return st.size;
 }
 
+/** adapter_config.json is at most MAX_CONFIG_BYTES, written or read. */
+function checkConfigSize(id: string, bytes: number): void {
+  if (bytes > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${bytes} bytes (limit ${MAX_CONFIG_BYTES})`);
+}
+
 /** adapter_config.json's bytes, or null when it does not exist (synchronous: see AdapterStore.readDisk). */
 function readConfigSync(id: string, dir: string): Uint8Array | null {
   let fd: number;
@@ -131,7 +136,7 @@ function readConfigSync(id: string, dir: string): Uint8Array | null {
   }
   try {
     const size = regularSize(fd, id, CONFIG_FILE);
-    if (size > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${size} bytes (limit ${MAX_CONFIG_BYTES})`);
+    checkConfigSize(id, size);
     const bytes = new Uint8Array(size);
     let got = 0;
     for (let n = -1; got < size && n !== 0; got += n) n = readSync(fd, bytes, got, size - got, got);
@@ -205,8 +210,8 @@ export class AdapterStore {
   private readonly pending = new Map<string, Promise<unknown>>();
   private recovered?: Promise<void>;
   /**
-   * Read buffers lent by readWith. Fresh multi-MB allocations are costly (every page is faulted in and
-   * zeroed; ~5 ms for a 2 MB adapter on a VM), and a load only needs the file bytes until they are validated.
+   * Read buffers lent by readWith: a load needs the file bytes only until they are validated and hashed, and a
+   * recycled buffer spares faulting in and zeroing a fresh multi-megabyte one (docs/architecture.md, "Adapter cache").
    */
   private readonly pool: Uint8Array[] = [];
 
@@ -258,25 +263,30 @@ export class AdapterStore {
 
   /**
    * `use(read(id))` without a fresh buffer for the weights: a disk read borrows one of the store's buffers,
-   * so `files.weights` (and a `files.version` not yet computed) is only valid until `use` returns, its promise
-   * settles, or it calls `release` (which gives the buffer back early); copy out anything kept.
+   * so `files.weights` is only valid until `use` returns, its promise settles, or it calls `release` (which
+   * gives the buffer back early); copy out anything kept. `files.version` stays valid: it is computed, if it
+   * was not yet, before the buffer goes back.
    */
   async readWith<T>(id: string, use: (files: AdapterFiles, release: () => void) => T | Promise<T>): Promise<T> {
     let lent: Uint8Array | undefined;
+    let files: AdapterFiles | undefined;
     const borrow = (size: number) => {
       const i = this.pool.findIndex((b) => b.byteLength >= size);
       lent = i >= 0 ? this.pool.splice(i, 1)[0]! : new Uint8Array(size);
       return lent.subarray(0, size);
     };
     const release = () => {
-      if (lent && lent.byteLength <= POOLED_MAX) {
+      if (!lent) return;
+      void files?.version; // hashed while the bytes are still these files'
+      if (lent.byteLength <= POOLED_MAX) {
         this.pool.push(lent);
         if (this.pool.length > POOL_SIZE) this.pool.sort((a, b) => b.byteLength - a.byteLength).pop();
       }
       lent = undefined;
     };
     try {
-      return await use(await this.readFrom(id, borrow), release);
+      files = await this.readFrom(id, borrow);
+      return await use(files, release);
     } finally {
       release();
     }
@@ -314,8 +324,10 @@ export class AdapterStore {
     validateAdapterId(id);
     const text = JSON.stringify(files.config, null, 2);
     if (text === undefined) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": config is not JSON-serialisable`);
+    const configBytes = new TextEncoder().encode(`${text}\n`);
+    checkConfigSize(id, configBytes.byteLength);
     this.checkSize(id, files.weights.byteLength);
-    await this.commit(id, new TextEncoder().encode(`${text}\n`), files.weights);
+    await this.commit(id, configBytes, files.weights);
   }
 
   /** Removes the adapter from disk; false when it was not there (an org folder is not an adapter). */
@@ -351,9 +363,9 @@ export class AdapterStore {
 
   /**
    * Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock.
-   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each takes
-   * microseconds, where a round trip to libuv's thread pool costs 0.1-0.3 ms on the bench machine and a load made
-   * eight of them. The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
+   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
+   * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
+   * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
    */
   private async readDisk(id: string, dir: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
     const configBytes = readConfigSync(id, dir);

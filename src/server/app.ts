@@ -52,6 +52,7 @@ export interface ServerInfo {
 export interface AppOptions {
   /** Require `Authorization: Bearer <apiKey>` on every route but /health and /metrics. */
   readonly apiKey?: string;
+  /** The engine's length limits (`Engine.limits`): /info reports them and default max-new-tokens are fitted to them. */
   readonly maxInputLength: number;
   readonly maxTotalTokens: number;
   /** Default max_new_tokens of /generate and /generate_stream. */

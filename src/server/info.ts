@@ -1,10 +1,8 @@
 /** GET /info's content, from the runtime and the options (no tensors: plain fields only). */
-import { readFileSync } from 'node:fs';
 import type { ServerOptions } from '../cli.ts';
 import type { Runtime } from '../runtime.ts';
+import { VERSION } from '../version.ts';
 import type { ServerInfo } from './app.ts';
-
-const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
 export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
   return {

@@ -4,14 +4,16 @@
  * `title` makes it a named component). Field names follow TGI/LoRAX and OpenAI exactly.
  *
  * Request schemas check types and structure only; value ranges of the sampling parameters are
- * checked by `normalizeSampling` (one place, TGI's rules). Unknown request fields are ignored,
+ * checked by src/server/params.ts (one place, TGI's rules). Unknown request fields are ignored,
  * as TGI (serde) and OpenAI-compatible servers do.
  */
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
-import { MAX_TOP_N_TOKENS } from '../engine/sampling.ts';
-
 /** TGI's `--max-stop-sequences` default. */
 export const MAX_STOP_SEQUENCES = 4;
+/** TGI's `--max-top-n-tokens` default: the most alternatives a token reports. */
+export const MAX_TOP_N_TOKENS = 5;
+/** OpenAI's default `max_tokens` of /v1/completions. */
+export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 /** A string enum (`{type: string, enum: [...]}`), typed as the union of its values. */
@@ -141,7 +143,7 @@ const OpenAISampling = {
 export const CompletionRequest = Type.Object({
   ...OpenAISampling,
   prompt: Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1, maxItems: 1 })], { description: 'One prompt (a string or a list of one string)' }),
-  max_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default 16' })),
+  max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
   echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text' })),
 }, { title: 'CompletionRequest' });

@@ -32,8 +32,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
     info: serverInfo(runtime, options),
     options: {
       apiKey: options.apiKey,
-      maxInputLength: options.maxInputLength,
-      maxTotalTokens: options.maxTotalTokens,
+      ...runtime.engine.limits,
       maxNewTokensDefault: options.maxNewTokens,
       maxAdapterBytes: options.maxAdapterBytes,
       bodyLimitBytes: 4 * 1024 * 1024,

@@ -8,7 +8,8 @@ import { readFileSync } from 'node:fs';
 import AjvModule from 'ajv';
 import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fastify';
 import YAML from 'yaml';
-import type { EngineApi, FinishReason, GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../src/engine/types.ts';
+import { checkLengths } from '../../src/engine/engine.ts';
+import type { EngineApi, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthLimits, TokenInfo } from '../../src/engine/types.ts';
 import { fail, type ServeError } from '../../src/errors.ts';
 import { buildTokenizer } from '../../src/demo/index.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo } from '../../src/lora/types.ts';
@@ -41,12 +42,17 @@ export const DEFAULT_SCRIPT: Script = {
 export class ScriptedEngine implements EngineApi {
   script: Script = DEFAULT_SCRIPT;
   readonly requests: GenerateRequest[] = [];
-  /** Adapter ids the engine knows; others fail with ADAPTER_NOT_FOUND before the first token. */
-  constructor(private readonly knownAdapters: () => Set<string>) {}
+  constructor(
+    /** Adapter ids the engine knows; others fail with ADAPTER_NOT_FOUND before the first token. */
+    private readonly knownAdapters: () => Set<string>,
+    /** Checked as the engine does. */
+    private readonly limits: LengthLimits,
+  ) {}
 
   generate(req: GenerateRequest, sink: GenerationSink): void {
     const s = this.script;
     if (s.reject) throw s.reject;
+    checkLengths(req, this.limits);
     this.requests.push(req);
     const tokens: TokenInfo[] = s.tokens.map((t) => ({
       logprob: -0.5, special: false, ...t,
@@ -240,16 +246,14 @@ export async function build(opts: {
   const adapters = new MemoryAdapters();
   adapters.add('demo');
   adapters.add('org/style');
-  const engine = new ScriptedEngine(() => new Set(adapters.adapters.keys()));
-  const metrics = new Metrics({ deviceMemory: () => ({ numBytes: 1234, numTensors: 5 }), processMetrics: false });
   let ready = true;
-  const app = await buildApp({
-    engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: TEST_INFO,
-    options: {
-      maxInputLength: 64, maxTotalTokens: 96, maxNewTokensDefault: 20, maxAdapterBytes: 4096, bodyLimitBytes: 64 * 1024,
-      ready: () => ready, ...opts.options,
-    },
-  });
+  const options: AppOptions = {
+    maxInputLength: 64, maxTotalTokens: 96, maxNewTokensDefault: 20, maxAdapterBytes: 4096, bodyLimitBytes: 64 * 1024,
+    ready: () => ready, ...opts.options,
+  };
+  const engine = new ScriptedEngine(() => new Set(adapters.adapters.keys()), options);
+  const metrics = new Metrics({ deviceMemory: () => ({ numBytes: 1234, numTensors: 5 }), processMetrics: false });
+  const app = await buildApp({ engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: TEST_INFO, options });
   const validate = opts.validate ?? true;
   return {
     app, engine, adapters, metrics,

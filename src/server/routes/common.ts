@@ -1,11 +1,11 @@
 /**
- * What the generation routes share: adapter id resolution, prompt length checks, submitting to
- * the engine with an AbortSignal tied to the client connection, and SSE responses.
+ * What the generation routes share: adapter id resolution, submitting to the engine with an
+ * AbortSignal tied to the client connection, and SSE responses.
  */
 import { PassThrough } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
-import { errorBody, fail, type ErrorCode, type ServeError } from '../../errors.ts';
+import { errorBody, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 
@@ -28,34 +28,6 @@ export function openAIErrorBody(body: ReturnType<typeof errorBody>['body']) {
 export function resolveAdapter(deps: AppDeps, id: string | null | undefined): string | null {
   if (id === undefined || id === null || id === '' || id === deps.info.modelId) return null;
   return validateAdapterId(id);
-}
-
-/**
- * Applies `truncate` (keep the last N tokens) and the length limits. An explicit max-new-tokens
- * that does not fit is an error; a default one is shortened to what fits.
- */
-export function fitLengths(
-  deps: AppDeps,
-  ids: readonly number[],
-  opts: { maxNew: number | null | undefined; defaultMaxNew: number; truncate?: number | null; names: { input: string; maxNew: string } },
-): { inputIds: number[]; maxNewTokens: number } {
-  const { maxInputLength, maxTotalTokens } = deps.options;
-  const { input, maxNew } = opts.names;
-  let inputIds = [...ids];
-  if (opts.truncate) {
-    if (opts.truncate > maxInputLength) throw fail('VALIDATION', `\`truncate\` must be <= ${maxInputLength} (max input length). Given: ${opts.truncate}`);
-    if (inputIds.length > opts.truncate) inputIds = inputIds.slice(-opts.truncate);
-  }
-  const n = inputIds.length;
-  if (n === 0) throw fail('VALIDATION', `\`${input}\` must not be empty`);
-  if (n > maxInputLength) throw fail('INPUT_TOO_LONG', `\`${input}\` must have at most ${maxInputLength} tokens. Given: ${n}`);
-  if (opts.maxNew !== undefined && opts.maxNew !== null) {
-    if (n + opts.maxNew > maxTotalTokens) {
-      throw fail('INPUT_TOO_LONG', `\`${input}\` tokens + \`${maxNew}\` must be <= ${maxTotalTokens}. Given: ${n} \`${input}\` tokens and ${opts.maxNew} \`${maxNew}\``);
-    }
-    return { inputIds, maxNewTokens: opts.maxNew };
-  }
-  return { inputIds, maxNewTokens: Math.max(1, Math.min(opts.defaultMaxNew, maxTotalTokens - n)) };
 }
 
 export type EngineRequest = Omit<GenerateRequest, 'signal' | 'timeoutMs'>;

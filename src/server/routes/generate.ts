@@ -1,12 +1,12 @@
 /** TGI / LoRAX generation: POST /generate and POST /generate_stream. */
 import type { FastifyInstance } from 'fastify';
-import { normalizeSampling } from '../../engine/sampling.ts';
 import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
 import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { fitLengths, tgiSampling } from '../params.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
-import { finiteLogprob, fitLengths, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
+import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
 
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
@@ -31,10 +31,9 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
   const adapterId = resolveAdapter(deps, top ?? inner);
-  const sampling = normalizeSampling(params);
-  const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(body.inputs), {
+  const sampling = tgiSampling(params);
+  const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
-    names: { input: 'inputs', maxNew: 'max_new_tokens' },
   });
   return {
     body, params,

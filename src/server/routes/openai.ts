@@ -5,43 +5,22 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
-import { normalizeSampling, type TgiSamplingInput } from '../../engine/sampling.ts';
 import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
 import { fail } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
+import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
+import { fitLengths, openAISampling } from '../params.ts';
 import {
-  ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
+  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
-  finiteLogprob, fitLengths, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+  finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
 
-const OWNER = 'lora-serve';
-const COMPLETION_DEFAULT_MAX_TOKENS = 16;
-
-type Common = Pick<CompletionRequestBody, 'model' | 'temperature' | 'top_p' | 'top_k' | 'repetition_penalty' | 'frequency_penalty'
-  | 'presence_penalty' | 'n' | 'seed' | 'stop' | 'stream' | 'stream_options'>;
-
-function samplingInput(b: Common, topN: number): TgiSamplingInput {
-  if ((b.n ?? 1) !== 1) throw fail('VALIDATION', '`n` must be 1: one choice per request');
-  const greedy = b.temperature === 0;
-  return {
-    do_sample: !greedy,
-    temperature: greedy ? null : b.temperature,
-    top_p: greedy ? null : b.top_p,
-    top_k: greedy ? null : b.top_k,
-    repetition_penalty: b.repetition_penalty,
-    frequency_penalty: b.frequency_penalty,
-    presence_penalty: b.presence_penalty,
-    seed: b.seed,
-    top_n_tokens: topN,
-  };
-}
-
-function stopList(stop: Common['stop']): string[] {
+function stopList(stop: CompletionRequestBody['stop']): string[] {
   if (stop === undefined || stop === null) return [];
   return (typeof stop === 'string' ? [stop] : stop).filter((s) => s.length > 0);
 }
@@ -134,12 +113,15 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     const prompt = typeof b.prompt === 'string' ? b.prompt : b.prompt[0]!;
     const topN = b.logprobs ?? 0;
     const stops = stopList(b.stop);
-    const sampling = normalizeSampling(samplingInput(b, topN));
+    const sampling = openAISampling(b, topN);
     const adapterId = resolveAdapter(deps, b.model);
-    const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(prompt), {
-      maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS, names: { input: 'prompt', maxNew: 'max_tokens' },
+    const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(prompt), {
+      maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
     });
-    const req: EngineRequest = { inputIds, adapterId, sampling, maxNewTokens, stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true };
+    const req: EngineRequest = {
+      inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+    };
     const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
     const echo = b.echo ? prompt : '';
     const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
@@ -189,14 +171,17 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
       throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`');
     }
     const stops = stopList(b.stop);
-    const sampling = normalizeSampling(samplingInput(b, b.logprobs ? b.top_logprobs ?? 0 : 0));
+    const sampling = openAISampling(b, b.logprobs ? b.top_logprobs ?? 0 : 0);
     const adapterId = resolveAdapter(deps, b.model);
     // The template writes the special tokens (e.g. bos_token) itself.
     const prompt = deps.tokenizer.applyChatTemplate(templateMessages(b.messages), { addGenerationPrompt: true });
-    const { inputIds, maxNewTokens } = fitLengths(deps, deps.tokenizer.encode(prompt, { addSpecialTokens: false }), {
-      maxNew: b.max_completion_tokens ?? b.max_tokens, defaultMaxNew: deps.options.maxTotalTokens, names: { input: 'messages', maxNew: 'max_tokens' },
+    const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(prompt, { addSpecialTokens: false }), {
+      maxNew: b.max_completion_tokens ?? b.max_tokens, defaultMaxNew: deps.options.maxTotalTokens,
     });
-    const req: EngineRequest = { inputIds, adapterId, sampling, maxNewTokens, stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true };
+    const req: EngineRequest = {
+      inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+    };
     const model = b.model || deps.info.modelId;
 
     if (!b.stream) {
@@ -247,8 +232,8 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     return {
       object: 'list' as const,
       data: [
-        { id: base, object: 'model' as const, created, owned_by: OWNER },
-        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: OWNER, parent: base })),
+        { id: base, object: 'model' as const, created, owned_by: NAME },
+        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: NAME, parent: base })),
       ],
     };
   });

@@ -5,11 +5,11 @@
  * test/openapi.test.ts fails when the two differ (regenerate with
  * `UPDATE_OPENAPI=1 node --import tsx --test test/openapi.test.ts`).
  */
-import { createRequire } from 'node:module';
 import type { TSchema } from '@sinclair/typebox';
 import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import YAML from 'yaml';
 import { ERRORS, type ErrorCode } from '../../errors.ts';
+import { NAME, VERSION } from '../../version.ts';
 import { ErrorBody, OpenAIErrorBody } from '../schemas.ts';
 
 /** One documented operation of a route; every field defaults to what the route's schema says. */
@@ -67,8 +67,6 @@ export function recordRoute(r: RouteOptions): RouteRecord[] {
     public: r.config?.public === true,
   }));
 }
-
-const VERSION: string = (createRequire(import.meta.url)('../../../package.json') as { version: string }).version;
 
 type Json = Record<string, unknown>;
 
@@ -180,7 +178,7 @@ export function openApiDocument(routes: readonly RouteRecord[]): Json {
   return {
     openapi: '3.1.0',
     info: {
-      title: 'lora-serve',
+      title: NAME,
       version: VERSION,
       description: 'One base model, many LoRA adapters: TGI/LoRAX-compatible generation, OpenAI-compatible completions, adapter management. ' +
         'Errors are `{error, error_type, code}` (OpenAI routes: `{error: {message, type, param, code}}`). ' +

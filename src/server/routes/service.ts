@@ -1,9 +1,8 @@
 /** Service routes: GET /health, GET /info, GET /metrics. */
 import type { FastifyInstance } from 'fastify';
-import { MAX_TOP_N_TOKENS } from '../../engine/sampling.ts';
 import { fail } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
-import { Health, Info, MAX_STOP_SEQUENCES } from '../schemas.ts';
+import { Health, Info, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS } from '../schemas.ts';
 
 export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
   app.get('/health', {
