@@ -77,6 +77,9 @@ const rejectCases: [string, unknown, string, RegExp][] = [
   ['target_modules empty', base({ target_modules: [] }), 'ADAPTER_INVALID_CONFIG', /target_modules/],
   ['target_modules wrong type', base({ target_modules: [1] }), 'ADAPTER_INVALID_CONFIG', /target_modules/],
   ['target_modules bad regex', base({ target_modules: '(unclosed' }), 'ADAPTER_INVALID_CONFIG', /target_modules/],
+  ['target_modules with a lookahead (not RE2)', base({ target_modules: '.*(?=q)q_proj' }), 'ADAPTER_INVALID_CONFIG', /target_modules.*RE2/],
+  ['rank_pattern key with a backreference', base({ rank_pattern: { '(q)\\1': 4 } }), 'ADAPTER_INVALID_CONFIG', /rank_pattern key/],
+  ['target_modules pattern too long', base({ target_modules: 'a'.repeat(2000) }), 'ADAPTER_INVALID_CONFIG', /longer than/],
   ['rank_pattern value not int', base({ rank_pattern: { c_attn: 'x' } }), 'ADAPTER_INVALID_CONFIG', /rank_pattern\["c_attn"\]/],
   ['rank_pattern not an object', base({ rank_pattern: [1] }), 'ADAPTER_INVALID_CONFIG', /rank_pattern/],
   ['alpha_pattern value not finite', base({ alpha_pattern: { c_attn: null } }), 'ADAPTER_INVALID_CONFIG', /alpha_pattern\["c_attn"\]/],
@@ -117,6 +120,29 @@ test('target list: exact name or "." suffix (c_proj hits attn.c_proj and mlp.c_p
   const full = parse({ target_modules: ['attn.c_proj'] });
   assert.equal(matchesTarget(full, 'transformer.h.0.attn.c_proj'), true);
   assert.equal(matchesTarget(full, 'transformer.h.0.mlp.c_proj'), false);
+});
+
+test('hostile patterns (catastrophic backtracking elsewhere) match in linear time', () => {
+  // In a backtracking engine each of these takes seconds to minutes on a module path of this length.
+  const hostile = [
+    { target_modules: '.*.*.*.*.*.*.*.*.*.*.*.*=' },
+    { target_modules: '(a|aa)*c' },
+    { target_modules: '(.*a){12}' },
+    { target_modules: ['q_proj'], rank_pattern: { '(a+)+b': 2 }, alpha_pattern: { '(x+x+)+y': 4 } },
+    { target_modules: ['q_proj'], layers_to_transform: [0], layers_pattern: '(a|a)*b' },
+  ];
+  const path = `model.${'a'.repeat(40)}.layers.10.self_attn.q_proj`;
+  for (const h of hostile) {
+    const cfg = parse(h);
+    const t0 = performance.now();
+    for (let i = 0; i < 10; i++) {
+      matchesTarget(cfg, path);
+      rankFor(cfg, path);
+      scalingFor(cfg, path, 8);
+    }
+    const ms = performance.now() - t0;
+    assert.ok(ms < 100, `${JSON.stringify(h)}: ${ms.toFixed(1)} ms for 10 matches`);
+  }
 });
 
 test('target regex: must match the whole module name', () => {

@@ -8,6 +8,7 @@
  * `base_model.model.` prefix (`transformer.h.0.attn.c_attn`, `model.layers.3.self_attn.q_proj`).
  */
 
+import { RE2JS } from 're2js';
 import { fail } from '../errors.ts';
 
 export type TargetModules = readonly string[] | { readonly regex: string } | 'all-linear';
@@ -68,23 +69,40 @@ function isPositiveInt(v: unknown): v is number {
   return typeof v === 'number' && Number.isInteger(v) && v > 0;
 }
 
-/** Compiles a Python-style regex as a JS full match; invalid syntax is a config error naming `field`. */
-function fullMatchRegex(source: string, field: string): RegExp {
+/** Longest pattern accepted in an adapter config. */
+const MAX_PATTERN_LENGTH = 1024;
+
+/**
+ * Compiles a pattern from an adapter config with RE2 semantics (re2js): matching takes time linear in the input, so
+ * no config can stall the event loop with catastrophic backtracking, as `(a|aa)*c` or `.*.*.*=` do in a backtracking
+ * engine. RE2 has no lookarounds or backreferences; a pattern that uses them is refused with its field named.
+ */
+function userRegex(source: string, wrapped: string, what: string): RE2JS {
+  if (source.length > MAX_PATTERN_LENGTH) throw invalid(`${what} is longer than ${MAX_PATTERN_LENGTH} characters`);
   try {
-    return new RegExp(`^(?:${source})$`);
+    return RE2JS.compile(wrapped);
   } catch (err) {
-    throw invalid(`${field} ${JSON.stringify(source)} is not a valid regular expression (${(err as Error).message})`);
+    throw invalid(`${what} ${JSON.stringify(source)} is not a supported regular expression (${(err as Error).message}; `
+      + 'patterns are matched with RE2 syntax: no lookarounds or backreferences)');
   }
 }
 
-/** rank_pattern / alpha_pattern key → `re.match(r"(.*\.)?(" + key + r")$", name)`. */
-function patternRegex(key: string, field: string): RegExp {
-  try {
-    return new RegExp(`^(?:.*\\.)?(?:${key})$`);
-  } catch (err) {
-    throw invalid(`${field} key ${JSON.stringify(key)} is not a valid regular expression (${(err as Error).message})`);
-  }
+/** A target_modules / exclude_modules regex: a full match of the module path (peft's re.fullmatch). */
+function fullMatchRegex(source: string, field: string): RE2JS {
+  return userRegex(source, `^(?:${source})$`, field);
 }
+
+/** rank_pattern / alpha_pattern key → `re.match(r"(.*\.)?(" + key + r")$", name)`. */
+function patternRegex(key: string, field: string): RE2JS {
+  return userRegex(key, `^(?:.*\\.)?(?:${key})$`, `${field} key`);
+}
+
+/** layers_pattern p → peft's `.*\.{p}\.(\d+)\.`, also at the start of the path; group 1 is the layer index. */
+function layerRegex(p: string): RE2JS {
+  return userRegex(p, `^(?:.*\\.)?(?:${p})\\.(\\d+)\\.`, 'layers_pattern');
+}
+
+const test = (re: RE2JS, s: string): boolean => re.matcher(s).find();
 
 function optionalBool(json: Record<string, unknown>, field: string): boolean {
   const v = json[field];
@@ -118,7 +136,7 @@ function parseTargets(v: unknown): TargetModules {
     }
   } else {
     const re = fullMatchRegex((t as { regex: string }).regex, 'target_modules');
-    const emb = EMBEDDING_PROBES.find((p) => re.test(p));
+    const emb = EMBEDDING_PROBES.find((p) => test(re, p));
     if (emb !== undefined) {
       throw unsupported(`target_modules regex ${JSON.stringify((t as { regex: string }).regex)} selects the embedding/output module "${emb}"; LoRA on embeddings or lm_head is not supported`);
     }
@@ -192,7 +210,7 @@ export function parsePeftConfig(json: unknown, opts: { maxRank: number }): PeftC
     if (!Array.isArray(list) || list.some((p) => typeof p !== 'string' || p.length === 0)) {
       throw invalid(`layers_pattern must be a string or a list of strings, got ${JSON.stringify(lp)}`);
     }
-    for (const p of list as string[]) patternRegex(p, 'layers_pattern');
+    for (const p of list as string[]) layerRegex(p);
     if (list.length > 0) layersPattern = Object.freeze([...list]) as string[];
   }
 
@@ -215,8 +233,8 @@ export function parsePeftConfig(json: unknown, opts: { maxRank: number }): PeftC
 }
 
 // Compiled regexes per source string: configs are frozen, so the cache never goes stale.
-const regexCache = new Map<string, RegExp>();
-function cached(source: string, make: () => RegExp): RegExp {
+const regexCache = new Map<string, RE2JS>();
+function cached(source: string, make: () => RE2JS): RE2JS {
   let re = regexCache.get(source);
   if (re === undefined) {
     re = make();
@@ -227,7 +245,7 @@ function cached(source: string, make: () => RegExp): RegExp {
 }
 
 function listOrRegexHits(t: readonly string[] | { readonly regex: string }, path: string): 'exact' | 'suffix' | 'regex' | null {
-  if ('regex' in t) return cached(`full:${t.regex}`, () => fullMatchRegex(t.regex, 'regex')).test(path) ? 'regex' : null;
+  if ('regex' in t) return test(cached(`full:${t.regex}`, () => fullMatchRegex(t.regex, 'regex')), path) ? 'regex' : null;
   const list = t as readonly string[];
   if (list.includes(path)) return 'exact';
   return list.some((name) => path.endsWith(`.${name}`)) ? 'suffix' : null;
@@ -242,8 +260,8 @@ function listOrRegexHits(t: readonly string[] | { readonly regex: string }, path
 export function layerIndexOf(modulePath: string, layersPattern: readonly string[] | null): number | null {
   const patterns = layersPattern ?? ['[^.]*'];
   for (const p of patterns) {
-    const m = cached(`layer:${p}`, () => new RegExp(`^(?:.*\\.)?(?:${p})\\.(\\d+)\\.`)).exec(modulePath);
-    if (m) return Number(m[1]);
+    const m = cached(`layer:${p}`, () => layerRegex(p)).matcher(modulePath);
+    if (m.find()) return Number(m.group(1));
   }
   return null;
 }
@@ -266,7 +284,7 @@ export function matchesTarget(cfg: PeftConfig, modulePath: string, isOutputLayer
 
 function patternValue(pattern: readonly (readonly [string, number])[], modulePath: string): number | undefined {
   for (const [key, value] of pattern) {
-    if (cached(`pat:${key}`, () => patternRegex(key, 'pattern')).test(modulePath)) return value;
+    if (test(cached(`pat:${key}`, () => patternRegex(key, 'pattern')), modulePath)) return value;
   }
   return undefined;
 }
