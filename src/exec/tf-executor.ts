@@ -14,7 +14,7 @@ import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepR
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import { profiler } from '../obs/profile.ts';
 import type { StepLora } from '../model/layers.ts';
-import type { KVBatch } from './kv.ts';
+import { newKV, type KVBatch } from './kv.ts';
 import type { CausalLM } from '../model/model.ts';
 
 export type LoraMode = 'auto' | 'merged' | 'unmerged';
@@ -45,7 +45,7 @@ export class TfExecutor implements Executor {
 
   constructor(readonly model: CausalLM, readonly opts: TfExecutorOptions) {
     this.vocabSize = model.config.vocabSize;
-    this.kv = model.newKV();
+    this.kv = newKV(model.config);
     this.mergeAfter = opts.mergeAfter ?? 32;
     this.maxBanks = opts.maxBanks ?? 4;
   }
@@ -63,7 +63,7 @@ export class TfExecutor implements Executor {
   warmUp(heapBytes = 0): void {
     const c = this.model.config;
     const T = Math.min(16, c.maxPositions - 1);
-    const kv = this.model.newKV();
+    const kv = newKV(this.model.config);
     const profiling = profiler.enabled; // not a step: it stays out of the profile
     profiler.enabled = false;
     try {
@@ -105,7 +105,7 @@ export class TfExecutor implements Executor {
     if (cont) {
       kv = cont.kv;
     } else {
-      kv = this.model.newKV();
+      kv = newKV(this.model.config);
       kv.addEmptyRows(B);
     }
     const tokens = new Int32Array(B * T);
