@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
-import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
+import type { DecodeItem, ExecAdapter, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
 import type { GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
@@ -30,7 +30,7 @@ function logitsRow(lastToken: number): Float32Array {
 type Kind = 'prefill' | 'decode';
 
 /** Executor fake: tracks which sequences it holds and checks the engine's calls against the contract. */
-class FakeExecutor implements Executor {
+class FakeExecutor implements StepExecutor {
   readonly vocabSize = V;
   readonly decodeBatch = new Map<number, ExecAdapter | null>();
   readonly partial = new Set<number>();
@@ -80,7 +80,7 @@ class FakeExecutor implements Executor {
       logits.set(it.seq, out);
     }
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
+    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
   async decode(items: readonly DecodeItem[]): Promise<StepResult> {
@@ -92,7 +92,7 @@ class FakeExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     for (const it of items) logits.set(it.seq, logitsRow(it.token));
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
+    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
   release(seq: number): void {
@@ -101,8 +101,6 @@ class FakeExecutor implements Executor {
     this.decodeBatch.delete(seq);
     this.partial.delete(seq);
   }
-
-  forgetAdapter(): void {}
 
   /** Sequence ids that were prefilled with this adapter id. */
   seqsOf(adapterId: string | null): number[] {
