@@ -77,7 +77,7 @@ const handlers: Handlers = {
 };
 
 function handle<O extends WorkerOp>(req: RequestOf<O>): Answer<O> | Promise<Answer<O>> {
-  return (handlers[req.op] as Handlers[O])(req);
+  return handlers[req.op](req);
 }
 
 function memory(): WorkerReply['memory'] {
@@ -96,8 +96,8 @@ parentPort!.on('message', (msg: WorkerMessage) => {
       transfer = answer.transfer ?? [];
       reply = { id: msg.id, ok: true, result: answer.value, memory: memory(), profile: profiler.enabled ? profiler.snapshot() : undefined };
     } catch (err) {
-      const e = err as Error;
-      reply = { id: msg.id, ok: false, error: { message: e.message, code: isServeError(err) ? err.code : undefined }, memory: memory() };
+      const message = err instanceof Error ? err.message : String(err);
+      reply = { id: msg.id, ok: false, error: { message, code: isServeError(err) ? err.code : undefined }, memory: memory() };
     }
     parentPort!.postMessage(reply, transfer);
   });
