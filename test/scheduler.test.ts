@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { LoraPlan } from '../src/engine/executor.ts';
 import {
-  INITIAL_LORA_STATE, MERGE_AFTER, planLora, schedule, type LoraMode, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerInput, type SchedulerLimits,
+  INITIAL_LORA_STATE, LORA_MODES, MERGE_AFTER, planLora, schedule, type LoraMode, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerInput, type SchedulerLimits,
 } from '../src/engine/scheduler.ts';
 
 const LIMITS: SchedulerLimits = { maxBatchSize: 8, maxBatchTokens: 100, prefillChunk: 32, loraMode: 'unmerged' };
@@ -231,7 +231,7 @@ test('schedule: invariants over random inputs (budgets respected, FIFO prefix, c
     };
     const limits: SchedulerLimits = {
       maxBatchSize: 1 + rand(8), maxBatchTokens: 1 + rand(150), prefillChunk: 1 + rand(40),
-      loraMode: (['auto', 'merged', 'unmerged'] as const)[rand(3)]!,
+      loraMode: LORA_MODES[rand(3)]!,
     };
     const running = Array.from({ length: rand(5) }, () => mk((len) => len));
     const prefilling = Array.from({ length: rand(3) }, () => mk((len) => rand(len)));
@@ -265,6 +265,12 @@ test('schedule: invariants over random inputs (budgets respected, FIFO prefix, c
         const after = new Set([...before, ...admitted.map((seq) => all.get(seq)!.adapter)]);
         assert.ok(after.size <= 1, ctx);
       }
+    }
+    // The LoRA plan of each call fits its rows: none without adapter rows, merged only when every row uses that adapter.
+    const calls = [[out.lora.decode, running.map((x) => x.adapter)], [out.lora.prefill, out.prefill.map((p) => all.get(p.seq)!.adapter)]] as const;
+    for (const [plan, keys] of calls) {
+      assert.equal(plan.kind === 'none', keys.every((k) => k === null), ctx);
+      if (plan.kind === 'merged') assert.ok(keys.every((k) => k === plan.key) && limits.loraMode !== 'unmerged', ctx);
     }
   }
 });
