@@ -6,11 +6,10 @@
  * `--name=value`; a boolean flag alone means true. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
  */
 import { BACKENDS } from './backend/select.ts';
+import { LORA_MODES } from './engine/scheduler.ts';
 import type { RuntimeOptions } from './runtime.ts';
 import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
 
-export const LORA_MODES = ['auto', 'merged', 'unmerged'] as const;
-export type LoraModeOption = (typeof LORA_MODES)[number];
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
@@ -20,7 +19,6 @@ export interface ServerOptions extends RuntimeOptions {
   readonly host: string;
   /** Base URL adapters are fetched from when not on disk; undefined: none. */
   readonly adapterSourceUrl: string | undefined;
-  readonly loraMode: LoraModeOption;
   /** Default max_new_tokens of /generate and /generate_stream. */
   readonly maxNewTokens: number;
   /** Seconds; 0: no per-request timeout. */

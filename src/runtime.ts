@@ -4,12 +4,11 @@
  */
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import * as tf from '@tensorflow/tfjs-core';
 import { initBackend, type BackendInfo, type BackendName } from './backend/select.ts';
 import { Engine } from './engine/engine.ts';
 import type { EngineMetrics } from './engine/types.ts';
 import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './demo/index.ts';
-import type { Executor } from './engine/executor.ts';
+import type { DeviceMemory, Executor } from './engine/executor.ts';
 import { AdapterManager } from './lora/manager.ts';
 import { AdapterStore } from './lora/store.ts';
 import type { AdapterMetrics } from './lora/types.ts';
@@ -17,7 +16,8 @@ import { openCheckpoint } from './model/checkpoint.ts';
 import { CausalLM, modulesFor } from './model/model.ts';
 import { ParallelExecutor } from './exec/parallel-executor.ts';
 import { TextTokenizer } from './text/tokenizer.ts';
-import { TfExecutor, type LoraMode } from './exec/tf-executor.ts';
+import { TfExecutor } from './exec/tf-executor.ts';
+import type { LoraMode } from './engine/scheduler.ts';
 import type { ModelConfig } from './model/types.ts';
 import { addTotals, profiler, type ProfileTotals } from './obs/profile.ts';
 
@@ -78,7 +78,7 @@ export interface Runtime {
   readonly store: AdapterStore;
   readonly engine: Engine;
   /** TensorFlow.js memory of every copy of the model (this thread's, or the workers' after they answer). */
-  deviceMemory(): Promise<{ numTensors: number; numBytes: number }>;
+  deviceMemory(): Promise<DeviceMemory>;
   /** Step phase totals of this thread and the executor workers (with `profile`). */
   profile(): ProfileTotals;
   close(graceMs?: number): Promise<void>;
@@ -118,21 +118,21 @@ export async function startRuntime(
   const dir = demo ? await ensureDemo(opts.adapterDir, log) : resolve(opts.model);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
 
-  let executor: TfExecutor | ParallelExecutor;
+  let executor: Executor;
   let config: ModelConfig;
   let dtype: string;
   let modelBytes: number;
   let backend: string;
   let nativeMatmul: boolean;
-  let model: CausalLM | null = null;
   if (opts.workers > 1) {
     const ckpt = openCheckpoint(dir);
     config = ckpt.config;
     dtype = ckpt.dtype;
     ckpt.close();
     const parallel = await ParallelExecutor.start({
-      workers: opts.workers, modelDir: dir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
+      workers: opts.workers, modelDir: dir, backend: opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
       warmHeapBytes: opts.warmHeapBytes ?? WARM_HEAP_BYTES,
+      onError: (err, context) => log(`executor worker error while ${context}: ${err.message}`),
     });
     executor = parallel;
     modelBytes = parallel.modelBytes;
@@ -144,12 +144,13 @@ export async function startRuntime(
     backend = info.name;
     nativeMatmul = info.nativeMatmul;
     log(`TensorFlow.js backend: ${info.name}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
-    model = CausalLM.load(dir);
+    const model = CausalLM.load(dir);
     config = model.config;
     dtype = model.dtype;
     modelBytes = model.bytes;
-    executor = new TfExecutor(model, { loraMode: opts.loraMode });
-    executor.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
+    const local = new TfExecutor(model);
+    local.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
+    executor = local;
   }
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
@@ -157,7 +158,7 @@ export async function startRuntime(
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: opts.adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
-  }, executor.adapterDevice, hooks.metrics);
+  }, executor, hooks.metrics);
   await adapters.warmUp(opts.warmUpLoads ?? WARM_UP_LOADS);
   const engine = new Engine(executor, tokenizer, adapters, {
     maxBatchSize: opts.maxBatchSize, maxBatchTokens: opts.maxBatchTokens, prefillChunk: opts.prefillChunk, loraMode: opts.loraMode,
@@ -167,28 +168,18 @@ export async function startRuntime(
   let closed = false;
   return {
     backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
-    // Workers answer in order, so this also waits for adapter offloads posted before it.
-    deviceMemory: async () => (executor instanceof ParallelExecutor ? executor.refreshMemory() : localMemory()),
-    profile: () => addTotals(profiler.snapshot(), executor instanceof ParallelExecutor ? executor.profile() : {}),
+    // Follows every operation posted before it (adapter offloads included).
+    deviceMemory: () => executor.deviceMemory(),
+    profile: () => addTotals(profiler.snapshot(), executor.profile()),
     async close(graceMs = 0) {
       if (closed) return;
       closed = true;
       await engine.drain(graceMs);
       adapters.dispose();
-      if (executor instanceof ParallelExecutor) {
-        await executor.close();
-      } else {
-        executor.dispose();
-        model?.dispose();
-      }
+      await executor.close();
       await store.close();
     },
   };
-}
-
-function localMemory(): { numTensors: number; numBytes: number } {
-  const m = tf.memory();
-  return { numTensors: m.numTensors, numBytes: m.numBytes };
 }
 
 /** ", matmuls in the native addon", or why the wasm kernels run instead. */

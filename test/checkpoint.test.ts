@@ -7,6 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { TINY_GPT2, TINY_LLAMA, writeCheckpoint } from '../src/demo/index.ts';
 import { normalizeConfig } from '../src/model/config.ts';
 import { CausalLM } from '../src/model/model.ts';
+import { newKV } from '../src/exec/kv.ts';
 import { TextTokenizer } from '../src/text/tokenizer.ts';
 import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
@@ -36,7 +37,7 @@ test('a sharded checkpoint loads and gives the same logits as the single file', 
   const logits = [];
   for (const dir of [single, sharded]) {
     const m = CausalLM.load(dir);
-    const kv = m.newKV();
+    const kv = newKV(m.config);
     kv.addEmptyRows(1);
     const out = m.forward({ kv, tokens: Int32Array.from([3, 4, 5]), positions: Int32Array.from([0, 1, 2]), T: 3, logitRows: Int32Array.from([2]) });
     logits.push(Array.from(await out.data()));

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
-import type { DecodeItem, ExecAdapter, Executor, PrefillItem, StepResult } from '../src/engine/executor.ts';
+import type { DecodeItem, ExecAdapter, LoraPlan, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
 import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
@@ -30,11 +30,12 @@ function logitsRow(lastToken: number): Float32Array {
 type Kind = 'prefill' | 'decode';
 
 /** Executor fake: tracks which sequences it holds and checks the engine's calls against the contract. */
-class FakeExecutor implements Executor {
+class FakeExecutor implements StepExecutor {
   readonly vocabSize = V;
   readonly decodeBatch = new Map<number, ExecAdapter | null>();
   readonly partial = new Set<number>();
-  readonly calls: { kind: Kind; seqs: number[]; adapters: (string | null)[] }[] = [];
+  /** lora: the call's plan as none, unmerged or merged:<key>. */
+  readonly calls: { kind: Kind; seqs: number[]; adapters: (string | null)[]; lora: string }[] = [];
   readonly released: number[] = [];
   /** Contract violations seen (a decode item missing, release during a call...). */
   readonly violations: string[] = [];
@@ -48,10 +49,10 @@ class FakeExecutor implements Executor {
     return this.decodeBatch.size;
   }
 
-  private async enter(kind: Kind, seqs: number[], adapters: (ExecAdapter | null)[]): Promise<void> {
+  private async enter(kind: Kind, seqs: number[], adapters: (ExecAdapter | null)[], lora: LoraPlan): Promise<void> {
     if (this.inFlight) this.violations.push(`${kind} while another call is in flight`);
     this.inFlight = true;
-    this.calls.push({ kind, seqs, adapters: adapters.map((a) => a?.id ?? null) });
+    this.calls.push({ kind, seqs, adapters: adapters.map((a) => a?.id ?? null), lora: lora.kind === 'merged' ? `merged:${lora.key}` : lora.kind });
     try {
       await this.hook?.(kind, ++this.n);
       if (this.delayMs > 0) await sleep(this.delayMs);
@@ -61,8 +62,8 @@ class FakeExecutor implements Executor {
     }
   }
 
-  async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
-    await this.enter('prefill', items.map((i) => i.seq), items.map((i) => i.adapter));
+  async prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
+    await this.enter('prefill', items.map((i) => i.seq), items.map((i) => i.adapter), lora);
     const logits = new Map<number, Float32Array>();
     for (const it of items) {
       if (this.decodeBatch.has(it.seq)) this.violations.push(`prefill of running seq ${it.seq}`);
@@ -80,19 +81,19 @@ class FakeExecutor implements Executor {
       logits.set(it.seq, out);
     }
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
+    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
-  async decode(items: readonly DecodeItem[]): Promise<StepResult> {
+  async decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
     const seqs = new Set(items.map((i) => i.seq));
     if (seqs.size !== this.decodeBatch.size || [...this.decodeBatch.keys()].some((s) => !seqs.has(s))) {
       this.violations.push(`decode items ${[...seqs]} != decode batch ${[...this.decodeBatch.keys()]}`);
     }
-    await this.enter('decode', items.map((i) => i.seq), items.map((i) => i.adapter));
+    await this.enter('decode', items.map((i) => i.seq), items.map((i) => i.adapter), lora);
     const logits = new Map<number, Float32Array>();
     for (const it of items) logits.set(it.seq, logitsRow(it.token));
     this.inFlight = false;
-    return { logits, modes: ['none'], adapters: [new Set(items.map((i) => i.adapter?.key ?? null)).size], rows: [items.length] };
+    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
   release(seq: number): void {
@@ -101,8 +102,6 @@ class FakeExecutor implements Executor {
     this.decodeBatch.delete(seq);
     this.partial.delete(seq);
   }
-
-  forgetAdapter(): void {}
 
   /** Sequence ids that were prefilled with this adapter id. */
   seqsOf(adapterId: string | null): number[] {
@@ -268,6 +267,17 @@ test('queueDepth: waiting counts requests queued and those waiting for their ada
   provider.finish('slow');
   await Promise.all([a, b]);
   assert.deepEqual(depth, { running: 0, waiting: 0 });
+});
+
+test('every executor call carries the scheduler\'s LoRA plan: auto merges a sole adapter after mergeAfter steps', async () => {
+  const { ex, submit } = setup({ loraMode: 'auto', mergeAfter: 2 });
+  await submit('x', request([5], { adapterId: 'x', maxNewTokens: 4 }));
+  const base = await submit('base', request([7], { maxNewTokens: 2 }));
+  assert.deepEqual(ids(base), chain(7, 2));
+  assert.deepEqual(ex.calls.map((c) => `${c.kind} ${c.lora}`), [
+    'prefill unmerged', 'decode merged:k-x', 'decode merged:k-x', 'decode merged:k-x', 'prefill none', 'decode none',
+  ]);
+  assert.deepEqual(ex.violations, []);
 });
 
 test('an unknown adapter fails with ADAPTER_NOT_FOUND and never reaches the executor', async () => {

@@ -8,6 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { TINY_GPT2, TINY_LLAMA, type CheckpointOptions } from '../src/demo/index.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { isLaidOut } from '../src/backend/weights.ts';
+import type { LoraPlan } from '../src/engine/executor.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { referenceForward } from './reference/forward.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
@@ -18,20 +19,22 @@ after(tmp.cleanup);
 
 const PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [200, 201, 202, 203]];
 const NEW_TOKENS = 6;
+/** The base model only: no LoRA. */
+const NO_LORA: LoraPlan = { kind: 'none' };
 
 /** Greedy-decodes the prompts together through the executor; returns per prompt the logits of every step. */
 async function runBatch(model: CausalLM, prompts: number[][]): Promise<{ tokens: number[][]; logits: Float32Array[][] }> {
-  const ex = new TfExecutor(model, { loraMode: 'unmerged' });
+  const ex = new TfExecutor(model);
   const tokens = prompts.map(() => [] as number[]);
   const logits = prompts.map(() => [] as Float32Array[]);
-  const res = await ex.prefill(prompts.map((p, seq) => ({ seq, tokens: p, start: 0, last: true, adapter: null, allLogits: false })));
+  const res = await ex.prefill(prompts.map((p, seq) => ({ seq, tokens: p, start: 0, last: true, adapter: null, allLogits: false })), NO_LORA);
   prompts.forEach((_, s) => {
     const l = res.logits.get(s)!;
     logits[s]!.push(l.slice());
     tokens[s]!.push(argmax(l));
   });
   for (let step = 1; step < NEW_TOKENS; step++) {
-    const r = await ex.decode(prompts.map((p, seq) => ({ seq, token: tokens[seq]!.at(-1)!, position: p.length + step - 1, adapter: null })));
+    const r = await ex.decode(prompts.map((p, seq) => ({ seq, token: tokens[seq]!.at(-1)!, position: p.length + step - 1, adapter: null })), NO_LORA);
     prompts.forEach((_, s) => {
       const l = r.logits.get(s)!;
       logits[s]!.push(l.slice());
@@ -82,7 +85,7 @@ for (const [name, opts] of CASES) {
 test('warmUp runs a throwaway prefill and decode and touches heap without leaving tensors or state behind', async () => {
   const { dir, config, get } = await fixtureCheckpoint(`${tmp.dir}/warmup`, TINY_LLAMA);
   const model = CausalLM.load(dir);
-  const ex = new TfExecutor(model, { loraMode: 'unmerged' });
+  const ex = new TfExecutor(model);
   const tensors = tf.memory().numTensors;
   const bytes = tf.memory().numBytes;
   ex.warmUp(1 << 20);
@@ -91,7 +94,7 @@ test('warmUp runs a throwaway prefill and decode and touches heap without leavin
   assert.equal(ex.running, 0, 'no sequence joined the decode batch');
   // The executor still computes the reference afterwards.
   const prompt = PROMPTS[0]!;
-  const res = await ex.prefill([{ seq: 1, tokens: prompt, start: 0, last: true, adapter: null, allLogits: false }]);
+  const res = await ex.prefill([{ seq: 1, tokens: prompt, start: 0, last: true, adapter: null, allLogits: false }], NO_LORA);
   const ref = referenceForward(config, get, prompt);
   assert.ok(maxRelErr(res.logits.get(1)!, ref[prompt.length - 1]!) < 1e-4);
   ex.release(1);

@@ -11,7 +11,8 @@ import { TINY_GPT2, TINY_LLAMA, writePeftAdapter, type AdapterOptions, type Chec
 import type { AdapterLease } from '../src/lora/types.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { referenceForward } from './reference/forward.ts';
-import { executor, greedyBatch, makeManager, refLora } from './helpers/lora.ts';
+import { TfExecutor } from '../src/exec/tf-executor.ts';
+import { greedyBatch, makeManager, refLora } from './helpers/lora.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
@@ -44,18 +45,17 @@ for (const [family, opts] of BASES) {
     const { config, get } = await fixtureCheckpoint(join(root, 'model'), opts);
     const baseline = tf.memory().numTensors;
     const model = CausalLM.load(join(root, 'model'));
-    const exU = executor(model, 'unmerged');
-    const exM = executor(model, 'merged');
-    const manager = makeManager(model, join(root, 'adapters'), exU);
+    const ex = new TfExecutor(model);
+    const manager = makeManager(model, join(root, 'adapters'), ex);
     for (const [i, [name, aopts]] of ADAPTERS[family as 'gpt2' | 'llama'].entries()) {
       const id = `a${i}`;
       await writePeftAdapter(join(root, 'adapters', id), { baseConfig: config, seed: 100 + i, ...aopts });
       const lease = await manager.acquire(id);
       const ref = refLora(model, join(root, 'adapters', id));
       assert.ok(ref.size > 0);
-      const unmerged = await greedyBatch(exU, [{ prompt: PROMPT, lease }], NEW);
-      const merged = await greedyBatch(exM, [{ prompt: PROMPT, lease }], NEW);
-      const base = await greedyBatch(exU, [{ prompt: PROMPT, lease: null }], 1);
+      const unmerged = await greedyBatch(ex, [{ prompt: PROMPT, lease }], NEW, { mode: 'unmerged' });
+      const merged = await greedyBatch(ex, [{ prompt: PROMPT, lease }], NEW, { mode: 'merged' });
+      const base = await greedyBatch(ex, [{ prompt: PROMPT, lease: null }], 1);
       const refLogits = referenceForward(config, get, [...PROMPT, ...unmerged.tokens[0]!], ref);
       for (let s = 0; s < NEW; s++) {
         const r = refLogits[PROMPT.length - 1 + s]!;
@@ -69,8 +69,7 @@ for (const [family, opts] of BASES) {
       assert.ok(maxRelErr(base.logits[0]![0]!, refLogits[PROMPT.length - 1]!) > 1e-3, `${name}: adapter has no effect`);
       lease.release();
     }
-    exU.dispose();
-    exM.dispose();
+    ex.dispose();
     manager.dispose();
     model.dispose();
     assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
@@ -81,7 +80,8 @@ test('llama: 8 sequences on 8 adapters plus one on the base give the same greedy
   const root = join(tmp.dir, 'mixed');
   const { config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(join(root, 'model'));
-  const manager = makeManager(model, join(root, 'adapters'), executor(model, 'unmerged'));
+  const ex = new TfExecutor(model);
+  const manager = makeManager(model, join(root, 'adapters'), ex);
   const leases: AdapterLease[] = [];
   for (let i = 0; i < 8; i++) {
     await writePeftAdapter(join(root, 'adapters', `m${i}`), { baseConfig: config, seed: 200 + i, r: 2 + (i % 4) * 2, loraAlpha: 8, targetModules: i % 2 ? 'all-linear' : ['q_proj', 'v_proj', 'o_proj'] });
@@ -90,16 +90,15 @@ test('llama: 8 sequences on 8 adapters plus one on the base give the same greedy
   const prompts = Array.from({ length: 9 }, (_, i) => Array.from({ length: 3 + i }, (_, t) => (i * 31 + t * 7) % 300));
   const jobs = prompts.map((prompt, i) => ({ prompt, lease: i < 8 ? leases[i]! : null }));
   for (const mode of ['unmerged', 'auto'] as const) {
-    const ex = executor(model, mode);
-    const together = await greedyBatch(ex, jobs, 8);
+    const together = await greedyBatch(ex, jobs, 8, { mode });
     const alone = [];
-    for (const j of jobs) alone.push((await greedyBatch(ex, [j], 8, 100)).tokens[0]);
+    for (const j of jobs) alone.push((await greedyBatch(ex, [j], 8, { mode, seqBase: 100 })).tokens[0]);
     assert.deepEqual(together.tokens, alone, `${mode}: batch composition changed greedy tokens`);
     // Different adapters really give different continuations.
     assert.ok(new Set(together.tokens.map((t) => t.join(','))).size > 4);
-    ex.dispose();
   }
   leases.forEach((l) => l.release());
+  ex.dispose();
   manager.dispose();
   model.dispose();
 });
@@ -108,7 +107,7 @@ test('merge/switch cycles restore the base logits bit for bit', async () => {
   const root = join(tmp.dir, 'cycles');
   const { config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(join(root, 'model'));
-  const ex = executor(model, 'merged');
+  const ex = new TfExecutor(model);
   const manager = makeManager(model, join(root, 'adapters'), ex);
   await writePeftAdapter(join(root, 'adapters', 'x'), { baseConfig: config, seed: 1, targetModules: 'all-linear' });
   await writePeftAdapter(join(root, 'adapters', 'y'), { baseConfig: config, seed: 2, targetModules: 'all-linear' });
@@ -117,7 +116,7 @@ test('merge/switch cycles restore the base logits bit for bit', async () => {
   const pristine = (await greedyBatch(ex, [{ prompt: PROMPT, lease: null }], 1)).logits[0]![0]!;
   const baseline = tf.memory().numTensors;
   for (let i = 0; i < 1000; i++) {
-    await greedyBatch(ex, [{ prompt: [1 + (i % 50)], lease: i % 2 ? x : y }], 1);
+    await greedyBatch(ex, [{ prompt: [1 + (i % 50)], lease: i % 2 ? x : y }], 1, { mode: 'merged' });
   }
   const after = (await greedyBatch(ex, [{ prompt: PROMPT, lease: null }], 1)).logits[0]![0]!;
   assert.deepEqual(Array.from(after), Array.from(pristine));
@@ -133,7 +132,7 @@ test('eviction: device tier of 2, 10 adapters in turn: tensors freed, results co
   const root = join(tmp.dir, 'evict');
   const { config, get } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(join(root, 'model'));
-  const ex = executor(model, 'unmerged');
+  const ex = new TfExecutor(model);
   const manager = makeManager(model, join(root, 'adapters'), ex, { maxDeviceAdapters: 2, maxHostBytes: 1 });
   for (let i = 0; i < 10; i++) await writePeftAdapter(join(root, 'adapters', `e${i}`), { baseConfig: config, seed: 300 + i, r: 4, targetModules: ['q_proj', 'v_proj'] });
   const baseline = tf.memory().numTensors;

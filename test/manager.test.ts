@@ -12,7 +12,8 @@ import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/demo/i
 import { AdapterManager, type AdapterManagerOptions } from '../src/lora/manager.ts';
 import { adapterVersion, AdapterStore } from '../src/lora/store.ts';
 import type { AdapterLease, AdapterMetrics } from '../src/lora/types.ts';
-import type { AdapterDevice, DeviceAdapter } from '../src/exec/lora-bank.ts';
+import type { DeviceAdapter } from '../src/exec/lora-bank.ts';
+import type { AdapterExecutor } from '../src/engine/executor.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { scratchBuffers } from '../src/lora/host-buffers.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
@@ -58,10 +59,25 @@ class CountingMetrics implements AdapterMetrics {
 
 let dirs = 0;
 /** A fresh adapter folder with a manager over it; counts store reads. */
-/** An in-process device (a TfExecutor's) for managers whose executor the test does not run. */
-const localDevice = (): AdapterDevice => new TfExecutor(model, { loraMode: 'unmerged' }).adapterDevice;
+/** Device tensors of every upload so far, by key (to check when they are freed). */
+const uploaded = new Map<string, DeviceAdapter>();
 
-function setup(opts: Partial<AdapterManagerOptions> = {}, device: AdapterDevice = localDevice()) {
+/** An in-process executor's adapter side (by default of an executor the test does not run), recording uploads. */
+function localDevice(ex = new TfExecutor(model)): AdapterExecutor {
+  return {
+    get copiesOnUpload() {
+      return ex.copiesOnUpload;
+    },
+    loadAdapter: async (w, key) => {
+      const a = await ex.loadAdapter(w, key);
+      uploaded.set(key, ex.resident(key)!);
+      return a;
+    },
+    offloadAdapter: (a) => ex.offloadAdapter(a),
+  };
+}
+
+function setup(opts: Partial<AdapterManagerOptions> = {}, device: AdapterExecutor = localDevice()) {
   const dir = join(tmp.dir, `adapters-${++dirs}`);
   mkdirSync(dir, { recursive: true });
   const store = new AdapterStore({ dir, maxAdapterBytes: 64 << 20 });
@@ -87,7 +103,7 @@ async function uploadFiles(name: string, o: Omit<AdapterOptions, 'baseConfig'>):
   return { config: JSON.parse(readFileSync(join(d, 'adapter_config.json'), 'utf8')), weights: readFileSync(join(d, 'adapter_model.safetensors')) };
 }
 
-const firstModule = (l: AdapterLease) => (l.adapter as DeviceAdapter).modules.values().next().value!;
+const firstModule = (l: AdapterLease) => uploaded.get(l.adapter.key)!.modules.values().next().value!;
 
 /** Whether the promise settles within `ms`. */
 async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
@@ -205,10 +221,10 @@ test('replace while in use: the old lease keeps v1 until released, new acquires 
   const device = localDevice();
   const { manager, write } = setup({}, {
     copiesOnUpload: true,
-    upload: device.upload,
-    dispose: (a) => {
+    loadAdapter: device.loadAdapter,
+    offloadAdapter: (a) => {
       evicted.push(a.key);
-      device.dispose(a);
+      device.offloadAdapter(a);
     },
   });
   await write('r', { seed: 1 });
@@ -248,8 +264,8 @@ test('replace while in use: the old lease keeps v1 until released, new acquires 
 
 test('delete while in use: new acquires get ADAPTER_NOT_FOUND; the old lease keeps working until released', async () => {
   const baseline = tf.memory().numTensors;
-  const ex = new TfExecutor(model, { loraMode: 'unmerged' });
-  const { manager, write } = setup({}, ex.adapterDevice);
+  const ex = new TfExecutor(model);
+  const { manager, write } = setup({}, localDevice(ex));
   await write('d', { seed: 3, std: 1 });
   const l1 = await manager.acquire('d');
   const prompt = [5, 17, 42, 99];
@@ -486,13 +502,13 @@ test('warmUp runs the load path on a synthetic adapter (every base module) and k
   let disposed = 0;
   const { manager, metrics, reads, write } = setup({}, {
     copiesOnUpload: true,
-    upload: (w, key) => {
+    loadAdapter: (w, key) => {
       uploads.push({ key, modules: w.modules.length, bytes: w.bytes });
-      return local.upload(w, key);
+      return local.loadAdapter(w, key);
     },
-    dispose: (a) => {
+    offloadAdapter: (a) => {
       disposed++;
-      local.dispose(a);
+      local.offloadAdapter(a);
     },
   });
   await manager.warmUp(3);
@@ -555,7 +571,7 @@ test('host tier admission: an adapter is kept on the host from its second load; 
 test('host tier admission: a device that keeps host arrays (copiesOnUpload false) gets a kept copy on the first load', async () => {
   const baseline = tf.memory().numTensors;
   const local = localDevice();
-  const { manager, write } = setup({}, { copiesOnUpload: false, upload: local.upload, dispose: local.dispose });
+  const { manager, write } = setup({}, { copiesOnUpload: false, loadAdapter: local.loadAdapter, offloadAdapter: local.offloadAdapter });
   await write('a', { seed: 50 });
   (await manager.acquire('a')).release();
   assert.equal(manager.stats().hostAdapters, 1);

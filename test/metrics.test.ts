@@ -78,7 +78,7 @@ function value(families: Map<string, Family>, sample: string, labels: Record<str
 
 test('the exposition parses; own metrics are prefixed, counters end in _total, no adapter labels', async () => {
   const m = new Metrics({ deviceMemory: () => ({ numBytes: 2048, numTensors: 3 }) });
-  m.step({ kind: 'decode', seconds: 0.01, passes: [{ batch: 4, distinctAdapters: 2, mode: 'unmerged' }] });
+  m.step({ kind: 'decode', seconds: 0.01, passes: [{ rows: 4, adapters: 2, mode: 'unmerged' }] });
   m.httpRequest('/generate', 'POST', 200, 0.05);
   const families = parseExposition(await m.text());
   const defaults = await defaultMetricNames();
@@ -100,7 +100,7 @@ test('the exposition parses; own metrics are prefixed, counters end in _total, n
 
 test('a step of several forward passes (one per worker) is one step duration, and each pass counts its own rows', async () => {
   const m = new Metrics({ processMetrics: false });
-  m.step({ kind: 'decode', seconds: 0.08, passes: [{ batch: 16, distinctAdapters: 16, mode: 'unmerged' }, { batch: 15, distinctAdapters: 1, mode: 'merged' }] });
+  m.step({ kind: 'decode', seconds: 0.08, passes: [{ rows: 16, adapters: 16, mode: 'unmerged' }, { rows: 15, adapters: 1, mode: 'merged' }] });
   const f = parseExposition(await m.text());
   assert.equal(value(f, 'lora_serve_step_duration_seconds_count', { kind: 'decode' }), 1);
   assert.equal(value(f, 'lora_serve_step_duration_seconds_sum', { kind: 'decode' }), 0.08);
@@ -113,9 +113,9 @@ test('a step of several forward passes (one per worker) is one step duration, an
 
 test('engine, adapter and HTTP events move the counters', async () => {
   const m = new Metrics({ processMetrics: false });
-  m.step({ kind: 'prefill', seconds: 0.02, passes: [{ batch: 2, distinctAdapters: 1, mode: 'merged' }] });
-  m.step({ kind: 'decode', seconds: 0.005, passes: [{ batch: 2, distinctAdapters: 2, mode: 'unmerged' }] });
-  m.step({ kind: 'decode', seconds: 0.005, passes: [{ batch: 2, distinctAdapters: 2, mode: 'unmerged' }] });
+  m.step({ kind: 'prefill', seconds: 0.02, passes: [{ rows: 2, adapters: 1, mode: 'merged' }] });
+  m.step({ kind: 'decode', seconds: 0.005, passes: [{ rows: 2, adapters: 2, mode: 'unmerged' }] });
+  m.step({ kind: 'decode', seconds: 0.005, passes: [{ rows: 2, adapters: 2, mode: 'unmerged' }] });
   m.requestQueued(0.1);
   m.firstToken(0.2);
   m.interToken(0.01);

@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { TINY_LLAMA, writePeftAdapter } from '../src/demo/index.ts';
 import { validateAdapterFiles } from '../src/lora/store.ts';
 import { modulesFor } from '../src/model/model.ts';
-import type { ParallelExecutor } from '../src/exec/parallel-executor.ts';
+import { ParallelExecutor } from '../src/exec/parallel-executor.ts';
+import type { WorkerRequest } from '../src/exec/protocol.ts';
 import type { Runtime } from '../src/runtime.ts';
 import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
@@ -45,18 +46,18 @@ test('2 workers give the same greedy tokens as in-process, with adapters evicted
 });
 
 test('worker memory returns to its baseline once requests finish and adapters are evicted', async () => {
-  const ex = parallel.executor as ParallelExecutor;
+  const ex = parallel.executor;
   const unloadAll = async () => {
     for (const a of await parallel.adapters.list()) if (a.state === 'ready') await parallel.adapters.unload(a.id);
   };
   await unloadAll();
-  const baseline = (await ex.refreshMemory()).numTensors;
+  const baseline = (await ex.deviceMemory()).numTensors;
   for (let round = 0; round < 3; round++) {
     await Promise.all(Array.from({ length: 8 }, (_, i) => generate(parallel, request(prompt(i), { adapterId: i % 3 ? `p${(i + round) % 4}` : null, maxNewTokens: 3 }))));
   }
-  assert.ok((await ex.refreshMemory()).numTensors > baseline, 'adapters were resident on the workers');
+  assert.ok((await ex.deviceMemory()).numTensors > baseline, 'adapters were resident on the workers');
   await unloadAll();
-  assert.equal((await ex.refreshMemory()).numTensors, baseline);
+  assert.equal((await ex.deviceMemory()).numTensors, baseline);
 });
 
 test('two ids with the same content are separate on the workers: unloading one leaves the other serving', async () => {
@@ -73,13 +74,39 @@ test('two ids with the same content are separate on the workers: unloading one l
 
 test('an upload that fails on one worker is undone on the others', async () => {
   const ex = parallel.executor as ParallelExecutor;
-  const clients = (ex as unknown as { clients: { call(op: string, args?: unknown): Promise<unknown> }[] }).clients;
-  const baseline = (await ex.refreshMemory()).numTensors;
+  const clients = (ex as unknown as { clients: { call(req: WorkerRequest): Promise<unknown> }[] }).clients;
+  const baseline = (await ex.deviceMemory()).numTensors;
   const good = validateAdapterFiles(await parallel.store.read('p0'), { modules: modulesFor(parallel.config) }, { maxRank: 64 });
   // Worker 0 already holds key "split" (it then skips the upload); worker 1 gets weights whose arrays are too short.
-  await clients[0]!.call('loadAdapter', { weights: good, key: 'split' });
-  assert.ok((await ex.refreshMemory()).numTensors > baseline);
+  await clients[0]!.call({ op: 'loadAdapter', weights: good, key: 'split' });
+  assert.ok((await ex.deviceMemory()).numTensors > baseline);
   const bad = { ...good, modules: good.modules.map((m) => ({ ...m, At: m.At.subarray(1) })) };
-  await assert.rejects(ex.adapterDevice.upload(bad, 'split'));
-  assert.equal((await ex.refreshMemory()).numTensors, baseline, 'the copy on worker 0 was offloaded too');
+  await assert.rejects(ex.loadAdapter(bad, 'split'));
+  assert.equal((await ex.deviceMemory()).numTensors, baseline, 'the copy on worker 0 was offloaded too');
+});
+
+test('a release or an offload that fails on a worker is reported to onError, not dropped', async () => {
+  const errors: string[] = [];
+  const ex = await ParallelExecutor.start({
+    workers: 2, modelDir: join(tmp.dir, 'model'), backend: 'wasm', onError: (err, context) => errors.push(`${context}: ${err.message}`),
+  });
+  try {
+    const clients = (ex as unknown as { clients: { call(req: WorkerRequest): Promise<unknown> }[] }).clients;
+    const weights = validateAdapterFiles(await parallel.store.read('p0'), { modules: modulesFor(parallel.config) }, { maxRank: 64 });
+    const adapter = await ex.loadAdapter(weights, 'k1');
+    // Sequence 1 lives on worker 0, sequence 2 on worker 1 (the least loaded worker takes a new sequence).
+    await ex.prefill([1, 2].map((seq) => ({ seq, tokens: prompt(seq), start: 0, last: true, adapter, allLogits: false })), { kind: 'merged', key: 'k1' });
+    // Worker 1 frees everything: from now on it fails every release and offload.
+    await clients[1]!.call({ op: 'dispose' });
+    ex.release(1);
+    ex.release(2);
+    ex.offloadAdapter(adapter);
+    await ex.deviceMemory(); // every worker has answered what was posted before
+    assert.deepEqual(errors, [
+      'releasing sequence 2: worker: not initialised',
+      'offloading adapter p0 (upload k1): worker: not initialised',
+    ]);
+  } finally {
+    await ex.close();
+  }
 });

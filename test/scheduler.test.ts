@@ -1,11 +1,14 @@
 /**
  * Table tests of the pure `schedule()` (no TensorFlow.js): decode of every running sequence, FIFO admission,
- * the batch-size and token budgets, chunked prefill, the "fits the chunk but not the budget" rule, and merged
- * mode's one-adapter-at-a-time admission.
+ * the batch-size and token budgets, chunked prefill, the "fits the chunk but not the budget" rule, merged
+ * mode's one-adapter-at-a-time admission, and the LoRA plan of each step (planLora: merged or unmerged).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { schedule, type PrefillChunk, type SchedSeq, type SchedulerInput, type SchedulerLimits } from '../src/engine/scheduler.ts';
+import type { LoraPlan } from '../src/engine/executor.ts';
+import {
+  INITIAL_LORA_STATE, LORA_MODES, MERGE_AFTER, planLora, schedule, type LoraMode, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerInput, type SchedulerLimits,
+} from '../src/engine/scheduler.ts';
 
 const LIMITS: SchedulerLimits = { maxBatchSize: 8, maxBatchTokens: 100, prefillChunk: 32, loraMode: 'unmerged' };
 
@@ -196,7 +199,7 @@ const CASES: readonly Case[] = [
     decode: [1], prefill: [pf(2, 0, 3, true), pf(3, 0, 3, true)],
   },
   {
-    name: 'auto: different adapters share a batch (the executor picks merged/unmerged per pass)',
+    name: 'auto: different adapters share a batch (the LoRA plan decides merged/unmerged per call)',
     input: { running: [run(1, 'a')], waiting: [s(2, 3, 0, 'b')] },
     limits: { loraMode: 'auto' },
     decode: [1], prefill: [pf(2, 0, 3, true)],
@@ -228,7 +231,7 @@ test('schedule: invariants over random inputs (budgets respected, FIFO prefix, c
     };
     const limits: SchedulerLimits = {
       maxBatchSize: 1 + rand(8), maxBatchTokens: 1 + rand(150), prefillChunk: 1 + rand(40),
-      loraMode: (['auto', 'merged', 'unmerged'] as const)[rand(3)]!,
+      loraMode: LORA_MODES[rand(3)]!,
     };
     const running = Array.from({ length: rand(5) }, () => mk((len) => len));
     const prefilling = Array.from({ length: rand(3) }, () => mk((len) => rand(len)));
@@ -263,5 +266,129 @@ test('schedule: invariants over random inputs (budgets respected, FIFO prefix, c
         assert.ok(after.size <= 1, ctx);
       }
     }
+    // The LoRA plan of each call fits its rows: none without adapter rows, merged only when every row uses that adapter.
+    const calls = [[out.lora.decode, running.map((x) => x.adapter)], [out.lora.prefill, out.prefill.map((p) => all.get(p.seq)!.adapter)]] as const;
+    for (const [plan, keys] of calls) {
+      assert.equal(plan.kind === 'none', keys.every((k) => k === null), ctx);
+      if (plan.kind === 'merged') assert.ok(keys.every((k) => k === plan.key) && limits.loraMode !== 'unmerged', ctx);
+    }
   }
+});
+
+// --- the LoRA plan (planLora): which calls run merged, with explicit hysteresis state
+
+/** A plan as a short string: none, unmerged, merged:<key>. */
+const show = (p: LoraPlan) => (p.kind === 'merged' ? `merged:${p.key}` : p.kind);
+
+interface LoraStepCase {
+  /** Adapter key per decode row / per prefill chunk (null: base); absent: no rows. */
+  readonly d?: readonly (string | null)[];
+  readonly p?: readonly (string | null)[];
+  /** Expected [decode plan, prefill plan]. */
+  readonly want: readonly [string, string];
+}
+
+interface LoraCase {
+  readonly name: string;
+  readonly mode: LoraMode;
+  readonly start?: LoraState;
+  readonly steps: readonly LoraStepCase[];
+}
+
+const repeat = <T>(n: number, x: T): T[] => Array.from({ length: n }, () => x);
+const U = ['unmerged', 'none'] as const;
+const MA = ['merged:a', 'none'] as const;
+
+/** mergeAfter is 3 in these cases. */
+const LORA_CASES: readonly LoraCase[] = [
+  {
+    name: 'auto: the sole adapter merges at its 3rd consecutive step and stays merged',
+    mode: 'auto', steps: [{ d: ['a', 'a'], want: U }, { d: ['a', 'a'], want: U }, { d: ['a', 'a'], want: MA }, { d: ['a'], want: MA }],
+  },
+  {
+    name: 'auto: a step with two adapters resets the streak',
+    mode: 'auto', steps: [{ d: ['a'], want: U }, { d: ['a'], want: U }, { d: ['a', 'b'], want: U }, { d: ['a'], want: U }, { d: ['a'], want: U }, { d: ['a'], want: MA }],
+  },
+  {
+    name: 'auto: a base-only step resets the streak',
+    mode: 'auto', steps: [{ d: ['a'], want: U }, { d: ['a'], want: U }, { d: [null], want: ['none', 'none'] }, { d: ['a'], want: U }, { d: ['a'], want: U }, { d: ['a'], want: MA }],
+  },
+  {
+    name: 'auto: a base row next to the adapter resets the streak and runs unmerged',
+    mode: 'auto', steps: [{ d: ['a'], want: U }, { d: ['a'], want: U }, { d: ['a', null], want: U }, { d: ['a'], want: U }],
+  },
+  {
+    name: 'auto: the already merged adapter runs merged at once, after mixed steps too',
+    mode: 'auto', start: { merged: 'a', sole: null },
+    steps: [{ d: ['a'], want: MA }, { d: ['a', 'b'], want: U }, { d: ['a'], want: MA }, { d: ['b'], want: U }],
+  },
+  {
+    name: 'auto: another adapter merging replaces the merged one',
+    mode: 'auto', start: { merged: 'a', sole: null },
+    steps: [{ d: ['b'], want: U }, { d: ['b'], want: U }, { d: ['b'], want: ['merged:b', 'none'] }, { d: ['a'], want: U }],
+  },
+  {
+    name: 'auto: decode and prefill of the same adapter count as one step, both merge together',
+    mode: 'auto', steps: [{ d: ['a'], p: ['a'], want: ['unmerged', 'unmerged'] }, { d: ['a'], p: ['a'], want: ['unmerged', 'unmerged'] }, { d: ['a'], p: ['a'], want: ['merged:a', 'merged:a'] }],
+  },
+  {
+    name: 'auto: prefill-only steps count',
+    mode: 'auto', steps: [{ p: ['a'], want: ['none', 'unmerged'] }, { p: ['a', 'a'], want: ['none', 'unmerged'] }, { p: ['a'], want: ['none', 'merged:a'] }],
+  },
+  {
+    name: 'auto: decode of the merged adapter stays merged while the prefill of another runs unmerged (and resets the streak)',
+    mode: 'auto', start: { merged: 'a', sole: { key: 'a', steps: 9 } },
+    steps: [{ d: ['a'], p: ['b'], want: ['merged:a', 'unmerged'] }, { d: ['a'], p: [null], want: ['merged:a', 'none'] }, { d: ['b'], want: U }],
+  },
+  {
+    name: 'merged: the sole adapter of a call merges at once',
+    mode: 'merged', steps: [{ d: ['a'], want: MA }, { d: ['a'], p: ['a'], want: ['merged:a', 'merged:a'] }, { p: ['b'], want: ['none', 'merged:b'] }, { d: [null], want: ['none', 'none'] }],
+  },
+  {
+    name: 'merged: a call with two adapters or a base row runs unmerged',
+    mode: 'merged', steps: [{ d: ['a', 'b'], want: U }, { d: ['a', null], want: U }],
+  },
+  {
+    name: 'unmerged: never merges, however long the streak or whatever was merged',
+    mode: 'unmerged', start: { merged: 'a', sole: null }, steps: [...repeat(6, { d: ['a'], p: ['a'], want: ['unmerged', 'unmerged'] as const }), { d: [null], want: ['none', 'none'] }],
+  },
+];
+
+for (const c of LORA_CASES) {
+  test(`planLora: ${c.name}`, () => {
+    let state = c.start ?? INITIAL_LORA_STATE;
+    c.steps.forEach((st, i) => {
+      const out = planLora(state, { decode: st.d ?? [], prefill: st.p ?? [] }, { loraMode: c.mode, mergeAfter: 3 });
+      assert.deepEqual([show(out.decode), show(out.prefill)], st.want, `step ${i + 1}`);
+      state = out.state;
+    });
+  });
+}
+
+test('planLora: the default mergeAfter is MERGE_AFTER steps', () => {
+  let state = INITIAL_LORA_STATE;
+  const plans: string[] = [];
+  for (let i = 0; i < MERGE_AFTER; i++) {
+    const out = planLora(state, { decode: ['a'], prefill: [] }, { loraMode: 'auto' });
+    plans.push(show(out.decode));
+    state = out.state;
+  }
+  assert.deepEqual(plans, [...repeat(MERGE_AFTER - 1, 'unmerged'), 'merged:a']);
+  assert.deepEqual(state, { merged: 'a', sole: { key: 'a', steps: MERGE_AFTER } });
+});
+
+test('schedule: plans the step\'s LoRA from the adapters of its decode rows and prefill chunks, state in and out', () => {
+  const limits: SchedulerLimits = { ...LIMITS, loraMode: 'auto', mergeAfter: 2 };
+  // Step 1: running a decodes, waiting a (and b, which does not fit the batch) → one a chunk.
+  const first = schedule({ running: [run(1, 'a')], prefilling: [], waiting: [s(2, 3, 0, 'a'), s(3, 3, 0, 'b')] }, { ...limits, maxBatchSize: 2 });
+  assert.deepEqual(first.prefill.map((c) => c.seq), [2]);
+  assert.deepEqual([show(first.lora.decode), show(first.lora.prefill)], ['unmerged', 'unmerged']);
+  assert.deepEqual(first.lora.state, { merged: null, sole: { key: 'a', steps: 1 } });
+  // Step 2: both a decode; the state carried in makes it the second sole-a step.
+  const second = schedule({ running: [run(1, 'a'), run(2, 'a')], prefilling: [], waiting: [], lora: first.lora.state }, limits);
+  assert.deepEqual([show(second.lora.decode), show(second.lora.prefill)], ['merged:a', 'none']);
+  // Step 3: b's prefill joins: a stays merged for the decode, b's chunk runs unmerged, the streak resets.
+  const third = schedule({ running: [run(1, 'a'), run(2, 'a')], prefilling: [], waiting: [s(3, 3, 0, 'b')], lora: second.lora.state }, limits);
+  assert.deepEqual([show(third.lora.decode), show(third.lora.prefill)], ['merged:a', 'unmerged']);
+  assert.deepEqual(third.lora.state, { merged: 'a', sole: null });
 });

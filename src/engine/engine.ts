@@ -6,9 +6,9 @@ import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
-import type { DecodeItem, Executor, PrefillItem, StepResult } from './executor.ts';
+import type { DecodeItem, LoraPlan, PrefillItem, StepExecutor, StepResult } from './executor.ts';
 import { Sampler } from './sampling.ts';
-import { schedule, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
+import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
   EngineApi, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
@@ -101,9 +101,11 @@ export class Engine implements EngineApi {
   private looping = false;
   private accepting = true;
   private idleWaiters: (() => void)[] = [];
+  /** The scheduler's LoRA hysteresis state after the last step (schedule() returns the next one). */
+  private loraState: LoraState = INITIAL_LORA_STATE;
 
   constructor(
-    private readonly executor: Executor,
+    private readonly executor: StepExecutor,
     private readonly tokenizer: Detokenizer,
     private readonly adapters: AdapterProvider | null,
     private readonly opts: EngineOptions,
@@ -228,10 +230,12 @@ export class Engine implements EngineApi {
           running: this.running.map(this.schedView),
           prefilling: this.prefilling.map(this.schedView),
           waiting: this.waiting.map(this.schedView),
+          lora: this.loraState,
         }, this.opts);
         if (plan.decode.length === 0 && plan.prefill.length === 0) break;
-        if (plan.decode.length > 0) await profiler.step('decode', 'engine', () => this.decodeStep());
-        if (plan.prefill.length > 0) await profiler.step('prefill', 'engine', () => this.prefillStep(plan.prefill));
+        this.loraState = plan.lora.state;
+        if (plan.decode.length > 0) await profiler.step('decode', 'engine', () => this.decodeStep(plan.lora.decode));
+        if (plan.prefill.length > 0) await profiler.step('prefill', 'engine', () => this.prefillStep(plan.prefill, plan.lora.prefill));
         this.reportDepth();
         // Let the event loop deliver responses and accept requests between steps.
         await new Promise((r) => setImmediate(r));
@@ -250,17 +254,18 @@ export class Engine implements EngineApi {
     seq: s.id, adapter: s.lease?.adapter.key ?? null, promptLength: s.req.inputIds.length, prefilled: s.prefilled,
   });
 
-  private async decodeStep(): Promise<void> {
+  private async decodeStep(lora: LoraPlan): Promise<void> {
     const items: DecodeItem[] = this.running.map((s) => ({
       seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null,
     }));
     const t0 = now();
-    const res = await this.executor.decode(items);
+    const res = await this.executor.decode(items, lora);
     this.stepMetrics('decode', res, now() - t0);
     for (const seq of [...this.running]) this.accept(seq, res.logits.get(seq.id)!);
   }
 
-  private async prefillStep(chunks: readonly { seq: number; start: number; length: number; last: boolean }[]): Promise<void> {
+  /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
+  private async prefillStep(chunks: readonly PrefillChunk[], lora: LoraPlan): Promise<void> {
     const t = now();
     // A waiting sequence planned for this step may have been cancelled during its decode half.
     const live = chunks.filter((c) => this.seqs.get(c.seq)?.state === 'waiting' || this.seqs.get(c.seq)?.state === 'prefilling');
@@ -279,7 +284,7 @@ export class Engine implements EngineApi {
         adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
       };
     });
-    const res = await this.executor.prefill(items);
+    const res = await this.executor.prefill(items, lora);
     this.stepMetrics('prefill', res, now() - t);
     const V = this.executor.vocabSize;
     for (const item of items) {
@@ -309,7 +314,7 @@ export class Engine implements EngineApi {
   }
 
   private stepMetrics(kind: 'prefill' | 'decode', res: StepResult, seconds: number): void {
-    this.metrics?.step({ kind, seconds, passes: res.modes.map((mode, i) => ({ mode, batch: res.rows[i] ?? 0, distinctAdapters: res.adapters[i] ?? 0 })) });
+    this.metrics?.step({ kind, seconds, passes: res.passes });
   }
 
   /** Samples the next token from `logits`, emits it, and finishes the sequence when it should end. */

@@ -1,7 +1,11 @@
 /**
  * The executor contract between the engine (queue, scheduling, sampling: no tensors) and the tensor code.
- * In the spirit of LoRAX's proto: prefill, decode, release. Adapters cross this boundary as opaque handles.
+ * In the spirit of LoRAX's proto: prefill, decode, release, load and offload adapters. Adapters cross this
+ * boundary as opaque handles; how LoRA is applied in each call is decided by the scheduler (LoraPlan) and obeyed
+ * here, so every worker of a step applies it the same way.
  */
+import type { AdapterWeights } from '../lora/adapter-file.ts';
+import type { ProfileTotals } from '../obs/profile.ts';
 
 /** An adapter resident on the device, as the engine sees it: opaque beyond its identity. */
 export interface ExecAdapter {
@@ -11,6 +15,13 @@ export interface ExecAdapter {
    * content, or one id loaded again after an eviction, get different keys). Not the content version.
    */
   readonly key: string;
+}
+
+/** An adapter on the device(s), as the adapter manager sees it. */
+export interface ResidentAdapter extends ExecAdapter {
+  readonly rank: number;
+  /** Device bytes of one copy of its weights. */
+  readonly bytes: number;
 }
 
 export interface PrefillItem {
@@ -33,26 +44,73 @@ export interface DecodeItem {
   readonly adapter: ExecAdapter | null;
 }
 
+/**
+ * How one executor call applies LoRA (src/engine/scheduler.ts decides):
+ * - none: no row uses an adapter;
+ * - unmerged: each forward pass applies its rows' adapters per row (a bank of the pass's distinct adapters);
+ * - merged: every adapter row uses the adapter uploaded under `key`, applied merged into the weights.
+ * Rows without an adapter are allowed in any plan only where they do not contradict it (none: all of them;
+ * merged: none of them).
+ */
+export type LoraPlan =
+  | { readonly kind: 'none' }
+  | { readonly kind: 'unmerged' }
+  | { readonly kind: 'merged'; readonly key: string };
+
+/** How LoRA was applied in one forward pass ('none' also when a pass had no adapter row under another plan). */
 export type LoraApplied = 'none' | 'merged' | 'unmerged';
+
+/** One forward pass of a call (a worker's share of a step is one pass; so is each chunk of a long prompt). */
+export interface StepPass {
+  /** Sequences in the pass. */
+  readonly rows: number;
+  /** Distinct adapters among them (0: base only). */
+  readonly adapters: number;
+  readonly mode: LoraApplied;
+}
 
 export interface StepResult {
   /** Per sequence: logits rows, row-major [rows, vocab]. */
   readonly logits: ReadonlyMap<number, Float32Array>;
-  /** How LoRA was applied in each forward pass of the call (a worker's share of a step is one pass). */
-  readonly modes: readonly LoraApplied[];
-  /** Distinct adapters per forward pass. */
-  readonly adapters: readonly number[];
-  /** Sequences per forward pass. */
-  readonly rows: readonly number[];
+  /** The call's forward passes, in the order they ran. */
+  readonly passes: readonly StepPass[];
 }
 
-export interface Executor {
+export interface DeviceMemory {
+  readonly numTensors: number;
+  readonly numBytes: number;
+}
+
+/** The part of the contract the engine's step loop uses. */
+export interface StepExecutor {
   readonly vocabSize: number;
   /** Sequences in the decode batch. */
   readonly running: number;
-  prefill(items: readonly PrefillItem[]): Promise<StepResult>;
+  prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult>;
   /** One token for every sequence in the decode batch (all of them, any order). */
-  decode(items: readonly DecodeItem[]): Promise<StepResult>;
+  decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult>;
   /** Frees a sequence's KV cache (running or mid-prefill). Idempotent. */
   release(seq: number): void;
+}
+
+/** The part of the contract the adapter manager uses. */
+export interface AdapterExecutor {
+  /**
+   * Whether a load has copied the weights once its promise settles (wasm), so their host arrays may be reused;
+   * false where device tensors may keep referencing them (the cpu backend's do).
+   */
+  readonly copiesOnUpload: boolean;
+  /** Uploads the weights under `key` (ExecAdapter.key: the caller makes it unique); all or nothing. */
+  loadAdapter(weights: AdapterWeights, key: string): Promise<ResidentAdapter>;
+  /** Frees the adapter's device memory and everything derived from it (merged weights, banks). */
+  offloadAdapter(adapter: ExecAdapter): void;
+}
+
+export interface Executor extends StepExecutor, AdapterExecutor {
+  /** TensorFlow.js memory of every copy of the model, after every operation posted before this call. */
+  deviceMemory(): Promise<DeviceMemory>;
+  /** Step phase totals recorded by the executor on threads other than the caller's (src/obs/profile.ts). */
+  profile(): ProfileTotals;
+  /** Frees everything it holds on the device (KV caches, adapters, the model) and stops its threads. */
+  close(): Promise<void>;
 }

@@ -1,6 +1,6 @@
 /** The engine's public contract with the HTTP layer: plain data, no tensors. */
 import type { ServeError } from '../errors.ts';
-import type { LoraApplied } from './executor.ts';
+import type { StepPass } from './executor.ts';
 import type { SamplingParams } from './sampling.ts';
 
 export interface GenerateRequest {
@@ -97,16 +97,9 @@ export interface EngineApi {
   drain(graceMs: number): Promise<void>;
 }
 
-/** One forward pass of a step: its sequences, distinct adapters and how LoRA was applied. */
-export interface StepPass {
-  readonly batch: number;
-  readonly distinctAdapters: number;
-  readonly mode: LoraApplied;
-}
-
 /** What the engine reports to metrics (implemented in src/obs/metrics.ts). */
 export interface EngineMetrics {
-  /** One engine step (one executor call): its duration and each of its forward passes. */
+  /** One engine step (one executor call): its duration and each of its forward passes (StepResult.passes). */
   step(e: { kind: 'prefill' | 'decode'; seconds: number; passes: readonly StepPass[] }): void;
   requestQueued(seconds: number): void;
   firstToken(seconds: number): void;

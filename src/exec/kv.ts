@@ -9,9 +9,16 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
+import type { KVCache } from '../model/model.ts';
+import type { ModelConfig } from '../model/types.ts';
 import { profiler } from '../obs/profile.ts';
 
-export class KVBatch {
+/** An empty KV batch for a model. */
+export function newKV(c: ModelConfig): KVBatch {
+  return new KVBatch(c.numLayers, c.numKvHeads, c.headDim);
+}
+
+export class KVBatch implements KVCache {
   /** Per layer [B, kvHeads, C, headDim]; null while the batch holds no column. */
   private k: (tf.Tensor4D | null)[];
   private v: (tf.Tensor4D | null)[];

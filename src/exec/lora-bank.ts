@@ -48,28 +48,6 @@ export function uploadAdapter(w: AdapterWeights, key: string): DeviceAdapter {
   return { id: w.id, key, rank: w.rank, bytes, modules };
 }
 
-/**
- * Where the adapter manager puts adapters: an in-process TfExecutor's device, or the device of every
- * worker of a ParallelExecutor. The handle it returns is what prefill/decode items carry.
- */
-export interface AdapterDevice {
-  /**
-   * Whether an upload has copied the weights once its promise settles (wasm), so their host arrays may be reused;
-   * false where device tensors may keep referencing them (the cpu backend's do).
-   */
-  readonly copiesOnUpload: boolean;
-  /** Uploads under `key` (ExecAdapter.key: the caller makes it unique). */
-  upload(w: AdapterWeights, key: string): Promise<ResidentAdapter>;
-  /** Frees the adapter's device memory and everything derived from it. */
-  dispose(a: ResidentAdapter): void;
-}
-
-/** An adapter on the device(s), as the manager sees it. */
-export interface ResidentAdapter extends ExecAdapter {
-  readonly rank: number;
-  readonly bytes: number;
-}
-
 export function disposeAdapter(a: DeviceAdapter): void {
   for (const m of a.modules.values()) {
     m.At.dispose();

@@ -7,38 +7,36 @@
  */
 import { Worker } from 'node:worker_threads';
 import type { BackendName } from '../backend/select.ts';
-import type { DecodeItem, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
-import { ServeError, type ErrorCode, ERRORS } from '../errors.ts';
+import type {
+  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
+} from '../engine/executor.ts';
+import { ServeError, ERRORS } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import type { AdapterDevice, ResidentAdapter } from './lora-bank.ts';
-import type { LoraMode } from './tf-executor.ts';
-import type { WorkerInfo, WorkerInit, WorkerStep } from './worker.ts';
+import type { RequestOf, WorkerInit, WorkerOp, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
 import { addTotals, profiler, type ProfileTotals } from '../obs/profile.ts';
 
 class WorkerClient {
   private next = 1;
-  private readonly pending = new Map<number, { resolve: (v: any) => void; reject: (e: Error) => void }>();
+  private readonly pending = new Map<number, { resolve: (v: WorkerResults[WorkerOp]) => void; reject: (e: Error) => void }>();
   private dead: Error | null = null;
   /** Sequences assigned here (prefilling or running). */
   load = 0;
-  memory = { numTensors: 0, numBytes: 0 };
+  memory: DeviceMemory = { numTensors: 0, numBytes: 0 };
   /** The worker's step profile as of its last answer (with --profile). */
   profile: ProfileTotals = {};
 
   constructor(readonly worker: Worker) {
-    worker.on('message', (msg: {
-      id: number; result?: unknown; error?: { message: string; code?: string }; memory?: { numTensors: number; numBytes: number }; profile?: ProfileTotals;
-    }) => {
-      if (msg.memory) this.memory = msg.memory;
+    worker.on('message', (msg: WorkerReply) => {
+      this.memory = msg.memory;
       if (msg.profile) this.profile = msg.profile;
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
-      if (msg.error) {
-        const code = msg.error.code && msg.error.code in ERRORS ? (msg.error.code as ErrorCode) : 'GENERATION';
-        p.reject(new ServeError(code, msg.error.message));
-      } else {
+      if (msg.ok) {
         p.resolve(msg.result);
+      } else {
+        const code = msg.error.code && msg.error.code in ERRORS ? msg.error.code : 'GENERATION';
+        p.reject(new ServeError(code, msg.error.message));
       }
     });
     const die = (err: Error) => {
@@ -50,12 +48,13 @@ class WorkerClient {
     worker.on('exit', (code) => die(new Error(`executor worker exited (${code})`)));
   }
 
-  call<T>(op: string, args?: unknown): Promise<T> {
+  call<O extends WorkerOp>(req: RequestOf<O>): Promise<WorkerResults[O]> {
     if (this.dead) return Promise.reject(this.dead);
     const id = this.next++;
-    return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, op, args });
+    return new Promise<WorkerResults[O]>((resolve, reject) => {
+      // The reply to this id answers this request's op (the worker echoes ids), so its result has this op's type.
+      this.pending.set(id, { resolve: resolve as (v: WorkerResults[WorkerOp]) => void, reject });
+      this.worker.postMessage({ ...req, id });
     });
   }
 }
@@ -64,20 +63,27 @@ export interface ParallelExecutorOptions {
   readonly workers: number;
   readonly modelDir: string;
   readonly backend: BackendName;
-  readonly loraMode: LoraMode;
   /** Time the phases of each step in the workers (src/obs/profile.ts). */
   readonly profile?: boolean;
   /** On wasm, matmuls in the native addon when it is available (default true). */
   readonly nativeMatmul?: boolean;
   /** Heap bytes each worker touches at start on wasm (TfExecutor.warmUp; default 0). */
   readonly warmHeapBytes?: number;
+  /**
+   * Receives the failures of work nobody awaits: a release or an adapter offload that failed on a worker. Such a
+   * failure leaves that worker holding memory it should have freed (and a sequence whose release failed makes its
+   * next step there fail, which fails the sequences of that step as any executor failure does); it is not turned
+   * into a failure of unrelated requests. The runtime logs it.
+   */
+  readonly onError: (err: Error, context: string) => void;
 }
 
 export class ParallelExecutor implements Executor {
   private readonly owner = new Map<number, WorkerClient>();
   private runningSeqs = new Set<number>();
 
-  private constructor(private readonly clients: WorkerClient[], readonly vocabSize: number, readonly modelBytes: number, readonly backend: string,
+  private constructor(private readonly clients: WorkerClient[], private readonly onError: ParallelExecutorOptions['onError'],
+    readonly vocabSize: number, readonly modelBytes: number, readonly backend: string,
     readonly nativeMatmul: boolean, readonly nativeMatmulNote?: string) {}
 
   static async start(opts: ParallelExecutorOptions): Promise<ParallelExecutor> {
@@ -87,12 +93,13 @@ export class ParallelExecutor implements Executor {
         // worker-entry.mjs registers the TypeScript loader in the worker, then loads worker.ts.
         clients.push(new WorkerClient(new Worker(new URL('./worker-entry.mjs', import.meta.url))));
       }
-      const infos = await Promise.all(clients.map((c) => c.call<WorkerInfo>('init', {
-        modelDir: opts.modelDir, backend: opts.backend, loraMode: opts.loraMode, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
+      const init: WorkerInit = {
+        modelDir: opts.modelDir, backend: opts.backend, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
         warmHeapBytes: opts.warmHeapBytes ?? 0,
-      } satisfies WorkerInit)));
+      };
+      const infos = await Promise.all(clients.map((c) => c.call({ op: 'init', init })));
       const i = infos[0]!;
-      return new ParallelExecutor(clients, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);
+      return new ParallelExecutor(clients, opts.onError, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);
     } catch (err) {
       await Promise.all(clients.map((c) => c.worker.terminate()));
       throw err;
@@ -103,19 +110,15 @@ export class ParallelExecutor implements Executor {
     return this.runningSeqs.size;
   }
 
-  /** Device memory summed over the workers, as of their last answer (every answer carries it). */
-  memory(): { numTensors: number; numBytes: number } {
+  /** Device memory summed over the workers; workers answer in order, so this follows every operation posted before. */
+  async deviceMemory(): Promise<DeviceMemory> {
+    await Promise.all(this.clients.map((c) => c.call({ op: 'memory' })));
     return this.clients.reduce((m, c) => ({ numTensors: m.numTensors + c.memory.numTensors, numBytes: m.numBytes + c.memory.numBytes }), { numTensors: 0, numBytes: 0 });
   }
 
   /** The workers' step profiles, summed, as of their last answers. */
   profile(): ProfileTotals {
     return addTotals(...this.clients.map((c) => c.profile));
-  }
-
-  async refreshMemory(): Promise<{ numTensors: number; numBytes: number }> {
-    await Promise.all(this.clients.map((c) => c.call('memory')));
-    return this.memory();
   }
 
   private assign(seq: number): WorkerClient {
@@ -128,41 +131,38 @@ export class ParallelExecutor implements Executor {
     return c;
   }
 
-  /** Runs each worker's share of the items at the same time and merges the answers. */
-  private async fanOut<T extends { seq: number }>(op: 'prefill' | 'decode', items: readonly T[]): Promise<StepResult> {
+  /** Runs each worker's share of the items at the same time (`call` posts one share) and merges the answers. */
+  private async fanOut<T extends { seq: number; adapter: ExecAdapter | null }>(items: readonly T[], call: (c: WorkerClient, share: T[]) => Promise<WorkerStep>): Promise<StepResult> {
     const groups = new Map<WorkerClient, T[]>();
     for (const item of items) {
       const c = this.assign(item.seq);
       let g = groups.get(c);
       if (!g) groups.set(c, (g = []));
-      g.push(item);
+      // Only the adapter's identity crosses to the worker (the handle may be a larger object).
+      g.push({ ...item, adapter: item.adapter && { id: item.adapter.id, key: item.adapter.key } });
     }
-    const answers = await profiler.timeAsync('executor_wait', () => Promise.all([...groups].map(([c, g]) => c.call<WorkerStep>(op, g))));
+    const answers = await profiler.timeAsync('executor_wait', () => Promise.all([...groups].map(([c, g]) => call(c, g))));
     const logits = new Map<number, Float32Array>();
-    const modes: LoraApplied[] = [];
-    const adapters: number[] = [];
-    const rows: number[] = [];
+    const passes: StepPass[] = [];
     for (const r of answers) {
       for (const [seq, l] of r.logits) logits.set(seq, l);
-      modes.push(...r.modes);
-      adapters.push(...r.adapters);
-      rows.push(...r.rows);
+      passes.push(...r.passes);
     }
-    return { logits, modes, adapters, rows };
+    return { logits, passes };
   }
 
-  async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
-    const strip = items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, key: i.adapter.key } }));
-    const r = await this.fanOut('prefill', strip);
+  /** Every worker gets the same LoRA plan with its share of the items. */
+  async prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
+    const r = await this.fanOut(items, (c, share) => c.call({ op: 'prefill', items: share, lora }));
     for (const i of items) if (i.last) this.runningSeqs.add(i.seq);
     return r;
   }
 
-  decode(items: readonly DecodeItem[]): Promise<StepResult> {
+  decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
     if (items.length !== this.runningSeqs.size || items.some((i) => !this.runningSeqs.has(i.seq))) {
       throw new Error(`decode: expected one item for each of the ${this.runningSeqs.size} running sequences`);
     }
-    return this.fanOut('decode', items.map((i) => ({ ...i, adapter: i.adapter && { id: i.adapter.id, key: i.adapter.key } })));
+    return this.fanOut(items, (c, share) => c.call({ op: 'decode', items: share, lora }));
   }
 
   release(seq: number): void {
@@ -172,35 +172,39 @@ export class ParallelExecutor implements Executor {
     this.runningSeqs.delete(seq);
     c.load--;
     // Messages are handled in order, so the release lands before any later step on that worker.
-    c.call('release', seq).catch(() => undefined);
+    c.call({ op: 'release', seq }).catch((err: Error) => this.onError(err, `releasing sequence ${seq}`));
   }
 
-  /** Where the adapter manager uploads adapters: to every worker. */
-  readonly adapterDevice: AdapterDevice = ((executor: ParallelExecutor): AdapterDevice => ({
-    // A wasm worker has copied the weights into its heap when it answers (TfExecutor.adapterDevice).
-    get copiesOnUpload() {
-      return executor.backend === 'wasm';
-    },
-    upload: async (w: AdapterWeights, key: string): Promise<ResidentAdapter> => {
-      // Every worker answers before this settles (so the host arrays are no longer read); one that failed leaves
-      // nothing behind on the others.
-      const answers = await Promise.allSettled(executor.clients.map((c) => c.call('loadAdapter', { weights: w, key })));
-      const failed = answers.find((a): a is PromiseRejectedResult => a.status === 'rejected');
-      if (failed) {
-        for (const c of executor.clients) c.call('offloadAdapter', { id: w.id, key }).catch(() => undefined);
-        throw failed.reason;
-      }
-      return { id: w.id, key, rank: w.rank, bytes: w.bytes };
-    },
-    dispose: (a: ResidentAdapter): void => {
-      for (const c of executor.clients) c.call('offloadAdapter', { id: a.id, key: a.key }).catch(() => undefined);
-    },
-  }))(this);
+  /** A wasm worker has copied the weights into its heap when it answers (TfExecutor.copiesOnUpload). */
+  get copiesOnUpload(): boolean {
+    return this.backend === 'wasm';
+  }
+
+  /**
+   * Uploads to every worker. Every worker answers before this settles (so the host arrays are no longer read); one
+   * that failed leaves nothing behind on the others.
+   */
+  async loadAdapter(weights: AdapterWeights, key: string): Promise<ResidentAdapter> {
+    const answers = await Promise.allSettled(this.clients.map((c) => c.call({ op: 'loadAdapter', weights, key })));
+    const failed = answers.find((a): a is PromiseRejectedResult => a.status === 'rejected');
+    if (failed) {
+      this.offloadAdapter({ id: weights.id, key });
+      throw failed.reason;
+    }
+    return { id: weights.id, key, rank: weights.rank, bytes: weights.bytes };
+  }
+
+  offloadAdapter(adapter: ExecAdapter): void {
+    const a = { id: adapter.id, key: adapter.key };
+    for (const c of this.clients) {
+      c.call({ op: 'offloadAdapter', adapter: a }).catch((err: Error) => this.onError(err, `offloading adapter ${a.id} (upload ${a.key})`));
+    }
+  }
 
   /** Frees the workers' device memory and stops them. */
   async close(): Promise<void> {
     await Promise.all(this.clients.map(async (c) => {
-      await c.call('dispose').catch(() => undefined);
+      await c.call({ op: 'dispose' }).catch((err: Error) => this.onError(err, 'closing a worker'));
       await c.worker.terminate();
     }));
   }

@@ -1,30 +1,23 @@
 /**
  * The TensorFlow.js executor: runs prefill and decode forward passes of the resident model over KV batches,
- * applying LoRA per row (unmerged bank) or merged into W, as the lora mode decides.
- *
- * `auto` rule (dLoRA's insight, with hysteresis): a forward pass whose rows all use one adapter X runs on
- * merged weights W + s·B·A when X's merged weights already exist, or when X has been the only adapter for
- * `mergeAfter` (32) consecutive passes: a merge costs one small matmul and a copy of W per targeted linear
- * (with a threshold of 8, bench/ adapter-switch saw the request that triggered the merge take ≈86 ms longer on
- * the 76 M-parameter bench model), which only pays back over many steps, so short single-adapter moments stay
- * unmerged; any other pass runs unmerged. Merged weights of one adapter at a time are kept; the pristine W is never modified.
+ * applying LoRA as each call's plan says (src/engine/scheduler.ts decides): per row from a bank of the pass's
+ * adapters (unmerged), or merged into W. Merged weights of one adapter at a time are kept; the pristine W is
+ * never modified. Adapters are uploaded here under their key and named by it in items.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type { DecodeItem, ExecAdapter, Executor, LoraApplied, PrefillItem, StepResult } from '../engine/executor.ts';
-import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type AdapterDevice, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
+import type {
+  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
+} from '../engine/executor.ts';
+import type { AdapterWeights } from '../lora/adapter-file.ts';
+import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import type { Weight } from '../backend/weights.ts';
-import { profiler } from '../obs/profile.ts';
+import { profiler, type ProfileTotals } from '../obs/profile.ts';
 import type { StepLora } from '../model/layers.ts';
-import type { KVBatch } from './kv.ts';
+import { newKV, type KVBatch } from './kv.ts';
 import type { CausalLM } from '../model/model.ts';
 
-export type LoraMode = 'auto' | 'merged' | 'unmerged';
-
 export interface TfExecutorOptions {
-  readonly loraMode: LoraMode;
-  /** auto: consecutive single-adapter passes before merging (default 32). */
-  readonly mergeAfter?: number;
-  /** Cached banks (sets of adapters) kept on the device. */
+  /** Cached banks (sets of adapters) kept on the device (default 4). */
   readonly maxBanks?: number;
 }
 
@@ -38,16 +31,15 @@ export class TfExecutor implements Executor {
   private readonly kv: KVBatch;
   private rows: Row[] = [];
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
+  /** Resident adapters by key (ExecAdapter.key). */
+  private readonly adapters = new Map<string, DeviceAdapter>();
   private readonly banks = new Map<string, LoraBank>();
   private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
-  private soleStreak: { key: string; passes: number } | null = null;
-  private readonly mergeAfter: number;
   private readonly maxBanks: number;
 
-  constructor(readonly model: CausalLM, readonly opts: TfExecutorOptions) {
+  constructor(readonly model: CausalLM, opts: TfExecutorOptions = {}) {
     this.vocabSize = model.config.vocabSize;
-    this.kv = model.newKV();
-    this.mergeAfter = opts.mergeAfter ?? 32;
+    this.kv = newKV(model.config);
     this.maxBanks = opts.maxBanks ?? 4;
   }
 
@@ -58,13 +50,13 @@ export class TfExecutor implements Executor {
   /**
    * Start-up warm-up: one base-model prefill and decode (first-call costs of the kernels are paid here, not by the
    * first request), then `heapBytes` allocated and freed on the backend. On wasm the first write to heap memory
-   * costs a page fault per 4 KiB (about 2–3 ms per MB on the bench machine): a fresh server would pay that in its
-   * first adapter uploads and forwards, a server that has run pays it never again, as the heap is reused.
+   * costs a page fault per 4 KiB: a fresh server would pay that in its first adapter uploads and forwards, a server
+   * that has run pays it never again, as the heap is reused.
    */
   warmUp(heapBytes = 0): void {
     const c = this.model.config;
     const T = Math.min(16, c.maxPositions - 1);
-    const kv = this.model.newKV();
+    const kv = newKV(c);
     const profiling = profiler.enabled; // not a step: it stays out of the profile
     profiler.enabled = false;
     try {
@@ -80,25 +72,22 @@ export class TfExecutor implements Executor {
     if (heapBytes >= 4) tf.zeros([Math.floor(heapBytes / 4)]).dispose(); // zeros writes every element
   }
 
-  prefill(items: readonly PrefillItem[]): Promise<StepResult> {
-    return profiler.timeAsync('executor', () => this.prefillAll(items));
+  prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
+    return profiler.timeAsync('executor', () => this.prefillAll(items, lora));
   }
 
-  private async prefillAll(items: readonly PrefillItem[]): Promise<StepResult> {
+  private async prefillAll(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
     const logits = new Map<number, Float32Array>();
-    const modes: LoraApplied[] = [];
-    const adapters: number[] = [];
-    const rows: number[] = [];
+    const passes: StepPass[] = [];
     // Whole prompts in one chunk run together (left-padded); chunks of long prompts run one by one.
     const whole = items.filter((i) => i.start === 0 && i.last && !this.prefilling.has(i.seq));
     const chunks = items.filter((i) => !whole.includes(i));
-    if (whole.length > 0) await this.prefillPass(whole, logits, modes, adapters, rows);
-    for (const item of chunks) await this.prefillPass([item], logits, modes, adapters, rows);
-    return { logits, modes, adapters, rows };
+    if (whole.length > 0) passes.push(await this.prefillPass(whole, lora, logits));
+    for (const item of chunks) passes.push(await this.prefillPass([item], lora, logits));
+    return { logits, passes };
   }
 
-  private async prefillPass(items: readonly PrefillItem[], out: Map<number, Float32Array>, modes: LoraApplied[], adapters: number[], rows: number[]): Promise<void> {
-    rows.push(items.length);
+  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: Map<number, Float32Array>): Promise<StepPass> {
     const T = Math.max(...items.map((i) => i.tokens.length));
     const B = items.length;
     let kv: KVBatch;
@@ -106,7 +95,7 @@ export class TfExecutor implements Executor {
     if (cont) {
       kv = cont.kv;
     } else {
-      kv = this.model.newKV();
+      kv = newKV(this.model.config);
       kv.addEmptyRows(B);
     }
     const tokens = new Int32Array(B * T);
@@ -126,8 +115,9 @@ export class TfExecutor implements Executor {
       else if (item.last) logitRows.push(b * T + T - 1);
       rowsOf.push({ seq: item.seq, from, count: logitRows.length - from });
     });
-    const rowAdapters = items.flatMap((i) => new Array<DeviceAdapter | null>(T).fill(i.adapter as DeviceAdapter | null));
-    const data = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, logitRows, modes, adapters);
+    const itemAdapters = items.map((i) => this.resolve(i.adapter));
+    const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
+    const { data, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B);
     const V = this.vocabSize;
     for (const r of rowsOf) if (r.count > 0) out.set(r.seq, data.subarray(r.from * V, (r.from + r.count) * V));
 
@@ -135,17 +125,18 @@ export class TfExecutor implements Executor {
     if (items.every((i) => i.last)) {
       this.prefilling.delete(items[0]!.seq);
       this.kv.append(kv);
-      for (const item of items) this.rows.push({ seq: item.seq, adapter: item.adapter as DeviceAdapter | null });
+      items.forEach((item, b) => this.rows.push({ seq: item.seq, adapter: itemAdapters[b]! }));
     } else if (!cont) {
-      this.prefilling.set(items[0]!.seq, { kv, adapter: items[0]!.adapter as DeviceAdapter | null });
+      this.prefilling.set(items[0]!.seq, { kv, adapter: itemAdapters[0]! });
     }
+    return pass;
   }
 
-  decode(items: readonly DecodeItem[]): Promise<StepResult> {
-    return profiler.timeAsync('executor', () => this.decodeAll(items));
+  decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
+    return profiler.timeAsync('executor', () => this.decodeAll(items, lora));
   }
 
-  private async decodeAll(items: readonly DecodeItem[]): Promise<StepResult> {
+  private async decodeAll(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
     const bySeq = new Map(items.map((i) => [i.seq, i]));
     if (bySeq.size !== this.rows.length || this.rows.some((r) => !bySeq.has(r.seq))) {
       throw new Error(`decode: expected one item for each of the ${this.rows.length} running sequences`);
@@ -158,14 +149,12 @@ export class TfExecutor implements Executor {
       tokens[b] = it.token;
       positions[b] = it.position;
     });
-    const modes: LoraApplied[] = [];
-    const adapters: number[] = [];
-    const logitRows = Int32Array.from({ length: B }, (_, i) => i);
-    const data = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), [...logitRows], modes, adapters);
+    const logitRows = Array.from({ length: B }, (_, i) => i);
+    const { data, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B);
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     this.rows.forEach((r, b) => logits.set(r.seq, data.subarray(b * V, (b + 1) * V)));
-    return { logits, modes, adapters, rows: [B] };
+    return { logits, passes: [pass] };
   }
 
   release(seq: number): void {
@@ -182,34 +171,49 @@ export class TfExecutor implements Executor {
     }
   }
 
-  /**
-   * Where the adapter manager puts adapters for this executor: uploaded here; disposing one first drops the
-   * merged weights and banks built from it.
-   */
-  readonly adapterDevice: AdapterDevice = {
-    // The wasm backend copies a new tensor's values into its heap at once; the cpu backend keeps the array.
-    get copiesOnUpload() {
-      return tf.getBackend() === 'wasm';
-    },
-    upload: async (w, key) => uploadAdapter(w, key),
-    dispose: (a) => {
-      this.forgetAdapter(a);
-      disposeAdapter(a as DeviceAdapter);
-    },
-  };
+  /** The wasm backend copies a new tensor's values into its heap at once; the cpu backend keeps the array. */
+  get copiesOnUpload(): boolean {
+    return tf.getBackend() === 'wasm';
+  }
 
-  /** Drops anything derived from this adapter (merged weights, banks). */
-  forgetAdapter(adapter: ExecAdapter): void {
-    if (this.merged?.adapter.key === adapter.key) this.dropMerged();
+  /** Uploads under `key`; a key already resident is kept as it is. */
+  async loadAdapter(weights: AdapterWeights, key: string): Promise<ResidentAdapter> {
+    let a = this.adapters.get(key);
+    if (!a) this.adapters.set(key, (a = uploadAdapter(weights, key)));
+    return { id: a.id, key: a.key, rank: a.rank, bytes: a.bytes };
+  }
+
+  /** Frees the adapter and what was derived from it (merged weights, banks); unknown keys are ignored. */
+  offloadAdapter(adapter: ExecAdapter): void {
+    const a = this.adapters.get(adapter.key);
+    if (!a) return;
+    if (this.merged?.adapter.key === a.key) this.dropMerged();
     for (const [key, bank] of this.banks) {
-      if (bank.adapters.some((a) => a.key === adapter.key)) {
+      if (bank.adapters.some((b) => b.key === a.key)) {
         disposeBank(bank);
         this.banks.delete(key);
       }
     }
+    disposeAdapter(a);
+    this.adapters.delete(a.key);
   }
 
-  /** Frees everything: KV caches, banks, merged weights. */
+  /** The device tensors of a resident adapter (tests look at them). */
+  resident(key: string): DeviceAdapter | undefined {
+    return this.adapters.get(key);
+  }
+
+  async deviceMemory(): Promise<DeviceMemory> {
+    const m = tf.memory();
+    return { numTensors: m.numTensors, numBytes: m.numBytes };
+  }
+
+  /** Nothing: in-process, the executor's phases are recorded in this thread's profiler, with the engine's. */
+  profile(): ProfileTotals {
+    return {};
+  }
+
+  /** Frees everything it holds but the model (which tests share between executors): KV caches, banks, merged weights, adapters. */
   dispose(): void {
     for (const seq of [...this.prefilling.keys()]) this.release(seq);
     this.kv.dispose();
@@ -217,6 +221,21 @@ export class TfExecutor implements Executor {
     for (const bank of this.banks.values()) disposeBank(bank);
     this.banks.clear();
     this.dropMerged();
+    for (const a of this.adapters.values()) disposeAdapter(a);
+    this.adapters.clear();
+  }
+
+  /** dispose(), and the model. */
+  async close(): Promise<void> {
+    this.dispose();
+    this.model.dispose();
+  }
+
+  private resolve(a: ExecAdapter | null): DeviceAdapter | null {
+    if (!a) return null;
+    const d = this.adapters.get(a.key);
+    if (!d) throw new Error(`executor: adapter ${a.id} (upload ${a.key}) is not loaded`);
+    return d;
   }
 
   private dropMerged(): void {
@@ -225,29 +244,18 @@ export class TfExecutor implements Executor {
     this.merged = null;
   }
 
-  /** Decides merged/unmerged for one pass and builds its StepLora (see the rule at the top). */
-  private loraFor(rowAdapters: readonly (DeviceAdapter | null)[]): { lora?: StepLora; mode: LoraApplied; distinct: number; owned: boolean } {
+  /** Builds one pass's StepLora as the plan says (merging or building a bank when not cached). */
+  private loraFor(rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan): { lora?: StepLora; applied: Omit<StepPass, 'rows'>; owned: boolean } {
     const distinct = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
-    if (distinct.length === 0) {
-      this.soleStreak = null;
-      return { mode: 'none', distinct: 0, owned: false };
-    }
-    const sole = distinct.length === 1 && rowAdapters.every((a) => a !== null) ? distinct[0]! : null;
-    if (sole) {
-      this.soleStreak = this.soleStreak?.key === sole.key
-        ? { key: sole.key, passes: this.soleStreak.passes + 1 } : { key: sole.key, passes: 1 };
-    } else {
-      this.soleStreak = null;
-    }
-    const mode = this.opts.loraMode;
-    const wantMerge = sole !== null && (mode === 'merged' ||
-      (mode === 'auto' && (this.merged?.adapter.key === sole.key || this.soleStreak!.passes >= this.mergeAfter)));
-    if (wantMerge) {
-      if (this.merged?.adapter.key !== sole!.key) {
+    if (distinct.length === 0) return { applied: { mode: 'none', adapters: 0 }, owned: false };
+    if (plan.kind === 'none') throw new Error('executor: rows use adapters under a LoRA plan of none');
+    if (plan.kind === 'merged') {
+      if (rowAdapters.some((a) => a?.key !== plan.key)) throw new Error(`executor: merged plan for adapter upload ${plan.key}, but not every row uses it`);
+      if (this.merged?.adapter.key !== plan.key) {
         this.dropMerged();
-        this.merged = { adapter: sole!, weights: mergeWeights(this.model.linears, sole!) };
+        this.merged = { adapter: distinct[0]!, weights: mergeWeights(this.model.linears, distinct[0]!) };
       }
-      return { lora: { merged: this.merged!.weights }, mode: 'merged', distinct: 1, owned: false };
+      return { lora: { merged: this.merged!.weights }, applied: { mode: 'merged', adapters: 1 }, owned: false };
     }
     const key = distinct.map((a) => a.key).sort().join(',');
     let bank = this.banks.get(key);
@@ -263,19 +271,21 @@ export class TfExecutor implements Executor {
     }
     this.banks.set(key, bank);
     const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
-    return { lora: stepLora(bank, rowAdapters.map((a) => (a ? slot.get(a.key)! : null))), mode: 'unmerged', distinct: distinct.length, owned: true };
+    return {
+      lora: stepLora(bank, rowAdapters.map((a) => (a ? slot.get(a.key)! : null))), applied: { mode: 'unmerged', adapters: distinct.length }, owned: true,
+    };
   }
 
+  /** One forward pass over `kv` for `seqs` sequences; its logits rows, downloaded, and what it was. */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], logitRows: number[], modes: LoraApplied[], adapters: number[]): Promise<Float32Array> {
-    const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters));
-    modes.push(choice.mode);
-    adapters.push(choice.distinct);
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number): Promise<{ data: Float32Array; pass: StepPass }> {
+    const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
     let logits: tf.Tensor2D | null = null;
     try {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
       const l = logits;
-      return logitRows.length === 0 ? new Float32Array(0) : await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array);
+      const data = logitRows.length === 0 ? new Float32Array(0) : await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array);
+      return { data, pass: { rows: seqs, ...choice.applied } };
     } finally {
       logits?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);

@@ -11,10 +11,10 @@
  *   it is disposed when the last one releases it, and new requests get the new version (or 404).
  */
 import { LRUCache } from 'lru-cache';
+import type { AdapterExecutor, ResidentAdapter } from '../engine/executor.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
-import type { AdapterDevice, ResidentAdapter } from '../exec/lora-bank.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
@@ -87,8 +87,8 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     private readonly store: AdapterStore,
     private readonly base: { readonly modules: readonly LinearModule[] },
     private readonly opts: AdapterManagerOptions,
-    /** Where adapters are uploaded and disposed: the executor's device (TfExecutor or the workers'). */
-    private readonly uploader: AdapterDevice,
+    /** Where adapters are loaded and offloaded: the executor (its device, or its workers'). */
+    private readonly executor: AdapterExecutor,
     private readonly metrics?: AdapterMetrics,
   ) {
     this.host = new LRUCache<string, HostEntry>({
@@ -209,14 +209,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   /**
    * Whether a load from disk (or the remote source) keeps the adapter in the host tier: from its second load since
    * start on (a doorkeeper, as in TinyLFU: adapters loaded once do not push out ones that come back), and always
-   * when the device may keep referencing host arrays (AdapterDevice.copiesOnUpload false). The host copy of an
+   * when the device may keep referencing host arrays (AdapterExecutor.copiesOnUpload false). The host copy of an
    * adapter not kept goes into a recycled scratch buffer, so its load writes no fresh memory (the page faults of a
    * fresh buffer would cost more than the rest of the load: docs/architecture.md, "Adapter cache").
    */
   private admitToHost(id: string): boolean {
     const again = this.seen.has(id);
     this.seen.set(id, true);
-    return again || !this.uploader.copiesOnUpload;
+    return again || !this.executor.copiesOnUpload;
   }
 
   /**
@@ -229,7 +229,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     const t1 = performance.now();
     let adapter: ResidentAdapter;
     try {
-      const uploading = this.uploader.upload(host.weights, String(++this.uploads));
+      const uploading = this.executor.loadAdapter(host.weights, String(++this.uploads));
       void host.version; // a fresh load's content hash, computed while the device copies the weights
       adapter = await uploading;
     } finally {
@@ -296,7 +296,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private disposeEntry(entry: DeviceEntry): void {
     if (entry.disposed) return;
     entry.disposed = true;
-    this.uploader.dispose(entry.adapter);
+    this.executor.offloadAdapter(entry.adapter);
   }
 
   private reportResident(): void {
@@ -425,9 +425,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     for (let i = 0; i < rounds; i++) {
       const files = makeAdapterFiles('warm-up', config, bytes, 'upload');
       const weights = validateAdapterFiles(files, this.base, { maxRank: this.opts.maxRank, alloc: (n) => (host ??= new SharedArrayBuffer(n)) });
-      const uploading = this.uploader.upload(weights, String(++this.uploads));
+      const uploading = this.executor.loadAdapter(weights, String(++this.uploads));
       void files.version; // hashed while the device copies, as a load does
-      this.uploader.dispose(await uploading);
+      this.executor.offloadAdapter(await uploading);
     }
   }
 

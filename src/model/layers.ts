@@ -1,6 +1,6 @@
 /**
  * The building blocks shared by the architectures: linear layers with per-row LoRA, norms,
- * activations, rotary embeddings and batched causal attention over a KVBatch.
+ * activations, rotary embeddings and batched causal attention over a KV cache.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, type Weight } from '../backend/weights.ts';
@@ -112,7 +112,7 @@ export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D, R:
 export interface StepShape {
   readonly B: number;
   readonly T: number;
-  /** Additive mask [B, 1, T·G, C+T] (KVBatch.mask), G = numHeads / numKvHeads. */
+  /** Additive mask [B, 1, T·G, C+T] (KVCache.mask), G = numHeads / numKvHeads. */
   readonly mask: tf.Tensor4D;
 }
 

@@ -1,6 +1,6 @@
 /**
  * The resident base model: a `model_type` registry over the architecture files, and one batched forward
- * step over a KVBatch. Weights are uploaded once at load and stay on the device for the process' life.
+ * step over a KV cache (the KVCache interface below; src/exec/kv.ts implements it). Weights are uploaded once at load and stay on the device for the process' life.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { keepWeight, type Weight } from '../backend/weights.ts';
@@ -8,14 +8,34 @@ import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { gpt2Modules, loadGpt2 } from './gpt2.ts';
-import { KVBatch } from '../exec/kv.ts';
 import type { Linear, StepLora, StepShape } from './layers.ts';
 import { llamaModules, loadLlama } from './llama.ts';
 import type { Family, LinearModule, ModelConfig } from './types.ts';
 
+/**
+ * The KV cache of a batch of B rows as the forward uses it: C cached columns per row (left-padded), one
+ * [B, kvHeads, C, headDim] key and value tensor per layer.
+ */
+export interface KVCache {
+  /** B. */
+  readonly rows: number;
+  /** C: cached columns (positions, padded) per row. */
+  readonly cols: number;
+  /**
+   * The additive attention mask for T new tokens per row and G query heads per KV head, [B, 1, T·G, C+T]:
+   * 0 where a query may see a key, a large negative number elsewhere. `pad` left-pads each row's new tokens
+   * (only on the first forward, C = 0).
+   */
+  mask(T: number, groups: number, pad?: readonly number[]): Float32Array;
+  /** Appends one layer's new keys and values ([B, kvHeads, T, headDim]) and returns the layer's whole cache. */
+  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D };
+  /** Once after the last layer of a forward of T new columns (pad as for mask). */
+  commit(T: number, pad?: readonly number[]): void;
+}
+
 /** What one forward step gives the architecture's block function. */
 export interface StepContext extends StepShape {
-  readonly kv: KVBatch;
+  readonly kv: KVCache;
   readonly positions: tf.Tensor1D; // [N]
   readonly lora?: StepLora;
   /** Computes a step-wide value (e.g. rotary cos/sin for these positions) once for all layers. */
@@ -45,7 +65,7 @@ export function modulesFor(config: ModelConfig): LinearModule[] {
 }
 
 export interface ForwardInput {
-  readonly kv: KVBatch;
+  readonly kv: KVCache;
   /** [B·T] token ids, row-major; rows are left-padded to T (pad entries may be any valid id). */
   readonly tokens: Int32Array;
   /** [B·T] absolute positions of each token (pad entries: 0). */
@@ -93,11 +113,6 @@ export class CausalLM {
     } finally {
       ckpt.close();
     }
-  }
-
-  newKV(): KVBatch {
-    const c = this.config;
-    return new KVBatch(c.numLayers, c.numKvHeads, c.headDim);
   }
 
   /** Device bytes of the base weights. */

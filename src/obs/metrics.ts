@@ -10,7 +10,8 @@
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { ERRORS } from '../errors.ts';
-import type { EngineMetrics, FinishReason, StepPass } from '../engine/types.ts';
+import type { StepPass } from '../engine/executor.ts';
+import type { EngineMetrics, FinishReason } from '../engine/types.ts';
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 
@@ -187,8 +188,8 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
     this.stepDuration.observe({ kind: e.kind }, e.seconds);
     for (const p of e.passes) {
       this.steps.inc({ kind: e.kind, lora_mode: p.mode });
-      this.batchSize.observe({ kind: e.kind }, p.batch);
-      this.batchAdapters.observe({ kind: e.kind }, p.distinctAdapters);
+      this.batchSize.observe({ kind: e.kind }, p.rows);
+      this.batchAdapters.observe({ kind: e.kind }, p.adapters);
     }
   }
 

@@ -20,7 +20,7 @@ export const PHASES = {
   executor_wait: 'waiting for the executor worker threads (their work is in the phases below, per worker)',
   // Wherever the executor runs (main thread, or each worker).
   executor: 'the executor\'s own JavaScript: step inputs, KV rows, masks, worker messages',
-  lora_setup: 'choosing merged/unmerged, building LoRA banks and masks, merging weights',
+  lora_setup: 'building LoRA banks and masks, merging weights (as the step\'s LoRA plan says)',
   base_matmul: 'x·W of every base linear layer (bias included)',
   lora_delta: 'unmerged LoRA: ((x·A) ⊙ mask)·B and its add',
   attention: 'scores, softmax and weighted sum over the KV cache',

@@ -9,6 +9,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
 import type { EngineApi } from '../engine/types.ts';
+import type { LoraMode } from '../engine/scheduler.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { AdapterAdmin } from '../lora/types.ts';
 import type { Metrics } from '../obs/metrics.ts';
@@ -34,7 +35,7 @@ export interface ServerInfo {
   readonly nativeMatmul: boolean;
   readonly version: string;
   readonly lora: {
-    readonly mode: 'auto' | 'merged' | 'unmerged';
+    readonly mode: LoraMode;
     readonly maxRank: number;
     readonly maxLoadedAdapters: number;
     /** 0: no byte limit. */
