@@ -12,7 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gelu, geluNew, layerNorm, linear, toHeads, type Linear } from './layers.ts';
+import { attention, gelu, geluNew, layerModules, layerNorm, linear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -28,16 +28,7 @@ function linearTable(c: ModelConfig): [name: string, inF: number, outF: number][
 }
 
 export function gpt2Modules(c: ModelConfig): LinearModule[] {
-  const out: LinearModule[] = [];
-  for (let layer = 0; layer < c.numLayers; layer++) {
-    for (const [name, inFeatures, outFeatures] of linearTable(c)) {
-      out.push({
-        path: `transformer.h.${layer}.${name}`, key: `${layer}.${name}`, layer,
-        name: name.split('.').pop()!, inFeatures, outFeatures, conv1d: true,
-      });
-    }
-  }
-  return out;
+  return layerModules(c.numLayers, 'transformer.h', linearTable(c), true);
 }
 
 interface Gpt2Layer {

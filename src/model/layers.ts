@@ -23,6 +23,20 @@ export interface Linear {
 }
 
 /**
+ * The LoRA-targetable linears of every layer, with the paths PEFT names them by (`${prefix}.${layer}.${name}`) and
+ * keys `${layer}.${name}`. `table` lists each layer's linears as [name, in, out]; conv1d: GPT-2's Conv1D layout.
+ */
+export function layerModules(numLayers: number, prefix: string, table: readonly (readonly [string, number, number])[], conv1d: boolean): LinearModule[] {
+  const out: LinearModule[] = [];
+  for (let layer = 0; layer < numLayers; layer++) {
+    for (const [name, inFeatures, outFeatures] of table) {
+      out.push({ path: `${prefix}.${layer}.${name}`, key: `${layer}.${name}`, layer, name: name.split('.').pop()!, inFeatures, outFeatures, conv1d });
+    }
+  }
+  return out;
+}
+
+/**
  * Per-step LoRA for the rows of a batch (see src/exec/lora-bank.ts). For a linear with unmerged LoRA:
  * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of the step's adapters' Aᵀ (each padded
  * to R columns), B [K, out] the row-concatenation of their s·Bᵀ (this linear's columns), and mask [N, K]

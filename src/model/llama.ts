@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
+import { applyRope, attention, layerModules, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -31,16 +31,7 @@ function linearTable(c: ModelConfig): [name: string, inF: number, outF: number][
 }
 
 export function llamaModules(c: ModelConfig): LinearModule[] {
-  const out: LinearModule[] = [];
-  for (let layer = 0; layer < c.numLayers; layer++) {
-    for (const [name, inFeatures, outFeatures] of linearTable(c)) {
-      out.push({
-        path: `model.layers.${layer}.${name}`, key: `${layer}.${name}`, layer,
-        name: name.split('.').pop()!, inFeatures, outFeatures, conv1d: false,
-      });
-    }
-  }
-  return out;
+  return layerModules(c.numLayers, 'model.layers', linearTable(c), false);
 }
 
 interface LlamaLayer {
