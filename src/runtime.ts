@@ -56,7 +56,7 @@ export interface RuntimeOptions {
 
 /** Default RuntimeOptions.warmHeapBytes: room for the intermediates of a large step and a device tier of adapters. */
 export const WARM_HEAP_BYTES = 64 * 2 ** 20;
-/** Default RuntimeOptions.warmUpLoads (about 50 ms at start on the bench model with 2 workers). */
+/** Default RuntimeOptions.warmUpLoads: enough rounds for the load path's JavaScript to be compiled before the first real load. */
 export const WARM_UP_LOADS = 40;
 
 export interface Runtime {

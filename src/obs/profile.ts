@@ -8,6 +8,10 @@
  * Off by default, and then a section costs one boolean test. Kernel phases are exact on the wasm and cpu
  * backends, where every TensorFlow.js kernel runs synchronously inside its section; on the native and GPU
  * backends kernels run asynchronously and their time would land in `logits_download`.
+ *
+ * The clock is wall time on one stack per thread: while a section awaits (`executor_wait`, `logits_download`), the
+ * event loop may run other work (HTTP requests, responses), and that time is charged to the awaiting section. The
+ * phases of a thread therefore add up to its steps' wall time, not to its CPU time.
  */
 
 export const STEP_KINDS = ['prefill', 'decode'] as const;
