@@ -1,5 +1,6 @@
 /** normalizeConfig(): one typed ModelConfig from a Hugging Face config.json (+ generation_config.json). */
 import { fail } from '../errors.ts';
+import { ropeSpec } from './rope.ts';
 import type { Family, ModelConfig } from './types.ts';
 
 /** model_type → family. Llama-family covers Mistral and Qwen2 (q/k/v biases). */
@@ -30,6 +31,24 @@ function num(cfg: Json, key: string, fallback: number): number {
   return v;
 }
 
+function flag(cfg: Json, key: string): boolean {
+  const v = cfg[key] ?? false;
+  if (typeof v !== 'boolean') throw fail('CONFIG_INVALID', `config.json: "${key}" must be a boolean (got ${JSON.stringify(v)})`);
+  return v;
+}
+
+/**
+ * The attention window some layer applies, or null. Mistral: `sliding_window` (absent means transformers'
+ * default 4096, null none). Qwen2: `sliding_window` only with `use_sliding_window`, on layers from
+ * `max_window_layers` (default 28) on. Position i attends to j when i − window < j ≤ i, so a sequence of at most
+ * `window` tokens is never masked.
+ */
+function slidingWindow(cfg: Json, modelType: string, numLayers: number): number | null {
+  if (modelType === 'mistral') return 'sliding_window' in cfg && cfg.sliding_window == null ? null : int(cfg, 'sliding_window', 4096);
+  if (modelType !== 'qwen2' || !flag(cfg, 'use_sliding_window') || cfg.sliding_window == null) return null;
+  return int(cfg, 'max_window_layers', 28) < numLayers ? int(cfg, 'sliding_window') : null;
+}
+
 function tokenIds(v: unknown): number[] {
   if (typeof v === 'number' && Number.isInteger(v) && v >= 0) return [v];
   if (Array.isArray(v)) return v.filter((x): x is number => typeof x === 'number' && Number.isInteger(x) && x >= 0);
@@ -58,8 +77,10 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     if (hidden % heads !== 0) throw fail('CONFIG_INVALID', `config.json: n_embd ${hidden} is not divisible by n_head ${heads}`);
     const act = (cfg.activation_function ?? 'gelu_new') as string;
     if (act !== 'gelu_new' && act !== 'gelu' && act !== 'relu') {
-      throw fail('CONFIG_INVALID', `config.json: activation_function "${act}" is not supported (gelu_new, gelu, relu)`);
+      throw fail('CONFIG_UNSUPPORTED', `config.json: "activation_function" ${JSON.stringify(act)} is not supported (gelu_new, gelu, relu)`);
     }
+    if (cfg.scale_attn_weights === false) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_weights" false is not supported (scores are divided by √head_dim)');
+    if (flag(cfg, 'scale_attn_by_inverse_layer_idx')) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_by_inverse_layer_idx" true is not supported');
     return Object.freeze({
       family, modelType,
       vocabSize: int(cfg, 'vocab_size'),
@@ -72,6 +93,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       maxPositions: int(cfg, 'n_positions', cfg.n_ctx as number | undefined),
       normEps: num(cfg, 'layer_norm_epsilon', 1e-5),
       ropeTheta: 0,
+      rope: null,
       tieWordEmbeddings: true,
       attentionBias: true,
       outputBias: true,
@@ -79,6 +101,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       activation: act as ModelConfig['activation'],
       bosTokenId: bos,
       eosTokenIds: eos,
+      notes: [],
     });
   }
 
@@ -92,32 +115,40 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
     throw fail('CONFIG_INVALID', `config.json: head dimension ${headDim} must be an even integer`);
   }
-  if (cfg.rope_scaling != null) {
-    const t = (cfg.rope_scaling as Json).rope_type ?? (cfg.rope_scaling as Json).type;
-    if (t !== 'default') throw fail('CONFIG_INVALID', `config.json: rope_scaling "${String(t)}" is not supported yet`);
+  const act = cfg.hidden_act ?? 'silu';
+  if (act !== 'silu') throw fail('CONFIG_UNSUPPORTED', `config.json: "hidden_act" ${JSON.stringify(act)} is not supported (silu)`);
+  const numLayers = int(cfg, 'num_hidden_layers');
+  const notes: string[] = [];
+  let maxPositions = int(cfg, 'max_position_embeddings', 2048);
+  const window = slidingWindow(cfg, modelType, numLayers);
+  if (window !== null && window < maxPositions) {
+    notes.push(`serving ${window} positions, not max_position_embeddings ${maxPositions}: "sliding_window" ${window} never masks a sequence that fits it (sliding-window attention is not implemented)`);
+    maxPositions = window;
   }
-  const act = (cfg.hidden_act ?? 'silu') as string;
-  if (act !== 'silu') throw fail('CONFIG_INVALID', `config.json: hidden_act "${act}" is not supported (silu)`);
-  const qkvBias = modelType === 'qwen2' || cfg.attention_bias === true;
+  const theta = num(cfg, 'rope_theta', 10000);
+  // Llama's attention_bias puts biases on q/k/v and o_proj, mlp_bias on the MLP; Qwen2 always has q/k/v biases
+  // and nothing else; Mistral has none (its modules ignore both keys).
+  const llama = modelType === 'llama';
   return Object.freeze({
     family, modelType,
     vocabSize: int(cfg, 'vocab_size'),
     hiddenSize: hidden,
-    numLayers: int(cfg, 'num_hidden_layers'),
+    numLayers,
     numHeads: heads,
     numKvHeads: kvHeads,
     headDim,
     intermediateSize: int(cfg, 'intermediate_size'),
-    maxPositions: int(cfg, 'max_position_embeddings', 2048),
+    maxPositions,
     normEps: num(cfg, 'rms_norm_eps', 1e-6),
-    ropeTheta: num(cfg, 'rope_theta', 10000),
+    ropeTheta: theta,
+    rope: ropeSpec(cfg, theta, headDim, int(cfg, 'max_position_embeddings', 2048)),
     tieWordEmbeddings: cfg.tie_word_embeddings === true,
-    attentionBias: qkvBias,
-    // Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v biases only.
-    outputBias: modelType !== 'qwen2' && cfg.attention_bias === true,
-    mlpBias: cfg.mlp_bias === true,
+    attentionBias: modelType === 'qwen2' || (llama && flag(cfg, 'attention_bias')),
+    outputBias: llama && flag(cfg, 'attention_bias'),
+    mlpBias: llama && flag(cfg, 'mlp_bias'),
     activation: 'silu',
     bosTokenId: bos,
     eosTokenIds: eos,
+    notes,
   });
 }
