@@ -46,7 +46,18 @@ function flag(cfg: Json, key: string): boolean {
 function slidingWindow(cfg: Json, modelType: string, numLayers: number): number | null {
   if (modelType === 'mistral') return 'sliding_window' in cfg && cfg.sliding_window == null ? null : int(cfg, 'sliding_window', 4096);
   if (modelType !== 'qwen2' || !flag(cfg, 'use_sliding_window') || cfg.sliding_window == null) return null;
-  return int(cfg, 'max_window_layers', 28) < numLayers ? int(cfg, 'sliding_window') : null;
+  const slides = Array.isArray(cfg.layer_types)
+    ? cfg.layer_types.includes('sliding_attention')
+    : firstWindowLayer(cfg) < numLayers;
+  return slides ? int(cfg, 'sliding_window') : null;
+}
+
+function firstWindowLayer(cfg: Json): number {
+  const v = cfg.max_window_layers ?? 28;
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+    throw fail('CONFIG_INVALID', `config.json: "max_window_layers" must be a non-negative integer (got ${JSON.stringify(v)})`);
+  }
+  return v;
 }
 
 function tokenIds(v: unknown): number[] {
@@ -68,6 +79,9 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     throw fail('MODEL_TYPE_UNSUPPORTED',
       `model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})`);
   }
+  if (cfg.quantization_config != null) {
+    throw fail('CONFIG_UNSUPPORTED', 'config.json: "quantization_config" is set: quantized checkpoints are not supported (float32, float16 and bfloat16 weights are)');
+  }
   const eos = [...new Set([...tokenIds(gen.eos_token_id), ...tokenIds(cfg.eos_token_id)])];
   const bos = tokenIds(gen.bos_token_id ?? cfg.bos_token_id)[0] ?? null;
 
@@ -81,6 +95,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     }
     if (cfg.scale_attn_weights === false) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_weights" false is not supported (scores are divided by √head_dim)');
     if (flag(cfg, 'scale_attn_by_inverse_layer_idx')) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_by_inverse_layer_idx" true is not supported');
+    if (cfg.tie_word_embeddings === false) throw fail('CONFIG_UNSUPPORTED', 'config.json: "tie_word_embeddings" false is not supported for gpt2 (the head is wte)');
     return Object.freeze({
       family, modelType,
       vocabSize: int(cfg, 'vocab_size'),
@@ -116,7 +131,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     throw fail('CONFIG_INVALID', `config.json: head dimension ${headDim} must be an even integer`);
   }
   const act = cfg.hidden_act ?? 'silu';
-  if (act !== 'silu') throw fail('CONFIG_UNSUPPORTED', `config.json: "hidden_act" ${JSON.stringify(act)} is not supported (silu)`);
+  if (act !== 'silu' && act !== 'swish') throw fail('CONFIG_UNSUPPORTED', `config.json: "hidden_act" ${JSON.stringify(act)} is not supported (silu)`);
   const numLayers = int(cfg, 'num_hidden_layers');
   const notes: string[] = [];
   let maxPositions = int(cfg, 'max_position_embeddings', 2048);
