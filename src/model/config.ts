@@ -1,5 +1,6 @@
 /** normalizeConfig(): one typed ModelConfig from a Hugging Face config.json (+ generation_config.json). */
 import { fail } from '../errors.ts';
+import { flag, int, num, type Json } from './config-fields.ts';
 import { ropeSpec } from './rope.ts';
 import type { Family, ModelConfig } from './types.ts';
 
@@ -12,30 +13,6 @@ const FAMILIES: Record<string, Family> = {
 };
 
 export const SUPPORTED_MODEL_TYPES = Object.keys(FAMILIES);
-
-type Json = Record<string, unknown>;
-
-function int(cfg: Json, key: string, fallback?: number): number {
-  const v = cfg[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
-    throw fail('CONFIG_INVALID', `config.json: "${key}" must be a positive integer (got ${JSON.stringify(cfg[key])})`);
-  }
-  return v;
-}
-
-function num(cfg: Json, key: string, fallback: number): number {
-  const v = cfg[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) {
-    throw fail('CONFIG_INVALID', `config.json: "${key}" must be a positive number (got ${JSON.stringify(cfg[key])})`);
-  }
-  return v;
-}
-
-function flag(cfg: Json, key: string): boolean {
-  const v = cfg[key] ?? false;
-  if (typeof v !== 'boolean') throw fail('CONFIG_INVALID', `config.json: "${key}" must be a boolean (got ${JSON.stringify(v)})`);
-  return v;
-}
 
 /**
  * The attention window some layer applies, or null. Mistral: `sliding_window` (absent means transformers'

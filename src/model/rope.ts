@@ -16,6 +16,7 @@
  *             `attention_factor` or √(1 + ln(factor)/ln(original)).
  */
 import { fail } from '../errors.ts';
+import { flag, num, type Json } from './config-fields.ts';
 
 export const ROPE_TYPES = ['default', 'linear', 'dynamic', 'llama3', 'yarn', 'longrope'] as const;
 export type RopeType = (typeof ROPE_TYPES)[number];
@@ -34,17 +35,9 @@ export interface RopeSpec {
   readonly long: { readonly invFreq: readonly number[]; readonly after: number } | null;
 }
 
-type Json = Record<string, unknown>;
-
-const field = (key: string): string => `rope_scaling.${key}`;
-
-function positive(rs: Json, key: string, fallback?: number): number {
-  const v = rs[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) {
-    throw fail('CONFIG_INVALID', `config.json: "${field(key)}" must be a positive number (got ${JSON.stringify(rs[key])})`);
-  }
-  return v;
-}
+const ROPE = 'rope_scaling.';
+const field = (key: string): string => ROPE + key;
+const positive = (rs: Json, key: string): number => num(rs, key, undefined, ROPE);
 
 /** transformers reads beta_fast, beta_slow, mscale with `or`: null, absent and 0 all mean the default. */
 function orDefault(rs: Json, key: string, fallback: number): number {
@@ -92,8 +85,7 @@ function yarn(theta: number, headDim: number, maxPositions: number, rs: Json): {
     : mscale && mscaleAllDim ? getMscale(factor, mscale) / getMscale(factor, mscaleAllDim) : getMscale(factor, 1);
   const betaFast = orDefault(rs, 'beta_fast', 32);
   const betaSlow = orDefault(rs, 'beta_slow', 1);
-  const truncate = rs.truncate ?? true;
-  if (typeof truncate !== 'boolean') throw fail('CONFIG_INVALID', `config.json: "${field('truncate')}" must be a boolean`);
+  const truncate = flag(rs, 'truncate', true, ROPE);
   // The pair index at which a frequency completes `rotations` turns over the original context.
   const correctionDim = (rotations: number): number =>
     (headDim * Math.log(original / (rotations * 2 * Math.PI))) / (2 * Math.log(theta));
@@ -123,7 +115,7 @@ function longrope(cfg: Json, rs: Json, theta: number, headDim: number, maxPositi
   if (!topLevel && rs.original_max_position_embeddings != null) {
     throw fail('CONFIG_UNSUPPORTED', `config.json: "${field('original_max_position_embeddings')}" without a top-level "original_max_position_embeddings" (transformers 4.x ignores it, 5.x uses it)`);
   }
-  const original = topLevel ? positive(cfg, 'original_max_position_embeddings') : maxPositions;
+  const original = topLevel ? num(cfg, 'original_max_position_embeddings') : maxPositions;
   let factor = maxPositions / original;
   if (rs.factor != null) {
     const given = positive(rs, 'factor');
