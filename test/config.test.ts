@@ -153,8 +153,10 @@ test('README rope table: every rope_type is served and each of its fields change
       assert.notDeepEqual(changed, before, `${type}: "${f}" does not change the rotation`);
     }
   }
-  // The legacy key `type` names the variant too, and wins over rope_type.
-  assert.equal(normalizeConfig({ ...BASE.llama, rope_scaling: { type: 'linear', rope_type: 'default', factor: 2 } }).rope!.type, 'linear');
+  // The legacy key `type` names the variant too; both keys naming different variants are refused.
+  assert.equal(normalizeConfig({ ...BASE.llama, rope_scaling: { type: 'linear', factor: 2 } }).rope!.type, 'linear');
+  assert.equal(normalizeConfig({ ...BASE.llama, rope_scaling: { type: 'linear', rope_type: 'linear', factor: 2 } }).rope!.type, 'linear');
+  assert.equal(unsupported({ ...BASE.llama, rope_scaling: { type: 'linear', rope_type: 'default', factor: 2 } })?.code, 'CONFIG_UNSUPPORTED');
 });
 
 test('a sliding window smaller than the context clamps the served positions and says so', () => {

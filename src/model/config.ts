@@ -134,7 +134,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     normEps: num(cfg, 'rms_norm_eps', 1e-6),
     ropeTheta: theta,
     rope: ropeSpec(cfg, theta, headDim, int(cfg, 'max_position_embeddings', 2048)),
-    tieWordEmbeddings: cfg.tie_word_embeddings === true,
+    tieWordEmbeddings: flag(cfg, 'tie_word_embeddings'),
     attentionBias: modelType === 'qwen2' || (llama && flag(cfg, 'attention_bias')),
     outputBias: llama && flag(cfg, 'attention_bias'),
     mlpBias: llama && flag(cfg, 'mlp_bias'),

@@ -1,6 +1,7 @@
 /**
  * Llama family (model_type llama, mistral, qwen2): RMSNorm, rotary embeddings (HF rotate_half convention,
- * rope_theta, rope_scaling variants: src/model/rope.ts), grouped-query attention, SiLU-gated MLP, tied or untied lm_head, optional q/k/v biases (Qwen2).
+ * rope_theta, the rope_scaling variants of src/model/rope.ts), grouped-query attention, SiLU-gated MLP, tied or
+ * untied lm_head, optional q/k/v biases (Qwen2).
  * Checkpoint quirks: Linear weights are stored [out, in] and transposed once at load to our [in, out].
  * Each projection is its own matmul (no fused q|k|v or gate|up: splitting a fused output costs more than it saves
  * on the wasm backend).

@@ -145,8 +145,12 @@ export function ropeSpec(cfg: Json, theta: number, headDim: number, maxPositions
     throw fail('CONFIG_INVALID', 'config.json: "rope_scaling" must be an object or null');
   }
   const rs = cfg.rope_scaling as Json;
-  // transformers' configs copy the legacy `type` over `rope_type` when both are present.
-  const type = rs.type ?? rs.rope_type;
+  // Llama's and Qwen2's configs copy the legacy `type` over `rope_type`, the rotary module of the others reads
+  // `rope_type` first: two different names are refused.
+  if (rs.type != null && rs.rope_type != null && rs.type !== rs.rope_type) {
+    throw fail('CONFIG_UNSUPPORTED', `config.json: "rope_scaling.type" ${JSON.stringify(rs.type)} and "rope_scaling.rope_type" ${JSON.stringify(rs.rope_type)} differ`);
+  }
+  const type = rs.rope_type ?? rs.type;
   switch (type) {
     case 'default':
     case 'dynamic':

@@ -195,7 +195,8 @@ export function refRope(config: Record<string, any>, hd: number, seqLen: number)
   const theta: number = config.rope_theta ?? 10000;
   const maxPos: number = config.max_position_embeddings ?? 2048;
   const rs = config.rope_scaling;
-  const type = rs == null ? 'default' : rs.type ?? rs.rope_type;
+  if (rs != null && rs.type != null && rs.rope_type != null && rs.type !== rs.rope_type) throw new Error('reference: rope_scaling type and rope_type differ');
+  const type = rs == null ? 'default' : rs.rope_type ?? rs.type;
   const inv = refInvFreqDefault(theta, hd);
   const half = hd / 2;
   switch (type) {
