@@ -457,7 +457,7 @@ function gpt2Hidden(config: Record<string, any>, get: GetTensor, tokens: readonl
 // ---------------------------------------------------------------------------------------------
 // Llama family (llama, mistral, qwen2)
 
-function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier, prefill: number) {
+function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier, callEnd: readonly number[]) {
   const d = int(config, 'hidden_size');
   const nLayer = int(config, 'num_hidden_layers');
   const nHead = int(config, 'num_attention_heads');
@@ -480,9 +480,8 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
 
   const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
   let xs: Vec[] = tokens.map((token) => embedRow(embed, token));
-  // Position t was computed in a forward call whose largest position is lastOfStep(t).
-  const lastOfStep = (t: number) => (t < prefill ? prefill - 1 : t);
-  const ropes = tokens.map((_, t) => refRope(config, hd, lastOfStep(t) + 1));
+  // Position t was computed in a forward call whose largest position is callEnd[t].
+  const ropes = tokens.map((_, t) => refRope(config, hd, callEnd[t]! + 1));
 
   for (let l = 0; l < nLayer; l++) {
     const n = `model.layers.${l}.`; // tensor names and PEFT module paths agree for Llama
@@ -545,23 +544,37 @@ function ropeEachHead(x: Vec, nHeads: number, hd: number, pos: number, rope: Ref
 
 /**
  * How the sequence was split into forward calls, for the RoPE variants whose frequencies depend on the call
- * (longrope, dynamic): the first `prefill` tokens in one call, each later token in a call of its own (generate()
- * with a KV cache; cached keys keep the rotation of the call that computed them). Default: the whole sequence
- * in one call (a forward without cache).
+ * (longrope, dynamic); cached keys keep the rotation of the call that computed them. `calls`: the token counts of
+ * the first calls, in order (a prompt prefilled in chunks); `prefill`: one first call of that many tokens
+ * (generate() with a KV cache). Tokens after them run one per call. Default: the whole sequence in one call
+ * (a forward without cache).
  */
 export interface RefSteps {
   prefill?: number;
+  calls?: number[];
+}
+
+/** For each position, the last position of the forward call that computed it. */
+function callEnds(length: number, steps: RefSteps): number[] {
+  const calls = steps.calls ?? [steps.prefill ?? length];
+  const ends: number[] = [];
+  for (const n of calls) {
+    if (!Number.isInteger(n) || n < 1) throw new Error(`reference: call of ${n} tokens`);
+    for (let i = 0; i < n; i++) ends.push(ends.length + n - i - 1);
+  }
+  if (ends.length > length) throw new Error(`reference: calls cover ${ends.length} tokens, the sequence has ${length}`);
+  while (ends.length < length) ends.push(ends.length);
+  return ends;
 }
 
 function hiddenStates(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora?: RefLoraMap, steps: RefSteps = {}) {
   if (tokens.length === 0) throw new Error('reference: empty token sequence');
-  const prefill = steps.prefill ?? tokens.length;
-  if (!Number.isInteger(prefill) || prefill < 1 || prefill > tokens.length) throw new Error(`reference: prefill ${prefill} outside [1, ${tokens.length}]`);
+  const ends = callEnds(tokens.length, steps);
   const applier = new LoraApplier(lora);
   const modelType = config.model_type;
   let result: { hidden: Vec[]; output: RefTensor };
   if (modelType === 'gpt2') result = gpt2Hidden(config, get, tokens, applier);
-  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier, prefill);
+  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier, ends);
   else throw new Error(`reference: model_type ${modelType} is unsupported in reference`);
   applier.assertAllUsed();
   return result;
@@ -581,7 +594,8 @@ export function referenceForward(
 
 /**
  * Greedy generation by re-running the full forward each step (no KV cache — intentionally simple), with the
- * rotation generate() gives with a cache: the prompt in one call, then one token per call (RefSteps).
+ * rotation generate() gives with a cache: the prompt in one call (or in `promptCalls` chunks), then one token per
+ * call (RefSteps).
  * Returns only the maxNewTokens new token ids (argmax, first index on ties); it does not stop at
  * eos — truncate at the eos id yourself (greedy decoding makes every prefix valid).
  */
@@ -591,11 +605,12 @@ export function referenceGreedy(
   prompt: readonly number[],
   maxNewTokens: number,
   lora?: RefLoraMap,
+  promptCalls?: number[],
 ): number[] {
   const sequence = [...prompt];
   const generated: number[] = [];
   for (let step = 0; step < maxNewTokens; step++) {
-    const { hidden, output } = hiddenStates(config, get, sequence, lora, { prefill: prompt.length });
+    const { hidden, output } = hiddenStates(config, get, sequence, lora, { calls: promptCalls ?? [prompt.length] });
     const next = argmax(unembed(hidden[hidden.length - 1]!, output));
     generated.push(next);
     sequence.push(next);
