@@ -35,6 +35,8 @@ export const ERRORS = {
   CHECKPOINT_SHAPE: { status: 500, type: 'invalid_checkpoint' },
   CONFIG_INVALID: { status: 500, type: 'invalid_config' },
   MODEL_TYPE_UNSUPPORTED: { status: 500, type: 'invalid_config' },
+  /** A config.json field whose math the server does not implement (named in the message): refused rather than served approximately. */
+  CONFIG_UNSUPPORTED: { status: 500, type: 'invalid_config' },
   TOKENIZER_INVALID: { status: 500, type: 'invalid_tokenizer' },
   // --- serving ---
   OVERLOADED: { status: 429, type: 'overloaded' },

@@ -154,6 +154,7 @@ export async function startRuntime(
   }
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
+  for (const note of c.notes) log(note);
   const tokenizer = await TextTokenizer.load(dir, c);
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {

@@ -1,11 +1,12 @@
 /**
  * The TensorFlow.js forward pass (through the executor: prefill + batched KV-cache decode) against the
- * independent plain-loop reference, for both families, batch 1 and a batch of 3 sequences of different lengths.
+ * independent plain-loop reference, for both families and the RoPE variants, batch 1 and a batch of 3 sequences of
+ * different lengths.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, type CheckpointOptions } from '../src/demo/index.ts';
+import { TINY_GPT2, TINY_LLAMA, TINY_LLAMA32, type CheckpointOptions } from '../src/demo/index.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { isLaidOut } from '../src/backend/weights.ts';
 import type { LoraPlan } from '../src/engine/executor.ts';
@@ -46,15 +47,38 @@ async function runBatch(model: CausalLM, prompts: number[][]): Promise<{ tokens:
   return { tokens, logits };
 }
 
-const CASES: [string, CheckpointOptions][] = [
+/** A prompt longer than LONGROPE's original context (8), so its whole prefill takes the long factors. */
+const LONG_PROMPT = [9, 8, 7, 6, 5, 4, 3, 2, 1, 30];
+
+/*
+ * RoPE variants on tiny contexts (original_max_position_embeddings 8 to 64), so the positions of these prompts
+ * reach the frequencies each variant changes: yarn and llama3 change inv_freq at every position, longrope switches
+ * from the short to the long factors once a step's sequence length passes 8 (the 7-token prompt switches while
+ * decoding, the 10-token one in its prefill).
+ */
+const LONGROPE: CheckpointOptions = {
+  ...TINY_LLAMA, seed: 12, configExtra: { original_max_position_embeddings: 8 },
+  ropeScaling: { rope_type: 'longrope', short_factor: [1, 1.2, 1.5, 2], long_factor: [1, 2.5, 4, 9] },
+};
+
+const CASES: [string, CheckpointOptions, number[][]?][] = [
   ['gpt2 (transformer. prefix)', { ...TINY_GPT2, gpt2Prefix: true }],
   ['gpt2 (hub layout, no prefix, attn.bias buffers)', { ...TINY_GPT2, gpt2Prefix: false }],
   ['llama (GQA)', TINY_LLAMA],
   ['llama bf16, tied embeddings', { ...TINY_LLAMA, dtype: 'BF16', tieWordEmbeddings: true, seed: 7 }],
   ['qwen2-style q/k/v bias, MHA, explicit head_dim', { ...TINY_LLAMA, attentionBias: true, numKvHeads: 4, headDim: 6, seed: 8 }],
+  ['llama 3.2 style: llama3 rope, tied embeddings', TINY_LLAMA32],
+  ['rope linear (legacy "type" key)', { ...TINY_LLAMA, seed: 9, ropeScaling: { type: 'linear', factor: 4.0 } }],
+  ['rope dynamic (within max_position_embeddings)', { ...TINY_LLAMA, seed: 9, ropeScaling: { rope_type: 'dynamic', factor: 2.0 } }],
+  ['rope yarn, Qwen2.5 style', { ...TINY_LLAMA, attentionBias: true, ropeTheta: 100, seed: 10, ropeScaling: { type: 'yarn', factor: 4.0, original_max_position_embeddings: 64 } }],
+  ['rope yarn, mscale, betas, no truncation', {
+    ...TINY_LLAMA, ropeTheta: 100, seed: 11,
+    ropeScaling: { rope_type: 'yarn', factor: 8.0, beta_fast: 8, beta_slow: 2, mscale: 1, mscale_all_dim: 0.5, truncate: false, original_max_position_embeddings: 64 },
+  }],
+  ['rope longrope, Phi-3 style', LONGROPE, [PROMPTS[0]!, LONG_PROMPT, PROMPTS[2]!]],
 ];
 
-for (const [name, opts] of CASES) {
+for (const [name, opts, prompts = PROMPTS] of CASES) {
   test(`forward matches the plain-loop reference: ${name}`, async () => {
     const { dir, config, get } = await fixtureCheckpoint(`${tmp.dir}/${name.replace(/\W+/g, '_')}`, opts);
     const baseline = tf.memory().numTensors;
@@ -63,12 +87,13 @@ for (const [name, opts] of CASES) {
     const linears = [...model.linears.values()];
     const packable = process.env.TEST_NATIVE_MATMUL === '0' ? [] : linears.filter((l) => l.W.shape[1] % 16 === 0);
     assert.deepEqual(linears.filter((l) => isLaidOut(l.W)).map((l) => l.key), packable.map((l) => l.key));
-    for (const batch of [[PROMPTS[0]!], PROMPTS]) {
+    for (const batch of [[prompts[0]!], prompts]) {
       const { tokens, logits } = await runBatch(model, batch);
       batch.forEach((prompt, s) => {
-        // The reference recomputes the whole sequence: prompt + the tokens the fast path chose.
+        // The reference recomputes the whole sequence: prompt + the tokens the fast path chose, rotated as
+        // generate() with a KV cache rotates them (prompt in one step, then a token a step).
         const seq = [...prompt, ...tokens[s]!];
-        const ref = referenceForward(config, get, seq);
+        const ref = referenceForward(config, get, seq, undefined, { prefill: prompt.length });
         for (let step = 0; step < NEW_TOKENS; step++) {
           const r = ref[prompt.length - 1 + step]!;
           const err = maxRelErr(logits[s]![step]!, r);

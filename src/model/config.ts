@@ -1,5 +1,7 @@
 /** normalizeConfig(): one typed ModelConfig from a Hugging Face config.json (+ generation_config.json). */
 import { fail } from '../errors.ts';
+import { flag, int, num, type Json } from './config-fields.ts';
+import { ropeSpec } from './rope.ts';
 import type { Family, ModelConfig } from './types.ts';
 
 /** model_type → family. Llama-family covers Mistral and Qwen2 (q/k/v biases). */
@@ -12,20 +14,25 @@ const FAMILIES: Record<string, Family> = {
 
 export const SUPPORTED_MODEL_TYPES = Object.keys(FAMILIES);
 
-type Json = Record<string, unknown>;
-
-function int(cfg: Json, key: string, fallback?: number): number {
-  const v = cfg[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
-    throw fail('CONFIG_INVALID', `config.json: "${key}" must be a positive integer (got ${JSON.stringify(cfg[key])})`);
-  }
-  return v;
+/**
+ * The attention window some layer applies, or null. Mistral: `sliding_window` (absent means transformers'
+ * default 4096, null none). Qwen2: `sliding_window` only with `use_sliding_window`, on layers from
+ * `max_window_layers` (default 28) on. Position i attends to j when i − window < j ≤ i, so a sequence of at most
+ * `window` tokens is never masked.
+ */
+function slidingWindow(cfg: Json, modelType: string, numLayers: number): number | null {
+  if (modelType === 'mistral') return 'sliding_window' in cfg && cfg.sliding_window == null ? null : int(cfg, 'sliding_window', 4096);
+  if (modelType !== 'qwen2' || !flag(cfg, 'use_sliding_window') || cfg.sliding_window == null) return null;
+  const slides = Array.isArray(cfg.layer_types)
+    ? cfg.layer_types.includes('sliding_attention')
+    : firstWindowLayer(cfg) < numLayers;
+  return slides ? int(cfg, 'sliding_window') : null;
 }
 
-function num(cfg: Json, key: string, fallback: number): number {
-  const v = cfg[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) {
-    throw fail('CONFIG_INVALID', `config.json: "${key}" must be a positive number (got ${JSON.stringify(cfg[key])})`);
+function firstWindowLayer(cfg: Json): number {
+  const v = cfg.max_window_layers ?? 28;
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+    throw fail('CONFIG_INVALID', `config.json: "max_window_layers" must be a non-negative integer (got ${JSON.stringify(v)})`);
   }
   return v;
 }
@@ -49,6 +56,9 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     throw fail('MODEL_TYPE_UNSUPPORTED',
       `model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})`);
   }
+  if (cfg.quantization_config != null) {
+    throw fail('CONFIG_UNSUPPORTED', 'config.json: "quantization_config" is set: quantized checkpoints are not supported (float32, float16 and bfloat16 weights are)');
+  }
   const eos = [...new Set([...tokenIds(gen.eos_token_id), ...tokenIds(cfg.eos_token_id)])];
   const bos = tokenIds(gen.bos_token_id ?? cfg.bos_token_id)[0] ?? null;
 
@@ -58,8 +68,11 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     if (hidden % heads !== 0) throw fail('CONFIG_INVALID', `config.json: n_embd ${hidden} is not divisible by n_head ${heads}`);
     const act = (cfg.activation_function ?? 'gelu_new') as string;
     if (act !== 'gelu_new' && act !== 'gelu' && act !== 'relu') {
-      throw fail('CONFIG_INVALID', `config.json: activation_function "${act}" is not supported (gelu_new, gelu, relu)`);
+      throw fail('CONFIG_UNSUPPORTED', `config.json: "activation_function" ${JSON.stringify(act)} is not supported (gelu_new, gelu, relu)`);
     }
+    if (cfg.scale_attn_weights === false) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_weights" false is not supported (scores are divided by √head_dim)');
+    if (flag(cfg, 'scale_attn_by_inverse_layer_idx')) throw fail('CONFIG_UNSUPPORTED', 'config.json: "scale_attn_by_inverse_layer_idx" true is not supported');
+    if (cfg.tie_word_embeddings === false) throw fail('CONFIG_UNSUPPORTED', 'config.json: "tie_word_embeddings" false is not supported for gpt2 (the head is wte)');
     return Object.freeze({
       family, modelType,
       vocabSize: int(cfg, 'vocab_size'),
@@ -72,6 +85,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       maxPositions: int(cfg, 'n_positions', cfg.n_ctx as number | undefined),
       normEps: num(cfg, 'layer_norm_epsilon', 1e-5),
       ropeTheta: 0,
+      rope: null,
       tieWordEmbeddings: true,
       attentionBias: true,
       outputBias: true,
@@ -79,6 +93,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       activation: act as ModelConfig['activation'],
       bosTokenId: bos,
       eosTokenIds: eos,
+      notes: [],
     });
   }
 
@@ -92,32 +107,40 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
     throw fail('CONFIG_INVALID', `config.json: head dimension ${headDim} must be an even integer`);
   }
-  if (cfg.rope_scaling != null) {
-    const t = (cfg.rope_scaling as Json).rope_type ?? (cfg.rope_scaling as Json).type;
-    if (t !== 'default') throw fail('CONFIG_INVALID', `config.json: rope_scaling "${String(t)}" is not supported yet`);
+  const act = cfg.hidden_act ?? 'silu';
+  if (act !== 'silu' && act !== 'swish') throw fail('CONFIG_UNSUPPORTED', `config.json: "hidden_act" ${JSON.stringify(act)} is not supported (silu)`);
+  const numLayers = int(cfg, 'num_hidden_layers');
+  const notes: string[] = [];
+  let maxPositions = int(cfg, 'max_position_embeddings', 2048);
+  const window = slidingWindow(cfg, modelType, numLayers);
+  if (window !== null && window < maxPositions) {
+    notes.push(`serving ${window} positions, not max_position_embeddings ${maxPositions}: "sliding_window" ${window} never masks a sequence that fits it (sliding-window attention is not implemented)`);
+    maxPositions = window;
   }
-  const act = (cfg.hidden_act ?? 'silu') as string;
-  if (act !== 'silu') throw fail('CONFIG_INVALID', `config.json: hidden_act "${act}" is not supported (silu)`);
-  const qkvBias = modelType === 'qwen2' || cfg.attention_bias === true;
+  const theta = num(cfg, 'rope_theta', 10000);
+  // Llama's attention_bias puts biases on q/k/v and o_proj, mlp_bias on the MLP; Qwen2 always has q/k/v biases
+  // and nothing else; Mistral has none (its modules ignore both keys).
+  const llama = modelType === 'llama';
   return Object.freeze({
     family, modelType,
     vocabSize: int(cfg, 'vocab_size'),
     hiddenSize: hidden,
-    numLayers: int(cfg, 'num_hidden_layers'),
+    numLayers,
     numHeads: heads,
     numKvHeads: kvHeads,
     headDim,
     intermediateSize: int(cfg, 'intermediate_size'),
-    maxPositions: int(cfg, 'max_position_embeddings', 2048),
+    maxPositions,
     normEps: num(cfg, 'rms_norm_eps', 1e-6),
-    ropeTheta: num(cfg, 'rope_theta', 10000),
-    tieWordEmbeddings: cfg.tie_word_embeddings === true,
-    attentionBias: qkvBias,
-    // Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v biases only.
-    outputBias: modelType !== 'qwen2' && cfg.attention_bias === true,
-    mlpBias: cfg.mlp_bias === true,
+    ropeTheta: theta,
+    rope: ropeSpec(cfg, theta, headDim, int(cfg, 'max_position_embeddings', 2048)),
+    tieWordEmbeddings: flag(cfg, 'tie_word_embeddings'),
+    attentionBias: modelType === 'qwen2' || (llama && flag(cfg, 'attention_bias')),
+    outputBias: llama && flag(cfg, 'attention_bias'),
+    mlpBias: llama && flag(cfg, 'mlp_bias'),
     activation: 'silu',
     bosTokenId: bos,
     eosTokenIds: eos,
+    notes,
   });
 }

@@ -83,21 +83,38 @@ export function silu(x: tf.Tensor2D): tf.Tensor2D {
 }
 
 /**
- * Rotary tables [maxPositions, headDim] (each half repeated, as HF's emb = cat(freqs, freqs)), computed in
- * float64 on the host: angle(p, i) = p · θ^(−2i/headDim) for i < headDim/2.
+ * Rotary tables [sets·maxPositions, headDim] (each half repeated, as HF's emb = cat(freqs, freqs)), computed in
+ * float64 on the host: row s·maxPositions + p holds scale·cos(p·invFreqs[s][i]) (and sin) for i < headDim/2.
+ * `scale` is the variant's attention factor (transformers multiplies cos and sin by it).
  */
-export function ropeTables(maxPositions: number, headDim: number, theta: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
-  const half = headDim / 2;
-  const cos = new Float32Array(maxPositions * headDim);
-  const sin = new Float32Array(maxPositions * headDim);
-  for (let p = 0; p < maxPositions; p++) {
-    for (let i = 0; i < half; i++) {
-      const angle = p * Math.pow(theta, (-2 * i) / headDim);
-      cos[p * headDim + i] = cos[p * headDim + i + half] = Math.cos(angle);
-      sin[p * headDim + i] = sin[p * headDim + i + half] = Math.sin(angle);
+export function ropeTables(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const half = invFreqs[0]!.length;
+  const headDim = 2 * half;
+  const rows = invFreqs.length * maxPositions;
+  const cos = new Float32Array(rows * headDim);
+  const sin = new Float32Array(rows * headDim);
+  invFreqs.forEach((invFreq, set) => {
+    for (let p = 0; p < maxPositions; p++) {
+      const row = (set * maxPositions + p) * headDim;
+      for (let i = 0; i < half; i++) {
+        const angle = p * invFreq[i]!;
+        cos[row + i] = cos[row + i + half] = scale * Math.cos(angle);
+        sin[row + i] = sin[row + i + half] = scale * Math.sin(angle);
+      }
     }
-  }
-  return { cos: tf.tensor2d(cos, [maxPositions, headDim]), sin: tf.tensor2d(sin, [maxPositions, headDim]) };
+  });
+  return { cos: tf.tensor2d(cos, [rows, headDim]), sin: tf.tensor2d(sin, [rows, headDim]) };
+}
+
+/**
+ * The table rows of a step's tokens when the table holds a second set (longrope's long factors) from row
+ * `offset` on: a row of the batch reads the second set for all its T tokens when its largest position p has
+ * p + 1 > `after`. positions: [B·T], left-padded rows (pads are position 0).
+ */
+export function ropeRows(positions: tf.Tensor1D, B: number, T: number, second: { readonly after: number; readonly offset: number }): tf.Tensor1D {
+  const byRow = tf.reshape(positions, [B, T]);
+  const useSecond = tf.cast(tf.greaterEqual(tf.max(byRow, 1, true), second.after), 'int32'); // [B, 1]
+  return tf.reshape(tf.add(byRow, tf.mul(useSecond, tf.scalar(second.offset, 'int32'))), [B * T]);
 }
 
 /**

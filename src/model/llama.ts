@@ -1,6 +1,7 @@
 /**
  * Llama family (model_type llama, mistral, qwen2): RMSNorm, rotary embeddings (HF rotate_half convention,
- * rope_theta), grouped-query attention, SiLU-gated MLP, tied or untied lm_head, optional q/k/v biases (Qwen2).
+ * rope_theta, the rope_scaling variants of src/model/rope.ts), grouped-query attention, SiLU-gated MLP, tied or
+ * untied lm_head, optional q/k/v biases (Qwen2).
  * Checkpoint quirks: Linear weights are stored [out, in] and transposed once at load to our [in, out].
  * Each projection is its own matmul (no fused q|k|v or gate|up: splitting a fused output costs more than it saves
  * on the wasm backend).
@@ -9,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, layerModules, linear, rmsNorm, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
+import { applyRope, attention, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -87,7 +88,9 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
   const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
-  const rope = ropeTables(c.maxPositions, c.headDim, c.ropeTheta);
+  const spec = c.rope!;
+  const rope = ropeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
+  const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
   const R = rotateHalfMatrix(c.headDim);
   tensors.push(rope.cos, rope.sin, R);
 
@@ -103,8 +106,9 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const N = s.B * s.T;
       // x = x + attn(rmsnorm(x))
       const h = rmsNorm(x, L.inputNorm, c.normEps);
-      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, s.positions), [N, 1, hd]) as tf.Tensor3D);
-      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, s.positions), [N, 1, hd]) as tf.Tensor3D);
+      const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
+      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
+      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
       const q = applyRope(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), cos, sin, R); // [N, nH, hd]
       const k = applyRope(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), cos, sin, R); // [N, kvH, hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]

@@ -1,4 +1,5 @@
 /** Shared, tensor-free types of the model layer. */
+import type { RopeSpec } from './rope.ts';
 
 export type Family = 'gpt2' | 'llama';
 
@@ -19,6 +20,8 @@ export interface ModelConfig {
   readonly normEps: number;
   /** Llama only. */
   readonly ropeTheta: number;
+  /** Llama family: the rotary embedding (rope_scaling variant, frequencies, cos/sin factor); null for GPT-2. */
+  readonly rope: RopeSpec | null;
   readonly tieWordEmbeddings: boolean;
   /** Llama family: q/k/v projections carry a bias (Qwen2). */
   readonly attentionBias: boolean;
@@ -28,6 +31,8 @@ export interface ModelConfig {
   readonly activation: 'gelu_new' | 'gelu' | 'relu' | 'silu';
   readonly bosTokenId: number | null;
   readonly eosTokenIds: readonly number[];
+  /** What the server changed to serve this config exactly (e.g. a context clamped to the sliding window), for the start-up log. */
+  readonly notes: readonly string[];
 }
 
 /** A float32 tensor on the host: row-major data with its shape. */

@@ -1,6 +1,7 @@
 /**
  * An independent, slow reference forward pass: plain loops over Float64Array, written from the
- * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`), taking
+ * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`, the RoPE variants
+ * of `modeling_rope_utils.py`), taking
  * the RAW `config.json` object and tensors by their RAW checkpoint names. Test code only: nothing
  * here comes from src/, so the fast TensorFlow.js path can be checked against it.
  *
@@ -142,24 +143,128 @@ export function silu(x: number): number {
 
 /**
  * HF rotary embedding for one head vector v [hd] at position `pos` (the rotate_half convention:
- * element i is paired with element i + hd/2, not with its neighbour):
- *   inv_freq_i = theta^(−2i/hd),  angle_i = pos · inv_freq_i,  for i in [0, hd/2)
- *   v'[i]        = v[i]·cos(angle_i) − v[i + hd/2]·sin(angle_i)
- *   v'[i + hd/2] = v[i + hd/2]·cos(angle_i) + v[i]·sin(angle_i)
+ * element i is paired with element i + hd/2, not with its neighbour), with the default frequencies
+ * inv_freq_i = theta^(−2i/hd). See ropeRotateWith.
  */
 export function ropeRotate(v: Vec, pos: number, theta: number): Vec {
+  return ropeRotateWith(v, pos, { invFreq: refInvFreqDefault(theta, v.length), scale: 1 });
+}
+
+/**
+ * Rotary embedding with given frequencies and cos/sin scale, for i in [0, hd/2):
+ *   angle_i = pos · inv_freq_i
+ *   v'[i]        = scale·(v[i]·cos(angle_i) − v[i + hd/2]·sin(angle_i))
+ *   v'[i + hd/2] = scale·(v[i + hd/2]·cos(angle_i) + v[i]·sin(angle_i))
+ */
+export function ropeRotateWith(v: Vec, pos: number, rope: RefRope): Vec {
   const hd = v.length;
   if (hd % 2 !== 0) throw new Error(`reference: RoPE needs an even head_dim, got ${hd}`);
   const half = hd / 2;
+  if (rope.invFreq.length !== half) throw new Error(`reference: ${rope.invFreq.length} frequencies for head_dim ${hd}`);
   const out = new Float64Array(hd);
   for (let i = 0; i < half; i++) {
-    const angle = pos * Math.pow(theta, (-2 * i) / hd);
-    const cos = Math.cos(angle);
-    const sin = Math.sin(angle);
+    const angle = pos * rope.invFreq[i]!;
+    const cos = rope.scale * Math.cos(angle);
+    const sin = rope.scale * Math.sin(angle);
     out[i] = v[i]! * cos - v[i + half]! * sin;
     out[i + half] = v[i + half]! * cos + v[i]! * sin;
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE variants (transformers modeling_rope_utils.py), each from its formula
+
+/** Frequencies of the hd/2 rotated pairs and the factor transformers multiplies cos and sin by. */
+export interface RefRope {
+  invFreq: Float64Array;
+  scale: number;
+}
+
+function refInvFreqDefault(theta: number, hd: number): Float64Array {
+  const inv = new Float64Array(hd / 2);
+  for (let i = 0; i < hd / 2; i++) inv[i] = 1 / Math.pow(theta, (2 * i) / hd);
+  return inv;
+}
+
+/**
+ * The rotary embedding transformers uses for a forward call whose largest position is seqLen − 1 (only dynamic and
+ * longrope depend on it: both recompute inv_freq from torch.max(position_ids) + 1 at each call).
+ */
+export function refRope(config: Record<string, any>, hd: number, seqLen: number): RefRope {
+  const theta: number = config.rope_theta ?? 10000;
+  const maxPos: number = config.max_position_embeddings ?? 2048;
+  const rs = config.rope_scaling;
+  if (rs != null && rs.type != null && rs.rope_type != null && rs.type !== rs.rope_type) throw new Error('reference: rope_scaling type and rope_type differ');
+  const type = rs == null ? 'default' : rs.rope_type ?? rs.type;
+  const inv = refInvFreqDefault(theta, hd);
+  const half = hd / 2;
+  switch (type) {
+    case 'default':
+      return { invFreq: inv, scale: 1 };
+    case 'linear':
+      for (let i = 0; i < half; i++) inv[i] = inv[i]! / rs.factor;
+      return { invFreq: inv, scale: 1 };
+    case 'dynamic': {
+      // base' = θ·(factor·L/max − (factor − 1))^(hd/(hd − 2)), L = max(seqLen, max_position_embeddings)
+      const L = Math.max(seqLen, maxPos);
+      const base = theta * Math.pow((rs.factor * L) / maxPos - (rs.factor - 1), hd / (hd - 2));
+      return { invFreq: refInvFreqDefault(base, hd), scale: 1 };
+    }
+    case 'llama3': {
+      const lowWavelen = rs.original_max_position_embeddings / rs.low_freq_factor;
+      const highWavelen = rs.original_max_position_embeddings / rs.high_freq_factor;
+      for (let i = 0; i < half; i++) {
+        const f = inv[i]!;
+        const wavelen = (2 * Math.PI) / f;
+        if (wavelen > lowWavelen) {
+          inv[i] = f / rs.factor;
+        } else if (wavelen >= highWavelen) {
+          const smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+          inv[i] = (1 - smooth) * (f / rs.factor) + smooth * f;
+        }
+      }
+      return { invFreq: inv, scale: 1 };
+    }
+    case 'yarn': {
+      const factor: number = rs.factor;
+      const original: number = rs.original_max_position_embeddings || maxPos;
+      const mscaleOf = (s: number, m: number) => (s <= 1 ? 1 : 0.1 * m * Math.log(s) + 1);
+      let scale: number;
+      if (rs.attention_factor != null) scale = rs.attention_factor;
+      else if (rs.mscale && rs.mscale_all_dim) scale = mscaleOf(factor, rs.mscale) / mscaleOf(factor, rs.mscale_all_dim);
+      else scale = mscaleOf(factor, 1);
+      // dimension index at which a frequency makes `turns` rotations over the original context
+      const dimFor = (turns: number) => (hd * Math.log(original / (turns * 2 * Math.PI))) / (2 * Math.log(theta));
+      let low = dimFor(rs.beta_fast || 32);
+      let high = dimFor(rs.beta_slow || 1);
+      if (rs.truncate !== false) {
+        low = Math.floor(low);
+        high = Math.ceil(high);
+      }
+      low = Math.max(low, 0);
+      high = Math.min(high, hd - 1);
+      if (low === high) high += 0.001;
+      for (let i = 0; i < half; i++) {
+        let ramp = (i - low) / (high - low);
+        if (ramp < 0) ramp = 0;
+        if (ramp > 1) ramp = 1;
+        // ramp 0: keep the frequency (extrapolate); ramp 1: divide it by factor (interpolate)
+        inv[i] = ramp * (inv[i]! / factor) + (1 - ramp) * inv[i]!;
+      }
+      return { invFreq: inv, scale };
+    }
+    case 'longrope': {
+      const original: number = config.original_max_position_embeddings ?? maxPos;
+      const factor: number = rs.factor ?? maxPos / original;
+      const scale: number = rs.attention_factor ?? (factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(original)));
+      const ext: number[] = seqLen > original ? rs.long_factor : rs.short_factor;
+      for (let i = 0; i < half; i++) inv[i] = inv[i]! / ext[i]!;
+      return { invFreq: inv, scale };
+    }
+    default:
+      throw new Error(`reference: rope type ${type} is unsupported in reference`);
+  }
 }
 
 /**
@@ -352,7 +457,7 @@ function gpt2Hidden(config: Record<string, any>, get: GetTensor, tokens: readonl
 // ---------------------------------------------------------------------------------------------
 // Llama family (llama, mistral, qwen2)
 
-function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier) {
+function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier, callEnd: readonly number[]) {
   const d = int(config, 'hidden_size');
   const nLayer = int(config, 'num_hidden_layers');
   const nHead = int(config, 'num_attention_heads');
@@ -361,8 +466,6 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
   const inner = int(config, 'intermediate_size');
   const vocab = int(config, 'vocab_size');
   const eps: number = config.rms_norm_eps ?? 1e-6;
-  const theta: number = config.rope_theta ?? 10000;
-  if (config.rope_scaling != null) throw new Error('reference: rope_scaling is unsupported in reference');
   if (config.partial_rotary_factor != null && config.partial_rotary_factor !== 1) {
     throw new Error('reference: partial_rotary_factor is unsupported in reference');
   }
@@ -377,6 +480,8 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
 
   const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
   let xs: Vec[] = tokens.map((token) => embedRow(embed, token));
+  // Position t was computed in a forward call whose largest position is callEnd[t].
+  const ropes = tokens.map((_, t) => refRope(config, hd, callEnd[t]! + 1));
 
   for (let l = 0; l < nLayer; l++) {
     const n = `model.layers.${l}.`; // tensor names and PEFT module paths agree for Llama
@@ -403,8 +508,8 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
     const v: Vec[] = [];
     xs.forEach((x, t) => {
       const h = rmsNorm(x, inNorm, eps);
-      q.push(ropeEachHead(run(qProj, h), nHead, hd, t, theta));
-      k.push(ropeEachHead(run(kProj, h), nKv, hd, t, theta));
+      q.push(ropeEachHead(run(qProj, h), nHead, hd, t, ropes[t]!));
+      k.push(ropeEachHead(run(kProj, h), nKv, hd, t, ropes[t]!));
       v.push(run(vProj, h));
     });
     const heads = causalAttention(q, k, v, nHead, nKv, hd);
@@ -427,23 +532,49 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
   return { hidden: xs.map((x) => rmsNorm(x, finalNorm, eps)), output };
 }
 
-/** Applies ropeRotate to each of the nHeads head slices [hd] of a projected vector. */
-function ropeEachHead(x: Vec, nHeads: number, hd: number, pos: number, theta: number): Vec {
+/** Applies ropeRotateWith to each of the nHeads head slices [hd] of a projected vector. */
+function ropeEachHead(x: Vec, nHeads: number, hd: number, pos: number, rope: RefRope): Vec {
   const out = new Float64Array(nHeads * hd);
-  for (let h = 0; h < nHeads; h++) out.set(ropeRotate(x.slice(h * hd, (h + 1) * hd), pos, theta), h * hd);
+  for (let h = 0; h < nHeads; h++) out.set(ropeRotateWith(x.slice(h * hd, (h + 1) * hd), pos, rope), h * hd);
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Entry points
 
-function hiddenStates(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora?: RefLoraMap) {
+/**
+ * How the sequence was split into forward calls, for the RoPE variants whose frequencies depend on the call
+ * (longrope, dynamic); cached keys keep the rotation of the call that computed them. `calls`: the token counts of
+ * the first calls, in order (a prompt prefilled in chunks); `prefill`: one first call of that many tokens
+ * (generate() with a KV cache). Tokens after them run one per call. Default: the whole sequence in one call
+ * (a forward without cache).
+ */
+export interface RefSteps {
+  prefill?: number;
+  calls?: number[];
+}
+
+/** For each position, the last position of the forward call that computed it. */
+function callEnds(length: number, steps: RefSteps): number[] {
+  const calls = steps.calls ?? [steps.prefill ?? length];
+  const ends: number[] = [];
+  for (const n of calls) {
+    if (!Number.isInteger(n) || n < 1) throw new Error(`reference: call of ${n} tokens`);
+    for (let i = 0; i < n; i++) ends.push(ends.length + n - i - 1);
+  }
+  if (ends.length > length) throw new Error(`reference: calls cover ${ends.length} tokens, the sequence has ${length}`);
+  while (ends.length < length) ends.push(ends.length);
+  return ends;
+}
+
+function hiddenStates(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora?: RefLoraMap, steps: RefSteps = {}) {
   if (tokens.length === 0) throw new Error('reference: empty token sequence');
+  const ends = callEnds(tokens.length, steps);
   const applier = new LoraApplier(lora);
   const modelType = config.model_type;
   let result: { hidden: Vec[]; output: RefTensor };
   if (modelType === 'gpt2') result = gpt2Hidden(config, get, tokens, applier);
-  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier);
+  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier, ends);
   else throw new Error(`reference: model_type ${modelType} is unsupported in reference`);
   applier.assertAllUsed();
   return result;
@@ -455,13 +586,16 @@ export function referenceForward(
   get: GetTensor,
   tokens: readonly number[],
   lora?: RefLoraMap,
+  steps?: RefSteps,
 ): Float64Array[] {
-  const { hidden, output } = hiddenStates(config, get, tokens, lora);
+  const { hidden, output } = hiddenStates(config, get, tokens, lora, steps);
   return hidden.map((h) => unembed(h, output));
 }
 
 /**
- * Greedy generation by re-running the full forward each step (no KV cache — intentionally simple).
+ * Greedy generation by re-running the full forward each step (no KV cache — intentionally simple), with the
+ * rotation generate() gives with a cache: the prompt in one call (or in `promptCalls` chunks), then one token per
+ * call (RefSteps).
  * Returns only the maxNewTokens new token ids (argmax, first index on ties); it does not stop at
  * eos — truncate at the eos id yourself (greedy decoding makes every prefix valid).
  */
@@ -471,11 +605,12 @@ export function referenceGreedy(
   prompt: readonly number[],
   maxNewTokens: number,
   lora?: RefLoraMap,
+  promptCalls?: number[],
 ): number[] {
   const sequence = [...prompt];
   const generated: number[] = [];
   for (let step = 0; step < maxNewTokens; step++) {
-    const { hidden, output } = hiddenStates(config, get, sequence, lora);
+    const { hidden, output } = hiddenStates(config, get, sequence, lora, { calls: promptCalls ?? [prompt.length] });
     const next = argmax(unembed(hidden[hidden.length - 1]!, output));
     generated.push(next);
     sequence.push(next);

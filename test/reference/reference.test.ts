@@ -409,7 +409,7 @@ test('greedy re-runs the forward and takes the argmax of the last position', () 
 
 test('unsupported configurations throw instead of computing something else', () => {
   const m = tinyLlama();
-  assert.throws(() => forward({ ...m, config: { ...m.config, rope_scaling: { rope_type: 'llama3', factor: 8 } } }, [1]), /unsupported in reference/);
+  assert.throws(() => forward({ ...m, config: { ...m.config, rope_scaling: { rope_type: 'mrope', factor: 8 } } }, [1]), /unsupported in reference/);
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'phi' } }, [1]), /unsupported in reference/);
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'mistral', sliding_window: 2 } }, [1, 2, 3]), /unsupported in reference/);
   assert.throws(() => forward(m, [13]), /outside the vocabulary/);
