@@ -49,14 +49,26 @@ export interface CaseContext {
   readonly sizes: Sizes;
   /** The checkpoint the servers run (for cases that compute in the harness itself). */
   readonly modelDir: string;
-  /** The server's --workers. */
-  readonly workers: number;
+  /** Whether servers get the cases' tuning flags (`--tuned`), or run on the server's defaults. */
+  readonly tuned: boolean;
   readonly adapters: AdapterPool;
   /** The i-th prompt (~32 tokens; distinct for i < 64). */
   prompt(i: number): string;
-  /** Runs `fn` against a fresh server started with the harness's flags plus `flags`, then stops it. */
-  withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T>;
+  /**
+   * Runs `fn` against a fresh server started with the harness's flags plus `flags` (what the case measures, such as
+   * a device tier smaller than its adapters), plus `tuning` in a tuned run (settings a user would choose for the
+   * workload, left at the server's defaults otherwise), then stops it.
+   */
+  withServer<T>(flags: ServerFlags, fn: (api: ApiClient, server: ServerRun) => Promise<T>, tuning?: ServerFlags): Promise<T>;
   log(msg: string): void;
+}
+
+/** A started server as the case sees it. */
+export interface ServerRun {
+  /** Its GET /info. */
+  readonly info: Record<string, unknown>;
+  /** Copies of the model it runs (its executor workers; 1 in process). */
+  readonly workers: number;
 }
 
 export interface BenchCase {

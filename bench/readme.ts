@@ -1,6 +1,6 @@
 /**
  * The README's Performance table, rendered from the committed results files: `bench/results/latest-defaults.json`
- * (the server's default flags) and `bench/results/latest.json` (tuned: `--workers 2`). `npm run bench:readme`
+ * (the server's default flags) and `bench/results/latest.json` (`--tuned`). `npm run bench:readme`
  * writes it between the README's bench markers; test/readme-bench.test.ts checks that the README holds exactly this
  * rendering, so every figure there comes from a results file.
  */
@@ -18,7 +18,7 @@ export interface Report {
   readonly started: string;
   readonly seconds: number;
   readonly machine: { readonly cpu: string; readonly cores: number; readonly memoryBytes: number };
-  readonly backend: { readonly server: unknown; readonly workers: number };
+  readonly backend: { readonly server: unknown; readonly workers: number | null };
   readonly git: { readonly commit: string; readonly dirty: boolean };
   readonly args: readonly string[];
   readonly cases: readonly { readonly name: string; readonly figures: readonly Figure[]; readonly error?: string }[];
@@ -45,7 +45,7 @@ function runLine(name: string, r: Report | null): string {
   const backend = typeof r.backend.server === 'string' ? r.backend.server : JSON.stringify(r.backend.server);
   return `- ${name}: commit ${r.git.commit.slice(0, 7)}${r.git.dirty ? ' (uncommitted changes)' : ''}, started ${r.started.slice(0, 16).replace('T', ' ')} UTC, `
     + `${(r.seconds / 60).toFixed(1)} min; ${r.machine.cpu}, ${r.machine.cores} cores, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB; `
-    + `backend ${backend}, \`--workers ${r.backend.workers}\`${r.args.length ? `; \`npm run bench -- ${r.args.join(' ')}\`` : ''}.`;
+    + `backend ${backend}, ${r.backend.workers ?? 1} worker${(r.backend.workers ?? 1) > 1 ? 's' : ''}; \`npm run bench${r.args.length ? ` -- ${r.args.join(' ')}` : ''}\`.`;
 }
 
 /** The Markdown between the markers (markers included). */
@@ -58,7 +58,7 @@ export function renderTable(defaults: Report | null, tuned: Report | null): stri
     runLine('Server defaults', defaults),
     runLine('Tuned', tuned),
     '',
-    `| case | figure | server defaults | tuned (\`--workers ${tuned?.backend.workers ?? 2}\`) | target |${systems.map((s) => ` ${s} (reference) |`).join('')}`,
+    `| case | figure | server defaults | tuned | target |${systems.map((s) => ` ${s} (reference) |`).join('')}`,
     `|---|---|---|---|---|${systems.map(() => '---|').join('')}`,
   ];
   for (const name of caseNames) {

@@ -9,7 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
-import { met, type BenchCase, type CaseContext, type Figure, type Sizes } from './case.ts';
+import { met, type BenchCase, type CaseContext, type Figure, type ServerRun, type Sizes } from './case.ts';
 import { adapterSwitch } from './cases/adapter-switch.ts';
 import { batching } from './cases/batching.ts';
 import { coldLoad } from './cases/cold-load.ts';
@@ -44,7 +44,9 @@ Options:
   --rounds N        rounds of every side-by-side comparison (default ${FULL.rounds}; median reported)
   --model DIR       benchmark this checkpoint instead of the generated BENCH_LLAMA one
   --backend NAME    the server's --backend (default wasm)
-  --workers N       the server's --workers (default 1, the server's default; 2 on this 2-core machine is the tuned setting)
+  --tuned           start servers with the settings a user would choose for each case's workload (its tuning flags)
+                    and --workers 2 unless --workers is given; without it, servers run on their default flags
+  --workers N       the server's --workers (default: the server's default, or 2 with --tuned)
   --out DIR         where the JSON results go (default bench/results)
   --save NAME       also write the results to DIR/NAME.json (latest-defaults, latest: what the README renders)
   --help            this text
@@ -56,13 +58,14 @@ interface Args {
   rounds?: number;
   model?: string;
   backend: string;
-  workers: number;
+  tuned: boolean;
+  workers?: number;
   out: string;
   save?: string;
 }
 
 function parseArgs(argv: readonly string[]): Args {
-  const args: Args = { cases: [], quick: false, backend: 'wasm', workers: 1, out: 'bench/results' };
+  const args: Args = { cases: [], quick: false, tuned: false, backend: 'wasm', out: 'bench/results' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -73,6 +76,7 @@ function parseArgs(argv: readonly string[]): Args {
       process.stdout.write(HELP);
       process.exit(0);
     } else if (a === '--quick') args.quick = true;
+    else if (a === '--tuned') args.tuned = true;
     else if (a === '--rounds') {
       args.rounds = Number(value());
       if (!Number.isInteger(args.rounds) || args.rounds < 1) throw new Error('--rounds must be a positive integer');
@@ -95,6 +99,7 @@ function parseArgs(argv: readonly string[]): Args {
     }
   }
   if (args.cases.length === 0) args.cases = [...CASES];
+  if (args.tuned) args.workers ??= 2;
   return args;
 }
 
@@ -163,6 +168,7 @@ async function main(): Promise<void> {
   const prompts = await preparePrompts(modelDir, PROMPTS, PROMPT_TOKENS);
   const logDir = resolve('.cache/bench-logs');
   let backendInfo: unknown;
+  let workersSeen: number | undefined;
 
   const results: CaseResult[] = [];
   for (const c of args.cases) {
@@ -171,17 +177,21 @@ async function main(): Promise<void> {
     const log = (msg: string) => say(`[${c.name}] ${msg}`);
     const servers: CaseServer[] = [];
     const ctx: CaseContext = {
-      sizes, adapters, log, workers: args.workers, modelDir,
+      sizes, adapters, log, tuned: args.tuned, modelDir,
       prompt: (i) => prompts[i % prompts.length]!,
-      async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
-        const all = { model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, workers: args.workers, 'log-level': 'warn', 'shutdown-grace': 1, ...flags };
+      async withServer<T>(flags: ServerFlags, fn: (api: ApiClient, server: ServerRun) => Promise<T>, tuning: ServerFlags = {}): Promise<T> {
+        const all: Record<string, string | number> = {
+          model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, 'log-level': 'warn', 'shutdown-grace': 1,
+          ...(args.workers === undefined ? {} : { workers: args.workers }), ...(args.tuned ? tuning : {}), ...flags,
+        };
         const server = await startServer(all, logDir, c.name);
         log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
         try {
           const info = await server.api.json('GET', '/info');
           servers.push({ flags: all, info });
           backendInfo ??= info.backend;
-          return await fn(server.api);
+          workersSeen ??= typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1);
+          return await fn(server.api, { info, workers: typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1) });
         } finally {
           await server.stop();
         }
@@ -212,7 +222,8 @@ async function main(): Promise<void> {
       cpu: os.cpus()[0]?.model ?? 'unknown', cores: os.cpus().length, memoryBytes: os.totalmem(),
       platform: `${os.platform()} ${os.release()} ${os.arch()}`, node: process.version, loadAverage: os.loadavg(),
     },
-    backend: { requested: args.backend, server: backendInfo ?? null, workers: args.workers },
+    backend: { requested: args.backend, server: backendInfo ?? null, workers: workersSeen ?? null },
+    tuned: args.tuned,
     model: { dir: modelDir, generated: args.model === undefined, config: JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) },
     // Figures of other systems shown beside ours: not measured by this run.
     references: REFERENCES,

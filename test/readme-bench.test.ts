@@ -32,7 +32,7 @@ test('the rendering: both runs side by side by figure key, targets met or missed
   assert.equal(row('one at a time (4 requests)'), '| batching | one at a time (4 requests) | 55 tok/s | 32.5 tok/s |  | 60 tok/s |');
   assert.equal(row('gain'), '| batching | gain | 5.50× ✓ | 3.25× ✗ MISSED | ≥ 4× | 0.98× |');
   assert.equal(row('not in the README'), undefined);
-  assert.match(table, /tuned \(`--workers 2`\)/);
+  assert.match(table, /- Tuned: .*2 workers; `npm run bench`/);
   assert.match(table, /llama\.cpp \(reference\): .*not measured by this harness/);
   const one = renderTable(null, run(5.5));
   assert.match(one, /- Server defaults: not run\./);

@@ -33,7 +33,7 @@ export const memory: BenchCase = {
   name: 'memory',
   title: 'Memory: base and adapter device bytes; RSS, tensors and device bytes after 100 requests vs after many (adapters unloaded)',
   adapters: ADAPTERS,
-  run: (ctx) => ctx.withServer({ 'max-loaded-adapters': DEVICE_TIER }, async (api) => {
+  run: (ctx) => ctx.withServer({ 'max-loaded-adapters': DEVICE_TIER }, async (api, server) => {
     const { adapters } = ctx;
     const base = await snapshot(api);
     await api.json('POST', `/adapters/${adapters.id(0)}/load`);
@@ -61,11 +61,11 @@ export const memory: BenchCase = {
     const late = await requests(total - 100);
     ctx.log(`after 100: ${JSON.stringify(early)}; after ${total}: ${JSON.stringify(late)}`);
     return [
-      { label: `base model on the device (tfjs bytes, fresh server, ${ctx.workers} cop${ctx.workers > 1 ? 'ies' : 'y'})`, key: 'base', value: base.deviceBytes / MiB, unit: 'MiB', headline: true },
+      { label: `base model on the device (tfjs bytes, fresh server, ${server.workers} cop${server.workers > 1 ? 'ies' : 'y'})`, key: 'base', value: base.deviceBytes / MiB, unit: 'MiB', headline: true },
       { label: 'one adapter: bytes reported by /adapters/{id}', value: info.bytes, unit: 'B' },
-      { label: `one adapter: device bytes added by its load (${ctx.workers} cop${ctx.workers > 1 ? 'ies' : 'y'})`, key: 'adapter-device', value: added, unit: 'B' },
+      { label: `one adapter: device bytes added by its load (${server.workers} cop${server.workers > 1 ? 'ies' : 'y'})`, key: 'adapter-device', value: added, unit: 'B' },
       // Measured on the device (tfjs's byte count, summed over the model copies) against the safetensors header.
-      { label: 'one adapter: device bytes per copy vs float32 size of its A and B, deviation', key: 'adapter-deviation', value: 100 * Math.abs(added / ctx.workers / expected - 1), unit: '%', target: { op: '<=', value: 5 } },
+      { label: 'one adapter: device bytes per copy vs float32 size of its A and B, deviation', key: 'adapter-deviation', value: 100 * Math.abs(added / server.workers / expected - 1), unit: '%', target: { op: '<=', value: 5 } },
       { label: 'process RSS after 100 requests', value: early.rss / MiB, unit: 'MiB' },
       { label: `process RSS after ${total} requests`, key: 'rss-late', value: late.rss / MiB, unit: 'MiB' },
       { label: 'RSS growth', value: 100 * (late.rss / early.rss - 1), unit: '%', target: { op: '<=', value: 10 } },

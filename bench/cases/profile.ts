@@ -50,27 +50,27 @@ function figures(name: string, before: Snapshot, after: Snapshot, workers: numbe
   return out;
 }
 
-async function profiled(api: ApiClient, ctx: CaseContext, name: string, kinds: readonly StepKind[], work: () => Promise<unknown>): Promise<Figure[]> {
+async function profiled(api: ApiClient, ctx: CaseContext, workers: number, name: string, kinds: readonly StepKind[], work: () => Promise<unknown>): Promise<Figure[]> {
   const before = await snapshot(api);
   await work();
   const after = await snapshot(api);
   if ([...after.seconds.values()].every((v) => v === 0)) throw new Error('the server reported no profile (was it started with --profile?)');
   ctx.log(`${name}: profiled`);
-  return figures(name, before, after, ctx.workers, kinds);
+  return figures(name, before, after, workers, kinds);
 }
 
 export const profile: BenchCase = {
   name: 'profile',
   title: `Profile (--profile): per-step time by phase, ${N} concurrent requests on ${N} adapters and one at a time`,
   adapters: N,
-  run: (ctx) => ctx.withServer({ profile: 'true', 'max-loaded-adapters': N, 'max-batch-size': N }, async (api) => {
+  run: (ctx) => ctx.withServer({ profile: 'true' }, async (api, server) => {
     const { sizes, adapters } = ctx;
     const run = (count: number, concurrency: number, maxNewTokens = sizes.newTokens) =>
       drive(Array.from({ length: count }, (_, i) => () => api.generate(ctx.prompt(i), { adapter: adapters.id(i), maxNewTokens })), concurrency);
     await run(N, N, 2); // load the adapters, warm the kernels
     return [
-      ...await profiled(api, ctx, `${N} adapters`, STEP_KINDS, () => run(N, N)),
-      ...await profiled(api, ctx, 'one at a time', ['decode'], () => run(sizes.sequential, 1)),
+      ...await profiled(api, ctx, server.workers, `${N} adapters`, STEP_KINDS, () => run(N, N)),
+      ...await profiled(api, ctx, server.workers, 'one at a time', ['decode'], () => run(sizes.sequential, 1)),
     ];
-  }),
+  }, { 'max-loaded-adapters': N, 'max-batch-size': N }),
 };
