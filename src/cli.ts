@@ -45,6 +45,8 @@ export interface OptionSpec {
   readonly choices?: readonly string[];
   /** Never echoed back in error messages. */
   readonly secret?: boolean;
+  /** Also takes `auto`: the runtime chooses from the machine (src/sizing.ts). */
+  readonly auto?: boolean;
 }
 
 export const ENV_PREFIX = 'LORA_SERVE_';
@@ -63,8 +65,8 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
   opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),
-  opt('max-loaded-adapters', 'maxLoadedAdapters', 'int', 16, 'Adapters resident on the device at once', { min: 1 }),
-  opt('adapter-device-bytes', 'adapterDeviceBytes', 'bytes', 0, 'Device memory for adapters (0: no byte limit, only --max-loaded-adapters)'),
+  opt('max-loaded-adapters', 'maxLoadedAdapters', 'int', 0, 'Adapters resident on the device at once (0: no count limit, only --adapter-device-bytes)', { min: 0 }),
+  opt('adapter-device-bytes', 'adapterDeviceBytes', 'bytes', 'auto', 'Device memory for adapters per model copy (auto: a quarter of the wasm heap the model leaves free, of the free host memory on cpu, 1GiB on other backends; 0: no byte limit)', { auto: true }),
   opt('adapter-host-bytes', 'adapterHostBytes', 'bytes', 256 * MiB, 'Host memory cache of validated adapters (an adapter is kept from its second load since start)'),
   opt('max-adapter-bytes', 'maxAdapterBytes', 'bytes', 64 * MiB, 'Largest adapter upload or download', { min: 1 }),
   opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1 }),
@@ -74,7 +76,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, `Default max_new_tokens of /generate and /generate_stream (TGI clients' default); /v1/completions defaults to ${COMPLETION_DEFAULT_MAX_TOKENS}, chat to the remaining context`, { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
-  opt('workers', 'workers', 'int', 1, 'Executor threads, each with its own copy of the model; sequences are spread over them (wasm runs one thread per copy: 2 uses two cores)', { min: 1 }),
+  opt('workers', 'workers', 'int', 'auto', 'Executor threads, each with its own copy of the model; sequences are spread over them (auto: on wasm and cpu, which compute on one thread per copy, one per core as long as the copies fit in half of the free memory; 1 on other backends)', { min: 1, auto: true }),
   opt('native-matmul', 'nativeMatmul', 'bool', true, 'On the wasm backend, run matrix products in the native AVX2/FMA addon built by npm ci (falls back to the wasm kernels when it is missing)'),
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
@@ -103,6 +105,7 @@ const BYTE_UNITS: Record<string, number> = {
 };
 
 function parseValue(spec: OptionSpec, raw: string, source: string): string | number | boolean | undefined {
+  if (spec.auto && raw.trim().toLowerCase() === 'auto') return 'auto';
   const bad = (why: string): never => {
     const shown = spec.secret ? '' : ` ${JSON.stringify(raw)}`;
     throw new CliError(`invalid value${shown} for ${source}: ${why}`);
@@ -207,7 +210,7 @@ function showDefault(spec: OptionSpec): string {
 /** The --help text: every flag with its env var and default. */
 export function helpText(): string {
   const rows = OPTIONS.map((o) => {
-    const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : o.kind === 'bool' ? '[true|false]' : `<${o.kind === 'string' ? 'value' : o.kind}>`;
+    const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : o.kind === 'bool' ? '[true|false]' : `<${o.kind === 'string' ? 'value' : o.kind}${o.auto ? '|auto' : ''}>`;
     return { left: `--${o.flag} ${value}`, help: o.help, meta: `env ${o.env}, default ${showDefault(o)}` };
   });
   const width = Math.max(...rows.map((r) => r.left.length)) + 2;

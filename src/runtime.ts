@@ -3,6 +3,7 @@
  * Used by src/server/main.ts, the end-to-end tests and the benchmarks.
  */
 import { existsSync } from 'node:fs';
+import { availableParallelism, freemem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { initBackend, type BackendInfo, type BackendName } from './backend/select.ts';
 import { Engine } from './engine/engine.ts';
@@ -20,6 +21,7 @@ import { TfExecutor } from './exec/tf-executor.ts';
 import type { LoraMode } from './engine/scheduler.ts';
 import type { ModelConfig } from './model/types.ts';
 import { addTotals, profiler, type ProfileTotals } from './obs/profile.ts';
+import { autoAdapterDeviceBytes, autoWorkers } from './sizing.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -29,8 +31,10 @@ export interface RuntimeOptions {
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
   readonly maxLoraRank: number;
+  /** 0: no count limit. */
   readonly maxLoadedAdapters: number;
-  readonly adapterDeviceBytes: number;
+  /** Per model copy; 0: no byte limit; auto: chosen from the backend and the model (src/sizing.ts). */
+  readonly adapterDeviceBytes: number | 'auto';
   readonly adapterHostBytes: number;
   readonly maxAdapterBytes: number;
   readonly maxBatchSize: number;
@@ -40,7 +44,7 @@ export interface RuntimeOptions {
   readonly maxQueue: number;
   readonly prefillChunk: number;
   /** Executor worker threads, each with its own copy of the model (1: run in this thread). */
-  readonly workers: number;
+  readonly workers: number | 'auto';
   /** Time the phases of every step (src/obs/profile.ts). */
   readonly profile?: boolean;
   /** On wasm, run matrix products in the native AVX2/FMA addon when it is built (default true). */
@@ -67,6 +71,10 @@ export interface Runtime {
   readonly config: ModelConfig;
   /** Checkpoint dtype as stored (computation is float32). */
   readonly dtype: string;
+  /** Copies of the model (executor worker threads; 1: in this thread), as chosen for `--workers`. */
+  readonly workers: number;
+  /** Device bytes per model copy the adapter tier may use (0: no limit), as chosen for `--adapter-device-bytes`. */
+  readonly adapterDeviceBytes: number;
   /** Device bytes of one copy of the base weights. */
   readonly modelBytes: number;
   readonly modelId: string;
@@ -118,19 +126,30 @@ export async function startRuntime(
   const dir = demo ? await ensureDemo(opts.adapterDir, log) : resolve(opts.model);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
 
+  // The checkpoint's headers give its config and size before any weight is read.
+  const ckpt = openCheckpoint(dir);
+  const { config, dtype, float32Bytes } = ckpt;
+  ckpt.close();
+  const machine = { cores: availableParallelism(), freeMemoryBytes: freemem() };
+  let chosen: BackendInfo | null = null;
+  let workers: number;
+  if (opts.workers === 'auto') {
+    // The right number of copies depends on the backend: choose it here, and give the workers its name.
+    chosen = await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
+    const w = autoWorkers(chosen.name, float32Bytes, machine);
+    workers = w.value;
+    log(`workers: ${workers} (--workers auto: ${w.why})`);
+  } else {
+    workers = opts.workers;
+  }
+
   let executor: Executor;
-  let config: ModelConfig;
-  let dtype: string;
   let modelBytes: number;
   let backend: string;
   let nativeMatmul: boolean;
-  if (opts.workers > 1) {
-    const ckpt = openCheckpoint(dir);
-    config = ckpt.config;
-    dtype = ckpt.dtype;
-    ckpt.close();
+  if (workers > 1) {
     const parallel = await ParallelExecutor.start({
-      workers: opts.workers, modelDir: dir, backend: opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
+      workers, modelDir: dir, backend: chosen?.name ?? opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
       warmHeapBytes: opts.warmHeapBytes ?? WARM_HEAP_BYTES,
       onError: (err, context) => log(`executor worker error while ${context}: ${err.message}`),
     });
@@ -138,19 +157,25 @@ export async function startRuntime(
     modelBytes = parallel.modelBytes;
     backend = parallel.backend;
     nativeMatmul = parallel.nativeMatmul;
-    log(`TensorFlow.js backend: ${backend}${kernelsNote(parallel)} in ${opts.workers} worker threads, one copy of the model each`);
+    log(`TensorFlow.js backend: ${backend}${kernelsNote(parallel)} in ${workers} worker threads, one copy of the model each`);
   } else {
-    const info: BackendInfo = await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
+    const info: BackendInfo = chosen ?? await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
     backend = info.name;
     nativeMatmul = info.nativeMatmul;
     log(`TensorFlow.js backend: ${info.name}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     const model = CausalLM.load(dir);
-    config = model.config;
-    dtype = model.dtype;
     modelBytes = model.bytes;
     const local = new TfExecutor(model);
     local.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
     executor = local;
+  }
+  let adapterDeviceBytes: number;
+  if (opts.adapterDeviceBytes === 'auto') {
+    const d = autoAdapterDeviceBytes(backend, modelBytes, workers, machine);
+    adapterDeviceBytes = d.value;
+    log(`adapter device tier: ${(adapterDeviceBytes / 2 ** 20).toFixed(0)} MiB per model copy (--adapter-device-bytes auto: ${d.why})`);
+  } else {
+    adapterDeviceBytes = opts.adapterDeviceBytes;
   }
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
@@ -158,7 +183,7 @@ export async function startRuntime(
   const tokenizer = await TextTokenizer.load(dir, c);
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
-    maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: opts.adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
+    maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
   }, executor, hooks.metrics);
   await adapters.warmUp(opts.warmUpLoads ?? WARM_UP_LOADS);
   const engine = new Engine(executor, tokenizer, adapters, {
@@ -168,7 +193,7 @@ export async function startRuntime(
   const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
+    backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
     // Follows every operation posted before it (adapter offloads included).
     deviceMemory: () => executor.deviceMemory(),
     profile: () => addTotals(profiler.snapshot(), executor.profile()),

@@ -14,8 +14,8 @@ test('defaults', () => {
   assert.equal(o.backend, 'auto');
   assert.equal(o.loraMode, 'auto');
   assert.equal(o.maxLoraRank, 64);
-  assert.equal(o.maxLoadedAdapters, 16);
-  assert.equal(o.adapterDeviceBytes, 0);
+  assert.equal(o.maxLoadedAdapters, 0);
+  assert.equal(o.adapterDeviceBytes, 'auto');
   assert.equal(o.adapterHostBytes, 256 * 1024 * 1024);
   assert.equal(o.maxAdapterBytes, 64 * 1024 * 1024);
   assert.equal(o.maxBatchSize, 32);
@@ -25,6 +25,7 @@ test('defaults', () => {
   assert.equal(o.maxQueue, 256);
   assert.equal(o.maxNewTokens, 20);
   assert.equal(o.prefillChunk, 256);
+  assert.equal(o.workers, 'auto');
   assert.equal(o.requestTimeout, 0);
   assert.equal(o.shutdownGrace, 30);
   assert.equal(o.apiKey, undefined);
@@ -64,6 +65,16 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_API_KEY', 'from-env', 'apiKey', 'from-env'],
   ['LORA_SERVE_LOG_LEVEL', 'debug', 'logLevel', 'debug'],
 ];
+
+test('auto: --workers and --adapter-device-bytes take it (the runtime chooses); other numbers do not', () => {
+  assert.equal(parseOptions(['--workers', 'auto'], {}).workers, 'auto');
+  assert.equal(parseOptions(['--workers', '3'], {}).workers, 3);
+  assert.equal(parseOptions([], { LORA_SERVE_ADAPTER_DEVICE_BYTES: 'AUTO' }).adapterDeviceBytes, 'auto');
+  assert.equal(parseOptions(['--adapter-device-bytes', '0'], {}).adapterDeviceBytes, 0, '0: no byte limit');
+  assert.throws(() => parseOptions(['--workers', '0'], {}), /--workers/);
+  assert.throws(() => parseOptions(['--max-batch-size', 'auto'], {}), /--max-batch-size/);
+  assert.match(helpText(), /--workers <int\|auto>/);
+});
 
 test('every option is settable by its LORA_SERVE_* variable; flags override the environment', () => {
   assert.deepEqual(ENV_CASES.map((c) => c[2]).sort(), OPTIONS.map((o) => o.key).sort(), 'one row per option');

@@ -21,7 +21,8 @@ let config: Record<string, unknown>;
 async function start(overrides: Partial<ServerOptions> = {}): Promise<{ server: Server; url: string }> {
   const server = await createServer({
     ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, ...overrides,
+    // In this process: the tests read its TensorFlow.js memory.
+    logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, workers: 1, ...overrides,
   });
   await server.app.listen({ host: '127.0.0.1', port: 0 });
   server.setReady(true);

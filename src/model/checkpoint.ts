@@ -18,6 +18,8 @@ export interface Checkpoint {
   readonly names: ReadonlySet<string>;
   /** dtype of the first floating tensor (as stored). */
   readonly dtype: string;
+  /** Bytes of every tensor as float32, as the model holds its weights: known from the headers, before any read. */
+  readonly float32Bytes: number;
   /** Reads one tensor as float32 (F32/F16/BF16 converted), checking its shape when given. */
   read(name: string, shape?: readonly number[]): HostTensor;
   close(): void;
@@ -90,8 +92,11 @@ export function openCheckpoint(dir: string): Checkpoint {
   const first = where.keys().next().value;
   const dtype = first === undefined ? 'F32' : where.get(first)!.tensors.get(first)!.dtype;
 
+  let float32Bytes = 0;
+  for (const [name, reader] of where) float32Bytes += 4 * reader.tensors.get(name)!.shape.reduce((n, d) => n * d, 1);
+
   return {
-    dir, config, rawConfig, dtype,
+    dir, config, rawConfig, dtype, float32Bytes,
     names: new Set(where.keys()),
     read(name, shape) {
       const reader = where.get(name);

@@ -34,6 +34,8 @@ export interface ServerInfo {
   /** Matrix products run in the native addon. */
   readonly nativeMatmul: boolean;
   readonly version: string;
+  /** Copies of the model (executor workers), as chosen for --workers. */
+  readonly workers: number;
   readonly lora: {
     readonly mode: LoraMode;
     readonly maxRank: number;

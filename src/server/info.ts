@@ -12,9 +12,10 @@ export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
     backend: rt.backend,
     nativeMatmul: rt.nativeMatmul,
     version: VERSION,
+    workers: rt.workers,
     lora: {
       mode: o.loraMode, maxRank: o.maxLoraRank, maxLoadedAdapters: o.maxLoadedAdapters,
-      deviceBytes: o.adapterDeviceBytes, hostBytes: o.adapterHostBytes,
+      deviceBytes: rt.adapterDeviceBytes, hostBytes: o.adapterHostBytes,
     },
     limits: { maxBatchSize: o.maxBatchSize, maxBatchTokens: o.maxBatchTokens, maxQueue: o.maxQueue, prefillChunk: o.prefillChunk },
   };

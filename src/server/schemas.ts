@@ -321,6 +321,7 @@ export const Info = Type.Object({
   backend: Type.String({ description: 'TensorFlow.js backend in use' }),
   native_matmul: Type.Boolean({ description: 'Matrix products run in the native AVX2/FMA addon (wasm backend, --native-matmul)' }),
   version: Type.String(),
+  workers: Type.Integer({ description: 'Copies of the model, one per executor worker thread (--workers; auto resolved)' }),
   chat_template: Type.Boolean({ description: 'Whether /v1/chat/completions is usable' }),
   max_input_tokens: Type.Integer(),
   max_total_tokens: Type.Integer(),
@@ -335,8 +336,8 @@ export const Info = Type.Object({
   lora: Type.Object({
     mode: Type.String({ description: 'auto | merged | unmerged' }),
     max_rank: Type.Integer(),
-    max_loaded_adapters: Type.Integer(),
-    device_bytes: Type.Integer({ description: '0: no byte limit' }),
+    max_loaded_adapters: Type.Integer({ description: '0: no count limit' }),
+    device_bytes: Type.Integer({ description: 'Per model copy (--adapter-device-bytes; auto resolved); 0: no byte limit' }),
     host_bytes: Type.Integer(),
   }),
 }, { title: 'Info' });

@@ -150,7 +150,7 @@ export function fixtureTokenizer(flavour: 'llama' | 'gpt2'): TextTokenizer {
 }
 
 export const TEST_INFO: ServerInfo = {
-  modelId: BASE_MODEL, modelType: 'llama', dtype: 'float32', backend: 'cpu', nativeMatmul: false, version: '0.0.0-test',
+  modelId: BASE_MODEL, modelType: 'llama', dtype: 'float32', backend: 'cpu', nativeMatmul: false, version: '0.0.0-test', workers: 1,
   lora: { mode: 'auto', maxRank: 64, maxLoadedAdapters: 16, deviceBytes: 0, hostBytes: 256 << 20 },
   limits: { maxBatchSize: 32, maxBatchTokens: 2048, maxQueue: 256, prefillChunk: 256 },
 };

@@ -25,6 +25,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
       backend: info.backend,
       native_matmul: info.nativeMatmul,
       version: info.version,
+      workers: info.workers,
       chat_template: deps.tokenizer.chatTemplate !== null,
       max_input_tokens: options.maxInputLength,
       max_total_tokens: options.maxTotalTokens,
