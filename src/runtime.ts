@@ -6,6 +6,7 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend, type BackendInfo, type BackendName } from './backend/select.ts';
+import { adapterSummary, type WebGPUAdapter } from './backend/webgpu/init.ts';
 import { Engine } from './engine/engine.ts';
 import type { EngineMetrics } from './engine/types.ts';
 import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './demo/index.ts';
@@ -64,6 +65,8 @@ export interface Runtime {
   readonly backend: string;
   /** Matrix products run in the native addon (src/backend/wasm/native-matmul.ts). */
   readonly nativeMatmul: boolean;
+  /** The WebGPU adapter and its limits, on the webgpu backend. */
+  readonly webgpuAdapter?: WebGPUAdapter;
   readonly config: ModelConfig;
   /** Checkpoint dtype as stored (computation is float32). */
   readonly dtype: string;
@@ -124,6 +127,7 @@ export async function startRuntime(
   let modelBytes: number;
   let backend: string;
   let nativeMatmul: boolean;
+  let webgpuAdapter: WebGPUAdapter | undefined;
   let model: CausalLM | null = null;
   if (opts.workers > 1) {
     const ckpt = openCheckpoint(dir);
@@ -143,7 +147,8 @@ export async function startRuntime(
     const info: BackendInfo = await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
     backend = info.name;
     nativeMatmul = info.nativeMatmul;
-    log(`TensorFlow.js backend: ${info.name}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+    webgpuAdapter = info.adapter;
+    log(`TensorFlow.js backend: ${info.name}${info.adapter ? ` on ${adapterSummary(info.adapter)}` : ''}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     model = CausalLM.load(dir);
     config = model.config;
     dtype = model.dtype;
@@ -166,7 +171,7 @@ export async function startRuntime(
   const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
+    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine,
     // Workers answer in order, so this also waits for adapter offloads posted before it.
     deviceMemory: async () => (executor instanceof ParallelExecutor ? executor.refreshMemory() : localMemory()),
     profile: () => addTotals(profiler.snapshot(), executor instanceof ParallelExecutor ? executor.profile() : {}),
