@@ -13,6 +13,7 @@ export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
     dtype: rt.dtype,
     backend: rt.backend,
     nativeMatmul: rt.nativeMatmul,
+    ...(rt.webgpuAdapter ? { webgpuAdapter: rt.webgpuAdapter } : {}),
     version: VERSION,
     lora: {
       mode: o.loraMode, maxRank: o.maxLoraRank, maxLoadedAdapters: o.maxLoadedAdapters,

@@ -236,6 +236,7 @@ export async function build(opts: {
   options?: Partial<AppOptions>;
   tokenizer?: 'llama' | 'gpt2';
   validate?: boolean;
+  info?: Partial<ServerInfo>;
 } = {}): Promise<TestServer> {
   const adapters = new MemoryAdapters();
   adapters.add('demo');
@@ -244,7 +245,7 @@ export async function build(opts: {
   const metrics = new Metrics({ deviceMemory: () => ({ numBytes: 1234, numTensors: 5 }), processMetrics: false });
   let ready = true;
   const app = await buildApp({
-    engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: TEST_INFO,
+    engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: { ...TEST_INFO, ...opts.info },
     options: {
       maxInputLength: 64, maxTotalTokens: 96, maxNewTokensDefault: 20, maxAdapterBytes: 4096, bodyLimitBytes: 64 * 1024,
       ready: () => ready, ...opts.options,
