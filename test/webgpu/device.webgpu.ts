@@ -1,0 +1,77 @@
+/**
+ * Tests that need the webgpu backend itself; test/webgpu.test.ts runs this file with TEST_BACKEND=webgpu when Dawn
+ * finds an adapter (its name keeps it out of the default `test/*.test.ts test/*\/*.test.ts` run).
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { initBackend } from '../../src/backend/select.ts';
+import { activeAdapter, maxTensorBytes } from '../../src/backend/webgpu/init.ts';
+import { TINY_LLAMA, writePeftAdapter } from '../../src/demo/index.ts';
+import { TfExecutor } from '../../src/exec/tf-executor.ts';
+import { CausalLM } from '../../src/model/model.ts';
+import { fixtureRuntime, generate, request } from '../helpers/runtime.ts';
+import { fixtureCheckpoint, setupBackend, tempDir, testBackend } from '../helpers/tf.ts';
+
+const tmp = tempDir();
+before(async () => {
+  assert.equal(testBackend(), 'webgpu', 'run with TEST_BACKEND=webgpu (test/webgpu.test.ts does)');
+  await setupBackend();
+});
+after(tmp.cleanup);
+
+test('the webgpu backend runs on Dawn\'s adapter and knows its limits', async () => {
+  const info = await initBackend('webgpu');
+  assert.equal(info.name, 'webgpu');
+  assert.equal(tf.getBackend(), 'webgpu');
+  const a = info.adapter!;
+  assert.equal(a, activeAdapter());
+  assert.ok(a.vendor || a.description, 'the adapter has a name');
+  // WebGPU's guaranteed minimum of both limits is 128 MiB (maxBufferSize 256 MiB).
+  assert.ok(a.maxStorageBufferBindingSize >= 2 ** 27, String(a.maxStorageBufferBindingSize));
+  assert.ok(a.maxBufferSize >= 2 ** 27, String(a.maxBufferSize));
+  assert.equal(maxTensorBytes()!.bytes, Math.min(a.maxStorageBufferBindingSize, a.maxBufferSize));
+});
+
+test('loading checks every weight against the device limit by default; a refused load leaks nothing', async () => {
+  const { dir } = await fixtureCheckpoint(join(tmp.dir, 'limit'), TINY_LLAMA);
+  const baseline = tf.memory().numTensors;
+  CausalLM.load(dir).dispose(); // the fixture fits the device
+  const err: any = (() => {
+    try {
+      CausalLM.load(dir, { maxTensorBytes: { bytes: 1024, on: 'a faked small device' } });
+      return null;
+    } catch (e) {
+      return e;
+    }
+  })();
+  assert.equal(err?.code, 'MODEL_TOO_LARGE', String(err));
+  assert.match(err.message, /a faked small device/);
+  assert.equal(tf.memory().numTensors, baseline);
+});
+
+test('a runtime on webgpu serves LoRA requests, reports its adapter, and leaves no tensors behind', async () => {
+  const baseline = tf.memory().numTensors;
+  const { rt, config } = await fixtureRuntime(tmp.dir, TINY_LLAMA);
+  try {
+    assert.equal(rt.backend, 'webgpu');
+    assert.equal(rt.nativeMatmul, false);
+    assert.deepEqual(rt.webgpuAdapter, activeAdapter());
+    // tf.tensor on webgpu keeps a reference to the host array until the first upload: never a copy.
+    assert.ok(rt.executor instanceof TfExecutor);
+    assert.equal(rt.executor.adapterDevice.copiesOnUpload, false);
+    await writePeftAdapter(join(tmp.dir, 'adapters', 'a'), { baseConfig: config, seed: 5, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
+    const outs = await Promise.all([null, 'a', 'a', null].map((adapterId) => generate(rt, request([3, 7, 11], { adapterId, maxNewTokens: 4, ignoreEos: true }))));
+    for (const o of outs) {
+      assert.equal(o.error, undefined, o.error?.message);
+      assert.equal(o.result?.generatedTokens, 4);
+    }
+    const ids = outs.map((o) => o.tokens.map((t) => t.id).join(','));
+    assert.equal(ids[1], ids[2], 'same adapter, same prompt: same greedy tokens');
+    assert.equal(ids[0], ids[3], 'base model rows in a mixed batch agree');
+  } finally {
+    await rt.close();
+  }
+  assert.equal(tf.memory().numTensors, baseline, 'closing the runtime frees every tensor');
+});
