@@ -94,7 +94,7 @@ test('Dockerfile: the GPU base is CUDA 11.x with cuDNN 8 (libtensorflow 2.9.1 of
   assert.equal(lock.packages['node_modules/@tensorflow/tfjs-core'].version, dockerfile.args.get('TFJS_VERSION'));
 });
 
-for (const name of ['gpu', 'cpu']) {
+for (const name of ['gpu', 'cpu', 'webgpu']) {
   test(`Dockerfile ${name}: non-root USER, EXPOSE 3000, HEALTHCHECK on /health, volumes, server env`, () => {
     const s = stage(name);
     const users = s.lines.filter((l) => /^USER\s/i.test(l));
@@ -111,7 +111,7 @@ for (const name of ['gpu', 'cpu']) {
     const env = envOf(s);
     assert.equal(env.get('LORA_SERVE_HOST'), '0.0.0.0');
     assert.equal(env.get('LORA_SERVE_ADAPTER_DIR'), '/adapters');
-    assert.equal(env.get('LORA_SERVE_BACKEND'), name === 'gpu' ? 'tensorflow-gpu' : '${CPU_BACKEND}');
+    assert.equal(env.get('LORA_SERVE_BACKEND'), { gpu: 'tensorflow-gpu', cpu: '${CPU_BACKEND}', webgpu: 'webgpu' }[name]);
     const cmd = s.lines.find((l) => /^CMD\s/i.test(l));
     assert.equal(cmd, 'CMD ["node", "--import", "tsx", "src/server/main.ts"]');
     assert.ok(s.lines.some((l) => /^ENTRYPOINT \["\/usr\/bin\/tini", "--"\]$/.test(l)), 'tini is PID 1');
@@ -121,6 +121,19 @@ for (const name of ['gpu', 'cpu']) {
     }
   });
 }
+
+test('Dockerfile webgpu: the Vulkan loader and libglvnd, and the NVIDIA graphics capability (the driver\'s Vulkan ICD)', () => {
+  const s = stage('webgpu');
+  assert.equal(s.from, '${NODE_IMAGE}', 'no CUDA: Dawn runs on the Vulkan driver');
+  const apt = s.lines.find((l) => /apt-get install/.test(l)) ?? '';
+  for (const pkg of ['libvulkan1', 'libglvnd0', 'tini']) assert.match(apt, new RegExp(`\\b${pkg}\\b`), pkg);
+  const env = envOf(s);
+  assert.ok(env.get('NVIDIA_DRIVER_CAPABILITIES')?.split(',').includes('graphics'), 'graphics mounts the Vulkan ICD');
+  assert.equal(env.get('NVIDIA_VISIBLE_DEVICES'), 'all');
+  assert.ok(s.lines.some((l) => l === 'COPY --from=cpu-deps /app/node_modules ./node_modules'), 'the production node_modules (webgpu is a dependency)');
+  const pkg = JSON.parse(read('package.json'));
+  assert.ok(pkg.dependencies.webgpu && pkg.dependencies['@tensorflow/tfjs-backend-webgpu'], 'Dawn and the tfjs WebGPU backend are dependencies');
+});
 
 test('Dockerfile: npm start is the command the images run', () => {
   const pkg = JSON.parse(read('package.json'));
@@ -173,9 +186,9 @@ function bindSource(spec: string): string | undefined {
 }
 
 test('compose: services, build targets and the GPU reservation', () => {
-  assert.deepEqual(Object.keys(compose.services).sort(), ['grafana', 'prometheus', 'server', 'server-cpu']);
-  const { server, 'server-cpu': cpu } = compose.services;
-  for (const [svc, target] of [[server, 'gpu'], [cpu, 'cpu']] as const) {
+  assert.deepEqual(Object.keys(compose.services).sort(), ['grafana', 'prometheus', 'server', 'server-cpu', 'server-webgpu']);
+  const { server, 'server-cpu': cpu, 'server-webgpu': webgpu } = compose.services;
+  for (const [svc, target] of [[server, 'gpu'], [cpu, 'cpu'], [webgpu, 'webgpu']] as const) {
     assert.equal(resolve(DOCKER, svc.build.context), ROOT);
     assert.ok(existsSync(join(ROOT, svc.build.dockerfile ?? 'Dockerfile')));
     assert.equal(svc.build.target, target);
@@ -185,6 +198,11 @@ test('compose: services, build targets and the GPU reservation', () => {
   }
   assert.deepEqual(server.profiles, ['gpu']);
   assert.deepEqual(cpu.profiles, ['cpu']);
+  assert.deepEqual(webgpu.profiles, ['webgpu']);
+  assert.equal(webgpu.environment.LORA_SERVE_BACKEND, 'webgpu');
+  assert.ok(webgpu.environment.NVIDIA_DRIVER_CAPABILITIES.split(',').includes('graphics'));
+  assert.equal(webgpu.deploy.resources.reservations.devices[0].driver, 'nvidia');
+  assert.ok(webgpu.networks.default.aliases.includes('server'), 'prometheus finds the webgpu variant as server:3000');
   assert.equal(server.environment.LORA_SERVE_BACKEND, 'tensorflow-gpu');
   assert.equal(cpu.environment.LORA_SERVE_BACKEND, 'wasm');
   const dev = server.deploy.resources.reservations.devices[0];
