@@ -13,6 +13,7 @@ import { met, type BenchCase, type CaseContext, type Figure, type Sizes } from '
 import { adapterSwitch } from './cases/adapter-switch.ts';
 import { batching } from './cases/batching.ts';
 import { coldLoad } from './cases/cold-load.ts';
+import { dispatches } from './cases/dispatches.ts';
 import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
@@ -23,7 +24,7 @@ import type { ApiClient } from './client.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };
@@ -35,14 +36,14 @@ const PROMPTS = 64;
 
 const HELP = `Usage: npm run bench -- [case ...] [options]
 
-Cases (default: all): ${CASES.map((c) => c.name).join(', ')}
+Cases (default: all that measure the backend): ${CASES.map((c) => c.name + (c.backend ? ` (${c.backend} only)` : '')).join(', ')}
 
 Options:
   --quick           one round and fewer samples (a smoke run; figures are indicative)
   --rounds N        rounds of every side-by-side comparison (default ${FULL.rounds}; median reported)
   --model DIR       benchmark this checkpoint instead of the generated BENCH_LLAMA one
   --backend NAME    the server's --backend (default wasm)
-  --workers N       the server's --workers (default 2: one model copy per core of this 2-core machine)
+  --workers N       the server's --workers (default 2: one model copy per core of this 2-core machine; 1 on webgpu)
   --out DIR         where the JSON results go (default bench/results)
   --help            this text
 `;
@@ -58,7 +59,7 @@ interface Args {
 }
 
 function parseArgs(argv: readonly string[]): Args {
-  const args: Args = { cases: [], quick: false, backend: 'wasm', workers: 2, out: 'bench/results' };
+  const args: Omit<Args, 'workers'> & { workers?: number } = { cases: [], quick: false, backend: 'wasm', out: 'bench/results' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = () => {
@@ -86,8 +87,9 @@ function parseArgs(argv: readonly string[]): Args {
       args.cases.push(c);
     }
   }
-  if (args.cases.length === 0) args.cases = [...CASES];
-  return args;
+  if (args.cases.length === 0) args.cases = CASES.filter((c) => c.backend === undefined || c.backend === args.backend);
+  // webgpu runs in the server's main thread only.
+  return { ...args, workers: args.workers ?? (args.backend === 'webgpu' ? 1 : 2) };
 }
 
 function git(...args: string[]): string {

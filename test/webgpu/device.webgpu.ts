@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../../src/backend/select.ts';
+import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { activeAdapter, maxTensorBytes } from '../../src/backend/webgpu/init.ts';
 import { TINY_LLAMA, writePeftAdapter } from '../../src/demo/index.ts';
 import { TfExecutor } from '../../src/exec/tf-executor.ts';
@@ -32,6 +33,24 @@ test('the webgpu backend runs on Dawn\'s adapter and knows its limits', async ()
   assert.ok(a.maxStorageBufferBindingSize >= 2 ** 27, String(a.maxStorageBufferBindingSize));
   assert.ok(a.maxBufferSize >= 2 ** 27, String(a.maxBufferSize));
   assert.equal(maxTensorBytes()!.bytes, Math.min(a.maxStorageBufferBindingSize, a.maxBufferSize));
+});
+
+test('dispatches, submits, uploads and readbacks are counted', async () => {
+  const before = webgpuCounts()!;
+  assert.ok(before, 'counters are installed with the backend');
+  // Larger than WEBGPU_CPU_HANDOFF_SIZE_THRESHOLD (1000), so the kernels run on the GPU, not on the host values.
+  const a = tf.tensor1d(Float32Array.from({ length: 4096 }, (_, i) => i));
+  const b = tf.mul(tf.add(a, a), a);
+  const values = await b.data();
+  assert.equal(values[3], 18);
+  const after = webgpuCounts()!;
+  assert.equal(after.upload - before.upload, 1, 'a tensor made from host values is uploaded once');
+  assert.equal(after.dispatch - before.dispatch, 2, 'add, mul');
+  assert.equal(after.readback - before.readback, 1);
+  assert.ok(after.submit - before.submit >= 1, 'the readback submits the pending commands');
+  await b.data();
+  assert.equal(webgpuCounts()!.readback, after.readback, 'read values are kept on the host');
+  tf.dispose([a, b]);
 });
 
 test('loading checks every weight against the device limit by default; a refused load leaks nothing', async () => {
