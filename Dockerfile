@@ -24,7 +24,7 @@
 # the driver JIT-compiles them on first use, so the first requests after a start are slow; the
 # compute cache (CUDA_CACHE_PATH, a volume in docker/compose.yaml) keeps the result across restarts.
 #
-# Both images: non-root user `lora` (uid 10001), port 3000, LORA_SERVE_HOST=0.0.0.0, volumes /models
+# All images: non-root user `lora` (uid 10001), port 3000, LORA_SERVE_HOST=0.0.0.0, volumes /models
 # (read-only checkpoints: set LORA_SERVE_MODEL=/models/<name>; unset = the embedded demo model) and
 # /adapters (LORA_SERVE_ADAPTER_DIR; uploads and the demo adapters are written there, so it must be
 # writable by uid 10001), tini as PID 1 (forwards SIGTERM so the server drains within
@@ -118,40 +118,22 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["node", "--import", "tsx", "src/server/main.ts"]
 
 # ---------------------------------------------------------------------------------------------
-# WebGPU image: the webgpu backend (@tensorflow/tfjs-backend-webgpu on Dawn, npm `webgpu`, dependencies of the
-# project, so cpu-deps has them) on the GPU's Vulkan driver. No CUDA: with NVIDIA_DRIVER_CAPABILITIES including
-# `graphics`, the NVIDIA Container Toolkit mounts the driver's Vulkan ICD (nvidia_icd.json, libGLX_nvidia.so.0) into
-# the container; the image brings the Vulkan loader and libglvnd, which libGLX_nvidia needs. Run with
-# `docker run --gpus all ...`. Without a GPU Vulkan driver the server fails at start (BACKEND_UNAVAILABLE), unless
-# lavapipe is installed (scripts/install-lavapipe.sh) and the software adapter is acceptable.
-FROM ${NODE_IMAGE} AS webgpu
-RUN apt-get update && apt-get install -y --no-install-recommends tini libvulkan1 libglvnd0 libglx0 libegl1 \
+# WebGPU image: the cpu image (its production node_modules hold Dawn, npm `webgpu`, and
+# @tensorflow/tfjs-backend-webgpu) plus the Vulkan loader, running the webgpu backend on the GPU's Vulkan driver. No
+# CUDA: with NVIDIA_DRIVER_CAPABILITIES including `graphics`, the NVIDIA Container Toolkit mounts the driver's Vulkan
+# ICD (nvidia_icd.json, libGLX_nvidia.so.0) into the container; libglvnd, which libGLX_nvidia needs, comes from here.
+# Run with `docker run --gpus all ...`. Without a Vulkan adapter the server fails at start (BACKEND_UNAVAILABLE).
+FROM cpu AS webgpu
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends libvulkan1 libglvnd0 libglx0 libegl1 \
     && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 lora \
-    && useradd --system --uid 10001 --gid lora --home-dir /home/lora --create-home --shell /usr/sbin/nologin lora \
-    && mkdir -p /app/.cache /models /adapters /tmp/xdg \
-    && chown lora:lora /app/.cache /adapters /tmp/xdg && chmod 700 /tmp/xdg
-WORKDIR /app
-COPY --from=cpu-deps /app/node_modules ./node_modules
-COPY package.json package-lock.json tsconfig.json ./
-COPY src ./src
-COPY --from=cpu-deps /app/src/backend/wasm/addon/build/Release ./src/backend/wasm/addon/build/Release
+    && install -d -o lora -g lora -m 700 /home/lora/run
 # XDG_RUNTIME_DIR: Mesa and the Vulkan loader warn without one.
-ENV NODE_ENV=production \
-    LORA_SERVE_HOST=0.0.0.0 \
-    LORA_SERVE_PORT=3000 \
-    LORA_SERVE_ADAPTER_DIR=/adapters \
-    LORA_SERVE_BACKEND=webgpu \
+ENV LORA_SERVE_BACKEND=webgpu \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics \
-    XDG_RUNTIME_DIR=/tmp/xdg
-VOLUME ["/models", "/adapters"]
-EXPOSE 3000
+    XDG_RUNTIME_DIR=/home/lora/run
 USER 10001:10001
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.LORA_SERVE_PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["node", "--import", "tsx", "src/server/main.ts"]
 
 # ---------------------------------------------------------------------------------------------
 # GPU image (the default target: last stage). Run with `docker run --gpus all ...` (NVIDIA Container Toolkit).

@@ -94,7 +94,7 @@ test('Dockerfile: the GPU base is CUDA 11.x with cuDNN 8 (libtensorflow 2.9.1 of
   assert.equal(lock.packages['node_modules/@tensorflow/tfjs-core'].version, dockerfile.args.get('TFJS_VERSION'));
 });
 
-for (const name of ['gpu', 'cpu', 'webgpu']) {
+for (const name of ['gpu', 'cpu']) {
   test(`Dockerfile ${name}: non-root USER, EXPOSE 3000, HEALTHCHECK on /health, volumes, server env`, () => {
     const s = stage(name);
     const users = s.lines.filter((l) => /^USER\s/i.test(l));
@@ -111,7 +111,7 @@ for (const name of ['gpu', 'cpu', 'webgpu']) {
     const env = envOf(s);
     assert.equal(env.get('LORA_SERVE_HOST'), '0.0.0.0');
     assert.equal(env.get('LORA_SERVE_ADAPTER_DIR'), '/adapters');
-    assert.equal(env.get('LORA_SERVE_BACKEND'), { gpu: 'tensorflow-gpu', cpu: '${CPU_BACKEND}', webgpu: 'webgpu' }[name]);
+    assert.equal(env.get('LORA_SERVE_BACKEND'), name === 'gpu' ? 'tensorflow-gpu' : '${CPU_BACKEND}');
     const cmd = s.lines.find((l) => /^CMD\s/i.test(l));
     assert.equal(cmd, 'CMD ["node", "--import", "tsx", "src/server/main.ts"]');
     assert.ok(s.lines.some((l) => /^ENTRYPOINT \["\/usr\/bin\/tini", "--"\]$/.test(l)), 'tini is PID 1');
@@ -122,15 +122,17 @@ for (const name of ['gpu', 'cpu', 'webgpu']) {
   });
 }
 
-test('Dockerfile webgpu: the Vulkan loader and libglvnd, and the NVIDIA graphics capability (the driver\'s Vulkan ICD)', () => {
+test('Dockerfile webgpu: the cpu image plus the Vulkan loader and libglvnd, the NVIDIA graphics capability, non-root', () => {
   const s = stage('webgpu');
-  assert.equal(s.from, '${NODE_IMAGE}', 'no CUDA: Dawn runs on the Vulkan driver');
+  assert.equal(s.from, 'cpu', 'the cpu image: its user, node_modules (Dawn is a dependency), health check and command');
   const apt = s.lines.find((l) => /apt-get install/.test(l)) ?? '';
-  for (const pkg of ['libvulkan1', 'libglvnd0', 'tini']) assert.match(apt, new RegExp(`\\b${pkg}\\b`), pkg);
+  for (const pkg of ['libvulkan1', 'libglvnd0']) assert.match(apt, new RegExp(`\\b${pkg}\\b`), pkg);
   const env = envOf(s);
+  assert.equal(env.get('LORA_SERVE_BACKEND'), 'webgpu');
   assert.ok(env.get('NVIDIA_DRIVER_CAPABILITIES')?.split(',').includes('graphics'), 'graphics mounts the Vulkan ICD');
   assert.equal(env.get('NVIDIA_VISIBLE_DEVICES'), 'all');
-  assert.ok(s.lines.some((l) => l === 'COPY --from=cpu-deps /app/node_modules ./node_modules'), 'the production node_modules (webgpu is a dependency)');
+  const user = s.lines.filter((l) => /^USER\s/i.test(l)).at(-1)?.split(/\s+/)[1]?.split(':')[0];
+  assert.ok(user && user !== 'root' && user !== '0', `the last USER (${user}) is not root`);
   const pkg = JSON.parse(read('package.json'));
   assert.ok(pkg.dependencies.webgpu && pkg.dependencies['@tensorflow/tfjs-backend-webgpu'], 'Dawn and the tfjs WebGPU backend are dependencies');
 });
