@@ -53,6 +53,22 @@ test('dispatches, submits, uploads and readbacks are counted', async () => {
   tf.dispose([a, b]);
 });
 
+test('a tensor larger than the device can bind fails its read with DEVICE_ERROR instead of reading zeros', async () => {
+  const limit = activeAdapter()!.maxStorageBufferBindingSize;
+  const n = limit / 4 + 1024; // just over the binding limit
+  const a = tf.fill([n], 1);
+  const b = tf.add(a, a);
+  const err: any = await b.data().then(() => null, (e) => e);
+  tf.dispose([a, b]);
+  assert.equal(err?.code, 'DEVICE_ERROR', String(err));
+  assert.match(err.message, /binding size.*--max-batch-size/i);
+  // The device is still usable afterwards.
+  const one = tf.ones([4096]);
+  const c = tf.add(one, 1);
+  assert.equal((await c.data())[0], 2);
+  tf.dispose([one, c]);
+});
+
 test('loading checks every weight against the device limit by default; a refused load leaks nothing', async () => {
   const { dir } = await fixtureCheckpoint(join(tmp.dir, 'limit'), TINY_LLAMA);
   const baseline = tf.memory().numTensors;

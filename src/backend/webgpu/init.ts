@@ -8,6 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../../errors.ts';
 import { installCounters } from './counters.ts';
+import { installErrorGuard } from './guard.ts';
 
 /** The adapter the webgpu backend runs on, and the limits that decide which tensors fit. */
 export interface WebGPUAdapter {
@@ -118,6 +119,7 @@ export async function initWebGPU(opts: { allowSoftware: boolean }): Promise<WebG
   if (!(await tf.setBackend('webgpu'))) throw fail('BACKEND_UNAVAILABLE', `the webgpu backend failed to initialise on ${describeAdapter(adapter)}`);
   await tf.ready();
   installCounters(tf.backend());
+  installErrorGuard(tf.backend());
   // tfjs requests its device with the adapter's limits; the device's are the ones that hold.
   const limits = (tf.backend() as unknown as { device?: { limits?: AdapterLike['limits'] } }).device?.limits;
   active = Object.freeze({
