@@ -54,7 +54,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 make g+
     && rm -rf /var/lib/apt/lists/*
 COPY package.json package-lock.json ./
 COPY src/backend/wasm/addon ./src/backend/wasm/addon
+# Dawn (npm webgpu) ships dawn.node for five platforms; the image keeps the Linux ones.
 RUN npm ci --omit=dev --no-audit --no-fund \
+    && rm -rf node_modules/webgpu/dist/darwin-* node_modules/webgpu/dist/win32-* \
     && mkdir -p src/backend/wasm/addon/build/Release \
     && if [ "$TFJS_NODE" = "1" ]; then \
          npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node@${TFJS_VERSION}" \
@@ -82,6 +84,7 @@ COPY src/backend/wasm/addon ./src/backend/wasm/addon
 # The last line fails the build when the install script did not run (e.g. an npm that skips unapproved
 # install scripts): libtensorflow sits in deps/lib, the addon (rpath ../../deps/lib) in lib/napi-v*/.
 RUN npm ci --omit=dev --no-audit --no-fund \
+    && rm -rf node_modules/webgpu/dist/darwin-* node_modules/webgpu/dist/win32-* \
     && mkdir -p src/backend/wasm/addon/build/Release \
     && npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node-gpu@${TFJS_VERSION}" \
     && npm cache clean --force \
