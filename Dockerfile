@@ -6,6 +6,8 @@
 #   docker build --target cpu -t lora-serve:cpu .   # node:20-bookworm-slim, wasm backend + the native matmul addon
 #   docker build --target cpu --build-arg TFJS_NODE=1 --build-arg CPU_BACKEND=tensorflow -t lora-serve:cpu-native .
 #                                                   # cpu + @tensorflow/tfjs-node (native libtensorflow 2.9.1 on the CPU)
+#   docker build --target webgpu -t lora-serve:webgpu .   # node:20-bookworm-slim + the Vulkan loader, --backend webgpu
+#                                                   # (TensorFlow.js's WebGPU backend on Dawn; no CUDA in the image)
 #
 # `docker build .` without --target builds the LAST stage, which is `gpu`.
 #
@@ -22,7 +24,7 @@
 # the driver JIT-compiles them on first use, so the first requests after a start are slow; the
 # compute cache (CUDA_CACHE_PATH, a volume in docker/compose.yaml) keeps the result across restarts.
 #
-# Both images: non-root user `lora` (uid 10001), port 3000, LORA_SERVE_HOST=0.0.0.0, volumes /models
+# All images: non-root user `lora` (uid 10001), port 3000, LORA_SERVE_HOST=0.0.0.0, volumes /models
 # (read-only checkpoints: set LORA_SERVE_MODEL=/models/<name>; unset = the embedded demo model) and
 # /adapters (LORA_SERVE_ADAPTER_DIR; uploads and the demo adapters are written there, so it must be
 # writable by uid 10001), tini as PID 1 (forwards SIGTERM so the server drains within
@@ -52,7 +54,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 make g+
     && rm -rf /var/lib/apt/lists/*
 COPY package.json package-lock.json ./
 COPY src/backend/wasm/addon ./src/backend/wasm/addon
+# Dawn (npm webgpu) ships dawn.node for five platforms; the image keeps the Linux ones.
 RUN npm ci --omit=dev --no-audit --no-fund \
+    && rm -rf node_modules/webgpu/dist/darwin-* node_modules/webgpu/dist/win32-* \
     && mkdir -p src/backend/wasm/addon/build/Release \
     && if [ "$TFJS_NODE" = "1" ]; then \
          npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node@${TFJS_VERSION}" \
@@ -80,6 +84,7 @@ COPY src/backend/wasm/addon ./src/backend/wasm/addon
 # The last line fails the build when the install script did not run (e.g. an npm that skips unapproved
 # install scripts): libtensorflow sits in deps/lib, the addon (rpath ../../deps/lib) in lib/napi-v*/.
 RUN npm ci --omit=dev --no-audit --no-fund \
+    && rm -rf node_modules/webgpu/dist/darwin-* node_modules/webgpu/dist/win32-* \
     && mkdir -p src/backend/wasm/addon/build/Release \
     && npm install --no-save --omit=dev --no-audit --no-fund "@tensorflow/tfjs-node-gpu@${TFJS_VERSION}" \
     && npm cache clean --force \
@@ -114,6 +119,24 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.LORA_SERVE_PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["node", "--import", "tsx", "src/server/main.ts"]
+
+# ---------------------------------------------------------------------------------------------
+# WebGPU image: the cpu image (its production node_modules hold Dawn, npm `webgpu`, and
+# @tensorflow/tfjs-backend-webgpu) plus the Vulkan loader, running the webgpu backend on the GPU's Vulkan driver. No
+# CUDA: with NVIDIA_DRIVER_CAPABILITIES including `graphics`, the NVIDIA Container Toolkit mounts the driver's Vulkan
+# ICD (nvidia_icd.json, libGLX_nvidia.so.0) into the container; libglvnd, which libGLX_nvidia needs, comes from here.
+# Run with `docker run --gpus all ...`. Without a Vulkan adapter the server fails at start (BACKEND_UNAVAILABLE).
+FROM cpu AS webgpu
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends libvulkan1 libglvnd0 libglx0 libegl1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && install -d -o lora -g lora -m 700 /home/lora/run
+# XDG_RUNTIME_DIR: Mesa and the Vulkan loader warn without one.
+ENV LORA_SERVE_BACKEND=webgpu \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics \
+    XDG_RUNTIME_DIR=/home/lora/run
+USER 10001:10001
 
 # ---------------------------------------------------------------------------------------------
 # GPU image (the default target: last stage). Run with `docker run --gpus all ...` (NVIDIA Container Toolkit).

@@ -76,6 +76,8 @@ export interface BenchCase {
   readonly title: string;
   /** Generated adapters the case uses (bench-000 ...). */
   readonly adapters: number;
+  /** The one backend the case measures: a run on another backend leaves it out unless it is named. */
+  readonly backend?: string;
   run(ctx: CaseContext): Promise<Figure[]>;
 }
 

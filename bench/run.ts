@@ -13,6 +13,7 @@ import { met, type BenchCase, type CaseContext, type Figure, type ServerRun, typ
 import { adapterSwitch } from './cases/adapter-switch.ts';
 import { batching } from './cases/batching.ts';
 import { coldLoad } from './cases/cold-load.ts';
+import { dispatches } from './cases/dispatches.ts';
 import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
@@ -25,7 +26,7 @@ import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };
@@ -37,7 +38,7 @@ const PROMPTS = 64;
 
 const HELP = `Usage: npm run bench -- [case ...] [options]
 
-Cases (default: all): ${CASES.map((c) => c.name).join(', ')}
+Cases (default: all that measure the backend): ${CASES.map((c) => c.name + (c.backend ? ` (${c.backend} only)` : '')).join(', ')}
 
 Options:
   --quick           one round and fewer samples (a smoke run; figures are indicative)
@@ -46,7 +47,7 @@ Options:
   --backend NAME    the server's --backend (default wasm)
   --tuned           start servers with the settings a user would choose for each case's workload (its tuning flags)
                     and --workers 2 unless --workers is given; without it, servers run on their default flags
-  --workers N       the server's --workers (default: the server's default, or 2 with --tuned)
+  --workers N       the server's --workers (default: the server's default, or 2 with --tuned; 1 on webgpu)
   --out DIR         where the JSON results go (default bench/results)
   --save NAME       also write the results to DIR/NAME.json (latest-defaults, latest: what the README renders)
   --help            this text
@@ -98,8 +99,9 @@ function parseArgs(argv: readonly string[]): Args {
       args.cases.push(c);
     }
   }
-  if (args.cases.length === 0) args.cases = [...CASES];
-  if (args.tuned) args.workers ??= 2;
+  if (args.cases.length === 0) args.cases = CASES.filter((c) => c.backend === undefined || c.backend === args.backend);
+  // webgpu runs in the server's main thread only.
+  if (args.tuned) args.workers ??= args.backend === 'webgpu' ? 1 : 2;
   return args;
 }
 

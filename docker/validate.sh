@@ -10,7 +10,7 @@
 #    docker/prometheus/prometheus.yml, and `promtool check rules` over every dashboard expression
 #    (written as recording rules, Grafana variables substituted) so PromQL syntax errors are caught.
 # 3. `docker compose config` (Compose v2) or `docker-compose config` (1.x, Debian: docker-compose),
-#    when installed, for both profiles.
+#    when installed, for each profile (gpu, cpu, webgpu).
 # 4. hadolint on the Dockerfile, when on PATH; `docker build --check` when a Docker engine answers.
 # Missing tools are skipped with a message; any failing check makes the script exit non-zero.
 set -uo pipefail
@@ -53,7 +53,7 @@ elif command -v docker-compose >/dev/null 2>&1; then
   compose=(docker-compose)
 fi
 if [ ${#compose[@]} -gt 0 ]; then
-  for profile in gpu cpu; do
+  for profile in gpu cpu webgpu; do
     run "${compose[*]} config --profile $profile" "${compose[@]}" -f docker/compose.yaml --profile "$profile" config -q
   done
 else

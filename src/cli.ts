@@ -62,7 +62,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
-  opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend', { choices: BACKENDS }),
+  opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend; auto: tensorflow-gpu, webgpu on a hardware GPU, tensorflow, wasm, cpu (a software WebGPU adapter such as lavapipe only with --backend webgpu)', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
   opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),
   opt('max-loaded-adapters', 'maxLoadedAdapters', 'int', 0, 'Adapters resident on the device at once (0: no count limit, only --adapter-device-bytes)', { min: 0 }),
@@ -76,7 +76,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, `Default max_new_tokens of /generate and /generate_stream (TGI clients' default); /v1/completions defaults to ${COMPLETION_DEFAULT_MAX_TOKENS}, chat to the remaining context`, { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
-  opt('workers', 'workers', 'int', 'auto', 'Executor threads, each with its own copy of the model; sequences are spread over them (auto: on wasm and cpu, which compute on one thread per copy, one per core as long as the copies fit in half of the free memory; 1 on other backends)', { min: 1, auto: true }),
+  opt('workers', 'workers', 'int', 'auto', 'Executor threads, each with its own copy of the model; sequences are spread over them (auto: on wasm and cpu, which compute on one thread per copy, one per core as long as the copies fit in half of the free memory; 1 on other backends; webgpu runs in the main thread: 1 only)', { min: 1, auto: true }),
   opt('native-matmul', 'nativeMatmul', 'bool', true, 'On the wasm backend, run matrix products in the native AVX2/FMA addon built by npm ci (falls back to the wasm kernels when it is missing)'),
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
@@ -196,6 +196,9 @@ export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): S
   }
   if (o.prefillChunk > o.maxBatchTokens) {
     throw new CliError(`--prefill-chunk (${o.prefillChunk}) must be at most --max-batch-tokens (${o.maxBatchTokens})`);
+  }
+  if (o.backend === 'webgpu' && typeof o.workers === 'number' && o.workers > 1) {
+    throw new CliError(`--backend webgpu runs in the main thread (one GPU device per process): --workers must be 1, not ${o.workers}`);
   }
   return Object.freeze(o);
 }

@@ -46,6 +46,10 @@ export const ERRORS = {
   TIMEOUT: { status: 504, type: 'timeout' },
   GENERATION: { status: 424, type: 'generation' },
   BACKEND_UNAVAILABLE: { status: 500, type: 'backend' },
+  /** A weight tensor larger than the backend can hold in one buffer (webgpu: maxStorageBufferBindingSize). */
+  MODEL_TOO_LARGE: { status: 500, type: 'backend' },
+  /** The WebGPU device rejected an operation (src/backend/webgpu/guard.ts): the step's results are discarded. */
+  DEVICE_ERROR: { status: 500, type: 'backend' },
   INTERNAL: { status: 500, type: 'internal' },
 } as const satisfies Record<string, { status: number; type: string }>;
 

@@ -6,6 +6,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism, freemem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { initBackend, type BackendInfo, type BackendName } from './backend/select.ts';
+import { adapterSummary, type WebGPUAdapter } from './backend/webgpu/init.ts';
 import { Engine } from './engine/engine.ts';
 import type { EngineMetrics } from './engine/types.ts';
 import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './demo/index.ts';
@@ -68,6 +69,8 @@ export interface Runtime {
   readonly backend: string;
   /** Matrix products run in the native addon (src/backend/wasm/native-matmul.ts). */
   readonly nativeMatmul: boolean;
+  /** The WebGPU adapter and its limits, on the webgpu backend. */
+  readonly webgpuAdapter?: WebGPUAdapter;
   readonly config: ModelConfig;
   /** Checkpoint dtype as stored (computation is float32). */
   readonly dtype: string;
@@ -147,6 +150,7 @@ export async function startRuntime(
   let modelBytes: number;
   let backend: string;
   let nativeMatmul: boolean;
+  let webgpuAdapter: WebGPUAdapter | undefined;
   if (workers > 1) {
     const parallel = await ParallelExecutor.start({
       workers, modelDir: dir, backend: chosen?.name ?? opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
@@ -162,7 +166,8 @@ export async function startRuntime(
     const info: BackendInfo = chosen ?? await initBackend(opts.backend, { nativeMatmul: opts.nativeMatmul });
     backend = info.name;
     nativeMatmul = info.nativeMatmul;
-    log(`TensorFlow.js backend: ${info.name}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+    webgpuAdapter = info.adapter;
+    log(`TensorFlow.js backend: ${info.name}${info.adapter ? ` on ${adapterSummary(info.adapter)}` : ''}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     const model = CausalLM.load(dir);
     modelBytes = model.bytes;
     const local = new TfExecutor(model);
@@ -193,7 +198,7 @@ export async function startRuntime(
   const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, nativeMatmul, config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
+    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
     // Follows every operation posted before it (adapter offloads included).
     deviceMemory: () => executor.deviceMemory(),
     profile: () => addTotals(profiler.snapshot(), executor.profile()),

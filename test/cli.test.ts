@@ -113,7 +113,7 @@ test('bad values are clear CliErrors', () => {
     [['--max-batch-size', '0'], {}, /--max-batch-size.*>= 1/],
     [['--max-batch-size', '-3'], {}, /--max-batch-size/],
     [['--port', '70000'], {}, /--port.*65535/],
-    [['--backend', 'cuda'], {}, /--backend.*auto, tensorflow-gpu, tensorflow, wasm, cpu/],
+    [['--backend', 'cuda'], {}, /--backend.*auto, tensorflow-gpu, webgpu, tensorflow, wasm, cpu/],
     [['--lora-mode', 'mixed'], {}, /--lora-mode/],
     [['--log-level', 'loud'], {}, /--log-level/],
     [['--adapter-host-bytes', '12 parsecs'], {}, /--adapter-host-bytes.*bytes/],
@@ -125,6 +125,8 @@ test('bad values are clear CliErrors', () => {
     [[], { LORA_SERVE_MAX_QUEUE: 'lots' }, /LORA_SERVE_MAX_QUEUE/],
     [['--max-input-length', '4096'], {}, /--max-input-length \(4096\) must be less than --max-total-tokens \(2048\)/],
     [['--prefill-chunk', '4096'], {}, /--prefill-chunk/],
+    [['--backend', 'webgpu', '--workers', '2'], {}, /--backend webgpu runs in the main thread.*--workers must be 1, not 2/],
+    [['--workers', '2'], { LORA_SERVE_BACKEND: 'webgpu' }, /--workers must be 1/],
   ];
   for (const [argv, env, message] of bad) {
     assert.throws(() => parseOptions(argv, env), (err: unknown) => {

@@ -122,6 +122,21 @@ for (const name of ['gpu', 'cpu']) {
   });
 }
 
+test('Dockerfile webgpu: the cpu image plus the Vulkan loader and libglvnd, the NVIDIA graphics capability, non-root', () => {
+  const s = stage('webgpu');
+  assert.equal(s.from, 'cpu', 'the cpu image: its user, node_modules (Dawn is a dependency), health check and command');
+  const apt = s.lines.find((l) => /apt-get install/.test(l)) ?? '';
+  for (const pkg of ['libvulkan1', 'libglvnd0']) assert.match(apt, new RegExp(`\\b${pkg}\\b`), pkg);
+  const env = envOf(s);
+  assert.equal(env.get('LORA_SERVE_BACKEND'), 'webgpu');
+  assert.ok(env.get('NVIDIA_DRIVER_CAPABILITIES')?.split(',').includes('graphics'), 'graphics mounts the Vulkan ICD');
+  assert.equal(env.get('NVIDIA_VISIBLE_DEVICES'), 'all');
+  const user = s.lines.filter((l) => /^USER\s/i.test(l)).at(-1)?.split(/\s+/)[1]?.split(':')[0];
+  assert.ok(user && user !== 'root' && user !== '0', `the last USER (${user}) is not root`);
+  const pkg = JSON.parse(read('package.json'));
+  assert.ok(pkg.dependencies.webgpu && pkg.dependencies['@tensorflow/tfjs-backend-webgpu'], 'Dawn and the tfjs WebGPU backend are dependencies');
+});
+
 test('Dockerfile: npm start is the command the images run', () => {
   const pkg = JSON.parse(read('package.json'));
   assert.equal(pkg.scripts.start, 'node --import tsx src/server/main.ts');
@@ -173,9 +188,9 @@ function bindSource(spec: string): string | undefined {
 }
 
 test('compose: services, build targets and the GPU reservation', () => {
-  assert.deepEqual(Object.keys(compose.services).sort(), ['grafana', 'prometheus', 'server', 'server-cpu']);
-  const { server, 'server-cpu': cpu } = compose.services;
-  for (const [svc, target] of [[server, 'gpu'], [cpu, 'cpu']] as const) {
+  assert.deepEqual(Object.keys(compose.services).sort(), ['grafana', 'prometheus', 'server', 'server-cpu', 'server-webgpu']);
+  const { server, 'server-cpu': cpu, 'server-webgpu': webgpu } = compose.services;
+  for (const [svc, target] of [[server, 'gpu'], [cpu, 'cpu'], [webgpu, 'webgpu']] as const) {
     assert.equal(resolve(DOCKER, svc.build.context), ROOT);
     assert.ok(existsSync(join(ROOT, svc.build.dockerfile ?? 'Dockerfile')));
     assert.equal(svc.build.target, target);
@@ -185,6 +200,11 @@ test('compose: services, build targets and the GPU reservation', () => {
   }
   assert.deepEqual(server.profiles, ['gpu']);
   assert.deepEqual(cpu.profiles, ['cpu']);
+  assert.deepEqual(webgpu.profiles, ['webgpu']);
+  assert.equal(webgpu.environment.LORA_SERVE_BACKEND, 'webgpu');
+  assert.ok(webgpu.environment.NVIDIA_DRIVER_CAPABILITIES.split(',').includes('graphics'));
+  assert.equal(webgpu.deploy.resources.reservations.devices[0].driver, 'nvidia');
+  assert.ok(webgpu.networks.default.aliases.includes('server'), 'prometheus finds the webgpu variant as server:3000');
   assert.equal(server.environment.LORA_SERVE_BACKEND, 'tensorflow-gpu');
   assert.equal(cpu.environment.LORA_SERVE_BACKEND, 'wasm');
   const dev = server.deploy.resources.reservations.devices[0];

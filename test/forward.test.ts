@@ -12,7 +12,7 @@ import { isLaidOut } from '../src/backend/weights.ts';
 import type { LoraPlan } from '../src/engine/executor.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { referenceForward } from './reference/forward.ts';
-import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
+import { argmax, fixtureCheckpoint, maxRelErr, nativeMatmulOn, setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
 before(setupBackend);
@@ -79,14 +79,15 @@ const CASES: [string, CheckpointOptions, number[][]?][] = [
 ];
 
 for (const [name, opts, prompts = PROMPTS] of CASES) {
-  test(`forward matches the plain-loop reference: ${name}`, async () => {
+  test(`forward matches the plain-loop reference: ${name}`, async (t) => {
     const { dir, config, get } = await fixtureCheckpoint(`${tmp.dir}/${name.replace(/\W+/g, '_')}`, opts);
     const baseline = tf.memory().numTensors;
     const model = CausalLM.load(dir);
     // With the native matmul, weights whose output width is a multiple of 16 are stored packed (src/backend/wasm/native-matmul.ts).
     const linears = [...model.linears.values()];
-    const packable = process.env.TEST_NATIVE_MATMUL === '0' ? [] : linears.filter((l) => l.W.shape[1] % 16 === 0);
+    const packable = !nativeMatmulOn() ? [] : linears.filter((l) => l.W.shape[1] % 16 === 0);
     assert.deepEqual(linears.filter((l) => isLaidOut(l.W)).map((l) => l.key), packable.map((l) => l.key));
+    let worst = 0;
     for (const batch of [[prompts[0]!], prompts]) {
       const { tokens, logits } = await runBatch(model, batch);
       batch.forEach((prompt, s) => {
@@ -97,11 +98,13 @@ for (const [name, opts, prompts = PROMPTS] of CASES) {
         for (let step = 0; step < NEW_TOKENS; step++) {
           const r = ref[prompt.length - 1 + step]!;
           const err = maxRelErr(logits[s]![step]!, r);
+          worst = Math.max(worst, err);
           assert.ok(err < 1e-4, `${name}, batch ${batch.length}, seq ${s}, step ${step}: rel err ${err}`);
           assert.equal(tokens[s]![step], argmax(r), `greedy token differs at step ${step}`);
         }
       });
     }
+    t.diagnostic(`max rel err vs reference on ${tf.getBackend()}: ${worst.toExponential(2)}`);
     model.dispose();
     assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
   });

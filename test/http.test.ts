@@ -493,12 +493,27 @@ test('GET /info, GET /metrics, GET /openapi.yaml', async () => {
   assert.equal(info.max_total_tokens, 96);
   assert.equal(info.chat_template, true);
   assert.equal(info.lora.max_loaded_adapters, 16);
+  assert.equal(info.webgpu_adapter, null, 'not on webgpu');
   const metrics = await s.inject({ method: 'GET', url: '/metrics' });
   assert.match(String(metrics.headers['content-type']), /^text\/plain/);
   assert.match(metrics.body, /lora_serve_http_requests_total\{route="\/info",method="GET",status="200"\} 1/);
   assert.match(metrics.body, /lora_serve_tfjs_memory_bytes 1234/);
   const doc = await s.inject({ method: 'GET', url: '/openapi.yaml' });
   assert.match(doc.body, /^openapi: 3\.1\.0/);
+});
+
+test('GET /info names the WebGPU adapter and its limits on the webgpu backend', async () => {
+  const webgpuAdapter = {
+    vendor: 'mesa', architecture: 'software', device: 'llvmpipe', description: 'llvmpipe: Mesa 25.0.7', software: true,
+    maxStorageBufferBindingSize: 128 * 2 ** 20, maxBufferSize: 2 ** 32 - 1,
+  };
+  const s = await build({ info: { backend: 'webgpu', webgpuAdapter } });
+  const info = (await s.inject({ method: 'GET', url: '/info' })).json();
+  assert.equal(info.backend, 'webgpu');
+  assert.deepEqual(info.webgpu_adapter, {
+    vendor: 'mesa', architecture: 'software', device: 'llvmpipe', description: 'llvmpipe: Mesa 25.0.7', software: true,
+    max_storage_buffer_binding_size: 128 * 2 ** 20, max_buffer_size: 2 ** 32 - 1,
+  });
 });
 
 test('--api-key: Bearer required everywhere but /health and /metrics', async () => {

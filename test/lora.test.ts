@@ -13,7 +13,7 @@ import { CausalLM } from '../src/model/model.ts';
 import { referenceForward } from './reference/forward.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { greedyBatch, makeManager, refLora } from './helpers/lora.ts';
-import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir } from './helpers/tf.ts';
+import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir, testBackend } from './helpers/tf.ts';
 
 const tmp = tempDir();
 before(setupBackend);
@@ -40,13 +40,14 @@ const ADAPTERS: Record<'gpt2' | 'llama', AdapterCase[]> = {
 const BASES: [string, CheckpointOptions][] = [['gpt2', TINY_GPT2], ['llama', TINY_LLAMA]];
 
 for (const [family, opts] of BASES) {
-  test(`${family}: merged and unmerged LoRA match the plain-loop reference`, async () => {
+  test(`${family}: merged and unmerged LoRA match the plain-loop reference`, async (t) => {
     const root = join(tmp.dir, `ref-${family}`);
     const { config, get } = await fixtureCheckpoint(join(root, 'model'), opts);
     const baseline = tf.memory().numTensors;
     const model = CausalLM.load(join(root, 'model'));
     const ex = new TfExecutor(model);
     const manager = makeManager(model, join(root, 'adapters'), ex);
+    let worst = 0;
     for (const [i, [name, aopts]] of ADAPTERS[family as 'gpt2' | 'llama'].entries()) {
       const id = `a${i}`;
       await writePeftAdapter(join(root, 'adapters', id), { baseConfig: config, seed: 100 + i, ...aopts });
@@ -61,6 +62,7 @@ for (const [family, opts] of BASES) {
         const r = refLogits[PROMPT.length - 1 + s]!;
         const eu = maxRelErr(unmerged.logits[0]![s]!, r);
         const em = maxRelErr(merged.logits[0]![s]!, r);
+        worst = Math.max(worst, eu, em);
         assert.ok(eu < 1e-4, `${name}: unmerged step ${s} rel err ${eu}`);
         assert.ok(em < 1e-4, `${name}: merged step ${s} rel err ${em}`);
         assert.equal(unmerged.tokens[0]![s], argmax(r));
@@ -69,6 +71,7 @@ for (const [family, opts] of BASES) {
       assert.ok(maxRelErr(base.logits[0]![0]!, refLogits[PROMPT.length - 1]!) > 1e-3, `${name}: adapter has no effect`);
       lease.release();
     }
+    t.diagnostic(`max rel err vs reference on ${tf.getBackend()}: ${worst.toExponential(2)}`);
     ex.dispose();
     manager.dispose();
     model.dispose();
@@ -115,7 +118,9 @@ test('merge/switch cycles restore the base logits bit for bit', async () => {
   const y = await manager.acquire('y');
   const pristine = (await greedyBatch(ex, [{ prompt: PROMPT, lease: null }], 1)).logits[0]![0]!;
   const baseline = tf.memory().numTensors;
-  for (let i = 0; i < 1000; i++) {
+  // A cycle is dispatch-bound on webgpu (tens of ms on a software adapter): fewer cycles there.
+  const cycles = testBackend() === 'webgpu' ? 100 : 1000;
+  for (let i = 0; i < cycles; i++) {
     await greedyBatch(ex, [{ prompt: [1 + (i % 50)], lease: i % 2 ? x : y }], 1, { mode: 'merged' });
   }
   const after = (await greedyBatch(ex, [{ prompt: PROMPT, lease: null }], 1)).logits[0]![0]!;

@@ -111,6 +111,18 @@ test('a step of several forward passes (one per worker) is one step duration, an
   assert.equal(value(f, 'lora_serve_batch_adapters_sum', { kind: 'decode' }), 17);
 });
 
+test('the webgpu backend\'s device operations are counters; absent on other backends', async () => {
+  const counts = { dispatch: 526, submit: 36, upload: 40, readback: 1 };
+  const m = new Metrics({ processMetrics: false, webgpu: () => counts });
+  let f = parseExposition(await m.text());
+  for (const [op, n] of Object.entries(counts)) assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op }), n);
+  counts.dispatch += 100;
+  f = parseExposition(await m.text());
+  assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), 626, 'each scrape adds what happened since the last');
+  const other = parseExposition(await new Metrics({ processMetrics: false, webgpu: () => null }).text());
+  assert.equal(value(other, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), undefined);
+});
+
 test('engine, adapter and HTTP events move the counters', async () => {
   const m = new Metrics({ processMetrics: false });
   m.step({ kind: 'prefill', seconds: 0.02, passes: [{ rows: 2, adapters: 1, mode: 'merged' }] });

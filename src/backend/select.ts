@@ -1,21 +1,25 @@
 /**
  * TensorFlow.js backend selection. The native packages (@tensorflow/tfjs-node-gpu, @tensorflow/tfjs-node)
  * download libtensorflow at install time and are therefore optional: they are imported only when present.
- * `auto` tries tensorflow-gpu (when a CUDA device is usable), then tensorflow, then wasm, then cpu.
+ * `auto` tries tensorflow-gpu (when a CUDA device is usable), then webgpu (when Dawn finds a hardware adapter: a
+ * software one such as lavapipe is used only when webgpu is asked for by name), then tensorflow, then wasm, then cpu.
+ * webgpu runs in the main thread only: one GPU device per process, so not with executor worker threads.
  * On wasm, matrix products run through the native AVX2/FMA addon when it is built (src/backend/wasm/native-matmul.ts).
  */
+import { isMainThread } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../errors.ts';
+import { activeAdapter, initWebGPU, type WebGPUAdapter } from './webgpu/init.ts';
 import { nativeMatmulUnavailable } from './wasm/addon/addon.ts';
 import { installNativeMatmul } from './wasm/native-matmul.ts';
 
-export const BACKENDS = ['auto', 'tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
+export const BACKENDS = ['auto', 'tensorflow-gpu', 'webgpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKENDS)[number];
 
 export interface BackendInfo {
   /** What was asked for. */
   readonly requested: BackendName;
-  /** What runs: tensorflow-gpu | tensorflow | wasm | cpu. */
+  /** What runs: tensorflow-gpu | webgpu | tensorflow | wasm | cpu. */
   readonly name: Exclude<BackendName, 'auto'>;
   /** tf.getBackend() after selection. */
   readonly tfName: string;
@@ -25,6 +29,8 @@ export interface BackendInfo {
   readonly nativeMatmul: boolean;
   /** Why the native matmul is not used, when it was asked for on wasm and is not. */
   readonly nativeMatmulNote?: string;
+  /** The WebGPU adapter and its limits (webgpu backend only). */
+  readonly adapter?: WebGPUAdapter;
 }
 
 export interface BackendOptions {
@@ -80,8 +86,17 @@ async function initCpu(): Promise<void> {
   await tf.ready();
 }
 
-const INIT: Record<Exclude<BackendName, 'auto'>, () => Promise<void>> = {
+/** `byName`: webgpu was asked for explicitly, so a software adapter will do. */
+async function initWebgpuBackend(byName: boolean): Promise<void> {
+  if (!isMainThread) {
+    throw fail('BACKEND_UNAVAILABLE', 'the webgpu backend runs in the main thread only (one GPU device per process): use --workers 1');
+  }
+  await initWebGPU({ allowSoftware: byName });
+}
+
+const INIT: Record<Exclude<BackendName, 'auto'>, (byName: boolean) => Promise<void>> = {
   'tensorflow-gpu': () => initNative(true),
+  webgpu: initWebgpuBackend,
   tensorflow: () => initNative(false),
   wasm: initWasm,
   cpu: initCpu,
@@ -98,15 +113,16 @@ export async function initBackend(requested: BackendName = 'auto', opts: Backend
   }
   const skipped: string[] = [];
   const order: Exclude<BackendName, 'auto'>[] = requested === 'auto'
-    ? ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] : [requested];
+    ? ['tensorflow-gpu', 'webgpu', 'tensorflow', 'wasm', 'cpu'] : [requested];
   for (const name of order) {
     try {
-      await INIT[name]();
+      await INIT[name](requested === name);
       const wantNative = name === 'wasm' && opts.nativeMatmul !== false;
       const nativeMatmul = wantNative && installNativeMatmul();
       selected = Object.freeze({
         requested, name, tfName: tf.getBackend(), skipped, nativeMatmul,
         ...(wantNative && !nativeMatmul ? { nativeMatmulNote: nativeMatmulUnavailable() } : {}),
+        ...(name === 'webgpu' ? { adapter: activeAdapter()! } : {}),
       });
       return selected;
     } catch (err) {

@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { keepWeight, type Weight } from '../backend/weights.ts';
+import { checkTensorFits, maxTensorBytes } from '../backend/webgpu/init.ts';
 import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
@@ -95,16 +96,28 @@ export class CausalLM {
     this.linears = arch.linears;
   }
 
-  /** Loads a checkpoint directory onto the current TensorFlow.js backend. */
-  static load(dir: string): CausalLM {
+  /**
+   * Loads a checkpoint directory onto the current TensorFlow.js backend. A weight larger than the backend can
+   * bind (`maxTensorBytes`, by default the webgpu device's limit) fails with MODEL_TOO_LARGE before it is read.
+   */
+  static load(dir: string, opts: { maxTensorBytes?: { bytes: number; on: string } } = {}): CausalLM {
     const ckpt = openCheckpoint(dir);
+    const limit = opts.maxTensorBytes ?? maxTensorBytes();
     try {
       const { load } = REGISTRY[ckpt.config.family];
       // tidy disposes everything uploaded so far if loading fails half-way (missing or mis-shaped tensor).
       tf.engine().startScope();
       let arch: Arch;
       try {
-        arch = load(ckpt.config, ckpt);
+        arch = load(ckpt.config, limit ? {
+          ...ckpt,
+          read: (name, shape) => {
+            if (shape) checkTensorFits(name, shape, limit);
+            const t = ckpt.read(name, shape);
+            if (!shape) checkTensorFits(name, t.shape, limit);
+            return t;
+          },
+        } : ckpt);
         for (const t of arch.tensors) keepWeight(t);
       } finally {
         tf.engine().endScope();

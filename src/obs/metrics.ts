@@ -14,6 +14,7 @@ import type { StepPass } from '../engine/executor.ts';
 import type { EngineMetrics, FinishReason } from '../engine/types.ts';
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
+import type { WebGPUCounts, WebGPUOp } from '../backend/webgpu/counters.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
 
@@ -25,6 +26,8 @@ export interface MetricsOptions {
   deviceMemory?: DeviceMemory;
   /** Step phase totals, all threads (src/obs/profile.ts; only with --profile). */
   profile?: () => ProfileTotals;
+  /** The webgpu backend's device operation totals (src/backend/webgpu/counters.ts); null on other backends. */
+  webgpu?: () => Readonly<WebGPUCounts> | null;
   /** Register the Node.js process defaults (default true). */
   processMetrics?: boolean;
 }
@@ -162,6 +165,20 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
             if (delta > 0) this.inc({ kind, phase }, delta);
             seen.set(key, seconds);
           }
+        }
+      },
+    });
+    const webgpu = opts.webgpu;
+    const seenOps = new Map<WebGPUOp, number>();
+    new Counter({
+      name: `${METRIC_PREFIX}webgpu_operations_total`,
+      help: 'On the webgpu backend: compute dispatches, command-buffer submits, host-to-device uploads and device-to-host readbacks.',
+      labelNames: ['op'] as const, registers: [this.registry],
+      collect() {
+        for (const [op, n] of Object.entries(webgpu?.() ?? {}) as [WebGPUOp, number][]) {
+          const delta = n - (seenOps.get(op) ?? 0);
+          if (delta > 0) this.inc({ op }, delta);
+          seenOps.set(op, n);
         }
       },
     });

@@ -8,6 +8,7 @@
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import type { WebGPUAdapter } from '../backend/webgpu/init.ts';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
@@ -33,6 +34,8 @@ export interface ServerInfo {
   readonly backend: string;
   /** Matrix products run in the native addon. */
   readonly nativeMatmul: boolean;
+  /** The WebGPU adapter (webgpu backend only). */
+  readonly webgpuAdapter?: WebGPUAdapter;
   readonly version: string;
   /** Copies of the model (executor workers), as chosen for --workers. */
   readonly workers: number;

@@ -11,6 +11,7 @@ export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
     dtype: rt.dtype,
     backend: rt.backend,
     nativeMatmul: rt.nativeMatmul,
+    ...(rt.webgpuAdapter ? { webgpuAdapter: rt.webgpuAdapter } : {}),
     version: VERSION,
     workers: rt.workers,
     lora: {

@@ -1,6 +1,7 @@
 /** Builds the whole server (runtime + HTTP app) from options; main.ts listens, tests and benchmarks reuse it. */
 import type { FastifyInstance } from 'fastify';
 import type { ServerOptions } from '../cli.ts';
+import { webgpuCounts } from '../backend/webgpu/counters.ts';
 import { Metrics } from '../obs/metrics.ts';
 import { startRuntime, type Runtime } from '../runtime.ts';
 import { buildApp } from './app.ts';
@@ -21,6 +22,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
   const metrics = new Metrics({
     deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 },
     profile: () => runtime?.profile() ?? {},
+    webgpu: webgpuCounts,
   });
   let ready = false;
   runtime = await startRuntime(options, { log, metrics });

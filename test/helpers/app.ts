@@ -242,6 +242,7 @@ export async function build(opts: {
   options?: Partial<AppOptions>;
   tokenizer?: 'llama' | 'gpt2';
   validate?: boolean;
+  info?: Partial<ServerInfo>;
 } = {}): Promise<TestServer> {
   const adapters = new MemoryAdapters();
   adapters.add('demo');
@@ -253,7 +254,7 @@ export async function build(opts: {
   };
   const engine = new ScriptedEngine(() => new Set(adapters.adapters.keys()), options);
   const metrics = new Metrics({ deviceMemory: () => ({ numBytes: 1234, numTensors: 5 }), processMetrics: false });
-  const app = await buildApp({ engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: TEST_INFO, options });
+  const app = await buildApp({ engine, adapters, metrics, tokenizer: fixtureTokenizer(opts.tokenizer ?? 'llama'), info: { ...TEST_INFO, ...opts.info }, options });
   const validate = opts.validate ?? true;
   return {
     app, engine, adapters, metrics,

@@ -5,9 +5,10 @@ import type { EngineApi, GenerateRequest, GenerationResult, TokenInfo } from '..
 import type { ServeError } from '../../src/errors.ts';
 import { writeCheckpoint, type CheckpointOptions } from '../../src/demo/index.ts';
 import { startRuntime, type Runtime, type RuntimeOptions } from '../../src/runtime.ts';
+import { testBackend } from './tf.ts';
 
 export const TEST_RUNTIME: Omit<RuntimeOptions, 'model' | 'adapterDir'> = {
-  backend: 'wasm', loraMode: 'auto', maxLoraRank: 64, maxLoadedAdapters: 16, adapterDeviceBytes: 0,
+  backend: testBackend(), loraMode: 'auto', maxLoraRank: 64, maxLoadedAdapters: 16, adapterDeviceBytes: 0,
   adapterHostBytes: 64 << 20, maxAdapterBytes: 64 << 20, maxBatchSize: 32, maxBatchTokens: 2048,
   maxInputLength: 100, maxTotalTokens: 128, maxQueue: 256, prefillChunk: 32, workers: 1,
   warmHeapBytes: 0, // the warm-up forward still runs; touching heap only saves page faults (slower starts in tests)

@@ -7,9 +7,21 @@ import { writeCheckpoint, type CheckpointOptions } from '../../src/demo/index.ts
 import { openCheckpoint } from '../../src/model/checkpoint.ts';
 import type { GetTensor } from '../reference/forward.ts';
 
-/** The wasm backend (TEST_BACKEND=cpu for the cpu one), with the native matmul unless TEST_NATIVE_MATMUL=0. */
+/**
+ * The wasm backend (TEST_BACKEND=cpu or webgpu for those; test/webgpu.test.ts runs the reference tests on webgpu),
+ * with the native matmul unless TEST_NATIVE_MATMUL=0.
+ */
 export async function setupBackend(): Promise<void> {
-  await initBackend((process.env.TEST_BACKEND as 'wasm' | 'cpu' | undefined) ?? 'wasm', { nativeMatmul: process.env.TEST_NATIVE_MATMUL !== '0' });
+  await initBackend(testBackend(), { nativeMatmul: process.env.TEST_NATIVE_MATMUL !== '0' });
+}
+
+export function testBackend(): 'wasm' | 'cpu' | 'webgpu' {
+  return (process.env.TEST_BACKEND as 'wasm' | 'cpu' | 'webgpu' | undefined) ?? 'wasm';
+}
+
+/** Whether weights are packed for the native matmul (wasm only). */
+export function nativeMatmulOn(): boolean {
+  return testBackend() === 'wasm' && process.env.TEST_NATIVE_MATMUL !== '0';
 }
 
 export function tempDir(prefix = 'lora-serve-test-'): { dir: string; cleanup: () => void } {

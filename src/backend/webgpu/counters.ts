@@ -1,0 +1,54 @@
+/**
+ * Counts what the webgpu backend asks of the device: compute dispatches (one per GPU kernel run), command-buffer
+ * submits, host→device uploads and device→host readbacks. tfjs-backend-webgpu keeps no totals of these, so the
+ * backend's own methods are wrapped (once, when the backend starts). Each dispatch costs CPU time in tfjs and Dawn
+ * whatever the GPU, so dispatches per decode step bound the step's time from below.
+ */
+
+export const WEBGPU_OPS = ['dispatch', 'submit', 'upload', 'readback'] as const;
+export type WebGPUOp = (typeof WEBGPU_OPS)[number];
+export type WebGPUCounts = Record<WebGPUOp, number>;
+
+/** The methods of tfjs-backend-webgpu's WebGPUBackend (4.22) that are counted. */
+interface CountedBackend {
+  recordAndSubmit(...args: unknown[]): unknown;
+  submitQueue(...args: unknown[]): unknown;
+  uploadToGPU(dataId: object): unknown;
+  getBufferData(...args: unknown[]): unknown;
+  tensorMap: { get(dataId: object): { resource?: unknown; values?: unknown } | undefined };
+}
+
+let counts: WebGPUCounts | null = null;
+
+/** Wraps the backend's methods so that webgpuCounts() counts; false when the backend lacks one of them. */
+export function installCounters(backend: object): boolean {
+  const b = backend as Partial<CountedBackend>;
+  if (counts) return true;
+  if (typeof b.recordAndSubmit !== 'function' || typeof b.submitQueue !== 'function' || typeof b.uploadToGPU !== 'function' ||
+    typeof b.getBufferData !== 'function' || typeof b.tensorMap?.get !== 'function') return false;
+  const c: WebGPUCounts = { dispatch: 0, submit: 0, upload: 0, readback: 0 };
+  const wrap = <K extends 'recordAndSubmit' | 'submitQueue' | 'getBufferData'>(name: K, op: WebGPUOp) => {
+    const original = b[name]!;
+    b[name] = function (this: unknown, ...args: unknown[]) {
+      c[op]++;
+      return original.apply(this, args);
+    } as CountedBackend[K];
+  };
+  wrap('recordAndSubmit', 'dispatch');
+  wrap('submitQueue', 'submit');
+  wrap('getBufferData', 'readback');
+  const upload = b.uploadToGPU;
+  const map = b.tensorMap;
+  b.uploadToGPU = function (this: unknown, dataId: object) {
+    const d = map.get(dataId);
+    if (d && d.resource == null && d.values != null) c.upload++; // host values not on the device yet
+    return upload.call(this, dataId);
+  };
+  counts = c;
+  return true;
+}
+
+/** Totals since the backend started, or null when the webgpu backend is not running (or was not counted). */
+export function webgpuCounts(): Readonly<WebGPUCounts> | null {
+  return counts ? { ...counts } : null;
+}
