@@ -34,11 +34,13 @@ interface Answer<O extends WorkerOp> {
 type Handlers = { readonly [O in WorkerOp]: (req: RequestOf<O>) => Answer<O> | Promise<Answer<O>> };
 
 const done = { value: null };
+let backendReady = false;
 
 const handlers: Handlers = {
   async init({ init }) {
     profiler.enabled = init.profile;
     const backend = await initBackend(init.backend, { nativeMatmul: init.nativeMatmul });
+    backendReady = true;
     const model = CausalLM.load(init.modelDir);
     executor = new TfExecutor(model);
     executor.warmUp(backend.name === 'wasm' ? init.warmHeapBytes : 0);
@@ -80,7 +82,9 @@ function handle<O extends WorkerOp>(req: RequestOf<O>): Answer<O> | Promise<Answ
   return handlers[req.op](req);
 }
 
+/** The device memory after an operation; none before a backend is initialised (a failed init still gets its answer). */
 function memory(): WorkerReply['memory'] {
+  if (!backendReady) return { numTensors: 0, numBytes: 0 };
   const m = tf.memory();
   return { numTensors: m.numTensors, numBytes: m.numBytes };
 }
