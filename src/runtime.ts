@@ -22,7 +22,7 @@ import { TfExecutor } from './exec/tf-executor.ts';
 import type { LoraMode } from './engine/scheduler.ts';
 import type { ModelConfig } from './model/types.ts';
 import { addTotals, profiler, type ProfileTotals } from './obs/profile.ts';
-import { autoAdapterDeviceBytes, autoWorkers } from './sizing.ts';
+import { assertModelFits, autoAdapterDeviceBytes, autoWorkers } from './sizing.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -168,6 +168,7 @@ export async function startRuntime(
     nativeMatmul = info.nativeMatmul;
     webgpuAdapter = info.adapter;
     log(`TensorFlow.js backend: ${info.name}${info.adapter ? ` on ${adapterSummary(info.adapter)}` : ''}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+    assertModelFits(info.name, float32Bytes);
     const model = CausalLM.load(dir);
     modelBytes = model.bytes;
     const local = new TfExecutor(model);

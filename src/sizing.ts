@@ -3,6 +3,7 @@
  * how many device bytes the adapter tier may use. Pure functions of the backend, the model's size and the machine,
  * so the rules are tested without starting anything; the runtime logs the choice and the reason.
  */
+import { fail } from './errors.ts';
 
 /** The wasm backend's heap: 4 GiB per instance (32-bit addresses), so per model copy. */
 export const WASM_HEAP_BYTES = 4 * 2 ** 30;
@@ -58,4 +59,20 @@ export function autoAdapterDeviceBytes(backend: string, modelBytes: number, work
     return { value: share, why: `a quarter of the free host memory (${mib(m.freeMemoryBytes)}), per model copy` };
   }
   return { value: OPAQUE_DEVICE_ADAPTER_BYTES, why: `the ${backend} backend does not report its free memory: a fixed 1 GiB` };
+}
+
+/** Heap a wasm instance needs beside the weights: the KV cache, a step's intermediates, adapters. */
+export const WASM_RESERVE_BYTES = 512 * 2 ** 20;
+
+/**
+ * Refuses, before any weight is read, a model the backend cannot hold: on wasm the weights (as float32) plus
+ * WASM_RESERVE_BYTES must fit the 4 GiB heap of one instance, else loading would end in a wasm
+ * "memory access out of bounds" half-way. Other backends check their own limits while loading.
+ */
+export function assertModelFits(backend: string, float32Bytes: number): void {
+  if (backend !== 'wasm' || float32Bytes + WASM_RESERVE_BYTES <= WASM_HEAP_BYTES) return;
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+  throw fail('MODEL_TOO_LARGE', `the model's weights need ${gib(float32Bytes)} as float32; the wasm backend's heap holds ${gib(WASM_HEAP_BYTES)} per `
+    + `model copy, of which about ${gib(WASM_RESERVE_BYTES)} is needed for the KV cache and a step's intermediates. Serve it with a GPU backend `
+    + '(--backend webgpu, or tensorflow-gpu where installed) or a smaller model', { float32Bytes, heapBytes: WASM_HEAP_BYTES });
 }

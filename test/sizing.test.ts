@@ -50,3 +50,29 @@ test('the runtime resolves --workers auto and --adapter-device-bytes auto and re
     await rt.close();
   }
 });
+
+test('a model whose float32 weights do not fit the wasm heap is refused before any weight is read', async () => {
+  const { assertModelFits } = await import('../src/sizing.ts');
+  assert.throws(() => assertModelFits('wasm', 3.9e9), (e: { code?: string; message: string }) => e.code === 'MODEL_TOO_LARGE' && /--backend webgpu/.test(e.message));
+  assert.doesNotThrow(() => assertModelFits('wasm', 1e9));
+  assert.doesNotThrow(() => assertModelFits('webgpu', 10e9), 'other backends check their own limits');
+
+  // A checkpoint whose header declares 4 GiB as float32 (a sparse 2 GiB BF16 file: nothing is written or read).
+  const { writeCheckpoint } = await import('../src/demo/index.ts');
+  const { openSync, writeSync, ftruncateSync, closeSync } = await import('node:fs');
+  const { join } = await import('node:path');
+  const { startRuntime } = await import('../src/runtime.ts');
+  const { TEST_RUNTIME } = await import('./helpers/runtime.ts');
+  const dir = join(tmp.dir, 'huge');
+  await writeCheckpoint(dir, TINY_LLAMA);
+  const n = 2 ** 30;
+  const header = Buffer.from(JSON.stringify({ 'model.embed_tokens.weight': { dtype: 'BF16', shape: [n], data_offsets: [0, 2 * n] } }));
+  const fd = openSync(join(dir, 'model.safetensors'), 'w');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(header.length));
+  writeSync(fd, len);
+  writeSync(fd, header);
+  ftruncateSync(fd, 8 + header.length + 2 * n);
+  closeSync(fd);
+  await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: dir, adapterDir: join(tmp.dir, 'huge-adapters') }), { code: 'MODEL_TOO_LARGE' });
+});

@@ -5,6 +5,8 @@
 import { parentPort } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../backend/select.ts';
+import { openCheckpoint } from '../model/checkpoint.ts';
+import { assertModelFits } from '../sizing.ts';
 import type { StepResult } from '../engine/executor.ts';
 import { isServeError } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
@@ -41,6 +43,10 @@ const handlers: Handlers = {
     profiler.enabled = init.profile;
     const backend = await initBackend(init.backend, { nativeMatmul: init.nativeMatmul });
     backendReady = true;
+    const ckpt = openCheckpoint(init.modelDir);
+    const { float32Bytes } = ckpt;
+    ckpt.close();
+    assertModelFits(backend.name, float32Bytes);
     const model = CausalLM.load(init.modelDir);
     executor = new TfExecutor(model);
     executor.warmUp(backend.name === 'wasm' ? init.warmHeapBytes : 0);
