@@ -7,6 +7,7 @@
  */
 import { BACKENDS } from './backend/select.ts';
 import { LORA_MODES } from './engine/scheduler.ts';
+import { METRICS_COMPAT, type MetricsCompat } from './obs/metrics.ts';
 import type { RuntimeOptions } from './runtime.ts';
 import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
 
@@ -28,6 +29,8 @@ export interface ServerOptions extends RuntimeOptions {
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
   readonly logLevel: LogLevel;
+  /** Also export the endpoint picker's gauges under vLLM's names. */
+  readonly metricsCompat: MetricsCompat;
   /** --help was given: print helpText() and exit. */
   readonly help: boolean;
 }
@@ -80,6 +83,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
+  opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
 ]);
 

@@ -21,6 +21,9 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
   const metrics = new Metrics({
     deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 },
     profile: () => runtime?.profile() ?? {},
+    load: () => runtime?.engine.load() ?? { kvTokens: 0, kvCapacityTokens: 0, runningAdapters: [], waitingAdapters: [] },
+    maxLora: options.maxLoadedAdapters,
+    compat: options.metricsCompat,
   });
   let ready = false;
   runtime = await startRuntime(options, { log, metrics });
