@@ -20,6 +20,8 @@ export interface ServerOptions extends RuntimeOptions {
   readonly host: string;
   /** Base URL adapters are fetched from when not on disk; undefined: none. */
   readonly adapterSourceUrl: string | undefined;
+  /** Comma-separated folders POST /v1/load_lora_adapter may read adapters from; '': none. */
+  readonly allowedLocalAdapterPaths: string;
   /** Default max_new_tokens of /generate and /generate_stream. */
   readonly maxNewTokens: number;
   /** Seconds; 0: no per-request timeout. */
@@ -63,6 +65,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
+  opt('allowed-local-adapter-paths', 'allowedLocalAdapterPaths', 'string', '', 'Folders (comma-separated) that POST /v1/load_lora_adapter may read a lora_path from, symlinks resolved; empty: local paths are refused'),
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
   opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),

@@ -125,7 +125,7 @@ function checkConfigSize(id: string, bytes: number): void {
   if (bytes > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${bytes} bytes (limit ${MAX_CONFIG_BYTES})`);
 }
 
-/** adapter_config.json's bytes, or null when it does not exist (synchronous: see AdapterStore.readDisk). */
+/** adapter_config.json's bytes, or null when it does not exist (synchronous: see readAdapterFolder). */
 function readConfigSync(id: string, dir: string): Uint8Array | null {
   let fd: number;
   try {
@@ -185,6 +185,44 @@ async function syncDir(dir: string): Promise<void> {
     // Some platforms/filesystems cannot fsync a directory; the data files themselves were synced.
   } finally {
     await fh?.close();
+  }
+}
+
+function checkWeightsSize(id: string, bytes: number, limit: number): void {
+  if (bytes > limit) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${limit})`);
+}
+
+function pickleError(id: string): ServeError {
+  return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
+}
+
+/**
+ * Both files of the adapter folder `dir`, or null when it has no adapter_config.json; `id` names it in errors.
+ * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
+ * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
+ * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
+ */
+export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
+  const configBytes = readConfigSync(id, dir);
+  if (configBytes === null) return null;
+  let fd: number;
+  try {
+    fd = openSync(path.join(dir, WEIGHTS_FILE), OPEN_FLAGS);
+  } catch (err) {
+    if (!isMissing(err)) throw err;
+    if (await exists(path.join(dir, PICKLE_FILE))) throw pickleError(id);
+    throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
+  }
+  try {
+    const size = regularSize(fd, id, WEIGHTS_FILE);
+    checkWeightsSize(id, size, maxAdapterBytes);
+    const weights = alloc(size);
+    let got = 0;
+    for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
+    // A file that shrank mid-read is returned short: validation then reports it as truncated.
+    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
+  } finally {
+    closeSync(fd);
   }
 }
 
@@ -294,11 +332,11 @@ export class AdapterStore {
 
   private async readFrom(id: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles> {
     const dir = adapterDirFor(this.dir, id);
-    const local = await this.exclusive(id, () => this.readDisk(id, dir, alloc));
+    const local = await this.exclusive(id, () => readAdapterFolder(id, dir, this.maxAdapterBytes, alloc));
     if (local !== null) return local;
 
     if (this.remoteUrl === undefined) {
-      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
+      if (await exists(path.join(dir, PICKLE_FILE))) throw pickleError(id);
       throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
     }
     const remote = await this.fetchRemote(id);
@@ -326,7 +364,7 @@ export class AdapterStore {
     if (text === undefined) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": config is not JSON-serialisable`);
     const configBytes = new TextEncoder().encode(`${text}\n`);
     checkConfigSize(id, configBytes.byteLength);
-    this.checkSize(id, files.weights.byteLength);
+    checkWeightsSize(id, files.weights.byteLength, this.maxAdapterBytes);
     await this.commit(id, configBytes, files.weights);
   }
 
@@ -354,46 +392,6 @@ export class AdapterStore {
   }
 
   // --- disk ------------------------------------------------------------------------------
-
-  private checkSize(id: string, bytes: number): void {
-    if (bytes > this.maxAdapterBytes) {
-      throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${this.maxAdapterBytes})`);
-    }
-  }
-
-  /**
-   * Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock.
-   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
-   * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
-   * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
-   */
-  private async readDisk(id: string, dir: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
-    const configBytes = readConfigSync(id, dir);
-    if (configBytes === null) return null;
-    let fd: number;
-    try {
-      fd = openSync(path.join(dir, WEIGHTS_FILE), OPEN_FLAGS);
-    } catch (err) {
-      if (!isMissing(err)) throw err;
-      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
-      throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
-    }
-    try {
-      const size = regularSize(fd, id, WEIGHTS_FILE);
-      this.checkSize(id, size);
-      const weights = alloc(size);
-      let got = 0;
-      for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
-      // A file that shrank mid-read is returned short: validation then reports it as truncated.
-      return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
-    } finally {
-      closeSync(fd);
-    }
-  }
-
-  private pickleError(id: string): ServeError {
-    return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
-  }
 
   /**
    * Runs `fn` after every earlier disk operation on `id` has finished (and after crash recovery),
@@ -510,7 +508,7 @@ export class AdapterStore {
       return { configBytes, weights: await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes) };
     } catch (err) {
       if (isServeError(err) && err.code === 'ADAPTER_NOT_FOUND' && (await this.remoteExists(new URL(PICKLE_FILE, base)))) {
-        throw this.pickleError(id);
+        throw pickleError(id);
       }
       throw err;
     }

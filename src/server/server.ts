@@ -4,6 +4,7 @@ import type { ServerOptions } from '../cli.ts';
 import { Metrics } from '../obs/metrics.ts';
 import { startRuntime, type Runtime } from '../runtime.ts';
 import { buildApp } from './app.ts';
+import { parseAllowedRoots } from '../lora/local-path.ts';
 import { serverInfo } from './info.ts';
 
 export interface Server {
@@ -38,6 +39,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
       ...runtime.engine.limits,
       maxNewTokensDefault: options.maxNewTokens,
       maxAdapterBytes: options.maxAdapterBytes,
+      allowedAdapterPaths: parseAllowedRoots(options.allowedLocalAdapterPaths),
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
       ready: () => ready,
