@@ -65,6 +65,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
+  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used; 0: never'),
   opt('allowed-local-adapter-paths', 'allowedLocalAdapterPaths', 'string', '', 'Folders (comma-separated) that POST /v1/load_lora_adapter may read a lora_path from, symlinks resolved; empty: local paths are refused'),
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),

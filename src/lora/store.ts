@@ -13,6 +13,12 @@
  * between the two renames, `.old-*` (renamed back when its id has no folder); both are handled
  * when the store is first used. Names starting with `.` are never listed as adapters. One store
  * instance owns a folder: two stores (or processes) on the same folder are not coordinated.
+ *
+ * Revalidation: a remote download is cached with `<dir>/<id>/.source.json` (each file's ETag and Last-Modified and
+ * the time it was last checked). With `revalidateAfterMs` > 0, a read of a cached copy last checked longer ago
+ * first asks the source with conditional GETs (If-None-Match, If-Modified-Since): 304 keeps the copy, 200 replaces
+ * it. A source that fails or no longer has the adapter leaves the cached copy in use (with a warning) until the
+ * next check. `revalidate(id)` runs the same check on its own (the manager calls it for resident adapters).
  */
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -20,6 +26,7 @@ import { closeSync, constants, fstatSync, openSync, read, readSync } from 'node:
 import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import path from 'node:path';
+import { LRUCache } from 'lru-cache';
 import { Agent, interceptors, request, type Dispatcher } from 'undici';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
@@ -64,6 +71,8 @@ export interface AdapterStoreOptions {
    * place. It holds the id's lock: it must not call this store's methods for the same id.
    */
   readonly beforeCommit?: (tmpDir: string) => void | Promise<void>;
+  /** Milliseconds after which a cached remote download is checked against the source again; 0 (default): never. */
+  readonly revalidateAfterMs?: number;
   /** Called when caching a remote download to disk fails (the read itself still succeeds). */
   readonly onWarning?: (message: string, err: unknown) => void;
 }
@@ -71,6 +80,8 @@ export interface AdapterStoreOptions {
 export const CONFIG_FILE = 'adapter_config.json';
 export const WEIGHTS_FILE = 'adapter_model.safetensors';
 export const PICKLE_FILE = 'adapter_model.bin';
+/** Beside a cached remote download: SourceMeta as JSON. */
+export const SOURCE_FILE = '.source.json';
 const MAX_CONFIG_BYTES = 1 << 20;
 /** readWith keeps at most this many read buffers, each at most POOLED_MAX bytes. */
 const POOL_SIZE = 4;
@@ -175,6 +186,18 @@ async function writeFileSynced(file: string, data: Uint8Array): Promise<void> {
   }
 }
 
+/** Replaces `dir/name` atomically (a temp file beside it, fsynced, renamed over it). */
+async function writeFileAtomic(dir: string, name: string, data: Uint8Array): Promise<void> {
+  const tmp = path.join(dir, `.tmp-${name}-${randomBytes(6).toString('hex')}`);
+  try {
+    await writeFileSynced(tmp, data);
+    await rename(tmp, path.join(dir, name));
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+}
+
 /** fsync a folder so renames and new entries in it are durable (best effort where unsupported). */
 async function syncDir(dir: string): Promise<void> {
   let fh;
@@ -226,6 +249,45 @@ export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes
   }
 }
 
+/** An HTTP response's validators, sent back as If-None-Match / If-Modified-Since. */
+interface Validators {
+  readonly etag?: string;
+  readonly lastModified?: string;
+}
+
+/** What SOURCE_FILE records of a remote download. */
+interface SourceMeta {
+  /** Date.now() of the download or of the last check against the source. */
+  readonly checkedAt: number;
+  readonly config: Validators;
+  readonly weights: Validators;
+}
+
+function sourceMetaBytes(meta: SourceMeta): Uint8Array {
+  return new TextEncoder().encode(`${JSON.stringify(meta)}\n`);
+}
+
+/** SOURCE_FILE of an adapter folder; null when there is none (not a remote download) or it is unreadable. */
+async function readSourceMeta(dir: string): Promise<SourceMeta | null> {
+  try {
+    const fh = await open(path.join(dir, SOURCE_FILE), OPEN_FLAGS);
+    try {
+      const meta = JSON.parse(await fh.readFile('utf8')) as SourceMeta;
+      return typeof meta.checkedAt === 'number' ? meta : null;
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return null;
+  }
+}
+
+/** A fetched file and the validators its response carried. */
+interface Fetched {
+  readonly bytes: Uint8Array;
+  readonly validators: Validators;
+}
+
 /** A failure worth another attempt (network, timeout, 5xx, 429), carrying the error to report if none is left. */
 class Transient extends Error {
   constructor(readonly final: ServeError) {
@@ -244,6 +306,11 @@ export class AdapterStore {
   private ownAgent?: Dispatcher;
   private readonly beforeCommit?: AdapterStoreOptions['beforeCommit'];
   private readonly onWarning?: AdapterStoreOptions['onWarning'];
+  private readonly revalidateAfterMs: number;
+  /** Revalidations in flight, by id. */
+  private readonly checking = new Map<string, Promise<boolean>>();
+  /** When each recently checked id is due again (spares reading SOURCE_FILE on every use of a hot adapter). */
+  private readonly due = new LRUCache<string, number>({ max: 16384 });
   /** The last disk operation per id (see `exclusive`). */
   private readonly pending = new Map<string, Promise<unknown>>();
   private recovered?: Promise<void>;
@@ -263,6 +330,7 @@ export class AdapterStore {
     this.dispatcher = opts.dispatcher;
     this.beforeCommit = opts.beforeCommit;
     this.onWarning = opts.onWarning;
+    this.revalidateAfterMs = opts.revalidateAfterMs ?? 0;
   }
 
   /** Ids of `<dir>/<name>/` and `<dir>/<org>/<name>/` folders holding an adapter_config.json, sorted. */
@@ -332,6 +400,7 @@ export class AdapterStore {
 
   private async readFrom(id: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles> {
     const dir = adapterDirFor(this.dir, id);
+    await this.revalidate(id);
     const local = await this.exclusive(id, () => readAdapterFolder(id, dir, this.maxAdapterBytes, alloc));
     if (local !== null) return local;
 
@@ -347,7 +416,7 @@ export class AdapterStore {
       throw isServeError(err) ? fail(err.code, `adapter "${id}": ${err.message}`) : err;
     }
     try {
-      await this.commit(id, remote.configBytes, remote.weights);
+      await this.commit(id, remote.configBytes, remote.weights, { checkedAt: Date.now(), config: remote.config, weights: remote.weightsValidators });
     } catch (err) {
       this.onWarning?.(`adapter "${id}": caching the remote download to disk failed`, err);
     }
@@ -407,7 +476,8 @@ export class AdapterStore {
     return run;
   }
 
-  private commit(id: string, configBytes: Uint8Array, weights: Uint8Array): Promise<void> {
+  /** `source`: the validators of a remote download, written beside the files (SOURCE_FILE). */
+  private commit(id: string, configBytes: Uint8Array, weights: Uint8Array, source?: SourceMeta): Promise<void> {
     const target = adapterDirFor(this.dir, id);
     return this.exclusive(id, async () => {
       await mkdir(this.dir, { recursive: true });
@@ -416,6 +486,7 @@ export class AdapterStore {
       try {
         await writeFileSynced(path.join(tmp, CONFIG_FILE), configBytes);
         await writeFileSynced(path.join(tmp, WEIGHTS_FILE), weights);
+        if (source) await writeFileSynced(path.join(tmp, SOURCE_FILE), sourceMetaBytes(source));
         await syncDir(tmp);
         await this.beforeCommit?.(tmp);
         await mkdir(path.dirname(target), { recursive: true });
@@ -501,11 +572,12 @@ export class AdapterStore {
     }
   }
 
-  private async fetchRemote(id: string): Promise<{ configBytes: Uint8Array; weights: Uint8Array }> {
+  private async fetchRemote(id: string): Promise<{ configBytes: Uint8Array; weights: Uint8Array; config: Validators; weightsValidators: Validators }> {
     const base = this.remoteBase(id);
-    const configBytes = await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES);
+    const config = (await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES))!;
     try {
-      return { configBytes, weights: await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes) };
+      const weights = (await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes))!;
+      return { configBytes: config.bytes, weights: weights.bytes, config: config.validators, weightsValidators: weights.validators };
     } catch (err) {
       if (isServeError(err) && err.code === 'ADAPTER_NOT_FOUND' && (await this.remoteExists(new URL(PICKLE_FILE, base)))) {
         throw pickleError(id);
@@ -514,10 +586,11 @@ export class AdapterStore {
     }
   }
 
-  private async fetchWithRetries(id: string, url: URL, limit: number): Promise<Uint8Array> {
+  /** null: 304, the copy described by `validators` is current (only when validators are given). */
+  private async fetchWithRetries(id: string, url: URL, limit: number, validators?: Validators): Promise<Fetched | null> {
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.fetchOnce(id, url, limit);
+        return await this.fetchOnce(id, url, limit, validators);
       } catch (err) {
         if (!(err instanceof Transient)) throw err;
         if (attempt >= this.retries) throw err.final;
@@ -526,8 +599,55 @@ export class AdapterStore {
     }
   }
 
+  /** Single-flight: concurrent checks of one id share one (see the header). True when a new version was cached. */
+  revalidate(id: string): Promise<boolean> {
+    if (this.revalidateAfterMs <= 0 || this.remoteUrl === undefined || Date.now() < (this.due.get(id) ?? 0)) return Promise.resolve(false);
+    let p = this.checking.get(id);
+    if (!p) {
+      p = this.check(id).finally(() => this.checking.delete(id));
+      this.checking.set(id, p);
+    }
+    return p;
+  }
+
+  private async check(id: string): Promise<boolean> {
+    const dir = adapterDirFor(this.dir, id);
+    const meta = await this.exclusive(id, () => readSourceMeta(dir));
+    this.due.set(id, (meta?.checkedAt ?? Date.now()) + this.revalidateAfterMs);
+    if (meta === null || Date.now() - meta.checkedAt < this.revalidateAfterMs) return false;
+    this.due.set(id, Date.now() + this.revalidateAfterMs);
+    const base = this.remoteBase(id);
+    try {
+      const config = await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES, meta.config);
+      const weights = await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes, meta.weights);
+      const now = Date.now();
+      if (config === null && weights === null) {
+        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: now })));
+        return false;
+      }
+      // One file changed: the other one's bytes are the cached ones.
+      const local = await this.exclusive(id, async () => ({
+        config: config === null ? readConfigSync(id, dir) : null,
+        weights: weights === null ? (await readAdapterFolder(id, dir, this.maxAdapterBytes, (n) => new Uint8Array(n)))?.weights : null,
+      }));
+      const configBytes = config?.bytes ?? local.config;
+      const weightBytes = weights?.bytes ?? local.weights;
+      if (!configBytes || !weightBytes) return false; // deleted meanwhile
+      parseConfig(id, configBytes);
+      assertNotPickle(weightBytes);
+      await this.commit(id, configBytes, weightBytes, {
+        checkedAt: now, config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights,
+      });
+      return true;
+    } catch (err) {
+      this.onWarning?.(`adapter "${id}": revalidating against the remote source failed; the cached copy stays in use`, err);
+      await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: Date.now() }))).catch(() => undefined);
+      return false;
+    }
+  }
+
   /** One GET; the size limit is enforced from content-length and again while streaming. */
-  private async fetchOnce(id: string, url: URL, limit: number): Promise<Uint8Array> {
+  private async fetchOnce(id: string, url: URL, limit: number, validators?: Validators): Promise<Fetched | null> {
     const file = path.posix.basename(url.pathname);
     const what = `adapter "${id}": fetching ${file}`;
     const networkError = (err: unknown) => {
@@ -545,12 +665,20 @@ export class AdapterStore {
         dispatcher: this.agent(),
         headersTimeout: this.timeoutMs,
         bodyTimeout: this.timeoutMs,
+        headers: {
+          ...(validators?.etag ? { 'if-none-match': validators.etag } : {}),
+          ...(validators?.lastModified ? { 'if-modified-since': validators.lastModified } : {}),
+        },
       });
     } catch (err) {
       throw networkError(err);
     }
 
     const status = res.statusCode;
+    if (status === 304 && validators) {
+      await res.body.dump().catch(() => undefined);
+      return null;
+    }
     if (status !== 200) {
       await res.body.dump().catch(() => undefined);
       if (status === 404) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found at the remote source (${file}: HTTP 404)`);
@@ -576,7 +704,11 @@ export class AdapterStore {
       if (isServeError(err)) throw err;
       throw networkError(err);
     }
-    return Buffer.concat(chunks, received);
+    const header = (name: string) => {
+      const v = res.headers[name];
+      return typeof v === 'string' ? v : undefined;
+    };
+    return { bytes: Buffer.concat(chunks, received), validators: { etag: header('etag'), lastModified: header('last-modified') } };
   }
 
   /** HEAD probe (one attempt); any failure counts as "not there". */
