@@ -21,7 +21,7 @@ import { createServer, type Server } from '../src/server/server.ts';
 import { tempDir } from './helpers/tf.ts';
 
 const DEPLOY = new URL('../deploy/', import.meta.url).pathname;
-const ADAPTERS = ['style/a0', 'style/a1', 'a2', 'a3', 'org/a4', 'a5'];
+const ADAPTERS = ['style/a0', 'style/a1', 'a2', 'a3', 'org/a4', 'a5', 'a6', 'org/a7', 'a8', 'a9'];
 const tmp = tempDir('lora-serve-deploy-');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -104,12 +104,12 @@ async function startProxy(cmd: string, args: string[], port: number): Promise<{ 
 }
 
 /** One request through the proxy: the answer's text and which replica (index) served it. */
-type Ask = (adapter: string, api?: 'openai' | 'tgi') => Promise<{ status: number; text: string; replica: number }>;
+type Ask = (adapter: string, api?: 'openai' | 'tgi', padding?: number) => Promise<{ status: number; text: string; replica: number }>;
 
 function asker(proxyPort: number, replicaOf: (servedBy: string) => number): Ask {
-  return async (adapter, api = 'openai') => {
+  return async (adapter, api = 'openai', padding = 0) => {
     const [path, body] = api === 'openai'
-      ? ['/v1/completions', { model: adapter, prompt: 'the adapter is', max_tokens: 6, temperature: 0 }]
+      ? ['/v1/completions', { model: adapter, prompt: `${'x'.repeat(padding)}the adapter is`, max_tokens: 6, temperature: 0 }]
       : ['/generate', { inputs: 'the adapter is', parameters: { adapter_id: adapter, max_new_tokens: 6 } }];
     const res = await request(`http://127.0.0.1:${proxyPort}${path}`, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
     const json = (await res.body.json()) as any;
@@ -147,6 +147,13 @@ async function checkAffinity(ask: Ask, replicas: Replica[], single: Replica, bou
       assert.equal(a.replica, home.get(id), `${id} (round ${round}) stays on replica ${home.get(id)}`);
       if (round === 0) assert.equal(a.text, await singleAnswer(single, id), `${id}: the answer through the proxy equals a single server's`);
     }
+  }
+  // A body far larger than HAProxy's default 16 KiB buffer is routed by its adapter all the same (tune.bufsize; nginx:
+  // client_body_buffer_size): its replica answers (422: too long for this server's --max-input-length).
+  for (const id of ADAPTERS) {
+    const a = await ask(id, 'openai', 300_000);
+    assert.equal(a.status, 422);
+    assert.equal(a.replica, home.get(id), `${id}: a 300 kB body goes to the adapter's replica`);
   }
   assert.ok(new Set(home.values()).size >= 2, `adapters are spread over replicas: ${JSON.stringify([...home])}`);
   // Each adapter is loaded on its own replica only.
