@@ -524,3 +524,25 @@ test('remote revalidation is off by default, and an uploaded adapter (no .source
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('remote revalidation against a source without ETag or Last-Modified: the same bytes keep the copy, new bytes replace it', async () => {
+  serve(5);
+  const dir = await tmp();
+  const store = new AdapterStore({ dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, retries: 0, revalidateAfterMs: 50 });
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  try {
+    const first = await store.read('plain');
+    await sleep(70);
+    assert.equal(await store.revalidate('plain'), false, 'unchanged bytes');
+    assert.equal(hits.length, 4, 'both files were downloaded again (nothing to make them conditional)');
+    serve(6);
+    await sleep(70);
+    assert.equal(await store.revalidate('plain'), true);
+    const now = await store.read('plain');
+    assert.notEqual(now.version, first.version);
+    assert.deepEqual(now.config, files(6).config);
+  } finally {
+    await store.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});

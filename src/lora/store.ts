@@ -625,19 +625,22 @@ export class AdapterStore {
         await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: now })));
         return false;
       }
-      // One file changed: the other one's bytes are the cached ones.
-      const local = await this.exclusive(id, async () => ({
-        config: config === null ? readConfigSync(id, dir) : null,
-        weights: weights === null ? (await readAdapterFolder(id, dir, this.maxAdapterBytes, (n) => new Uint8Array(n)))?.weights : null,
+      // What a 304 confirmed, and what a 200 is compared with (a source that sends no validators answers 200).
+      const cached = await this.exclusive(id, async () => ({
+        config: readConfigSync(id, dir),
+        weights: (await readAdapterFolder(id, dir, this.maxAdapterBytes, (n) => new Uint8Array(n)))?.weights ?? null,
       }));
-      const configBytes = config?.bytes ?? local.config;
-      const weightBytes = weights?.bytes ?? local.weights;
-      if (!configBytes || !weightBytes) return false; // deleted meanwhile
+      if (cached.config === null || cached.weights === null) return false; // deleted meanwhile
+      const configBytes = config?.bytes ?? cached.config;
+      const weightBytes = weights?.bytes ?? cached.weights;
+      const validators = { config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights };
+      if (Buffer.compare(configBytes, cached.config) === 0 && Buffer.compare(weightBytes, cached.weights) === 0) {
+        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ checkedAt: now, ...validators })));
+        return false;
+      }
       parseConfig(id, configBytes);
       assertNotPickle(weightBytes);
-      await this.commit(id, configBytes, weightBytes, {
-        checkedAt: now, config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights,
-      });
+      await this.commit(id, configBytes, weightBytes, { checkedAt: now, ...validators });
       return true;
     } catch (err) {
       this.onWarning?.(`adapter "${id}": revalidating against the remote source failed; the cached copy stays in use`, err);
