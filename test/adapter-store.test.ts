@@ -9,7 +9,7 @@ import path from 'node:path';
 import { listLinearModules, writePeftAdapter } from '../src/demo/adapter.ts';
 import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { adapterDirFor, validateAdapterId } from '../src/lora/ids.ts';
-import { AdapterStore, adapterVersion, validateAdapterFiles } from '../src/lora/store.ts';
+import { AdapterStore, adapterVersion, validateAdapterFiles, type AdapterStoreOptions } from '../src/lora/store.ts';
 
 const tmp = () => mkdtemp(path.join(tmpdir(), 'lora-store-'));
 const LIMIT = 1 << 20;
@@ -329,7 +329,7 @@ function serve(n: number, override?: (req: IncomingMessage, res: ServerResponse)
   };
 }
 
-async function withRemoteStore(opts: { retries?: number; fetchTimeoutMs?: number; maxAdapterBytes?: number }, fn: (store: AdapterStore, dir: string) => Promise<void>) {
+async function withRemoteStore(opts: Partial<AdapterStoreOptions>, fn: (store: AdapterStore, dir: string) => Promise<void>) {
   const dir = await tmp();
   const store = new AdapterStore({ dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, retryDelayMs: 10, ...opts });
   try {
@@ -460,13 +460,8 @@ test('remote revalidation: ETag conditional GETs after revalidateAfterMs; 304 ke
     res.end(file === 'config' ? JSON.stringify(f.config) : f.weights);
   };
   const warnings: string[] = [];
-  const dir = await tmp();
-  const store = new AdapterStore({
-    dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, retries: 0, revalidateAfterMs: 200,
-    onWarning: (m) => warnings.push(m),
-  });
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-  try {
+  await withRemoteStore({ retries: 0, revalidateAfterMs: 200, onWarning: (m) => warnings.push(m) }, async (store, dir) => {
     const first = await store.read('org/r');
     assert.equal(first.source, 'remote');
     assert.deepEqual(conditional, [undefined, undefined], 'the first download is unconditional');
@@ -498,10 +493,7 @@ test('remote revalidation: ETag conditional GETs after revalidateAfterMs; 304 ke
     assert.equal(warnings.length, 1);
     assert.match(warnings[0]!, /revalidating against the remote source failed; the cached copy stays in use/);
     assert.deepEqual(await store.list(), ['org/r'], 'no work files are listed');
-  } finally {
-    await store.close();
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('remote revalidation is off by default, and an uploaded adapter (no .source.json) is never revalidated', async () => {
@@ -511,26 +503,19 @@ test('remote revalidation is off by default, and an uploaded adapter (no .source
     assert.equal(await store.revalidate('org/x'), false);
     assert.equal(hits.length, 2);
   });
-  const dir = await tmp();
-  const store = new AdapterStore({ dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, revalidateAfterMs: 1 });
-  try {
+  await withRemoteStore({ revalidateAfterMs: 1 }, async (store) => {
     await store.write('up', files(3));
     hits.length = 0;
     await new Promise((r) => setTimeout(r, 5));
     assert.equal(await store.revalidate('up'), false);
     assert.deepEqual(hits, []);
-  } finally {
-    await store.close();
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('remote revalidation against a source without ETag or Last-Modified: the same bytes keep the copy, new bytes replace it', async () => {
   serve(5);
-  const dir = await tmp();
-  const store = new AdapterStore({ dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, retries: 0, revalidateAfterMs: 50 });
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-  try {
+  await withRemoteStore({ retries: 0, revalidateAfterMs: 50 }, async (store) => {
     const first = await store.read('plain');
     await sleep(70);
     assert.equal(await store.revalidate('plain'), false, 'unchanged bytes');
@@ -541,8 +526,5 @@ test('remote revalidation against a source without ETag or Last-Modified: the sa
     const now = await store.read('plain');
     assert.notEqual(now.version, first.version);
     assert.deepEqual(now.config, files(6).config);
-  } finally {
-    await store.close();
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });

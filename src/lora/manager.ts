@@ -17,6 +17,7 @@ import type { LinearModule } from '../model/types.ts';
 import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
+import { singleFlight } from './single-flight.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
 
@@ -167,12 +168,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   /** Single-flight: one load per id at a time. */
   private ensureDevice(id: string): Promise<DeviceEntry> {
-    let p = this.loading.get(id);
-    if (!p) {
-      p = this.loadToDevice(id).finally(() => this.loading.delete(id));
-      this.loading.set(id, p);
-    }
-    return p;
+    return singleFlight(this.loading, id, () => this.loadToDevice(id));
   }
 
   private async loadToDevice(id: string): Promise<DeviceEntry> {

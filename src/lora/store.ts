@@ -32,6 +32,7 @@ import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import { assertNotPickle, loadAdapterWeights, type AdapterWeights } from './adapter-file.ts';
 import { adapterDirFor, validateAdapterId } from './ids.ts';
+import { singleFlight } from './single-flight.ts';
 
 export interface AdapterFiles {
   readonly id: string;
@@ -602,12 +603,7 @@ export class AdapterStore {
   /** Single-flight: concurrent checks of one id share one (see the header). True when a new version was cached. */
   revalidate(id: string): Promise<boolean> {
     if (this.revalidateAfterMs <= 0 || this.remoteUrl === undefined || Date.now() < (this.due.get(id) ?? 0)) return Promise.resolve(false);
-    let p = this.checking.get(id);
-    if (!p) {
-      p = this.check(id).finally(() => this.checking.delete(id));
-      this.checking.set(id, p);
-    }
-    return p;
+    return singleFlight(this.checking, id, () => this.check(id));
   }
 
   private async check(id: string): Promise<boolean> {
