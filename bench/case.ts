@@ -56,6 +56,8 @@ export interface CaseContext {
   prompt(i: number): string;
   /** Runs `fn` against a fresh server started with the harness's flags plus `flags`, then stops it. */
   withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T>;
+  /** The same with `count` servers (replicas), started one after the other. */
+  withServers<T>(count: number, flags: ServerFlags, fn: (apis: ApiClient[]) => Promise<T>): Promise<T>;
   log(msg: string): void;
 }
 

@@ -173,17 +173,24 @@ async function main(): Promise<void> {
     const ctx: CaseContext = {
       sizes, adapters, log, workers: args.workers, modelDir,
       prompt: (i) => prompts[i % prompts.length]!,
-      async withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
+      withServer<T>(flags: ServerFlags, fn: (api: ApiClient) => Promise<T>): Promise<T> {
+        return ctx.withServers(1, flags, ([api]) => fn(api!));
+      },
+      async withServers<T>(count: number, flags: ServerFlags, fn: (apis: ApiClient[]) => Promise<T>): Promise<T> {
         const all = { model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, workers: args.workers, 'log-level': 'warn', 'shutdown-grace': 1, ...flags };
-        const server = await startServer(all, logDir, c.name);
-        log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
+        const started: Awaited<ReturnType<typeof startServer>>[] = [];
         try {
-          const info = await server.api.json('GET', '/info');
-          servers.push({ flags: all, info });
-          backendInfo ??= info.backend;
-          return await fn(server.api);
+          for (let i = 0; i < count; i++) {
+            const server = await startServer(all, logDir, count === 1 ? c.name : `${c.name}-${i + 1}`);
+            started.push(server);
+            log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
+            const info = await server.api.json('GET', '/info');
+            servers.push({ flags: all, info });
+            backendInfo ??= info.backend;
+          }
+          return await fn(started.map((s) => s.api));
         } finally {
-          await server.stop();
+          await Promise.all(started.map((s) => s.stop()));
         }
       },
     };

@@ -9,11 +9,12 @@
  */
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer as createNetServer, type AddressInfo } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { request } from 'undici';
+import { installed, renderHaproxyConfig, startProxy, type Proxy } from '../bench/proxy.ts';
+import { freePort } from '../bench/server.ts';
 import YAML from 'yaml';
 import { DEFAULT_OPTIONS, OPTIONS, parseOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
@@ -25,22 +26,11 @@ const ADAPTERS = ['style/a0', 'style/a1', 'a2', 'a3', 'org/a4', 'a5', 'a6', 'org
 const tmp = tempDir('lora-serve-deploy-');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function installed(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
-}
 const NJS_MODULE = ['/usr/lib/nginx/modules', '/usr/share/nginx/modules', '/etc/nginx/modules']
   .map((d) => join(d, 'ngx_http_js_module.so')).find((p) => existsSync(p));
 const HAPROXY_SKIP = installed('haproxy') ? false : 'haproxy is not installed (apt-get install haproxy)';
 const NGINX_SKIP = !installed('nginx') ? 'nginx is not installed (apt-get install nginx libnginx-mod-http-js)'
   : NJS_MODULE === undefined ? 'the nginx njs module is not installed (apt-get install libnginx-mod-http-js)' : false;
-
-async function freePort(): Promise<number> {
-  const s = createNetServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address() as AddressInfo;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 interface Replica {
   readonly server: Server;
@@ -75,33 +65,12 @@ async function servers(tag: string): Promise<{ replicas: Replica[]; single: Repl
   return { replicas, single: await start(`${tag}-single`) };
 }
 
-const procs: ChildProcess[] = [];
+const proxies: Proxy[] = [];
 after(async () => {
-  for (const p of procs) p.kill('SIGTERM');
+  for (const p of proxies) p.stop();
   for (const server of running) await server.close();
   tmp.cleanup();
 });
-
-/** Runs a proxy in the foreground; resolves once GET /health through it answers 200. */
-async function startProxy(cmd: string, args: string[], port: number): Promise<{ output: () => string }> {
-  let out = '';
-  const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  procs.push(p);
-  p.stdout!.on('data', (d) => (out += d));
-  p.stderr!.on('data', (d) => (out += d));
-  for (let i = 0; i < 100; i++) {
-    if (p.exitCode !== null) break;
-    try {
-      const res = await request(`http://127.0.0.1:${port}/health`);
-      await res.body.dump();
-      if (res.statusCode === 200) return { output: () => out };
-    } catch {
-      // not listening yet
-    }
-    await sleep(100);
-  }
-  throw new Error(`${cmd} did not come up:\n${out}`);
-}
 
 /** One request through the proxy: the answer's text and which replica (index) served it. */
 type Ask = (adapter: string, api?: 'openai' | 'tgi', padding?: number) => Promise<{ status: number; text: string; replica: number }>;
@@ -186,19 +155,16 @@ async function checkAffinity(ask: Ask, replicas: Replica[], single: Replica, bou
 test('haproxy: deploy/haproxy/haproxy.cfg routes each adapter to one replica; a replica shutting down hands over only its adapters', { skip: HAPROXY_SKIP }, async () => {
   const { replicas, single } = await servers('haproxy');
   const port = await freePort();
-  let n = 0;
-  const cfg = readFileSync(join(DEPLOY, 'haproxy/haproxy.cfg'), 'utf8')
-    .replace(/^(\s*bind\s+)\S+/m, `$1127.0.0.1:${port}`)
-    .replace(/^(\s*server\s+\S+\s+)\S+/gm, (_m, head: string) => `${head}127.0.0.1:${replicas[n++]!.port}`);
-  assert.equal(n, replicas.length, 'the shipped config lists three replicas');
+  const cfg = renderHaproxyConfig(port, replicas.map((r) => `127.0.0.1:${r.port}`));
   const file = join(tmp.dir, 'haproxy.cfg');
   writeFileSync(file, cfg);
-  const { output } = await startProxy('haproxy', ['-f', file, '-db'], port);
+  const proxy = await startProxy('haproxy', ['-f', file, '-db'], port);
+  proxies.push(proxy);
   const names = [...cfg.matchAll(/^\s*server\s+(\S+)/gm)].map((m) => m[1]!);
   const ask = asker(port, (servedBy) => names.indexOf(servedBy));
   await checkAffinity(ask, replicas, single, true);
   // Health checks (every 2 s, down after 2 failures) take the replica out of the hash ring for good.
-  assert.match(output(), /Server lora_serve\/\S+ is DOWN/);
+  assert.match(proxy.output(), /Server lora_serve\/\S+ is DOWN/);
 });
 
 test('nginx + njs: deploy/nginx/ routes each adapter to one replica; a replica shutting down hands over only its adapters', { skip: NGINX_SKIP }, async () => {
@@ -215,7 +181,7 @@ test('nginx + njs: deploy/nginx/ routes each adapter to one replica; a replica s
     .replace(/^(\s*server\s+)[^\s{]+(\s+max_fails)/gm, (_m, head: string, tail: string) => `${head}127.0.0.1:${replicas[n++]!.port}${tail}`);
   assert.equal(n, replicas.length, 'the shipped config lists three replicas');
   writeFileSync(join(prefix, 'nginx.conf'), conf);
-  await startProxy('nginx', ['-p', prefix, '-c', join(prefix, 'nginx.conf'), '-g', 'daemon off; master_process off;'], port);
+  proxies.push(await startProxy('nginx', ['-p', prefix, '-c', join(prefix, 'nginx.conf'), '-g', 'daemon off; master_process off;'], port));
   const ports = replicas.map((r) => `127.0.0.1:${r.port}`);
   // $upstream_addr lists every replica tried ("a, b" after a retry): the last one answered.
   const ask = asker(port, (servedBy) => ports.indexOf(servedBy.split(', ').at(-1)!));
