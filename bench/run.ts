@@ -18,6 +18,7 @@ import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
 import { kernels } from './cases/kernels.ts';
 import { profile } from './cases/profile.ts';
+import { scaleOut } from './cases/scale-out.ts';
 import { ttft } from './cases/ttft.ts';
 import type { ApiClient } from './client.ts';
 import { fmt } from './readme.ts';
@@ -25,7 +26,7 @@ import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, scaleOut];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };
