@@ -60,6 +60,11 @@ export interface CaseContext {
    * workload, left at the server's defaults otherwise), then stops it.
    */
   withServer<T>(flags: ServerFlags, fn: (api: ApiClient, server: ServerRun) => Promise<T>, tuning?: ServerFlags): Promise<T>;
+  /**
+   * The same with `count` servers (replicas) of the same flags, started one after the other; `fn` gets each one's
+   * client and what it runs.
+   */
+  withServers<T>(count: number, flags: ServerFlags, fn: (apis: ApiClient[], servers: ServerRun[]) => Promise<T>): Promise<T>;
   log(msg: string): void;
 }
 

@@ -19,6 +19,7 @@ import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
 import { kernels } from './cases/kernels.ts';
 import { profile } from './cases/profile.ts';
+import { scaleOut } from './cases/scale-out.ts';
 import { ttft } from './cases/ttft.ts';
 import type { ApiClient } from './client.ts';
 import { fmt } from './readme.ts';
@@ -26,7 +27,7 @@ import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches, scaleOut];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };
@@ -181,21 +182,31 @@ async function main(): Promise<void> {
     const ctx: CaseContext = {
       sizes, adapters, log, tuned: args.tuned, modelDir,
       prompt: (i) => prompts[i % prompts.length]!,
-      async withServer<T>(flags: ServerFlags, fn: (api: ApiClient, server: ServerRun) => Promise<T>, tuning: ServerFlags = {}): Promise<T> {
+      withServer<T>(flags: ServerFlags, fn: (api: ApiClient, server: ServerRun) => Promise<T>, tuning: ServerFlags = {}): Promise<T> {
+        return ctx.withServers(1, { ...(args.tuned ? tuning : {}), ...flags }, ([api], [run]) => fn(api!, run!));
+      },
+      async withServers<T>(count: number, flags: ServerFlags, fn: (apis: ApiClient[], servers: ServerRun[]) => Promise<T>): Promise<T> {
         const all: Record<string, string | number> = {
           model: modelDir, 'adapter-dir': adapters.dir, backend: args.backend, 'log-level': 'warn', 'shutdown-grace': 1,
-          ...(args.workers === undefined ? {} : { workers: args.workers }), ...(args.tuned ? tuning : {}), ...flags,
+          ...(args.workers === undefined ? {} : { workers: args.workers }), ...flags,
         };
-        const server = await startServer(all, logDir, c.name);
-        log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
+        const started: Awaited<ReturnType<typeof startServer>>[] = [];
+        const runs: ServerRun[] = [];
         try {
-          const info = await server.api.json('GET', '/info');
-          servers.push({ flags: all, info });
-          backendInfo ??= info.backend;
-          workersSeen ??= typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1);
-          return await fn(server.api, { info, workers: typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1) });
+          for (let i = 0; i < count; i++) {
+            const server = await startServer(all, logDir, count === 1 ? c.name : `${c.name}-${i + 1}`);
+            started.push(server);
+            log(`server ${server.pid} healthy after ${server.startSeconds.toFixed(1)} s (log: ${server.logFile})`);
+            const info = await server.api.json('GET', '/info');
+            servers.push({ flags: all, info });
+            backendInfo ??= info.backend;
+            const workers = typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1);
+            workersSeen ??= workers;
+            runs.push({ info, workers });
+          }
+          return await fn(started.map((s) => s.api), runs);
         } finally {
-          await server.stop();
+          await Promise.all(started.map((s) => s.stop()));
         }
       },
     };

@@ -7,6 +7,7 @@
  */
 import { BACKENDS } from './backend/select.ts';
 import { LORA_MODES } from './engine/scheduler.ts';
+import { METRICS_COMPAT, type MetricsCompat } from './obs/metrics.ts';
 import type { RuntimeOptions } from './runtime.ts';
 import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
 
@@ -19,6 +20,8 @@ export interface ServerOptions extends RuntimeOptions {
   readonly host: string;
   /** Base URL adapters are fetched from when not on disk; undefined: none. */
   readonly adapterSourceUrl: string | undefined;
+  /** Comma-separated folders POST /v1/load_lora_adapter may read adapters from; '': none. */
+  readonly allowedLocalAdapterPaths: string;
   /** Default max_new_tokens of /generate and /generate_stream. */
   readonly maxNewTokens: number;
   /** Seconds; 0: no per-request timeout. */
@@ -28,6 +31,8 @@ export interface ServerOptions extends RuntimeOptions {
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
   readonly logLevel: LogLevel;
+  /** Also export the endpoint picker's gauges under vLLM's names. */
+  readonly metricsCompat: MetricsCompat;
   /** --help was given: print helpText() and exit. */
   readonly help: boolean;
 }
@@ -62,6 +67,8 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
+  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used; 0: never'),
+  opt('allowed-local-adapter-paths', 'allowedLocalAdapterPaths', 'string', '', 'Folders (comma-separated) that POST /v1/load_lora_adapter may read a lora_path from, symlinks resolved; empty: local paths are refused'),
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend; auto: tensorflow-gpu, webgpu on a hardware GPU, tensorflow, wasm, cpu (a software WebGPU adapter such as lavapipe only with --backend webgpu)', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
   opt('max-lora-rank', 'maxLoraRank', 'int', 64, 'Largest adapter rank accepted', { min: 1 }),
@@ -82,6 +89,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
+  opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
 ]);
 

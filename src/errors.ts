@@ -27,6 +27,8 @@ export const ERRORS = {
   ADAPTER_FETCH_TIMEOUT: { status: 504, type: 'adapter_fetch_failed' },
   ADAPTER_TOO_LARGE: { status: 413, type: 'payload_too_large' },
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
+  /** A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it). */
+  ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
   // --- checkpoint / safetensors (startup or adapter files) ---
   SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
   SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },

@@ -29,6 +29,8 @@ export interface RuntimeOptions {
   readonly model: string;
   readonly adapterDir: string;
   readonly adapterSourceUrl?: string;
+  /** Seconds after which an adapter cached from the source is checked for a newer version (ETag); 0: never. */
+  readonly adapterRevalidateAfter?: number;
   readonly backend: BackendName;
   readonly loraMode: LoraMode;
   readonly maxLoraRank: number;
@@ -187,7 +189,10 @@ export async function startRuntime(
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
   for (const note of c.notes) log(note);
   const tokenizer = await TextTokenizer.load(dir, c);
-  const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes });
+  const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes,
+    revalidateAfterMs: (opts.adapterRevalidateAfter ?? 0) * 1000,
+    onWarning: (message, err) => log(`${message}: ${(err as Error)?.message ?? String(err)}`),
+  });
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
   }, executor, hooks.metrics);

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { listLinearModules, writePeftAdapter } from '../src/demo/adapter.ts';
 import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { adapterDirFor, validateAdapterId } from '../src/lora/ids.ts';
-import { AdapterStore, adapterVersion, validateAdapterFiles } from '../src/lora/store.ts';
+import { AdapterStore, adapterVersion, validateAdapterFiles, type AdapterStoreOptions } from '../src/lora/store.ts';
 
 const tmp = () => mkdtemp(path.join(tmpdir(), 'lora-store-'));
 const LIMIT = 1 << 20;
@@ -329,7 +329,7 @@ function serve(n: number, override?: (req: IncomingMessage, res: ServerResponse)
   };
 }
 
-async function withRemoteStore(opts: { retries?: number; fetchTimeoutMs?: number; maxAdapterBytes?: number }, fn: (store: AdapterStore, dir: string) => Promise<void>) {
+async function withRemoteStore(opts: Partial<AdapterStoreOptions>, fn: (store: AdapterStore, dir: string) => Promise<void>) {
   const dir = await tmp();
   const store = new AdapterStore({ dir, remoteUrl: `${origin}/adapters/{id}/`, maxAdapterBytes: LIMIT, retryDelayMs: 10, ...opts });
   try {
@@ -442,4 +442,89 @@ test('remote: a stalled body times out; a closed port fails', async () => {
     await store.close();
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('remote revalidation: ETag conditional GETs after revalidateAfterMs; 304 keeps the copy, 200 replaces it, a failing source leaves it in use', async () => {
+  let n = 7;
+  const etag = (file: string) => `"${file}-v${n}"`;
+  const conditional: (string | undefined)[] = [];
+  hits.length = 0;
+  handler = (req, res) => {
+    const file = req.url!.endsWith('/adapter_config.json') ? 'config' : req.url!.endsWith('/adapter_model.safetensors') ? 'weights' : null;
+    if (file === null) { res.statusCode = 404; res.end(); return; }
+    if (n < 0) { res.statusCode = 503; res.end(); return; }
+    conditional.push(req.headers['if-none-match']);
+    res.setHeader('etag', etag(file));
+    if (req.headers['if-none-match'] === etag(file)) { res.statusCode = 304; res.end(); return; }
+    const f = files(n);
+    res.end(file === 'config' ? JSON.stringify(f.config) : f.weights);
+  };
+  const warnings: string[] = [];
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  await withRemoteStore({ retries: 0, revalidateAfterMs: 200, onWarning: (m) => warnings.push(m) }, async (store, dir) => {
+    const first = await store.read('org/r');
+    assert.equal(first.source, 'remote');
+    assert.deepEqual(conditional, [undefined, undefined], 'the first download is unconditional');
+    const meta = JSON.parse(await readFile(path.join(dir, 'org', 'r', '.source.json'), 'utf8'));
+    assert.deepEqual([meta.config.etag, meta.weights.etag], ['"config-v7"', '"weights-v7"']);
+
+    assert.equal((await store.read('org/r')).version, first.version);
+    assert.equal(conditional.length, 2, 'within revalidateAfterMs the disk copy is used without asking');
+
+    await sleep(250);
+    assert.equal(await store.revalidate('org/r'), false);
+    assert.deepEqual(conditional.slice(2), ['"config-v7"', '"weights-v7"'], 'both files asked with If-None-Match');
+    assert.equal((await store.read('org/r')).version, first.version, '304: the copy stays');
+    assert.equal(conditional.length, 4, 'a 304 restarts the period');
+
+    n = 8; // the adapter changed at the source
+    await sleep(250);
+    const updated = await store.read('org/r');
+    assert.deepEqual(conditional.slice(4), ['"config-v7"', '"weights-v7"']);
+    assert.equal(updated.source, 'disk');
+    assert.deepEqual(updated.config, files(8).config);
+    assert.deepEqual(new Uint8Array(updated.weights), files(8).weights);
+    assert.notEqual(updated.version, first.version);
+    assert.deepEqual(JSON.parse(await readFile(path.join(dir, 'org', 'r', '.source.json'), 'utf8')).weights.etag, '"weights-v8"');
+
+    n = -1; // the source fails
+    await sleep(250);
+    assert.equal((await store.read('org/r')).version, updated.version, 'the cached copy stays in use');
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0]!, /revalidating against the remote source failed; the cached copy stays in use/);
+    assert.deepEqual(await store.list(), ['org/r'], 'no work files are listed');
+  });
+});
+
+test('remote revalidation is off by default, and an uploaded adapter (no .source.json) is never revalidated', async () => {
+  serve(7);
+  await withRemoteStore({}, async (store) => {
+    await store.read('org/x');
+    assert.equal(await store.revalidate('org/x'), false);
+    assert.equal(hits.length, 2);
+  });
+  await withRemoteStore({ revalidateAfterMs: 1 }, async (store) => {
+    await store.write('up', files(3));
+    hits.length = 0;
+    await new Promise((r) => setTimeout(r, 5));
+    assert.equal(await store.revalidate('up'), false);
+    assert.deepEqual(hits, []);
+  });
+});
+
+test('remote revalidation against a source without ETag or Last-Modified: the same bytes keep the copy, new bytes replace it', async () => {
+  serve(5);
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  await withRemoteStore({ retries: 0, revalidateAfterMs: 50 }, async (store) => {
+    const first = await store.read('plain');
+    await sleep(70);
+    assert.equal(await store.revalidate('plain'), false, 'unchanged bytes');
+    assert.equal(hits.length, 4, 'both files were downloaded again (nothing to make them conditional)');
+    serve(6);
+    await sleep(70);
+    assert.equal(await store.revalidate('plain'), true);
+    const now = await store.read('plain');
+    assert.notEqual(now.version, first.version);
+    assert.deepEqual(now.config, files(6).config);
+  });
 });

@@ -519,3 +519,22 @@ test('a cancellation during an in-flight step never calls executor.release mid-s
   assert.equal(o2.error?.code, 'CANCELLED');
   assert.deepEqual(ex.violations, []);
 });
+
+test('load(): KV tokens held and the adapters of running and waiting requests, as the scale-out gauges read them', async () => {
+  const { ex, provider, engine, submit } = setup({ maxBatchSize: 2, maxTotalTokens: 100 });
+  provider.slow.add('slow');
+  const seen: ReturnType<Engine['load']>[] = [];
+  ex.hook = (kind) => {
+    if (kind === 'decode') seen.push(engine.load());
+  };
+  const a = submit('slow', request([5], { adapterId: 'slow', maxNewTokens: 2 }));
+  await submit('fast', request([1, 2, 3], { adapterId: 'fast', maxNewTokens: 3 }));
+  // Decode steps see 3 prompt tokens plus the generated tokens already fed back (1, then 2).
+  assert.deepEqual(seen, [
+    { kvTokens: 3, kvCapacityTokens: 200, runningAdapters: ['fast'], waitingAdapters: ['slow'] },
+    { kvTokens: 4, kvCapacityTokens: 200, runningAdapters: ['fast'], waitingAdapters: ['slow'] },
+  ]);
+  provider.finish('slow');
+  await a;
+  assert.deepEqual(engine.load(), { kvTokens: 0, kvCapacityTokens: 200, runningAdapters: [], waitingAdapters: [] });
+});

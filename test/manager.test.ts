@@ -580,3 +580,25 @@ test('host tier admission: a device that keeps host arrays (copiesOnUpload false
   manager.dispose();
   assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
 });
+
+test('a resident adapter whose source has a newer version (store.revalidate true) serves it from the next request on', async () => {
+  const { manager, store, write } = setup();
+  await write('r', { seed: 7 });
+  const first = await manager.acquire('r');
+  first.release();
+  await write('r', { seed: 8 }); // what the store's revalidation commits when the source changed
+  const checked: string[] = [];
+  store.revalidate = async (id) => {
+    checked.push(id);
+    return checked.length === 1;
+  };
+  const hit = await manager.acquire('r');
+  assert.equal(hit.version, first.version, 'the request that triggers the check runs on the resident version');
+  hit.release();
+  await sleep(10);
+  const next = await manager.acquire('r');
+  assert.notEqual(next.version, first.version);
+  next.release();
+  assert.deepEqual(checked, ['r', 'r'], 'the device hit asked, then the reload from disk (store.read) did');
+  manager.dispose();
+});

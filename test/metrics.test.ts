@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { collectDefaultMetrics, Registry } from 'prom-client';
-import { Metrics } from '../src/obs/metrics.ts';
+import { Metrics, VLLM_NAMES } from '../src/obs/metrics.ts';
 import { build } from './helpers/app.ts';
 
 interface Family {
@@ -91,6 +91,8 @@ test('the exposition parses; own metrics are prefixed, counters end in _total, n
     if (name.includes('duration') || name.includes('latency') || name.includes('time_to')) {
       assert.ok(name.endsWith('_seconds') && f.type === 'histogram', name);
     }
+    // The LoRA info gauge lists adapters by design, in one series reset on every scrape (tested below).
+    if (name === 'lora_serve_lora_requests_info') continue;
     for (const s of f.samples) assert.ok(!Object.keys(s.labels).some((l) => /adapter|prompt/.test(l)), `${name} has an unbounded label`);
   }
   assert.equal(value(families, 'lora_serve_tfjs_memory_bytes'), 2048);
@@ -202,4 +204,44 @@ test('docs/metrics.md lists exactly the registered metrics, with type and labels
     registered.set(j.name, { type: String(j.type), labels: [...labelNames].sort() });
   }
   assert.deepEqual(Object.fromEntries([...documented].sort()), Object.fromEntries([...registered].sort()));
+});
+
+test('scale-out gauges: KV usage and the LoRA info gauge are sampled from the engine load, one info series at a time', async () => {
+  let load = { kvTokens: 300, kvCapacityTokens: 1200, runningAdapters: ['a', 'org/b'], waitingAdapters: ['c'] };
+  const m = new Metrics({ processMetrics: false, load: () => load, maxLora: 4 });
+  const before = Date.now() / 1000;
+  let f = parseExposition(await m.text());
+  assert.equal(value(f, 'lora_serve_kv_cache_usage_ratio'), 0.25);
+  const info = f.get('lora_serve_lora_requests_info')!;
+  assert.equal(info.type, 'gauge');
+  assert.deepEqual(info.samples.map((s) => s.labels), [{ max_lora: '4', running_lora_adapters: 'a,org/b', waiting_lora_adapters: 'c' }]);
+  assert.ok(info.samples[0]!.value >= before - 1 && info.samples[0]!.value <= Date.now() / 1000 + 1, 'value is the sample time in seconds');
+  assert.equal(f.get('vllm:lora_requests_info'), undefined, 'no vLLM names without --metrics-compat vllm');
+  load = { kvTokens: 0, kvCapacityTokens: 1200, runningAdapters: [], waitingAdapters: [] };
+  f = parseExposition(await m.text());
+  assert.deepEqual(f.get('lora_serve_lora_requests_info')!.samples.map((s) => s.labels), [{ max_lora: '4', running_lora_adapters: '', waiting_lora_adapters: '' }]);
+  assert.equal(value(f, 'lora_serve_kv_cache_usage_ratio'), 0);
+});
+
+test('--metrics-compat vllm: the endpoint picker\'s default names carry the same values as ours, and docs/metrics.md lists them', async () => {
+  const load = { kvTokens: 64, kvCapacityTokens: 256, runningAdapters: ['x'], waitingAdapters: [] };
+  const m = new Metrics({ processMetrics: false, load: () => load, maxLora: 2, compat: 'vllm' });
+  m.queueDepth(3, 5);
+  const f = parseExposition(await m.text());
+  for (const [vllm, ours] of Object.entries(VLLM_NAMES)) {
+    const a = f.get(vllm)!;
+    const b = f.get(ours)!;
+    assert.ok(a, `${vllm} is exported`);
+    assert.equal(a.type, 'gauge');
+    assert.deepEqual(a.samples.map((s) => s.labels), b.samples.map((s) => s.labels), vllm);
+    // The info gauges' values are each one's sample time, taken microseconds apart.
+    if (!vllm.endsWith('_info')) assert.deepEqual(a.samples.map((s) => s.value), b.samples.map((s) => s.value), vllm);
+  }
+  assert.equal(value(f, 'vllm:num_requests_running'), 3);
+  assert.equal(value(f, 'vllm:num_requests_waiting'), 5);
+  assert.equal(value(f, 'vllm:kv_cache_usage_perc'), 0.25);
+  assert.equal(value(f, 'vllm:gpu_cache_usage_perc'), 0.25);
+  assert.ok(value(f, 'vllm:lora_requests_info', { max_lora: '2', running_lora_adapters: 'x', waiting_lora_adapters: '' })! > 0);
+  const doc = readFileSync(new URL('../docs/metrics.md', import.meta.url), 'utf8');
+  for (const name of Object.keys(VLLM_NAMES)) assert.ok(doc.includes(`\`${name}\``), `docs/metrics.md names ${name}`);
 });

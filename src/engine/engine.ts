@@ -11,7 +11,7 @@ import { Sampler } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
-  EngineApi, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
+  EngineApi, EngineLoad, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
 } from './types.ts';
 
 export interface EngineOptions extends SchedulerLimits {
@@ -116,6 +116,26 @@ export class Engine implements EngineApi {
 
   stats(): EngineStats {
     return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length, waitingForAdapter: this.waitingForAdapter };
+  }
+
+  load(): EngineLoad {
+    let kvTokens = 0;
+    const running = new Set<string>();
+    const waiting = new Set<string>();
+    for (const s of this.seqs.values()) {
+      const id = s.req.adapterId;
+      if (s.state === 'prefilling' || s.state === 'running') {
+        // The newest sampled token enters the cache with the next decode step.
+        kvTokens += s.prefilled + Math.max(0, s.generated.length - 1);
+        if (id !== null) running.add(id);
+      } else if (s.state !== 'done' && id !== null) {
+        waiting.add(id);
+      }
+    }
+    return {
+      kvTokens, kvCapacityTokens: this.opts.maxBatchSize * this.limits.maxTotalTokens,
+      runningAdapters: [...running].sort(), waitingAdapters: [...waiting].sort(),
+    };
   }
 
   generate(req: GenerateRequest, sink: GenerationSink): void {

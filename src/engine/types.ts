@@ -89,6 +89,21 @@ export interface EngineStats {
   readonly waitingForAdapter: number;
 }
 
+/**
+ * What a load balancer or the Gateway API Inference Extension's endpoint picker reads about a replica
+ * (docs/metrics.md, "Scale-out gauges"), sampled at scrape time.
+ */
+export interface EngineLoad {
+  /** Tokens whose keys and values the prefilling and running sequences hold in the KV cache. */
+  readonly kvTokens: number;
+  /** The most KV tokens the engine ever holds: --max-batch-size sequences of at most maxTotalTokens each. */
+  readonly kvCapacityTokens: number;
+  /** Distinct adapter ids of prefilling or decoding requests, sorted. */
+  readonly runningAdapters: readonly string[];
+  /** Distinct adapter ids of requests queued or waiting for their adapter to load, sorted. */
+  readonly waitingAdapters: readonly string[];
+}
+
 export interface EngineApi {
   /** Validates limits at once (throws a ServeError synchronously: INPUT_TOO_LONG, OVERLOADED, SHUTTING_DOWN...). */
   generate(req: GenerateRequest, sink: GenerationSink): void;

@@ -17,6 +17,7 @@ import type { LinearModule } from '../model/types.ts';
 import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
+import { singleFlight } from './single-flight.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
 
@@ -109,6 +110,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       const resident = this.device.get(id);
       if (resident && !resident.retired) {
         this.metrics?.hit('device');
+        this.revalidate(id);
         return this.lease(resident);
       }
       this.acquiring.set(id, (this.acquiring.get(id) ?? 0) + 1);
@@ -123,6 +125,19 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       // Replaced or deleted between its load and now: try again (new version, or 404).
       if (!entry.disposed && !entry.retired && this.device.get(id) === entry) return this.lease(entry);
     }
+  }
+
+  /**
+   * Asks the store, in the background, whether a resident adapter's remote source has a newer version
+   * (AdapterStore.revalidate: at most once per --adapter-revalidate-after); when it has, the cached copies are
+   * dropped, so the requests after this one load the new version (this one runs on the old).
+   */
+  private revalidate(id: string): void {
+    void this.store.revalidate(id).then(async (changed) => {
+      if (!changed) return;
+      await this.loading.get(id)?.catch(() => undefined);
+      this.invalidate(id);
+    }, () => undefined);
   }
 
   private lease(entry: DeviceEntry): AdapterLease {
@@ -153,12 +168,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   /** Single-flight: one load per id at a time. */
   private ensureDevice(id: string): Promise<DeviceEntry> {
-    let p = this.loading.get(id);
-    if (!p) {
-      p = this.loadToDevice(id).finally(() => this.loading.delete(id));
-      this.loading.set(id, p);
-    }
-    return p;
+    return singleFlight(this.loading, id, () => this.loadToDevice(id));
   }
 
   private async loadToDevice(id: string): Promise<DeviceEntry> {

@@ -13,6 +13,12 @@
  * between the two renames, `.old-*` (renamed back when its id has no folder); both are handled
  * when the store is first used. Names starting with `.` are never listed as adapters. One store
  * instance owns a folder: two stores (or processes) on the same folder are not coordinated.
+ *
+ * Revalidation: a remote download is cached with `<dir>/<id>/.source.json` (each file's ETag and Last-Modified and
+ * the time it was last checked). With `revalidateAfterMs` > 0, a read of a cached copy last checked longer ago
+ * first asks the source with conditional GETs (If-None-Match, If-Modified-Since): 304 keeps the copy, 200 replaces
+ * it. A source that fails or no longer has the adapter leaves the cached copy in use (with a warning) until the
+ * next check. `revalidate(id)` runs the same check on its own (the manager calls it for resident adapters).
  */
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -20,11 +26,13 @@ import { closeSync, constants, fstatSync, openSync, read, readSync } from 'node:
 import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import path from 'node:path';
+import { LRUCache } from 'lru-cache';
 import { Agent, interceptors, request, type Dispatcher } from 'undici';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
 import { assertNotPickle, loadAdapterWeights, type AdapterWeights } from './adapter-file.ts';
 import { adapterDirFor, validateAdapterId } from './ids.ts';
+import { singleFlight } from './single-flight.ts';
 
 export interface AdapterFiles {
   readonly id: string;
@@ -64,6 +72,8 @@ export interface AdapterStoreOptions {
    * place. It holds the id's lock: it must not call this store's methods for the same id.
    */
   readonly beforeCommit?: (tmpDir: string) => void | Promise<void>;
+  /** Milliseconds after which a cached remote download is checked against the source again; 0 (default): never. */
+  readonly revalidateAfterMs?: number;
   /** Called when caching a remote download to disk fails (the read itself still succeeds). */
   readonly onWarning?: (message: string, err: unknown) => void;
 }
@@ -71,6 +81,8 @@ export interface AdapterStoreOptions {
 export const CONFIG_FILE = 'adapter_config.json';
 export const WEIGHTS_FILE = 'adapter_model.safetensors';
 export const PICKLE_FILE = 'adapter_model.bin';
+/** Beside a cached remote download: SourceMeta as JSON. */
+export const SOURCE_FILE = '.source.json';
 const MAX_CONFIG_BYTES = 1 << 20;
 /** readWith keeps at most this many read buffers, each at most POOLED_MAX bytes. */
 const POOL_SIZE = 4;
@@ -125,7 +137,7 @@ function checkConfigSize(id: string, bytes: number): void {
   if (bytes > MAX_CONFIG_BYTES) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${CONFIG_FILE} is ${bytes} bytes (limit ${MAX_CONFIG_BYTES})`);
 }
 
-/** adapter_config.json's bytes, or null when it does not exist (synchronous: see AdapterStore.readDisk). */
+/** adapter_config.json's bytes, or null when it does not exist (synchronous: see readAdapterFolder). */
 function readConfigSync(id: string, dir: string): Uint8Array | null {
   let fd: number;
   try {
@@ -175,6 +187,18 @@ async function writeFileSynced(file: string, data: Uint8Array): Promise<void> {
   }
 }
 
+/** Replaces `dir/name` atomically (a temp file beside it, fsynced, renamed over it). */
+async function writeFileAtomic(dir: string, name: string, data: Uint8Array): Promise<void> {
+  const tmp = path.join(dir, `.tmp-${name}-${randomBytes(6).toString('hex')}`);
+  try {
+    await writeFileSynced(tmp, data);
+    await rename(tmp, path.join(dir, name));
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+}
+
 /** fsync a folder so renames and new entries in it are durable (best effort where unsupported). */
 async function syncDir(dir: string): Promise<void> {
   let fh;
@@ -186,6 +210,83 @@ async function syncDir(dir: string): Promise<void> {
   } finally {
     await fh?.close();
   }
+}
+
+function checkWeightsSize(id: string, bytes: number, limit: number): void {
+  if (bytes > limit) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${limit})`);
+}
+
+function pickleError(id: string): ServeError {
+  return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
+}
+
+/**
+ * Both files of the adapter folder `dir`, or null when it has no adapter_config.json; `id` names it in errors.
+ * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
+ * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
+ * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
+ */
+export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
+  const configBytes = readConfigSync(id, dir);
+  if (configBytes === null) return null;
+  let fd: number;
+  try {
+    fd = openSync(path.join(dir, WEIGHTS_FILE), OPEN_FLAGS);
+  } catch (err) {
+    if (!isMissing(err)) throw err;
+    if (await exists(path.join(dir, PICKLE_FILE))) throw pickleError(id);
+    throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
+  }
+  try {
+    const size = regularSize(fd, id, WEIGHTS_FILE);
+    checkWeightsSize(id, size, maxAdapterBytes);
+    const weights = alloc(size);
+    let got = 0;
+    for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
+    // A file that shrank mid-read is returned short: validation then reports it as truncated.
+    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** An HTTP response's validators, sent back as If-None-Match / If-Modified-Since. */
+interface Validators {
+  readonly etag?: string;
+  readonly lastModified?: string;
+}
+
+/** What SOURCE_FILE records of a remote download. */
+interface SourceMeta {
+  /** Date.now() of the download or of the last check against the source. */
+  readonly checkedAt: number;
+  readonly config: Validators;
+  readonly weights: Validators;
+}
+
+function sourceMetaBytes(meta: SourceMeta): Uint8Array {
+  return new TextEncoder().encode(`${JSON.stringify(meta)}\n`);
+}
+
+/** SOURCE_FILE of an adapter folder; null when there is none (not a remote download) or it is unreadable. */
+async function readSourceMeta(dir: string): Promise<SourceMeta | null> {
+  try {
+    const fh = await open(path.join(dir, SOURCE_FILE), OPEN_FLAGS);
+    try {
+      const meta = JSON.parse(await fh.readFile('utf8')) as SourceMeta;
+      return typeof meta.checkedAt === 'number' ? meta : null;
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return null;
+  }
+}
+
+/** A fetched file and the validators its response carried. */
+interface Fetched {
+  readonly bytes: Uint8Array;
+  readonly validators: Validators;
 }
 
 /** A failure worth another attempt (network, timeout, 5xx, 429), carrying the error to report if none is left. */
@@ -206,6 +307,11 @@ export class AdapterStore {
   private ownAgent?: Dispatcher;
   private readonly beforeCommit?: AdapterStoreOptions['beforeCommit'];
   private readonly onWarning?: AdapterStoreOptions['onWarning'];
+  private readonly revalidateAfterMs: number;
+  /** Revalidations in flight, by id. */
+  private readonly checking = new Map<string, Promise<boolean>>();
+  /** When each recently checked id is due again (spares reading SOURCE_FILE on every use of a hot adapter). */
+  private readonly due = new LRUCache<string, number>({ max: 16384 });
   /** The last disk operation per id (see `exclusive`). */
   private readonly pending = new Map<string, Promise<unknown>>();
   private recovered?: Promise<void>;
@@ -225,6 +331,7 @@ export class AdapterStore {
     this.dispatcher = opts.dispatcher;
     this.beforeCommit = opts.beforeCommit;
     this.onWarning = opts.onWarning;
+    this.revalidateAfterMs = opts.revalidateAfterMs ?? 0;
   }
 
   /** Ids of `<dir>/<name>/` and `<dir>/<org>/<name>/` folders holding an adapter_config.json, sorted. */
@@ -294,11 +401,12 @@ export class AdapterStore {
 
   private async readFrom(id: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles> {
     const dir = adapterDirFor(this.dir, id);
-    const local = await this.exclusive(id, () => this.readDisk(id, dir, alloc));
+    await this.revalidate(id);
+    const local = await this.exclusive(id, () => readAdapterFolder(id, dir, this.maxAdapterBytes, alloc));
     if (local !== null) return local;
 
     if (this.remoteUrl === undefined) {
-      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
+      if (await exists(path.join(dir, PICKLE_FILE))) throw pickleError(id);
       throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
     }
     const remote = await this.fetchRemote(id);
@@ -309,7 +417,7 @@ export class AdapterStore {
       throw isServeError(err) ? fail(err.code, `adapter "${id}": ${err.message}`) : err;
     }
     try {
-      await this.commit(id, remote.configBytes, remote.weights);
+      await this.commit(id, remote.configBytes, remote.weights, { checkedAt: Date.now(), config: remote.config, weights: remote.weightsValidators });
     } catch (err) {
       this.onWarning?.(`adapter "${id}": caching the remote download to disk failed`, err);
     }
@@ -326,7 +434,7 @@ export class AdapterStore {
     if (text === undefined) throw fail('ADAPTER_INVALID_CONFIG', `adapter "${id}": config is not JSON-serialisable`);
     const configBytes = new TextEncoder().encode(`${text}\n`);
     checkConfigSize(id, configBytes.byteLength);
-    this.checkSize(id, files.weights.byteLength);
+    checkWeightsSize(id, files.weights.byteLength, this.maxAdapterBytes);
     await this.commit(id, configBytes, files.weights);
   }
 
@@ -355,46 +463,6 @@ export class AdapterStore {
 
   // --- disk ------------------------------------------------------------------------------
 
-  private checkSize(id: string, bytes: number): void {
-    if (bytes > this.maxAdapterBytes) {
-      throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${this.maxAdapterBytes})`);
-    }
-  }
-
-  /**
-   * Both files from `<dir>/<id>/`, or null when there is no adapter_config.json. Runs under the id's lock.
-   * The small calls (open, fstat, the config's read, close) are synchronous: from the page cache each costs less
-   * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
-   * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
-   */
-  private async readDisk(id: string, dir: string, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
-    const configBytes = readConfigSync(id, dir);
-    if (configBytes === null) return null;
-    let fd: number;
-    try {
-      fd = openSync(path.join(dir, WEIGHTS_FILE), OPEN_FLAGS);
-    } catch (err) {
-      if (!isMissing(err)) throw err;
-      if (await exists(path.join(dir, PICKLE_FILE))) throw this.pickleError(id);
-      throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" has ${CONFIG_FILE} but no ${WEIGHTS_FILE}`);
-    }
-    try {
-      const size = regularSize(fd, id, WEIGHTS_FILE);
-      this.checkSize(id, size);
-      const weights = alloc(size);
-      let got = 0;
-      for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
-      // A file that shrank mid-read is returned short: validation then reports it as truncated.
-      return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
-    } finally {
-      closeSync(fd);
-    }
-  }
-
-  private pickleError(id: string): ServeError {
-    return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
-  }
-
   /**
    * Runs `fn` after every earlier disk operation on `id` has finished (and after crash recovery),
    * so a read never sees the config of one version and the weights of another. Remote downloads
@@ -409,7 +477,8 @@ export class AdapterStore {
     return run;
   }
 
-  private commit(id: string, configBytes: Uint8Array, weights: Uint8Array): Promise<void> {
+  /** `source`: the validators of a remote download, written beside the files (SOURCE_FILE). */
+  private commit(id: string, configBytes: Uint8Array, weights: Uint8Array, source?: SourceMeta): Promise<void> {
     const target = adapterDirFor(this.dir, id);
     return this.exclusive(id, async () => {
       await mkdir(this.dir, { recursive: true });
@@ -418,6 +487,7 @@ export class AdapterStore {
       try {
         await writeFileSynced(path.join(tmp, CONFIG_FILE), configBytes);
         await writeFileSynced(path.join(tmp, WEIGHTS_FILE), weights);
+        if (source) await writeFileSynced(path.join(tmp, SOURCE_FILE), sourceMetaBytes(source));
         await syncDir(tmp);
         await this.beforeCommit?.(tmp);
         await mkdir(path.dirname(target), { recursive: true });
@@ -503,23 +573,25 @@ export class AdapterStore {
     }
   }
 
-  private async fetchRemote(id: string): Promise<{ configBytes: Uint8Array; weights: Uint8Array }> {
+  private async fetchRemote(id: string): Promise<{ configBytes: Uint8Array; weights: Uint8Array; config: Validators; weightsValidators: Validators }> {
     const base = this.remoteBase(id);
-    const configBytes = await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES);
+    const config = (await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES))!;
     try {
-      return { configBytes, weights: await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes) };
+      const weights = (await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes))!;
+      return { configBytes: config.bytes, weights: weights.bytes, config: config.validators, weightsValidators: weights.validators };
     } catch (err) {
       if (isServeError(err) && err.code === 'ADAPTER_NOT_FOUND' && (await this.remoteExists(new URL(PICKLE_FILE, base)))) {
-        throw this.pickleError(id);
+        throw pickleError(id);
       }
       throw err;
     }
   }
 
-  private async fetchWithRetries(id: string, url: URL, limit: number): Promise<Uint8Array> {
+  /** null: 304, the copy described by `validators` is current (only when validators are given). */
+  private async fetchWithRetries(id: string, url: URL, limit: number, validators?: Validators): Promise<Fetched | null> {
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.fetchOnce(id, url, limit);
+        return await this.fetchOnce(id, url, limit, validators);
       } catch (err) {
         if (!(err instanceof Transient)) throw err;
         if (attempt >= this.retries) throw err.final;
@@ -528,8 +600,53 @@ export class AdapterStore {
     }
   }
 
+  /** Single-flight: concurrent checks of one id share one (see the header). True when a new version was cached. */
+  revalidate(id: string): Promise<boolean> {
+    if (this.revalidateAfterMs <= 0 || this.remoteUrl === undefined || Date.now() < (this.due.get(id) ?? 0)) return Promise.resolve(false);
+    return singleFlight(this.checking, id, () => this.check(id));
+  }
+
+  private async check(id: string): Promise<boolean> {
+    const dir = adapterDirFor(this.dir, id);
+    const meta = await this.exclusive(id, () => readSourceMeta(dir));
+    this.due.set(id, (meta?.checkedAt ?? Date.now()) + this.revalidateAfterMs);
+    if (meta === null || Date.now() - meta.checkedAt < this.revalidateAfterMs) return false;
+    this.due.set(id, Date.now() + this.revalidateAfterMs);
+    const base = this.remoteBase(id);
+    try {
+      const config = await this.fetchWithRetries(id, new URL(CONFIG_FILE, base), MAX_CONFIG_BYTES, meta.config);
+      const weights = await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes, meta.weights);
+      const now = Date.now();
+      if (config === null && weights === null) {
+        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: now })));
+        return false;
+      }
+      // What a 304 confirmed, and what a 200 is compared with (a source that sends no validators answers 200).
+      const cached = await this.exclusive(id, async () => ({
+        config: readConfigSync(id, dir),
+        weights: (await readAdapterFolder(id, dir, this.maxAdapterBytes, (n) => new Uint8Array(n)))?.weights ?? null,
+      }));
+      if (cached.config === null || cached.weights === null) return false; // deleted meanwhile
+      const configBytes = config?.bytes ?? cached.config;
+      const weightBytes = weights?.bytes ?? cached.weights;
+      const validators = { config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights };
+      if (Buffer.compare(configBytes, cached.config) === 0 && Buffer.compare(weightBytes, cached.weights) === 0) {
+        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ checkedAt: now, ...validators })));
+        return false;
+      }
+      parseConfig(id, configBytes);
+      assertNotPickle(weightBytes);
+      await this.commit(id, configBytes, weightBytes, { checkedAt: now, ...validators });
+      return true;
+    } catch (err) {
+      this.onWarning?.(`adapter "${id}": revalidating against the remote source failed; the cached copy stays in use`, err);
+      await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: Date.now() }))).catch(() => undefined);
+      return false;
+    }
+  }
+
   /** One GET; the size limit is enforced from content-length and again while streaming. */
-  private async fetchOnce(id: string, url: URL, limit: number): Promise<Uint8Array> {
+  private async fetchOnce(id: string, url: URL, limit: number, validators?: Validators): Promise<Fetched | null> {
     const file = path.posix.basename(url.pathname);
     const what = `adapter "${id}": fetching ${file}`;
     const networkError = (err: unknown) => {
@@ -547,12 +664,20 @@ export class AdapterStore {
         dispatcher: this.agent(),
         headersTimeout: this.timeoutMs,
         bodyTimeout: this.timeoutMs,
+        headers: {
+          ...(validators?.etag ? { 'if-none-match': validators.etag } : {}),
+          ...(validators?.lastModified ? { 'if-modified-since': validators.lastModified } : {}),
+        },
       });
     } catch (err) {
       throw networkError(err);
     }
 
     const status = res.statusCode;
+    if (status === 304 && validators) {
+      await res.body.dump().catch(() => undefined);
+      return null;
+    }
     if (status !== 200) {
       await res.body.dump().catch(() => undefined);
       if (status === 404) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found at the remote source (${file}: HTTP 404)`);
@@ -578,7 +703,11 @@ export class AdapterStore {
       if (isServeError(err)) throw err;
       throw networkError(err);
     }
-    return Buffer.concat(chunks, received);
+    const header = (name: string) => {
+      const v = res.headers[name];
+      return typeof v === 'string' ? v : undefined;
+    };
+    return { bytes: Buffer.concat(chunks, received), validators: { etag: header('etag'), lastModified: header('last-modified') } };
   }
 
   /** HEAD probe (one attempt); any failure counts as "not there". */

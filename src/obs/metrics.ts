@@ -5,18 +5,38 @@
  * route patterns, methods, status codes, step kinds, LoRA modes, cache tiers, outcomes and error
  * codes — never adapter ids or prompts.
  *
+ * Two gauges carry adapter ids in label values, by design: `lora_serve_lora_requests_info` (and its vLLM twin) is
+ * the Gateway API Inference Extension's LoRA info metric, whose labels list the adapters in use. It is reset on
+ * every scrape, so it holds exactly one series at a time.
+ *
+ * With `compat: 'vllm'` (--metrics-compat vllm) the gauges the endpoint picker reads are also exported under
+ * vLLM's names, so the picker works with its default settings.
+ *
  * The Node.js process defaults (prom-client's `collectDefaultMetrics`) keep their standard
  * unprefixed names (`process_*`, `nodejs_*`) so stock dashboards work.
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { ERRORS } from '../errors.ts';
 import type { StepPass } from '../engine/executor.ts';
-import type { EngineMetrics, FinishReason } from '../engine/types.ts';
+import type { EngineLoad, EngineMetrics, FinishReason } from '../engine/types.ts';
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 import type { WebGPUCounts, WebGPUOp } from '../backend/webgpu/counters.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
+
+/** --metrics-compat: also export the endpoint picker's gauges under another server's names. */
+export const METRICS_COMPAT = ['none', 'vllm'] as const;
+export type MetricsCompat = (typeof METRICS_COMPAT)[number];
+
+/** vLLM's names for the gauges of the GIE model-server protocol, each with the name of ours it repeats. */
+export const VLLM_NAMES = {
+  'vllm:num_requests_waiting': `${METRIC_PREFIX}requests_waiting`,
+  'vllm:num_requests_running': `${METRIC_PREFIX}requests_running`,
+  'vllm:kv_cache_usage_perc': `${METRIC_PREFIX}kv_cache_usage_ratio`,
+  'vllm:gpu_cache_usage_perc': `${METRIC_PREFIX}kv_cache_usage_ratio`,
+  'vllm:lora_requests_info': `${METRIC_PREFIX}lora_requests_info`,
+} as const;
 
 /** Device memory as TensorFlow.js reports it (`tf.memory()`), passed in so this file never imports tfjs. */
 export type DeviceMemory = () => { numBytes: number; numTensors: number } | Promise<{ numBytes: number; numTensors: number }>;
@@ -30,6 +50,12 @@ export interface MetricsOptions {
   webgpu?: () => Readonly<WebGPUCounts> | null;
   /** Register the Node.js process defaults (default true). */
   processMetrics?: boolean;
+  /** The engine's load, sampled on every scrape; without it the KV and LoRA info gauges have no sample. */
+  load?: () => EngineLoad;
+  /** `max_lora` of the LoRA info gauge: adapters resident on the device at once (--max-loaded-adapters). */
+  maxLora?: number;
+  /** Also export vLLM's names (default 'none'). */
+  compat?: MetricsCompat;
 }
 
 type CacheTier = 'device' | 'host';
@@ -182,7 +208,39 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
         }
       },
     });
+    this.scaleOutGauges(opts);
     if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  /** Running and waiting have vLLM twins set with them; the KV and LoRA gauges are sampled from `opts.load`. */
+  private readonly twins: { running?: Gauge; waiting?: Gauge } = {};
+
+  private scaleOutGauges(opts: MetricsOptions): void {
+    const { load, maxLora = 0 } = opts;
+    const vllm = opts.compat === 'vllm';
+    const kvHelp = 'KV-cache tokens held by prefilling and running requests, divided by the most the engine holds (--max-batch-size × max total tokens); 0..1.';
+    const kv = (name: string) => new Gauge({
+      name, help: kvHelp, registers: [this.registry],
+      collect() { if (load) { const l = load(); this.set(l.kvCapacityTokens > 0 ? l.kvTokens / l.kvCapacityTokens : 0); } },
+    });
+    const loraHelp = 'LoRA adapters in use (value: Unix time of this sample, seconds); labels max_lora, running_lora_adapters and waiting_lora_adapters (comma-separated ids), as vLLM\'s vllm:lora_requests_info.';
+    const info = (name: string) => new Gauge({
+      name, help: loraHelp, labelNames: ['max_lora', 'running_lora_adapters', 'waiting_lora_adapters'] as const, registers: [this.registry],
+      collect() {
+        this.reset();
+        if (!load) return;
+        const l = load();
+        this.set({ max_lora: String(maxLora), running_lora_adapters: l.runningAdapters.join(','), waiting_lora_adapters: l.waitingAdapters.join(',') }, Date.now() / 1000);
+      },
+    });
+    kv(`${METRIC_PREFIX}kv_cache_usage_ratio`);
+    info(`${METRIC_PREFIX}lora_requests_info`);
+    if (!vllm) return;
+    this.twins.waiting = new Gauge({ name: 'vllm:num_requests_waiting', help: `Same as ${METRIC_PREFIX}requests_waiting.`, registers: [this.registry] });
+    this.twins.running = new Gauge({ name: 'vllm:num_requests_running', help: `Same as ${METRIC_PREFIX}requests_running.`, registers: [this.registry] });
+    kv('vllm:kv_cache_usage_perc');
+    kv('vllm:gpu_cache_usage_perc');
+    info('vllm:lora_requests_info');
   }
 
   /** The text exposition format. */
@@ -232,6 +290,8 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
   queueDepth(running: number, waiting: number): void {
     this.running.set(running);
     this.waiting.set(waiting);
+    this.twins.running?.set(running);
+    this.twins.waiting?.set(waiting);
   }
 
   // --- AdapterMetrics ---

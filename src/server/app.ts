@@ -22,6 +22,7 @@ import { generateRoutes } from './routes/generate.ts';
 import { openAIRoutes } from './routes/openai.ts';
 import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
 import { serviceRoutes } from './routes/service.ts';
+import { vllmRoutes } from './routes/vllm.ts';
 
 /** What /info reports beyond the request limits of `AppOptions`. */
 export interface ServerInfo {
@@ -68,6 +69,8 @@ export interface AppOptions {
   readonly bodyLimitBytes: number;
   /** Per-request deadline passed to the engine; absent or 0: none. */
   readonly requestTimeoutMs?: number;
+  /** Absolute folders POST /v1/load_lora_adapter may read a lora_path from (--allowed-local-adapter-paths); absent: none. */
+  readonly allowedAdapterPaths?: readonly string[];
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
 }
@@ -186,6 +189,7 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
 
   generateRoutes(app, deps);
   openAIRoutes(app, deps);
+  vllmRoutes(app, deps);
   await app.register(async (scope) => adapterRoutes(scope, deps));
   serviceRoutes(app, deps);
   openApiRoutes(app, routes);

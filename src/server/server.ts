@@ -5,6 +5,7 @@ import { webgpuCounts } from '../backend/webgpu/counters.ts';
 import { Metrics } from '../obs/metrics.ts';
 import { startRuntime, type Runtime } from '../runtime.ts';
 import { buildApp } from './app.ts';
+import { parseAllowedRoots } from '../lora/local-path.ts';
 import { serverInfo } from './info.ts';
 
 export interface Server {
@@ -23,6 +24,9 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
     deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 },
     profile: () => runtime?.profile() ?? {},
     webgpu: webgpuCounts,
+    load: () => runtime?.engine.load() ?? { kvTokens: 0, kvCapacityTokens: 0, runningAdapters: [], waitingAdapters: [] },
+    maxLora: options.maxLoadedAdapters,
+    compat: options.metricsCompat,
   });
   let ready = false;
   runtime = await startRuntime(options, { log, metrics });
@@ -37,6 +41,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
       ...runtime.engine.limits,
       maxNewTokensDefault: options.maxNewTokens,
       maxAdapterBytes: options.maxAdapterBytes,
+      allowedAdapterPaths: parseAllowedRoots(options.allowedLocalAdapterPaths),
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
       ready: () => ready,
