@@ -113,7 +113,8 @@ test('/metrics: the LoRA info gauge (ours and vLLM\'s name) reports max_lora and
   // A scrape while a request for org/style runs: the engine holds it until its step yields to the event loop.
   const running = server.app.inject({ method: 'POST', url: '/v1/completions', payload: { model: 'org/style', prompt: 'hello', max_tokens: 40, temperature: 0 } });
   let during = '';
-  for (let i = 0; i < 200 && !/running_lora_adapters="org\/style"/.test(during); i++) {
+  // Until the request holds KV tokens too (its prompt is prefilled): while the first prefill runs it holds none yet.
+  for (let i = 0; i < 2000 && !(/running_lora_adapters="org\/style"/.test(during) && /^lora_serve_kv_cache_usage_ratio 0\.\d+$/m.test(during)); i++) {
     await new Promise((r) => setImmediate(r));
     during = await scrape();
   }
