@@ -99,6 +99,9 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
   const nH = c.numHeads;
   const hd = c.headDim;
+  // Constants of every layer, kept on the device: a plain number would be a new device tensor at each use.
+  const eps = keep(tf.scalar(c.normEps));
+  const scale = keep(tf.scalar(1 / Math.sqrt(hd)));
 
   return {
     modules, linears, tensors,
@@ -106,14 +109,14 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
     block(l, x, s: StepContext) {
       const L = layers[l]!;
       // x = x + attn(ln_1(x))
-      const h = layerNorm(x, L.ln1[0], L.ln1[1], c.normEps);
+      const h = layerNorm(x, L.ln1[0], L.ln1[1], eps);
       const [q, k, v] = [linear(h, L.q, s.lora), linear(h, L.k, s.lora), linear(h, L.v, s.lora)]; // [N, d] each
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, nH, hd), toHeads(v, s.B, s.T, nH, hd)); // [B, nH, C+T, hd]
-      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, nH, hd), L.attnProj, s.lora));
+      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, nH, hd, scale), L.attnProj, s.lora));
       // x = x + mlp(ln_2(x))
-      const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], c.normEps), L.fc, s.lora));
+      const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], eps), L.fc, s.lora));
       return tf.add(x, linear(m, L.mlpProj, s.lora));
     },
-    head: (x) => matmulW(layerNorm(x, lnf[0], lnf[1], c.normEps), lmHead), // [N, V]
+    head: (x) => matmulW(layerNorm(x, lnf[0], lnf[1], eps), lmHead), // [N, V]
   };
 }

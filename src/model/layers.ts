@@ -57,12 +57,13 @@ export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2
   return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
 }
 
-export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number): tf.Tensor2D {
+/** eps: a number, or the model's kept scalar (a number is a new device tensor on every call). */
+export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
   const { mean, variance } = tf.moments(x, -1, true);
   return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, eps))), w), b) as tf.Tensor2D;
 }
 
-export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number): tf.Tensor2D {
+export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
   const ms = tf.mean(tf.square(x), -1, true); // [N, 1]
   return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
 }
@@ -152,15 +153,17 @@ export interface StepShape {
  * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
  */
-export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number): tf.Tensor2D {
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd));
+export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
+  scale: number | tf.Scalar = 1 / Math.sqrt(hd)): tf.Tensor2D {
+  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scale));
 }
 
-function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number): tf.Tensor2D {
+/** scale: 1/√hd, as a number or the model's kept scalar. */
+function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number, scale: number | tf.Scalar): tf.Tensor2D {
   const { B, T } = s;
   const G = nH / kvH;
   const q4 = tf.reshape(tf.transpose(tf.reshape(q, [B, T, kvH, G * hd]), [0, 2, 1, 3]), [B, kvH, T * G, hd]); // rows (t, g)
-  const scores = tf.add(tf.matMul(tf.mul(q4, 1 / Math.sqrt(hd)), k, false, true), s.mask); // [B, kvH, T·G, C+T]
+  const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), s.mask); // [B, kvH, T·G, C+T]
   const o = tf.matMul(tf.softmax(scores), v); // [B, kvH, T·G, hd]
   return tf.reshape(tf.transpose(tf.reshape(o, [B, kvH, T, G * hd]), [0, 2, 1, 3]), [B * T, nH * hd]);
 }

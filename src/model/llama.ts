@@ -97,6 +97,9 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   const nH = c.numHeads;
   const kvH = c.numKvHeads;
   const hd = c.headDim;
+  // Constants of every layer, kept on the device: a plain number would be a new device tensor at each use.
+  const eps = keep(tf.scalar(c.normEps));
+  const scale = keep(tf.scalar(1 / Math.sqrt(hd)));
 
   return {
     modules, linears, tensors,
@@ -105,7 +108,7 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const L = layers[l]!;
       const N = s.B * s.T;
       // x = x + attn(rmsnorm(x))
-      const h = rmsNorm(x, L.inputNorm, c.normEps);
+      const h = rmsNorm(x, L.inputNorm, eps);
       const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
       const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
       const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
@@ -113,11 +116,11 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const k = applyRope(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), cos, sin, R); // [N, kvH, hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
       const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd), L.o, s.lora));
+      x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
-      const h2 = rmsNorm(x, L.postNorm, c.normEps);
+      const h2 = rmsNorm(x, L.postNorm, eps);
       return tf.add(x, linear(tf.mul(silu(linear(h2, L.gate, s.lora)), linear(h2, L.up, s.lora)), L.down, s.lora));
     },
-    head: (x) => matmulW(rmsNorm(x, norm, c.normEps), lmHead), // [N, V]
+    head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
   };
 }
