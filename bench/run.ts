@@ -253,7 +253,8 @@ async function main(): Promise<void> {
   process.stdout.write(`\n${m.cpu}, ${m.cores} cores, ${(m.memoryBytes / 2 ** 30).toFixed(0)} GiB; backend ${report.backend.server ?? args.backend}; ` +
     `model ${modelDir}; commit ${commit.slice(0, 12)}${report.git.dirty ? ' (dirty)' : ''}; ` +
     `${args.quick ? 'quick, ' : ''}${sizes.rounds} round(s), medians; ${(seconds / 60).toFixed(1)} min\n\n`);
-  process.stdout.write(`${table(results)}\n\n${REFERENCES.map((x) => `${x.system} (ref.): ${x.source}.`).join('\n')}\nResults: ${file}\n`);
+  const referenced = REFERENCES.filter((x) => results.some((r) => r.figures.some((f) => referenceOf(r.name, f.key).some((y) => y.system === x.system))));
+  process.stdout.write(`${table(results)}\n\n${referenced.map((x) => `${x.system} (ref.): ${x.source}.\n`).join('')}Results: ${file}\n`);
 }
 
 await main();
