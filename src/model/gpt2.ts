@@ -12,7 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gelu, geluNew, layerModules, layerNorm, linear, toHeads, type Linear } from './layers.ts';
+import { attention, layerConstants, gelu, geluNew, layerModules, layerNorm, linear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -99,9 +99,8 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
   const nH = c.numHeads;
   const hd = c.headDim;
-  // Constants of every layer, kept on the device: a plain number would be a new device tensor at each use.
-  const eps = keep(tf.scalar(c.normEps));
-  const scale = keep(tf.scalar(1 / Math.sqrt(hd)));
+  const { eps, scale } = layerConstants(c.normEps, hd);
+  tensors.push(eps, scale);
 
   return {
     modules, linears, tensors,

@@ -57,6 +57,14 @@ export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2
   return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
 }
 
+/**
+ * The constants every layer uses, made once at load as device scalars: a number argument would be a new device tensor
+ * at each use. The caller keeps them with the model's tensors.
+ */
+export function layerConstants(normEps: number, headDim: number): { eps: tf.Scalar; scale: tf.Scalar } {
+  return { eps: tf.scalar(normEps), scale: tf.scalar(1 / Math.sqrt(headDim)) };
+}
+
 /** eps: a number, or the model's kept scalar (a number is a new device tensor on every call). */
 export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
   const { mean, variance } = tf.moments(x, -1, true);

@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
+import { applyRope, attention, layerConstants, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -97,9 +97,8 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   const nH = c.numHeads;
   const kvH = c.numKvHeads;
   const hd = c.headDim;
-  // Constants of every layer, kept on the device: a plain number would be a new device tensor at each use.
-  const eps = keep(tf.scalar(c.normEps));
-  const scale = keep(tf.scalar(1 / Math.sqrt(hd)));
+  const { eps, scale } = layerConstants(c.normEps, hd);
+  tensors.push(eps, scale);
 
   return {
     modules, linears, tensors,
