@@ -122,7 +122,9 @@ test('POST /generate: validation errors are 422 {error, error_type, code}', asyn
     [{ inputs: 'x', parameters: { top_p: 1.5 } }, 'VALIDATION', /top_p/],
     [{ inputs: 'x', parameters: { top_n_tokens: 9 } }, 'VALIDATION', /top_n_tokens/],
     [{ inputs: 'x', parameters: { stop: ['a', 'b', 'c', 'd', 'e'] } }, 'VALIDATION', /stop/],
-    [{ inputs: 'x', parameters: { best_of: 2 } }, 'VALIDATION', /best_of/],
+    [{ inputs: 'x', parameters: { best_of: 2 } }, 'UNSUPPORTED_PARAMETER', /^`parameters\.best_of`: best-of-n sampling is not supported; accepted: 1$/],
+    [{ inputs: 'x', parameters: { max_new_token: 5 } }, 'UNKNOWN_FIELD', /^unknown field `parameters\.max_new_token`; known fields of `parameters`: .*\bmax_new_tokens\b/],
+    [{ inputs: 'x', input: 'y' }, 'UNKNOWN_FIELD', /^unknown field `input`; known fields: adapter_id, inputs, parameters, stream$/],
     [{ inputs: 'x', parameters: { truncate: 1000 } }, 'VALIDATION', /truncate/],
     [{ inputs: 'word '.repeat(100) }, 'INPUT_TOO_LONG', /must have at most 64 tokens/],
     [{ inputs: 'word '.repeat(15), parameters: { max_new_tokens: 80 } }, 'INPUT_TOO_LONG', /must be <= 96/],
@@ -300,20 +302,26 @@ test('POST /v1/completions stream: data: chunks, finish_reason, usage, [DONE]', 
   assert.ok(chunks.every((c) => c.id === chunks[0].id && c.object === 'text_completion'));
 });
 
-test('OpenAI routes answer errors as {error: {message, type, param, code}}', async () => {
+test('OpenAI routes answer errors as {error: {message, type, param, code}}, validation errors with 400', async () => {
   const s = await build();
   const n2 = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', n: 2 }) });
-  assert.equal(n2.statusCode, 422);
-  assert.deepEqual(n2.json(), { error: { message: '`n` must be 1: one choice per request', type: 'validation', param: null, code: 'VALIDATION' } });
+  assert.equal(n2.statusCode, 400);
+  assert.deepEqual(n2.json(), { error: { message: '`n`: several choices per request is not supported; accepted: 1', type: 'validation', param: 'n', code: 'UNSUPPORTED_PARAMETER' } });
   const schema = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 5 }) });
-  assert.equal(schema.statusCode, 422);
+  assert.equal(schema.statusCode, 400);
   assert.equal(schema.json().error.code, 'VALIDATION');
+  assert.equal(schema.json().error.param, 'prompt');
+  const typo = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }], max_token: 5 }) });
+  assert.equal(typo.statusCode, 400);
+  assert.equal(typo.json().error.code, 'UNKNOWN_FIELD');
+  assert.equal(typo.json().error.param, 'max_token');
+  assert.match(typo.json().error.message, /^unknown field `max_token`; known fields: .*\bmax_tokens\b/);
   const long = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'word '.repeat(15), max_tokens: 80 }) });
-  assert.equal(long.statusCode, 422);
+  assert.equal(long.statusCode, 400);
   assert.equal(long.json().error.code, 'INPUT_TOO_LONG');
   assert.match(long.json().error.message, /^`prompt` tokens \+ `max_tokens` must be <= 96\. Given: \d+ `prompt` tokens and 80 `max_tokens`$/);
   const chat = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'word '.repeat(100) }] }) });
-  assert.equal(chat.statusCode, 422);
+  assert.equal(chat.statusCode, 400);
   assert.match(chat.json().error.message, /^`messages` must have at most 64 tokens\. Given: \d+$/);
   const unknown = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', model: 'nope' }) });
   assert.equal(unknown.statusCode, 404);
@@ -354,20 +362,22 @@ test('POST /v1/chat/completions: chat template, response, stream with role chunk
   assert.ok(chunks.every((c) => c.object === 'chat.completion.chunk'));
 });
 
-test('POST /v1/chat/completions: no chat template, bad content and tools are clear 422s', async () => {
+test('POST /v1/chat/completions: no chat template, bad content and tools are clear 400s', async () => {
   const noTemplate = await build({ tokenizer: 'gpt2' });
   const res = await noTemplate.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }] }) });
-  assert.equal(res.statusCode, 422);
+  assert.equal(res.statusCode, 400);
   assert.match(res.json().error.message, /no chat template/);
 
   const s = await build();
   const image = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }) });
-  assert.equal(image.statusCode, 422);
+  assert.equal(image.statusCode, 400);
   assert.match(image.json().error.message, /only text content parts/);
+  assert.equal(image.json().error.param, 'messages.0.content.0');
   const tools = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }], tools: [{ type: 'function' }] }) });
-  assert.equal(tools.statusCode, 422);
+  assert.equal(tools.statusCode, 400);
+  assert.equal(tools.json().error.code, 'UNSUPPORTED_PARAMETER');
   const role = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'wizard', content: 'Hi' }] }) });
-  assert.equal(role.statusCode, 422);
+  assert.equal(role.statusCode, 400);
   assert.match(role.json().error.message, /Unknown role/);
 });
 

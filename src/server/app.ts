@@ -16,7 +16,7 @@ import type { Metrics } from '../obs/metrics.ts';
 import type { TextTokenizer } from '../text/tokenizer.ts';
 import { lingerOnClose } from './linger.ts';
 import { adapterRoutes } from './routes/adapters.ts';
-import { openAIErrorBody, publicErrorBody } from './routes/common.ts';
+import { openAIErrorBody, publicErrorBody, responseStatus } from './routes/common.ts';
 import { generateRoutes } from './routes/generate.ts';
 import { openAIRoutes } from './routes/openai.ts';
 import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
@@ -90,7 +90,6 @@ function sha256(s: string): Buffer {
 function toServeError(err: unknown): ServeError {
   if (isServeError(err)) return err;
   const e = err as Partial<FastifyError>;
-  if (e.validation) return fail('VALIDATION', e.message ?? 'invalid request');
   const status = e.statusCode ?? 500;
   if (typeof e.code === 'string' && e.code.startsWith('FST_') && status >= 400 && status < 500) {
     if (status === 413) return fail('PAYLOAD_TOO_LARGE', e.message ?? 'request body too large');
@@ -101,17 +100,27 @@ function toServeError(err: unknown): ServeError {
 }
 
 /**
- * One readable line per request validation failure: `parameters.max_new_tokens` must be integer.
- * The `anyOf`/`null` alternatives of nullable fields are dropped from the message.
+ * A request validation failure as one coded error. A field the schema does not declare is
+ * UNKNOWN_FIELD, with the known fields of its object listed; anything else is VALIDATION, one
+ * readable line per failure (`parameters.max_new_tokens` must be integer), the `anyOf`/`null`
+ * alternatives of nullable fields dropped. `param` is the (first) field at fault, dotted.
  */
 function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: string): Error {
+  const dotted = (e: FastifySchemaValidationError) => e.instancePath.replace(/^\//, '').replaceAll('/', '.');
+  const where = dataVar === 'body' ? '' : `${dataVar}: `;
+  const unknown = errors.find((e) => e.keyword === 'additionalProperties');
+  if (unknown) {
+    const parent = dotted(unknown);
+    const param = `${parent ? `${parent}.` : ''}${String(unknown.params.additionalProperty)}`;
+    // ajv's verbose mode gives the object's schema: its properties are the known fields.
+    const known = Object.keys((unknown as { parentSchema?: { properties?: object } }).parentSchema?.properties ?? {}).sort();
+    return fail('UNKNOWN_FIELD', `${where}unknown field \`${param}\`; known fields${parent ? ` of \`${parent}\`` : ''}: ${known.join(', ')}`, { param });
+  }
   const useful = errors.filter((e) => e.keyword !== 'anyOf' && !(e.keyword === 'type' && e.params.type === 'null'));
-  const lines = (useful.length > 0 ? useful : errors).map((e) => {
-    const path = e.instancePath.replace(/^\//, '').replaceAll('/', '.');
-    return `${path ? `\`${path}\` ` : ''}${e.message ?? 'is invalid'}`;
-  });
-  const text = [...new Set(lines)].join('; ');
-  return new Error(dataVar === 'body' ? text : `${dataVar}: ${text}`);
+  const shown = useful.length > 0 ? useful : errors;
+  const lines = shown.map((e) => `${dotted(e) ? `\`${dotted(e)}\` ` : ''}${e.message ?? 'is invalid'}`);
+  const param = shown.map(dotted).find((p) => p !== '');
+  return fail('VALIDATION', `${where}${[...new Set(lines)].join('; ')}`, param ? { param } : undefined);
 }
 
 /** OpenAI-compatible routes answer errors in OpenAI's shape. */
@@ -132,7 +141,8 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
     bodyLimit: deps.options.bodyLimitBytes,
     exposeHeadRoutes: false,
     // Strict JSON: no "5" for 5, as TGI and OpenAI reject it too. Query strings are declared as strings.
-    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+    // verbose: errors carry their schema, so an unknown field's message can list the known ones.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, verbose: true } },
     schemaErrorFormatter: formatSchemaErrors,
   });
 
@@ -167,12 +177,13 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
 
   app.setErrorHandler((err, request, reply) => {
     const e = toServeError(err);
-    const { status, body } = publicErrorBody(e);
+    const openai = isOpenAIRoute(request);
+    const status = responseStatus(e.code, openai);
     if (status >= 500) request.log.error({ err }, 'request failed');
     const retryAfter = e.details?.retryAfter;
     if (typeof retryAfter === 'number') reply.header('retry-after', String(Math.ceil(retryAfter)));
     if (e.code === 'UNAUTHORIZED') reply.header('www-authenticate', 'Bearer');
-    return reply.code(status).type('application/json; charset=utf-8').send(isOpenAIRoute(request) ? openAIErrorBody(body) : body);
+    return reply.code(status).type('application/json; charset=utf-8').send(openai ? openAIErrorBody(e) : publicErrorBody(e).body);
   });
 
   app.setNotFoundHandler((request) => {

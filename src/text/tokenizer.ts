@@ -26,6 +26,8 @@ import type { ModelConfig } from '../model/types.ts';
 export interface ChatMessage {
   role: string;
   content: string;
+  /** The participant's name (OpenAI `messages[].name`), for templates that use it. */
+  name?: string;
 }
 
 /** The fields of a normalized config.json the tokenizer cares about. */

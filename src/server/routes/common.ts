@@ -5,7 +5,7 @@
 import { PassThrough } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
-import { errorBody, type ErrorCode, type ServeError } from '../../errors.ts';
+import { ERRORS, errorBody, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 
@@ -19,9 +19,20 @@ export function publicErrorBody(err: ServeError): ReturnType<typeof errorBody> {
   return out;
 }
 
-/** The same error in OpenAI's shape. */
-export function openAIErrorBody(body: ReturnType<typeof errorBody>['body']) {
-  return { error: { message: body.error, type: body.error_type, param: null, code: body.code } };
+/** The same error in OpenAI's shape; `param` is the request field at fault, when the error names one. */
+export function openAIErrorBody(err: ServeError) {
+  const body = publicErrorBody(err).body;
+  const param = err.details?.param;
+  return { error: { message: body.error, type: body.error_type, param: typeof param === 'string' ? param : null, code: body.code } };
+}
+
+/**
+ * The status an error is answered with: the catalogue's, except that OpenAI routes answer request
+ * validation errors (422 in the catalogue, as TGI does) with 400, as OpenAI and vLLM do.
+ */
+export function responseStatus(code: ErrorCode, openai: boolean): number {
+  const e = ERRORS[code];
+  return openai && e.status === 422 && e.type === 'validation' ? 400 : e.status;
 }
 
 /** null (the base model) for absent, "" or the base model's own id; else a validated adapter id. */

@@ -4,6 +4,7 @@ import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.t
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
 import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
 import { fitLengths, tgiSampling } from '../params.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
 import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
@@ -27,6 +28,14 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   if (top !== null && inner !== null && top !== inner) {
     throw fail('VALIDATION', `conflicting adapter ids: "${top}" at the top level and "${inner}" in parameters; give one`);
   }
+  refuseUnsupported(params, TGI_PARAMETERS, 'parameters.');
+  if (body.stream !== undefined && body.stream !== null && body.stream !== stream) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`stream\`: ${stream ? '/generate_stream always streams' : '/generate does not stream (use /generate_stream)'}; accepted: ${stream}`, { param: 'stream' });
+  }
+  const ignoreEos = params.ignore_eos ?? params.ignore_eos_token ?? false;
+  if (ignoreEos !== (params.ignore_eos_token ?? ignoreEos)) {
+    throw fail('VALIDATION', '`ignore_eos` and `ignore_eos_token` (its LoRAX name) disagree; give one', { param: 'parameters.ignore_eos_token' });
+  }
   if (stream && params.decoder_input_details) {
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
@@ -37,7 +46,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   });
   return {
     body, params,
-    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos: params.ignore_eos ?? false },
+    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
   };
 }
 

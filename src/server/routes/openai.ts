@@ -10,13 +10,14 @@ import { fail } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS } from '../fields.ts';
 import { fitLengths, openAISampling } from '../params.ts';
 import {
   COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
-  finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+  finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
 
@@ -65,19 +66,37 @@ function chatLogprobs(tokens: readonly TokenInfo[]) {
 
 function templateMessages(messages: ChatCompletionRequestBody['messages']): TemplateMessage[] {
   return messages.map((m, i) => {
+    refuseUnsupported(m, MESSAGE_FIELDS, `messages.${i}.`);
     let content: string;
     if (m.content === undefined || m.content === null) content = '';
     else if (typeof m.content === 'string') content = m.content;
     else {
-      content = m.content.map((part) => {
+      content = m.content.map((part, j) => {
         if (part.type !== 'text' || typeof part.text !== 'string') {
-          throw fail('VALIDATION', `messages[${i}]: only text content parts are supported (got type "${part.type}")`);
+          const param = `messages.${i}.content.${j}`;
+          throw fail('UNSUPPORTED_PARAMETER', `\`${param}\`: only text content parts are supported (got type "${part.type}")`, { param });
         }
         return part.text;
       }).join('\n');
     }
-    return { role: m.role, content };
+    return { role: m.role, content, ...(m.name ? { name: m.name } : {}) };
   });
+}
+
+/**
+ * The one prompt of /v1/completions: a string, or token ids (used as given, and decoded for
+ * `echo`), alone or in a list of one. Several prompts in one request are refused.
+ */
+function completionPrompt(deps: AppDeps, prompt: CompletionRequestBody['prompt']): { ids: readonly number[]; text: string } {
+  const list = typeof prompt === 'string' || typeof prompt[0] === 'number' ? [prompt as string | number[]] : prompt as (string | number[])[];
+  if (list.length !== 1) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`prompt\`: a list of ${list.length} prompts; send one prompt per request`, { param: 'prompt' });
+  }
+  const p = list[0]!;
+  if (typeof p === 'string') return { ids: deps.tokenizer.encode(p), text: p };
+  const bad = p.find((id) => id >= deps.tokenizer.vocabSize);
+  if (bad !== undefined) throw fail('VALIDATION', `\`prompt\`: token id ${bad} is not below the vocabulary size ${deps.tokenizer.vocabSize}`, { param: 'prompt' });
+  return { ids: p, text: deps.tokenizer.decode(p) };
 }
 
 // --- streaming -----------------------------------------------------------------------------------
@@ -110,20 +129,23 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    const prompt = typeof b.prompt === 'string' ? b.prompt : b.prompt[0]!;
+    refuseUnsupported(b, OPENAI_FIELDS);
+    refuseUnsupported(b, COMPLETION_FIELDS);
+    refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
+    const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
     const stops = stopList(b.stop);
     const sampling = openAISampling(b, topN);
     const adapterId = resolveAdapter(deps, b.model);
-    const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(prompt), {
+    const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
       maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
     });
     const req: EngineRequest = {
       inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
     };
     const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
-    const echo = b.echo ? prompt : '';
+    const echo = b.echo ? prompt.text : '';
     const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
 
     if (!b.stream) {
@@ -155,7 +177,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
         },
         error(err) {
-          send(openAIErrorBody(publicErrorBody(err).body));
+          send(openAIErrorBody(err));
         },
       };
     });
@@ -166,9 +188,11 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    if (b.tools && b.tools.length > 0) throw fail('VALIDATION', 'tool calling is not supported');
+    refuseUnsupported(b, OPENAI_FIELDS);
+    refuseUnsupported(b, CHAT_FIELDS);
+    refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
     if (b.top_logprobs !== undefined && b.top_logprobs !== null && !b.logprobs) {
-      throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`');
+      throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`', { param: 'top_logprobs' });
     }
     const stops = stopList(b.stop);
     const sampling = openAISampling(b, b.logprobs ? b.top_logprobs ?? 0 : 0);
@@ -180,7 +204,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     });
     const req: EngineRequest = {
       inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
     };
     const model = b.model || deps.info.modelId;
 
@@ -217,7 +241,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
         },
         error(err) {
-          send(openAIErrorBody(publicErrorBody(err).body));
+          send(openAIErrorBody(err));
         },
       };
     });

@@ -8,9 +8,10 @@
 import type { TSchema } from '@sinclair/typebox';
 import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import YAML from 'yaml';
-import { ERRORS, type ErrorCode } from '../../errors.ts';
+import type { ErrorCode } from '../../errors.ts';
 import { NAME, VERSION } from '../../version.ts';
 import { ErrorBody, OpenAIErrorBody } from '../schemas.ts';
+import { responseStatus } from './common.ts';
 
 /** One documented operation of a route; every field defaults to what the route's schema says. */
 export interface OperationDoc {
@@ -100,7 +101,7 @@ class Components {
 function errorResponses(codes: Iterable<ErrorCode>, openai: boolean, c: Components): Json {
   const byStatus = new Map<number, ErrorCode[]>();
   for (const code of codes) {
-    const status = ERRORS[code].status;
+    const status = responseStatus(code, openai);
     byStatus.set(status, [...(byStatus.get(status) ?? []), code]);
   }
   const schema = c.ref(openai ? OpenAIErrorBody : ErrorBody);
