@@ -591,3 +591,80 @@ test('client disconnect aborts the engine request (streaming and not)', async ()
     await s.app.close();
   }
 });
+
+// ------------------------------------------------------------------------------------------------
+// Tokenizer, model retrieval, documents, HEAD /health
+
+test('POST /tokenize: every token with the piece of the input it covers; POST /detokenize inverts it', async () => {
+  const s = await build();
+  const tok = fixtureTokenizer('llama');
+  const inputs = 'hello wörld';
+  const res = await s.inject({ method: 'POST', url: '/tokenize', ...json({ inputs }) });
+  assert.equal(res.statusCode, 200);
+  const pieces: { id: number; text: string; start: number; stop: number }[] = res.json();
+  assert.deepEqual(pieces.map((p) => p.id), tok.encode(inputs));
+  assert.equal(pieces.map((p) => p.text).join(''), inputs);
+  for (const p of pieces) assert.equal(inputs.slice(p.start, p.stop), p.text);
+  assert.equal(pieces[0]!.start, 0);
+  assert.equal(pieces.at(-1)!.stop, inputs.length);
+  const bare = await s.inject({ method: 'POST', url: '/tokenize', ...json({ inputs, add_special_tokens: false }) });
+  assert.deepEqual(bare.json().map((p: { id: number }) => p.id), tok.encode(inputs, { addSpecialTokens: false }));
+
+  const ids = tok.encode(inputs, { addSpecialTokens: false });
+  const de = await s.inject({ method: 'POST', url: '/detokenize', ...json({ tokens: ids }) });
+  assert.deepEqual(de.json(), { prompt: inputs });
+  const bad = await s.inject({ method: 'POST', url: '/detokenize', ...json({ tokens: [1, tok.vocabSize] }) });
+  assert.equal(bad.statusCode, 422);
+  assert.match(bad.json().error, /^`tokens\.1`: token id \d+ is not below the vocabulary size/);
+  const typo = await s.inject({ method: 'POST', url: '/tokenize', ...json({ input: 'x' }) });
+  assert.equal(typo.statusCode, 422);
+});
+
+test('POST /v1/completions: token-id prompts are used as given; several prompts are refused', async () => {
+  const s = await build();
+  const tok = fixtureTokenizer('llama');
+  const ids = tok.encode('hello world', { addSpecialTokens: false });
+  for (const prompt of [ids, [ids]]) {
+    const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt, echo: true }) });
+    assert.equal(res.statusCode, 200);
+    assert.deepEqual(s.engine.requests.at(-1)!.inputIds, ids);
+    assert.match(res.json().choices[0].text, /^hello world/);
+  }
+  for (const prompt of [['a', 'b'], [ids, ids]]) {
+    const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt }) });
+    assert.equal(res.statusCode, 400);
+    assert.deepEqual(res.json().error, { message: '`prompt`: a list of 2 prompts; send one prompt per request', type: 'validation', param: 'prompt', code: 'UNSUPPORTED_PARAMETER' });
+  }
+  const out = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: [tok.vocabSize] }) });
+  assert.equal(out.statusCode, 400);
+  assert.equal(out.json().error.param, 'prompt.0');
+});
+
+test('GET /v1/models/{id}: the base model or an adapter (ids with a slash, encoded or not); unknown ids 404', async () => {
+  const s = await build();
+  const base = await s.inject({ method: 'GET', url: `/v1/models/${BASE_MODEL}` });
+  assert.equal(base.statusCode, 200);
+  assert.equal(base.json().id, BASE_MODEL);
+  assert.equal(base.json().parent, undefined);
+  for (const url of ['/v1/models/org/style', '/v1/models/org%2Fstyle']) {
+    const res = await s.inject({ method: 'GET', url });
+    assert.equal(res.statusCode, 200, url);
+    assert.deepEqual({ id: res.json().id, parent: res.json().parent, object: res.json().object }, { id: 'org/style', parent: BASE_MODEL, object: 'model' });
+  }
+  const missing = await s.inject({ method: 'GET', url: '/v1/models/org/missing' });
+  assert.equal(missing.statusCode, 404);
+  assert.equal(missing.json().error.code, 'ADAPTER_NOT_FOUND');
+});
+
+test('GET /openapi.json is the document of /openapi.yaml; HEAD /health answers like GET without a body', async () => {
+  const s = await build();
+  const yaml = await s.inject({ method: 'GET', url: '/openapi.yaml' });
+  const jsonDoc = await s.inject({ method: 'GET', url: '/openapi.json' });
+  assert.equal(jsonDoc.statusCode, 200);
+  assert.deepEqual(jsonDoc.json(), (await import('yaml')).parse(yaml.body));
+  const head = await s.inject({ method: 'HEAD', url: '/health' });
+  assert.equal(head.statusCode, 200);
+  s.setReady(false);
+  const notReady = await s.inject({ method: 'HEAD', url: '/health' });
+  assert.equal(notReady.statusCode, 503);
+});

@@ -21,6 +21,7 @@ import { generateRoutes } from './routes/generate.ts';
 import { openAIRoutes } from './routes/openai.ts';
 import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
 import { serviceRoutes } from './routes/service.ts';
+import { tokenizeRoutes } from './routes/tokenize.ts';
 
 /** What /info reports beyond the request limits of `AppOptions`. */
 export interface ServerInfo {
@@ -193,6 +194,7 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   generateRoutes(app, deps);
   openAIRoutes(app, deps);
   await app.register(async (scope) => adapterRoutes(scope, deps));
+  tokenizeRoutes(app, deps);
   serviceRoutes(app, deps);
   openApiRoutes(app, routes);
   return app;

@@ -291,6 +291,30 @@ export const ModelList = Type.Object({
 }, { title: 'ModelList' });
 
 // ------------------------------------------------------------------------------------------------
+// Tokenizer: POST /tokenize (TGI), POST /detokenize (vLLM)
+
+export const TokenizeRequest = Type.Object({
+  inputs: Type.String(),
+  add_special_tokens: Opt(Type.Boolean({ description: 'Default true: special tokens (e.g. BOS) added as the tokenizer files say' })),
+}, { title: 'TokenizeRequest', ...Closed });
+export type TokenizeRequestBody = Static<typeof TokenizeRequest>;
+
+export const TokenizeResponse = Type.Array(Type.Object({
+  id: Type.Integer(),
+  text: Type.String({ description: 'The piece of the input this token covers (empty for added special tokens)' }),
+  start: Type.Integer({ description: 'UTF-16 offset of the piece in the decoded input' }),
+  stop: Type.Integer({ description: 'Exclusive end offset' }),
+}, { title: 'SimpleToken' }), { title: 'TokenizeResponse' });
+
+export const DetokenizeRequest = Type.Object({
+  tokens: Type.Array(Type.Integer({ minimum: 0 }), { description: 'Token ids, each below the tokenizer\'s vocabulary size' }),
+  skip_special_tokens: Opt(Type.Boolean({ description: 'Default false' })),
+}, { title: 'DetokenizeRequest', ...Closed });
+export type DetokenizeRequestBody = Static<typeof DetokenizeRequest>;
+
+export const DetokenizeResponse = Type.Object({ prompt: Type.String({ description: 'The decoded text' }) }, { title: 'DetokenizeResponse' });
+
+// ------------------------------------------------------------------------------------------------
 // Adapters
 
 export const AdapterInfo = Type.Object({

@@ -5,7 +5,7 @@
 import { PassThrough } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
-import { ERRORS, errorBody, type ErrorCode, type ServeError } from '../../errors.ts';
+import { ERRORS, errorBody, fail, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 
@@ -33,6 +33,12 @@ export function openAIErrorBody(err: ServeError) {
 export function responseStatus(code: ErrorCode, openai: boolean): number {
   const e = ERRORS[code];
   return openai && e.status === 422 && e.type === 'validation' ? 400 : e.status;
+}
+
+/** Refuses token ids the tokenizer cannot decode (`param`: the request field holding them). */
+export function checkTokenIds(deps: AppDeps, ids: readonly number[], param: string): void {
+  const i = ids.findIndex((id) => id >= deps.tokenizer.vocabSize);
+  if (i >= 0) throw fail('VALIDATION', `\`${param}.${i}\`: token id ${ids[i]} is not below the vocabulary size ${deps.tokenizer.vocabSize}`, { param: `${param}.${i}` });
 }
 
 /** null (the base model) for absent, "" or the base model's own id; else a validated adapter id. */

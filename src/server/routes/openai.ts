@@ -13,11 +13,11 @@ import type { AppDeps } from '../app.ts';
 import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS } from '../fields.ts';
 import { fitLengths, openAISampling } from '../params.ts';
 import {
-  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
+  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelCard, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
-  finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+  checkTokenIds, finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
 
@@ -94,8 +94,7 @@ function completionPrompt(deps: AppDeps, prompt: CompletionRequestBody['prompt']
   }
   const p = list[0]!;
   if (typeof p === 'string') return { ids: deps.tokenizer.encode(p), text: p };
-  const bad = p.find((id) => id >= deps.tokenizer.vocabSize);
-  if (bad !== undefined) throw fail('VALIDATION', `\`prompt\`: token id ${bad} is not below the vocabulary size ${deps.tokenizer.vocabSize}`, { param: 'prompt' });
+  checkTokenIds(deps, p, 'prompt');
   return { ids: p, text: deps.tokenizer.decode(p) };
 }
 
@@ -247,18 +246,25 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     });
   });
 
+  const base = deps.info.modelId;
+  /** The base model's card, or an adapter's (its parent is the base). */
+  const card = (id: string) => ({ id, object: 'model' as const, created, owned_by: NAME, ...(id === base ? {} : { parent: base }) });
+
   app.get('/v1/models', {
     schema: { summary: 'The base model and every known adapter (OpenAI-compatible)', response: { 200: ModelList } },
     config: { doc: { tag: 'OpenAI' } },
   }, async () => {
-    const base = deps.info.modelId;
     const ids = (await deps.adapters.ids()).filter((id) => id !== base).sort();
-    return {
-      object: 'list' as const,
-      data: [
-        { id: base, object: 'model' as const, created, owned_by: NAME },
-        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: NAME, parent: base })),
-      ],
-    };
+    return { object: 'list' as const, data: [base, ...ids].map(card) };
+  });
+
+  // Adapter ids may contain a slash (org/name): a wildcard route.
+  app.get<{ Params: { '*': string } }>('/v1/models/*', {
+    schema: { response: { 200: ModelCard } },
+    config: { doc: { tag: 'OpenAI', operations: [{ path: '/v1/models/{id}', summary: 'The base model or one adapter (OpenAI-compatible)' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND'] } },
+  }, async (request) => {
+    const adapterId = resolveAdapter(deps, request.params['*']);
+    if (adapterId === null) return card(base);
+    return card((await deps.adapters.info(adapterId)).id);
   });
 }

@@ -5,7 +5,7 @@
  * test/openapi.test.ts fails when the two differ (regenerate with
  * `UPDATE_OPENAPI=1 node --import tsx --test test/openapi.test.ts`).
  */
-import type { TSchema } from '@sinclair/typebox';
+import { Type, type TSchema } from '@sinclair/typebox';
 import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
 import YAML from 'yaml';
 import type { ErrorCode } from '../../errors.ts';
@@ -200,11 +200,19 @@ export function openApiYaml(routes: readonly RouteRecord[]): string {
 
 export function openApiRoutes(app: FastifyInstance, routes: readonly RouteRecord[]): void {
   let yaml: string | undefined;
+  let json: string | undefined;
   app.get('/openapi.yaml', {
     schema: { summary: 'This document (OpenAPI 3.1)' },
     config: { doc: { tag: 'Service', produces: 'application/yaml' } },
   }, async (_request, reply) => {
     yaml ??= openApiYaml(routes);
     return reply.type('application/yaml; charset=utf-8').send(yaml);
+  });
+  app.get('/openapi.json', {
+    schema: { summary: 'This document as JSON' },
+    config: { doc: { tag: 'Service', operations: [{ response: Type.Object({ openapi: Type.Literal('3.1.0') }, { description: 'The same document as /openapi.yaml' }) }] } },
+  }, async (_request, reply) => {
+    json ??= JSON.stringify(openApiDocument(routes));
+    return reply.type('application/json; charset=utf-8').send(json);
   });
 }
