@@ -656,12 +656,23 @@ test('GET /v1/models/{id}: the base model or an adapter (ids with a slash, encod
   assert.equal(missing.json().error.code, 'ADAPTER_NOT_FOUND');
 });
 
-test('GET /openapi.json is the document of /openapi.yaml; HEAD /health answers like GET without a body', async () => {
+test('GET /openapi.json is the document of /openapi.yaml, Swagger UI at /docs shows it from local files; HEAD /health answers like GET without a body', async () => {
   const s = await build();
   const yaml = await s.inject({ method: 'GET', url: '/openapi.yaml' });
   const jsonDoc = await s.inject({ method: 'GET', url: '/openapi.json' });
   assert.equal(jsonDoc.statusCode, 200);
-  assert.deepEqual(jsonDoc.json(), (await import('yaml')).parse(yaml.body));
+  const doc = (await import('yaml')).parse(yaml.body);
+  assert.deepEqual(jsonDoc.json(), doc);
+  // Swagger UI's pages are not API operations: app.inject, not the openapi.yaml-checking inject.
+  const page = await s.app.inject({ method: 'GET', url: '/docs/' });
+  assert.equal(page.statusCode, 200);
+  assert.match(String(page.headers['content-type']), /^text\/html/);
+  for (const src of page.body.matchAll(/(?:src|href)="([^"]+)"/g)) {
+    assert.doesNotMatch(src[1]!, /^(https?:)?\/\//, `Swagger UI loads ${src[1]} from elsewhere`);
+    const asset = await s.app.inject({ method: 'GET', url: new URL(src[1]!, 'http://x/docs/').pathname });
+    assert.equal(asset.statusCode, 200, src[1]);
+  }
+  assert.deepEqual((await s.app.inject({ method: 'GET', url: '/docs/json' })).json(), doc);
   const head = await s.inject({ method: 'HEAD', url: '/health' });
   assert.equal(head.statusCode, 200);
   s.setReady(false);

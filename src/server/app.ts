@@ -196,6 +196,6 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   await app.register(async (scope) => adapterRoutes(scope, deps));
   tokenizeRoutes(app, deps);
   serviceRoutes(app, deps);
-  openApiRoutes(app, routes);
+  await openApiRoutes(app, routes);
   return app;
 }
