@@ -7,7 +7,7 @@
  * `{error: {message, type, param, code}}`) with the status of the error catalogue.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError } from 'fastify';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
@@ -16,7 +16,7 @@ import type { Metrics } from '../obs/metrics.ts';
 import type { TextTokenizer } from '../text/tokenizer.ts';
 import { lingerOnClose } from './linger.ts';
 import { adapterRoutes } from './routes/adapters.ts';
-import { openAIErrorBody, publicErrorBody, responseStatus } from './routes/common.ts';
+import { openAIErrorBody, publicErrorBody, requestSummary, responseStatus } from './routes/common.ts';
 import { generateRoutes } from './routes/generate.ts';
 import { openAIRoutes } from './routes/openai.ts';
 import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
@@ -78,9 +78,8 @@ export interface AppDeps {
 }
 
 export interface BuildOptions {
-  /** fastify's logger option (default: off, or pino at `logLevel`). */
-  readonly logger?: FastifyServerOptions['logger'];
-  readonly logLevel?: string;
+  /** The process's logger (pino); absent: no logging. */
+  readonly loggerInstance?: FastifyBaseLogger;
 }
 
 function sha256(s: string): Buffer {
@@ -138,7 +137,9 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: opts.logger ?? (opts.logLevel ? { level: opts.logLevel } : false),
+    ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
+    // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
+    disableRequestLogging: true,
     bodyLimit: deps.options.bodyLimitBytes,
     exposeHeadRoutes: false,
     // Strict JSON: no "5" for 5, as TGI and OpenAI reject it too. Query strings are declared as strings.
@@ -173,7 +174,11 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   });
 
   app.addHook('onResponse', async (request, reply) => {
-    deps.metrics.httpRequest(request.routeOptions.url ?? 'unmatched', request.method, reply.statusCode, reply.elapsedTime / 1000);
+    const route = request.routeOptions.url ?? 'unmatched';
+    deps.metrics.httpRequest(route, request.method, reply.statusCode, reply.elapsedTime / 1000);
+    // Probes and scrapes come every few seconds: their lines are debug.
+    const quiet = route === '/health' || route === '/metrics';
+    request.log[quiet ? 'debug' : 'info'](requestSummary(request, reply), 'request');
   });
 
   app.setErrorHandler((err, request, reply) => {

@@ -3,7 +3,7 @@
  * AbortSignal tied to the client connection, and SSE responses.
  */
 import { PassThrough } from 'node:stream';
-import type { FastifyReply } from 'fastify';
+import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
 import { ERRORS, errorBody, fail, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
@@ -49,6 +49,36 @@ export function resolveAdapter(deps: AppDeps, id: string | null | undefined): st
 
 export type EngineRequest = Omit<GenerateRequest, 'signal' | 'timeoutMs'>;
 
+/** How a generation request ended, for its log line: the result, or the error (a stream's may come after its 200). */
+interface Outcome {
+  readonly adapter: string | null;
+  result?: GenerationResult;
+  error?: ServeError;
+}
+const OUTCOMES = new WeakMap<FastifyRequest, Outcome>();
+
+/**
+ * The fields of a request's log line: method, route, status, milliseconds, and for a generation
+ * the adapter (`base` for the base model), tokens in and out, queue and generation seconds, finish
+ * reason, or the code of the error that ended a stream.
+ */
+export function requestSummary(request: FastifyRequest, reply: FastifyReply): Record<string, unknown> {
+  const o = OUTCOMES.get(request);
+  const r = o?.result;
+  return {
+    method: request.method,
+    url: request.url,
+    status: reply.statusCode,
+    ms: Math.round(reply.elapsedTime),
+    ...(o ? { adapter: o.adapter ?? 'base' } : {}),
+    ...(r ? {
+      prompt_tokens: r.promptTokens, generated_tokens: r.generatedTokens,
+      queue_s: +r.queueTimeS.toFixed(4), generation_s: +r.inferenceTimeS.toFixed(4), finish_reason: r.finishReason,
+    } : {}),
+    ...(o?.error ? { error: o.error.code } : {}),
+  };
+}
+
 /**
  * Hands the request to the engine with an AbortSignal that fires when the client goes away
  * before the response is complete, so the engine frees the sequence. Throws synchronously when
@@ -60,7 +90,19 @@ export function submit(deps: AppDeps, reply: FastifyReply, req: EngineRequest, s
     if (!reply.raw.writableFinished) controller.abort();
   });
   const timeoutMs = deps.options.requestTimeoutMs;
-  deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, sink);
+  const outcome: Outcome = { adapter: req.adapterId };
+  OUTCOMES.set(reply.request, outcome);
+  deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, {
+    onToken: (token, text) => sink.onToken(token, text),
+    onDone(result) {
+      outcome.result = result;
+      sink.onDone(result);
+    },
+    onError(err) {
+      outcome.error = err;
+      sink.onError(err);
+    },
+  });
 }
 
 /** One generation to completion. */
