@@ -89,3 +89,32 @@ async function refusedAfterSignal(url: string): Promise<string> {
   }
   return 'still accepting after 2 s';
 }
+
+test('npm start: SIGTERM to npm reaches the server, which drains and exits (no orphaned node process)', async () => {
+  const child = spawn('npm', ['start', '--silent', '--', '--model', join(tmp.dir, 'model'), '--adapter-dir', join(tmp.dir, 'adapters'),
+    '--port', '0', '--backend', 'wasm', '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const serverPid = await new Promise<number>((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /"pid":(\d+),[^\n]*"msg":"listening on /.exec(out);
+      if (m) resolve(Number(m[1]));
+    });
+    child.on('exit', () => reject(new Error(`npm start exited early: ${out}`)));
+  });
+  assert.notEqual(serverPid, child.pid, 'the server is npm\'s child process');
+  child.kill('SIGTERM');
+  const alive = () => {
+    try {
+      process.kill(serverPid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  for (let i = 0; i < 100 && alive(); i++) await new Promise((r) => setTimeout(r, 100));
+  const orphaned = alive();
+  if (orphaned) process.kill(serverPid, 'SIGKILL'); // so a failure does not leave it running
+  assert.equal(orphaned, false, `the server (pid ${serverPid}) outlived npm start`);
+  assert.match(out, /"msg":"SIGTERM: draining/);
+});
