@@ -10,7 +10,7 @@ export const ERRORS = {
   BAD_REQUEST: { status: 400, type: 'validation' },
   /** A request field the API does not know (a typo, or another server's extension): the message lists the known ones. */
   UNKNOWN_FIELD: { status: 422, type: 'validation' },
-  /** A known request field asking for something the server does not implement (README "API compatibility"). */
+  /** A known request field asking for something the server does not implement (README "HTTP API"). */
   UNSUPPORTED_PARAMETER: { status: 422, type: 'validation' },
   INPUT_TOO_LONG: { status: 422, type: 'validation' },
   PAYLOAD_TOO_LARGE: { status: 413, type: 'payload_too_large' },

@@ -4,7 +4,8 @@
  * plain-data contracts and formats responses. It never touches a tensor.
  *
  * One error handler answers every error as `{error, error_type, code}` (OpenAI routes:
- * `{error: {message, type, param, code}}`) with the status of the error catalogue.
+ * `{error: {message, type, param, code}}`) with the status of the error catalogue (OpenAI routes:
+ * 400 for request validation, `responseStatus`).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError } from 'fastify';

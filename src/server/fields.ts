@@ -3,7 +3,7 @@
  * accepted when its value asks for what the server does anyway (its default: `watermark: false`,
  * `n: 1`, `response_format: {"type": "text"}`) and refused with UNSUPPORTED_PARAMETER, naming the
  * field, otherwise. `null` counts as absent. Fields the schemas do not know at all are refused by
- * validation (UNKNOWN_FIELD, with the list of known ones). README "API compatibility" lists every
+ * validation (UNKNOWN_FIELD, with the list of known ones). README "HTTP API" lists every
  * field with its status; test/api-fields.test.ts checks the README, the schemas and this table agree.
  */
 import { fail } from '../errors.ts';
