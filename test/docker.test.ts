@@ -126,6 +126,10 @@ test('Dockerfile: npm start is the command the images run', () => {
   const pkg = JSON.parse(read('package.json'));
   // exec: npm's signals reach node itself, not a shell that would not pass them on.
   assert.equal(pkg.scripts.start, 'exec node --import tsx src/server/main.ts');
+  for (const name of ['gpu', 'cpu']) {
+    const entrypoint = stage(name).lines.find((l) => /^ENTRYPOINT\s/i.test(l))!;
+    assert.deepEqual(JSON.parse(entrypoint.replace(/^ENTRYPOINT\s+/i, '')).slice(2), pkg.scripts.start.split(' ').slice(1), name);
+  }
   assert.ok(pkg.dependencies.tsx, 'tsx is a runtime dependency (npm ci --omit=dev keeps it)');
 });
 

@@ -10,7 +10,7 @@ import { fail } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
-import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS } from '../fields.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS, type DefaultOnly } from '../fields.ts';
 import { fitLengths, openAISampling } from '../params.ts';
 import {
   COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelCard, ModelList,
@@ -83,6 +83,13 @@ function templateMessages(messages: ChatCompletionRequestBody['messages']): Temp
   });
 }
 
+/** The fields accepted only at their default: the route's own, those both routes share, `stream_options`'s. */
+function refuseUnsupportedOpenAI(b: CompletionRequestBody | ChatCompletionRequestBody, own: Readonly<Record<string, DefaultOnly>>): void {
+  refuseUnsupported(b, OPENAI_FIELDS);
+  refuseUnsupported(b, own);
+  refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
+}
+
 /**
  * The one prompt of /v1/completions: a string, or token ids (used as given, and decoded for
  * `echo`), alone or in a list of one. Several prompts in one request are refused.
@@ -128,9 +135,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    refuseUnsupported(b, OPENAI_FIELDS);
-    refuseUnsupported(b, COMPLETION_FIELDS);
-    refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
+    refuseUnsupportedOpenAI(b, COMPLETION_FIELDS);
     const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
     const stops = stopList(b.stop);
@@ -187,9 +192,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    refuseUnsupported(b, OPENAI_FIELDS);
-    refuseUnsupported(b, CHAT_FIELDS);
-    refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
+    refuseUnsupportedOpenAI(b, CHAT_FIELDS);
     if (b.top_logprobs !== undefined && b.top_logprobs !== null && !b.logprobs) {
       throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`', { param: 'top_logprobs' });
     }
