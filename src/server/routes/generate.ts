@@ -11,7 +11,7 @@ import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAd
 
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
-  'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
+  'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
   'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION',
 ];
 

@@ -148,6 +148,8 @@ function operation(route: RouteRecord, op: OperationDoc, c: Components): { path:
   if (!route.public) codes.add('UNAUTHORIZED');
   if (query || body) codes.add('VALIDATION');
   if (body) codes.add('PAYLOAD_TOO_LARGE').add('UNSUPPORTED_MEDIA_TYPE').add('BAD_REQUEST');
+  // JSON request objects are closed (src/server/schemas.ts).
+  if (body?.contentType === 'application/json') codes.add('UNKNOWN_FIELD');
 
   return {
     path,
