@@ -679,3 +679,19 @@ test('GET /openapi.json is the document of /openapi.yaml, Swagger UI at /docs sh
   const notReady = await s.inject({ method: 'HEAD', url: '/health' });
   assert.equal(notReady.statusCode, 503);
 });
+
+test('POST / (TGI compatibility route): stream false answers as /generate, stream true as /generate_stream', async () => {
+  const s = await build();
+  const plain = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', parameters: { details: true }, stream: false }) });
+  assert.equal(plain.statusCode, 200);
+  assert.equal(plain.json().generated_text, ' Hello world');
+  assert.equal(plain.json().details.finish_reason, 'eos_token');
+  const absent = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi' }) });
+  assert.equal(absent.json().generated_text, ' Hello world');
+  const streamed = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', stream: true }) });
+  assert.equal(streamed.statusCode, 200);
+  assert.match(String(streamed.headers['content-type']), /^text\/event-stream/);
+  assert.equal(JSON.parse(sseData(streamed.body).at(-1)!).generated_text, ' Hello world');
+  const bad = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', stream: true, parameters: { decoder_input_details: true } }) });
+  assert.equal(bad.statusCode, 422);
+});

@@ -1,5 +1,5 @@
-/** TGI / LoRAX generation: POST /generate and POST /generate_stream. */
-import type { FastifyInstance } from 'fastify';
+/** TGI / LoRAX generation: POST /generate, POST /generate_stream, and POST / (either, by `stream`). */
+import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
@@ -68,48 +68,60 @@ function details(p: Prepared, r: GenerationResult) {
   };
 }
 
+/** /generate's answer: the whole text, with details when asked for. */
+async function generateJson(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply) {
+  const p = prepare(deps, body, false);
+  const r = await generateOnce(deps, reply, p.req);
+  resultHeaders(reply, r);
+  return {
+    generated_text: generatedText(p, r),
+    ...(p.params.details ? { details: details(p, r) } : {}),
+  };
+}
+
+/** /generate_stream's answer: one event per token, the last with the text and details. */
+function generateEvents(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply): Promise<FastifyReply> {
+  const p = prepare(deps, body, true);
+  return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
+    let index = 0;
+    let lastToken: TokenInfo | null = null;
+    return {
+      token(token, _text, result) {
+        // Finished without a token left to attach the result to: repeat the last one with no text.
+        const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
+        lastToken = t;
+        send({
+          index: ++index,
+          token: tokenJson(t),
+          ...(t.top?.length ? { top_tokens: t.top.map(tokenJson) } : {}),
+          generated_text: result ? generatedText(p, result) : null,
+          // TGI sends these details only when asked for; they are always here (clients ignore extra fields).
+          details: result
+            ? { finish_reason: result.finishReason, generated_tokens: result.generatedTokens, seed: result.seed, input_length: result.promptTokens }
+            : null,
+        });
+      },
+      error(err) {
+        send(publicErrorBody(err).body);
+      },
+    };
+  });
+}
+
 export function generateRoutes(app: FastifyInstance, deps: AppDeps): void {
   app.post<{ Body: GenerateRequestBody }>('/generate', {
     schema: { summary: 'Generate text (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
     config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS } },
-  }, async (request, reply) => {
-    const p = prepare(deps, request.body, false);
-    const r = await generateOnce(deps, reply, p.req);
-    resultHeaders(reply, r);
-    return {
-      generated_text: generatedText(p, r),
-      ...(p.params.details ? { details: details(p, r) } : {}),
-    };
-  });
+  }, async (request, reply) => generateJson(deps, request.body, reply));
 
   app.post<{ Body: GenerateRequestBody }>('/generate_stream', {
     schema: { summary: 'Generate text as server-sent events (TGI/LoRAX)', body: GenerateRequest },
     config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
-  }, async (request, reply) => {
-    const p = prepare(deps, request.body, true);
-    return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
-      let index = 0;
-      let lastToken: TokenInfo | null = null;
-      return {
-        token(token, _text, result) {
-          // Finished without a token left to attach the result to: repeat the last one with no text.
-          const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
-          lastToken = t;
-          send({
-            index: ++index,
-            token: tokenJson(t),
-            ...(t.top?.length ? { top_tokens: t.top.map(tokenJson) } : {}),
-            generated_text: result ? generatedText(p, result) : null,
-            // TGI sends these details only when asked for; they are always here (clients ignore extra fields).
-            details: result
-              ? { finish_reason: result.finishReason, generated_tokens: result.generatedTokens, seed: result.seed, input_length: result.promptTokens }
-              : null,
-          });
-        },
-        error(err) {
-          send(publicErrorBody(err).body);
-        },
-      };
-    });
-  });
+  }, async (request, reply) => generateEvents(deps, request.body, reply));
+
+  // TGI's compatibility route, where huggingface_hub's InferenceClient and LoRAX's client post: `stream` chooses.
+  app.post<{ Body: GenerateRequestBody }>('/', {
+    schema: { summary: 'Generate text: as /generate, or as /generate_stream with "stream": true (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
+    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
+  }, async (request, reply) => (request.body.stream ? generateEvents(deps, request.body, reply) : generateJson(deps, request.body, reply)));
 }
