@@ -140,6 +140,8 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       safety_identifier: { value: 'user-1' },
       metadata: { value: { team: 'a' } },
       prompt_cache_key: { value: 'key' },
+      prompt_cache_retention: { value: '24h' },
+      prompt_cache_options: { value: { mode: 'explicit' } },
       parallel_tool_calls: { value: false },
     },
   },

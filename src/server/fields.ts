@@ -64,6 +64,7 @@ export const CHAT_FIELDS = {
   web_search_options: absent('web search'),
   store: only(false, 'storing completions'),
   service_tier: oneOf(['auto', 'default'], 'service tiers'),
+  moderation: absent('moderated completions'),
 } as const satisfies Record<string, DefaultOnly>;
 
 export const STREAM_OPTIONS = {

@@ -193,6 +193,8 @@ export const ChatCompletionRequest = Type.Object({
   parallel_tool_calls: Opt(Type.Boolean({ description: 'Accepted; no effect (tool calling is not supported)' })),
   metadata: Opt(Type.Record(Type.String(), Type.String(), { description: 'Accepted; tags for stored completions, no effect here' })),
   prompt_cache_key: Opt(Type.String({ description: 'Accepted; a cache-routing hint, no effect on the output' })),
+  prompt_cache_retention: Opt(Type.String({ description: 'Accepted; a prompt-cache hint, no effect on the output' })),
+  prompt_cache_options: Opt(Type.Record(Type.String(), Type.Unknown(), { description: 'Accepted; prompt-cache hints, no effect on the output' })),
   safety_identifier: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
   ...defaultOnly(CHAT_FIELDS),
 }, { title: 'ChatCompletionRequest', ...Closed });
