@@ -651,6 +651,9 @@ test('GET /v1/models/{id}: the base model or an adapter (ids with a slash, encod
     assert.equal(res.statusCode, 200, url);
     assert.deepEqual({ id: res.json().id, parent: res.json().parent, object: res.json().object }, { id: 'org/style', parent: BASE_MODEL, object: 'model' });
   }
+  const empty = await s.inject({ method: 'GET', url: '/v1/models/' });
+  assert.equal(empty.statusCode, 404);
+  assert.equal(empty.json().error.code, 'NOT_FOUND');
   const missing = await s.inject({ method: 'GET', url: '/v1/models/org/missing' });
   assert.equal(missing.statusCode, 404);
   assert.equal(missing.json().error.code, 'ADAPTER_NOT_FOUND');

@@ -264,9 +264,11 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
   // Adapter ids may contain a slash (org/name): a wildcard route.
   app.get<{ Params: { '*': string } }>('/v1/models/*', {
     schema: { response: { 200: ModelCard } },
-    config: { doc: { tag: 'OpenAI', operations: [{ path: '/v1/models/{id}', summary: 'The base model or one adapter (OpenAI-compatible)' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND'] } },
+    config: { doc: { tag: 'OpenAI', operations: [{ path: '/v1/models/{id}', summary: 'The base model or one adapter (OpenAI-compatible)' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'NOT_FOUND'] } },
   }, async (request) => {
-    const adapterId = resolveAdapter(deps, request.params['*']);
+    const id = request.params['*'];
+    if (id === '') throw fail('NOT_FOUND', 'no route GET /v1/models/: give a model id, or use GET /v1/models');
+    const adapterId = resolveAdapter(deps, id);
     if (adapterId === null) return card(base);
     return card((await deps.adapters.info(adapterId)).id);
   });

@@ -1,8 +1,9 @@
 /**
  * The OpenAPI 3.1 document, generated from the registered routes: their TypeBox schemas
  * (src/server/schemas.ts) and the `config.doc` each route carries. `GET /openapi.yaml` and
- * `GET /openapi.json` serve it, Swagger UI at `/docs` shows it; the committed openapi.yaml at the repository root is the same document, and
- * test/openapi.test.ts fails when the two differ (regenerate with
+ * `GET /openapi.json` serve it, Swagger UI at `/docs` shows it; the committed openapi.yaml at
+ * the repository root is the same document, and test/openapi.test.ts fails when the two differ
+ * (regenerate with
  * `UPDATE_OPENAPI=1 node --import tsx --test test/openapi.test.ts`).
  */
 import { Type, type TSchema } from '@sinclair/typebox';
