@@ -6,7 +6,7 @@
  */
 import { CliError, helpText, parseOptions, type ServerOptions } from '../cli.ts';
 import { isServeError } from '../errors.ts';
-import { createLogger, createServer } from './server.ts';
+import { createLogger, createServer, type Server } from './server.ts';
 
 async function main(): Promise<void> {
   let options: ServerOptions;
@@ -24,7 +24,20 @@ async function main(): Promise<void> {
     return;
   }
   const log = createLogger(options.logLevel);
-  let server: Awaited<ReturnType<typeof createServer>>;
+  let server: Server | undefined;
+  // Installed before listening, so a signal at any point drains (or, before the server exists, just exits).
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info(`${signal}: draining (grace ${options.shutdownGrace}s)`);
+    await server?.close(options.shutdownGrace * 1000);
+    log.info('stopped');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+
   try {
     server = await createServer(options, log);
     // listen() logs the address through the same logger.
@@ -33,20 +46,9 @@ async function main(): Promise<void> {
     log.fatal(isServeError(err) ? { code: err.code } : { err }, `failed to start: ${(err as Error)?.message ?? String(err)}`);
     process.exit(1);
   }
+  if (stopping) return;
   server.setReady(true);
   log.info({ model: server.runtime.modelId, lora_mode: options.loraMode }, 'ready');
-
-  let stopping = false;
-  const stop = async (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info(`${signal}: draining (grace ${options.shutdownGrace}s)`);
-    await server.close(options.shutdownGrace * 1000);
-    log.info('stopped');
-    process.exit(0);
-  };
-  process.on('SIGTERM', () => void stop('SIGTERM'));
-  process.on('SIGINT', () => void stop('SIGINT'));
 }
 
 main().catch((err: unknown) => {
