@@ -29,8 +29,9 @@
 # /adapters (LORA_SERVE_ADAPTER_DIR; uploads and the demo adapters are written there, so it must be
 # writable by uid 10001), tini as PID 1 (forwards SIGTERM so the server drains within
 # --shutdown-grace), and a HEALTHCHECK that uses node's fetch (no curl in the images).
-# Every server option is an environment variable LORA_SERVE_<FLAG_IN_UPPER_SNAKE> (src/cli.ts);
-# the backend is set by LORA_SERVE_BACKEND (not baked into CMD) so `-e LORA_SERVE_BACKEND=...` works.
+# Every server option is an environment variable LORA_SERVE_<FLAG_IN_UPPER_SNAKE> (src/cli.ts), or a flag:
+# the server is the ENTRYPOINT, so `docker run IMAGE --max-batch-size 8` passes flags to it (CMD is empty).
+# The backend is set by LORA_SERVE_BACKEND so `-e LORA_SERVE_BACKEND=...` (or `--backend`) works.
 # `npm ci --omit=dev` keeps tsx, a runtime dependency: the server runs TypeScript through it. Its install script builds
 # the native matmul addon (src/backend/wasm/addon, node-gyp: python3, make, g++ in the deps stages); the final stages copy only
 # the build output (an empty folder where the build failed, e.g. on arm64). On a CPU without AVX2/FMA (or where the build failed) the server uses the wasm kernels.
@@ -117,8 +118,8 @@ EXPOSE 3000
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.LORA_SERVE_PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["node", "--import", "tsx", "src/server/main.ts"]
+ENTRYPOINT ["/usr/bin/tini", "--", "node", "--import", "tsx", "src/server/main.ts"]
+CMD []
 
 # ---------------------------------------------------------------------------------------------
 # WebGPU image: the cpu image (its production node_modules hold Dawn, npm `webgpu`, and
@@ -171,5 +172,5 @@ EXPOSE 3000
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.LORA_SERVE_PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["node", "--import", "tsx", "src/server/main.ts"]
+ENTRYPOINT ["/usr/bin/tini", "--", "node", "--import", "tsx", "src/server/main.ts"]
+CMD []

@@ -2,7 +2,11 @@
  * Command-line and environment options. Every option is one row of `OPTIONS` (flag, env var,
  * default, help), so `--help`, the README and the tests read the same data.
  *
- * Precedence: flag > env `LORA_SERVE_<UPPER_SNAKE>` > default. Flags take `--name value` or
+ * Some options also take TGI's launcher names where the meaning is the same (`aliases`,
+ * `envAliases`: `--max-input-tokens`, `MODEL_ID`, `PORT`, ...), so a TGI command line or
+ * environment carries over.
+ *
+ * Precedence: flag (or its alias) > env `LORA_SERVE_<UPPER_SNAKE>` > an alias env var > default. Flags take `--name value` or
  * `--name=value`; a boolean flag alone means true. Byte sizes accept a plain integer or a suffix: KiB/MiB/GiB (1024) or KB/MB/GB (1000).
  */
 import { BACKENDS } from './backend/select.ts';
@@ -52,6 +56,10 @@ export interface OptionSpec {
   readonly secret?: boolean;
   /** Also takes `auto`: the runtime chooses from the machine (src/sizing.ts). */
   readonly auto?: boolean;
+  /** Other flag names (without --) with the same meaning: TGI's launcher names. */
+  readonly aliases?: readonly string[];
+  /** Other environment variables with the same meaning (TGI's), read when LORA_SERVE_* is unset; the first set wins. */
+  readonly envAliases?: readonly string[];
 }
 
 export const ENV_PREFIX = 'LORA_SERVE_';
@@ -62,9 +70,10 @@ function opt(flag: string, key: OptionSpec['key'], kind: Kind, def: OptionSpec['
 }
 
 export const OPTIONS: readonly OptionSpec[] = Object.freeze([
-  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty: the embedded demo model'),
-  opt('host', 'host', 'string', '127.0.0.1', 'Address to listen on (use 0.0.0.0 in a container)'),
-  opt('port', 'port', 'int', 3000, 'TCP port', { min: 0 }),
+  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty: the embedded demo model',
+    { aliases: ['model-id'], envAliases: ['MODEL_ID'] }),
+  opt('host', 'host', 'string', '127.0.0.1', 'Address to listen on (use 0.0.0.0 in a container)', { aliases: ['hostname'] }),
+  opt('port', 'port', 'int', 3000, 'TCP port', { min: 0, envAliases: ['PORT'] }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
   opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used; 0: never'),
@@ -76,10 +85,12 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('adapter-device-bytes', 'adapterDeviceBytes', 'bytes', 'auto', 'Device memory for adapters per model copy (auto: a quarter of the wasm heap the model leaves free, of the free host memory on cpu, 1GiB on other backends; 0: no byte limit)', { auto: true }),
   opt('adapter-host-bytes', 'adapterHostBytes', 'bytes', 256 * MiB, 'Host memory cache of validated adapters (an adapter is kept from its second load since start)'),
   opt('max-adapter-bytes', 'maxAdapterBytes', 'bytes', 64 * MiB, 'Largest adapter upload or download', { min: 1 }),
-  opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1 }),
+  opt('max-batch-size', 'maxBatchSize', 'int', 32, 'Sequences per forward step', { min: 1, envAliases: ['MAX_BATCH_SIZE'] }),
   opt('max-batch-tokens', 'maxBatchTokens', 'int', 2048, 'Tokens per forward step (prefill tokens + decode rows)', { min: 1 }),
-  opt('max-input-length', 'maxInputLength', 'int', 1024, 'Longest prompt, in tokens', { min: 1 }),
-  opt('max-total-tokens', 'maxTotalTokens', 'int', 2048, 'Longest prompt + generation, in tokens (and at most the model\'s max positions)', { min: 2 }),
+  opt('max-input-length', 'maxInputLength', 'int', 1024, 'Longest prompt, in tokens',
+    { min: 1, aliases: ['max-input-tokens'], envAliases: ['MAX_INPUT_TOKENS', 'MAX_INPUT_LENGTH'] }),
+  opt('max-total-tokens', 'maxTotalTokens', 'int', 2048, 'Longest prompt + generation, in tokens (and at most the model\'s max positions)',
+    { min: 2, envAliases: ['MAX_TOTAL_TOKENS'] }),
   opt('max-queue', 'maxQueue', 'int', 256, 'Requests waiting before new ones get 429', { min: 1 }),
   opt('max-new-tokens', 'maxNewTokens', 'int', 20, `Default max_new_tokens of /generate and /generate_stream (TGI clients' default); /v1/completions defaults to ${COMPLETION_DEFAULT_MAX_TOKENS}, chat to the remaining context`, { min: 1 }),
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
@@ -166,7 +177,7 @@ function parseValue(spec: OptionSpec, raw: string, source: string): string | num
   }
 }
 
-const BY_FLAG = new Map(OPTIONS.map((o) => [o.flag, o]));
+const BY_FLAG = new Map(OPTIONS.flatMap((o) => [o.flag, ...(o.aliases ?? [])].map((flag) => [flag, o] as const)));
 
 /** Options from argv (without node and the script) and the environment. Throws CliError on bad input. */
 export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): ServerOptions {
@@ -174,8 +185,8 @@ export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): S
   if (argv.includes('--help') || argv.includes('-h')) return Object.freeze({ ...DEFAULT_OPTIONS, help: true });
   const out: Record<string, unknown> = { ...DEFAULT_OPTIONS };
   for (const spec of OPTIONS) {
-    const raw = env[spec.env];
-    if (raw !== undefined) out[spec.key] = parseValue(spec, raw, spec.env);
+    const name = [spec.env, ...(spec.envAliases ?? [])].find((e) => env[e] !== undefined);
+    if (name !== undefined) out[spec.key] = parseValue(spec, env[name]!, name);
   }
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -222,7 +233,8 @@ function showDefault(spec: OptionSpec): string {
 export function helpText(): string {
   const rows = OPTIONS.map((o) => {
     const value = o.kind === 'choice' ? `<${o.choices!.join('|')}>` : o.kind === 'bool' ? '[true|false]' : `<${o.kind === 'string' ? 'value' : o.kind}${o.auto ? '|auto' : ''}>`;
-    return { left: `--${o.flag} ${value}`, help: o.help, meta: `env ${o.env}, default ${showDefault(o)}` };
+    const aliases = [...(o.aliases ?? []).map((a) => `--${a}`), ...(o.envAliases ?? []).map((e) => `env ${e}`)];
+    return { left: `--${o.flag} ${value}`, help: o.help, meta: `env ${o.env}, default ${showDefault(o)}${aliases.length ? `; TGI's names: ${aliases.join(', ')}` : ''}` };
   });
   const width = Math.max(...rows.map((r) => r.left.length)) + 2;
   const pad = ' '.repeat(width + 2);

@@ -8,6 +8,10 @@ export const ERRORS = {
   // --- request validation (HTTP layer, engine) ---
   VALIDATION: { status: 422, type: 'validation' },
   BAD_REQUEST: { status: 400, type: 'validation' },
+  /** A request field the API does not know (a typo, or another server's extension): the message lists the known ones. */
+  UNKNOWN_FIELD: { status: 422, type: 'validation' },
+  /** A known request field asking for something the server does not implement (README "HTTP API"). */
+  UNSUPPORTED_PARAMETER: { status: 422, type: 'validation' },
   INPUT_TOO_LONG: { status: 422, type: 'validation' },
   PAYLOAD_TOO_LARGE: { status: 413, type: 'payload_too_large' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, type: 'validation' },
@@ -61,7 +65,10 @@ export class ServeError extends Error {
   readonly code: ErrorCode;
   readonly status: number;
   readonly errorType: string;
-  /** Extra machine-readable fields (never internals); e.g. retryAfter seconds for OVERLOADED. */
+  /**
+   * Extra machine-readable fields (never internals): retryAfter seconds for OVERLOADED; `param`, the
+   * request field at fault (dotted path), which OpenAI-shaped error bodies report.
+   */
   readonly details?: Record<string, unknown>;
 
   constructor(code: ErrorCode, message: string, details?: Record<string, unknown>, options?: { cause?: unknown }) {

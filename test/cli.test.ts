@@ -158,3 +158,34 @@ test('--help lists every flag with its env var and default', () => {
   assert.match(text, /--adapter-host-bytes[\s\S]*default 256MiB/);
   assert.match(text, /--host[\s\S]*default 127\.0\.0\.1/);
 });
+
+/** TGI launcher names accepted where the meaning is the same, spelled out: flag or env var → option key, with a sample value. */
+const TGI_ALIASES: readonly [name: string, value: string, key: string, parsed: unknown][] = [
+  ['--model-id', '/models/llama', 'model', '/models/llama'],
+  ['MODEL_ID', '/models/llama', 'model', '/models/llama'],
+  ['--hostname', '0.0.0.0', 'host', '0.0.0.0'],
+  ['PORT', '8080', 'port', 8080],
+  ['MAX_BATCH_SIZE', '8', 'maxBatchSize', 8],
+  ['--max-input-tokens', '512', 'maxInputLength', 512],
+  ['MAX_INPUT_TOKENS', '512', 'maxInputLength', 512],
+  ['MAX_INPUT_LENGTH', '512', 'maxInputLength', 512],
+  ['MAX_TOTAL_TOKENS', '4096', 'maxTotalTokens', 4096],
+];
+
+test('TGI flag and env names: same meaning as the option; LORA_SERVE_* and flags win; --help lists them', () => {
+  const declared = OPTIONS.flatMap((o) => [...(o.aliases ?? []).map((a) => `--${a}`), ...(o.envAliases ?? [])]).sort();
+  assert.deepEqual(TGI_ALIASES.map((a) => a[0]).sort(), declared, 'one row per alias');
+  const help = helpText();
+  for (const [name, value, key, parsed] of TGI_ALIASES) {
+    const o = (name.startsWith('--') ? parseOptions([name, value], {}) : parseOptions([], { [name]: value })) as unknown as Record<string, unknown>;
+    assert.deepEqual(o[key], parsed, `${name}=${value}`);
+    assert.ok(help.includes(name.startsWith('--') ? name : `env ${name}`), `--help names ${name}`);
+  }
+  assert.equal(parseOptions([], { PORT: '8080', LORA_SERVE_PORT: '9000' }).port, 9000, 'LORA_SERVE_PORT wins over PORT');
+  assert.equal(parseOptions(['--port', '7000'], { PORT: '8080' }).port, 7000, 'a flag wins over PORT');
+  assert.equal(parseOptions([], { MAX_INPUT_TOKENS: '100', MAX_INPUT_LENGTH: '200' }).maxInputLength, 100, 'the newer TGI name first');
+  assert.throws(() => parseOptions([], { PORT: 'http' }), (e: CliError) => /invalid value "http" for PORT/.test(e.message));
+  // Names whose TGI meaning differs are not aliases: HOSTNAME (set by shells and Docker to the machine's name).
+  assert.equal(parseOptions([], { HOSTNAME: 'box' }).host, '127.0.0.1');
+  for (const flag of ['--max-batch-prefill-tokens', '--max-concurrent-requests']) assert.throws(() => parseOptions([flag, '10'], {}), CliError, flag);
+});

@@ -112,9 +112,9 @@ for (const name of ['gpu', 'cpu']) {
     assert.equal(env.get('LORA_SERVE_HOST'), '0.0.0.0');
     assert.equal(env.get('LORA_SERVE_ADAPTER_DIR'), '/adapters');
     assert.equal(env.get('LORA_SERVE_BACKEND'), name === 'gpu' ? 'tensorflow-gpu' : '${CPU_BACKEND}');
-    const cmd = s.lines.find((l) => /^CMD\s/i.test(l));
-    assert.equal(cmd, 'CMD ["node", "--import", "tsx", "src/server/main.ts"]');
-    assert.ok(s.lines.some((l) => /^ENTRYPOINT \["\/usr\/bin\/tini", "--"\]$/.test(l)), 'tini is PID 1');
+    // The server is the ENTRYPOINT, so `docker run IMAGE --flag value` adds flags instead of replacing the command.
+    assert.ok(s.lines.includes('ENTRYPOINT ["/usr/bin/tini", "--", "node", "--import", "tsx", "src/server/main.ts"]'), 'tini is PID 1 and runs the server');
+    assert.ok(s.lines.includes('CMD []'), 'no default arguments');
     for (const copy of s.lines.filter((l) => /^COPY\s/i.test(l) && !/--from=/.test(l))) {
       const srcs = copy.split(/\s+/).slice(1, -1);
       for (const src of srcs) assert.ok(existsSync(join(ROOT, src)), `COPY source ${src} exists`);
@@ -139,7 +139,12 @@ test('Dockerfile webgpu: the cpu image plus the Vulkan loader and libglvnd, the 
 
 test('Dockerfile: npm start is the command the images run', () => {
   const pkg = JSON.parse(read('package.json'));
-  assert.equal(pkg.scripts.start, 'node --import tsx src/server/main.ts');
+  // exec: npm's signals reach node itself, not a shell that would not pass them on.
+  assert.equal(pkg.scripts.start, 'exec node --import tsx src/server/main.ts');
+  for (const name of ['gpu', 'cpu']) {
+    const entrypoint = stage(name).lines.find((l) => /^ENTRYPOINT\s/i.test(l))!;
+    assert.deepEqual(JSON.parse(entrypoint.replace(/^ENTRYPOINT\s+/i, '')).slice(2), pkg.scripts.start.split(' ').slice(1), name);
+  }
   assert.ok(pkg.dependencies.tsx, 'tsx is a runtime dependency (npm ci --omit=dev keeps it)');
 });
 

@@ -185,7 +185,14 @@ test('the official openai client: completions, streaming, chat, models', async (
   const models = await client.models.list();
   const ids = models.data.map((m) => m.id);
   assert.ok(ids.includes('org/a5'));
+  const one = await client.models.retrieve('org/a5');
+  assert.deepEqual({ id: one.id, parent: (one as { parent?: string }).parent }, { id: 'org/a5', parent: models.data[0]!.id });
   await assert.rejects(client.completions.create({ model: 'org/missing', prompt: 'x', max_tokens: 2 }), (err: { status?: number }) => err.status === 404);
+  // Token-id prompts; fields the SDK types allow but the server does not implement are 400s naming the field.
+  const ids1 = await client.completions.create({ model: 'org/a2', prompt: [5, 6, 7], max_tokens: 2, temperature: 0 });
+  assert.equal(ids1.usage!.prompt_tokens, 3);
+  await assert.rejects(client.chat.completions.create({ model: 'org/a5', messages: [{ role: 'user', content: 'hi' }], response_format: { type: 'json_object' } }),
+    (err: { status?: number; param?: string; code?: string }) => err.status === 400 && err.param === 'response_format' && err.code === 'UNSUPPORTED_PARAMETER');
 });
 
 test('ignore_eos (extension) generates exactly max_new_tokens', async () => {

@@ -122,7 +122,9 @@ test('POST /generate: validation errors are 422 {error, error_type, code}', asyn
     [{ inputs: 'x', parameters: { top_p: 1.5 } }, 'VALIDATION', /top_p/],
     [{ inputs: 'x', parameters: { top_n_tokens: 9 } }, 'VALIDATION', /top_n_tokens/],
     [{ inputs: 'x', parameters: { stop: ['a', 'b', 'c', 'd', 'e'] } }, 'VALIDATION', /stop/],
-    [{ inputs: 'x', parameters: { best_of: 2 } }, 'VALIDATION', /best_of/],
+    [{ inputs: 'x', parameters: { best_of: 2 } }, 'UNSUPPORTED_PARAMETER', /^`parameters\.best_of`: best-of-n sampling is not supported; accepted: 1$/],
+    [{ inputs: 'x', parameters: { max_new_token: 5 } }, 'UNKNOWN_FIELD', /^unknown field `parameters\.max_new_token`; known fields of `parameters`: .*\bmax_new_tokens\b/],
+    [{ inputs: 'x', input: 'y' }, 'UNKNOWN_FIELD', /^unknown field `input`; known fields: adapter_id, inputs, parameters, stream$/],
     [{ inputs: 'x', parameters: { truncate: 1000 } }, 'VALIDATION', /truncate/],
     [{ inputs: 'word '.repeat(100) }, 'INPUT_TOO_LONG', /must have at most 64 tokens/],
     [{ inputs: 'word '.repeat(15), parameters: { max_new_tokens: 80 } }, 'INPUT_TOO_LONG', /must be <= 96/],
@@ -300,20 +302,26 @@ test('POST /v1/completions stream: data: chunks, finish_reason, usage, [DONE]', 
   assert.ok(chunks.every((c) => c.id === chunks[0].id && c.object === 'text_completion'));
 });
 
-test('OpenAI routes answer errors as {error: {message, type, param, code}}', async () => {
+test('OpenAI routes answer errors as {error: {message, type, param, code}}, validation errors with 400', async () => {
   const s = await build();
   const n2 = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', n: 2 }) });
-  assert.equal(n2.statusCode, 422);
-  assert.deepEqual(n2.json(), { error: { message: '`n` must be 1: one choice per request', type: 'validation', param: null, code: 'VALIDATION' } });
+  assert.equal(n2.statusCode, 400);
+  assert.deepEqual(n2.json(), { error: { message: '`n`: several choices per request is not supported; accepted: 1', type: 'validation', param: 'n', code: 'UNSUPPORTED_PARAMETER' } });
   const schema = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 5 }) });
-  assert.equal(schema.statusCode, 422);
+  assert.equal(schema.statusCode, 400);
   assert.equal(schema.json().error.code, 'VALIDATION');
+  assert.equal(schema.json().error.param, 'prompt');
+  const typo = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }], max_token: 5 }) });
+  assert.equal(typo.statusCode, 400);
+  assert.equal(typo.json().error.code, 'UNKNOWN_FIELD');
+  assert.equal(typo.json().error.param, 'max_token');
+  assert.match(typo.json().error.message, /^unknown field `max_token`; known fields: .*\bmax_tokens\b/);
   const long = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'word '.repeat(15), max_tokens: 80 }) });
-  assert.equal(long.statusCode, 422);
+  assert.equal(long.statusCode, 400);
   assert.equal(long.json().error.code, 'INPUT_TOO_LONG');
   assert.match(long.json().error.message, /^`prompt` tokens \+ `max_tokens` must be <= 96\. Given: \d+ `prompt` tokens and 80 `max_tokens`$/);
   const chat = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'word '.repeat(100) }] }) });
-  assert.equal(chat.statusCode, 422);
+  assert.equal(chat.statusCode, 400);
   assert.match(chat.json().error.message, /^`messages` must have at most 64 tokens\. Given: \d+$/);
   const unknown = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', model: 'nope' }) });
   assert.equal(unknown.statusCode, 404);
@@ -354,20 +362,22 @@ test('POST /v1/chat/completions: chat template, response, stream with role chunk
   assert.ok(chunks.every((c) => c.object === 'chat.completion.chunk'));
 });
 
-test('POST /v1/chat/completions: no chat template, bad content and tools are clear 422s', async () => {
+test('POST /v1/chat/completions: no chat template, bad content and tools are clear 400s', async () => {
   const noTemplate = await build({ tokenizer: 'gpt2' });
   const res = await noTemplate.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }] }) });
-  assert.equal(res.statusCode, 422);
+  assert.equal(res.statusCode, 400);
   assert.match(res.json().error.message, /no chat template/);
 
   const s = await build();
   const image = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }) });
-  assert.equal(image.statusCode, 422);
+  assert.equal(image.statusCode, 400);
   assert.match(image.json().error.message, /only text content parts/);
+  assert.equal(image.json().error.param, 'messages.0.content.0');
   const tools = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'user', content: 'Hi' }], tools: [{ type: 'function' }] }) });
-  assert.equal(tools.statusCode, 422);
+  assert.equal(tools.statusCode, 400);
+  assert.equal(tools.json().error.code, 'UNSUPPORTED_PARAMETER');
   const role = await s.inject({ method: 'POST', url: '/v1/chat/completions', ...json({ messages: [{ role: 'wizard', content: 'Hi' }] }) });
-  assert.equal(role.statusCode, 422);
+  assert.equal(role.statusCode, 400);
   assert.match(role.json().error.message, /Unknown role/);
 });
 
@@ -595,4 +605,111 @@ test('client disconnect aborts the engine request (streaming and not)', async ()
   } finally {
     await s.app.close();
   }
+});
+
+// ------------------------------------------------------------------------------------------------
+// Tokenizer, model retrieval, documents, HEAD /health
+
+test('POST /tokenize: every token with the piece of the input it covers; POST /detokenize inverts it', async () => {
+  const s = await build();
+  const tok = fixtureTokenizer('llama');
+  const inputs = 'hello wörld';
+  const res = await s.inject({ method: 'POST', url: '/tokenize', ...json({ inputs }) });
+  assert.equal(res.statusCode, 200);
+  const pieces: { id: number; text: string; start: number; stop: number }[] = res.json();
+  assert.deepEqual(pieces.map((p) => p.id), tok.encode(inputs));
+  assert.equal(pieces.map((p) => p.text).join(''), inputs);
+  for (const p of pieces) assert.equal(inputs.slice(p.start, p.stop), p.text);
+  assert.equal(pieces[0]!.start, 0);
+  assert.equal(pieces.at(-1)!.stop, inputs.length);
+  const bare = await s.inject({ method: 'POST', url: '/tokenize', ...json({ inputs, add_special_tokens: false }) });
+  assert.deepEqual(bare.json().map((p: { id: number }) => p.id), tok.encode(inputs, { addSpecialTokens: false }));
+
+  const ids = tok.encode(inputs, { addSpecialTokens: false });
+  const de = await s.inject({ method: 'POST', url: '/detokenize', ...json({ tokens: ids }) });
+  assert.deepEqual(de.json(), { prompt: inputs });
+  const bad = await s.inject({ method: 'POST', url: '/detokenize', ...json({ tokens: [1, tok.vocabSize] }) });
+  assert.equal(bad.statusCode, 422);
+  assert.match(bad.json().error, /^`tokens\.1`: token id \d+ is not below the vocabulary size/);
+  const typo = await s.inject({ method: 'POST', url: '/tokenize', ...json({ input: 'x' }) });
+  assert.equal(typo.statusCode, 422);
+});
+
+test('POST /v1/completions: token-id prompts are used as given; several prompts are refused', async () => {
+  const s = await build();
+  const tok = fixtureTokenizer('llama');
+  const ids = tok.encode('hello world', { addSpecialTokens: false });
+  for (const prompt of [ids, [ids]]) {
+    const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt, echo: true }) });
+    assert.equal(res.statusCode, 200);
+    assert.deepEqual(s.engine.requests.at(-1)!.inputIds, ids);
+    assert.match(res.json().choices[0].text, /^hello world/);
+  }
+  for (const prompt of [['a', 'b'], [ids, ids]]) {
+    const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt }) });
+    assert.equal(res.statusCode, 400);
+    assert.deepEqual(res.json().error, { message: '`prompt`: a list of 2 prompts; send one prompt per request', type: 'validation', param: 'prompt', code: 'UNSUPPORTED_PARAMETER' });
+  }
+  const out = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: [tok.vocabSize] }) });
+  assert.equal(out.statusCode, 400);
+  assert.equal(out.json().error.param, 'prompt.0');
+});
+
+test('GET /v1/models/{id}: the base model or an adapter (ids with a slash, encoded or not); unknown ids 404', async () => {
+  const s = await build();
+  const base = await s.inject({ method: 'GET', url: `/v1/models/${BASE_MODEL}` });
+  assert.equal(base.statusCode, 200);
+  assert.equal(base.json().id, BASE_MODEL);
+  assert.equal(base.json().parent, undefined);
+  for (const url of ['/v1/models/org/style', '/v1/models/org%2Fstyle']) {
+    const res = await s.inject({ method: 'GET', url });
+    assert.equal(res.statusCode, 200, url);
+    assert.deepEqual({ id: res.json().id, parent: res.json().parent, object: res.json().object }, { id: 'org/style', parent: BASE_MODEL, object: 'model' });
+  }
+  const empty = await s.inject({ method: 'GET', url: '/v1/models/' });
+  assert.equal(empty.statusCode, 404);
+  assert.equal(empty.json().error.code, 'NOT_FOUND');
+  const missing = await s.inject({ method: 'GET', url: '/v1/models/org/missing' });
+  assert.equal(missing.statusCode, 404);
+  assert.equal(missing.json().error.code, 'ADAPTER_NOT_FOUND');
+});
+
+test('GET /openapi.json is the document of /openapi.yaml, Swagger UI at /docs shows it from local files; HEAD /health answers like GET without a body', async () => {
+  const s = await build();
+  const yaml = await s.inject({ method: 'GET', url: '/openapi.yaml' });
+  const jsonDoc = await s.inject({ method: 'GET', url: '/openapi.json' });
+  assert.equal(jsonDoc.statusCode, 200);
+  const doc = (await import('yaml')).parse(yaml.body);
+  assert.deepEqual(jsonDoc.json(), doc);
+  // Swagger UI's pages are not API operations: app.inject, not the openapi.yaml-checking inject.
+  const page = await s.app.inject({ method: 'GET', url: '/docs/' });
+  assert.equal(page.statusCode, 200);
+  assert.match(String(page.headers['content-type']), /^text\/html/);
+  for (const src of page.body.matchAll(/(?:src|href)="([^"]+)"/g)) {
+    assert.doesNotMatch(src[1]!, /^(https?:)?\/\//, `Swagger UI loads ${src[1]} from elsewhere`);
+    const asset = await s.app.inject({ method: 'GET', url: new URL(src[1]!, 'http://x/docs/').pathname });
+    assert.equal(asset.statusCode, 200, src[1]);
+  }
+  assert.deepEqual((await s.app.inject({ method: 'GET', url: '/docs/json' })).json(), doc);
+  const head = await s.inject({ method: 'HEAD', url: '/health' });
+  assert.equal(head.statusCode, 200);
+  s.setReady(false);
+  const notReady = await s.inject({ method: 'HEAD', url: '/health' });
+  assert.equal(notReady.statusCode, 503);
+});
+
+test('POST / (TGI compatibility route): stream false answers as /generate, stream true as /generate_stream', async () => {
+  const s = await build();
+  const plain = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', parameters: { details: true }, stream: false }) });
+  assert.equal(plain.statusCode, 200);
+  assert.equal(plain.json().generated_text, ' Hello world');
+  assert.equal(plain.json().details.finish_reason, 'eos_token');
+  const absent = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi' }) });
+  assert.equal(absent.json().generated_text, ' Hello world');
+  const streamed = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', stream: true }) });
+  assert.equal(streamed.statusCode, 200);
+  assert.match(String(streamed.headers['content-type']), /^text\/event-stream/);
+  assert.equal(JSON.parse(sseData(streamed.body).at(-1)!).generated_text, ' Hello world');
+  const bad = await s.inject({ method: 'POST', url: '/', ...json({ inputs: 'Hi', stream: true, parameters: { decoder_input_details: true } }) });
+  assert.equal(bad.statusCode, 422);
 });

@@ -11,7 +11,7 @@ import YAML from 'yaml';
 import { registeredRoutes } from '../src/server/app.ts';
 import { build, docValidator, OPENAPI_PATH } from './helpers/app.ts';
 
-const METHODS = ['get', 'put', 'post', 'delete', 'patch'];
+const METHODS = ['get', 'head', 'put', 'post', 'delete', 'patch'];
 
 test('openapi.yaml is the document GET /openapi.yaml serves', async () => {
   const { app, inject } = await build({ validate: false });

@@ -36,13 +36,12 @@ test('tgiSampling: TGI rules for implied sampling and ranges', () => {
   }
 });
 
-test('openAISampling: temperature 0 is greedy and ignores the warpers; otherwise it samples; n must be 1', () => {
+test('openAISampling: temperature 0 is greedy and ignores the warpers; otherwise it samples', () => {
   const greedy = openAISampling({ temperature: 0, top_p: 0.5, top_k: 3, seed: 1 }, 0);
   assert.deepEqual({ ...greedy }, { ...DEFAULT_SAMPLING, seed: 1 });
   const sampled = openAISampling({ top_p: 0.9, frequency_penalty: 0.5, seed: 2 }, 3);
   assert.deepEqual({ ...sampled }, { ...DEFAULT_SAMPLING, doSample: true, topP: 0.9, frequencyPenalty: 0.5, seed: 2, topNTokens: 3 });
   assert.equal(openAISampling({}, 0).doSample, true);
-  assert.throws(() => openAISampling({ n: 2 }, 0), isValidation);
   assert.throws(() => openAISampling({ top_p: 2 }, 0), isValidation);
 });
 

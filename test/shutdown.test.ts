@@ -22,15 +22,15 @@ test('--help lists the flags; a bad flag exits 2 with a clear message', () => {
   assert.match(bad.stderr, /backend/);
 });
 
-test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0', async () => {
+test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0; one JSON log line per event, a summary per request', async () => {
   const child = spawn(process.execPath, [...MAIN, '--model', join(tmp.dir, 'model'), '--adapter-dir', join(tmp.dir, 'adapters'),
-    '--port', '0', '--backend', 'wasm', '--shutdown-grace', '20', '--log-level', 'silent'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    '--port', '0', '--backend', 'wasm', '--shutdown-grace', '20', '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let out = '';
   const url = await new Promise<string>((resolve, reject) => {
     child.stdout.on('data', (d) => {
       out += d;
-      const m = /listening on (http:\/\/[^\s"]+)/.exec(out);
+      const m = /"msg":"listening on (http:\/\/[^\s"]+)/.exec(out);
       if (m) resolve(m[1]!);
     });
     child.on('exit', () => reject(new Error(`server exited early: ${out}`)));
@@ -57,6 +57,17 @@ test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0', async (
   assert.equal(last.details.generated_tokens, 60);
   assert.match(await refused!, /^(ECONNREFUSED|ECONNRESET|EPIPE|503)$/, 'a new request after SIGTERM is refused');
   assert.equal(await exited, 0);
+
+  const lines = out.trim().split('\n').map((l) => JSON.parse(l) as Record<string, any>);
+  assert.ok(lines.every((l) => typeof l.time === 'string' && typeof l.level === 'number' && typeof l.msg === 'string'), 'every line is a pino JSON line');
+  assert.ok(lines.some((l) => /^loaded llama from /.test(l.msg)), 'start-up messages go through the same logger');
+  const summary = lines.find((l) => l.msg === 'request' && l.url === '/generate_stream');
+  assert.ok(summary, out.slice(-2000));
+  assert.deepEqual(
+    { status: summary.status, adapter: summary.adapter, generated_tokens: summary.generated_tokens, finish_reason: summary.finish_reason },
+    { status: 200, adapter: 'base', generated_tokens: 60, finish_reason: 'length' });
+  assert.ok(summary.prompt_tokens > 0 && summary.queue_s >= 0 && summary.generation_s > 0 && summary.ms > 0, JSON.stringify(summary));
+  assert.ok(!lines.some((l) => l.msg === 'incoming request' || l.msg === 'request completed'), 'one line per request, not fastify\'s two');
 });
 
 /**
@@ -81,3 +92,32 @@ async function refusedAfterSignal(url: string): Promise<string> {
   }
   return 'still accepting after 2 s';
 }
+
+test('npm start: SIGTERM to npm reaches the server, which drains and exits (no orphaned node process)', async () => {
+  const child = spawn('npm', ['start', '--silent', '--', '--model', join(tmp.dir, 'model'), '--adapter-dir', join(tmp.dir, 'adapters'),
+    '--port', '0', '--backend', 'wasm', '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const serverPid = await new Promise<number>((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /"pid":(\d+),[^\n]*"msg":"listening on /.exec(out);
+      if (m) resolve(Number(m[1]));
+    });
+    child.on('exit', () => reject(new Error(`npm start exited early: ${out}`)));
+  });
+  assert.notEqual(serverPid, child.pid, 'the server is npm\'s child process');
+  child.kill('SIGTERM');
+  const alive = () => {
+    try {
+      process.kill(serverPid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  for (let i = 0; i < 100 && alive(); i++) await new Promise((r) => setTimeout(r, 100));
+  const orphaned = alive();
+  if (orphaned) process.kill(serverPid, 'SIGKILL'); // so a failure does not leave it running
+  assert.equal(orphaned, false, `the server (pid ${serverPid}) outlived npm start`);
+  assert.match(out, /"msg":"SIGTERM: draining/);
+});

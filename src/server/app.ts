@@ -4,10 +4,11 @@
  * plain-data contracts and formats responses. It never touches a tensor.
  *
  * One error handler answers every error as `{error, error_type, code}` (OpenAI routes:
- * `{error: {message, type, param, code}}`) with the status of the error catalogue.
+ * `{error: {message, type, param, code}}`) with the status of the error catalogue (OpenAI routes:
+ * 400 for request validation, `responseStatus`).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
 import type { WebGPUAdapter } from '../backend/webgpu/init.ts';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
@@ -17,12 +18,13 @@ import type { Metrics } from '../obs/metrics.ts';
 import type { TextTokenizer } from '../text/tokenizer.ts';
 import { lingerOnClose } from './linger.ts';
 import { adapterRoutes } from './routes/adapters.ts';
-import { openAIErrorBody, publicErrorBody } from './routes/common.ts';
+import { openAIErrorBody, publicErrorBody, requestSummary, responseStatus } from './routes/common.ts';
 import { generateRoutes } from './routes/generate.ts';
 import { openAIRoutes } from './routes/openai.ts';
 import { openApiRoutes, recordRoute, type RouteRecord } from './routes/openapi.ts';
 import { serviceRoutes } from './routes/service.ts';
 import { vllmRoutes } from './routes/vllm.ts';
+import { tokenizeRoutes } from './routes/tokenize.ts';
 
 /** What /info reports beyond the request limits of `AppOptions`. */
 export interface ServerInfo {
@@ -85,9 +87,8 @@ export interface AppDeps {
 }
 
 export interface BuildOptions {
-  /** fastify's logger option (default: off, or pino at `logLevel`). */
-  readonly logger?: FastifyServerOptions['logger'];
-  readonly logLevel?: string;
+  /** The process's logger (pino); absent: no logging. */
+  readonly loggerInstance?: FastifyBaseLogger;
 }
 
 function sha256(s: string): Buffer {
@@ -98,7 +99,6 @@ function sha256(s: string): Buffer {
 function toServeError(err: unknown): ServeError {
   if (isServeError(err)) return err;
   const e = err as Partial<FastifyError>;
-  if (e.validation) return fail('VALIDATION', e.message ?? 'invalid request');
   const status = e.statusCode ?? 500;
   if (typeof e.code === 'string' && e.code.startsWith('FST_') && status >= 400 && status < 500) {
     if (status === 413) return fail('PAYLOAD_TOO_LARGE', e.message ?? 'request body too large');
@@ -109,17 +109,27 @@ function toServeError(err: unknown): ServeError {
 }
 
 /**
- * One readable line per request validation failure: `parameters.max_new_tokens` must be integer.
- * The `anyOf`/`null` alternatives of nullable fields are dropped from the message.
+ * A request validation failure as one coded error. A field the schema does not declare is
+ * UNKNOWN_FIELD, with the known fields of its object listed; anything else is VALIDATION, one
+ * readable line per failure (`parameters.max_new_tokens` must be integer), the `anyOf`/`null`
+ * alternatives of nullable fields dropped. `param` is the (first) field at fault, dotted.
  */
 function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: string): Error {
+  const dotted = (e: FastifySchemaValidationError) => e.instancePath.replace(/^\//, '').replaceAll('/', '.');
+  const where = dataVar === 'body' ? '' : `${dataVar}: `;
+  const unknown = errors.find((e) => e.keyword === 'additionalProperties');
+  if (unknown) {
+    const parent = dotted(unknown);
+    const param = `${parent ? `${parent}.` : ''}${String(unknown.params.additionalProperty)}`;
+    // ajv's verbose mode gives the object's schema: its properties are the known fields.
+    const known = Object.keys((unknown as { parentSchema?: { properties?: object } }).parentSchema?.properties ?? {}).sort();
+    return fail('UNKNOWN_FIELD', `${where}unknown field \`${param}\`; known fields${parent ? ` of \`${parent}\`` : ''}: ${known.join(', ')}`, { param });
+  }
   const useful = errors.filter((e) => e.keyword !== 'anyOf' && !(e.keyword === 'type' && e.params.type === 'null'));
-  const lines = (useful.length > 0 ? useful : errors).map((e) => {
-    const path = e.instancePath.replace(/^\//, '').replaceAll('/', '.');
-    return `${path ? `\`${path}\` ` : ''}${e.message ?? 'is invalid'}`;
-  });
-  const text = [...new Set(lines)].join('; ');
-  return new Error(dataVar === 'body' ? text : `${dataVar}: ${text}`);
+  const shown = useful.length > 0 ? useful : errors;
+  const lines = shown.map((e) => `${dotted(e) ? `\`${dotted(e)}\` ` : ''}${e.message ?? 'is invalid'}`);
+  const param = shown.map(dotted).find((p) => p !== '');
+  return fail('VALIDATION', `${where}${[...new Set(lines)].join('; ')}`, param ? { param } : undefined);
 }
 
 /** OpenAI-compatible routes answer errors in OpenAI's shape. */
@@ -136,11 +146,14 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: opts.logger ?? (opts.logLevel ? { level: opts.logLevel } : false),
+    ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
+    // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
+    disableRequestLogging: true,
     bodyLimit: deps.options.bodyLimitBytes,
     exposeHeadRoutes: false,
     // Strict JSON: no "5" for 5, as TGI and OpenAI reject it too. Query strings are declared as strings.
-    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+    // verbose: errors carry their schema, so an unknown field's message can list the known ones.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, verbose: true } },
     schemaErrorFormatter: formatSchemaErrors,
   });
 
@@ -170,17 +183,22 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   });
 
   app.addHook('onResponse', async (request, reply) => {
-    deps.metrics.httpRequest(request.routeOptions.url ?? 'unmatched', request.method, reply.statusCode, reply.elapsedTime / 1000);
+    const route = request.routeOptions.url ?? 'unmatched';
+    deps.metrics.httpRequest(route, request.method, reply.statusCode, reply.elapsedTime / 1000);
+    // Probes and scrapes come every few seconds: their lines are debug.
+    const quiet = route === '/health' || route === '/metrics';
+    request.log[quiet ? 'debug' : 'info'](requestSummary(request, reply), 'request');
   });
 
   app.setErrorHandler((err, request, reply) => {
     const e = toServeError(err);
-    const { status, body } = publicErrorBody(e);
+    const openai = isOpenAIRoute(request);
+    const status = responseStatus(e.code, openai);
     if (status >= 500) request.log.error({ err }, 'request failed');
     const retryAfter = e.details?.retryAfter;
     if (typeof retryAfter === 'number') reply.header('retry-after', String(Math.ceil(retryAfter)));
     if (e.code === 'UNAUTHORIZED') reply.header('www-authenticate', 'Bearer');
-    return reply.code(status).type('application/json; charset=utf-8').send(isOpenAIRoute(request) ? openAIErrorBody(body) : body);
+    return reply.code(status).type('application/json; charset=utf-8').send(openai ? openAIErrorBody(e) : publicErrorBody(e).body);
   });
 
   app.setNotFoundHandler((request) => {
@@ -191,7 +209,8 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   openAIRoutes(app, deps);
   vllmRoutes(app, deps);
   await app.register(async (scope) => adapterRoutes(scope, deps));
+  tokenizeRoutes(app, deps);
   serviceRoutes(app, deps);
-  openApiRoutes(app, routes);
+  await openApiRoutes(app, routes);
   return app;
 }

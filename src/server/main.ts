@@ -1,10 +1,12 @@
 /**
  * The process entry point: parse options, build the server, listen, and shut down gracefully on
- * SIGTERM/SIGINT (stop accepting, let in-flight requests finish within --shutdown-grace).
+ * SIGTERM/SIGINT (stop accepting, let in-flight requests finish within --shutdown-grace). Once the
+ * options are read, everything is logged by one pino logger (JSON lines on stdout), the one the
+ * HTTP app logs with; a bad command line is a usage message on stderr.
  */
 import { CliError, helpText, parseOptions, type ServerOptions } from '../cli.ts';
 import { isServeError } from '../errors.ts';
-import { createServer } from './server.ts';
+import { createLogger, createServer, type Server } from './server.ts';
 
 async function main(): Promise<void> {
   let options: ServerOptions;
@@ -21,27 +23,35 @@ async function main(): Promise<void> {
     process.stdout.write(helpText());
     return;
   }
-  const log = (msg: string) => process.stdout.write(`${JSON.stringify({ time: new Date().toISOString(), msg })}\n`);
-  const server = await createServer(options, log);
-  const address = await server.app.listen({ host: options.host, port: options.port });
-  server.setReady(true);
-  log(`listening on ${address} (model ${server.runtime.modelId}, lora mode ${options.loraMode})`);
-
+  const log = createLogger(options.logLevel);
+  let server: Server | undefined;
+  // Installed before listening, so a signal at any point drains (or, before the server exists, just exits).
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
-    log(`${signal}: draining (grace ${options.shutdownGrace}s)`);
-    await server.close(options.shutdownGrace * 1000);
-    log('stopped');
+    log.info(`${signal}: draining (grace ${options.shutdownGrace}s)`);
+    await server?.close(options.shutdownGrace * 1000);
+    log.info('stopped');
     process.exit(0);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+
+  try {
+    server = await createServer(options, log);
+    // listen() logs the address through the same logger.
+    await server.app.listen({ host: options.host, port: options.port, listenTextResolver: (address) => `listening on ${address}` });
+  } catch (err) {
+    log.fatal(isServeError(err) ? { code: err.code } : { err }, `failed to start: ${(err as Error)?.message ?? String(err)}`);
+    process.exit(1);
+  }
+  if (stopping) return;
+  server.setReady(true);
+  log.info({ model: server.runtime.modelId, lora_mode: options.loraMode }, 'ready');
 }
 
 main().catch((err: unknown) => {
-  const msg = isServeError(err) ? `${err.code}: ${err.message}` : (err as Error)?.stack ?? String(err);
-  process.stderr.write(`failed to start: ${msg}\n`);
+  process.stderr.write(`failed to start: ${(err as Error)?.stack ?? String(err)}\n`);
   process.exit(1);
 });

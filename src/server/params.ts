@@ -73,15 +73,15 @@ export function tgiSampling(p: TgiSampling): SamplingParams {
 
 /** The sampling fields /v1/completions and /v1/chat/completions share. */
 type OpenAISampling = Pick<CompletionRequestBody & ChatCompletionRequestBody, 'temperature' | 'top_p' | 'top_k' | 'repetition_penalty'
-  | 'frequency_penalty' | 'presence_penalty' | 'n' | 'seed'>;
+  | 'frequency_penalty' | 'presence_penalty' | 'seed'>;
 
 /**
  * OpenAI sampling fields → `SamplingParams`, by TGI's rules above with OpenAI's defaults:
  * `temperature: 0` is greedy (the warpers are then ignored), anything else samples.
- * `topN` is the number of alternatives asked for (`logprobs`, `top_logprobs`).
+ * `topN` is the number of alternatives asked for (`logprobs`, `top_logprobs`). (`n` other than 1
+ * is refused before: src/server/fields.ts.)
  */
 export function openAISampling(b: OpenAISampling, topN: number): SamplingParams {
-  if ((b.n ?? 1) !== 1) throw fail('VALIDATION', '`n` must be 1: one choice per request');
   const greedy = b.temperature === 0;
   return tgiSampling({
     do_sample: !greedy,

@@ -4,10 +4,14 @@
  * `title` makes it a named component). Field names follow TGI/LoRAX and OpenAI exactly.
  *
  * Request schemas check types and structure only; value ranges of the sampling parameters are
- * checked by src/server/params.ts (one place, TGI's rules). Unknown request fields are ignored,
- * as TGI (serde) and OpenAI-compatible servers do.
+ * checked by src/server/params.ts (one place, TGI's rules). Request objects are closed
+ * (`additionalProperties: false`): an unknown field is refused (UNKNOWN_FIELD) rather than ignored,
+ * so a typo never silently falls back to a default. Fields that clients send but whose feature is
+ * not implemented are declared here (typed loosely, `Unknown`) and accepted only at their default
+ * value (src/server/fields.ts).
  */
-import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { Type, type Static, type TOptional, type TSchema, type TUnknown } from '@sinclair/typebox';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly as DefaultOnlyRule } from './fields.ts';
 /** TGI's `--max-stop-sequences` default. */
 export const MAX_STOP_SEQUENCES = 4;
 /** TGI's `--max-top-n-tokens` default: the most alternatives a token reports. */
@@ -21,6 +25,11 @@ const Enum = <const T extends readonly string[]>(values: T, options: { title?: s
   Type.Unsafe<T[number]>({ type: 'string', enum: [...values], ...options });
 /** Optional, and `null` means absent (JSON clients send both). */
 const Opt = <T extends TSchema>(schema: T) => Type.Optional(Nullable(schema));
+/** A request object: unknown fields are refused. */
+const Closed = { additionalProperties: false } as const;
+/** Fields accepted only at their default value (src/server/fields.ts), typed loosely: the table checks the value. */
+const defaultOnly = <T extends Record<string, DefaultOnlyRule>>(table: T) => Object.fromEntries(Object.entries(table).map(([name, rule]) =>
+  [name, Type.Optional(Type.Unknown({ description: `Not supported (${rule.feature}): accepted only as ${rule.accepted}` }))])) as { [K in keyof T]: TOptional<TUnknown> };
 
 // ------------------------------------------------------------------------------------------------
 // Errors
@@ -35,7 +44,7 @@ export const OpenAIErrorBody = Type.Object({
   error: Type.Object({
     message: Type.String(),
     type: Type.String({ description: 'The error_type of the catalogue' }),
-    param: Type.Null(),
+    param: Nullable(Type.String({ description: 'The request field at fault, when one is (dotted path)' })),
     code: Type.String({ description: 'The catalogue code' }),
   }),
 }, { title: 'OpenAIErrorBody' });
@@ -61,15 +70,17 @@ export const GenerateParameters = Type.Object({
   details: Opt(Type.Boolean()),
   decoder_input_details: Opt(Type.Boolean({ description: 'Prompt token logprobs in details.prefill (not on /generate_stream)' })),
   top_n_tokens: Opt(Type.Integer({ description: `0-${MAX_TOP_N_TOKENS}` })),
-  best_of: Opt(Type.Integer({ minimum: 1, maximum: 1, description: 'Only 1 is supported' })),
   ignore_eos: Opt(Type.Boolean({ description: 'Extension (as vLLM): keep generating past eos up to max_new_tokens (benchmarks)' })),
-}, { title: 'GenerateParameters' });
+  ignore_eos_token: Opt(Type.Boolean({ description: 'LoRAX\'s name of ignore_eos; both must agree' })),
+  ...defaultOnly(TGI_PARAMETERS),
+}, { title: 'GenerateParameters', ...Closed });
 
 export const GenerateRequest = Type.Object({
   inputs: Type.String(),
   adapter_id: Opt(Type.String({ description: 'LoRAX: may be given here or in parameters; both must agree' })),
   parameters: Opt(GenerateParameters),
-}, { title: 'GenerateRequest' });
+  stream: Opt(Type.Boolean({ description: 'Sent by TGI/LoRAX clients: false on /generate, true on /generate_stream' })),
+}, { title: 'GenerateRequest', ...Closed });
 export type GenerateRequestBody = Static<typeof GenerateRequest>;
 
 export const FinishReason = Enum(['length', 'eos_token', 'stop_sequence'], { title: 'FinishReason' });
@@ -133,29 +144,44 @@ const OpenAISampling = {
   repetition_penalty: Opt(Type.Number({ description: 'Extension (vLLM, LoRAX)' })),
   frequency_penalty: Opt(Type.Number()),
   presence_penalty: Opt(Type.Number()),
-  n: Opt(Type.Integer({ description: 'Only 1 is supported' })),
+  ignore_eos: Opt(Type.Boolean({ description: 'Extension (vLLM): keep generating past eos up to max_tokens' })),
   seed: Opt(Type.Integer()),
   stop: Stop,
   stream: Opt(Type.Boolean()),
-  stream_options: Opt(Type.Object({ include_usage: Opt(Type.Boolean()) })),
+  stream_options: Opt(Type.Object({
+    include_usage: Opt(Type.Boolean()),
+    ...defaultOnly(STREAM_OPTIONS),
+  }, Closed)),
+  user: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
+  ...defaultOnly(OPENAI_FIELDS),
 };
 
 export const CompletionRequest = Type.Object({
   ...OpenAISampling,
-  prompt: Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1, maxItems: 1 })], { description: 'One prompt (a string or a list of one string)' }),
+  prompt: Type.Union([
+    Type.String(),
+    Type.Array(Type.String(), { minItems: 1 }),
+    Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 }),
+    Type.Array(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 }), { minItems: 1 }),
+  ], { description: 'One prompt: a string or token ids, alone or in a list of one (a list of several is refused)' }),
   max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
   echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text' })),
-}, { title: 'CompletionRequest' });
+  ...defaultOnly(COMPLETION_FIELDS),
+}, { title: 'CompletionRequest', ...Closed });
 export type CompletionRequestBody = Static<typeof CompletionRequest>;
 
-const ContentPart = Type.Object({ type: Type.String(), text: Type.Optional(Type.String()) });
+const ContentPart = Type.Object({
+  type: Type.String({ description: 'Only "text"' }),
+  text: Type.Optional(Type.String()),
+}, Closed);
 
 export const ChatMessage = Type.Object({
   role: Type.String(),
   content: Opt(Type.Union([Type.String(), Type.Array(ContentPart)], { description: 'A string or a list of text parts' })),
-  name: Opt(Type.String()),
-}, { title: 'ChatMessage' });
+  name: Opt(Type.String({ description: 'Passed to the chat template as `message.name`' })),
+  ...defaultOnly(MESSAGE_FIELDS),
+}, { title: 'ChatMessage', ...Closed });
 
 export const ChatCompletionRequest = Type.Object({
   ...OpenAISampling,
@@ -164,8 +190,14 @@ export const ChatCompletionRequest = Type.Object({
   max_completion_tokens: Opt(Type.Integer({ minimum: 1, description: 'Newer name of max_tokens; wins when both are given' })),
   logprobs: Opt(Type.Boolean()),
   top_logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
-  tools: Opt(Type.Array(Type.Unknown(), { maxItems: 0, description: 'Tool calling is not supported' })),
-}, { title: 'ChatCompletionRequest' });
+  parallel_tool_calls: Opt(Type.Boolean({ description: 'Accepted; no effect (tool calling is not supported)' })),
+  metadata: Opt(Type.Record(Type.String(), Type.String(), { description: 'Accepted; tags for stored completions, no effect here' })),
+  prompt_cache_key: Opt(Type.String({ description: 'Accepted; a cache-routing hint, no effect on the output' })),
+  prompt_cache_retention: Opt(Type.String({ description: 'Accepted; a prompt-cache hint, no effect on the output' })),
+  prompt_cache_options: Opt(Type.Record(Type.String(), Type.Unknown(), { description: 'Accepted; prompt-cache hints, no effect on the output' })),
+  safety_identifier: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
+  ...defaultOnly(CHAT_FIELDS),
+}, { title: 'ChatCompletionRequest', ...Closed });
 export type ChatCompletionRequestBody = Static<typeof ChatCompletionRequest>;
 
 export const OpenAIFinishReason = Enum(['stop', 'length'], { title: 'OpenAIFinishReason' });
@@ -259,6 +291,30 @@ export const ModelList = Type.Object({
   object: Type.Literal('list'),
   data: Type.Array(ModelCard),
 }, { title: 'ModelList' });
+
+// ------------------------------------------------------------------------------------------------
+// Tokenizer: POST /tokenize (TGI), POST /detokenize (vLLM)
+
+export const TokenizeRequest = Type.Object({
+  inputs: Type.String(),
+  add_special_tokens: Opt(Type.Boolean({ description: 'Default true: special tokens (e.g. BOS) added as the tokenizer files say' })),
+}, { title: 'TokenizeRequest', ...Closed });
+export type TokenizeRequestBody = Static<typeof TokenizeRequest>;
+
+export const TokenizeResponse = Type.Array(Type.Object({
+  id: Type.Integer(),
+  text: Type.String({ description: 'The piece of the input this token covers (empty for added special tokens)' }),
+  start: Type.Integer({ description: 'UTF-16 offset of the piece in the decoded input' }),
+  stop: Type.Integer({ description: 'Exclusive end offset' }),
+}, { title: 'SimpleToken' }), { title: 'TokenizeResponse' });
+
+export const DetokenizeRequest = Type.Object({
+  tokens: Type.Array(Type.Integer({ minimum: 0 }), { description: 'Token ids, each below the tokenizer\'s vocabulary size' }),
+  skip_special_tokens: Opt(Type.Boolean({ description: 'Default false' })),
+}, { title: 'DetokenizeRequest', ...Closed });
+export type DetokenizeRequestBody = Static<typeof DetokenizeRequest>;
+
+export const DetokenizeResponse = Type.Object({ prompt: Type.String({ description: 'The decoded text' }) }, { title: 'DetokenizeResponse' });
 
 // ------------------------------------------------------------------------------------------------
 // Adapters

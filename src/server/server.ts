@@ -1,5 +1,6 @@
 /** Builds the whole server (runtime + HTTP app) from options; main.ts listens, tests and benchmarks reuse it. */
 import type { FastifyInstance } from 'fastify';
+import { pino, type Logger } from 'pino';
 import type { ServerOptions } from '../cli.ts';
 import { webgpuCounts } from '../backend/webgpu/counters.ts';
 import { Metrics } from '../obs/metrics.ts';
@@ -18,7 +19,16 @@ export interface Server {
   close(graceMs?: number): Promise<void>;
 }
 
-export async function createServer(options: ServerOptions, log: (msg: string) => void = () => {}): Promise<Server> {
+/** The process's logger: pino JSON lines on stdout with ISO times. */
+export function createLogger(level: ServerOptions['logLevel']): Logger {
+  return pino({ level, timestamp: pino.stdTimeFunctions.isoTime });
+}
+
+/**
+ * `logger` is the one logger of the process: start-up messages, fastify's own and the per-request
+ * lines all go through it (default: pino at `options.logLevel`, JSON lines on stdout).
+ */
+export async function createServer(options: ServerOptions, logger: Logger = createLogger(options.logLevel)): Promise<Server> {
   let runtime: Runtime | null = null;
   const metrics = new Metrics({
     deviceMemory: () => runtime?.deviceMemory() ?? { numTensors: 0, numBytes: 0 },
@@ -29,7 +39,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
     compat: options.metricsCompat,
   });
   let ready = false;
-  runtime = await startRuntime(options, { log, metrics });
+  runtime = await startRuntime(options, { log: (msg) => logger.info(msg), metrics });
   const app = await buildApp({
     engine: runtime.engine,
     adapters: runtime.adapters,
@@ -46,7 +56,7 @@ export async function createServer(options: ServerOptions, log: (msg: string) =>
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
       ready: () => ready,
     },
-  }, { logger: options.logLevel === 'silent' ? false : { level: options.logLevel } });
+  }, { loggerInstance: logger });
   return {
     app, runtime, metrics,
     setReady: (r) => {

@@ -26,6 +26,8 @@ import type { ModelConfig } from '../model/types.ts';
 export interface ChatMessage {
   role: string;
   content: string;
+  /** The participant's name (OpenAI `messages[].name`), for templates that use it. */
+  name?: string;
 }
 
 /** The fields of a normalized config.json the tokenizer cares about. */
@@ -331,6 +333,29 @@ export class TextTokenizer {
       !(opts.skipSpecialTokens && this.specialIds.has(id)));
     if (kept.length === 0) return '';
     return this.tok.decode(kept, { skip_special_tokens: false, clean_up_tokenization_spaces: false });
+  }
+
+  /**
+   * Each token of `text` with its piece of the text (TGI's /tokenize): `[start, stop)` are UTF-16
+   * offsets into the decoded text, which is the input unless the tokenizer normalises it. A token
+   * that ends inside a multi-byte character has an empty piece and the next one carries the
+   * character. Added special tokens (e.g. BOS) are empty pieces where they are added.
+   */
+  pieces(text: string, opts: { addSpecialTokens?: boolean } = {}): { id: number; text: string; start: number; stop: number }[] {
+    const add = opts.addSpecialTokens !== false;
+    const decoder = this.createDecoder();
+    const out: { id: number; text: string; start: number; stop: number }[] = [];
+    let pos = 0;
+    const added = (id: number) => ({ id, text: '', start: pos, stop: pos });
+    if (add) out.push(...this.prefixIds.map(added));
+    const ids = this.encode(text, { addSpecialTokens: false });
+    ids.forEach((id, i) => {
+      const piece = decoder.push(id) + (i === ids.length - 1 ? decoder.flush() : '');
+      out.push({ id, text: piece, start: pos, stop: pos + piece.length });
+      pos += piece.length;
+    });
+    if (add) out.push(...this.suffixIds.map(added));
+    return out;
   }
 
   /** The text of one token as TGI reports it in details (the token decoded alone, specials kept). */

@@ -202,6 +202,10 @@ class DocValidator {
     const response = entry.item[m].responses[String(res.statusCode)];
     assert.ok(response, `${what}: status not documented`);
     const type = String(res.headers['content-type'] ?? '').split(';')[0]!.trim();
+    if (m === 'head') {
+      assert.equal(res.body, '', `${what}: a HEAD response has no body`);
+      return;
+    }
     const media = response.content?.[type];
     assert.ok(media, `${what}: content type ${type} not documented`);
     if (type === 'application/json') this.check(media.schema, res.json(), what);

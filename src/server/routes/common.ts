@@ -3,9 +3,9 @@
  * AbortSignal tied to the client connection, and SSE responses.
  */
 import { PassThrough } from 'node:stream';
-import type { FastifyReply } from 'fastify';
+import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
-import { errorBody, type ErrorCode, type ServeError } from '../../errors.ts';
+import { ERRORS, errorBody, fail, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 
@@ -19,9 +19,26 @@ export function publicErrorBody(err: ServeError): ReturnType<typeof errorBody> {
   return out;
 }
 
-/** The same error in OpenAI's shape. */
-export function openAIErrorBody(body: ReturnType<typeof errorBody>['body']) {
-  return { error: { message: body.error, type: body.error_type, param: null, code: body.code } };
+/** The same error in OpenAI's shape; `param` is the request field at fault, when the error names one. */
+export function openAIErrorBody(err: ServeError) {
+  const body = publicErrorBody(err).body;
+  const param = err.details?.param;
+  return { error: { message: body.error, type: body.error_type, param: typeof param === 'string' ? param : null, code: body.code } };
+}
+
+/**
+ * The status an error is answered with: the catalogue's, except that OpenAI routes answer request
+ * validation errors (422 in the catalogue, as TGI does) with 400, as OpenAI and vLLM do.
+ */
+export function responseStatus(code: ErrorCode, openai: boolean): number {
+  const e = ERRORS[code];
+  return openai && e.status === 422 && e.type === 'validation' ? 400 : e.status;
+}
+
+/** Refuses token ids the tokenizer cannot decode (`param`: the request field holding them). */
+export function checkTokenIds(deps: AppDeps, ids: readonly number[], param: string): void {
+  const i = ids.findIndex((id) => id >= deps.tokenizer.vocabSize);
+  if (i >= 0) throw fail('VALIDATION', `\`${param}.${i}\`: token id ${ids[i]} is not below the vocabulary size ${deps.tokenizer.vocabSize}`, { param: `${param}.${i}` });
 }
 
 /** null (the base model) for absent, "" or the base model's own id; else a validated adapter id. */
@@ -31,6 +48,36 @@ export function resolveAdapter(deps: AppDeps, id: string | null | undefined): st
 }
 
 export type EngineRequest = Omit<GenerateRequest, 'signal' | 'timeoutMs'>;
+
+/** How a generation request ended, for its log line: the result, or the error (a stream's may come after its 200). */
+interface Outcome {
+  readonly adapter: string | null;
+  result?: GenerationResult;
+  error?: ServeError;
+}
+const OUTCOMES = new WeakMap<FastifyRequest, Outcome>();
+
+/**
+ * The fields of a request's log line: method, route, status, milliseconds, and for a generation
+ * the adapter (`base` for the base model), tokens in and out, queue and generation seconds, finish
+ * reason, or the code of the error that ended a stream.
+ */
+export function requestSummary(request: FastifyRequest, reply: FastifyReply): Record<string, unknown> {
+  const o = OUTCOMES.get(request);
+  const r = o?.result;
+  return {
+    method: request.method,
+    url: request.url,
+    status: reply.statusCode,
+    ms: Math.round(reply.elapsedTime),
+    ...(o ? { adapter: o.adapter ?? 'base' } : {}),
+    ...(r ? {
+      prompt_tokens: r.promptTokens, generated_tokens: r.generatedTokens,
+      queue_s: +r.queueTimeS.toFixed(4), generation_s: +r.inferenceTimeS.toFixed(4), finish_reason: r.finishReason,
+    } : {}),
+    ...(o?.error ? { error: o.error.code } : {}),
+  };
+}
 
 /**
  * Hands the request to the engine with an AbortSignal that fires when the client goes away
@@ -43,7 +90,19 @@ export function submit(deps: AppDeps, reply: FastifyReply, req: EngineRequest, s
     if (!reply.raw.writableFinished) controller.abort();
   });
   const timeoutMs = deps.options.requestTimeoutMs;
-  deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, sink);
+  const outcome: Outcome = { adapter: req.adapterId };
+  OUTCOMES.set(reply.request, outcome);
+  deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, {
+    onToken: (token, text) => sink.onToken(token, text),
+    onDone(result) {
+      outcome.result = result;
+      sink.onDone(result);
+    },
+    onError(err) {
+      outcome.error = err;
+      sink.onError(err);
+    },
+  });
 }
 
 /** One generation to completion. */

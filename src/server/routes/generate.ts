@@ -1,16 +1,17 @@
-/** TGI / LoRAX generation: POST /generate and POST /generate_stream. */
-import type { FastifyInstance } from 'fastify';
+/** TGI / LoRAX generation: POST /generate, POST /generate_stream, and POST / (either, by `stream`). */
+import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
 import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
 import { fitLengths, tgiSampling } from '../params.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
 import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
 
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
-  'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
+  'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
   'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
 ];
 
@@ -27,6 +28,14 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   if (top !== null && inner !== null && top !== inner) {
     throw fail('VALIDATION', `conflicting adapter ids: "${top}" at the top level and "${inner}" in parameters; give one`);
   }
+  refuseUnsupported(params, TGI_PARAMETERS, 'parameters.');
+  if (body.stream !== undefined && body.stream !== null && body.stream !== stream) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`stream\`: ${stream ? '/generate_stream always streams' : '/generate does not stream (use /generate_stream)'}; accepted: ${stream}`, { param: 'stream' });
+  }
+  const ignoreEos = params.ignore_eos ?? params.ignore_eos_token ?? false;
+  if (ignoreEos !== (params.ignore_eos_token ?? ignoreEos)) {
+    throw fail('VALIDATION', '`ignore_eos` and `ignore_eos_token` (its LoRAX name) disagree; give one', { param: 'parameters.ignore_eos_token' });
+  }
   if (stream && params.decoder_input_details) {
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
@@ -37,7 +46,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   });
   return {
     body, params,
-    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos: params.ignore_eos ?? false },
+    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
   };
 }
 
@@ -59,48 +68,60 @@ function details(p: Prepared, r: GenerationResult) {
   };
 }
 
+/** /generate's answer: the whole text, with details when asked for. */
+async function generateJson(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply) {
+  const p = prepare(deps, body, false);
+  const r = await generateOnce(deps, reply, p.req);
+  resultHeaders(reply, r);
+  return {
+    generated_text: generatedText(p, r),
+    ...(p.params.details ? { details: details(p, r) } : {}),
+  };
+}
+
+/** /generate_stream's answer: one event per token, the last with the text and details. */
+function generateEvents(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply): Promise<FastifyReply> {
+  const p = prepare(deps, body, true);
+  return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
+    let index = 0;
+    let lastToken: TokenInfo | null = null;
+    return {
+      token(token, _text, result) {
+        // Finished without a token left to attach the result to: repeat the last one with no text.
+        const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
+        lastToken = t;
+        send({
+          index: ++index,
+          token: tokenJson(t),
+          ...(t.top?.length ? { top_tokens: t.top.map(tokenJson) } : {}),
+          generated_text: result ? generatedText(p, result) : null,
+          // TGI sends these details only when asked for; they are always here (clients ignore extra fields).
+          details: result
+            ? { finish_reason: result.finishReason, generated_tokens: result.generatedTokens, seed: result.seed, input_length: result.promptTokens }
+            : null,
+        });
+      },
+      error(err) {
+        send(publicErrorBody(err).body);
+      },
+    };
+  });
+}
+
 export function generateRoutes(app: FastifyInstance, deps: AppDeps): void {
   app.post<{ Body: GenerateRequestBody }>('/generate', {
     schema: { summary: 'Generate text (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
     config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS } },
-  }, async (request, reply) => {
-    const p = prepare(deps, request.body, false);
-    const r = await generateOnce(deps, reply, p.req);
-    resultHeaders(reply, r);
-    return {
-      generated_text: generatedText(p, r),
-      ...(p.params.details ? { details: details(p, r) } : {}),
-    };
-  });
+  }, async (request, reply) => generateJson(deps, request.body, reply));
 
   app.post<{ Body: GenerateRequestBody }>('/generate_stream', {
     schema: { summary: 'Generate text as server-sent events (TGI/LoRAX)', body: GenerateRequest },
     config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
-  }, async (request, reply) => {
-    const p = prepare(deps, request.body, true);
-    return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
-      let index = 0;
-      let lastToken: TokenInfo | null = null;
-      return {
-        token(token, _text, result) {
-          // Finished without a token left to attach the result to: repeat the last one with no text.
-          const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
-          lastToken = t;
-          send({
-            index: ++index,
-            token: tokenJson(t),
-            ...(t.top?.length ? { top_tokens: t.top.map(tokenJson) } : {}),
-            generated_text: result ? generatedText(p, result) : null,
-            // TGI sends these details only when asked for; they are always here (clients ignore extra fields).
-            details: result
-              ? { finish_reason: result.finishReason, generated_tokens: result.generatedTokens, seed: result.seed, input_length: result.promptTokens }
-              : null,
-          });
-        },
-        error(err) {
-          send(publicErrorBody(err).body);
-        },
-      };
-    });
-  });
+  }, async (request, reply) => generateEvents(deps, request.body, reply));
+
+  // TGI's compatibility route, where huggingface_hub's InferenceClient and LoRAX's client post: `stream` chooses.
+  app.post<{ Body: GenerateRequestBody }>('/', {
+    schema: { summary: 'Generate text: as /generate, or as /generate_stream with "stream": true (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
+    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
+  }, async (request, reply) => (request.body.stream ? generateEvents(deps, request.body, reply) : generateJson(deps, request.body, reply)));
 }

@@ -10,13 +10,14 @@ import { fail } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS, type DefaultOnly } from '../fields.ts';
 import { fitLengths, openAISampling } from '../params.ts';
 import {
-  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelList,
+  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelCard, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
-  finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+  checkTokenIds, finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
 
@@ -65,19 +66,43 @@ function chatLogprobs(tokens: readonly TokenInfo[]) {
 
 function templateMessages(messages: ChatCompletionRequestBody['messages']): TemplateMessage[] {
   return messages.map((m, i) => {
+    refuseUnsupported(m, MESSAGE_FIELDS, `messages.${i}.`);
     let content: string;
     if (m.content === undefined || m.content === null) content = '';
     else if (typeof m.content === 'string') content = m.content;
     else {
-      content = m.content.map((part) => {
+      content = m.content.map((part, j) => {
         if (part.type !== 'text' || typeof part.text !== 'string') {
-          throw fail('VALIDATION', `messages[${i}]: only text content parts are supported (got type "${part.type}")`);
+          const param = `messages.${i}.content.${j}`;
+          throw fail('UNSUPPORTED_PARAMETER', `\`${param}\`: only text content parts are supported (got type "${part.type}")`, { param });
         }
         return part.text;
       }).join('\n');
     }
-    return { role: m.role, content };
+    return { role: m.role, content, ...(m.name ? { name: m.name } : {}) };
   });
+}
+
+/** The fields accepted only at their default: the route's own, those both routes share, `stream_options`'s. */
+function refuseUnsupportedOpenAI(b: CompletionRequestBody | ChatCompletionRequestBody, own: Readonly<Record<string, DefaultOnly>>): void {
+  refuseUnsupported(b, OPENAI_FIELDS);
+  refuseUnsupported(b, own);
+  refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
+}
+
+/**
+ * The one prompt of /v1/completions: a string, or token ids (used as given, and decoded for
+ * `echo`), alone or in a list of one. Several prompts in one request are refused.
+ */
+function completionPrompt(deps: AppDeps, prompt: CompletionRequestBody['prompt']): { ids: readonly number[]; text: string } {
+  const list = typeof prompt === 'string' || typeof prompt[0] === 'number' ? [prompt as string | number[]] : prompt as (string | number[])[];
+  if (list.length !== 1) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`prompt\`: a list of ${list.length} prompts; send one prompt per request`, { param: 'prompt' });
+  }
+  const p = list[0]!;
+  if (typeof p === 'string') return { ids: deps.tokenizer.encode(p), text: p };
+  checkTokenIds(deps, p, 'prompt');
+  return { ids: p, text: deps.tokenizer.decode(p) };
 }
 
 // --- streaming -----------------------------------------------------------------------------------
@@ -110,20 +135,21 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    const prompt = typeof b.prompt === 'string' ? b.prompt : b.prompt[0]!;
+    refuseUnsupportedOpenAI(b, COMPLETION_FIELDS);
+    const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
     const stops = stopList(b.stop);
     const sampling = openAISampling(b, topN);
     const adapterId = resolveAdapter(deps, b.model);
-    const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(prompt), {
+    const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
       maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
     });
     const req: EngineRequest = {
       inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
     };
     const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
-    const echo = b.echo ? prompt : '';
+    const echo = b.echo ? prompt.text : '';
     const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
 
     if (!b.stream) {
@@ -155,7 +181,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
         },
         error(err) {
-          send(openAIErrorBody(publicErrorBody(err).body));
+          send(openAIErrorBody(err));
         },
       };
     });
@@ -166,9 +192,9 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
-    if (b.tools && b.tools.length > 0) throw fail('VALIDATION', 'tool calling is not supported');
+    refuseUnsupportedOpenAI(b, CHAT_FIELDS);
     if (b.top_logprobs !== undefined && b.top_logprobs !== null && !b.logprobs) {
-      throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`');
+      throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`', { param: 'top_logprobs' });
     }
     const stops = stopList(b.stop);
     const sampling = openAISampling(b, b.logprobs ? b.top_logprobs ?? 0 : 0);
@@ -180,7 +206,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     });
     const req: EngineRequest = {
       inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true,
+      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
     };
     const model = b.model || deps.info.modelId;
 
@@ -217,24 +243,33 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
         },
         error(err) {
-          send(openAIErrorBody(publicErrorBody(err).body));
+          send(openAIErrorBody(err));
         },
       };
     });
   });
 
+  const base = deps.info.modelId;
+  /** The base model's card, or an adapter's (its parent is the base). */
+  const card = (id: string) => ({ id, object: 'model' as const, created, owned_by: NAME, ...(id === base ? {} : { parent: base }) });
+
   app.get('/v1/models', {
     schema: { summary: 'The base model and every known adapter (OpenAI-compatible)', response: { 200: ModelList } },
     config: { doc: { tag: 'OpenAI' } },
   }, async () => {
-    const base = deps.info.modelId;
     const ids = (await deps.adapters.ids()).filter((id) => id !== base).sort();
-    return {
-      object: 'list' as const,
-      data: [
-        { id: base, object: 'model' as const, created, owned_by: NAME },
-        ...ids.map((id) => ({ id, object: 'model' as const, created, owned_by: NAME, parent: base })),
-      ],
-    };
+    return { object: 'list' as const, data: [base, ...ids].map(card) };
+  });
+
+  // Adapter ids may contain a slash (org/name): a wildcard route.
+  app.get<{ Params: { '*': string } }>('/v1/models/*', {
+    schema: { response: { 200: ModelCard } },
+    config: { doc: { tag: 'OpenAI', operations: [{ path: '/v1/models/{id}', summary: 'The base model or one adapter (OpenAI-compatible)' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'NOT_FOUND'] } },
+  }, async (request) => {
+    const id = request.params['*'];
+    if (id === '') throw fail('NOT_FOUND', 'no route GET /v1/models/: give a model id, or use GET /v1/models');
+    const adapterId = resolveAdapter(deps, id);
+    if (adapterId === null) return card(base);
+    return card((await deps.adapters.info(adapterId)).id);
   });
 }

@@ -1,16 +1,20 @@
 /**
  * The OpenAPI 3.1 document, generated from the registered routes: their TypeBox schemas
- * (src/server/schemas.ts) and the `config.doc` each route carries. `GET /openapi.yaml` serves
- * it; the committed openapi.yaml at the repository root is the same document, and
- * test/openapi.test.ts fails when the two differ (regenerate with
+ * (src/server/schemas.ts) and the `config.doc` each route carries. `GET /openapi.yaml` and
+ * `GET /openapi.json` serve it, Swagger UI at `/docs` shows it; the committed openapi.yaml at
+ * the repository root is the same document, and test/openapi.test.ts fails when the two differ
+ * (regenerate with
  * `UPDATE_OPENAPI=1 node --import tsx --test test/openapi.test.ts`).
  */
-import type { TSchema } from '@sinclair/typebox';
+import { Type, type TSchema } from '@sinclair/typebox';
+import swaggerUi from '@fastify/swagger-ui';
 import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify';
+import fastifyPlugin from 'fastify-plugin';
 import YAML from 'yaml';
-import { ERRORS, type ErrorCode } from '../../errors.ts';
+import type { ErrorCode } from '../../errors.ts';
 import { NAME, VERSION } from '../../version.ts';
 import { ErrorBody, OpenAIErrorBody } from '../schemas.ts';
+import { responseStatus } from './common.ts';
 
 /** One documented operation of a route; every field defaults to what the route's schema says. */
 export interface OperationDoc {
@@ -40,6 +44,8 @@ export interface RouteDoc {
 declare module 'fastify' {
   interface FastifySchema {
     summary?: string;
+    /** Not an API operation (Swagger UI's own pages and assets): left out of the document. */
+    hide?: boolean;
   }
   interface FastifyContextConfig {
     doc?: RouteDoc;
@@ -58,6 +64,7 @@ export interface RouteRecord {
 }
 
 export function recordRoute(r: RouteOptions): RouteRecord[] {
+  if (r.schema?.hide) return [];
   const methods = Array.isArray(r.method) ? r.method : [r.method];
   return methods.map((method) => ({
     method: String(method).toUpperCase(),
@@ -100,7 +107,7 @@ class Components {
 function errorResponses(codes: Iterable<ErrorCode>, openai: boolean, c: Components): Json {
   const byStatus = new Map<number, ErrorCode[]>();
   for (const code of codes) {
-    const status = ERRORS[code].status;
+    const status = responseStatus(code, openai);
     byStatus.set(status, [...(byStatus.get(status) ?? []), code]);
   }
   const schema = c.ref(openai ? OpenAIErrorBody : ErrorBody);
@@ -142,6 +149,8 @@ function operation(route: RouteRecord, op: OperationDoc, c: Components): { path:
   if (!route.public) codes.add('UNAUTHORIZED');
   if (query || body) codes.add('VALIDATION');
   if (body) codes.add('PAYLOAD_TOO_LARGE').add('UNSUPPORTED_MEDIA_TYPE').add('BAD_REQUEST');
+  // JSON request objects are closed (src/server/schemas.ts).
+  if (body?.contentType === 'application/json') codes.add('UNKNOWN_FIELD');
 
   return {
     path,
@@ -182,7 +191,8 @@ export function openApiDocument(routes: readonly RouteRecord[]): Json {
       version: VERSION,
       description: 'One base model, many LoRA adapters: TGI/LoRAX-compatible generation, OpenAI-compatible completions, adapter management. ' +
         'Errors are `{error, error_type, code}` (OpenAI routes: `{error: {message, type, param, code}}`). ' +
-        'When the server runs with --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`.',
+        'When the server runs with --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`. ' +
+        'Swagger UI: /docs (served from the server, no network needed).',
     },
     security: [{ bearerAuth: [] }],
     paths: sorted,
@@ -197,13 +207,31 @@ export function openApiYaml(routes: readonly RouteRecord[]): string {
   return YAML.stringify(openApiDocument(routes), { aliasDuplicateObjects: false, lineWidth: 0 });
 }
 
-export function openApiRoutes(app: FastifyInstance, routes: readonly RouteRecord[]): void {
+/** The routes' document, built on first use (after every route is registered). */
+function lazyDocument(routes: readonly RouteRecord[]) {
+  let doc: Json | undefined;
   let yaml: string | undefined;
+  return {
+    json: () => (doc ??= openApiDocument(routes)),
+    yaml: () => (yaml ??= openApiYaml(routes)),
+  };
+}
+
+export async function openApiRoutes(app: FastifyInstance, routes: readonly RouteRecord[]): Promise<void> {
+  const doc = lazyDocument(routes);
   app.get('/openapi.yaml', {
     schema: { summary: 'This document (OpenAPI 3.1)' },
     config: { doc: { tag: 'Service', produces: 'application/yaml' } },
-  }, async (_request, reply) => {
-    yaml ??= openApiYaml(routes);
-    return reply.type('application/yaml; charset=utf-8').send(yaml);
-  });
+  }, async (_request, reply) => reply.type('application/yaml; charset=utf-8').send(doc.yaml()));
+  app.get('/openapi.json', {
+    schema: { summary: 'This document as JSON' },
+    config: { doc: { tag: 'Service', operations: [{ response: Type.Object({ openapi: Type.Literal('3.1.0') }, { description: 'The same document as /openapi.yaml' }) }] } },
+  }, async (_request, reply) => reply.type('application/json; charset=utf-8').send(JSON.stringify(doc.json())));
+
+  // Swagger UI from @fastify/swagger-ui's own files (no network). It reads the document through
+  // `app.swagger()`, which @fastify/swagger would provide; here it is this document.
+  await app.register(fastifyPlugin(async (scope) => {
+    scope.decorate('swagger', (opts?: { yaml?: boolean }) => (opts?.yaml ? doc.yaml() : doc.json()));
+  }, { name: '@fastify/swagger' }));
+  await app.register(swaggerUi, { routePrefix: '/docs' });
 }

@@ -1,16 +1,19 @@
-/** Service routes: GET /health, GET /info, GET /metrics. */
+/** Service routes: GET|HEAD /health, GET /info, GET /metrics. */
 import type { FastifyInstance } from 'fastify';
 import { fail } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
 import { Health, Info, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS } from '../schemas.ts';
 
 export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
-  app.get('/health', {
+  app.route({
+    method: ['GET', 'HEAD'],
+    url: '/health',
     schema: { summary: 'Ready to serve: 200 once the model is loaded, 503 before and while shutting down', response: { 200: Health } },
     config: { public: true, doc: { tag: 'Service', errors: ['NOT_READY'] } },
-  }, async () => {
-    if (!deps.options.ready()) throw fail('NOT_READY', 'the server is not ready (loading the model or shutting down)');
-    return { status: 'ok' as const };
+    handler: async () => {
+      if (!deps.options.ready()) throw fail('NOT_READY', 'the server is not ready (loading the model or shutting down)');
+      return { status: 'ok' as const };
+    },
   });
 
   app.get('/info', {
