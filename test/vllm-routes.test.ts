@@ -79,7 +79,7 @@ test('load_lora_adapter refuses paths outside the allowed folders, relative path
     [{ lora_name: 'x', lora_path: allowed }, 404, 'ADAPTER_NOT_FOUND', /has no adapter_config\.json/],
     [{ lora_name: '../x', lora_path: join(allowed, 'style') }, 400, 'ADAPTER_INVALID_ID', /segment starting with "."/],
     [{ lora_name: 'never-seen' }, 404, 'ADAPTER_NOT_FOUND', /not found/],
-    [{ lora_path: join(allowed, 'style') }, 422, 'VALIDATION', /lora_name/],
+    [{ lora_path: join(allowed, 'style') }, 400, 'VALIDATION', /lora_name/],
   ];
   for (const [body, status, code, message] of cases) {
     const res = await post('/v1/load_lora_adapter', body);

@@ -8,7 +8,7 @@
  * 400 for request validation, `responseStatus`).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
 import type { WebGPUAdapter } from '../backend/webgpu/init.ts';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
@@ -148,7 +148,7 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
   const app = Fastify({
     ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
     // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.options.bodyLimitBytes,
     exposeHeadRoutes: false,
     // Strict JSON: no "5" for 5, as TGI and OpenAI reject it too. Query strings are declared as strings.

@@ -26,7 +26,7 @@ const Enum = <const T extends readonly string[]>(values: T, options: { title?: s
 /** Optional, and `null` means absent (JSON clients send both). */
 const Opt = <T extends TSchema>(schema: T) => Type.Optional(Nullable(schema));
 /** A request object: unknown fields are refused. */
-const Closed = { additionalProperties: false } as const;
+export const Closed = { additionalProperties: false } as const;
 /** Fields accepted only at their default value (src/server/fields.ts), typed loosely: the table checks the value. */
 const defaultOnly = <T extends Record<string, DefaultOnlyRule>>(table: T) => Object.fromEntries(Object.entries(table).map(([name, rule]) =>
   [name, Type.Optional(Type.Unknown({ description: `Not supported (${rule.feature}): accepted only as ${rule.accepted}` }))])) as { [K in keyof T]: TOptional<TUnknown> };

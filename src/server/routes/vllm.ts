@@ -16,16 +16,17 @@ import type { FastifyInstance } from 'fastify';
 import { readAllowedAdapterFolder } from '../../lora/local-path.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
+import { Closed } from '../schemas.ts';
 import { LOAD_ERRORS } from './adapters.ts';
 
 const LoadLoraAdapter = Type.Object({
   lora_name: Type.String({ description: 'Adapter id (`name` or `org/name`)' }),
   lora_path: Type.Optional(Type.String({ description: 'Absolute adapter folder inside --allowed-local-adapter-paths; absent or equal to lora_name: from the adapter store' })),
-}, { title: 'LoadLoraAdapterRequest' });
+}, { title: 'LoadLoraAdapterRequest', ...Closed });
 
 const UnloadLoraAdapter = Type.Object({
   lora_name: Type.String({ description: 'Adapter id (`name` or `org/name`)' }),
-}, { title: 'UnloadLoraAdapterRequest' });
+}, { title: 'UnloadLoraAdapterRequest', ...Closed });
 
 export function vllmRoutes(app: FastifyInstance, deps: AppDeps): void {
   const roots = deps.options.allowedAdapterPaths ?? [];
