@@ -18,13 +18,15 @@ export function installed(cmd: string): boolean {
  * The shipped configuration listening on 127.0.0.1:`port` with its `server` lines pointing, in order, at
  * `replicas` (host:port). `balance` replaces the hash on the adapter (e.g. 'roundrobin' for a baseline).
  */
-export function renderHaproxyConfig(port: number, replicas: readonly string[], balance?: string): string {
+/** `balance`: another balance line (e.g. roundrobin); `balanceFactor`: another hash-balance-factor (0: no bounded load). */
+export function renderHaproxyConfig(port: number, replicas: readonly string[], balance?: string, balanceFactor?: number): string {
   let n = 0;
   let cfg = readFileSync(HAPROXY_CFG, 'utf8')
     .replace(/^(\s*bind\s+)\S+/m, `$1127.0.0.1:${port}`)
     .replace(/^(\s*server\s+\S+\s+)\S+/gm, (_m, head: string) => `${head}${replicas[n++] ?? 'unused:1 disabled'}`);
   if (n !== replicas.length) throw new Error(`haproxy.cfg has ${n} server lines for ${replicas.length} replicas`);
   if (balance !== undefined) cfg = cfg.replace(/^(\s*balance\s+).*$/m, `$1${balance}`);
+  if (balanceFactor !== undefined) cfg = cfg.replace(/^(\s*hash-balance-factor\s+)\d+/m, `$1${balanceFactor}`);
   return cfg;
 }
 
