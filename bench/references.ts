@@ -11,8 +11,9 @@ export interface Reference {
 
 export const REFERENCES: readonly Reference[] = [{
   system: 'llama.cpp',
-  source: 'llama-server built for the same 2-core CPU, 2 threads, same model (f32), 32 LoRA adapters r=8 on q/k/v/o, '
-    + '32-token greedy answers; the figures were given with issue 5 of this project (wave 1) and are not measured by this harness',
+  source: 'llama-server built for its CPU, 2 threads, same model (f32), 32 LoRA adapters r=8 on q/k/v/o, 32-token greedy '
+    + 'answers, on the 2-core machine of issue 5 of this project (wave 1), which may differ from the machine of a run; '
+    + 'given with that issue, not measured by this harness',
   values: {
     'batching/sequential': 60,
     'batching/base': 295,
