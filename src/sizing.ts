@@ -13,8 +13,8 @@ export const ADAPTER_SHARE = 0.25;
 export const OPAQUE_DEVICE_ADAPTER_BYTES = 2 ** 30;
 /** Share of the free host memory that model copies may take when workers are chosen automatically. */
 export const WORKER_MEMORY_SHARE = 0.5;
-/** Memory a worker needs beside its weights: KV caches, a step's intermediates, adapters, the runtime itself. */
-export const WORKER_OVERHEAD_BYTES = 512 * 2 ** 20;
+/** Memory a model copy needs beside its weights: KV caches, a step's intermediates, adapters. */
+export const COPY_OVERHEAD_BYTES = 512 * 2 ** 20;
 
 export interface Machine {
   readonly cores: number;
@@ -35,7 +35,7 @@ const mib = (b: number) => `${(b / 2 ** 20).toFixed(0)} MiB`;
  */
 export function autoWorkers(backend: string, modelBytes: number, m: Machine): Choice {
   if (backend !== 'wasm' && backend !== 'cpu') return { value: 1, why: `the ${backend} backend runs one instance per process` };
-  const perCopy = modelBytes + WORKER_OVERHEAD_BYTES;
+  const perCopy = modelBytes + COPY_OVERHEAD_BYTES;
   const fit = Math.floor((WORKER_MEMORY_SHARE * m.freeMemoryBytes) / perCopy);
   const value = Math.max(1, Math.min(m.cores, fit));
   const why = value === m.cores
@@ -61,18 +61,15 @@ export function autoAdapterDeviceBytes(backend: string, modelBytes: number, work
   return { value: OPAQUE_DEVICE_ADAPTER_BYTES, why: `the ${backend} backend does not report its free memory: a fixed 1 GiB` };
 }
 
-/** Heap a wasm instance needs beside the weights: the KV cache, a step's intermediates, adapters. */
-export const WASM_RESERVE_BYTES = 512 * 2 ** 20;
-
 /**
  * Refuses, before any weight is read, a model the backend cannot hold: on wasm the weights (as float32) plus
- * WASM_RESERVE_BYTES must fit the 4 GiB heap of one instance, else loading would end in a wasm
+ * COPY_OVERHEAD_BYTES must fit the 4 GiB heap of one instance, else loading would end in a wasm
  * "memory access out of bounds" half-way. Other backends check their own limits while loading.
  */
 export function assertModelFits(backend: string, float32Bytes: number): void {
-  if (backend !== 'wasm' || float32Bytes + WASM_RESERVE_BYTES <= WASM_HEAP_BYTES) return;
+  if (backend !== 'wasm' || float32Bytes + COPY_OVERHEAD_BYTES <= WASM_HEAP_BYTES) return;
   const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
   throw fail('MODEL_TOO_LARGE', `the model's weights need ${gib(float32Bytes)} as float32; the wasm backend's heap holds ${gib(WASM_HEAP_BYTES)} per `
-    + `model copy, of which about ${gib(WASM_RESERVE_BYTES)} is needed for the KV cache and a step's intermediates. Serve it with a GPU backend `
+    + `model copy, of which about ${gib(COPY_OVERHEAD_BYTES)} is needed for the KV cache and a step's intermediates. Serve it with a GPU backend `
     + '(--backend webgpu, or tensorflow-gpu where installed) or a smaller model', { float32Bytes, heapBytes: WASM_HEAP_BYTES });
 }
