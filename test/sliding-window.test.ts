@@ -206,21 +206,21 @@ test('KV cache: when every layer slides, columns out of every window are dropped
     const kv = newKV(model.config);
     kv.addEmptyRows(1);
     const tokens = seq(20, 13);
-    const forward = (chunk: number[], start: number) => {
+    const forward = async (chunk: number[], start: number) => {
       const logits = model.forward({
         kv, tokens: Int32Array.from(chunk), positions: Int32Array.from(chunk, (_, i) => start + i), T: chunk.length, logitRows: Int32Array.of(chunk.length - 1),
       });
-      const l = logits.dataSync() as Float32Array;
+      const l = (await logits.data()) as Float32Array;
       logits.dispose();
       return l;
     };
-    const logits = [forward(tokens, 0)];
+    const logits = [await forward(tokens, 0)];
     let length = tokens.length;
     const widths = [kv.cols];
     for (let step = 0; step < 30; step++) {
       const next = argmax(logits.at(-1)!);
       tokens.push(next);
-      logits.push(forward([next], length++));
+      logits.push(await forward([next], length++));
       widths.push(kv.cols);
     }
     if (slides) {
