@@ -87,6 +87,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
   if (family === 'gpt2') {
     const hidden = int(cfg, 'n_embd');
     const heads = int(cfg, 'n_head');
+    const layers = int(cfg, 'n_layer');
     if (hidden % heads !== 0) throw fail('CONFIG_INVALID', `config.json: n_embd ${hidden} is not divisible by n_head ${heads}`);
     const act = (cfg.activation_function ?? 'gelu_new') as string;
     if (act !== 'gelu_new' && act !== 'gelu' && act !== 'relu') {
@@ -99,8 +100,8 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       family, modelType,
       vocabSize: int(cfg, 'vocab_size'),
       hiddenSize: hidden,
-      numLayers: int(cfg, 'n_layer'),
-      layerWindows: Object.freeze(new Array<number | null>(int(cfg, 'n_layer')).fill(null)),
+      numLayers: layers,
+      layerWindows: Object.freeze(new Array<number | null>(layers).fill(null)),
       numHeads: heads,
       numKvHeads: heads,
       headDim: hidden / heads,

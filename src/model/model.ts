@@ -176,7 +176,7 @@ export class CausalLM {
         const positions = tf.tensor1d(input.positions, 'int32');
         let x = this.arch.embed(tokens, positions); // [N, d]
         for (let l = 0; l < c.numLayers; l++) {
-          const mask = this.layerMask(kv, c.layerWindows[l]!, T, G, input.pad, cache);
+          const mask = this.layerMask(kv, c.layerWindows[l] ?? null, T, G, input.pad, cache);
           const ctx: StepContext = { B, T, mask, kv, positions, lora: input.lora, cache };
           // Each layer's intermediates are freed as soon as it is done, so the next layer reuses the same
           // (cache-warm) heap blocks instead of touching fresh memory, and a step's memory is one layer's worth.

@@ -516,7 +516,7 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
       k.push(ropeEachHead(run(kProj, h), nKv, hd, t, ropes[t]!));
       v.push(run(vProj, h));
     });
-    const heads = causalAttention(q, k, v, nHead, nKv, hd, windows[l]!);
+    const heads = causalAttention(q, k, v, nHead, nKv, hd, windows[l] ?? null);
     xs = xs.map((x, t) => add(x, run(oProj, heads[t]!)));
 
     // x = x + down(silu(gate(h)) · up(h)),  h = rmsnorm(x)
