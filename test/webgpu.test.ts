@@ -127,7 +127,7 @@ test('auto uses a hardware WebGPU adapter and never a software one', async (t) =
   }
 });
 
-test('on webgpu: forward pass, LoRA (merged, unmerged, mixed batches) and engine match the reference', { timeout: 15 * 60_000 }, async (t) => {
+test('on webgpu: forward pass, LoRA (merged, unmerged, mixed batches), sliding windows and engine match the reference', { timeout: 15 * 60_000 }, async (t) => {
   const adapter = await adapterOrSkip(t);
   if (!adapter) return;
   t.diagnostic(`adapter: ${describeAdapter(adapter)}`);
