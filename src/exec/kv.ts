@@ -25,7 +25,7 @@ export function newKV(c: ModelConfig): KVBatch {
 }
 
 /** How many of the latest positions any layer can still attend to: the largest window, or null when a layer is global. */
-export function lookback(windows: readonly (number | null)[]): number | null {
+function lookback(windows: readonly (number | null)[]): number | null {
   if (windows.length === 0 || windows.some((w) => w === null)) return null;
   return Math.max(...(windows as number[]));
 }
