@@ -19,9 +19,9 @@ export const SUPPORTED_MODEL_TYPES = Object.keys(FAMILIES);
 
 /**
  * The attention window some layer applies, or null. Mistral: `sliding_window` (absent means transformers'
- * default 4096, null none). Phi-3: `sliding_window` on every layer (default none). Gemma 2: `sliding_window` (default
- * 4096) on the layers `layer_types` names sliding, the even ones without it. Qwen2: `sliding_window` only with `use_sliding_window`, on layers from
- * `max_window_layers` (default 28) on. Position i attends to j when i − window < j ≤ i, so a sequence of at most
+ * default 4096, null none). Phi-3: `sliding_window` on every layer (default none). Gemma 2: `sliding_window`
+ * (default 4096) on the layers `layer_types` names sliding, the even ones without it. Qwen2: `sliding_window` only
+ * with `use_sliding_window`, on layers from `max_window_layers` (default 28) on. Position i attends to j when i − window < j ≤ i, so a sequence of at most
  * `window` tokens is never masked.
  */
 function slidingWindow(cfg: Json, modelType: string, numLayers: number): number | null {
@@ -168,7 +168,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
 }
 
 /** transformers' max_position_embeddings default per family. */
-const DEFAULT_POSITIONS: Record<Family, number> = { gpt2: 1024, llama: 2048, phi3: 4096, gemma: 8192 };
+const DEFAULT_POSITIONS: Record<Exclude<Family, 'gpt2'>, number> = { llama: 2048, phi3: 4096, gemma: 8192 };
 
 /**
  * head_dim: Llama-family configs may set it (default hidden / heads); Gemma's defaults to 256, not hidden / heads;
