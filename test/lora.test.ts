@@ -11,7 +11,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { TINY_GEMMA, TINY_GEMMA2, TINY_GPT2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/demo/index.ts';
 import type { AdapterLease } from '../src/lora/types.ts';
 import { CausalLM } from '../src/model/model.ts';
-import { referenceForward } from './reference/forward.ts';
+import { logSoftmax, referenceForward } from './reference/forward.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { greedyBatch, makeManager, refLora } from './helpers/lora.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir, testBackend } from './helpers/tf.ts';
@@ -52,6 +52,12 @@ const ADAPTERS: Record<string, AdapterCase[]> = {
   ],
 };
 
+/** The chosen token's logprob from the fast logits (log_softmax in float64, as the engine reports it) matches the reference's. */
+function assertLogprob(fast: Float32Array, ref: Float64Array, token: number, label: string): void {
+  const d = Math.abs(logSoftmax(Float64Array.from(fast))[token]! - logSoftmax(ref)[token]!);
+  assert.ok(d < 1e-4, `${label}: logprob differs by ${d}`);
+}
+
 const BASES: [string, CheckpointOptions][] = [
   ['gpt2', TINY_GPT2], ['llama', TINY_LLAMA], ['phi3', TINY_PHI3], ['gemma', TINY_GEMMA], ['gemma2', TINY_GEMMA2],
 ];
@@ -83,6 +89,9 @@ for (const [family, opts] of BASES) {
         assert.ok(eu < 1e-4, `${name}: unmerged step ${s} rel err ${eu}`);
         assert.ok(em < 1e-4, `${name}: merged step ${s} rel err ${em}`);
         assert.equal(unmerged.tokens[0]![s], argmax(r));
+        assert.equal(merged.tokens[0]![s], argmax(r));
+        assertLogprob(unmerged.logits[0]![s]!, r, unmerged.tokens[0]![s]!, `${name}: unmerged step ${s}`);
+        assertLogprob(merged.logits[0]![s]!, r, merged.tokens[0]![s]!, `${name}: merged step ${s}`);
       }
       // The adapter visibly changes the output (else the comparison would prove nothing).
       assert.ok(maxRelErr(base.logits[0]![0]!, refLogits[PROMPT.length - 1]!) > 1e-3, `${name}: adapter has no effect`);
@@ -146,6 +155,7 @@ for (const [family, opts] of BASES.filter(([f]) => ['phi3', 'gemma', 'gemma2'].i
         const err = maxRelErr(together.logits[i]![s]!, r);
         assert.ok(err < 1e-4, `row ${i} step ${s}: rel err ${err}`);
         assert.equal(together.tokens[i]![s], argmax(r), `row ${i} step ${s}: greedy token`);
+        assertLogprob(together.logits[i]![s]!, r, together.tokens[i]![s]!, `row ${i} step ${s}`);
       }
     });
     // Alone with its adapter merged (W + s·B·A), each row gives the same tokens.
