@@ -33,7 +33,13 @@ const BASE: Record<string, Json> = {
   llama: { model_type: 'llama', ...LLAMA_BASE },
   mistral: { model_type: 'mistral', ...LLAMA_BASE, sliding_window: null },
   qwen2: { model_type: 'qwen2', ...LLAMA_BASE },
+  phi3: { model_type: 'phi3', ...LLAMA_BASE },
+  gemma: { model_type: 'gemma', ...LLAMA_BASE },
+  gemma2: { model_type: 'gemma2', ...LLAMA_BASE },
 };
+
+/** Longrope factors for the 4 rotated pairs of LLAMA_BASE's heads (head_dim 8). */
+const LONGROPE = { rope_type: 'longrope', short_factor: [1, 1, 1, 1], long_factor: [2, 2, 2, 2] };
 
 /** Two settings of a field that must normalize differently (honoured) or alike (no effect). */
 const PAIRS: Record<string, [Json, Json]> = {
@@ -70,6 +76,26 @@ const PAIRS: Record<string, [Json, Json]> = {
     { use_sliding_window: true, sliding_window: 64, layer_types: ['full_attention', 'full_attention'] },
     { use_sliding_window: true, sliding_window: 64, layer_types: ['full_attention', 'sliding_attention'] },
   ],
+  original_max_position_embeddings: [
+    { rope_scaling: LONGROPE, original_max_position_embeddings: 32 },
+    { rope_scaling: LONGROPE, original_max_position_embeddings: 64 },
+  ],
+  resid_pdrop: [{ resid_pdrop: 0 }, { resid_pdrop: 0.1 }],
+  embd_pdrop: [{ embd_pdrop: 0 }, { embd_pdrop: 0.1 }],
+  hidden_act: [{ hidden_act: 'gelu_pytorch_tanh' }, { hidden_act: 'gelu' }],
+  hidden_activation: [{ hidden_activation: 'gelu_pytorch_tanh' }, { hidden_activation: 'gelu' }],
+  query_pre_attn_scalar: [{ query_pre_attn_scalar: 256 }, { query_pre_attn_scalar: 64 }],
+  attn_logit_softcapping: [{ attn_logit_softcapping: 50 }, { attn_logit_softcapping: null }],
+  final_logit_softcapping: [{ final_logit_softcapping: 30 }, { final_logit_softcapping: null }],
+  cache_implementation: [{ cache_implementation: 'hybrid' }, { cache_implementation: null }],
+};
+
+/** Samples that differ by model_type, over PAIRS. */
+const PAIRS_FOR: Record<string, Record<string, [Json, Json]>> = {
+  // Phi-3 serves only longrope (under its names longrope, su and yarn).
+  phi3: { rope_scaling: [{ rope_scaling: null }, { rope_scaling: { ...LONGROPE, rope_type: undefined, type: 'su', short_factor: [1, 2, 3, 4] } }] },
+  // Gemma 2's default layer_types slide layer 0, so a null window is refused: two windows instead.
+  gemma2: { sliding_window: [{ sliding_window: 16 }, { sliding_window: 64 }] },
 };
 
 /** A setting of a field that is refused. */
@@ -80,6 +106,9 @@ const REFUSED: Record<string, Json> = {
   quantization_config: { quantization_config: { quant_method: 'gptq', bits: 4 } },
   hidden_act: { hidden_act: 'gelu' },
   partial_rotary_factor: { partial_rotary_factor: 0.5 },
+  head_dim: { head_dim: 16 },
+  rope_scaling: { rope_scaling: { rope_type: 'linear', factor: 2 } },
+  use_bidirectional_attention: { use_bidirectional_attention: true },
 };
 
 function unsupported(cfg: Json): { code?: string; message: string } | null {
@@ -96,14 +125,15 @@ test('README model table: every model_type is supported, every honoured field ma
   assert.deepEqual(rows.map((r) => r[0]![0]).sort(), [...SUPPORTED_MODEL_TYPES].sort());
   for (const [[modelType], honoured, noEffect, refused] of rows) {
     const base = BASE[modelType!]!;
+    const pairs = { ...PAIRS, ...PAIRS_FOR[modelType!] };
     for (const f of honoured!) {
-      assert.ok(PAIRS[f], `README lists ${modelType} field "${f}" but config.test.ts has no sample for it`);
-      const [a, b] = PAIRS[f]!.map((p) => normalizeConfig({ ...base, ...p }));
+      assert.ok(pairs[f], `README lists ${modelType} field "${f}" but config.test.ts has no sample for it`);
+      const [a, b] = pairs[f]!.map((p) => normalizeConfig({ ...base, ...p }));
       assert.notDeepEqual(a, b, `${modelType}: "${f}" is listed as honoured but does not change the normalized config`);
     }
     for (const f of noEffect!) {
-      assert.ok(PAIRS[f], `README lists ${modelType} field "${f}" but config.test.ts has no sample for it`);
-      const [a, b] = PAIRS[f]!.map((p) => normalizeConfig({ ...base, ...p }));
+      assert.ok(pairs[f], `README lists ${modelType} field "${f}" but config.test.ts has no sample for it`);
+      const [a, b] = pairs[f]!.map((p) => normalizeConfig({ ...base, ...p }));
       assert.deepEqual(a, b, `${modelType}: "${f}" is listed as without effect but changes the normalized config`);
     }
     for (const f of refused!) {
@@ -180,10 +210,22 @@ test('sliding windows per layer, as transformers reads them; the served context 
   assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: null, max_window_layers: 0 }), [null, null, null, null]);
   const types = ['sliding_attention', 'full_attention', 'sliding_attention', 'full_attention'];
   assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: 8, max_window_layers: 0, layer_types: types }), [8, null, 8, null]);
+  // Phi-3: every layer, only when sliding_window is set (Phi-3-mini-4k: 2047), the context staying whole.
+  assert.deepEqual(windows(BASE.phi3!), [null, null]);
+  const phi3 = normalizeConfig({ ...BASE.phi3, max_position_embeddings: 4096, sliding_window: 2047 });
+  assert.deepEqual([phi3.layerWindows, phi3.maxPositions, phi3.notes], [[2047, 2047], 4096, []]);
+  // Gemma 2: the even layers (default window 4096) unless layer_types names them; Gemma never slides.
+  const gemma2: Json = { ...BASE.gemma2, num_hidden_layers: 3 };
+  const { max_position_embeddings: _m, ...noMax } = gemma2;
+  assert.deepEqual([windows(noMax), normalizeConfig(noMax).maxPositions], [[4096, null, 4096], 8192]);
+  assert.deepEqual(windows({ ...gemma2, sliding_window: 16 }), [16, null, 16]);
+  assert.deepEqual(windows({ ...gemma2, sliding_window: 16, layer_types: ['full_attention', 'sliding_attention', 'full_attention'] }), [null, 16, null]);
+  assert.deepEqual(windows({ ...gemma2, sliding_window: null, layer_types: ['full_attention', 'full_attention', 'full_attention'] }), [null, null, null]);
+  assert.deepEqual(windows({ ...BASE.gemma, sliding_window: 16 }), [null, null]);
   assert.equal(Object.isFrozen(mistral.layerWindows), true);
 });
 
-test('Qwen2 layer_types: malformed or unknown entries, and sliding layers without a window, are refused', () => {
+test('Qwen2 and Gemma 2 layer_types: malformed or unknown entries, and sliding layers without a window, are refused', () => {
   const qwen = { ...BASE.qwen2, use_sliding_window: true, sliding_window: 8 };
   const cases: [Json, string, RegExp][] = [
     [{ layer_types: ['full_attention'] }, 'CONFIG_INVALID', /"layer_types" must be a list of 2 strings/],
@@ -200,6 +242,40 @@ test('Qwen2 layer_types: malformed or unknown entries, and sliding layers withou
     assert.match(err!.message, message);
   }
   assert.equal(unsupported({ ...BASE.mistral, sliding_window: 'wide' })?.code, 'CONFIG_INVALID');
+  assert.equal(unsupported({ ...BASE.phi3, sliding_window: 0 })?.code, 'CONFIG_INVALID');
+  // Gemma 2 with no window: its default layer_types slide the even layers, which transformers cannot mask.
+  const noWindow = unsupported({ ...BASE.gemma2, sliding_window: null });
+  assert.equal(noWindow?.code, 'CONFIG_INVALID');
+  assert.match(noWindow!.message, /layer 0 .*no window applies \("sliding_window" is null\)/);
+  assert.equal(unsupported({ ...BASE.gemma2, layer_types: ['full_attention', 'global'] })?.code, 'CONFIG_UNSUPPORTED');
+});
+
+test('Phi-3 and Gemma defaults and quirks: transformers\' values where config.json is silent', () => {
+  const phi3 = normalizeConfig(BASE.phi3!);
+  assert.equal(phi3.normEps, 1e-5);
+  assert.equal(phi3.tieWordEmbeddings, false);
+  // Phi3Config renames the legacy types su and yarn to longrope; its original context defaults to 4096.
+  for (const type of ['su', 'yarn', 'longrope']) {
+    const rope = normalizeConfig({ ...BASE.phi3, max_position_embeddings: 8192, rope_scaling: { ...LONGROPE, rope_type: undefined, type } }).rope!;
+    assert.equal(rope.type, 'longrope');
+    assert.equal(rope.long!.after, 4096);
+    assert.equal(rope.attentionFactor, Math.sqrt(1 + Math.log(2) / Math.log(4096)));
+  }
+  assert.equal(unsupported({ ...BASE.phi3, rope_scaling: { rope_type: 'llama3', factor: 8 } })?.code, 'CONFIG_UNSUPPORTED');
+  const gemma = normalizeConfig(BASE.gemma!);
+  assert.equal(gemma.headDim, 256);
+  assert.equal(gemma.tieWordEmbeddings, true);
+  assert.equal(gemma.activation, 'gelu_new'); // gelu_pytorch_tanh when neither key is set
+  assert.equal(gemma.attentionScale, 1 / 16);
+  assert.deepEqual([gemma.attnLogitSoftcap, gemma.finalLogitSoftcap, gemma.sandwichNorms], [null, null, false]);
+  // hidden_activation wins over hidden_act (Gemma's hub configs set hidden_act "gelu" and hidden_activation tanh).
+  assert.equal(normalizeConfig({ ...BASE.gemma, hidden_act: 'gelu', hidden_activation: 'gelu_pytorch_tanh' }).activation, 'gelu_new');
+  const relu = unsupported({ ...BASE.gemma, hidden_activation: 'relu' });
+  assert.equal(relu?.code, 'CONFIG_UNSUPPORTED');
+  assert.match(relu!.message, /"hidden_activation"/);
+  const gemma2 = normalizeConfig({ ...BASE.gemma2, head_dim: 16 });
+  assert.equal(gemma2.attentionScale, 1 / 16); // query_pre_attn_scalar 256, not head_dim 16
+  assert.deepEqual([gemma2.attnLogitSoftcap, gemma2.finalLogitSoftcap, gemma2.sandwichNorms], [50, 30, true]);
 });
 
 test('gpt2 activation functions other than gelu_new, gelu and relu are refused by name', () => {

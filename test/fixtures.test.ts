@@ -7,7 +7,7 @@ import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
 import { bf16ToF32, f32ToBf16, openSafetensors, type SafetensorsReader } from '../src/formats/safetensors.ts';
 import {
-  TINY_GPT2, TINY_LLAMA, DEMO_LLAMA, BENCH_LLAMA, buildTokenizer, createRng, ensureCheckpoint, listLinearModules,
+  TINY_GPT2, TINY_LLAMA, TINY_PHI3, TINY_GEMMA, TINY_GEMMA2, DEMO_LLAMA, BENCH_LLAMA, buildTokenizer, createRng, ensureCheckpoint, listLinearModules,
   matchesTarget, patternValue, writeCheckpoint, writePeftAdapter, type CheckpointOptions,
 } from '../src/demo/index.ts';
 
@@ -160,6 +160,68 @@ test('TINY_LLAMA (F32, GQA) in LlamaForCausalLM layout', async () => {
   const tensors = readAll(dir);
   assertLayout(tensors, expectedLlama({ d: 32, layers: 2, heads: 4, kv: 2, hd: 8, inter: 64, vocab: 320, tied: false, qkvBias: false }), 'F32');
   assert.deepEqual(readJson(dir, 'generation_config.json'), { _from_model_config: true, bos_token_id: 1, eos_token_id: 2 });
+});
+
+test('TINY_PHI3 in Phi3ForCausalLM layout: fused qkv_proj and gate_up_proj', async () => {
+  const dir = newDir('phi3');
+  const { config } = await writeCheckpoint(dir, TINY_PHI3);
+  assert.equal(config.model_type, 'phi3');
+  assert.deepEqual(config.architectures, ['Phi3ForCausalLM']);
+  assert.equal(config.original_max_position_embeddings, 128);
+  assert.equal(config.rms_norm_eps, 1e-5);
+  assert.equal(config.sliding_window, null);
+  const expected = new Map<string, number[]>([['model.embed_tokens.weight', [320, 32]], ['model.norm.weight', [32]], ['lm_head.weight', [320, 32]]]);
+  for (let i = 0; i < 2; i++) {
+    const l = `model.layers.${i}.`;
+    expected.set(`${l}input_layernorm.weight`, [32]).set(`${l}post_attention_layernorm.weight`, [32]);
+    expected.set(`${l}self_attn.qkv_proj.weight`, [32 + 2 * 16, 32]).set(`${l}self_attn.o_proj.weight`, [32, 32]);
+    expected.set(`${l}mlp.gate_up_proj.weight`, [2 * 64, 32]).set(`${l}mlp.down_proj.weight`, [32, 64]);
+  }
+  assertLayout(readAll(dir), expected, 'F32');
+  // PEFT's adapter on the fused modules: lora_B has the fused output's rows.
+  const adapter = await writePeftAdapter(newDir('phi3-adapter'), { baseConfig: config, targetModules: 'all-linear', r: 4 });
+  assert.deepEqual(adapter.config.target_modules, ['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj']);
+  assert.deepEqual(adapter.tensors['base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight']!.shape, [64, 4]);
+  assert.deepEqual(adapter.tensors['base_model.model.model.layers.1.mlp.gate_up_proj.lora_B.weight']!.shape, [128, 4]);
+  assert.deepEqual((await writePeftAdapter(newDir('phi3-default'), { baseConfig: config })).config.target_modules, ['qkv_proj']);
+});
+
+test('TINY_GEMMA and TINY_GEMMA2 in GemmaForCausalLM / Gemma2ForCausalLM layout', async () => {
+  const g1 = newDir('gemma');
+  const { config: c1 } = await writeCheckpoint(g1, TINY_GEMMA);
+  assert.equal(c1.model_type, 'gemma');
+  assert.deepEqual(c1.architectures, ['GemmaForCausalLM']);
+  assert.equal(c1.head_dim, 16);
+  assert.equal(c1.hidden_activation, 'gelu_pytorch_tanh');
+  assert.equal(c1.tie_word_embeddings, true);
+  const expected = (gemma2: boolean) => {
+    const m = new Map<string, number[]>([['model.embed_tokens.weight', [320, 32]], ['model.norm.weight', [32]]]);
+    const kv = gemma2 ? 2 : 1;
+    for (let i = 0; i < 2; i++) {
+      const l = `model.layers.${i}.`;
+      m.set(`${l}input_layernorm.weight`, [32]).set(`${l}post_attention_layernorm.weight`, [32]);
+      if (gemma2) m.set(`${l}pre_feedforward_layernorm.weight`, [32]).set(`${l}post_feedforward_layernorm.weight`, [32]);
+      m.set(`${l}self_attn.q_proj.weight`, [64, 32]).set(`${l}self_attn.k_proj.weight`, [16 * kv, 32]).set(`${l}self_attn.v_proj.weight`, [16 * kv, 32]);
+      m.set(`${l}self_attn.o_proj.weight`, [32, 64]);
+      m.set(`${l}mlp.gate_proj.weight`, [64, 32]).set(`${l}mlp.up_proj.weight`, [64, 32]).set(`${l}mlp.down_proj.weight`, [32, 64]);
+    }
+    return m;
+  };
+  const t1 = readAll(g1);
+  assertLayout(t1, expected(false), 'F32');
+  // Norm weights are stored as w in x/rms · (1 + w): drawn around 0.
+  const w = t1.get('model.layers.0.input_layernorm.weight')!.data;
+  assert.ok(Math.abs(w.reduce((a, b) => a + b, 0) / w.length) < 0.1);
+
+  const g2 = newDir('gemma2');
+  const { config: c2 } = await writeCheckpoint(g2, TINY_GEMMA2);
+  assert.equal(c2.model_type, 'gemma2');
+  assert.deepEqual(c2.architectures, ['Gemma2ForCausalLM']);
+  assert.deepEqual([c2.attn_logit_softcapping, c2.final_logit_softcapping, c2.query_pre_attn_scalar, c2.sliding_window], [2, 5, 8, 64]);
+  assertLayout(readAll(g2), expected(true), 'F32');
+  const defaults = (await writeCheckpoint(newDir('gemma2-defaults'), { ...TINY_GEMMA, gemma2: true })).config;
+  assert.deepEqual([defaults.attn_logit_softcapping, defaults.final_logit_softcapping, defaults.query_pre_attn_scalar, defaults.sliding_window], [50, 30, 16, 4096]);
+  assert.deepEqual(listLinearModules('gemma', c2).slice(0, 4).map((m) => m.outFeatures), [64, 32, 32, 32]);
 });
 
 test('Llama variants: BF16, two shards, tied embeddings, explicit head_dim, Qwen2-style q/k/v bias', async () => {

@@ -1,17 +1,18 @@
 /**
  * The TensorFlow.js forward pass (through the executor: prefill + batched KV-cache decode) against the
- * independent plain-loop reference, for both families and the RoPE variants, batch 1 and a batch of 3 sequences of
- * different lengths.
+ * independent plain-loop reference, for every family (GPT-2, Llama/Qwen2, Phi-3, Gemma, Gemma 2) and the RoPE
+ * variants, batch 1 and a batch of 3 sequences of different lengths: logits, greedy tokens and the chosen tokens'
+ * logprobs.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, TINY_LLAMA32, type CheckpointOptions } from '../src/demo/index.ts';
+import { TINY_GEMMA, TINY_GEMMA2, TINY_GPT2, TINY_LLAMA, TINY_LLAMA32, TINY_PHI3, type CheckpointOptions } from '../src/demo/index.ts';
 import { CausalLM } from '../src/model/model.ts';
 import { isLaidOut } from '../src/backend/weights.ts';
 import type { LoraPlan } from '../src/engine/executor.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
-import { referenceForward } from './reference/forward.ts';
+import { logSoftmax, referenceForward } from './reference/forward.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, nativeMatmulOn, setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
@@ -76,6 +77,17 @@ const CASES: [string, CheckpointOptions, number[][]?][] = [
     ropeScaling: { rope_type: 'yarn', factor: 8.0, beta_fast: 8, beta_slow: 2, mscale: 1, mscale_all_dim: 0.5, truncate: false, original_max_position_embeddings: 64 },
   }],
   ['rope longrope, Phi-3 style', LONGROPE, [PROMPTS[0]!, LONG_PROMPT, PROMPTS[2]!]],
+  ['phi3: fused qkv_proj and gate_up_proj, GQA', TINY_PHI3],
+  ['phi3: tied embeddings, bf16', { ...TINY_PHI3, seed: 24, tieWordEmbeddings: true, dtype: 'BF16' }],
+  ['phi3: longrope under its legacy type "su"', {
+    ...TINY_PHI3, seed: 25, configExtra: { original_max_position_embeddings: 8 },
+    ropeScaling: { type: 'su', short_factor: [1, 1.2, 1.5, 2], long_factor: [1, 2.5, 4, 9] },
+  }, [PROMPTS[0]!, LONG_PROMPT, PROMPTS[2]!]],
+  ['gemma: head_dim ≠ hidden / heads, multi-query, tied', TINY_GEMMA],
+  ['gemma: untied lm_head', { ...TINY_GEMMA, seed: 26, tieWordEmbeddings: false }],
+  ['gemma: attention_bias (q/k/v/o biases)', { ...TINY_GEMMA, seed: 28, attentionBias: true }],
+  ['gemma2: 4 norms, soft-capped scores and logits, query_pre_attn_scalar', TINY_GEMMA2],
+  ['gemma2: transformers defaults (caps 50 and 30, window 4096)', { ...TINY_GEMMA, gemma2: true, seed: 27 }],
 ];
 
 for (const [name, opts, prompts = PROMPTS] of CASES) {
@@ -101,6 +113,10 @@ for (const [name, opts, prompts = PROMPTS] of CASES) {
           worst = Math.max(worst, err);
           assert.ok(err < 1e-4, `${name}, batch ${batch.length}, seq ${s}, step ${step}: rel err ${err}`);
           assert.equal(tokens[s]![step], argmax(r), `greedy token differs at step ${step}`);
+          // The chosen token's logprob (log_softmax in float64, as the engine reports it).
+          const token = tokens[s]![step]!;
+          const dLogprob = Math.abs(logSoftmax(Float64Array.from(logits[s]![step]!))[token]! - logSoftmax(r)[token]!);
+          assert.ok(dLogprob < 1e-4, `${name}, batch ${batch.length}, seq ${s}, step ${step}: logprob differs by ${dLogprob}`);
         }
       });
     }

@@ -1,16 +1,17 @@
 /**
- * LoRA application end to end on the fixture checkpoints: unmerged and merged logits against the plain-loop
- * reference (base + s·B·A·x per module), batch invariance across mixed adapters, exact base restore after
+ * LoRA application end to end on the fixture checkpoints of every family: unmerged and merged logits against the
+ * plain-loop reference (base + s·B·A·x per module; on Phi-3's fused modules, then split), mixed-adapter batches against
+ * the reference row by row, batch invariance across mixed adapters, exact base restore after
  * merge/switch cycles, and eviction freeing tensors.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_GPT2, TINY_LLAMA, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/demo/index.ts';
+import { TINY_GEMMA, TINY_GEMMA2, TINY_GPT2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type AdapterOptions, type CheckpointOptions } from '../src/demo/index.ts';
 import type { AdapterLease } from '../src/lora/types.ts';
 import { CausalLM } from '../src/model/model.ts';
-import { referenceForward } from './reference/forward.ts';
+import { logSoftmax, referenceForward } from './reference/forward.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { greedyBatch, makeManager, refLora } from './helpers/lora.ts';
 import { argmax, fixtureCheckpoint, maxRelErr, setupBackend, tempDir, testBackend } from './helpers/tf.ts';
@@ -23,7 +24,7 @@ const PROMPT = [5, 17, 42, 99, 3, 250, 7];
 const NEW = 5;
 
 type AdapterCase = [string, Omit<AdapterOptions, 'baseConfig'>];
-const ADAPTERS: Record<'gpt2' | 'llama', AdapterCase[]> = {
+const ADAPTERS: Record<string, AdapterCase[]> = {
   gpt2: [
     ['r4 c_attn only', { r: 4, loraAlpha: 8, targetModules: ['c_attn'] }],
     ['r8 c_proj (attn and mlp) rsLoRA', { r: 8, loraAlpha: 16, targetModules: ['c_proj'], useRslora: true }],
@@ -35,9 +36,31 @@ const ADAPTERS: Record<'gpt2' | 'llama', AdapterCase[]> = {
     ['all-linear, patterns, layer 1 only, .default infix', { r: 4, loraAlpha: 16, targetModules: 'all-linear', rankPattern: { down_proj: 2 }, alphaPattern: { 'self_attn.k_proj': 2 }, layersToTransform: [1], nameInfix: true }],
     ['regex target', { r: 3, loraAlpha: 6, targetModules: '.*\\.(gate_proj|up_proj)' }],
   ],
+  // PEFT targets Phi-3's fused modules: lora_B [q + 2·kv, r] on qkv_proj, [2·intermediate, r] on gate_up_proj.
+  phi3: [
+    ['r4 qkv_proj (PEFT default)', { r: 4, loraAlpha: 8 }],
+    ['all-linear, gate_up_proj rank pattern', { r: 4, loraAlpha: 16, targetModules: 'all-linear', rankPattern: { gate_up_proj: 2 } }],
+    ['r8 o_proj, down_proj rsLoRA, bf16', { r: 8, loraAlpha: 8, targetModules: ['o_proj', 'down_proj'], useRslora: true, dtype: 'BF16' }],
+  ],
+  gemma: [
+    ['r2 q,v (PEFT default)', { r: 2, loraAlpha: 4 }],
+    ['all-linear, patterns', { r: 4, loraAlpha: 16, targetModules: 'all-linear', rankPattern: { down_proj: 2 }, alphaPattern: { 'self_attn.k_proj': 2 } }],
+  ],
+  gemma2: [
+    ['r2 q,v (PEFT default)', { r: 2, loraAlpha: 4 }],
+    ['all-linear, layer 1 only', { r: 4, loraAlpha: 16, targetModules: 'all-linear', layersToTransform: [1] }],
+  ],
 };
 
-const BASES: [string, CheckpointOptions][] = [['gpt2', TINY_GPT2], ['llama', TINY_LLAMA]];
+/** The chosen token's logprob from the fast logits (log_softmax in float64, as the engine reports it) matches the reference's. */
+function assertLogprob(fast: Float32Array, ref: Float64Array, token: number, label: string): void {
+  const d = Math.abs(logSoftmax(Float64Array.from(fast))[token]! - logSoftmax(ref)[token]!);
+  assert.ok(d < 1e-4, `${label}: logprob differs by ${d}`);
+}
+
+const BASES: [string, CheckpointOptions][] = [
+  ['gpt2', TINY_GPT2], ['llama', TINY_LLAMA], ['phi3', TINY_PHI3], ['gemma', TINY_GEMMA], ['gemma2', TINY_GEMMA2],
+];
 
 for (const [family, opts] of BASES) {
   test(`${family}: merged and unmerged LoRA match the plain-loop reference`, async (t) => {
@@ -48,7 +71,7 @@ for (const [family, opts] of BASES) {
     const ex = new TfExecutor(model);
     const manager = makeManager(model, join(root, 'adapters'), ex);
     let worst = 0;
-    for (const [i, [name, aopts]] of ADAPTERS[family as 'gpt2' | 'llama'].entries()) {
+    for (const [i, [name, aopts]] of ADAPTERS[family]!.entries()) {
       const id = `a${i}`;
       await writePeftAdapter(join(root, 'adapters', id), { baseConfig: config, seed: 100 + i, ...aopts });
       const lease = await manager.acquire(id);
@@ -66,6 +89,9 @@ for (const [family, opts] of BASES) {
         assert.ok(eu < 1e-4, `${name}: unmerged step ${s} rel err ${eu}`);
         assert.ok(em < 1e-4, `${name}: merged step ${s} rel err ${em}`);
         assert.equal(unmerged.tokens[0]![s], argmax(r));
+        assert.equal(merged.tokens[0]![s], argmax(r));
+        assertLogprob(unmerged.logits[0]![s]!, r, unmerged.tokens[0]![s]!, `${name}: unmerged step ${s}`);
+        assertLogprob(merged.logits[0]![s]!, r, merged.tokens[0]![s]!, `${name}: merged step ${s}`);
       }
       // The adapter visibly changes the output (else the comparison would prove nothing).
       assert.ok(maxRelErr(base.logits[0]![0]!, refLogits[PROMPT.length - 1]!) > 1e-3, `${name}: adapter has no effect`);
@@ -105,6 +131,45 @@ test('llama: 8 sequences on 8 adapters plus one on the base give the same greedy
   manager.dispose();
   model.dispose();
 });
+
+for (const [family, opts] of BASES.filter(([f]) => ['phi3', 'gemma', 'gemma2'].includes(f))) {
+  test(`${family}: a batch mixing three adapters and the base matches the reference row by row, and each row alone merged`, async () => {
+    const root = join(tmp.dir, `mixed-${family}`);
+    const { config, get } = await fixtureCheckpoint(join(root, 'model'), opts);
+    const baseline = tf.memory().numTensors;
+    const model = CausalLM.load(join(root, 'model'));
+    const ex = new TfExecutor(model);
+    const manager = makeManager(model, join(root, 'adapters'), ex);
+    const leases: AdapterLease[] = [];
+    for (const [i, targetModules] of (['all-linear', 'all-linear', undefined] as const).entries()) {
+      await writePeftAdapter(join(root, 'adapters', `x${i}`), { baseConfig: config, seed: 400 + i, r: 2 + 2 * i, loraAlpha: 8, targetModules });
+      leases.push(await manager.acquire(`x${i}`));
+    }
+    const prompts = [PROMPT, [11, 12], [200, 201, 202, 203], [40, 41, 42]];
+    const jobs = prompts.map((prompt, i) => ({ prompt, lease: leases[i] ?? null }));
+    const together = await greedyBatch(ex, jobs, NEW, { mode: 'unmerged' });
+    jobs.forEach((j, i) => {
+      const ref = referenceForward(config, get, [...j.prompt, ...together.tokens[i]!], j.lease ? refLora(model, join(root, 'adapters', `x${i}`)) : undefined);
+      for (let s = 0; s < NEW; s++) {
+        const r = ref[j.prompt.length - 1 + s]!;
+        const err = maxRelErr(together.logits[i]![s]!, r);
+        assert.ok(err < 1e-4, `row ${i} step ${s}: rel err ${err}`);
+        assert.equal(together.tokens[i]![s], argmax(r), `row ${i} step ${s}: greedy token`);
+        assertLogprob(together.logits[i]![s]!, r, together.tokens[i]![s]!, `row ${i} step ${s}`);
+      }
+    });
+    // Alone with its adapter merged (W + s·B·A), each row gives the same tokens.
+    for (const [i, j] of jobs.entries()) {
+      assert.deepEqual((await greedyBatch(ex, [j], NEW, { mode: 'merged', seqBase: 100 })).tokens[0], together.tokens[i], `row ${i} alone, merged`);
+    }
+    assert.ok(new Set(together.tokens.map((t) => t.join(','))).size > 2, 'the adapters change the continuations');
+    leases.forEach((l) => l.release());
+    ex.dispose();
+    manager.dispose();
+    model.dispose();
+    assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+  });
+}
 
 test('merge/switch cycles restore the base logits bit for bit', async () => {
   const root = join(tmp.dir, 'cycles');

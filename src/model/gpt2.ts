@@ -99,7 +99,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const act = c.activation === 'gelu_new' ? geluNew : c.activation === 'gelu' ? gelu : tf.relu;
   const nH = c.numHeads;
   const hd = c.headDim;
-  const { eps, scale } = layerConstants(c.normEps, hd);
+  const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
   tensors.push(eps, scale);
 
   return {

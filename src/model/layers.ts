@@ -5,7 +5,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, type Weight } from '../backend/weights.ts';
 import { profiler } from '../obs/profile.ts';
-import type { LinearModule } from './types.ts';
+import type { StepContext } from './model.ts';
+import type { LinearModule, ModelConfig } from './types.ts';
 
 /**
  * A linear layer y = x·W + b with W stored [in, out]. It computes columns [moduleOffset, moduleOffset + out)
@@ -61,8 +62,8 @@ export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2
  * The constants every layer uses, made once at load as device scalars: a number argument would be a new device tensor
  * at each use. The caller keeps them with the model's tensors.
  */
-export function layerConstants(normEps: number, headDim: number): { eps: tf.Scalar; scale: tf.Scalar } {
-  return { eps: tf.scalar(normEps), scale: tf.scalar(1 / Math.sqrt(headDim)) };
+export function layerConstants(normEps: number, attentionScale: number): { eps: tf.Scalar; scale: tf.Scalar } {
+  return { eps: tf.scalar(normEps), scale: tf.scalar(attentionScale) };
 }
 
 /** eps: a number, or the model's kept scalar (a number is a new device tensor on every call). */
@@ -148,6 +149,34 @@ export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D, R:
   return tf.add(tf.mul(x, cos), tf.mul(rotated, sin)) as tf.Tensor3D;
 }
 
+/**
+ * A rotary-family config's rotary embedding, made at load: the cos/sin tables (both longrope sets) and the
+ * rotate-half matrix, kept with the model's tensors. `rotate` applies it to [N, H, headDim] heads at the step's
+ * positions; the step's cos/sin rows are gathered once for all layers.
+ */
+export interface Rotary {
+  readonly tensors: readonly tf.Tensor[];
+  rotate(x: tf.Tensor3D, s: StepContext): tf.Tensor3D;
+}
+
+export function rotary(c: ModelConfig): Rotary {
+  const spec = c.rope!;
+  const hd = c.headDim;
+  const rope = ropeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
+  const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
+  const R = rotateHalfMatrix(hd);
+  return {
+    tensors: [rope.cos, rope.sin, R],
+    rotate(x, s) {
+      const N = s.B * s.T;
+      const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
+      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
+      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
+      return applyRope(x, cos, sin, R);
+    },
+  };
+}
+
 /** Shapes of one forward step: B rows, T new tokens per row (left-padded), N = B·T. */
 export interface StepShape {
   readonly B: number;
@@ -160,20 +189,31 @@ export interface StepShape {
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
  * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
+ * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
+ * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
+ * as modeling_gemma2.py's eager_attention_forward.
  */
 export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
-  scale: number | tf.Scalar = 1 / Math.sqrt(hd)): tf.Tensor2D {
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scale));
+  scale: number | tf.Scalar = 1 / Math.sqrt(hd), softcap: tf.Scalar | null = null): tf.Tensor2D {
+  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scale, softcap));
 }
 
-/** scale: 1/√hd, as a number or the model's kept scalar. */
-function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number, scale: number | tf.Scalar): tf.Tensor2D {
+/** scale: the score factor (1/√hd), as a number or the model's kept scalar. */
+function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
+  scale: number | tf.Scalar, softcap: tf.Scalar | null): tf.Tensor2D {
   const { B, T } = s;
   const G = nH / kvH;
   const q4 = tf.reshape(tf.transpose(tf.reshape(q, [B, T, kvH, G * hd]), [0, 2, 1, 3]), [B, kvH, T * G, hd]); // rows (t, g)
-  const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), s.mask); // [B, kvH, T·G, C+T]
+  let raw: tf.Tensor4D = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, T·G, C+T]
+  if (softcap) raw = softCap(raw, softcap);
+  const scores = tf.add(raw, s.mask); // [B, kvH, T·G, C+T]
   const o = tf.matMul(tf.softmax(scores), v); // [B, kvH, T·G, hd]
   return tf.reshape(tf.transpose(tf.reshape(o, [B, kvH, T, G * hd]), [0, 2, 1, 3]), [B * T, nH * hd]);
+}
+
+/** c·tanh(x/c): Gemma 2's soft-capping of attention scores and logits. */
+export function softCap<T extends tf.Tensor>(x: T, c: tf.Scalar): T {
+  return tf.mul(tf.tanh(tf.div(x, c)), c);
 }
 
 /** [N, H·hd] → [B, H, T, hd] for the cache. */

@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, layerConstants, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
+import { attention, layerConstants, layerModules, linear, rmsNorm, rotary, silu, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -88,16 +88,13 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   }
   // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
   const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
-  const spec = c.rope!;
-  const rope = ropeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
-  const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
-  const R = rotateHalfMatrix(c.headDim);
-  tensors.push(rope.cos, rope.sin, R);
+  const rope = rotary(c);
+  tensors.push(...rope.tensors);
 
   const nH = c.numHeads;
   const kvH = c.numKvHeads;
   const hd = c.headDim;
-  const { eps, scale } = layerConstants(c.normEps, hd);
+  const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
   tensors.push(eps, scale);
 
   return {
@@ -108,11 +105,8 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const N = s.B * s.T;
       // x = x + attn(rmsnorm(x))
       const h = rmsNorm(x, L.inputNorm, eps);
-      const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
-      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
-      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
-      const q = applyRope(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), cos, sin, R); // [N, nH, hd]
-      const k = applyRope(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), cos, sin, R); // [N, kvH, hd]
+      const q = rope.rotate(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), s); // [N, nH, hd]
+      const k = rope.rotate(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), s); // [N, kvH, hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
       const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
       x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));

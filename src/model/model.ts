@@ -10,7 +10,9 @@ import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { gpt2Modules, loadGpt2 } from './gpt2.ts';
 import type { Linear, StepLora, StepShape } from './layers.ts';
+import { gemmaModules, loadGemma } from './gemma.ts';
 import { llamaModules, loadLlama } from './llama.ts';
+import { loadPhi3, phi3Modules } from './phi3.ts';
 import type { Family, LinearModule, ModelConfig } from './types.ts';
 
 /**
@@ -59,6 +61,8 @@ export interface Arch {
 const REGISTRY: Record<Family, { load: (c: ModelConfig, ckpt: Checkpoint) => Arch; modules: (c: ModelConfig) => LinearModule[] }> = {
   gpt2: { load: loadGpt2, modules: gpt2Modules },
   llama: { load: loadLlama, modules: llamaModules },
+  phi3: { load: loadPhi3, modules: phi3Modules },
+  gemma: { load: loadGemma, modules: gemmaModules },
 };
 
 /** The LoRA-targetable modules of a model, from its config alone (no weights loaded). */

@@ -134,7 +134,7 @@ function longrope(cfg: Json, rs: Json, theta: number, headDim: number, maxPositi
   };
 }
 
-/** The rotary embedding of a Llama-family config.json (headDim even, maxPositions = max_position_embeddings). */
+/** The rotary embedding of a rotary-family config.json (headDim even, maxPositions = max_position_embeddings). */
 export function ropeSpec(cfg: Json, theta: number, headDim: number, maxPositions: number): RopeSpec {
   if (cfg.partial_rotary_factor != null && cfg.partial_rotary_factor !== 1) {
     throw fail('CONFIG_UNSUPPORTED', `config.json: "partial_rotary_factor" ${JSON.stringify(cfg.partial_rotary_factor)} is not supported (every dimension of a head is rotated)`);

@@ -1,12 +1,12 @@
 /** Shared, tensor-free types of the model layer. */
 import type { RopeSpec } from './rope.ts';
 
-export type Family = 'gpt2' | 'llama';
+export type Family = 'gpt2' | 'llama' | 'phi3' | 'gemma';
 
 /** One typed view of an HF config.json (see normalizeConfig in config.ts). */
 export interface ModelConfig {
   readonly family: Family;
-  /** model_type as written in config.json ("gpt2", "llama", "mistral", "qwen2", ...). */
+  /** model_type as written in config.json ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "gemma2"). */
   readonly modelType: string;
   readonly vocabSize: number;
   readonly hiddenSize: number;
@@ -23,17 +23,26 @@ export interface ModelConfig {
   /** Longest sequence the position scheme supports (n_positions / max_position_embeddings). */
   readonly maxPositions: number;
   readonly normEps: number;
-  /** Llama only. */
+  /** Rotary families (all but GPT-2). */
   readonly ropeTheta: number;
-  /** Llama family: the rotary embedding (rope_scaling variant, frequencies, cos/sin factor); null for GPT-2. */
+  /** Rotary families: the rotary embedding (rope_scaling variant, frequencies, cos/sin factor); null for GPT-2. */
   readonly rope: RopeSpec | null;
   readonly tieWordEmbeddings: boolean;
-  /** Llama family: q/k/v projections carry a bias (Qwen2). */
+  /** q/k/v projections carry a bias (Qwen2, Llama's and Gemma's attention_bias). */
   readonly attentionBias: boolean;
-  /** Llama family: o_proj and MLP carry biases (rare; attention_bias in Llama covers o_proj too). */
+  /** o_proj carries a bias (attention_bias in Llama and Gemma covers it); mlpBias: the MLP (Llama's mlp_bias). */
   readonly outputBias: boolean;
   readonly mlpBias: boolean;
+  /** gelu_new: the tanh approximation (transformers' gelu_new and gelu_pytorch_tanh); gelu: the exact erf form. */
   readonly activation: 'gelu_new' | 'gelu' | 'relu' | 'silu';
+  /** Attention scores are q·k multiplied by this: 1/√head_dim, Gemma 2's query_pre_attn_scalar^−1/2. */
+  readonly attentionScale: number;
+  /** Gemma 2: scores become c·tanh(scores/c) before the mask (attn_logit_softcapping); null elsewhere. */
+  readonly attnLogitSoftcap: number | null;
+  /** Gemma 2: logits become c·tanh(logits/c) (final_logit_softcapping); null elsewhere. */
+  readonly finalLogitSoftcap: number | null;
+  /** Gemma 2: each layer also normalizes the attention output and the MLP's input and output (4 norms per layer). */
+  readonly sandwichNorms: boolean;
   readonly bosTokenId: number | null;
   readonly eosTokenIds: readonly number[];
   /** What the server changed to serve this config exactly (e.g. a served context shorter than the checkpoint's), for the start-up log. */

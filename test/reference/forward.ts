@@ -1,8 +1,8 @@
 /**
  * An independent, slow reference forward pass: plain loops over Float64Array, written from the
- * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`, the RoPE variants
- * of `modeling_rope_utils.py`, the sliding windows of `modeling_mistral.py`/`modeling_qwen2.py` and
- * `masking_utils.py`), taking
+ * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`, `modeling_phi3.py`,
+ * `modeling_gemma.py`, `modeling_gemma2.py`, the RoPE variants of `modeling_rope_utils.py`, the sliding windows of
+ * `modeling_mistral.py`/`modeling_qwen2.py`/`modeling_phi3.py`/`modeling_gemma2.py` and `masking_utils.py`), taking
  * the RAW `config.json` object and tensors by their RAW checkpoint names. Test code only: nothing
  * here comes from src/, so the fast TensorFlow.js path can be checked against it.
  *
@@ -539,19 +539,25 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
 /**
  * Each layer's sliding window (null: full attention), as transformers' configuration and modeling files set it:
  * MistralConfig's `sliding_window` defaults to 4096 (an explicit null: none) and MistralModel uses it in every
- * layer. Qwen2Config sets `sliding_window` to None unless `use_sliding_window`; its `layer_types` default is
- * "sliding_attention" for layers i >= max_window_layers (default 28) when a window is set; Qwen2Attention uses
- * `config.sliding_window` in "sliding_attention" layers, and create_sliding_window_causal_mask raises when it is None.
- * LlamaModel has no window.
+ * layer. Phi3Config's `sliding_window` defaults to None; Phi3Model (MistralModel's forward) builds the sliding mask
+ * when it is set and Phi3Attention passes `config.sliding_window` in every layer. Qwen2Config sets `sliding_window`
+ * to None unless `use_sliding_window`; its `layer_types` default is "sliding_attention" for layers
+ * i >= max_window_layers (default 28) when a window is set. Gemma2Config's `sliding_window` defaults to 4096 and its
+ * `layer_types` to "sliding_attention" for the even layers ((i + 1) % 2). Qwen2Attention and Gemma2Attention use
+ * `config.sliding_window` in "sliding_attention" layers, and create_sliding_window_causal_mask raises when it is
+ * None. LlamaModel and GemmaModel have no window.
  */
 function slidingWindows(config: Record<string, any>, nLayer: number): (number | null)[] {
   const declared = (): number | null => ('sliding_window' in config ? config.sliding_window : 4096);
   if (config.model_type === 'mistral') return new Array(nLayer).fill(declared());
-  if (config.model_type !== 'qwen2') return new Array(nLayer).fill(null);
-  const window = config.use_sliding_window === true ? declared() : null;
+  if (config.model_type === 'phi3') return new Array(nLayer).fill(config.sliding_window ?? null);
+  const qwen2 = config.model_type === 'qwen2';
+  if (!qwen2 && config.model_type !== 'gemma2') return new Array(nLayer).fill(null);
+  const window = !qwen2 || config.use_sliding_window === true ? declared() : null;
   const maxWindowLayers = config.max_window_layers ?? 28;
+  const slidesByDefault = (i: number): boolean => (qwen2 ? window !== null && i >= maxWindowLayers : (i + 1) % 2 === 1);
   const types: string[] = config.layer_types ??
-    Array.from({ length: nLayer }, (_, i) => (window !== null && i >= maxWindowLayers ? 'sliding_attention' : 'full_attention'));
+    Array.from({ length: nLayer }, (_, i) => (slidesByDefault(i) ? 'sliding_attention' : 'full_attention'));
   if (types.length !== nLayer) throw new Error(`reference: layer_types has ${types.length} entries for ${nLayer} layers`);
   return types.map((type) => {
     if (type === 'full_attention') return null;
@@ -566,6 +572,196 @@ function ropeEachHead(x: Vec, nHeads: number, hd: number, pos: number, rope: Ref
   const out = new Float64Array(nHeads * hd);
   for (let h = 0; h < nHeads; h++) out.set(ropeRotateWith(x.slice(h * hd, (h + 1) * hd), pos, rope), h * hd);
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phi-3 (modeling_phi3.py): the Llama block with fused qkv_proj ([q | k | v] rows) and gate_up_proj ([gate | up])
+
+/**
+ * Phi3Config's rotary settings in the form refRope reads: the legacy rope_scaling types "su" and "yarn" are
+ * longrope, original_max_position_embeddings defaults to 4096 and max_position_embeddings to 4096.
+ */
+function phi3RopeConfig(config: Record<string, any>): Record<string, any> {
+  const rs = config.rope_scaling;
+  const type = rs == null ? null : rs.rope_type ?? rs.type;
+  const renamed = type === 'su' || type === 'yarn' ? 'longrope' : type;
+  if (renamed != null && renamed !== 'default' && renamed !== 'longrope') throw new Error(`reference: Phi-3 rope type ${type} is invalid`);
+  return {
+    ...config,
+    max_position_embeddings: config.max_position_embeddings ?? 4096,
+    original_max_position_embeddings: config.original_max_position_embeddings ?? 4096,
+    rope_scaling: rs == null ? null : { ...rs, type: undefined, rope_type: renamed },
+  };
+}
+
+function phi3Hidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier, callEnd: readonly number[]) {
+  const d = int(config, 'hidden_size');
+  const nLayer = int(config, 'num_hidden_layers');
+  const nHead = int(config, 'num_attention_heads');
+  const nKv = int(config, 'num_key_value_heads', nHead);
+  const hd = d / nHead;
+  const inner = int(config, 'intermediate_size');
+  const vocab = int(config, 'vocab_size');
+  const eps: number = config.rms_norm_eps ?? 1e-5;
+  if ((config.hidden_act ?? 'silu') !== 'silu') throw new Error(`reference: hidden_act ${config.hidden_act} is unsupported in reference`);
+  if (config.partial_rotary_factor != null && config.partial_rotary_factor !== 1) throw new Error('reference: partial_rotary_factor is unsupported in reference');
+  const windows = slidingWindows(config, nLayer);
+  const ropeConfig = phi3RopeConfig(config);
+  const qSize = nHead * hd;
+  const kvSize = nKv * hd;
+
+  const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
+  let xs: Vec[] = tokens.map((token) => embedRow(embed, token));
+  const ropes = tokens.map((_, t) => refRope(ropeConfig, hd, callEnd[t]! + 1));
+
+  for (let l = 0; l < nLayer; l++) {
+    const n = `model.layers.${l}.`;
+    const run = (name: string, x: Vec, nOut: number, nIn: number): Vec =>
+      lora.apply(`${n}${name}`, x, linear(x, need(get, `${n}${name}.weight`, [nOut, nIn]), undefined));
+    const inNorm = need(get, `${n}input_layernorm.weight`, [d]);
+    const postNorm = need(get, `${n}post_attention_layernorm.weight`, [d]);
+
+    // x = x + o_proj(attn), with q, k, v the three row blocks of qkv_proj's output (after its LoRA delta)
+    const q: Vec[] = [];
+    const k: Vec[] = [];
+    const v: Vec[] = [];
+    xs.forEach((x, t) => {
+      const qkv = run('self_attn.qkv_proj', rmsNorm(x, inNorm, eps), qSize + 2 * kvSize, d);
+      q.push(ropeEachHead(qkv.slice(0, qSize), nHead, hd, t, ropes[t]!));
+      k.push(ropeEachHead(qkv.slice(qSize, qSize + kvSize), nKv, hd, t, ropes[t]!));
+      v.push(qkv.slice(qSize + kvSize));
+    });
+    const heads = causalAttention(q, k, v, nHead, nKv, hd, windows[l] ?? null);
+    xs = xs.map((x, t) => add(x, run('self_attn.o_proj', heads[t]!, d, qSize)));
+
+    // x = x + down_proj(up · silu(gate)), [gate | up] = gate_up_proj(rmsnorm(x))
+    xs = xs.map((x) => {
+      const gateUp = run('mlp.gate_up_proj', rmsNorm(x, postNorm, eps), 2 * inner, d);
+      const a = new Float64Array(inner);
+      for (let i = 0; i < inner; i++) a[i] = gateUp[inner + i]! * silu(gateUp[i]!);
+      return add(x, run('mlp.down_proj', a, d, inner));
+    });
+  }
+
+  const finalNorm = need(get, 'model.norm.weight', [d]);
+  const tied = config.tie_word_embeddings === true || !hasTensor(get, 'lm_head.weight');
+  const output = tied ? embed : need(get, 'lm_head.weight', [vocab, d]);
+  return { hidden: xs.map((x) => rmsNorm(x, finalNorm, eps)), output };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gemma and Gemma 2 (modeling_gemma.py, modeling_gemma2.py)
+
+/** Gemma's RMSNorm: x / sqrt(mean(x²) + eps) · (1 + g). */
+function gemmaRmsNorm(x: Vec, g: RefTensor, eps: number): Vec {
+  const n = x.length;
+  let meanSquare = 0;
+  for (let i = 0; i < n; i++) meanSquare += x[i]! * x[i]!;
+  meanSquare /= n;
+  const y = new Float64Array(n);
+  for (let i = 0; i < n; i++) y[i] = (x[i]! / Math.sqrt(meanSquare + eps)) * (1 + g.data[i]!);
+  return y;
+}
+
+/** c·tanh(x/c). */
+function softcap(x: number, c: number): number {
+  return c * Math.tanh(x / c);
+}
+
+/**
+ * Gemma attention: as causalAttention, with the score of (t, s) = q·k · scale, soft-capped to c·tanh(score/c) when
+ * `cap` is set, and only s > t − window visible when `window` is set (Gemma 2's sliding layers).
+ */
+function gemmaAttention(q: Vec[], k: Vec[], v: Vec[], nHead: number, nKv: number, hd: number, scale: number, cap: number | null, window: number | null): Vec[] {
+  const group = nHead / nKv;
+  return q.map((qt, t) => {
+    const o = new Float64Array(nHead * hd);
+    const first = window === null ? 0 : Math.max(0, t - window + 1);
+    for (let h = 0; h < nHead; h++) {
+      const g = Math.floor(h / group);
+      const scores = new Float64Array(t + 1 - first);
+      for (let s = first; s <= t; s++) {
+        let dot = 0;
+        for (let j = 0; j < hd; j++) dot += qt[h * hd + j]! * k[s]![g * hd + j]!;
+        scores[s - first] = cap === null ? dot * scale : softcap(dot * scale, cap);
+      }
+      const weights = softmax(scores);
+      for (let s = first; s <= t; s++) {
+        for (let j = 0; j < hd; j++) o[h * hd + j] += weights[s - first]! * v[s]![g * hd + j]!;
+      }
+    }
+    return o;
+  });
+}
+
+/** A value that config.json may set to null (none) or leave out (the default). */
+function orDefault(config: Record<string, any>, key: string, fallback: number): number | null {
+  return key in config ? config[key] ?? null : fallback;
+}
+
+function gemmaHidden(config: Record<string, any>, get: GetTensor, tokens: readonly number[], lora: LoraApplier) {
+  const gemma2 = config.model_type === 'gemma2';
+  const d = int(config, 'hidden_size');
+  const nLayer = int(config, 'num_hidden_layers');
+  const nHead = int(config, 'num_attention_heads');
+  const nKv = int(config, 'num_key_value_heads', nHead);
+  const hd = int(config, 'head_dim', 256);
+  const inner = int(config, 'intermediate_size');
+  const vocab = int(config, 'vocab_size');
+  const eps: number = config.rms_norm_eps ?? 1e-6;
+  const act: string = config.hidden_activation ?? config.hidden_act ?? 'gelu_pytorch_tanh';
+  if (act !== 'gelu_pytorch_tanh' && act !== 'gelu_new') throw new Error(`reference: Gemma activation ${act} is unsupported in reference`);
+  if (config.rope_scaling != null) throw new Error('reference: Gemma rope_scaling is unsupported in reference');
+  const scale = gemma2 ? Math.pow(config.query_pre_attn_scalar ?? 256, -0.5) : 1 / Math.sqrt(hd);
+  const attnCap = gemma2 ? orDefault(config, 'attn_logit_softcapping', 50) : null;
+  const finalCap = gemma2 ? orDefault(config, 'final_logit_softcapping', 30) : null;
+  const windows = slidingWindows(config, nLayer);
+  const theta: number = config.rope_theta ?? 10000;
+  const rope: RefRope = { invFreq: refInvFreqDefault(theta, hd), scale: 1 };
+
+  // x = embed[token] · float32(√d) (transformers casts the normaliser to the model's dtype)
+  const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
+  const normalizer = Math.fround(Math.sqrt(d));
+  let xs: Vec[] = tokens.map((token) => embedRow(embed, token).map((e) => e * normalizer));
+
+  for (let l = 0; l < nLayer; l++) {
+    const n = `model.layers.${l}.`;
+    const run = (name: string, x: Vec, nOut: number, nIn: number): Vec =>
+      lora.apply(`${n}${name}`, x, linear(x, need(get, `${n}${name}.weight`, [nOut, nIn]), maybe(get, `${n}${name}.bias`, [nOut])));
+    const normW = (name: string) => need(get, `${n}${name}.weight`, [d]);
+
+    const q: Vec[] = [];
+    const k: Vec[] = [];
+    const v: Vec[] = [];
+    xs.forEach((x, t) => {
+      const h = gemmaRmsNorm(x, normW('input_layernorm'), eps);
+      q.push(ropeEachHead(run('self_attn.q_proj', h, nHead * hd, d), nHead, hd, t, rope));
+      k.push(ropeEachHead(run('self_attn.k_proj', h, nKv * hd, d), nKv, hd, t, rope));
+      v.push(run('self_attn.v_proj', h, nKv * hd, d));
+    });
+    const heads = gemmaAttention(q, k, v, nHead, nKv, hd, scale, attnCap, windows[l] ?? null);
+    // Gemma:   x = x + o_proj(attn);              then h = post_attention_layernorm(x) feeds the MLP
+    // Gemma 2: x = x + post_attention_layernorm(o_proj(attn)); h = pre_feedforward_layernorm(x);
+    //          x = x + post_feedforward_layernorm(mlp(h))
+    xs = xs.map((x, t) => {
+      const o = run('self_attn.o_proj', heads[t]!, d, nHead * hd);
+      return add(x, gemma2 ? gemmaRmsNorm(o, normW('post_attention_layernorm'), eps) : o);
+    });
+    xs = xs.map((x) => {
+      const h = gemmaRmsNorm(x, normW(gemma2 ? 'pre_feedforward_layernorm' : 'post_attention_layernorm'), eps);
+      const g = run('mlp.gate_proj', h, inner, d);
+      const u = run('mlp.up_proj', h, inner, d);
+      const a = new Float64Array(inner);
+      for (let i = 0; i < inner; i++) a[i] = geluNew(g[i]!) * u[i]!; // gelu_pytorch_tanh is gelu_new's formula
+      const m = run('mlp.down_proj', a, d, inner);
+      return add(x, gemma2 ? gemmaRmsNorm(m, normW('post_feedforward_layernorm'), eps) : m);
+    });
+  }
+
+  const finalNorm = need(get, 'model.norm.weight', [d]);
+  const tied = config.tie_word_embeddings !== false;
+  const output = tied ? embed : need(get, 'lm_head.weight', [vocab, d]);
+  return { hidden: xs.map((x) => gemmaRmsNorm(x, finalNorm, eps)), output, finalCap };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -601,12 +797,22 @@ function hiddenStates(config: Record<string, any>, get: GetTensor, tokens: reado
   const ends = callEnds(tokens.length, steps);
   const applier = new LoraApplier(lora);
   const modelType = config.model_type;
-  let result: { hidden: Vec[]; output: RefTensor };
+  let result: { hidden: Vec[]; output: RefTensor; finalCap?: number | null };
   if (modelType === 'gpt2') result = gpt2Hidden(config, get, tokens, applier);
   else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') result = llamaHidden(config, get, tokens, applier, ends);
+  else if (modelType === 'phi3') result = phi3Hidden(config, get, tokens, applier, ends);
+  else if (modelType === 'gemma' || modelType === 'gemma2') result = gemmaHidden(config, get, tokens, applier);
   else throw new Error(`reference: model_type ${modelType} is unsupported in reference`);
   applier.assertAllUsed();
   return result;
+}
+
+/** The logits of a final hidden state: output·h, soft-capped to c·tanh(logit/c) when the model has a final cap (Gemma 2). */
+function logitsOf(h: Vec, model: { output: RefTensor; finalCap?: number | null }): Float64Array {
+  const logits = unembed(h, model.output);
+  const cap = model.finalCap;
+  if (cap != null) for (let i = 0; i < logits.length; i++) logits[i] = softcap(logits[i]!, cap);
+  return logits;
 }
 
 /** Full causal forward over one sequence; returns logits for every position: Float64Array[T] each of length vocab. */
@@ -617,8 +823,8 @@ export function referenceForward(
   lora?: RefLoraMap,
   steps?: RefSteps,
 ): Float64Array[] {
-  const { hidden, output } = hiddenStates(config, get, tokens, lora, steps);
-  return hidden.map((h) => unembed(h, output));
+  const result = hiddenStates(config, get, tokens, lora, steps);
+  return result.hidden.map((h) => logitsOf(h, result));
 }
 
 /**
@@ -639,8 +845,8 @@ export function referenceGreedy(
   const sequence = [...prompt];
   const generated: number[] = [];
   for (let step = 0; step < maxNewTokens; step++) {
-    const { hidden, output } = hiddenStates(config, get, sequence, lora, { calls: promptCalls ?? [prompt.length] });
-    const next = argmax(unembed(hidden[hidden.length - 1]!, output));
+    const result = hiddenStates(config, get, sequence, lora, { calls: promptCalls ?? [prompt.length] });
+    const next = argmax(logitsOf(result.hidden[result.hidden.length - 1]!, result));
     generated.push(next);
     sequence.push(next);
   }

@@ -456,9 +456,170 @@ test('unsupported configurations throw instead of computing something else', () 
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'phi' } }, [1]), /unsupported in reference/);
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'qwen2', layer_types: ['full_attention', 'chunked_attention'] } }, [1]), /unsupported in reference/);
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'qwen2', layer_types: ['full_attention', 'sliding_attention'] } }, [1]), /without sliding_window/);
+  assert.throws(() => forward({ ...tinyGemma2(), config: { ...tinyGemma2().config, hidden_activation: 'gelu' } }, [1]), /unsupported in reference/);
+  assert.throws(() => forward(tinyGemma2({ sliding_window: null }), [1]), /without sliding_window/);
   assert.throws(() => forward(m, [13]), /outside the vocabulary/);
   const g = tinyGpt2();
   assert.throws(() => forward({ ...g, config: { ...g.config, activation_function: 'relu' } }, [1]), /unsupported in reference/);
+});
+
+/** Rows of [out, in] tensors stacked: the fused weight whose output is the parts' outputs in order. */
+function stackRows(parts: RefTensor[]): RefTensor {
+  const nIn = parts[0]!.shape[1]!;
+  const data = new Float32Array(parts.reduce((n, p) => n + p.data.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    data.set(p.data, at);
+    at += p.data.length;
+  }
+  return { shape: [data.length / nIn, nIn], data };
+}
+
+/** The Phi-3 checkpoint of a Llama one: q|k|v rows fused into qkv_proj, gate|up into gate_up_proj. */
+function phi3Of(m: Tiny): Tiny {
+  const tensors = new Map<string, RefTensor>();
+  for (const [name, t] of m.tensors) {
+    if (!/(q|k|v|gate|up)_proj/.test(name)) tensors.set(name, t);
+  }
+  for (let l = 0; l < m.config.num_hidden_layers; l++) {
+    const n = `model.layers.${l}.`;
+    const get = (name: string) => m.tensors.get(`${n}${name}.weight`)!;
+    tensors.set(`${n}self_attn.qkv_proj.weight`, stackRows([get('self_attn.q_proj'), get('self_attn.k_proj'), get('self_attn.v_proj')]));
+    tensors.set(`${n}mlp.gate_up_proj.weight`, stackRows([get('mlp.gate_proj'), get('mlp.up_proj')]));
+  }
+  return { config: { ...m.config, model_type: 'phi3' }, tensors };
+}
+
+test('Phi-3: fusing a Llama\'s q|k|v and gate|up gives its logits; a LoRA on the fused module is one on each part', () => {
+  const llama = tinyLlama({ nHead: 4, nKv: 2 });
+  const phi3 = phi3Of(llama);
+  const tokens = [3, 1, 4, 1, 5];
+  assertClose(forward(phi3, tokens), forward(llama, tokens), 1e-12);
+  // sliding_window slides every Phi-3 layer, as Mistral's.
+  const window = (m: Tiny, config: Record<string, any>): Tiny => ({ ...m, config: { ...m.config, ...config, sliding_window: 2 } });
+  const phi3Windowed = forward(window(phi3, {}), tokens);
+  assertClose(phi3Windowed, forward(window(llama, { model_type: 'mistral' }), tokens), 1e-12);
+  assert.ok(maxAbsDiff(phi3Windowed, forward(phi3, tokens)) > 1e-6, 'the window changes the logits');
+  // lora_B of qkv_proj = [B_q; 0; B_v] with one A: the LoRA of q_proj (B_q) and of v_proj (B_v) sharing A.
+  const next = rng(31);
+  const r = 2;
+  const qLora = randLora(8, 8, r, 0.5, next);
+  const vLora = { ...randLora(8, 4, r, 0.5, next), A: qLora.A };
+  const B = new Float32Array(16 * r);
+  B.set(qLora.B, 0);
+  B.set(vLora.B, 12 * r);
+  const path = 'model.layers.1.self_attn.';
+  const fused = new Map([[`${path}qkv_proj`, { A: qLora.A, B, r, inFeatures: 8, outFeatures: 16, scale: 0.5 }]]);
+  const split = new Map([[`${path}q_proj`, qLora], [`${path}v_proj`, vLora]]);
+  assertClose(forward(phi3, tokens, fused), forward(llama, tokens, split), 1e-12);
+  assert.ok(maxAbsDiff(forward(phi3, tokens, fused), forward(phi3, tokens)) > 1e-3, 'the LoRA changes the logits');
+});
+
+/** A tiny Gemma 2 (4 norms per layer) with norm weights w (the norm multiplies by 1 + w). */
+function tinyGemma2(config: Record<string, any> = {}): Tiny {
+  const d = 8, vocab = 13, inner = 12, nHead = 2, nKv = 1, hd = 4;
+  const next = rng(7);
+  const tensors = new Map<string, RefTensor>();
+  tensors.set('model.embed_tokens.weight', randTensor([vocab, d], next));
+  for (let l = 0; l < 2; l++) {
+    const n = `model.layers.${l}.`;
+    for (const norm of ['input_layernorm', 'post_attention_layernorm', 'pre_feedforward_layernorm', 'post_feedforward_layernorm']) {
+      tensors.set(`${n}${norm}.weight`, randTensor([d], next));
+    }
+    tensors.set(`${n}self_attn.q_proj.weight`, randTensor([nHead * hd, d], next));
+    tensors.set(`${n}self_attn.k_proj.weight`, randTensor([nKv * hd, d], next));
+    tensors.set(`${n}self_attn.v_proj.weight`, randTensor([nKv * hd, d], next));
+    tensors.set(`${n}self_attn.o_proj.weight`, randTensor([d, nHead * hd], next));
+    tensors.set(`${n}mlp.gate_proj.weight`, randTensor([inner, d], next));
+    tensors.set(`${n}mlp.up_proj.weight`, randTensor([inner, d], next));
+    tensors.set(`${n}mlp.down_proj.weight`, randTensor([d, inner], next));
+  }
+  tensors.set('model.norm.weight', randTensor([d], next));
+  return {
+    config: {
+      model_type: 'gemma2', hidden_size: d, num_hidden_layers: 2, num_attention_heads: nHead, num_key_value_heads: nKv,
+      head_dim: hd, intermediate_size: inner, vocab_size: vocab, rms_norm_eps: 1e-6, rope_theta: 10000,
+      hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: hd, attn_logit_softcapping: 1, final_logit_softcapping: 2,
+      sliding_window: 3, ...config,
+    },
+    tensors,
+  };
+}
+
+test('Gemma 2: soft-caps bound the logits, vanish as c grows; the window masks only past it, on the even layers', () => {
+  const tokens = [3, 1, 4, 1, 5, 9, 2];
+  const wide = { sliding_window: tokens.length }; // a window as long as the sequence masks nothing
+  const capped = forward(tinyGemma2(wide), tokens);
+  assert.ok(capped.every((l) => l.every((x) => Math.abs(x) < 2)), 'final soft-cap 2 bounds every logit');
+  const huge = forward(tinyGemma2({ ...wide, attn_logit_softcapping: 1e9, final_logit_softcapping: 1e9 }), tokens);
+  const none = forward(tinyGemma2({ ...wide, attn_logit_softcapping: null, final_logit_softcapping: null }), tokens);
+  assertClose(huge, none, 1e-9);
+  assert.ok(maxAbsDiff(capped, none) > 1e-2, 'the caps change the logits');
+  // sliding_window 3: positions 0..2 see everything either way; from position 3 on, layer 0 forgets the oldest.
+  const windowed = forward(tinyGemma2(), tokens);
+  assertClose(windowed.slice(0, 3), capped.slice(0, 3), 0);
+  assert.ok(maxAbsDiff(windowed.slice(3), capped.slice(3)) > 1e-6);
+  // layer_types naming no sliding layer is full attention; naming layer 1 instead of 0 slides that one.
+  assertClose(forward(tinyGemma2({ layer_types: ['full_attention', 'full_attention'] }), tokens), capped, 0);
+  const second = forward(tinyGemma2({ layer_types: ['full_attention', 'sliding_attention'] }), tokens);
+  assertClose(second.slice(0, 3), capped.slice(0, 3), 0);
+  assert.ok(maxAbsDiff(second.slice(3), windowed.slice(3)) > 1e-6);
+});
+
+/**
+ * Gemma 2 in matrix form, from modeling_gemma2.py: X = E[tokens]·√d; per layer X += N_pa(attn(N_in(X))) and
+ * X += N_pf(down(gelu_tanh(N_ff(X)·Gᵀ) ⊙ N_ff(X)·Uᵀ)), N_w(Y) = Y/rms(Y) ⊙ (1 + w); scores c·tanh(QKᵀ·s/c) with
+ * s = query_pre_attn_scalar^−½, keys older than the window hidden on even layers; logits c_f·tanh(N(X)·Eᵀ / c_f).
+ */
+function gemma2MatrixForm(m: Tiny, tokens: number[]): Mat {
+  const c = m.config;
+  const W = (name: string): Mat => toMat(m.tensors.get(name)!);
+  const nH: number = c.num_attention_heads, nKv: number = c.num_key_value_heads, hd: number = c.head_dim;
+  const norm = (X: Mat, name: string): Mat => {
+    const g = m.tensors.get(name)!;
+    return X.map((row) => {
+      const r = Math.sqrt(row.reduce((s, x) => s + x * x, 0) / row.length + c.rms_norm_eps);
+      return row.map((x, j) => (x / r) * (1 + g.data[j]!));
+    });
+  };
+  const cap = (x: number, k: number | null) => (k == null ? x : k * Math.tanh(x / k));
+  const E = W('model.embed_tokens.weight');
+  let X: Mat = tokens.map((tok) => E[tok]!.map((e) => e * Math.fround(Math.sqrt(c.hidden_size))));
+  for (let l = 0; l < c.num_hidden_layers; l++) {
+    const n = `model.layers.${l}.`;
+    const H = norm(X, `${n}input_layernorm.weight`);
+    const rope = (A: Mat): Mat => A.map((row, t) => matmul([row], transpose(ropeMatrix(hd, t, c.rope_theta)))[0]!);
+    const Q = matmul(H, transpose(W(`${n}self_attn.q_proj.weight`)));
+    const K = matmul(H, transpose(W(`${n}self_attn.k_proj.weight`)));
+    const V = matmul(H, transpose(W(`${n}self_attn.v_proj.weight`)));
+    const heads: Mat[] = [];
+    for (let h = 0; h < nH; h++) {
+      const g = Math.floor((h * nKv) / nH);
+      const S = matmul(rope(cols(Q, h * hd, (h + 1) * hd)), transpose(rope(cols(K, g * hd, (g + 1) * hd))));
+      const hidden = (t: number, s: number) => s > t || (l % 2 === 0 && s <= t - c.sliding_window);
+      const P = S.map((row, t) => {
+        const e = row.map((x, s) => (hidden(t, s) ? 0 : Math.exp(cap(x / Math.sqrt(c.query_pre_attn_scalar), c.attn_logit_softcapping))));
+        const z = e.reduce((a, b) => a + b, 0);
+        return e.map((x) => x / z);
+      });
+      heads.push(matmul(P, cols(V, g * hd, (g + 1) * hd)));
+    }
+    X = addRows(X, norm(matmul(concatCols(heads), transpose(W(`${n}self_attn.o_proj.weight`))), `${n}post_attention_layernorm.weight`));
+    const H2 = norm(X, `${n}pre_feedforward_layernorm.weight`);
+    const G = matmul(H2, transpose(W(`${n}mlp.gate_proj.weight`)));
+    const U = matmul(H2, transpose(W(`${n}mlp.up_proj.weight`)));
+    const A = G.map((row, i) => row.map((x, j) => 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x ** 3))) * U[i]![j]!));
+    X = addRows(X, norm(matmul(A, transpose(W(`${n}mlp.down_proj.weight`))), `${n}post_feedforward_layernorm.weight`));
+  }
+  return matmul(norm(X, 'model.norm.weight'), transpose(E)).map((row) => row.map((x) => cap(x, c.final_logit_softcapping)));
+}
+
+test('Gemma 2 loop forward equals the matrix-form derivation (window, soft-caps, 4 norms, MQA)', () => {
+  const tokens = [3, 1, 4, 1, 5, 9, 2];
+  for (const config of [{}, { query_pre_attn_scalar: 7, sliding_window: 2, attn_logit_softcapping: 0.5 }]) {
+    const m = tinyGemma2(config);
+    assertClose(forward(m, tokens), gemma2MatrixForm(m, tokens), 1e-9);
+  }
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+/**
+ * Phi-3 (model_type phi3): the Llama block (RMSNorm, rotary embeddings with Phi-3's longrope, grouped-query
+ * attention, SiLU-gated MLP) with fused projections: `self_attn.qkv_proj` whose output rows are [q | k | v] and
+ * `mlp.gate_up_proj` whose output rows are [gate | up]. No biases; lm_head untied unless tie_word_embeddings.
+ * Checkpoint quirks: Linear weights are stored [out, in] and transposed once at load to our [in, out]. Each fused
+ * weight is cut at load into one Linear per part (as GPT-2's c_attn), each computing its columns of the module's
+ * output, so no output is ever split. PEFT adapters target the fused modules (lora_B [out_fused, r]); each part
+ * takes its columns of the delta, which is the split of the fused output transformers does.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
+import { fail } from '../errors.ts';
+import type { Checkpoint } from './checkpoint.ts';
+import { attention, layerConstants, layerModules, linear, rmsNorm, rotary, silu, toHeads, type Linear } from './layers.ts';
+import type { Arch, StepContext } from './model.ts';
+import type { LinearModule, ModelConfig } from './types.ts';
+
+/** Per-layer modules: [HF name under model.layers.N., in, out]. */
+function linearTable(c: ModelConfig): [name: string, inF: number, outF: number][] {
+  const d = c.hiddenSize;
+  const q = c.numHeads * c.headDim;
+  const kv = c.numKvHeads * c.headDim;
+  const I = c.intermediateSize;
+  return [
+    ['self_attn.qkv_proj', d, q + 2 * kv],
+    ['self_attn.o_proj', q, d],
+    ['mlp.gate_up_proj', d, 2 * I],
+    ['mlp.down_proj', I, d],
+  ];
+}
+
+export function phi3Modules(c: ModelConfig): LinearModule[] {
+  return layerModules(c.numLayers, 'model.layers', linearTable(c), false);
+}
+
+interface Phi3Layer {
+  inputNorm: tf.Tensor1D;
+  postNorm: tf.Tensor1D;
+  q: Linear;
+  k: Linear;
+  v: Linear;
+  o: Linear;
+  gate: Linear;
+  up: Linear;
+  down: Linear;
+}
+
+export function loadPhi3(c: ModelConfig, ckpt: Checkpoint): Arch {
+  const d = c.hiddenSize;
+  const tensors: (tf.Tensor | Weight)[] = [];
+  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
+    tensors.push(t);
+    return t;
+  };
+  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
+  const modules = phi3Modules(c);
+  const linears = new Map<string, Linear>();
+  const layers: Phi3Layer[] = [];
+
+  for (let l = 0; l < c.numLayers; l++) {
+    const moduleOf = (name: string) => modules.find((m) => m.key === `${l}.${name}`)!;
+    const add = (L: Linear): Linear => {
+      linears.set(L.key, L);
+      return L;
+    };
+    const lin = (name: string): Linear => {
+      const module = moduleOf(name);
+      const w = read(`model.layers.${l}.${name}.weight`, [module.outFeatures, module.inFeatures]); // Linear: [out, in]
+      return add({ key: module.key, W: keep(storeWeight(tf.transpose(w) as tf.Tensor2D)), b: null, module, moduleOffset: 0 }); // → [in, out]
+    };
+    /** A fused module cut into parts: part i is output rows [offset_i, offset_i + size_i) of the [out, in] weight. */
+    const fused = (name: string, parts: [part: string, size: number][]): Linear[] => {
+      const module = moduleOf(name);
+      const w = ckpt.read(`model.layers.${l}.${name}.weight`, [module.outFeatures, module.inFeatures]).data; // [out, in]
+      let offset = 0;
+      return parts.map(([part, size]) => {
+        const rows = tf.tensor2d(w.subarray(offset * module.inFeatures, (offset + size) * module.inFeatures), [size, module.inFeatures]); // [size, in]
+        const L: Linear = { key: `${module.key}.${part}`, W: keep(storeWeight(tf.transpose(rows) as tf.Tensor2D)), b: null, module, moduleOffset: offset }; // → [in, size]
+        offset += size;
+        return add(L);
+      });
+    };
+    const kv = c.numKvHeads * c.headDim;
+    const inputNorm = keep(read(`model.layers.${l}.input_layernorm.weight`, [d]) as tf.Tensor1D);
+    const [q, k, v] = fused('self_attn.qkv_proj', [['q', c.numHeads * c.headDim], ['k', kv], ['v', kv]]);
+    const o = lin('self_attn.o_proj');
+    const postNorm = keep(read(`model.layers.${l}.post_attention_layernorm.weight`, [d]) as tf.Tensor1D);
+    const [gate, up] = fused('mlp.gate_up_proj', [['gate', c.intermediateSize], ['up', c.intermediateSize]]);
+    layers.push({ inputNorm, q: q!, k: k!, v: v!, o, postNorm, gate: gate!, up: up!, down: lin('mlp.down_proj') });
+  }
+  const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
+  const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);
+  if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
+    throw fail('CHECKPOINT_MISSING_TENSOR', `checkpoint ${ckpt.dir} has no "lm_head.weight" and tie_word_embeddings is false`);
+  }
+  // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
+  const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
+  const rope = rotary(c);
+  tensors.push(...rope.tensors);
+  const nH = c.numHeads;
+  const kvH = c.numKvHeads;
+  const hd = c.headDim;
+  const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
+  tensors.push(eps, scale);
+
+  return {
+    modules, linears, tensors,
+    embed: (tokens) => tf.gather(embed, tokens), // [N, d]
+    block(l, x, s: StepContext) {
+      const L = layers[l]!;
+      const N = s.B * s.T;
+      // x = x + o(attn(rope(q), rope(k), v)), [q | k | v] = qkv_proj(rmsnorm(x))
+      const h = rmsNorm(x, L.inputNorm, eps);
+      const q = rope.rotate(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), s); // [N, nH, hd]
+      const k = rope.rotate(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), s); // [N, kvH, hd]
+      const v = linear(h, L.v, s.lora); // [N, kvH·hd]
+      const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
+      x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
+      // x = x + down(up ⊙ silu(gate)), [gate | up] = gate_up_proj(rmsnorm(x))
+      const h2 = rmsNorm(x, L.postNorm, eps);
+      return tf.add(x, linear(tf.mul(linear(h2, L.up, s.lora), silu(linear(h2, L.gate, s.lora))), L.down, s.lora));
+    },
+    head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
+  };
+}
