@@ -1,6 +1,7 @@
 /**
- * Sliding-window attention (Mistral's `sliding_window`, Qwen2's windowed layers) against the plain-loop reference,
- * whose windows are written from transformers: windows of 6 and 7 positions and sequences well past them, through
+ * Sliding-window attention (Mistral's and Phi-3's `sliding_window` on every layer, Qwen2's windowed layers, Gemma 2's
+ * even layers beside soft-capped scores) against the plain-loop reference, whose windows are written from
+ * transformers: windows of 5 to 7 positions and sequences well past them, through
  * the executor as the engine drives it — prompts longer than the window prefilled whole (left-padded beside short
  * ones) or in chunks, decoding past the window, sequences joining and leaving the decode batch, with PEFT adapters
  * merged and unmerged — every logit to 1e-4. Plus the KV cache: columns no window reaches are dropped when every layer
@@ -10,7 +11,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { TINY_LLAMA, writePeftAdapter, type CheckpointOptions } from '../src/demo/index.ts';
+import { TINY_GEMMA2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type CheckpointOptions } from '../src/demo/index.ts';
 import { INITIAL_LORA_STATE, planLora, type LoraMode } from '../src/engine/scheduler.ts';
 import { newKV } from '../src/exec/kv.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
@@ -37,11 +38,19 @@ const QWEN2_ALTERNATING: CheckpointOptions = {
   ...TINY_LLAMA, attentionBias: true, numLayers: 3, seed: 33,
   configExtra: { use_sliding_window: true, sliding_window: 6, max_window_layers: 0, layer_types: ['sliding_attention', 'full_attention', 'sliding_attention'] },
 };
+/** Phi-3 (fused qkv_proj and gate_up_proj): every layer slides by 5. */
+const PHI3: CheckpointOptions = { ...TINY_PHI3, seed: 34, configExtra: { sliding_window: 5 } };
+/** Gemma 2, 3 layers: the even ones (transformers' default layer_types) slide by 7, with its soft-caps. */
+const GEMMA2: CheckpointOptions = { ...TINY_GEMMA2, numLayers: 3, seed: 35, configExtra: { ...TINY_GEMMA2.configExtra, sliding_window: 7 } };
 const CASES: [string, CheckpointOptions, (number | null)[]][] = [
   ['mistral, window 6 on every layer', MISTRAL, [6, 6]],
   ['qwen2, window 7 from max_window_layers 1', QWEN2, [null, 7, 7]],
   ['qwen2, layer_types alternating sliding and full', QWEN2_ALTERNATING, [6, null, 6]],
+  ['phi3, window 5 on every layer', PHI3, [5, 5]],
+  ['gemma2, window 7 on the even layers', GEMMA2, [7, null, 7]],
 ];
+/** The cases the adapter and KV-cache tests run: one where every layer slides and one with a global layer per family. */
+const [MISTRAL_CASE, QWEN2_CASE, , PHI3_CASE, GEMMA2_CASE] = CASES as [typeof CASES[0], typeof CASES[0], typeof CASES[0], typeof CASES[0], typeof CASES[0]];
 
 const seq = (n: number, from: number) => Array.from({ length: n }, (_, i) => (from + i * 37) % 300);
 
@@ -130,10 +139,16 @@ function compare(name: string, config: Record<string, unknown>, get: Parameters<
   return worst;
 }
 
+/** The same model without any window: same weights (and biases, read when present), every layer global. */
+function withoutWindows(config: Record<string, unknown>): Record<string, unknown> {
+  if (config.model_type === 'phi3') return { ...config, sliding_window: null };
+  if (config.model_type === 'gemma2') return { ...config, layer_types: new Array(config.num_hidden_layers as number).fill('full_attention') };
+  return { ...config, model_type: 'llama' };
+}
+
 /** The reference without any window; a served logit past the window must differ from it (the window is in effect). */
 function windowMatters(config: Record<string, unknown>, get: Parameters<typeof referenceForward>[1], job: Job, run: Run, window: number): void {
-  const global = { ...config, model_type: 'llama' }; // same weights and biases (read when present), no window
-  const ref = referenceForward(global, get, [...job.prompt, ...run.tokens]);
+  const ref = referenceForward(withoutWindows(config), get, [...job.prompt, ...run.tokens]);
   const last = run.logits.length - 1;
   assert.ok(last >= window, 'the sequence passes the window');
   assert.ok(maxRelErr(run.logits[last]!, ref[last]!) > 1e-3, 'the windowed logits differ from global attention');
@@ -165,9 +180,14 @@ for (const [name, opts, windows] of CASES) {
   });
 }
 
+/** The modules computing q, k and v: Phi-3's fused qkv_proj, else the three projections. */
+function attentionInputs(config: Record<string, unknown>): string[] {
+  return config.model_type === 'phi3' ? ['qkv_proj'] : ['q_proj', 'k_proj', 'v_proj'];
+}
+
 test('sliding windows with PEFT adapters, merged and unmerged, match the reference', async (t) => {
   const root = join(tmp.dir, 'lora');
-  for (const [name, opts] of [CASES[0]!, CASES[1]!]) {
+  for (const [name, opts] of [MISTRAL_CASE, QWEN2_CASE, PHI3_CASE, GEMMA2_CASE]) {
     const { dir, config, get } = await fixtureCheckpoint(join(root, name.replace(/\W+/g, '_'), 'model'), opts);
     const baseline = tf.memory().numTensors;
     const model = CausalLM.load(dir);
@@ -175,7 +195,7 @@ test('sliding windows with PEFT adapters, merged and unmerged, match the referen
     const adapters = join(root, name.replace(/\W+/g, '_'), 'adapters');
     const manager = makeManager(model, adapters, ex);
     await writePeftAdapter(join(adapters, 'a'), { baseConfig: config, seed: 41, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
-    await writePeftAdapter(join(adapters, 'b'), { baseConfig: config, seed: 42, r: 2, loraAlpha: 4, targetModules: ['q_proj', 'k_proj', 'v_proj'] });
+    await writePeftAdapter(join(adapters, 'b'), { baseConfig: config, seed: 42, r: 2, loraAlpha: 4, targetModules: attentionInputs(config) });
     const a = await manager.acquire('a');
     const b = await manager.acquire('b');
     const refs = new Map<AdapterLease | null, RefLoraMap | undefined>([[a, refLora(model, join(adapters, 'a'))], [b, refLora(model, join(adapters, 'b'))], [null, undefined]]);
@@ -197,7 +217,7 @@ test('sliding windows with PEFT adapters, merged and unmerged, match the referen
 });
 
 test('KV cache: when every layer slides, columns out of every window are dropped; with a global layer all are kept', async () => {
-  for (const [name, opts, windows] of [CASES[0]!, CASES[1]!]) {
+  for (const [name, opts, windows] of [MISTRAL_CASE, QWEN2_CASE, PHI3_CASE, GEMMA2_CASE]) {
     const { dir, config, get } = await fixtureCheckpoint(join(tmp.dir, `kv-${name.replace(/\W+/g, '_')}`), opts);
     const model = CausalLM.load(dir);
     const baseline = tf.memory().numTensors;
