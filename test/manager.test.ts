@@ -55,6 +55,10 @@ class CountingMetrics implements AdapterMetrics {
     this.evictions[tier]++;
   }
   resident(): void {}
+  readonly merges: string[] = [];
+  merged(strategy: string): void {
+    this.merges.push(strategy);
+  }
 }
 
 let dirs = 0;
