@@ -91,8 +91,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private uploads = 0;
   /** Merges being computed or uploaded, by merge id: `stale` once a source changed meanwhile (invalidate). */
   private readonly merging = new Map<string, { readonly sources: readonly string[]; stale: boolean }>();
-  /** Merged adapters computed since start (a cached merge is not counted). */
-  mergesComputed = 0;
+  private merges = 0;
 
   constructor(
     private readonly store: AdapterStore,
@@ -278,7 +277,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     }
     const merged = mergeSources(spec.ids.map((s) => read.get(s)!.source), spec);
     const weights = loadAdapterWeights({ id, ...merged }, this.base, { maxRank: this.opts.maxRank });
-    this.mergesComputed++;
+    this.merges++;
     this.metrics?.merged(spec.strategy, (performance.now() - t0) / 1000);
     const version = mergeVersion(spec, spec.ids.map((s) => read.get(s)!.version));
     return { weights, version, source: 'merge', mergedFrom: [...new Set(spec.ids)] };
@@ -483,6 +482,11 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       }
     }
     return out;
+  }
+
+  /** Merged adapters computed since start (a merge served from a cache tier is not counted). */
+  get mergesComputed(): number {
+    return this.merges;
   }
 
   stats(): AdapterCacheStats {

@@ -55,8 +55,8 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   if (stream && params.decoder_input_details) {
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
-  const sampling = tgiSampling(params);
   const { adapterId, merge } = requestAdapter(deps, top ?? inner, params);
+  const sampling = tgiSampling(params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
   });
