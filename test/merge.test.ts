@@ -74,9 +74,12 @@ test('magnitude pruning keeps floor(density·n) largest magnitudes, equal ones f
   assert.deepEqual([...magnitudePrune(t, 0.4)], [1, 0, 0, 0, -2, 0]); // k = 2
   assert.deepEqual([...magnitudePrune(t, 0.1)], [0, 0, 0, 0, 0, 0]); // k = 0
   assert.deepEqual([...magnitudePrune(t, 1)], [...t]);
-  for (const density of [0.1, 0.25, 0.5, 0.75]) {
-    const x = values(53, 9);
-    assert.deepEqual([...magnitudePrune(x, density)], [...refMagnitudePrune(x, density)].map(Math.fround), `density ${density}`);
+  // Random values, and values on a coarse grid (many equal magnitudes, the quickselect's hard case).
+  const grid = values(1000, 4).map((x) => Math.round(x * 8) / 8);
+  for (const x of [values(53, 9), values(1000, 10), grid]) {
+    for (const density of [0.001, 0.1, 0.25, 0.5, 0.75, 0.999]) {
+      assert.deepEqual([...magnitudePrune(x, density)], [...refMagnitudePrune(x, density)].map(Math.fround), `n=${x.length} density ${density}`);
+    }
   }
 });
 
@@ -134,7 +137,7 @@ const cfg = (o: Record<string, unknown>) => ({ peft_type: 'LORA', r: 2, lora_alp
 const spec = (o: Partial<MergeSpec>): MergeSpec =>
   ({ ids: ['a', 'b', 'c'], weights: [0.6, -1.2, 2], strategy: 'ties', density: 0.5, majoritySignMethod: 'total', seed: 0, ...o });
 
-test('mergeSources: every module over the sources that have it, A and B separately, as the reference; the first source\'s config', () => {
+test('mergeSources: every module over the sources that have it, A and B separately, as the reference; the first source\'s config', async () => {
   const sources = [
     source('a', cfg({ lora_alpha: 16, use_rslora: true, layers_to_transform: [0] }), [Q, V], 1),
     source('b', cfg({ lora_alpha: 4 }), [Q, O], 2),
@@ -143,7 +146,7 @@ test('mergeSources: every module over the sources that have it, A and B separate
   for (const strategy of STRATEGIES) {
     for (const seed of [0, 99]) {
       const s = spec({ strategy, seed, majoritySignMethod: seed ? 'frequency' : 'total' });
-      const { config, weights } = mergeSources(sources, s);
+      const { config, weights } = await mergeSources(sources, s);
       assert.deepEqual(config.target_modules, [Q.path, V.path, O.path].sort());
       assert.equal(config.lora_alpha, 16);
       assert.equal(config.use_rslora, true);
@@ -165,23 +168,23 @@ test('mergeSources: every module over the sources that have it, A and B separate
   }
 });
 
-test('linear merge of one module in one source is w·A and w·B (so the delta is w²·B·A, as LoRAX computes)', () => {
+test('linear merge of one module in one source is w·A and w·B (so the delta is w²·B·A, as LoRAX computes)', async () => {
   const a = source('a', cfg({}), [O], 5);
   const b = source('b', cfg({}), [Q], 6);
-  const st = parseSafetensors(mergeSources([a, b], spec({ ids: ['a', 'b'], weights: [0.5, 3], strategy: 'linear' })).weights);
+  const st = parseSafetensors((await mergeSources([a, b], spec({ ids: ['a', 'b'], weights: [0.5, 3], strategy: 'linear' }))).weights);
   assert.deepEqual(st.readFloat32(`base_model.model.${O.path}.lora_A.weight`), a.pairs[0]!.A.map((x) => x * 0.5));
   assert.deepEqual(st.readFloat32(`base_model.model.${Q.path}.lora_B.weight`), b.pairs[0]!.B.map((x) => x * 3));
 });
 
-test('mergeSources refuses different ranks, a module of another rank, and rank or alpha patterns, with MERGE_INCOMPATIBLE', () => {
-  const refused = (sources: MergeSource[], re: RegExp) => assert.throws(() => mergeSources(sources, spec({ ids: sources.map((s) => s.id), weights: sources.map(() => 1) })),
+test('mergeSources refuses different ranks, a module of another rank, and rank or alpha patterns, with MERGE_INCOMPATIBLE', async () => {
+  const refused = (sources: MergeSource[], re: RegExp) => assert.rejects(mergeSources(sources, spec({ ids: sources.map((s) => s.id), weights: sources.map(() => 1) })),
     (e) => isServeError(e) && e.code === 'MERGE_INCOMPATIBLE' && e.status === 422 && re.test(e.message));
-  refused([source('a', cfg({ r: 2 }), [Q], 1), source('b', cfg({ r: 4 }), [Q], 2)], /different ranks \("a": r=2, "b": r=4\)/);
+  await refused([source('a', cfg({ r: 2 }), [Q], 1), source('b', cfg({ r: 4 }), [Q], 2)], /different ranks \("a": r=2, "b": r=4\)/);
   const odd = source('b', cfg({ r: 2 }), [Q], 2);
   const wide = { ...odd, pairs: [{ module: Q, r: 3, A: values(18, 1), B: values(18, 2) }] };
-  refused([source('a', cfg({}), [Q], 1), wide], /module "model\.layers\.0\.self_attn\.q_proj" has rank 2 in "a" but 3 in "b"/);
-  refused([source('a', cfg({}), [Q], 1), source('b', cfg({ rank_pattern: { q_proj: 2 } }), [Q], 2)], /"b" has rank_pattern or alpha_pattern/);
-  refused([source('a', cfg({ alpha_pattern: { q_proj: 8 } }), [Q], 1), source('b', cfg({}), [Q], 2)], /"a" has rank_pattern or alpha_pattern/);
+  await refused([source('a', cfg({}), [Q], 1), wide], /module "model\.layers\.0\.self_attn\.q_proj" has rank 2 in "a" but 3 in "b"/);
+  await refused([source('a', cfg({}), [Q], 1), source('b', cfg({ rank_pattern: { q_proj: 2 } }), [Q], 2)], /"b" has rank_pattern or alpha_pattern/);
+  await refused([source('a', cfg({ alpha_pattern: { q_proj: 8 } }), [Q], 1), source('b', cfg({}), [Q], 2)], /"a" has rank_pattern or alpha_pattern/);
 });
 
 test('mergeId: the parameters that change the weights, and only those', () => {

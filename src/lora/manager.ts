@@ -275,7 +275,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         return { source: { id: sourceId, rawConfig: files.config, config, pairs }, version: files.version };
       }));
     }
-    const merged = mergeSources(spec.ids.map((s) => read.get(s)!.source), spec);
+    const merged = await mergeSources(spec.ids.map((s) => read.get(s)!.source), spec);
     const weights = loadAdapterWeights({ id, ...merged }, this.base, { maxRank: this.opts.maxRank });
     this.merges++;
     this.metrics?.merged(spec.strategy, (performance.now() - t0) / 1000);

@@ -56,8 +56,7 @@ export function magnitudePrune(t: Float32Array, density: number): Float32Array {
   // The k-th largest magnitude is the threshold: everything above it is kept, then equal ones from the left.
   const mags = new Float32Array(n);
   for (let e = 0; e < n; e++) mags[e] = Math.abs(t[e]!);
-  mags.sort();
-  const threshold = mags[n - k]!;
+  const threshold = selectNth(mags, n - k);
   let above = 0;
   for (let e = 0; e < n; e++) if (Math.abs(t[e]!) > threshold) above++;
   let ties = k - above;
@@ -70,6 +69,38 @@ export function magnitudePrune(t: Float32Array, density: number): Float32Array {
     }
   }
   return out;
+}
+
+/**
+ * The value that would be at index `nth` if `a` were sorted ascending (quickselect, average O(n); `a` is
+ * reordered).
+ */
+function selectNth(a: Float32Array, nth: number): number {
+  let lo = 0;
+  let hi = a.length - 1;
+  while (lo < hi) {
+    // Median of three as the pivot, then Hoare's partition.
+    const mid = (lo + hi) >>> 1;
+    const x = a[lo]!, y = a[mid]!, z = a[hi]!;
+    const pivot = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i]! < pivot) i++;
+      while (a[j]! > pivot) j--;
+      if (i <= j) {
+        const tmp = a[i]!;
+        a[i] = a[j]!;
+        a[j] = tmp;
+        i++;
+        j--;
+      }
+    }
+    if (nth <= j) hi = j;
+    else if (nth >= i) lo = i;
+    else return a[nth]!;
+  }
+  return a[nth]!;
 }
 
 /**

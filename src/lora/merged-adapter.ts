@@ -90,9 +90,10 @@ const DROPPED_CONFIG_FIELDS = ['layers_to_transform', 'layers_pattern', 'exclude
  * Merges the sources (in `spec.ids` order) into one PEFT adapter: for every module, A = merge(A_i) and
  * B = merge(B_i) over the sources i that have it (mergeTaskTensors, DARE streams `dareStream(seed, module path,
  * side, i)`), named `base_model.model.<module path>.lora_{A,B}.weight`; the config is the first source's with
- * `target_modules` the merged module paths.
+ * `target_modules` the merged module paths. It yields to the event loop after each module, so that a large merge
+ * does not stall the steps of running requests.
  */
-export function mergeSources(sources: readonly MergeSource[], spec: MergeSpec): { config: Record<string, unknown>; weights: Uint8Array } {
+export async function mergeSources(sources: readonly MergeSource[], spec: MergeSpec): Promise<{ config: Record<string, unknown>; weights: Uint8Array }> {
   if (sources.length !== spec.ids.length) throw new Error('mergeSources: one source per id');
   checkSources(sources);
   const math: MergeMath = { strategy: spec.strategy, density: spec.density, majoritySignMethod: spec.majoritySignMethod };
@@ -116,6 +117,7 @@ export function mergeSources(sources: readonly MergeSource[], spec: MergeSpec): 
       mergeTaskTensors(from.map((f) => f.pair[side]), weights, math, (k) => dareStream(spec.seed, path, side, from[k]!.i));
     tensors[`base_model.model.${path}.lora_A.weight`] = { shape: [r, module.inFeatures], data: merge('A') };
     tensors[`base_model.model.${path}.lora_B.weight`] = { shape: [module.outFeatures, r], data: merge('B') };
+    await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
   const config: Record<string, unknown> = { ...(sources[0]!.rawConfig as Record<string, unknown>), target_modules: [...byModule.keys()].sort() };
