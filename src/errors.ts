@@ -33,6 +33,10 @@ export const ERRORS = {
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
   /** A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it). */
   ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
+  /** `parameters.merged_adapters` with bad values: ids, weights, strategy, density, sign method. */
+  MERGE_INVALID: { status: 400, type: 'validation' },
+  /** Source adapters that cannot be merged: different ranks, rank/alpha patterns (src/lora/merged-adapter.ts). */
+  MERGE_INCOMPATIBLE: { status: 422, type: 'adapter_invalid' },
   // --- checkpoint / safetensors (startup or adapter files) ---
   SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
   SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },

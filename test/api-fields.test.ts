@@ -59,6 +59,8 @@ interface Sample {
   readonly check?: (req: GenerateRequest | undefined, res: LightMyRequestResponse) => boolean;
   /** A value of a supported field that is refused. */
   readonly refused?: unknown;
+  /** The body the field is set in, when not the section's base (a nested field's siblings). */
+  readonly base?: Json;
 }
 
 const sampling = (key: keyof GenerateRequest['sampling'], value: number | boolean, field = key as string): [string, Sample] =>
@@ -81,6 +83,9 @@ const OPENAI_SAMPLES: Record<string, Sample> = Object.fromEntries([
   ['max_tokens', { value: 3, check: (r) => r!.maxNewTokens === 3 }],
   ['user', { value: 'user-1' }],
 ]);
+
+/** A body with a two-adapter merge, for the samples of merged_adapters' own fields. */
+const MERGE_BASE: Json = { inputs: 'Hello', parameters: { merged_adapters: { ids: ['demo', 'org/style'] } } };
 
 const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, Readonly<Record<string, DefaultOnly>>][]; samples: Record<string, Sample> }> = {
   '/generate': {
@@ -111,6 +116,14 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       ['parameters.decoder_input_details', { value: true, check: (r) => r!.decoderInputDetails }],
       ['parameters.ignore_eos', { value: true, check: (r) => r!.ignoreEos === true }],
       ['parameters.ignore_eos_token', { value: true, check: (r) => r!.ignoreEos === true }],
+      ['parameters.merged_adapters', { value: { ids: ['demo', 'org/style'] }, check: (r) => r!.merge?.ids.join() === 'demo,org/style' && r!.adapterId!.startsWith('merge:') }],
+      ['parameters.merged_adapters.ids', { value: ['demo'], base: MERGE_BASE, check: (r) => r!.adapterId === 'demo' && r!.merge === undefined }],
+      ['parameters.merged_adapters.weights', { value: [0.5, 2], base: MERGE_BASE, check: (r) => r!.merge?.weights.join() === '0.5,2' }],
+      ['parameters.merged_adapters.merge_strategy', {
+        value: 'ties', base: { inputs: 'Hello', parameters: { merged_adapters: { ids: ['demo', 'org/style'], density: 0.5 } } }, check: (r) => r!.merge?.strategy === 'ties',
+      }],
+      ['parameters.merged_adapters.density', { value: 0.25, base: MERGE_BASE, check: (r) => r!.merge?.density === 0.25 }],
+      ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
     ]),
   },
   '/v1/completions': {
@@ -165,13 +178,13 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
   },
 };
 
-/** The body with `field` (a path: `parameters.x`, `messages[].x`) set to `value`. */
+/** The body with `field` (a path: `parameters.x`, `parameters.x.y`, `messages[].x`) set to `value`. */
 function withField(base: Json, field: string, value: unknown): Json {
   const body = structuredClone(base);
   const [head, rest] = field.split(/\.(.*)/s) as [string, string | undefined];
   if (rest === undefined) body[head] = value;
-  else if (head.endsWith('[]')) body[head.slice(0, -2)][0][rest] = value;
-  else body[head] = { ...body[head], [rest]: value };
+  else if (head.endsWith('[]')) body[head.slice(0, -2)][0] = withField(body[head.slice(0, -2)][0], rest, value);
+  else body[head] = withField(body[head] ?? {}, rest, value);
   return body;
 }
 
@@ -229,7 +242,7 @@ test('every documented field is honoured, accepted at its default, or refused na
       const what = `${url} ${row.field}`;
       const sample = section.samples[row.field];
       if (sample) {
-        const { res, req } = await send({ ...withField(section.base, row.field, sample.value), ...sample.extra });
+        const { res, req } = await send({ ...withField(sample.base ?? section.base, row.field, sample.value), ...sample.extra });
         assert.equal(res.statusCode, 200, `${what}: ${res.body}`);
         if (sample.check) assert.ok(sample.check(req, res), `${what} is not honoured: ${JSON.stringify(req)?.slice(0, 300)} ${res.body.slice(0, 300)}`);
         if (sample.refused !== undefined) await refused(row.field, sample.refused);
@@ -254,7 +267,8 @@ test('a field no table lists is refused as UNKNOWN_FIELD on every body and neste
       const field = `${parent ? `${parent}.` : ''}no_such_field`;
       const body = field.startsWith('messages[]') || parent === ''
         ? withField(section.base, field, 1)
-        : withField({ ...section.base, ...(parent === 'stream_options' ? { stream: true } : {}) }, field, 1);
+        : parent === 'parameters.merged_adapters' ? withField(MERGE_BASE, field, 1) // with its required ids
+          : withField({ ...section.base, ...(parent === 'stream_options' ? { stream: true } : {}) }, field, 1);
       const res = await s.inject({ method: 'POST', url, ...json(body) });
       const openai = url.startsWith('/v1/');
       assert.equal(res.statusCode, openai ? 400 : 422, `${url} ${field}: ${res.body}`);

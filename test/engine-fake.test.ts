@@ -10,7 +10,7 @@ import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../s
 import type { DecodeItem, ExecAdapter, LoraPlan, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
 import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
-import type { AdapterLease, AdapterProvider } from '../src/lora/types.ts';
+import type { AdapterLease, AdapterProvider, MergeSpec } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/text/tokenizer.ts';
 import { generate, request, type Outcome } from './helpers/runtime.ts';
 
@@ -138,6 +138,11 @@ class FakeProvider implements AdapterProvider {
   readonly slow = new Set<string>();
   readonly missing = new Set<string>();
   private readonly waiters = new Map<string, (() => void)[]>();
+
+  /** Merged adapters are leased as `merged(<ids>)`. */
+  acquireMerged(spec: MergeSpec): Promise<AdapterLease> {
+    return this.acquire(`merged(${spec.ids.join(',')})`);
+  }
 
   acquire(id: string): Promise<AdapterLease> {
     if (this.missing.has(id)) return Promise.reject(fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`));
@@ -287,6 +292,16 @@ test('an unknown adapter fails with ADAPTER_NOT_FOUND and never reaches the exec
   assert.equal(o.error?.code, 'ADAPTER_NOT_FOUND');
   assert.equal(o.tokens.length, 0);
   assert.equal(ex.calls.length, 0);
+});
+
+test('a request with a merge acquires the merged adapter (acquireMerged), runs on it and releases it', async () => {
+  const { ex, provider, submit } = setup();
+  const merge = { ids: ['a', 'b'], weights: [1, 0.5], strategy: 'linear', density: 1, majoritySignMethod: 'total', seed: 0 } as const;
+  const o = await submit('m', request([1, 2], { adapterId: 'merge:x', merge, maxNewTokens: 2 }));
+  assert.equal(o.error, undefined);
+  assert.deepEqual(provider.leases.map((l) => l.id), ['merged(a,b)']);
+  assert.deepEqual(provider.unreleased(), []);
+  assert.ok(ex.calls.some((c) => c.adapters.includes('merged(a,b)')));
 });
 
 test('timeoutMs ends a running request with TIMEOUT and releases its KV cache and adapter pin', async () => {

@@ -11,7 +11,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { TINY_LLAMA, writePeftAdapter, type AdapterOptions } from '../src/demo/index.ts';
 import { AdapterManager, type AdapterManagerOptions } from '../src/lora/manager.ts';
 import { adapterVersion, AdapterStore } from '../src/lora/store.ts';
-import type { AdapterLease, AdapterMetrics } from '../src/lora/types.ts';
+import type { AdapterLease, AdapterMetrics, MergeSpec } from '../src/lora/types.ts';
+import { mergeId, mergeVersion } from '../src/lora/merged-adapter.ts';
 import type { DeviceAdapter } from '../src/exec/lora-bank.ts';
 import type { AdapterExecutor } from '../src/engine/executor.ts';
 import { CausalLM } from '../src/model/model.ts';
@@ -55,6 +56,10 @@ class CountingMetrics implements AdapterMetrics {
     this.evictions[tier]++;
   }
   resident(): void {}
+  readonly merges: string[] = [];
+  merged(strategy: string): void {
+    this.merges.push(strategy);
+  }
 }
 
 let dirs = 0;
@@ -600,5 +605,83 @@ test('a resident adapter whose source has a newer version (store.revalidate true
   assert.notEqual(next.version, first.version);
   next.release();
   assert.deepEqual(checked, ['r', 'r'], 'the device hit asked, then the reload from disk (store.read) did');
+  manager.dispose();
+});
+
+// ------------------------------------------------------------------------------------------------
+// Merged adapters (acquireMerged)
+
+const MERGE: MergeSpec = { ids: ['a', 'b'], weights: [1, 0.5], strategy: 'ties', density: 0.5, majoritySignMethod: 'total', seed: 0 };
+
+test('merged adapter: computed once; served from the device, then from the host tier after eviction; takes a device slot', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, metrics, write, reads } = setup({ maxDeviceAdapters: 1 });
+  await write('a', { seed: 1 });
+  await write('b', { seed: 2 });
+  const l1 = await manager.acquireMerged(MERGE);
+  assert.equal(l1.adapter.id, mergeId(MERGE));
+  assert.deepEqual(metrics.merges, ['ties']);
+  assert.deepEqual(reads.sort(), ['a', 'b'], 'the sources were read, not loaded to the device');
+  assert.equal(manager.stats().deviceAdapters, 1);
+  l1.release();
+  const l2 = await manager.acquireMerged({ ...MERGE, seed: 9 }); // ties ignores the seed: the same merge
+  assert.equal(l2.adapter.key, l1.adapter.key, 'device hit');
+  l2.release();
+  (await manager.acquire('a')).release(); // the one slot: the merged adapter is evicted to the host tier
+  const l3 = await manager.acquireMerged(MERGE);
+  assert.notEqual(l3.adapter.key, l1.adapter.key, 'uploaded again');
+  assert.equal(l3.version, l1.version);
+  assert.equal(manager.mergesComputed, 1, 'from the host tier, not merged again');
+  assert.deepEqual(metrics.merges, ['ties']);
+  assert.equal(firstModule(l1).At.isDisposed, true, 'the evicted upload was freed');
+  l3.release();
+  assert.ok(!(await manager.ids()).some((id) => id.startsWith('merge:')), 'not an adapter id');
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('merged adapter: a source replaced while the merge reads is not cached stale; deleting a source drops the merge, held leases finish', async () => {
+  const baseline = tf.memory().numTensors;
+  const { manager, store, write } = setup();
+  await write('a', { seed: 1 });
+  await write('b', { seed: 2 });
+  // Hold the merge's read of b until a has been replaced.
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  const readWith = store.readWith.bind(store);
+  let held = false;
+  store.readWith = async (id, use) => {
+    if (id === 'b' && !held) {
+      held = true;
+      await gate;
+    }
+    return readWith(id, use);
+  };
+  const pending = manager.acquireMerged(MERGE);
+  while (!held) await sleep(2);
+  const v2 = await manager.put('a', await uploadFiles('a2', { seed: 3 }));
+  open();
+  const lease = await pending;
+  assert.equal(manager.mergesComputed, 2, 'the merge of the old a was thrown away and computed again');
+  const vb = (await manager.info('b')).version ?? (await store.read('b')).version;
+  assert.equal(lease.version, mergeVersion(MERGE, [v2.version!, vb]));
+
+  // Delete b while the lease is held: new requests fail, the lease keeps its tensors until released.
+  assert.equal(await manager.delete('b'), true);
+  await assert.rejects(manager.acquireMerged(MERGE), { code: 'ADAPTER_NOT_FOUND' });
+  assert.equal(firstModule(lease).At.isDisposed, false);
+  lease.release();
+  assert.equal(firstModule(lease).At.isDisposed, true, 'freed with its last lease');
+  await assert.rejects(manager.acquireMerged({ ...MERGE, ids: ['a', 'r8'] }), { code: 'ADAPTER_NOT_FOUND' });
+  manager.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'tensors leaked');
+});
+
+test('merged adapter: sources of different ranks are MERGE_INCOMPATIBLE and the manager keeps serving', async () => {
+  const { manager, write } = setup();
+  await write('a', { seed: 1 });
+  await write('r8', { seed: 2, r: 8 });
+  await assert.rejects(manager.acquireMerged({ ...MERGE, ids: ['a', 'r8'] }), { code: 'MERGE_INCOMPATIBLE' });
+  (await manager.acquire('a')).release();
   manager.dispose();
 });

@@ -170,7 +170,8 @@ export class Engine implements EngineApi {
     this.waitingForAdapter++;
     seq.awaitingAdapter = true;
     this.reportDepth();
-    this.adapters!.acquire(req.adapterId, req.signal).then(
+    const acquiring = req.merge ? this.adapters!.acquireMerged(req.merge, req.signal) : this.adapters!.acquire(req.adapterId, req.signal);
+    acquiring.then(
       (lease) => {
         if (seq.state === 'done') return lease.release();
         this.stopAwaitingAdapter(seq);

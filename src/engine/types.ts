@@ -1,5 +1,6 @@
 /** The engine's public contract with the HTTP layer: plain data, no tensors. */
 import type { ServeError } from '../errors.ts';
+import type { MergeSpec } from '../lora/types.ts';
 import type { StepPass } from './executor.ts';
 import type { SamplingParams } from './sampling.ts';
 
@@ -8,6 +9,8 @@ export interface GenerateRequest {
   readonly inputIds: readonly number[];
   /** null: the base model. Unknown ids fail with ADAPTER_NOT_FOUND, never fall back to the base. */
   readonly adapterId: string | null;
+  /** Run on the adapter merged from these sources (LoRAX merged_adapters); adapterId is then its merge id. */
+  readonly merge?: MergeSpec;
   readonly sampling: SamplingParams;
   readonly maxNewTokens: number;
   /** How the client's API names inputIds and maxNewTokens, for the length errors (default TGI's). */

@@ -141,8 +141,173 @@ interface PairNames {
   B?: string;
 }
 
-function byLayerThenKey(a: ModuleLora, b: ModuleLora): number {
+function byLayerThenKey(a: { module: LinearModule }, b: { module: LinearModule }): number {
   return a.module.layer - b.module.layer || (a.module.key < b.module.key ? -1 : a.module.key > b.module.key ? 1 : 0);
+}
+
+/** One module's LoRA pair as the file names it, resolved to a base module and checked against it. */
+interface FoundPair {
+  readonly module: LinearModule;
+  readonly r: number;
+  readonly scaling: number;
+  readonly aName: string;
+  readonly bName: string;
+}
+
+type Bad = (code: ErrorCode, msg: string, details?: Record<string, unknown>) => ServeError;
+
+/**
+ * Steps 1 and 2 of every adapter read: groups the tensors into A/B pairs per module path, resolves each to a
+ * base module and checks it against the config and the module's shapes.
+ */
+function findPairs(config: PeftConfig, reader: SafetensorsReader, base: { modules: readonly LinearModule[] }, maxRank: number, bad: Bad): FoundPair[] {
+  const exact = new Map(base.modules.map((m) => [m.path, m]));
+  const normalised = new Map(base.modules.map((m) => [normalisePath(m.path), m]));
+
+  // 1. Group tensor names into A/B pairs per module path as written in the file.
+  const pairs = new Map<string, PairNames>();
+  const adapterNames = new Set<string>();
+  for (const name of reader.tensors.keys()) {
+    const unsupported = UNSUPPORTED_TENSORS.find(([marker]) => marker.test(name));
+    if (unsupported) throw bad('ADAPTER_UNSUPPORTED', `${unsupported[1]} (tensor "${name}")`);
+    const m = LORA_TENSOR.exec(name);
+    if (!m) throw bad('ADAPTER_UNSUPPORTED', `unexpected tensor "${name}": only lora_A / lora_B weights are supported`);
+    const [, path, which, adapterName] = m as unknown as [string, string, 'lora_A' | 'lora_B', string | undefined];
+    adapterNames.add(adapterName ?? '');
+    const pair = pairs.get(path) ?? {};
+    const side = which === 'lora_A' ? 'A' : 'B';
+    if (pair[side] !== undefined) throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has two ${which} tensors ("${pair[side]}", "${name}")`);
+    pair[side] = name;
+    pairs.set(path, pair);
+  }
+  if (pairs.size === 0) throw bad('ADAPTER_INVALID_CONFIG', 'adapter_model.safetensors contains no LoRA tensors');
+  if (adapterNames.size > 1) {
+    const names = [...adapterNames].map((n) => (n === '' ? '(none)' : n)).join(', ');
+    throw bad('ADAPTER_INVALID_CONFIG', `tensors carry several adapter names (${names}); save one adapter per folder`);
+  }
+
+  // 2. Resolve each pair to a base module, check it against the config and shapes.
+  const found: FoundPair[] = [];
+  const claimedBy = new Map<LinearModule, string>();
+  for (const [path, pair] of pairs) {
+    if (pair.A === undefined || pair.B === undefined) {
+      const [has, lacks] = pair.A === undefined ? ['lora_B', 'lora_A'] : ['lora_A', 'lora_B'];
+      throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has ${has} but no ${lacks}`);
+    }
+    const module = exact.get(path) ?? normalised.get(normalisePath(path));
+    if (module === undefined) {
+      throw bad('ADAPTER_UNKNOWN_MODULE', `module "${path}" does not exist in the base model (or is not a linear layer)`, { module: path });
+    }
+    const other = claimedBy.get(module);
+    if (other !== undefined) {
+      throw bad('ADAPTER_INVALID_CONFIG', `modules "${other}" and "${path}" both resolve to base module "${module.path}"`);
+    }
+    claimedBy.set(module, path);
+    if (!matchesTarget(config, path)) {
+      throw bad('ADAPTER_INVALID_CONFIG',
+        `module "${path}" has LoRA tensors but is not selected by adapter_config.json ` +
+        `(target_modules ${JSON.stringify(config.targetModules)}` +
+        (config.layersToTransform !== null ? `, layers_to_transform ${JSON.stringify(config.layersToTransform)}` : '') + ')');
+    }
+
+    const aShape = reader.tensors.get(pair.A)!.shape;
+    const bShape = reader.tensors.get(pair.B)!.shape;
+    const shapeStr = (s: readonly number[]) => `[${s.join(', ')}]`;
+    if (aShape.length !== 2 || bShape.length !== 2) {
+      throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A and lora_B must be 2-D, got ${shapeStr(aShape)} and ${shapeStr(bShape)}`);
+    }
+    const [r, aIn] = aShape as [number, number];
+    const [bOut, bR] = bShape as [number, number];
+    if (r === 0 || r !== bR) {
+      throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A ${shapeStr(aShape)} and lora_B ${shapeStr(bShape)} disagree on the rank`, { expected: r, got: bR });
+    }
+    if (aIn !== module.inFeatures) {
+      throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A is ${shapeStr(aShape)}, expected [r, ${module.inFeatures}] (in_features of ${module.path})`, { expected: module.inFeatures, got: aIn });
+    }
+    if (bOut !== module.outFeatures) {
+      throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_B is ${shapeStr(bShape)}, expected [${module.outFeatures}, r] (out_features of ${module.path})`, { expected: module.outFeatures, got: bOut });
+    }
+    if (r > maxRank) {
+      throw bad('ADAPTER_RANK_TOO_LARGE', `module "${path}" has rank ${r}, above the server's max LoRA rank ${maxRank}`);
+    }
+
+    found.push({ module, r, scaling: scalingFor(config, path, r), aName: pair.A, bName: pair.B });
+  }
+  return found;
+}
+
+/**
+ * Parses and checks an adapter (config, then the safetensors against the base model) and runs `use` on the
+ * result while the reader is open. Every rejection is a coded ServeError whose message starts with
+ * `adapter "<id>": `.
+ */
+function withPairs<T>(
+  input: { id: string; config: unknown; weights: Uint8Array },
+  base: { modules: readonly LinearModule[] },
+  maxRank: number,
+  use: (config: PeftConfig, reader: SafetensorsReader, found: FoundPair[], bad: Bad) => T,
+): T {
+  const { id } = input;
+  const bad: Bad = (code, msg, details) => fail(code, `adapter "${id}": ${msg}`, details);
+  const withId = (err: unknown): unknown =>
+    isServeError(err) ? new ServeError(err.code, `adapter "${id}": ${err.message}`, err.details, { cause: err }) : err;
+
+  let config: PeftConfig;
+  let reader: SafetensorsReader;
+  try {
+    config = parsePeftConfig(input.config, { maxRank });
+    assertNotPickle(input.weights);
+    reader = parseSafetensors(input.weights, 'adapter_model.safetensors');
+  } catch (err) {
+    throw withId(err);
+  }
+  try {
+    return use(config, reader, findPairs(config, reader, base, maxRank, bad), bad);
+  } catch (err) {
+    if (isServeError(err) && err.message.startsWith(`adapter "${id}": `)) throw err;
+    throw withId(err);
+  } finally {
+    reader.close();
+  }
+}
+
+/** Throws ADAPTER_NON_FINITE naming the first tensor of `tensors` with a NaN or infinite element. */
+function assertFinite(tensors: readonly (readonly [name: string, data: Float32Array])[], bad: Bad): void {
+  for (const [tensor, data] of tensors) {
+    const i = firstNonFinite(data);
+    if (i >= 0) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
+  }
+}
+
+/** One module's LoRA pair in PEFT's own layout (copies), for adapter merging (src/lora/merged-adapter.ts). */
+export interface PeftPair {
+  readonly module: LinearModule;
+  readonly r: number;
+  /** lora_A: [r, in], row-major. */
+  readonly A: Float32Array;
+  /** lora_B: [out, r], row-major. */
+  readonly B: Float32Array;
+}
+
+/**
+ * The same checks as loadAdapterWeights, returning each module's A and B as the file has them (no transposition,
+ * no scaling), sorted by (module.layer, module.key).
+ */
+export function readPeftPairs(
+  input: { id: string; config: unknown; weights: Uint8Array },
+  base: { modules: readonly LinearModule[] },
+  opts: { maxRank: number },
+): { config: PeftConfig; pairs: PeftPair[] } {
+  return withPairs(input, base, opts.maxRank, (config, reader, found, bad) => {
+    const pairs = found.map(({ module, r, aName, bName }) => {
+      const A = reader.readFloat32(aName);
+      const B = reader.readFloat32(bName);
+      assertFinite([[aName, A], [bName, B]], bad);
+      return { module, r, A, B };
+    });
+    pairs.sort(byLayerThenKey);
+    return { config, pairs };
+  });
 }
 
 /**
@@ -155,95 +320,7 @@ export function loadAdapterWeights(
   /** alloc: where the host copy goes (default: a spare, pre-touched buffer when there is one; see host-buffers.ts). */
   opts: { maxRank: number; alloc?: (bytes: number) => SharedArrayBuffer },
 ): AdapterWeights {
-  const { id } = input;
-  const bad = (code: ErrorCode, msg: string, details?: Record<string, unknown>) => fail(code, `adapter "${id}": ${msg}`, details);
-  const withId = (err: unknown): unknown =>
-    isServeError(err) ? new ServeError(err.code, `adapter "${id}": ${err.message}`, err.details, { cause: err }) : err;
-
-  let config: PeftConfig;
-  let reader: SafetensorsReader;
-  try {
-    config = parsePeftConfig(input.config, opts);
-    assertNotPickle(input.weights);
-    reader = parseSafetensors(input.weights, 'adapter_model.safetensors');
-  } catch (err) {
-    throw withId(err);
-  }
-
-  try {
-    const exact = new Map(base.modules.map((m) => [m.path, m]));
-    const normalised = new Map(base.modules.map((m) => [normalisePath(m.path), m]));
-
-    // 1. Group tensor names into A/B pairs per module path as written in the file.
-    const pairs = new Map<string, PairNames>();
-    const adapterNames = new Set<string>();
-    for (const name of reader.tensors.keys()) {
-      const unsupported = UNSUPPORTED_TENSORS.find(([marker]) => marker.test(name));
-      if (unsupported) throw bad('ADAPTER_UNSUPPORTED', `${unsupported[1]} (tensor "${name}")`);
-      const m = LORA_TENSOR.exec(name);
-      if (!m) throw bad('ADAPTER_UNSUPPORTED', `unexpected tensor "${name}": only lora_A / lora_B weights are supported`);
-      const [, path, which, adapterName] = m as unknown as [string, string, 'lora_A' | 'lora_B', string | undefined];
-      adapterNames.add(adapterName ?? '');
-      const pair = pairs.get(path) ?? {};
-      const side = which === 'lora_A' ? 'A' : 'B';
-      if (pair[side] !== undefined) throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has two ${which} tensors ("${pair[side]}", "${name}")`);
-      pair[side] = name;
-      pairs.set(path, pair);
-    }
-    if (pairs.size === 0) throw bad('ADAPTER_INVALID_CONFIG', 'adapter_model.safetensors contains no LoRA tensors');
-    if (adapterNames.size > 1) {
-      const names = [...adapterNames].map((n) => (n === '' ? '(none)' : n)).join(', ');
-      throw bad('ADAPTER_INVALID_CONFIG', `tensors carry several adapter names (${names}); save one adapter per folder`);
-    }
-
-    // 2. Resolve each pair to a base module, check it against the config, shapes and values.
-    const found: { module: LinearModule; r: number; scaling: number; aName: string; bName: string }[] = [];
-    const claimedBy = new Map<LinearModule, string>();
-    for (const [path, pair] of pairs) {
-      if (pair.A === undefined || pair.B === undefined) {
-        const [has, lacks] = pair.A === undefined ? ['lora_B', 'lora_A'] : ['lora_A', 'lora_B'];
-        throw bad('ADAPTER_INVALID_CONFIG', `module "${path}" has ${has} but no ${lacks}`);
-      }
-      const module = exact.get(path) ?? normalised.get(normalisePath(path));
-      if (module === undefined) {
-        throw bad('ADAPTER_UNKNOWN_MODULE', `module "${path}" does not exist in the base model (or is not a linear layer)`, { module: path });
-      }
-      const other = claimedBy.get(module);
-      if (other !== undefined) {
-        throw bad('ADAPTER_INVALID_CONFIG', `modules "${other}" and "${path}" both resolve to base module "${module.path}"`);
-      }
-      claimedBy.set(module, path);
-      if (!matchesTarget(config, path)) {
-        throw bad('ADAPTER_INVALID_CONFIG',
-          `module "${path}" has LoRA tensors but is not selected by adapter_config.json ` +
-          `(target_modules ${JSON.stringify(config.targetModules)}` +
-          (config.layersToTransform !== null ? `, layers_to_transform ${JSON.stringify(config.layersToTransform)}` : '') + ')');
-      }
-
-      const aShape = reader.tensors.get(pair.A)!.shape;
-      const bShape = reader.tensors.get(pair.B)!.shape;
-      const shapeStr = (s: readonly number[]) => `[${s.join(', ')}]`;
-      if (aShape.length !== 2 || bShape.length !== 2) {
-        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A and lora_B must be 2-D, got ${shapeStr(aShape)} and ${shapeStr(bShape)}`);
-      }
-      const [r, aIn] = aShape as [number, number];
-      const [bOut, bR] = bShape as [number, number];
-      if (r === 0 || r !== bR) {
-        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A ${shapeStr(aShape)} and lora_B ${shapeStr(bShape)} disagree on the rank`, { expected: r, got: bR });
-      }
-      if (aIn !== module.inFeatures) {
-        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_A is ${shapeStr(aShape)}, expected [r, ${module.inFeatures}] (in_features of ${module.path})`, { expected: module.inFeatures, got: aIn });
-      }
-      if (bOut !== module.outFeatures) {
-        throw bad('ADAPTER_SHAPE_MISMATCH', `module "${path}": lora_B is ${shapeStr(bShape)}, expected [${module.outFeatures}, r] (out_features of ${module.path})`, { expected: module.outFeatures, got: bOut });
-      }
-      if (r > opts.maxRank) {
-        throw bad('ADAPTER_RANK_TOO_LARGE', `module "${path}" has rank ${r}, above the server's max LoRA rank ${opts.maxRank}`);
-      }
-
-      found.push({ module, r, scaling: scalingFor(config, path, r), aName: pair.A, bName: pair.B });
-    }
-
+  return withPairs(input, base, opts.maxRank, (config, reader, found, bad) => {
     // 3. Read the values (finite only) into one shared buffer, in the device layout.
     const floats = found.reduce((n, f) => n + f.r * (f.module.inFeatures + f.module.outFeatures), 0);
     // Pre-touched when one of this size is spare (host-buffers.ts).
@@ -260,28 +337,18 @@ export function loadAdapterWeights(
       const B = reader.viewFloat32(bName);
       const At = view(module.inFeatures * r);
       const Bt = view(r * module.outFeatures);
-      if (!layout(A, B, r, module.inFeatures, module.outFeatures, scaling, At, Bt)) {
-        for (const [tensor, data] of [[aName, A], [bName, B]] as const) {
-          const i = firstNonFinite(data);
-          if (i >= 0) throw bad('ADAPTER_NON_FINITE', `tensor "${tensor}" contains ${data[i]} at element ${i}`);
-        }
-      }
+      if (!layout(A, B, r, module.inFeatures, module.outFeatures, scaling, At, Bt)) assertFinite([[aName, A], [bName, B]], bad);
       modules.push({ module, r, scaling, At, Bt });
     }
 
     modules.sort(byLayerThenKey);
     return {
-      id,
+      id: input.id,
       config,
       modules,
       rank: Math.max(...modules.map((m) => m.r)),
       targetModules: [...new Set(modules.map((m) => m.module.name))].sort(),
       bytes: shared.byteLength,
     };
-  } catch (err) {
-    if (isServeError(err) && err.message.startsWith(`adapter "${id}": `)) throw err;
-    throw withId(err);
-  } finally {
-    reader.close();
-  }
+  });
 }

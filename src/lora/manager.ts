@@ -9,17 +9,21 @@
  * - Concurrent requests for an adapter that is not resident trigger exactly one load (single-flight).
  * - Replacing or deleting an adapter retires the resident version: sequences that hold it finish on it,
  *   it is disposed when the last one releases it, and new requests get the new version (or 404).
+ * - A merged adapter (`acquireMerged`, src/lora/merged-adapter.ts) is computed from its sources' files once and
+ *   then lives in the device and host tiers under its merge id like any adapter (a slot, pins, eviction); it is
+ *   dropped with every cached copy of a source that is replaced, deleted or changed at its remote source.
  */
 import { LRUCache } from 'lru-cache';
 import type { AdapterExecutor, ResidentAdapter } from '../engine/executor.ts';
 import { fail, isServeError, ServeError } from '../errors.ts';
 import type { LinearModule } from '../model/types.ts';
-import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
+import { loadAdapterWeights, readPeftPairs, syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
+import { isMergeId, mergeId, mergeSources, mergeVersion, type MergeSource } from './merged-adapter.ts';
 import { singleFlight } from './single-flight.ts';
 import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
-import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
+import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider, MergeSpec } from './types.ts';
 
 export interface AdapterManagerOptions {
   readonly maxRank: number;
@@ -34,7 +38,9 @@ export interface AdapterManagerOptions {
 interface HostEntry {
   readonly weights: AdapterWeights;
   readonly version: string;
-  readonly source: 'disk' | 'upload' | 'remote';
+  readonly source: 'disk' | 'upload' | 'remote' | 'merge';
+  /** A merged adapter's source ids: a change to any of them drops it. */
+  readonly mergedFrom?: readonly string[];
 }
 
 interface DeviceEntry {
@@ -83,6 +89,9 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   private readonly seen = new LRUCache<string, true>({ max: MAX_SEEN });
   /** Uploads so far: each gets its own device key (ExecAdapter.key). */
   private uploads = 0;
+  /** Merges being computed or uploaded, by merge id: `stale` once a source changed meanwhile (invalidate). */
+  private readonly merging = new Map<string, { readonly sources: readonly string[]; stale: boolean }>();
+  private merges = 0;
 
   constructor(
     private readonly store: AdapterStore,
@@ -105,18 +114,29 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   async acquire(id: string, signal?: AbortSignal): Promise<AdapterLease> {
     validateAdapterId(id);
+    return this.acquireWith(id, () => this.loadToDevice(id), signal);
+  }
+
+  async acquireMerged(spec: MergeSpec, signal?: AbortSignal): Promise<AdapterLease> {
+    spec.ids.forEach((id) => validateAdapterId(id));
+    const id = mergeId(spec);
+    return this.acquireWith(id, () => this.loadMerged(id, spec), signal);
+  }
+
+  /** A lease on the resident `id`, after `load` (single-flight per id) when it is not resident. */
+  private async acquireWith(id: string, load: () => Promise<DeviceEntry>, signal?: AbortSignal): Promise<AdapterLease> {
     for (;;) {
       if (signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
       const resident = this.device.get(id);
       if (resident && !resident.retired) {
         this.metrics?.hit('device');
-        this.revalidate(id);
+        for (const source of resident.host.mergedFrom ?? [id]) this.revalidate(source);
         return this.lease(resident);
       }
       this.acquiring.set(id, (this.acquiring.get(id) ?? 0) + 1);
       let entry: DeviceEntry;
       try {
-        entry = await this.ensureDevice(id);
+        entry = await singleFlight(this.loading, id, load);
       } finally {
         const n = this.acquiring.get(id)! - 1;
         if (n === 0) this.acquiring.delete(id);
@@ -166,11 +186,6 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     }
   }
 
-  /** Single-flight: one load per id at a time. */
-  private ensureDevice(id: string): Promise<DeviceEntry> {
-    return singleFlight(this.loading, id, () => this.loadToDevice(id));
-  }
-
   private async loadToDevice(id: string): Promise<DeviceEntry> {
     const t0 = performance.now();
     try {
@@ -206,14 +221,66 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       this.reportResident();
       return entry;
     } catch (err) {
-      const e = isServeError(err) ? err : new ServeError('INTERNAL', 'adapter load failed', undefined, { cause: err });
-      this.metrics?.loadFailed(e.code);
-      if (e.code !== 'ADAPTER_NOT_FOUND' && e.code !== 'ADAPTER_INVALID_ID' && e.code !== 'CANCELLED') {
-        if (this.failed.size >= MAX_FAILURES_KEPT) this.failed.delete(this.failed.keys().next().value!);
-        this.failed.set(id, { code: e.code, message: e.message });
-      }
-      throw e;
+      throw this.loadFailed(id, err);
     }
+  }
+
+  /** Counts a failed load and remembers its error for `info` (not for a missing or cancelled adapter). */
+  private loadFailed(id: string, err: unknown): ServeError {
+    const e = isServeError(err) ? err : new ServeError('INTERNAL', 'adapter load failed', undefined, { cause: err });
+    this.metrics?.loadFailed(e.code);
+    if (e.code !== 'ADAPTER_NOT_FOUND' && e.code !== 'ADAPTER_INVALID_ID' && e.code !== 'CANCELLED' && !isMergeId(id)) {
+      if (this.failed.size >= MAX_FAILURES_KEPT) this.failed.delete(this.failed.keys().next().value!);
+      this.failed.set(id, { code: e.code, message: e.message });
+    }
+    return e;
+  }
+
+  /**
+   * Loads the merged adapter `id` of `spec`: from the host tier when it is there, else merged from the sources'
+   * files (read from the store, checked as any adapter), then validated and uploaded as a PEFT adapter. It stays
+   * in the host tier (a merge costs more than a disk read). A source changed while this runs makes the result
+   * stale: it is not cached, and is retired once uploaded, so `acquireWith` loads it again.
+   */
+  private async loadMerged(id: string, spec: MergeSpec): Promise<DeviceEntry> {
+    const job = { sources: spec.ids, stale: false };
+    this.merging.set(id, job);
+    try {
+      let host = this.host.get(id);
+      if (host) {
+        this.metrics?.hit('host');
+      } else {
+        this.metrics?.miss();
+        host = await this.computeMerge(id, spec);
+        if (!job.stale) this.host.set(id, host);
+      }
+      const entry = await this.upload(id, host);
+      if (job.stale) this.evict(entry);
+      this.reportResident();
+      return entry;
+    } catch (err) {
+      throw this.loadFailed(id, err);
+    } finally {
+      this.merging.delete(id);
+    }
+  }
+
+  /** Reads the sources (PEFT layout, checked against the base model) and merges them into a host entry. */
+  private async computeMerge(id: string, spec: MergeSpec): Promise<HostEntry> {
+    const t0 = performance.now();
+    const read = new Map<string, { source: MergeSource; version: string }>();
+    for (const sourceId of new Set(spec.ids)) {
+      read.set(sourceId, await this.store.readWith(sourceId, (files) => {
+        const { config, pairs } = readPeftPairs(files, this.base, { maxRank: this.opts.maxRank });
+        return { source: { id: sourceId, rawConfig: files.config, config, pairs }, version: files.version };
+      }));
+    }
+    const merged = await mergeSources(spec.ids.map((s) => read.get(s)!.source), spec);
+    const weights = loadAdapterWeights({ id, ...merged }, this.base, { maxRank: this.opts.maxRank });
+    this.merges++;
+    this.metrics?.merged(spec.strategy, (performance.now() - t0) / 1000);
+    const version = mergeVersion(spec, spec.ids.map((s) => read.get(s)!.version));
+    return { weights, version, source: 'merge', mergedFrom: [...new Set(spec.ids)] };
   }
 
   /**
@@ -314,12 +381,17 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     this.metrics?.resident('host', this.host.size, this.host.calculatedSize ?? 0);
   }
 
-  /** Drops every cached copy of an id (after put/delete). */
+  /** Drops every cached copy of an id (after put/delete), and of the merged adapters computed from it. */
   private invalidate(id: string): void {
     const entry = this.device.get(id);
     if (entry) this.evict(entry);
     this.host.delete(id);
     this.failed.delete(id);
+    const dependents = new Set<string>();
+    for (const e of this.device.values()) if (e.host.mergedFrom?.includes(id)) dependents.add(e.id);
+    for (const [mid, h] of this.host.entries()) if (h.mergedFrom?.includes(id)) dependents.add(mid);
+    dependents.forEach((mid) => this.invalidate(mid));
+    for (const job of this.merging.values()) if (job.sources.includes(id)) job.stale = true;
   }
 
   // ---------------------------------------------------------------- admin side
@@ -381,7 +453,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       id,
       state: dev ? 'ready' : this.loading.has(id) ? 'loading' : failure ? 'failed' : 'available',
       tier: dev ? 'device' : host ? 'host' : 'disk',
-      source: host?.source ?? (onDisk ? 'disk' : null),
+      source: host && host.source !== 'merge' ? host.source : onDisk ? 'disk' : null,
       version: host?.version ?? null,
       bytes: w?.bytes ?? null,
       rank: w?.rank ?? null,
@@ -394,9 +466,10 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     };
   }
 
+  /** Known adapter ids (merged adapters are not adapters one can name). */
   async ids(): Promise<string[]> {
     const all = new Set([...(await this.store.list()), ...this.device.keys(), ...this.host.keys()]);
-    return [...all].sort();
+    return [...all].filter((id) => !isMergeId(id)).sort();
   }
 
   async list(): Promise<AdapterInfo[]> {
@@ -409,6 +482,11 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
       }
     }
     return out;
+  }
+
+  /** Merged adapters computed since start (a merge served from a cache tier is not counted). */
+  get mergesComputed(): number {
+    return this.merges;
   }
 
   stats(): AdapterCacheStats {

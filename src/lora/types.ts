@@ -1,5 +1,6 @@
 /** The adapter manager's public contract (HTTP layer, engine, metrics). */
 import type { ExecAdapter } from '../engine/executor.ts';
+import type { MajoritySignMethod, MergeStrategy } from './merge.ts';
 
 export type AdapterState = 'available' | 'loading' | 'ready' | 'failed';
 export type AdapterTier = 'device' | 'host' | 'disk' | 'remote';
@@ -61,10 +62,33 @@ export interface AdapterLease {
   release(): void;
 }
 
+/**
+ * A per-request merge of adapters (LoRAX `merged_adapters`, src/lora/merged-adapter.ts), its values checked and
+ * its defaults filled in (src/server/params.ts).
+ */
+export interface MergeSpec {
+  /** The source adapters, in the request's order (at least two; duplicates allowed). */
+  readonly ids: readonly string[];
+  /** One finite weight per id. */
+  readonly weights: readonly number[];
+  readonly strategy: MergeStrategy;
+  /** In [0, 1]: the fraction of each task tensor ties and DARE keep (unused by linear). */
+  readonly density: number;
+  /** Used by ties and dare_ties. */
+  readonly majoritySignMethod: MajoritySignMethod;
+  /** Seeds DARE's random drop masks (unused by linear and ties). */
+  readonly seed: number;
+}
+
 /** What the engine needs: resolve an id to a pinned device adapter, loading it if needed. */
 export interface AdapterProvider {
   /** Resolves when the adapter is resident and pinned for the caller; rejects with a coded error. */
   acquire(id: string, signal?: AbortSignal): Promise<AdapterLease>;
+  /**
+   * As acquire, for the adapter merged from `spec` (computed once, then cached under `mergeId(spec)` like any
+   * adapter, until one of its sources is replaced or deleted).
+   */
+  acquireMerged(spec: MergeSpec, signal?: AbortSignal): Promise<AdapterLease>;
 }
 
 /** What the adapter manager reports to metrics (implemented in src/obs/metrics.ts). */
@@ -75,4 +99,6 @@ export interface AdapterMetrics {
   loadFailed(code: string): void;
   evicted(tier: 'device' | 'host'): void;
   resident(tier: 'device' | 'host', adapters: number, bytes: number): void;
+  /** A merged adapter computed from its sources (not counted when it came from the cache). */
+  merged(strategy: MergeStrategy, seconds: number): void;
 }

@@ -20,6 +20,7 @@ import { ERRORS } from '../errors.ts';
 import type { StepPass } from '../engine/executor.ts';
 import type { EngineLoad, EngineMetrics, FinishReason } from '../engine/types.ts';
 import type { AdapterMetrics } from '../lora/types.ts';
+import type { MergeStrategy } from '../lora/merge.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
 import type { WebGPUCounts, WebGPUOp } from '../backend/webgpu/counters.ts';
 
@@ -163,6 +164,14 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
   private readonly residentBytes = new Gauge({
     name: `${METRIC_PREFIX}adapter_resident_bytes`, help: 'Bytes of adapter weights resident in a tier (device, host).',
     labelNames: ['tier'] as const, registers: [this.registry],
+  });
+  private readonly adapterMerges = new Counter({
+    name: `${METRIC_PREFIX}adapter_merges_total`, help: 'Merged adapters computed from their sources (merged_adapters), by strategy; a merge served from the cache is not counted.',
+    labelNames: ['strategy'] as const, registers: [this.registry],
+  });
+  private readonly adapterMergeDuration = new Histogram({
+    name: `${METRIC_PREFIX}adapter_merge_duration_seconds`, help: 'Time to read the sources of a merged adapter and merge them.',
+    buckets: LATENCY_BUCKETS, registers: [this.registry],
   });
 
   constructor(opts: MetricsOptions = {}) {
@@ -321,5 +330,10 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
   resident(tier: CacheTier, adapters: number, bytes: number): void {
     this.residentAdapters.set({ tier }, adapters);
     this.residentBytes.set({ tier }, bytes);
+  }
+
+  merged(strategy: MergeStrategy, seconds: number): void {
+    this.adapterMerges.inc({ strategy });
+    this.adapterMergeDuration.observe(seconds);
   }
 }

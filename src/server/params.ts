@@ -8,7 +8,13 @@ import { randomBytes } from 'node:crypto';
 import type { SamplingParams } from '../engine/sampling.ts';
 import type { LengthLimits } from '../engine/types.ts';
 import { fail } from '../errors.ts';
-import { MAX_TOP_N_TOKENS, type ChatCompletionRequestBody, type CompletionRequestBody, type GenerateRequestBody } from './schemas.ts';
+import { validateAdapterId } from '../lora/ids.ts';
+import { MAJORITY_SIGN_METHODS, MERGE_STRATEGIES, type MajoritySignMethod, type MergeStrategy } from '../lora/merge.ts';
+import { DEFAULT_MERGE_SEED } from '../lora/merged-adapter.ts';
+import type { MergeSpec } from '../lora/types.ts';
+import {
+  MAX_MERGED_ADAPTERS, MAX_TOP_N_TOKENS, type ChatCompletionRequestBody, type CompletionRequestBody, type GenerateRequestBody, type MergedAdaptersBody,
+} from './schemas.ts';
 
 type TgiParameters = NonNullable<GenerateRequestBody['parameters']>;
 
@@ -69,6 +75,41 @@ export function tgiSampling(p: TgiSampling): SamplingParams {
     seed: givenSeed ?? randomSeed(),
     topNTokens,
   };
+}
+
+const badMerge = (field: string, msg: string) =>
+  fail('MERGE_INVALID', `\`parameters.merged_adapters.${field}\` ${msg}`, { param: `parameters.merged_adapters.${field}` });
+
+/**
+ * LoRAX `merged_adapters` → a MergeSpec, or the one adapter id when it names one (LoRAX serves a single id as
+ * that adapter, unmerged). Values are checked as LoRAX's client and router do, with MERGE_INVALID (400): 1 to
+ * MAX_MERGED_ADAPTERS ids, none of them the base model (`isBase`); weights absent or [] (all 1, LoRAX's
+ * default) or one finite number per id; a known strategy (default linear) and sign method (default total);
+ * density in [0, 1], and given when the strategy prunes (ties, dare_*: LoRAX's router would default it to 0,
+ * which prunes everything). DARE's masks are seeded with the request's `seed`, else DEFAULT_MERGE_SEED.
+ */
+export function mergedAdapters(m: MergedAdaptersBody, seed: number | null | undefined, isBase: (id: string) => boolean): MergeSpec | string {
+  const { ids } = m;
+  if (ids.length === 0 || ids.length > MAX_MERGED_ADAPTERS) throw badMerge('ids', `must name 1 to ${MAX_MERGED_ADAPTERS} adapters (got ${ids.length})`);
+  ids.forEach((id, i) => {
+    if (isBase(id)) throw badMerge(`ids.${i}`, 'is the base model, which cannot be merged');
+    validateAdapterId(id);
+  });
+  const weights = m.weights?.length ? m.weights : ids.map(() => 1);
+  if (weights.length !== ids.length) throw badMerge('weights', `must have one weight per id (${ids.length}), got ${weights.length}`);
+  const w = weights.findIndex((x) => !Number.isFinite(x));
+  if (w >= 0) throw badMerge(`weights.${w}`, 'must be a finite number');
+  const strategy = (m.merge_strategy ?? 'linear') as MergeStrategy;
+  if (!MERGE_STRATEGIES.includes(strategy)) throw badMerge('merge_strategy', `must be one of ${MERGE_STRATEGIES.join(', ')} (got ${JSON.stringify(m.merge_strategy)})`);
+  const majoritySignMethod = (m.majority_sign_method ?? 'total') as MajoritySignMethod;
+  if (!MAJORITY_SIGN_METHODS.includes(majoritySignMethod)) {
+    throw badMerge('majority_sign_method', `must be one of ${MAJORITY_SIGN_METHODS.join(', ')} (got ${JSON.stringify(m.majority_sign_method)})`);
+  }
+  const density = m.density ?? null;
+  if (density === null && strategy !== 'linear') throw badMerge('density', `is required by ${strategy} (the fraction of each tensor kept, in [0, 1])`);
+  if (density !== null && !(density >= 0 && density <= 1)) throw badMerge('density', `must be >= 0.0 and <= 1.0 (got ${density})`);
+  if (ids.length === 1) return ids[0]!;
+  return { ids, weights, strategy, density: density ?? 1, majoritySignMethod, seed: seed ?? DEFAULT_MERGE_SEED };
 }
 
 /** The sampling fields /v1/completions and /v1/chat/completions share. */

@@ -52,6 +52,19 @@ export const OpenAIErrorBody = Type.Object({
 // ------------------------------------------------------------------------------------------------
 // TGI / LoRAX: POST /generate, POST /generate_stream
 
+/** The most source adapters one `merged_adapters` may name. */
+export const MAX_MERGED_ADAPTERS = 16;
+
+/** LoRAX `merged_adapters`: types here, values checked by src/server/params.ts (`mergedAdapters`, MERGE_INVALID). */
+export const MergedAdapters = Type.Object({
+  ids: Type.Array(Type.String(), { description: `The adapters to merge, 1 to ${MAX_MERGED_ADAPTERS} (one id: that adapter, not merged, as LoRAX)` }),
+  weights: Opt(Type.Array(Type.Number(), { description: 'One finite weight per id, applied to each lora_A and lora_B; absent or []: all 1' })),
+  merge_strategy: Opt(Type.String({ description: 'linear (default), ties, dare_linear or dare_ties' })),
+  density: Opt(Type.Number({ description: 'Fraction of each tensor kept, in [0, 1]; required by ties, dare_linear and dare_ties' })),
+  majority_sign_method: Opt(Type.String({ description: 'total (default) or frequency; ties and dare_ties' })),
+}, { title: 'MergedAdapters', ...Closed });
+export type MergedAdaptersBody = Static<typeof MergedAdapters>;
+
 export const GenerateParameters = Type.Object({
   adapter_id: Opt(Type.String({ description: 'LoRA adapter id (name or org/name); absent, "" or the base model id: the base model' })),
   max_new_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default: the server\'s --max-new-tokens' })),
@@ -63,7 +76,7 @@ export const GenerateParameters = Type.Object({
   repetition_penalty: Opt(Type.Number({ description: '> 0' })),
   frequency_penalty: Opt(Type.Number({ description: '[-2, 2]' })),
   presence_penalty: Opt(Type.Number({ description: '[-2, 2]' })),
-  seed: Opt(Type.Integer()),
+  seed: Opt(Type.Integer({ description: 'The sampling seed; with merged_adapters, also the seed of DARE\'s drop masks' })),
   stop: Opt(Type.Array(Type.String({ minLength: 1 }), { maxItems: MAX_STOP_SEQUENCES })),
   return_full_text: Opt(Type.Boolean({ description: 'Prepend the prompt to generated_text' })),
   truncate: Opt(Type.Integer({ minimum: 1, description: 'Keep only the last N prompt tokens' })),
@@ -72,6 +85,7 @@ export const GenerateParameters = Type.Object({
   top_n_tokens: Opt(Type.Integer({ description: `0-${MAX_TOP_N_TOKENS}` })),
   ignore_eos: Opt(Type.Boolean({ description: 'Extension (as vLLM): keep generating past eos up to max_new_tokens (benchmarks)' })),
   ignore_eos_token: Opt(Type.Boolean({ description: 'LoRAX\'s name of ignore_eos; both must agree' })),
+  merged_adapters: Opt(MergedAdapters),
   ...defaultOnly(TGI_PARAMETERS),
 }, { title: 'GenerateParameters', ...Closed });
 

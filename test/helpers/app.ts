@@ -74,9 +74,8 @@ export class ScriptedEngine implements EngineApi {
     req.signal?.addEventListener('abort', () => finish(() => sink.onError(fail('CANCELLED', 'the request was cancelled'))));
     const step = () => {
       if (done) return;
-      if (req.adapterId !== null && !this.knownAdapters().has(req.adapterId)) {
-        return finish(() => sink.onError(fail('ADAPTER_NOT_FOUND', `adapter "${req.adapterId}" not found`)));
-      }
+      const missing = (req.merge?.ids ?? (req.adapterId !== null ? [req.adapterId] : [])).find((id) => !this.knownAdapters().has(id));
+      if (missing !== undefined) return finish(() => sink.onError(fail('ADAPTER_NOT_FOUND', `adapter "${missing}" not found`)));
       if (s.failAfter && i === s.failAfter.tokens) return finish(() => sink.onError(s.failAfter!.error));
       if (s.hang && i === 1) return; // wait for abort
       sink.onToken(tokens[i]!, texts[i]!);

@@ -5,7 +5,9 @@ import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
 import { ADAPTER_FILE_ERRORS } from './adapters.ts';
 import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
-import { fitLengths, tgiSampling } from '../params.ts';
+import { fitLengths, mergedAdapters, tgiSampling } from '../params.ts';
+import { mergeId } from '../../lora/merged-adapter.ts';
+import type { MergeSpec } from '../../lora/types.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
 import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
 
@@ -14,6 +16,20 @@ export const GENERATION_ERRORS: readonly ErrorCode[] = [
   'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
   'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
 ];
+
+/** The adapter a request runs on: `adapter_id`, or the merge `parameters.merged_adapters` asks for (not both, as LoRAX). */
+function requestAdapter(deps: AppDeps, id: string | null, params: NonNullable<GenerateRequestBody['parameters']>): { adapterId: string | null; merge?: MergeSpec } {
+  const m = params.merged_adapters ?? null;
+  if (m === null) return { adapterId: resolveAdapter(deps, id) };
+  if (id !== null) {
+    throw fail('MERGE_INVALID', 'give at most one of `adapter_id` and `parameters.merged_adapters`', { param: 'parameters.merged_adapters' });
+  }
+  const spec = mergedAdapters(m, params.seed, (x) => resolveAdapter(deps, x) === null);
+  return typeof spec === 'string' ? { adapterId: spec } : { adapterId: mergeId(spec), merge: spec };
+}
+
+/** What the TGI/LoRAX routes can fail with: a generation's errors, and a merge's (parameters.merged_adapters). */
+const TGI_ERRORS: readonly ErrorCode[] = [...GENERATION_ERRORS, 'MERGE_INVALID', 'MERGE_INCOMPATIBLE'];
 
 interface Prepared {
   readonly req: EngineRequest;
@@ -39,14 +55,14 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   if (stream && params.decoder_input_details) {
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
-  const adapterId = resolveAdapter(deps, top ?? inner);
+  const { adapterId, merge } = requestAdapter(deps, top ?? inner, params);
   const sampling = tgiSampling(params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
   });
   return {
     body, params,
-    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
+    req: { inputIds, adapterId, ...(merge ? { merge } : {}), sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
   };
 }
 
@@ -111,17 +127,17 @@ function generateEvents(deps: AppDeps, body: GenerateRequestBody, reply: Fastify
 export function generateRoutes(app: FastifyInstance, deps: AppDeps): void {
   app.post<{ Body: GenerateRequestBody }>('/generate', {
     schema: { summary: 'Generate text (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
-    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS } },
+    config: { doc: { tag: 'TGI', errors: TGI_ERRORS, headers: RESULT_HEADERS } },
   }, async (request, reply) => generateJson(deps, request.body, reply));
 
   app.post<{ Body: GenerateRequestBody }>('/generate_stream', {
     schema: { summary: 'Generate text as server-sent events (TGI/LoRAX)', body: GenerateRequest },
-    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
+    config: { doc: { tag: 'TGI', errors: TGI_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
   }, async (request, reply) => generateEvents(deps, request.body, reply));
 
   // TGI's compatibility route, where huggingface_hub's InferenceClient and LoRAX's client post: `stream` chooses.
   app.post<{ Body: GenerateRequestBody }>('/', {
     schema: { summary: 'Generate text: as /generate, or as /generate_stream with "stream": true (TGI/LoRAX)', body: GenerateRequest, response: { 200: GenerateResponse } },
-    config: { doc: { tag: 'TGI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
+    config: { doc: { tag: 'TGI', errors: TGI_ERRORS, headers: RESULT_HEADERS, stream: GenerateStreamEvent } },
   }, async (request, reply) => (request.body.stream ? generateEvents(deps, request.body, reply) : generateJson(deps, request.body, reply)));
 }
