@@ -33,6 +33,12 @@ export const ERRORS = {
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
   /** A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it). */
   ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
+  /** OpenAI `logit_bias` with a key that is not a token id below the vocabulary size, or a bias outside [-100, 100]. */
+  LOGIT_BIAS_INVALID: { status: 400, type: 'validation' },
+  /** A grammar (regex, JSON schema) that cannot be parsed or matches nothing. */
+  GRAMMAR_INVALID: { status: 400, type: 'validation' },
+  /** A grammar using a feature the constraint compiler does not implement (named in the message: lookaround, a schema keyword...). */
+  GRAMMAR_UNSUPPORTED: { status: 400, type: 'validation' },
   /** `parameters.merged_adapters` with bad values: ids, weights, strategy, density, sign method. */
   MERGE_INVALID: { status: 400, type: 'validation' },
   /** Source adapters that cannot be merged: different ranks, rank/alpha patterns (src/lora/merged-adapter.ts). */

@@ -2,6 +2,7 @@
 import type { ServeError } from '../errors.ts';
 import type { MergeSpec } from '../lora/types.ts';
 import type { StepPass } from './executor.ts';
+import type { TokenConstraint } from './constraint/tokens.ts';
 import type { SamplingParams } from './sampling.ts';
 
 export interface GenerateRequest {
@@ -12,6 +13,11 @@ export interface GenerateRequest {
   /** Run on the adapter merged from these sources (LoRAX merged_adapters); adapterId is then its merge id. */
   readonly merge?: MergeSpec;
   readonly sampling: SamplingParams;
+  /**
+   * Structured output (TGI `grammar`, OpenAI `response_format`): each step samples only among the ids the grammar
+   * allows, and EOS only once the text is a full match. Shared between requests; the engine holds each one's state.
+   */
+  readonly constraint?: TokenConstraint;
   readonly maxNewTokens: number;
   /** How the client's API names inputIds and maxNewTokens, for the length errors (default TGI's). */
   readonly fields?: LengthFields;
