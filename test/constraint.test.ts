@@ -62,6 +62,8 @@ test('unsupported regex features are GRAMMAR_UNSUPPORTED naming them, malformed 
 /** Schemas, each with texts it must accept and reject (as compact JSON). */
 const SCHEMAS: { schema: unknown; yes: unknown[]; no: string[] }[] = [
   { schema: { type: 'integer' }, yes: [0, -12, 345], no: ['01', '1.5', '-'] },
+  { schema: { type: 'integer', minimum: -3, exclusiveMaximum: 12 }, yes: [-3, 0, 11], no: ['-4', '12', '-0'] },
+  { schema: { type: 'integer', minimum: 1 }, yes: [1, 1234], no: ['0', '-1'] },
   { schema: { type: 'number' }, yes: [0, -1.5, 2e10, 3.25e-7], no: ['.5', '1.', '+1'] },
   { schema: { type: 'boolean' }, yes: [true, false], no: ['True'] },
   { schema: { type: ['string', 'null'], maxLength: 3 }, yes: ['', 'a"c', null, 'é\n'], no: ['"abcd"'] },
@@ -105,7 +107,10 @@ test('unsupported schema keywords are refused naming the keyword and where it is
       return `${err.code}: ${err.message}`;
     }
   };
-  assert.match(refusal({ type: 'integer', minimum: 0 }), /^GRAMMAR_UNSUPPORTED: schema\.minimum: the keyword minimum/);
+  assert.match(refusal({ type: 'number', minimum: 0 }), /^GRAMMAR_UNSUPPORTED: schema\.minimum: minimum beside type "number"/);
+  assert.match(refusal({ type: 'integer', minimum: -5 }), /^GRAMMAR_UNSUPPORTED: schema: integer bounds/);
+  assert.match(refusal({ type: 'integer', minimum: 5, maximum: 4 }), /^GRAMMAR_INVALID/);
+  assert.match(refusal({ type: 'integer', multipleOf: 2 }), /^GRAMMAR_UNSUPPORTED: schema\.multipleOf: the keyword multipleOf/);
   assert.match(refusal({ type: 'object', properties: { a: { type: 'string', format: 'email' } } }), /^GRAMMAR_UNSUPPORTED: schema\.properties\.a\.format/);
   assert.match(refusal({ oneOf: [{ type: 'string' }] }), /^GRAMMAR_UNSUPPORTED: schema\.oneOf/);
   assert.match(refusal({ type: 'array', uniqueItems: true }), /^GRAMMAR_UNSUPPORTED: schema\.uniqueItems/);

@@ -11,7 +11,9 @@
  *   as outlines does; the pattern must not itself produce `"`, `\` or control characters, which would need
  *   escaping). A string's characters are any but `"`, `\` and U+0000–U+001F, or the escapes `\" \\ \/ \b \f \n \r
  *   \t` (no `\u` escapes, so each unit is one character and the length bounds count characters as ajv does);
- * - numbers: integers `-?(0|[1-9][0-9]*)`, numbers with an optional fraction and exponent;
+ * - numbers: integers `-?(0|[1-9][0-9]*)`, with `minimum`/`maximum` (and their exclusive forms) when they bound a
+ *   range of at most MAX_INTEGER_RANGE values or are a minimum of 0 or 1 alone; numbers with an optional fraction
+ *   and exponent (no bounds);
  * - objects: `properties` (each present at most once, in order: the `required` ones always, the others
  *   optionally), `required`, `additionalProperties` (without `properties`: `false` is `{}`, a schema or `true` is a
  *   map of any keys to such values; with `properties` no other key is generated, which satisfies any value);
@@ -30,11 +32,13 @@ import { alt, chars, complement, EMPTY, literal, optional, parseRegex, repeat, s
 
 /** How many containers (objects, arrays) deep free-form JSON may nest, the outermost included. */
 export const MAX_JSON_DEPTH = 5;
+/** The most values an integer's minimum..maximum may hold (they are listed). */
+export const MAX_INTEGER_RANGE = 1000;
 
 const IGNORED = new Set(['title', 'description', 'default', 'examples', '$schema', '$id', '$comment', 'deprecated', 'readOnly', 'writeOnly', '$defs', 'definitions']);
 const BY_TYPE: Readonly<Record<string, readonly string[]>> = {
   string: ['minLength', 'maxLength', 'pattern'],
-  integer: [],
+  integer: ['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum'],
   number: [],
   boolean: [],
   null: [],
@@ -45,7 +49,8 @@ const GENERIC = new Set(['type', 'enum', 'const', 'anyOf', 'allOf', '$ref']);
 
 const DIGITS = chars([[0x30, 0x39]]);
 const digits = repeat(DIGITS, 1, Infinity);
-const INTEGER = seq(optional(literal('-')), alt(literal('0'), seq(chars([[0x31, 0x39]]), repeat(DIGITS, 0, Infinity))));
+const NATURAL = alt(literal('0'), seq(chars([[0x31, 0x39]]), repeat(DIGITS, 0, Infinity)));
+const INTEGER = seq(optional(literal('-')), NATURAL);
 const NUMBER = seq(INTEGER, optional(seq(literal('.'), digits)), optional(seq(chars([[0x45, 0x45], [0x65, 0x65]]), optional(chars([[0x2b, 0x2b], [0x2d, 0x2d]])), digits)));
 /** One character of a JSON string: unescaped, or a short escape. */
 const STRING_CHAR = alt(chars(complement([[0, 0x1f], [0x22, 0x22], [0x5c, 0x5c]])), seq(literal('\\'), chars([[0x22, 0x22], [0x2f, 0x2f], [0x5c, 0x5c], [0x62, 0x62], [0x66, 0x66], [0x6e, 0x6e], [0x72, 0x72], [0x74, 0x74]])));
@@ -150,7 +155,7 @@ export function jsonSchemaNode(schema: unknown, where = 'schema'): Node {
         }
         return seq(QUOTE, repeat(STRING_CHAR, min, max), QUOTE);
       }
-      case 'integer': return INTEGER;
+      case 'integer': return integer(s, path);
       case 'number': return NUMBER;
       case 'boolean': return BOOLEAN;
       case 'null': return NULL;
@@ -164,6 +169,26 @@ export function jsonSchemaNode(schema: unknown, where = 'schema'): Node {
       }
       default: throw unsupported(`${path}.type`, `the type ${JSON.stringify(type)}`);
     }
+  };
+
+  /** Integers within the bounds: all of them when unbounded, `0|[1-9][0-9]*` from 0 (or from 1) up, else a listed range. */
+  const integer = (s: Schema, path: string): Node => {
+    const bound = (key: string, exclusive: string, dir: 1 | -1): number => {
+      const v = s[key], x = s[exclusive];
+      for (const [k, b] of [[key, v], [exclusive, x]] as const) {
+        if (b !== undefined && (typeof b !== 'number' || !Number.isFinite(b))) throw invalid(`${path}.${k}`, 'must be a number');
+      }
+      const inclusive = v === undefined ? -dir * Infinity : dir > 0 ? Math.ceil(v as number) : Math.floor(v as number);
+      const strict = x === undefined ? -dir * Infinity : dir > 0 ? Math.floor(x as number) + 1 : Math.ceil(x as number) - 1;
+      return dir > 0 ? Math.max(inclusive, strict) : Math.min(inclusive, strict);
+    };
+    const lo = bound('minimum', 'exclusiveMinimum', 1);
+    const hi = bound('maximum', 'exclusiveMaximum', -1);
+    if (lo > hi) throw invalid(path, 'no integer is within minimum and maximum');
+    if (lo === -Infinity && hi === Infinity) return INTEGER;
+    if (hi === Infinity && (lo === 0 || lo === 1)) return lo === 0 ? NATURAL : seq(chars([[0x31, 0x39]]), repeat(DIGITS, 0, Infinity));
+    if (hi - lo < MAX_INTEGER_RANGE) return alt(...Array.from({ length: hi - lo + 1 }, (_, k) => literal(String(lo + k))));
+    throw unsupported(path, `integer bounds other than a range of at most ${MAX_INTEGER_RANGE} values or a minimum of 0 or 1 alone`);
   };
 
   const object = (s: Schema, path: string, depth: number): Node => {
