@@ -139,7 +139,7 @@ for (const [family, ckpt] of FAMILIES) {
     test('a mixed batch: unconstrained requests equal their solo answers, constrained ones validate', async () => {
       const prompts = ['Once upon a time', 'The model reads', 'An adapter changes', 'Hello there'];
       const plain = (inputs: string) => generate({ max_new_tokens: 20 }, inputs);
-      const solo = [];
+      const solo: Json[] = [];
       for (const p of prompts) solo.push((await plain(p)).json);
       const validate = ajv.compile(SCHEMAS[0]!);
       const all = await Promise.all(prompts.flatMap((p, i) => [
