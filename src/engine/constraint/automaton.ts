@@ -150,6 +150,8 @@ export class LazyDfa implements CharAutomaton {
   private readonly sets: Int32Array[] = [];
   private readonly accepts: boolean[] = [];
   private readonly index = new Map<string, number>();
+  /** Transitions on code points below 128 per state (-2: not computed yet), and a map for the others. */
+  private readonly ascii: Int32Array[] = [];
   private readonly trans: Map<number, number>[] = [];
 
   constructor(root: Node) {
@@ -184,15 +186,22 @@ export class LazyDfa implements CharAutomaton {
 
   next(state: number, cp: number): number {
     if (state < 0) return -1;
+    if (cp < 128) {
+      const row = this.ascii[state]!;
+      let to = row[cp]!;
+      if (to === -2) row[cp] = to = this.compute(state, cp);
+      return to;
+    }
     const t = this.trans[state]!;
     let to = t.get(cp);
-    if (to === undefined) {
-      const targets: number[] = [];
-      for (const s of this.sets[state]!) if (inRanges(this.nfa.ranges[s]!, cp)) targets.push(this.nfa.out[s]!);
-      to = targets.length === 0 ? -1 : this.intern(this.closure(targets));
-      t.set(cp, to);
-    }
+    if (to === undefined) t.set(cp, to = this.compute(state, cp));
     return to;
+  }
+
+  private compute(state: number, cp: number): number {
+    const targets: number[] = [];
+    for (const s of this.sets[state]!) if (inRanges(this.nfa.ranges[s]!, cp)) targets.push(this.nfa.out[s]!);
+    return targets.length === 0 ? -1 : this.intern(this.closure(targets));
   }
 
   /** The ε-closure of `from`: its CHAR and MATCH states, sorted. */
@@ -222,6 +231,7 @@ export class LazyDfa implements CharAutomaton {
       this.sets.push(Int32Array.from(states.filter((s) => s !== this.match)));
       this.accepts.push(states.includes(this.match));
       this.trans.push(new Map());
+      this.ascii.push(new Int32Array(128).fill(-2));
     }
     return id;
   }

@@ -39,34 +39,54 @@ export interface TokenConstraint {
   isEos(id: number): boolean;
 }
 
-interface TrieNode {
-  readonly children: Map<number, TrieNode>;
-  /** Ids whose bytes end here. */
-  readonly ids: number[];
-}
-
-/** A tokenizer's vocabulary as bytes, in a trie. */
+/** A tokenizer's vocabulary as bytes, in a trie stored in flat arrays (node 0 is the root). */
 export class TokenVocabulary {
   readonly size: number;
-  readonly root: TrieNode = { children: new Map(), ids: [] };
   readonly bytes: readonly (Uint8Array | null)[];
   readonly eosIds: readonly number[];
+  /** Node n's edges are edgeStart[n] .. edgeStart[n + 1] - 1: edgeByte[e] leads to node edgeChild[e]. */
+  readonly edgeStart: Int32Array;
+  readonly edgeByte: Uint8Array;
+  readonly edgeChild: Int32Array;
+  /** The ids whose bytes end at node n: ids[idStart[n] .. idStart[n + 1] - 1]. */
+  readonly idStart: Int32Array;
+  readonly ids: Int32Array;
 
   /** `bytes[id]`: the UTF-8 bytes token `id` adds to the text, null for ids that cannot be constrained. */
   constructor(bytes: readonly (Uint8Array | null)[], eosIds: readonly number[]) {
     this.size = bytes.length;
     this.bytes = bytes;
     this.eosIds = eosIds;
+    interface Building { children: Map<number, Building>; ids: number[]; index: number }
+    const root: Building = { children: new Map(), ids: [], index: 0 };
     bytes.forEach((b, id) => {
       if (!b || b.length === 0 || eosIds.includes(id)) return;
-      let node = this.root;
+      let node = root;
       for (const byte of b) {
         let child = node.children.get(byte);
-        if (!child) { child = { children: new Map(), ids: [] }; node.children.set(byte, child); }
+        if (!child) { child = { children: new Map(), ids: [], index: -1 }; node.children.set(byte, child); }
         node = child;
       }
       node.ids.push(id);
     });
+    // number the nodes breadth first, then lay their edges and ids out in that order
+    const order = [root];
+    for (let i = 0; i < order.length; i++) for (const child of order[i]!.children.values()) { child.index = order.length; order.push(child); }
+    this.edgeStart = new Int32Array(order.length + 1);
+    this.idStart = new Int32Array(order.length + 1);
+    this.edgeByte = new Uint8Array(order.length - 1);
+    this.edgeChild = new Int32Array(order.length - 1);
+    const ids: number[] = [];
+    let e = 0;
+    order.forEach((node, n) => {
+      this.edgeStart[n] = e;
+      this.idStart[n] = ids.length;
+      for (const [byte, child] of node.children) { this.edgeByte[e] = byte; this.edgeChild[e++] = child.index; }
+      ids.push(...node.ids);
+    });
+    this.edgeStart[order.length] = e;
+    this.idStart[order.length] = ids.length;
+    this.ids = Int32Array.from(ids);
   }
 }
 
@@ -110,6 +130,11 @@ export class Grammar implements TokenConstraint {
 
   constructor(readonly automaton: CharAutomaton, readonly vocab: TokenVocabulary) {}
 
+  /** Masks in the cache: the constraint states seen (since the cache last started over). */
+  get cachedMasks(): number {
+    return this.masks.size;
+  }
+
   start(): ConstraintState {
     return { dfa: 0, cp: 0, need: 0, len: 0 };
   }
@@ -147,16 +172,38 @@ export class Grammar implements TokenConstraint {
   /** Walks the vocabulary trie from `s`: every id whose bytes keep the text a live prefix (null: none). */
   private computeMask(s: ConstraintState): Uint8Array | null {
     const mask = new Uint8Array(this.vocab.size);
+    const a = this.automaton;
+    const { edgeStart, edgeByte, edgeChild, idStart, ids } = this.vocab;
     let any = false;
-    const walk = (node: TrieNode, st: ConstraintState): void => {
-      for (const [byte, child] of node.children) {
-        const next = stepByte(this.automaton, st, byte);
-        if (!next) continue;
-        for (const id of child.ids) { mask[id] = 1; any = true; }
-        if (child.children.size > 0) walk(child, next);
+    /** Marks node n's ids and goes on below it from automaton state `dfa` (no unfinished character) or `st`. */
+    const reach = (n: number, dfa: number, st: ConstraintState | null): void => {
+      for (let i = idStart[n]!; i < idStart[n + 1]!; i++) mask[ids[i]!] = 1;
+      if (idStart[n + 1]! > idStart[n]!) any = true;
+      if (edgeStart[n + 1]! === edgeStart[n]!) return;
+      if (st) walk(n, st);
+      else walkAt(n, dfa);
+    };
+    /** From a state with no unfinished character: ASCII bytes step the automaton directly. */
+    const walkAt = (n: number, dfa: number): void => {
+      for (let e = edgeStart[n]!; e < edgeStart[n + 1]!; e++) {
+        const byte = edgeByte[e]!;
+        if (byte < 0x80) {
+          const to = a.next(dfa, byte);
+          if (to >= 0) reach(edgeChild[e]!, to, null);
+        } else {
+          const next = stepByte(a, { dfa, cp: 0, need: 0, len: 0 }, byte);
+          if (next) reach(edgeChild[e]!, next.dfa, next.need === 0 ? null : next);
+        }
       }
     };
-    walk(this.vocab.root, s);
+    const walk = (n: number, st: ConstraintState): void => {
+      if (st.need === 0) return walkAt(n, st.dfa);
+      for (let e = edgeStart[n]!; e < edgeStart[n + 1]!; e++) {
+        const next = stepByte(a, st, edgeByte[e]!);
+        if (next) reach(edgeChild[e]!, next.dfa, next.need === 0 ? null : next);
+      }
+    };
+    walk(0, s);
     if (this.complete(s)) for (const id of this.vocab.eosIds) if (id < mask.length) { mask[id] = 1; any = true; }
     return any ? mask : null;
   }
