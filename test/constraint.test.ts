@@ -70,6 +70,7 @@ const SCHEMAS: { schema: unknown; yes: unknown[]; no: string[] }[] = [
   { schema: { enum: ['red', 2, null, { a: [1] }] }, yes: ['red', 2, null, { a: [1] }], no: ['"blue"'] },
   { schema: { const: 'x' }, yes: ['x'], no: ['"y"'] },
   { schema: { type: 'string', pattern: '^[A-Z]{2}-\\d{3}$' }, yes: ['AB-123'], no: ['"AB-12"'] },
+  { schema: { type: 'string', pattern: '.{1,3}' }, yes: ['a', 'éx!'], no: ['"é\\"x"', '"a"b"', '"\\"', '"a\nb"'] },
   {
     schema: { type: 'object', properties: { name: { type: 'string', minLength: 1, maxLength: 8 }, age: { type: 'integer' }, tags: { type: 'array', items: { type: 'string', maxLength: 4 }, maxItems: 3 } }, required: ['name'] },
     yes: [{ name: 'a' }, { name: 'bob', age: 3 }, { name: 'c', tags: [] }, { name: 'd', age: 1, tags: ['x', 'y'] }],

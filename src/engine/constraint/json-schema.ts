@@ -8,8 +8,8 @@
  *   (their values written with JSON.stringify), `anyOf` (any branch), `allOf` with one schema, `$ref` to
  *   `#/$defs/…` or `#/definitions/…` (not recursive);
  * - strings: `minLength`, `maxLength`, `pattern` (the regex subset of ./regex.ts, matched against the whole string
- *   as outlines does; the pattern must not itself produce `"`, `\` or control characters, which would need
- *   escaping). A string's characters are any but `"`, `\` and U+0000–U+001F, or the escapes `\" \\ \/ \b \f \n \r
+ *   as outlines does, and written unescaped: the pattern's characters are limited to those a JSON string holds
+ *   as they are, so a pattern that needs `"`, `\` or a control character cannot produce it). A string's characters are any but `"`, `\` and U+0000–U+001F, or the escapes `\" \\ \/ \b \f \n \r
  *   \t` (no `\u` escapes, so each unit is one character and the length bounds count characters as ajv does);
  * - numbers: integers `-?(0|[1-9][0-9]*)`, with `minimum`/`maximum` (and their exclusive forms) when they bound a
  *   range of at most MAX_INTEGER_RANGE values or are a minimum of 0 or 1 alone; numbers with an optional fraction
@@ -28,7 +28,7 @@
  * `anyJsonObject()`, under the same bound.
  */
 import { fail } from '../../errors.ts';
-import { alt, chars, complement, EMPTY, literal, optional, parseRegex, repeat, seq, type Node } from './regex.ts';
+import { alt, chars, complement, EMPTY, literal, optional, parseRegex, repeat, restrict, seq, type Node } from './regex.ts';
 
 /** How many containers (objects, arrays) deep free-form JSON may nest, the outermost included. */
 export const MAX_JSON_DEPTH = 5;
@@ -52,8 +52,10 @@ const digits = repeat(DIGITS, 1, Infinity);
 const NATURAL = alt(literal('0'), seq(chars([[0x31, 0x39]]), repeat(DIGITS, 0, Infinity)));
 const INTEGER = seq(optional(literal('-')), NATURAL);
 const NUMBER = seq(INTEGER, optional(seq(literal('.'), digits)), optional(seq(chars([[0x45, 0x45], [0x65, 0x65]]), optional(chars([[0x2b, 0x2b], [0x2d, 0x2d]])), digits)));
+/** The characters a JSON string holds unescaped. */
+const PLAIN = complement([[0, 0x1f], [0x22, 0x22], [0x5c, 0x5c]]);
 /** One character of a JSON string: unescaped, or a short escape. */
-const STRING_CHAR = alt(chars(complement([[0, 0x1f], [0x22, 0x22], [0x5c, 0x5c]])), seq(literal('\\'), chars([[0x22, 0x22], [0x2f, 0x2f], [0x5c, 0x5c], [0x62, 0x62], [0x66, 0x66], [0x6e, 0x6e], [0x72, 0x72], [0x74, 0x74]])));
+const STRING_CHAR = alt(chars(PLAIN), seq(literal('\\'), chars([[0x22, 0x22], [0x2f, 0x2f], [0x5c, 0x5c], [0x62, 0x62], [0x66, 0x66], [0x6e, 0x6e], [0x72, 0x72], [0x74, 0x74]])));
 const QUOTE = literal('"');
 const STRING = seq(QUOTE, repeat(STRING_CHAR, 0, Infinity), QUOTE);
 const BOOLEAN = alt(literal('true'), literal('false'));
@@ -151,7 +153,7 @@ export function jsonSchemaNode(schema: unknown, where = 'schema'): Node {
         if (s.pattern !== undefined) {
           if (s.minLength !== undefined || s.maxLength !== undefined) throw unsupported(`${path}.pattern`, 'pattern with minLength or maxLength');
           if (typeof s.pattern !== 'string') throw invalid(`${path}.pattern`, 'must be a string');
-          return seq(QUOTE, parseRegex(s.pattern), QUOTE);
+          return seq(QUOTE, restrict(parseRegex(s.pattern), PLAIN), QUOTE);
         }
         return seq(QUOTE, repeat(STRING_CHAR, min, max), QUOTE);
       }

@@ -47,6 +47,33 @@ export function normalize(ranges: Ranges): Ranges {
   return out;
 }
 
+/** The code points of `a` that are not in `b`. */
+export function subtract(a: Ranges, b: Ranges): Ranges {
+  const keep = complement(b);
+  const out: [number, number][] = [];
+  for (const [lo, hi] of normalize(a)) {
+    for (const [klo, khi] of keep) {
+      const x = Math.max(lo, klo), y = Math.min(hi, khi);
+      if (x <= y) out.push([x, y]);
+    }
+  }
+  return normalize(out);
+}
+
+/** The tree with every character set limited to `ranges` (a set left empty matches nothing). */
+export function restrict(node: Node, ranges: Ranges): Node {
+  const outside = complement(ranges);
+  const walk = (n: Node): Node => {
+    switch (n.kind) {
+      case 'chars': return { kind: 'chars', ranges: subtract(n.ranges, outside) };
+      case 'seq': return { kind: 'seq', items: n.items.map(walk) };
+      case 'alt': return { kind: 'alt', items: n.items.map(walk) };
+      case 'repeat': return { ...n, item: walk(n.item), ...(n.sep ? { sep: walk(n.sep) } : {}) };
+    }
+  };
+  return walk(node);
+}
+
 /** Every code point not in `ranges`. */
 export function complement(ranges: Ranges): Ranges {
   const out: [number, number][] = [];
@@ -223,9 +250,4 @@ export function parseRegex(pattern: string): Node {
   const root = alternation();
   if (i < cps.length) throw invalid(cps[i] === ')' ? 'unmatched )' : `unexpected ${cps[i]}`);
   return root;
-}
-
-/** `s` with the regex metacharacters escaped (a literal inside a pattern). */
-export function escapeRegex(s: string): string {
-  return s.replace(/[\\^$.*+?()[\]{}|/-]/g, '\\$&');
 }
