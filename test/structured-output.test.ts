@@ -12,7 +12,9 @@ import { request as http } from 'undici';
 import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { TINY_GPT2, TINY_LLAMA, writeCheckpoint, type CheckpointOptions } from '../src/demo/index.ts';
 import { createServer, type Server } from '../src/server/server.ts';
+import { grammarFor } from '../src/server/grammar.ts';
 import { Ajv } from './helpers/app.ts';
+import { generate as generateOn, request, type Outcome } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
 type Json = Record<string, any>;
@@ -154,6 +156,32 @@ for (const [family, ckpt] of FAMILIES) {
         assert.equal(j.details.finish_reason, 'eos_token', j.generated_text);
         assert.ok(validate(JSON.parse(j.generated_text)), j.generated_text);
         assert.match(re.generated_text, /^[0-9]{3}-[a-z]{2,5}$/);
+      });
+    });
+
+    test('one batch from the first step (submitted in one tick to the engine): free rows equal their solo runs', async () => {
+      const { engine, tokenizer } = server.runtime;
+      const json = grammarFor(tokenizer, { type: 'json_schema', schema: SCHEMAS[1] }, 'schema');
+      const digits = grammarFor(tokenizer, { type: 'regex', pattern: '[0-9]{2,6}' }, 'regex');
+      const prompts = ['Once upon a time', 'The model reads', 'An adapter changes'].map((p) => tokenizer.encode(p));
+      const free = (ids: number[]) => request(ids, { maxNewTokens: 24 });
+      const solo: Outcome[] = [];
+      for (const ids of prompts) solo.push(await generateOn(server.runtime, free(ids)));
+      const runs = prompts.flatMap((ids, i) => [
+        generateOn(server.runtime, free(ids)),
+        generateOn(server.runtime, request(ids, { maxNewTokens: 60, constraint: json, sampling: { doSample: true, seed: i + 1 } })),
+        generateOn(server.runtime, request(ids, { maxNewTokens: 60, constraint: digits })),
+      ]);
+      assert.equal(engine.stats().waiting, 9, 'all nine wait for the same first step');
+      const out = await Promise.all(runs);
+      const validate = ajv.compile(SCHEMAS[1]!);
+      prompts.forEach((_, i) => {
+        const [f, j, d] = [out[3 * i]!, out[3 * i + 1]!, out[3 * i + 2]!];
+        assert.deepEqual(f.tokens.map((t) => t.id), solo[i]!.tokens.map((t) => t.id), `prompt ${i}: free row = solo`);
+        assert.equal(j.result!.finishReason, 'eos_token', j.text);
+        assert.ok(validate(JSON.parse(j.text)), j.text);
+        assert.equal(d.result!.finishReason, 'eos_token', d.text);
+        assert.match(d.text, /^[0-9]{2,6}$/);
       });
     });
 
