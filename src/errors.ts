@@ -33,6 +33,15 @@ export const ERRORS = {
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
   /** A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it). */
   ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
+  // --- the Hugging Face Hub (--model org/name, adapters with adapter_source "hub"; src/hub/client.ts) ---
+  /** The Hub answered 401 or 403: a private or gated repo, and no token or a refused one. */
+  HUB_ACCESS_DENIED: { status: 403, type: 'forbidden' },
+  /** The Hub answered 404: no such repo, revision or file. */
+  HUB_NOT_FOUND: { status: 404, type: 'not_found' },
+  /** HF_HUB_OFFLINE is set (or the Hub could not be reached) and the repo, revision or file is not in the cache. */
+  HUB_NOT_CACHED: { status: 404, type: 'not_found' },
+  /** The Hub could not be reached, timed out, or answered with another error. */
+  HUB_UNAVAILABLE: { status: 502, type: 'hub_unavailable' },
   // --- checkpoint / safetensors (startup or adapter files) ---
   SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
   SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },

@@ -111,6 +111,8 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       ['parameters.decoder_input_details', { value: true, check: (r) => r!.decoderInputDetails }],
       ['parameters.ignore_eos', { value: true, check: (r) => r!.ignoreEos === true }],
       ['parameters.ignore_eos_token', { value: true, check: (r) => r!.ignoreEos === true }],
+      ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
+      ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
     ]),
   },
   '/v1/completions': {

@@ -170,7 +170,7 @@ export class Engine implements EngineApi {
     this.waitingForAdapter++;
     seq.awaitingAdapter = true;
     this.reportDepth();
-    this.adapters!.acquire(req.adapterId, req.signal).then(
+    this.adapters!.acquire(req.adapterId, req.signal, req.adapterSource).then(
       (lease) => {
         if (seq.state === 'done') return lease.release();
         this.stopAwaitingAdapter(seq);

@@ -18,7 +18,9 @@ import { syntheticAdapter, type AdapterWeights } from './adapter-file.ts';
 import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
 import { singleFlight } from './single-flight.ts';
-import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
+import { parseHubKey, type HubAdapters } from './hub-adapters.ts';
+import { makeAdapterFiles, validateAdapterFiles, type AdapterFileSource, type AdapterFiles, type AdapterStore } from './store.ts';
+import type { AdapterSource, AdapterSourceKind } from '../engine/types.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider } from './types.ts';
 
 export interface AdapterManagerOptions {
@@ -29,12 +31,22 @@ export interface AdapterManagerOptions {
   readonly maxDeviceBytes: number;
   /** Host tier bytes (parsed weights kept after leaving the device). */
   readonly maxHostBytes: number;
+  /** Adapters from the Hugging Face Hub; without it a request for one fails with ADAPTER_NOT_FOUND. */
+  readonly hub?: HubAdapters;
+  /**
+   * Where an id is looked for when a request does not say (`--adapter-source`): `local` (default): the store only;
+   * `hub`: the store when it has the id, else the Hub.
+   */
+  readonly defaultSource?: AdapterSourceKind;
 }
+
+/** Reads an adapter's files for a load: the store's `readWith`, or a Hub download. */
+type Reader = <T>(use: (files: AdapterFiles, release: () => void) => T | Promise<T>) => Promise<T>;
 
 interface HostEntry {
   readonly weights: AdapterWeights;
   readonly version: string;
-  readonly source: 'disk' | 'upload' | 'remote';
+  readonly source: AdapterFileSource;
 }
 
 interface DeviceEntry {
@@ -103,28 +115,42 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   // ---------------------------------------------------------------- engine side
 
-  async acquire(id: string, signal?: AbortSignal): Promise<AdapterLease> {
+  async acquire(id: string, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease> {
     validateAdapterId(id);
+    const hub = await this.fromHub(id, source);
+    // A Hub adapter is keyed by its commit (hubKey); the key is resolved once per request.
+    const key = hub ? await hub.key(id, source?.token) : id;
+    const read: Reader = hub ? (use) => hub.read(key, source?.token, (n) => new Uint8Array(n)).then((files) => use(files, () => {})) : (use) => this.store.readWith(id, use);
     for (;;) {
       if (signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
-      const resident = this.device.get(id);
+      const resident = this.device.get(key);
       if (resident && !resident.retired) {
         this.metrics?.hit('device');
-        this.revalidate(id);
+        if (!hub) this.revalidate(id);
         return this.lease(resident);
       }
-      this.acquiring.set(id, (this.acquiring.get(id) ?? 0) + 1);
+      this.acquiring.set(key, (this.acquiring.get(key) ?? 0) + 1);
       let entry: DeviceEntry;
       try {
-        entry = await this.ensureDevice(id);
+        entry = await this.ensureDevice(key, read);
       } finally {
-        const n = this.acquiring.get(id)! - 1;
-        if (n === 0) this.acquiring.delete(id);
-        else this.acquiring.set(id, n);
+        const n = this.acquiring.get(key)! - 1;
+        if (n === 0) this.acquiring.delete(key);
+        else this.acquiring.set(key, n);
       }
       // Replaced or deleted between its load and now: try again (new version, or 404).
-      if (!entry.disposed && !entry.retired && this.device.get(id) === entry) return this.lease(entry);
+      if (!entry.disposed && !entry.retired && this.device.get(key) === entry) return this.lease(entry);
     }
+  }
+
+  /** The Hub adapters when `id` is to come from the Hub (the request's source, else --adapter-source); else null. */
+  private async fromHub(id: string, source: AdapterSource | undefined): Promise<HubAdapters | null> {
+    const kind = source?.kind ?? this.opts.defaultSource ?? 'local';
+    if (kind === 'local') return null;
+    // By default (no source in the request), an id the store has stays local.
+    if (source?.kind === undefined && (this.device.has(id) || this.host.has(id) || (await this.store.has(id)))) return null;
+    if (!this.opts.hub) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}": this server does not fetch adapters from the Hugging Face Hub`);
+    return this.opts.hub;
   }
 
   /**
@@ -166,12 +192,12 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     }
   }
 
-  /** Single-flight: one load per id at a time. */
-  private ensureDevice(id: string): Promise<DeviceEntry> {
-    return singleFlight(this.loading, id, () => this.loadToDevice(id));
+  /** Single-flight: one load per key (adapter id or hubKey) at a time; `read` gets its files. */
+  private ensureDevice(id: string, read: Reader = (use) => this.store.readWith(id, use)): Promise<DeviceEntry> {
+    return singleFlight(this.loading, id, () => this.loadToDevice(id, read));
   }
 
-  private async loadToDevice(id: string): Promise<DeviceEntry> {
+  private async loadToDevice(id: string, read: Reader): Promise<DeviceEntry> {
     const t0 = performance.now();
     try {
       const cached = this.host.get(id);
@@ -184,7 +210,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         const admit = this.admitToHost(id);
         // The file bytes are needed until validated (the weights come out in their own buffer) and hashed: upload
         // reads host.version while the device copies the weights, and the store hashes before it takes them back.
-        entry = await this.store.readWith(id, async (files, release) => {
+        entry = await read(async (files, release) => {
           let scratch: SharedArrayBuffer | null = null;
           try {
             const weights = validateAdapterFiles(files, this.base, {
@@ -368,12 +394,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return this.info(id);
   }
 
+  /** `id`: an adapter id, or the key of a Hub adapter that was loaded (`hub:org/name@<commit>`, as list() shows it). */
   async info(id: string): Promise<AdapterInfo> {
-    validateAdapterId(id);
+    const fromHub = parseHubKey(id) !== null;
+    if (!fromHub) validateAdapterId(id);
     const dev = this.device.get(id);
     const host = dev?.host ?? this.host.get(id, { updateAgeOnGet: false });
     const failure = this.failed.get(id) ?? null;
-    const onDisk = dev || host ? true : await this.store.has(id);
+    const onDisk = dev || host ? true : !fromHub && await this.store.has(id);
     if (!dev && !host && !failure && !onDisk && !this.loading.has(id)) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
     const w = host?.weights;
     const used = this.lastUsed.get(id);

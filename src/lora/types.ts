@@ -1,5 +1,6 @@
 /** The adapter manager's public contract (HTTP layer, engine, metrics). */
 import type { ExecAdapter } from '../engine/executor.ts';
+import type { AdapterSource } from '../engine/types.ts';
 
 export type AdapterState = 'available' | 'loading' | 'ready' | 'failed';
 export type AdapterTier = 'device' | 'host' | 'disk' | 'remote';
@@ -10,7 +11,8 @@ export interface AdapterInfo {
   readonly state: AdapterState;
   /** The fastest tier it is in now. */
   readonly tier: AdapterTier;
-  readonly source: 'disk' | 'upload' | 'remote' | null;
+  /** disk: --adapter-dir; remote: --adapter-source-url; hub: the Hugging Face Hub (id `hub:org/name@<commit>`). */
+  readonly source: 'disk' | 'upload' | 'remote' | 'hub' | null;
   /** Content hash of config + weights, when known. */
   readonly version: string | null;
   /** Float32 bytes of every A and B, when parsed. */
@@ -64,7 +66,7 @@ export interface AdapterLease {
 /** What the engine needs: resolve an id to a pinned device adapter, loading it if needed. */
 export interface AdapterProvider {
   /** Resolves when the adapter is resident and pinned for the caller; rejects with a coded error. */
-  acquire(id: string, signal?: AbortSignal): Promise<AdapterLease>;
+  acquire(id: string, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease>;
 }
 
 /** What the adapter manager reports to metrics (implemented in src/obs/metrics.ts). */

@@ -3,7 +3,8 @@ import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
-import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { ADAPTER_SOURCE_KINDS, type AdapterSource, type AdapterSourceKind } from '../../engine/types.ts';
+import { ADAPTER_FILE_ERRORS, HUB_ERRORS } from './adapters.ts';
 import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
 import { fitLengths, tgiSampling } from '../params.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
@@ -12,8 +13,20 @@ import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAd
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
   'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
-  'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
+  'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_TOO_LARGE', ...HUB_ERRORS, 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
 ];
+
+/** `parameters.adapter_source` and `api_token` as the engine's AdapterSource; undefined when neither is given. */
+function adapterSource(params: NonNullable<GenerateRequestBody['parameters']>): AdapterSource | undefined {
+  const kind = params.adapter_source ?? undefined;
+  const token = params.api_token ?? undefined;
+  // LoRAX's other sources, s3 and pbase, are refused.
+  if (kind !== undefined && !(ADAPTER_SOURCE_KINDS as readonly string[]).includes(kind)) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`parameters.adapter_source\`: ${JSON.stringify(kind)} is not supported; accepted: "local" or "hub"`, { param: 'parameters.adapter_source' });
+  }
+  if (kind === undefined && token === undefined) return undefined;
+  return { ...(kind !== undefined ? { kind: kind as AdapterSourceKind } : {}), ...(token !== undefined ? { token } : {}) };
+}
 
 interface Prepared {
   readonly req: EngineRequest;
@@ -40,13 +53,14 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
   const adapterId = resolveAdapter(deps, top ?? inner);
+  const source = adapterSource(params);
   const sampling = tgiSampling(params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
   });
   return {
     body, params,
-    req: { inputIds, adapterId, sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
+    req: { inputIds, adapterId, ...(source ? { adapterSource: source } : {}), sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
   };
 }
 
