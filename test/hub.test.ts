@@ -1,0 +1,251 @@
+/**
+ * Models and adapters from the Hugging Face Hub, against a local stand-in for the Hub (test/helpers/fake-hub.ts,
+ * never the internet) serving a generated demo model and PEFT adapters: a model by repo id and by revision, the
+ * cache on disk in huggingface_hub's layout, adapters with adapter_source "hub" (a private repo with no, a wrong and
+ * the right token), 404s, an unreachable Hub, and offline mode served from the cache the first runs filled.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { cpSync, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { createServer as createNetServer, type AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
+import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
+import { HubClient, parseRepoSpec, type HubSettings } from '../src/hub/client.ts';
+import { downloadModel } from '../src/hub/model.ts';
+import { startRuntime } from '../src/runtime.ts';
+import { createServer, type Server } from '../src/server/server.ts';
+import { FakeHub, folderFiles, gitBlobId, sha256 } from './helpers/fake-hub.ts';
+import { generate, request, TEST_RUNTIME } from './helpers/runtime.ts';
+import { tempDir } from './helpers/tf.ts';
+
+const tmp = tempDir();
+const hub = new FakeHub();
+const MODEL = 'test-org/tiny-llama';
+const STYLE = 'test-org/style';
+const PRIVATE = 'test-org/private-style';
+const TOKEN = 'hf_right';
+const CACHE = join(tmp.dir, 'hf-cache');
+let modelFiles: Record<string, Uint8Array>;
+let styleFiles: Record<string, Uint8Array>;
+let commitV1: string;
+let commitMain: string;
+let styleCommit: string;
+
+const settings = (over: Partial<HubSettings> = {}): HubSettings => ({ endpoint: hub.url, cacheDir: CACHE, offline: false, ...over });
+const repoDir = (repo: string) => join(CACHE, `models--${repo.replace('/', '--')}`);
+const spec = (s: string) => parseRepoSpec(s)!;
+/** Requests the fake Hub received while `fn` ran. */
+async function hubRequests(fn: () => Promise<unknown>) {
+  const before = hub.requests.length;
+  await fn();
+  return hub.requests.slice(before);
+}
+
+before(async () => {
+  await hub.start();
+  const fixtures = join(tmp.dir, 'fixtures');
+  const { config } = await writeCheckpoint(join(fixtures, 'model'), { ...TINY_LLAMA, shards: 2 });
+  await writePeftAdapter(join(fixtures, 'style'), { baseConfig: config, r: 4, loraAlpha: 8, seed: 7, baseModelNameOrPath: MODEL });
+  await writePeftAdapter(join(fixtures, 'style-2'), { baseConfig: config, r: 4, loraAlpha: 8, seed: 8, baseModelNameOrPath: MODEL });
+  modelFiles = { ...folderFiles(join(fixtures, 'model')) };
+  styleFiles = { ...folderFiles(join(fixtures, 'style')) };
+  commitV1 = hub.commit(MODEL, modelFiles);
+  hub.tag(MODEL, 'v1', commitV1);
+  commitMain = hub.commit(MODEL, { ...modelFiles, 'README.md': new TextEncoder().encode('# tiny llama\n') });
+  styleCommit = hub.commit(STYLE, styleFiles);
+  hub.commit(PRIVATE, styleFiles, { token: TOKEN });
+  hub.commit('test-org/pickle-only', { 'adapter_config.json': styleFiles['adapter_config.json']!, 'adapter_model.bin': new Uint8Array(8) });
+  // The same adapter in the local folder, to compare a Hub load with.
+  cpSync(join(fixtures, 'style'), join(tmp.dir, 'adapters', 'local', 'style'), { recursive: true });
+  cpSync(join(fixtures, 'style-2'), join(tmp.dir, 'style-2'), { recursive: true });
+});
+
+after(async () => {
+  await hub.close();
+  tmp.cleanup();
+});
+
+/** The snapshot of `repo` at `commit` holds `files` as relative links to blobs named by their ETag, with their bytes. */
+function assertSnapshot(repo: string, commit: string, files: Record<string, Uint8Array>) {
+  for (const [name, bytes] of Object.entries(files)) {
+    const link = join(repoDir(repo), 'snapshots', commit, name);
+    assert.ok(lstatSync(link).isSymbolicLink(), `${name} is a link`);
+    const etag = name.endsWith('.safetensors') ? sha256(bytes) : gitBlobId(bytes);
+    assert.equal(readlinkSync(link), `../../blobs/${etag}`, `${name} links to its blob`);
+    assert.deepEqual(new Uint8Array(readFileSync(link)), bytes, `${name}: the bytes the Hub has`);
+  }
+}
+
+test('a model by repo id, then by revision: downloaded into the Hub cache in huggingface_hub\'s layout, and served', async () => {
+  const logs: string[] = [];
+  const rt = await startRuntime({ ...TEST_RUNTIME, model: MODEL, adapterDir: join(tmp.dir, 'adapters'), hub: settings() }, { log: (m) => logs.push(m) });
+  try {
+    assert.equal(rt.modelId, MODEL);
+    assert.equal(readFileSync(join(repoDir(MODEL), 'refs', 'main'), 'utf8'), commitMain);
+    assertSnapshot(MODEL, commitMain, modelFiles);
+    assert.ok(!existsSync(join(repoDir(MODEL), 'snapshots', commitMain, 'README.md')), 'only the files the server reads');
+    assert.ok(logs.some((l) => l.includes(`model ${MODEL} at main: commit ${commitMain}`)), logs.join('\n'));
+    const out = await generate(rt, request([1, 5, 6], { maxNewTokens: 3 }));
+    assert.equal(out.error, undefined);
+    assert.equal(out.result!.generatedTokens, 3);
+  } finally {
+    await rt.close();
+  }
+
+  // Another revision: its own ref and snapshot; the blobs both commits share are not fetched again.
+  const seen = await hubRequests(async () => {
+    const v1 = await startRuntime({ ...TEST_RUNTIME, model: `${MODEL}@v1`, adapterDir: join(tmp.dir, 'adapters'), hub: settings() });
+    assert.equal(v1.modelId, MODEL);
+    await v1.close();
+  });
+  assert.equal(readFileSync(join(repoDir(MODEL), 'refs', 'v1'), 'utf8'), commitV1);
+  assertSnapshot(MODEL, commitV1, modelFiles);
+  assert.deepEqual(seen.filter((r) => r.url.startsWith('/cdn/')), [], 'no LFS file downloaded twice');
+  assert.equal(readdirSync(join(repoDir(MODEL), 'blobs')).length, Object.keys(modelFiles).length, 'one blob per distinct file');
+});
+
+test('a large download is logged with its progress', async () => {
+  const logs: string[] = [];
+  const client = new HubClient(settings({ cacheDir: join(tmp.dir, 'other-cache') }), { progressBytes: 1, log: (m) => logs.push(m) });
+  await downloadModel(client, spec(MODEL));
+  await client.close();
+  const shard = Object.keys(modelFiles).find((f) => f.endsWith('.safetensors'))!;
+  assert.ok(logs.some((l) => l.startsWith(`downloading Hub repo "${MODEL}": ${shard} (`)), logs.join('\n'));
+  assert.ok(logs.some((l) => l.startsWith(`downloading Hub repo "${MODEL}": ${shard}: 100% (`)), logs.join('\n'));
+});
+
+test('Hub errors are coded: 401 without a token, 404 of a repo or revision, an unreachable Hub; a bad --model fails the start', async () => {
+  const client = new HubClient(settings());
+  const denied = await downloadModel(client, spec('test-org/no-such-model')).catch((e) => e);
+  assert.equal(denied.code, 'HUB_ACCESS_DENIED', denied.message); // as the Hub answers anonymous requests for missing repos
+  assert.match(denied.message, /test-org\/no-such-model.*no token was sent/);
+  const withToken = new HubClient(settings({ token: 'hf_someone' }));
+  await assert.rejects(downloadModel(withToken, spec('test-org/no-such-model')), { code: 'HUB_NOT_FOUND', message: /"test-org\/no-such-model".*HTTP 404/ });
+  await assert.rejects(downloadModel(client, spec(`${MODEL}@no-such-branch`)), { code: 'HUB_NOT_FOUND', message: /revision "no-such-branch"/ });
+  await assert.rejects(downloadModel(client, spec(STYLE)), { code: 'HUB_NOT_FOUND', message: /has no config\.json/ });
+
+  // Nothing listens on this port.
+  const closed = createNetServer();
+  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r));
+  const port = (closed.address() as AddressInfo).port;
+  await new Promise<void>((r) => closed.close(() => r()));
+  const down = new HubClient(settings({ endpoint: `http://127.0.0.1:${port}`, cacheDir: join(tmp.dir, 'empty-cache') }));
+  await assert.rejects(downloadModel(down, spec(MODEL)), { code: 'HUB_UNAVAILABLE', message: /could not be reached \(ECONNREFUSED\)/ });
+  // Unreachable, but the ref is cached: the cache serves, with a warning.
+  const logs: string[] = [];
+  const fallback = new HubClient(settings({ endpoint: `http://127.0.0.1:${port}` }), { log: (m) => logs.push(m) });
+  assert.equal((await downloadModel(fallback, spec(MODEL))).commit, commitMain);
+  assert.match(logs.join('\n'), /could not be reached.*using the cached commit/);
+
+  await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: 'test-org/no-such-model', adapterDir: join(tmp.dir, 'adapters'), hub: settings() }), { code: 'HUB_ACCESS_DENIED' });
+  await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: './no/such/folder', adapterDir: join(tmp.dir, 'adapters'), hub: settings() }),
+    { code: 'CHECKPOINT_INVALID', message: /no such folder, and not a Hugging Face Hub repo id/ });
+});
+
+async function startServer(over: Partial<ServerOptions>): Promise<Server> {
+  const server = await createServer({
+    ...DEFAULT_OPTIONS, ...TEST_RUNTIME, model: join(tmp.dir, 'fixtures', 'model'), adapterDir: join(tmp.dir, 'adapters'),
+    logLevel: 'silent', hub: settings(), ...over,
+  });
+  server.setReady(true);
+  return server;
+}
+
+async function post(server: Server, url: string, body: unknown) {
+  const res = await server.app.inject({ method: 'POST', url, payload: body as object });
+  return { status: res.statusCode, json: res.json(), headers: res.headers };
+}
+
+const gen = (adapterId: string, params: Record<string, unknown> = {}) =>
+  ({ inputs: 'Hello', parameters: { adapter_id: adapterId, max_new_tokens: 4, details: true, ...params } });
+
+test('adapters with adapter_source "hub": validated, cached by commit, a private repo served only with the right api_token', async () => {
+  const server = await startServer({});
+  try {
+    const local = await post(server, '/generate', gen('local/style'));
+    assert.equal(local.status, 200, JSON.stringify(local.json));
+    const fromHub = await post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }));
+    assert.equal(fromHub.status, 200, JSON.stringify(fromHub.json));
+    assert.equal(fromHub.headers['x-adapter-id'], STYLE);
+    assert.deepEqual(fromHub.json.details.tokens.map((t: any) => t.id), local.json.details.tokens.map((t: any) => t.id), 'the same adapter as the local copy');
+    assertSnapshot(STYLE, styleCommit, styleFiles);
+    assert.equal(readFileSync(join(repoDir(STYLE), 'refs', 'main'), 'utf8'), styleCommit);
+    const listed = (await server.app.inject({ method: 'GET', url: '/adapters' })).json().adapters;
+    const entry = listed.find((a: any) => a.id === `hub:${STYLE}@${styleCommit}`);
+    assert.equal(entry?.source, 'hub', JSON.stringify(listed));
+    assert.equal(entry.state, 'ready');
+    // Resident and resolved: served without asking the Hub.
+    assert.deepEqual(await hubRequests(() => post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }))), []);
+
+    for (const token of [undefined, 'hf_wrong', 'not-even-hf-shaped']) {
+      const res = await post(server, '/generate', gen(PRIVATE, { adapter_source: 'hub', ...(token ? { api_token: token } : {}) }));
+      assert.equal(res.status, 403, `${token}: ${JSON.stringify(res.json)}`);
+      assert.equal(res.json.code, 'HUB_ACCESS_DENIED');
+      assert.match(res.json.error, new RegExp(`"${PRIVATE}".*HTTP 401`));
+    }
+    const sent = await hubRequests(async () => {
+      const ok = await post(server, '/generate', gen(PRIVATE, { adapter_source: 'hub', api_token: TOKEN }));
+      assert.equal(ok.status, 200, JSON.stringify(ok.json));
+    });
+    assert.ok(sent.length > 0 && sent.every((r) => r.url.startsWith('/cdn/') || r.auth === `Bearer ${TOKEN}`), JSON.stringify(sent));
+    // Loaded now, but a request without the token is still refused.
+    assert.equal((await post(server, '/generate', gen(PRIVATE, { adapter_source: 'hub' }))).json.code, 'HUB_ACCESS_DENIED');
+
+    const missing = await post(server, '/generate', gen('test-org/no-such-adapter', { adapter_source: 'hub', api_token: TOKEN }));
+    assert.equal(missing.status, 404);
+    assert.equal(missing.json.code, 'HUB_NOT_FOUND');
+    assert.match(missing.json.error, /test-org\/no-such-adapter/);
+    const pickle = await post(server, '/generate', gen('test-org/pickle-only', { adapter_source: 'hub' }));
+    assert.equal(pickle.status, 422);
+    assert.equal(pickle.json.code, 'ADAPTER_PICKLE');
+    // Without adapter_source (default --adapter-source local), a Hub id is not fetched.
+    assert.equal((await post(server, '/generate', gen(STYLE))).json.code, 'ADAPTER_NOT_FOUND');
+    // Still serving.
+    assert.equal((await post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }))).status, 200);
+  } finally {
+    await server.close();
+  }
+});
+
+test('--adapter-source hub: ids the adapter folder lacks come from the Hub; a new commit is a new adapter', async () => {
+  const server = await startServer({ adapterSource: 'hub', adapterRevalidateAfter: 0.05 });
+  try {
+    const first = await post(server, '/v1/completions', { model: STYLE, prompt: 'Hello', max_tokens: 4 });
+    assert.equal(first.status, 200, JSON.stringify(first.json));
+    const local = await hubRequests(() => post(server, '/v1/completions', { model: 'local/style', prompt: 'Hello', max_tokens: 4 }));
+    assert.deepEqual(local, [], 'an id of the adapter folder stays local');
+
+    const next = hub.commit(STYLE, folderFiles(join(tmp.dir, 'style-2')));
+    await new Promise((r) => setTimeout(r, 80));
+    assert.equal((await post(server, '/v1/completions', { model: STYLE, prompt: 'Hello', max_tokens: 4 })).status, 200);
+    const ids = (await server.app.inject({ method: 'GET', url: '/adapters' })).json().adapters.map((a: any) => a.id);
+    assert.ok(ids.includes(`hub:${STYLE}@${styleCommit}`) && ids.includes(`hub:${STYLE}@${next}`), JSON.stringify(ids));
+    assert.equal(readFileSync(join(repoDir(STYLE), 'refs', 'main'), 'utf8'), next);
+  } finally {
+    await server.close();
+  }
+});
+
+test('HF_HUB_OFFLINE: the model and adapters come from the cache the runs above filled, without a request; the rest is HUB_NOT_CACHED', async () => {
+  const offline = settings({ offline: true, endpoint: 'http://127.0.0.1:9' });
+  const seen = await hubRequests(async () => {
+    const server = await startServer({ model: MODEL, hub: offline });
+    try {
+      assert.equal(server.runtime.modelId, MODEL);
+      const res = await post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }));
+      assert.equal(res.status, 200, JSON.stringify(res.json));
+      const never = await post(server, '/generate', gen('test-org/never-fetched', { adapter_source: 'hub' }));
+      assert.equal(never.status, 404);
+      assert.equal(never.json.code, 'HUB_NOT_CACHED');
+      assert.match(never.json.error, /"test-org\/never-fetched".*HF_HUB_OFFLINE/);
+    } finally {
+      await server.close();
+    }
+    const client = new HubClient(offline);
+    assert.equal((await downloadModel(client, spec(`${MODEL}@v1`))).commit, commitV1);
+    await assert.rejects(downloadModel(client, spec(`${MODEL}@v2`)), { code: 'HUB_NOT_CACHED', message: /revision "v2" is not in the cache/ });
+    await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: 'test-org/never-fetched', adapterDir: join(tmp.dir, 'adapters'), hub: offline }), { code: 'HUB_NOT_CACHED' });
+  });
+  assert.deepEqual(seen, []);
+});
