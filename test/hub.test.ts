@@ -6,12 +6,12 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { cpSync, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { cpSync, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { createServer as createNetServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
-import { HubClient, parseRepoSpec, type HubSettings } from '../src/hub/client.ts';
+import { HubClient, hubSettingsFromEnv, parseRepoSpec, type HubSettings } from '../src/hub/client.ts';
 import { downloadModel } from '../src/hub/model.ts';
 import { startRuntime } from '../src/runtime.ts';
 import { createServer, type Server } from '../src/server/server.ts';
@@ -103,6 +103,16 @@ test('a model by repo id, then by revision: downloaded into the Hub cache in hug
   assertSnapshot(MODEL, commitV1, modelFiles);
   assert.deepEqual(seen.filter((r) => r.url.startsWith('/cdn/')), [], 'no LFS file downloaded twice');
   assert.equal(readdirSync(join(repoDir(MODEL), 'blobs')).length, Object.keys(modelFiles).length, 'one blob per distinct file');
+});
+
+test('hubSettingsFromEnv reads huggingface_hub\'s variables with its precedence', () => {
+  const home = join(tmp.dir, 'hf-home');
+  writeFileSync(join(tmp.dir, 'token-file'), 'hf_from_file\n');
+  const s = hubSettingsFromEnv({ HF_HOME: home, HF_TOKEN_PATH: join(tmp.dir, 'token-file'), HF_HUB_OFFLINE: '1', HF_ENDPOINT: 'http://mirror.local/' });
+  assert.deepEqual(s, { endpoint: 'http://mirror.local', cacheDir: join(home, 'hub'), token: 'hf_from_file', offline: true });
+  const t = hubSettingsFromEnv({ HF_HOME: home, HF_HUB_CACHE: join(tmp.dir, 'c'), HF_TOKEN: 'hf_env', HF_TOKEN_PATH: join(tmp.dir, 'token-file'), HF_HUB_OFFLINE: '0' });
+  assert.deepEqual(t, { endpoint: 'https://huggingface.co', cacheDir: join(tmp.dir, 'c'), token: 'hf_env', offline: false });
+  assert.equal(hubSettingsFromEnv({ HF_HOME: home }).token, undefined, 'no HF_TOKEN and no token file: anonymous');
 });
 
 test('a large download is logged with its progress', async () => {
@@ -215,6 +225,9 @@ test('--adapter-source hub: ids the adapter folder lacks come from the Hub; a ne
     assert.equal(first.status, 200, JSON.stringify(first.json));
     const local = await hubRequests(() => post(server, '/v1/completions', { model: 'local/style', prompt: 'Hello', max_tokens: 4 }));
     assert.deepEqual(local, [], 'an id of the adapter folder stays local');
+    const loaded = await server.app.inject({ method: 'POST', url: `/adapters/${STYLE}/load?pin=true` });
+    assert.equal(loaded.statusCode, 200, loaded.body);
+    assert.deepEqual([loaded.json().id, loaded.json().source, loaded.json().pinned], [`hub:${STYLE}@${styleCommit}`, 'hub', true]);
 
     const next = hub.commit(STYLE, folderFiles(join(tmp.dir, 'style-2')));
     await new Promise((r) => setTimeout(r, 80));

@@ -116,18 +116,30 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   // ---------------------------------------------------------------- engine side
 
   async acquire(id: string, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease> {
+    const { key, read } = await this.locate(id, source);
+    return (await this.acquireKey(key, read, signal)).lease;
+  }
+
+  /**
+   * The key `id` is cached under and how its files are read: the id and the store for a local adapter; for one
+   * from the Hub, `hub:org/name@<commit>` (hubKey: a new commit is a new adapter) and a download with the token.
+   */
+  private async locate(id: string, source?: AdapterSource): Promise<{ key: string; read: Reader }> {
     validateAdapterId(id);
     const hub = await this.fromHub(id, source);
-    // A Hub adapter is keyed by its commit (hubKey); the key is resolved once per request.
-    const key = hub ? await hub.key(id, source?.token) : id;
-    const read: Reader = hub ? (use) => hub.read(key, source?.token, (n) => new Uint8Array(n)).then((files) => use(files, () => {})) : (use) => this.store.readWith(id, use);
+    if (!hub) return { key: id, read: (use) => this.store.readWith(id, use) };
+    const key = await hub.key(id, source?.token);
+    return { key, read: async (use) => use(await hub.read(key, source?.token, (n) => new Uint8Array(n)), () => {}) };
+  }
+
+  private async acquireKey(key: string, read: Reader, signal?: AbortSignal): Promise<{ lease: AdapterLease; entry: DeviceEntry }> {
     for (;;) {
       if (signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
       const resident = this.device.get(key);
       if (resident && !resident.retired) {
         this.metrics?.hit('device');
-        if (!hub) this.revalidate(id);
-        return this.lease(resident);
+        if (parseHubKey(key) === null) this.revalidate(key);
+        return { lease: this.lease(resident), entry: resident };
       }
       this.acquiring.set(key, (this.acquiring.get(key) ?? 0) + 1);
       let entry: DeviceEntry;
@@ -139,7 +151,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         else this.acquiring.set(key, n);
       }
       // Replaced or deleted between its load and now: try again (new version, or 404).
-      if (!entry.disposed && !entry.retired && this.device.get(key) === entry) return this.lease(entry);
+      if (!entry.disposed && !entry.retired && this.device.get(key) === entry) return { lease: this.lease(entry), entry };
     }
   }
 
@@ -193,7 +205,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   }
 
   /** Single-flight: one load per key (adapter id or hubKey) at a time; `read` gets its files. */
-  private ensureDevice(id: string, read: Reader = (use) => this.store.readWith(id, use)): Promise<DeviceEntry> {
+  private ensureDevice(id: string, read: Reader): Promise<DeviceEntry> {
     return singleFlight(this.loading, id, () => this.loadToDevice(id, read));
   }
 
@@ -375,12 +387,13 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return known;
   }
 
+  /** With --adapter-source hub, an id the store lacks is loaded from the Hub, and its info is that of its hubKey. */
   async load(id: string, opts: { pin?: boolean } = {}): Promise<AdapterInfo> {
-    const lease = await this.acquire(id);
-    const entry = this.device.get(id);
-    if (entry && opts.pin) entry.userPinned = true;
+    const { key, read } = await this.locate(id);
+    const { lease, entry } = await this.acquireKey(key, read);
+    if (opts.pin) entry.userPinned = true;
     lease.release();
-    return this.info(id);
+    return this.info(key);
   }
 
   async unload(id: string): Promise<AdapterInfo> {
