@@ -13,6 +13,7 @@ import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
 import { HubClient, hubSettingsFromEnv, parseRepoSpec, type HubSettings } from '../src/hub/client.ts';
 import { downloadModel } from '../src/hub/model.ts';
+import { HubAdapters } from '../src/lora/hub-adapters.ts';
 import { startRuntime } from '../src/runtime.ts';
 import { createServer, type Server } from '../src/server/server.ts';
 import { FakeHub, folderFiles, gitBlobId, sha256 } from './helpers/fake-hub.ts';
@@ -151,6 +152,24 @@ test('Hub errors are coded: 401 without a token, 404 of a repo or revision, an u
   await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: 'test-org/no-such-model', adapterDir: join(tmp.dir, 'adapters'), hub: settings() }), { code: 'HUB_ACCESS_DENIED' });
   await assert.rejects(startRuntime({ ...TEST_RUNTIME, model: './no/such/folder', adapterDir: join(tmp.dir, 'adapters'), hub: settings() }),
     { code: 'CHECKPOINT_INVALID', message: /no such folder, and not a Hugging Face Hub repo id/ });
+});
+
+test('a Hub adapter beyond --max-adapter-bytes, and a download whose bytes do not match their sha256, are refused and leave nothing in the cache', async () => {
+  const cacheDir = join(tmp.dir, 'small-cache');
+  const adapters = new HubAdapters(new HubClient(settings({ cacheDir })), { maxAdapterBytes: 100, refreshAfterMs: 0 });
+  const key = await adapters.key(STYLE);
+  await assert.rejects(adapters.read(key, undefined, (n) => new Uint8Array(n)), { code: 'ADAPTER_TOO_LARGE', message: /adapter_model\.safetensors is \d+ bytes \(limit 100\)/ });
+
+  const repo = 'test-org/corrupted';
+  const weights = new Uint8Array(4096).fill(7); // only downloaded here, never parsed
+  const commit = hub.commit(repo, { 'adapter_model.safetensors': weights });
+  hub.corrupt(weights);
+  const client = new HubClient(settings({ cacheDir }));
+  const snap = await client.resolve({ repo, revision: 'main' });
+  await assert.rejects(client.file(snap, 'adapter_model.safetensors'), { code: 'HUB_UNAVAILABLE', message: /do not match their sha256/ });
+  assert.deepEqual(readdirSync(join(cacheDir, 'models--test-org--corrupted', 'blobs')), []);
+  assert.ok(!existsSync(join(cacheDir, 'models--test-org--corrupted', 'snapshots', commit, 'adapter_model.safetensors')));
+  await client.close();
 });
 
 async function startServer(over: Partial<ServerOptions>): Promise<Server> {

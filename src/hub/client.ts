@@ -17,7 +17,7 @@
  * ref the same way (with a warning), as huggingface_hub does. 401/403 is HUB_ACCESS_DENIED, 404 HUB_NOT_FOUND,
  * other failures HUB_UNAVAILABLE.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { mkdir, open, readFile, readdir, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
@@ -103,13 +103,13 @@ export interface HubClientOptions {
   readonly log?: (message: string) => void;
 }
 
-/** An error of a Hub request for `what` (a repo, revision or file), coded by the HTTP status. */
-function statusError(status: number, what: string, tokenSent: boolean, hubCode?: string): ServeError {
+/** An error of a Hub request for `what` (a repo, revision or file), coded by the HTTP status; `detail`: the Hub's reason. */
+function statusError(status: number, what: string, tokenSent: boolean, detail?: string): ServeError {
   if (status === 401 || status === 403) {
     const hint = tokenSent ? 'the token sent was refused' : 'no token was sent (set HF_TOKEN, or api_token for an adapter)';
     return fail('HUB_ACCESS_DENIED', `${what}: the Hub refused access (HTTP ${status}): the repo is private or gated, or does not exist; ${hint}`, { status });
   }
-  if (status === 404) return fail('HUB_NOT_FOUND', `${what}: not found on the Hub (HTTP 404${hubCode ? `, ${hubCode}` : ''})`, { status });
+  if (status === 404) return fail('HUB_NOT_FOUND', `${what}: not found on the Hub (HTTP 404${detail ? `: ${detail}` : ''})`, { status });
   return fail('HUB_UNAVAILABLE', `${what}: the Hub answered HTTP ${status}`, { status });
 }
 
@@ -167,7 +167,10 @@ export class HubClient {
       });
     } catch (err) {
       const what = `Hub repo "${spec.repo}" at revision "${spec.revision}"`;
-      const e = err instanceof HubApiError ? statusError(err.statusCode, what, token !== undefined) : networkError(err, what);
+      const hubMessage = err instanceof HubApiError ? (err.data as { error?: unknown } | undefined)?.error : undefined;
+      const e = err instanceof HubApiError
+        ? statusError(err.statusCode, what, token !== undefined, typeof hubMessage === 'string' ? hubMessage.slice(0, 200) : undefined)
+        : networkError(err, what);
       if (e.code !== 'HUB_UNAVAILABLE') throw e;
       const cached = await this.cachedSnapshot(spec, e.message).catch(() => null);
       if (cached === null) throw e;
@@ -197,6 +200,11 @@ export class HubClient {
       throw fail('HUB_NOT_CACHED', `Hub repo "${spec.repo}" at revision "${spec.revision}" is not in the cache ${this.settings.cacheDir} (${why})`);
     }
     return { ...spec, commit, dir, files: null, cachedOnly: true };
+  }
+
+  /** The snapshot of a known commit (files are downloaded unless offline). */
+  snapshotAt(repo: string, commit: string): Snapshot {
+    return { repo, revision: commit, commit, dir: this.snapshotDir(repo, commit), files: null, cachedOnly: this.settings.offline };
   }
 
   /**
@@ -295,8 +303,13 @@ export class HubClient {
     await rename(tmp, pointer);
   }
 
-  /** Streams a response body into `blob` (a temporary name, then renamed), within `maxBytes`, logging progress. */
+  /**
+   * Streams a response body into `blob` (a temporary name, then renamed), within `maxBytes`, logging progress. A blob
+   * named by a sha256 (an LFS file) must hash to it.
+   */
   private async receive(res: Dispatcher.ResponseData, blob: string, what: string, maxBytes: number, size: number): Promise<void> {
+    const expected = /^[0-9a-f]{64}$/.test(path.basename(blob)) ? path.basename(blob) : null;
+    const hash = expected ? createHash('sha256') : null;
     const tooLarge = (bytes: string) => fail('ADAPTER_TOO_LARGE', `${what} is ${bytes} bytes (limit ${maxBytes})`);
     if (Number.isFinite(size) && size > maxBytes) {
       res.body.on('error', () => undefined);
@@ -312,6 +325,7 @@ export class HubClient {
         for await (const chunk of res.body as AsyncIterable<Buffer>) {
           received += chunk.byteLength;
           if (received > maxBytes) throw tooLarge(`more than ${maxBytes}`);
+          hash?.update(chunk);
           await fh.write(chunk);
           progress?.(received);
         }
@@ -319,6 +333,7 @@ export class HubClient {
         throw networkError(err, what);
       }
       if (Number.isFinite(size) && received !== size) throw fail('HUB_UNAVAILABLE', `${what}: the download ended after ${received} of ${size} bytes`);
+      if (hash && hash.digest('hex') !== expected) throw fail('HUB_UNAVAILABLE', `${what}: the downloaded bytes do not match their sha256 ${expected}`);
       await fh.sync();
       await fh.close();
       await rename(tmp, blob);

@@ -75,7 +75,7 @@ export class HubAdapters {
     const parsed = parseHubKey(key);
     if (parsed === null) throw fail('ADAPTER_INVALID_ID', `${JSON.stringify(key)} is not a Hub adapter key`);
     const { repo, commit } = parsed;
-    const snap = this.snapshotOf(repo, commit) ?? await this.hub.cachedSnapshot({ repo, revision: commit }, 'it was resolved before');
+    const snap = this.snapshotOf(repo, commit) ?? this.hub.snapshotAt(repo, commit);
     if (snap.files !== null && !snap.files.includes(WEIGHTS_FILE) && snap.files.includes(PICKLE_FILE)) {
       throw fail('ADAPTER_PICKLE', `adapter "${repo}" on the Hub only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
     }

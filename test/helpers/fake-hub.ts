@@ -59,6 +59,13 @@ export class FakeHub {
     this.repos.get(repo)!.refs.set(ref, commit);
   }
 
+  /** From now on the CDN serves other bytes (of the same length) for the LFS file `bytes`. */
+  corrupt(bytes: Uint8Array): void {
+    const bad = Uint8Array.from(bytes);
+    bad[bad.length - 1]! ^= 1;
+    this.cdn.set(sha256(bytes), bad);
+  }
+
   async start(): Promise<void> {
     this.server = createServer((req, res) => this.handle(req, res));
     await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
