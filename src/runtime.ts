@@ -92,6 +92,8 @@ export interface Runtime {
   /** Device bytes of one copy of the base weights. */
   readonly modelBytes: number;
   readonly modelId: string;
+  /** The Hub commit served, for a model given as org/name[@revision]. */
+  readonly modelSha?: string;
   /** True when serving the generated demo checkpoint. */
   readonly demo: boolean;
   readonly tokenizer: TextTokenizer;
@@ -138,7 +140,7 @@ export async function startRuntime(
   profiler.reset();
   const demo = opts.model === '';
   const hub = new HubClient(opts.hub ?? hubSettingsFromEnv(), { log });
-  const { dir, modelId } = demo ? { dir: await ensureDemo(opts.adapterDir, log), modelId: 'lora-serve/demo-llama' } : await locateModel(opts.model, hub, log);
+  const { dir, modelId, modelSha } = demo ? { dir: await ensureDemo(opts.adapterDir, log), modelId: 'lora-serve/demo-llama', modelSha: undefined } : await locateModel(opts.model, hub, log);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
 
   // The checkpoint's headers give its config and size before any weight is read.
@@ -215,7 +217,7 @@ export async function startRuntime(
   }, hooks.metrics);
   let closed = false;
   return {
-    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
+    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, ...(modelSha ? { modelSha } : {}), demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
     // Follows every operation posted before it (adapter offloads included).
     deviceMemory: () => executor.deviceMemory(),
     profile: () => addTotals(profiler.snapshot(), executor.profile()),
@@ -235,7 +237,7 @@ export async function startRuntime(
  * The checkpoint folder of `--model`: the folder itself when it exists (its id: the folder's name), else a Hub repo
  * `org/name[@revision]` downloaded into the Hub cache (its id: the repo).
  */
-async function locateModel(model: string, hub: HubClient, log: (msg: string) => void): Promise<{ dir: string; modelId: string }> {
+async function locateModel(model: string, hub: HubClient, log: (msg: string) => void): Promise<{ dir: string; modelId: string; modelSha?: string }> {
   if (existsSync(model)) {
     const dir = resolve(model);
     return { dir, modelId: dir.split('/').filter(Boolean).pop() ?? dir };
@@ -244,7 +246,7 @@ async function locateModel(model: string, hub: HubClient, log: (msg: string) => 
   if (spec === null) throw fail('CHECKPOINT_INVALID', `--model ${JSON.stringify(model)}: no such folder, and not a Hugging Face Hub repo id (org/name[@revision])`);
   const snap = await downloadModel(hub, spec);
   log(`model ${spec.repo} at ${spec.revision}: commit ${snap.commit}${snap.cachedOnly ? ' (from the cache only)' : ''}, in ${snap.dir}`);
-  return { dir: snap.dir, modelId: spec.repo };
+  return { dir: snap.dir, modelId: spec.repo, modelSha: snap.commit };
 }
 
 /** ", matmuls in the native addon", or why the wasm kernels run instead. */

@@ -264,7 +264,8 @@ test('HF_HUB_OFFLINE: the model and adapters come from the cache the runs above 
   const seen = await hubRequests(async () => {
     const server = await startServer({ model: MODEL, hub: offline });
     try {
-      assert.equal(server.runtime.modelId, MODEL);
+      const info = (await server.app.inject({ method: 'GET', url: '/info' })).json();
+      assert.deepEqual([info.model_id, info.model_sha], [MODEL, commitMain]);
       const res = await post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }));
       assert.equal(res.status, 200, JSON.stringify(res.json));
       const never = await post(server, '/generate', gen('test-org/never-fetched', { adapter_source: 'hub' }));

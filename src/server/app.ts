@@ -30,6 +30,8 @@ import { tokenizeRoutes } from './routes/tokenize.ts';
 export interface ServerInfo {
   /** The base model's id (also its `model` name on the OpenAI routes). */
   readonly modelId: string;
+  /** The Hub commit of a model given as org/name (TGI's model_sha); absent for a folder. */
+  readonly modelSha?: string;
   /** config.json model_type (llama, gpt2, ...). */
   readonly modelType: string;
   readonly dtype: string;

@@ -377,6 +377,7 @@ export const Health = Type.Object({ status: Type.Literal('ok') }, { title: 'Heal
 
 export const Info = Type.Object({
   model_id: Type.String(),
+  model_sha: Nullable(Type.String({ description: 'TGI: the Hugging Face Hub commit served, for a model given as org/name; null for a folder' })),
   model_type: Type.String({ description: 'config.json model_type, e.g. llama, gpt2' }),
   model_dtype: Type.String(),
   backend: Type.String({ description: 'TensorFlow.js backend in use' }),
