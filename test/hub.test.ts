@@ -56,6 +56,7 @@ before(async () => {
   commitMain = hub.commit(MODEL, { ...modelFiles, 'README.md': new TextEncoder().encode('# tiny llama\n') });
   styleCommit = hub.commit(STYLE, styleFiles);
   hub.commit(PRIVATE, styleFiles, { token: TOKEN });
+  hub.commit('test-org/concurrent', styleFiles);
   hub.commit('test-org/pickle-only', { 'adapter_config.json': styleFiles['adapter_config.json']!, 'adapter_model.bin': new Uint8Array(8) });
   // The same adapter in the local folder, to compare a Hub load with.
   cpSync(join(fixtures, 'style'), join(tmp.dir, 'adapters', 'local', 'style'), { recursive: true });
@@ -206,6 +207,15 @@ test('adapters with adapter_source "hub": validated, cached by commit, a private
     assert.equal(entry.state, 'ready');
     // Resident and resolved: served without asking the Hub.
     assert.deepEqual(await hubRequests(() => post(server, '/generate', gen(STYLE, { adapter_source: 'hub' }))), []);
+    // Concurrent first requests: one resolution and one download of each file.
+    const together = await hubRequests(async () => {
+      const all = await Promise.all([1, 2, 3, 4].map(() => post(server, '/generate', gen('test-org/concurrent', { adapter_source: 'hub' }))));
+      assert.deepEqual(all.map((r) => r.status), [200, 200, 200, 200]);
+    });
+    assert.deepEqual(together.map((r) => r.url.replace(/\?.*/, '').replace(/[0-9a-f]{40,64}/, '<hash>')).sort(), [
+      '/api/models/test-org/concurrent/revision/main', '/cdn/<hash>',
+      '/test-org/concurrent/resolve/<hash>/adapter_config.json', '/test-org/concurrent/resolve/<hash>/adapter_model.safetensors',
+    ]);
 
     for (const token of [undefined, 'hf_wrong', 'not-even-hf-shaped']) {
       const res = await post(server, '/generate', gen(PRIVATE, { adapter_source: 'hub', ...(token ? { api_token: token } : {}) }));

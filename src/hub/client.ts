@@ -160,6 +160,9 @@ export class HubClient {
    */
   async resolve(spec: RepoSpec, token = this.settings.token): Promise<Snapshot> {
     if (this.settings.offline) return this.cachedSnapshot(spec, 'HF_HUB_OFFLINE is set');
+    if (!URL.canParse(this.settings.endpoint) || !/^https?:$/.test(new URL(this.settings.endpoint).protocol)) {
+      throw fail('HUB_UNAVAILABLE', `HF_ENDPOINT ${JSON.stringify(this.settings.endpoint)} is not an http(s) URL`);
+    }
     let info: { sha?: unknown; filePaths?: unknown };
     try {
       info = await modelInfo({
