@@ -270,7 +270,7 @@ test('--adapter-source hub: ids the adapter folder lacks come from the Hub; a ne
 });
 
 test('HF_HUB_OFFLINE: the model and adapters come from the cache the runs above filled, without a request; the rest is HUB_NOT_CACHED', async () => {
-  const offline = settings({ offline: true, endpoint: 'http://127.0.0.1:9' });
+  const offline = settings({ offline: true }); // the fake Hub is up: any request would be seen
   const seen = await hubRequests(async () => {
     const server = await startServer({ model: MODEL, hub: offline });
     try {
