@@ -159,15 +159,47 @@ test('README rope table: every rope_type is served and each of its fields change
   assert.equal(unsupported({ ...BASE.llama, rope_scaling: { type: 'linear', rope_type: 'default', factor: 2 } })?.code, 'CONFIG_UNSUPPORTED');
 });
 
-test('a sliding window smaller than the context clamps the served positions and says so', () => {
+test('sliding windows per layer, as transformers reads them; the served context stays max_position_embeddings', () => {
+  const windows = (cfg: Json) => normalizeConfig(cfg).layerWindows;
   const mistral = normalizeConfig({ ...BASE.mistral, sliding_window: 64 });
-  assert.equal(mistral.maxPositions, 64);
-  assert.match(mistral.notes[0]!, /sliding_window/);
-  // transformers' Mistral default window is 4096 when the key is absent.
+  assert.deepEqual(mistral.layerWindows, [64, 64]);
+  assert.equal(mistral.maxPositions, 128);
+  assert.deepEqual(mistral.notes, []);
+  // transformers' Mistral default window is 4096 when the key is absent; null is no window.
   const { sliding_window: _, ...noKey } = BASE.mistral!;
-  assert.equal(normalizeConfig({ ...noKey, max_position_embeddings: 32768 }).maxPositions, 4096);
-  assert.equal(normalizeConfig({ ...BASE.mistral, sliding_window: 4096 }).maxPositions, 128);
-  assert.deepEqual(normalizeConfig(BASE.qwen2!).notes, []);
+  assert.deepEqual(windows(noKey), [4096, 4096]);
+  assert.deepEqual(windows(BASE.mistral!), [null, null]);
+  assert.deepEqual(windows(BASE.llama!), [null, null]);
+  assert.deepEqual(windows(BASE.gpt2!), [null, null]);
+  // Qwen2: only with use_sliding_window (then an absent sliding_window is 4096), on layers from max_window_layers.
+  const qwen = { ...BASE.qwen2, num_hidden_layers: 4 };
+  assert.deepEqual(windows({ ...qwen, sliding_window: 8 }), [null, null, null, null]);
+  assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: 8 }), [null, null, null, null]); // default 28
+  assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: 8, max_window_layers: 2 }), [null, null, 8, 8]);
+  assert.deepEqual(windows({ ...qwen, use_sliding_window: true, max_window_layers: 3 }), [null, null, null, 4096]);
+  assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: null, max_window_layers: 0 }), [null, null, null, null]);
+  const types = ['sliding_attention', 'full_attention', 'sliding_attention', 'full_attention'];
+  assert.deepEqual(windows({ ...qwen, use_sliding_window: true, sliding_window: 8, max_window_layers: 0, layer_types: types }), [8, null, 8, null]);
+  assert.equal(Object.isFrozen(mistral.layerWindows), true);
+});
+
+test('Qwen2 layer_types: malformed or unknown entries, and sliding layers without a window, are refused', () => {
+  const qwen = { ...BASE.qwen2, use_sliding_window: true, sliding_window: 8 };
+  const cases: [Json, string, RegExp][] = [
+    [{ layer_types: ['full_attention'] }, 'CONFIG_INVALID', /"layer_types" must be a list of 2 strings/],
+    [{ layer_types: 'sliding_attention' }, 'CONFIG_INVALID', /"layer_types"/],
+    [{ layer_types: ['full_attention', 'chunked_attention'] }, 'CONFIG_UNSUPPORTED', /"chunked_attention"/],
+    [{ layer_types: ['full_attention', 'sliding_attention'], use_sliding_window: false }, 'CONFIG_INVALID', /no window applies/],
+    [{ layer_types: ['full_attention', 'sliding_attention'], sliding_window: null }, 'CONFIG_INVALID', /no window applies/],
+    [{ sliding_window: 0, max_window_layers: 0 }, 'CONFIG_INVALID', /"sliding_window" must be a positive integer/],
+    [{ max_window_layers: -1 }, 'CONFIG_INVALID', /"max_window_layers"/],
+  ];
+  for (const [extra, code, message] of cases) {
+    const err = unsupported({ ...qwen, ...extra });
+    assert.equal(err?.code, code, JSON.stringify(extra));
+    assert.match(err!.message, message);
+  }
+  assert.equal(unsupported({ ...BASE.mistral, sliding_window: 'wide' })?.code, 'CONFIG_INVALID');
 });
 
 test('gpt2 activation functions other than gelu_new, gelu and relu are refused by name', () => {

@@ -58,8 +58,9 @@ test('longrope with chunked prefill: each chunk picks its factors by its own las
   await matchesReference('longrope-chunked', LONGROPE, LONGROPE_PROMPTS, 4);
 });
 
-test('Mistral with a sliding window smaller than its context serves the window and logs it', async () => {
-  const opts: CheckpointOptions = { ...TINY_LLAMA, seed: 14, configExtra: { model_type: 'mistral', sliding_window: 16, architectures: ['MistralForCausalLM'] } };
-  const logs = await matchesReference('mistral', opts, [[3, 4, 5]]);
-  assert.ok(logs.some((l) => /serving 16 positions.*"sliding_window" 16/.test(l)), logs.join('\n'));
+test('Mistral with a sliding window serves its whole context: prompts and generations past the window, chunked prefill', async () => {
+  const opts: CheckpointOptions = { ...TINY_LLAMA, seed: 14, configExtra: { model_type: 'mistral', sliding_window: 6, architectures: ['MistralForCausalLM'] } };
+  const prompts = [[3, 4, 5], Array.from({ length: 23 }, (_, i) => (i * 13 + 2) % 300), Array.from({ length: 9 }, (_, i) => 100 + i)];
+  const logs = await matchesReference('mistral', opts, prompts, 5);
+  assert.ok(!logs.some((l) => /sliding_window/.test(l)), logs.join('\n'));
 });

@@ -2,7 +2,7 @@
  * The webgpu backend (src/backend/webgpu/). What needs no adapter runs everywhere: software-adapter detection,
  * the tensor-size refusal (with a faked limit), the refusal of worker threads, the error without a Vulkan driver.
  * With a WebGPU adapter (in CI: Mesa's lavapipe, scripts/install-lavapipe.sh) the reference tests (forward pass,
- * LoRA merged/unmerged/mixed, engine) and test/webgpu/device.webgpu.ts run again on webgpu in a child process
+ * LoRA merged/unmerged/mixed, sliding windows, engine) and test/webgpu/device.webgpu.ts run again on webgpu in a child process
  * (the backend is process-global); without one those tests are skipped with the reason.
  */
 import { after, before, test, type TestContext } from 'node:test';
@@ -24,7 +24,7 @@ before(setupBackend);
 after(tmp.cleanup);
 
 /** The files run on webgpu: the tests that compare with the float64 reference, and the webgpu-only ones. */
-const ON_WEBGPU = ['test/forward.test.ts', 'test/lora.test.ts', 'test/engine.test.ts', 'test/webgpu/device.webgpu.ts'];
+const ON_WEBGPU = ['test/forward.test.ts', 'test/lora.test.ts', 'test/sliding-window.test.ts', 'test/engine.test.ts', 'test/webgpu/device.webgpu.ts'];
 
 /** Dawn's adapter, or why there is none. */
 const probe: Promise<{ adapter: WebGPUAdapter } | { reason: string }> = probeAdapter().then(
@@ -127,7 +127,7 @@ test('auto uses a hardware WebGPU adapter and never a software one', async (t) =
   }
 });
 
-test('on webgpu: forward pass, LoRA (merged, unmerged, mixed batches) and engine match the reference', { timeout: 15 * 60_000 }, async (t) => {
+test('on webgpu: forward pass, LoRA (merged, unmerged, mixed batches), sliding windows and engine match the reference', { timeout: 15 * 60_000 }, async (t) => {
   const adapter = await adapterOrSkip(t);
   if (!adapter) return;
   t.diagnostic(`adapter: ${describeAdapter(adapter)}`);

@@ -6,6 +6,12 @@
  * row b's valid keys are columns start[b] .. C-1; the attention mask hides the rest. Rows join
  * (after their prefill) by `append` and leave by `keepRows`; leading columns that no row uses any more
  * are trimmed so padding never grows without bound.
+ *
+ * Sliding windows: a row's valid columns hold consecutive positions ending at column C−1 (rows are aligned on the
+ * right), so the distance between two positions is the distance between their columns, and a layer's window is a
+ * band of columns in the mask. When every layer slides, the columns that no window of the next query reaches are
+ * dropped too, so the cache of a long sequence stays within about 4/3 of the largest window. When some layer
+ * attends globally, every column stays: that layer still sees it.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
@@ -15,7 +21,13 @@ import { profiler } from '../obs/profile.ts';
 
 /** An empty KV batch for a model. */
 export function newKV(c: ModelConfig): KVBatch {
-  return new KVBatch(c.numLayers, c.numKvHeads, c.headDim);
+  return new KVBatch(c.numLayers, c.numKvHeads, c.headDim, lookback(c.layerWindows));
+}
+
+/** How many of the latest positions any layer can still attend to: the largest window, or null when a layer is global. */
+function lookback(windows: readonly (number | null)[]): number | null {
+  if (windows.length === 0 || windows.some((w) => w === null)) return null;
+  return Math.max(...(windows as number[]));
 }
 
 export class KVBatch implements KVCache {
@@ -27,7 +39,11 @@ export class KVBatch implements KVCache {
   /** First valid column of each row. */
   start: number[] = [];
 
-  constructor(readonly numLayers: number, readonly kvHeads: number, readonly headDim: number) {
+  /**
+   * `reach`: the number of latest positions a query can attend to in any layer (the largest window when every layer
+   * slides), or null (a global layer: every column is kept).
+   */
+  constructor(readonly numLayers: number, readonly kvHeads: number, readonly headDim: number, readonly reach: number | null = null) {
     this.k = new Array(numLayers).fill(null);
     this.v = new Array(numLayers).fill(null);
   }
@@ -66,11 +82,13 @@ export class KVBatch implements KVCache {
 
   /**
    * The additive attention mask for a forward of T new tokens per row, [B, 1, T*G, C+T] with query rows
-   * ordered (t, g) for G query heads per KV head: 0 where row b's query t may see key column j
-   * (start ≤ j ≤ C+t), a large negative number elsewhere. `pad[b]` left-pads row b's new tokens, which is
-   * allowed only on the first forward of a batch (C = 0).
+   * ordered (t, g) for G query heads per KV head: 0 where row b's query t (column C+t) may see key column j,
+   * a large negative number elsewhere. Causal: start ≤ j ≤ C+t. With a sliding `window` W also C+t − W < j, as
+   * transformers' sliding_window_overlay (masking_utils.py: `kv_idx > q_idx - sliding_window`) and'ed with its
+   * causal_mask_function (`kv_idx <= q_idx`). `pad[b]` left-pads row b's new tokens, which is allowed only on the
+   * first forward of a batch (C = 0).
    */
-  mask(T: number, groups: number, pad?: readonly number[]): Float32Array {
+  mask(T: number, groups: number, pad?: readonly number[], window: number | null = null): Float32Array {
     const B = this.rows;
     const C = this.cols;
     const width = C + T;
@@ -78,22 +96,46 @@ export class KVBatch implements KVCache {
     for (let b = 0; b < B; b++) {
       const first = C === 0 ? (pad?.[b] ?? 0) : this.start[b]!;
       for (let t = 0; t < T; t++) {
+        const from = window === null ? first : Math.max(first, C + t - window + 1);
         for (let g = 0; g < groups; g++) {
           const base = ((b * T + t) * groups + g) * width;
-          out.fill(0, base + first, base + C + t + 1);
+          out.fill(0, base + from, base + C + t + 1);
         }
       }
     }
     return out;
   }
 
-  /** After a forward of T new columns (see mask() for pad). */
+  /** After a forward of T new columns (see mask() for pad); then drops the columns no window reaches any more. */
   commit(T: number, pad?: readonly number[]): void {
     if (pad && pad.some((p) => p > 0)) {
       if (this.cols !== 0) throw new Error('KVBatch: left padding is only allowed on the first forward');
       this.start = pad.slice();
     }
     this.cols += T;
+    const trim = this.trimmable(this.start);
+    if (trim === 0) return;
+    for (const cache of [this.k, this.v]) {
+      cache.forEach((t, l) => {
+        if (!t) return;
+        cache[l] = tf.keep(dropLeadingCols(t, trim));
+        t.dispose();
+      });
+    }
+    this.start = this.start.map((s) => Math.max(0, s - trim));
+    this.cols -= trim;
+  }
+
+  /**
+   * The leading columns to drop for rows starting at `start`: those before every row's first column, and (when
+   * every layer slides) those out of reach of the next query, at column C: it sees columns j > C − reach. Dropped
+   * only once they are a quarter of the cache, so the copy is amortised over many steps.
+   */
+  private trimmable(start: readonly number[]): number {
+    if (start.length === 0) return 0;
+    const unreachable = this.reach === null ? 0 : Math.max(0, this.cols - this.reach + 1);
+    const unused = Math.max(Math.min(...start), unreachable);
+    return unused > 0 && unused * 4 >= this.cols ? unused : 0;
   }
 
   /** Moves the rows of `other` into this batch (after them), padding the shorter on the left. Disposes `other`. */
@@ -129,9 +171,7 @@ export class KVBatch implements KVCache {
       return;
     }
     const start = rows.map((r) => this.start[r]!);
-    // Trim leading columns no remaining row uses, once they are a quarter of the cache (amortised).
-    const unused = Math.min(...start);
-    const trim = unused * 4 >= this.cols ? unused : 0;
+    const trim = this.trimmable(start);
     for (let l = 0; l < this.numLayers; l++) {
       for (const cache of [this.k, this.v]) {
         const t = cache[l];
@@ -142,7 +182,7 @@ export class KVBatch implements KVCache {
         t.dispose();
       }
     }
-    this.start = start.map((s) => s - trim);
+    this.start = start.map((s) => Math.max(0, s - trim));
     this.cols -= trim;
   }
 

@@ -15,18 +15,40 @@ const FAMILIES: Record<string, Family> = {
 export const SUPPORTED_MODEL_TYPES = Object.keys(FAMILIES);
 
 /**
- * The attention window some layer applies, or null. Mistral: `sliding_window` (absent means transformers'
- * default 4096, null none). Qwen2: `sliding_window` only with `use_sliding_window`, on layers from
- * `max_window_layers` (default 28) on. Position i attends to j when i − window < j ≤ i, so a sequence of at most
- * `window` tokens is never masked.
+ * The attention window of each layer (null: global attention), as transformers reads them:
+ * - Mistral (configuration_mistral.py): every layer slides by `sliding_window`; the key absent means the class
+ *   default 4096, null means no window.
+ * - Qwen2 (configuration_qwen2.py): `sliding_window` (absent: 4096) applies only with `use_sliding_window`;
+ *   `layer_types` names each layer's attention, and without it layers from `max_window_layers` (default 28) on
+ *   slide. A "sliding_attention" layer without a window is refused, as transformers' mask builder raises for it.
+ * - Llama and GPT-2: no window.
  */
-function slidingWindow(cfg: Json, modelType: string, numLayers: number): number | null {
-  if (modelType === 'mistral') return 'sliding_window' in cfg && cfg.sliding_window == null ? null : int(cfg, 'sliding_window', 4096);
-  if (modelType !== 'qwen2' || !flag(cfg, 'use_sliding_window') || cfg.sliding_window == null) return null;
-  const slides = Array.isArray(cfg.layer_types)
-    ? cfg.layer_types.includes('sliding_attention')
-    : firstWindowLayer(cfg) < numLayers;
-  return slides ? int(cfg, 'sliding_window') : null;
+function layerWindows(cfg: Json, modelType: string, numLayers: number): (number | null)[] {
+  const window = (): number | null => ('sliding_window' in cfg && cfg.sliding_window === null ? null : int(cfg, 'sliding_window', 4096));
+  if (modelType === 'mistral') return new Array<number | null>(numLayers).fill(window());
+  if (modelType !== 'qwen2') return new Array<number | null>(numLayers).fill(null);
+  const w = flag(cfg, 'use_sliding_window') ? window() : null;
+  const types = cfg.layer_types == null
+    ? Array.from({ length: numLayers }, (_, l) => (w !== null && l >= firstWindowLayer(cfg) ? 'sliding_attention' : 'full_attention'))
+    : layerTypes(cfg.layer_types, numLayers);
+  return types.map((t) => {
+    if (t === 'full_attention') return null;
+    if (w === null) {
+      throw fail('CONFIG_INVALID', 'config.json: "layer_types" has a "sliding_attention" layer but no window applies ("use_sliding_window" is false or "sliding_window" null)');
+    }
+    return w;
+  });
+}
+
+function layerTypes(v: unknown, numLayers: number): string[] {
+  if (!Array.isArray(v) || v.length !== numLayers || v.some((t) => typeof t !== 'string')) {
+    throw fail('CONFIG_INVALID', `config.json: "layer_types" must be a list of ${numLayers} strings, one per layer (got ${JSON.stringify(v)})`);
+  }
+  const other = v.find((t) => t !== 'full_attention' && t !== 'sliding_attention');
+  if (other !== undefined) {
+    throw fail('CONFIG_UNSUPPORTED', `config.json: "layer_types" entry ${JSON.stringify(other)} is not supported (full_attention, sliding_attention)`);
+  }
+  return v as string[];
 }
 
 function firstWindowLayer(cfg: Json): number {
@@ -65,6 +87,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
   if (family === 'gpt2') {
     const hidden = int(cfg, 'n_embd');
     const heads = int(cfg, 'n_head');
+    const layers = int(cfg, 'n_layer');
     if (hidden % heads !== 0) throw fail('CONFIG_INVALID', `config.json: n_embd ${hidden} is not divisible by n_head ${heads}`);
     const act = (cfg.activation_function ?? 'gelu_new') as string;
     if (act !== 'gelu_new' && act !== 'gelu' && act !== 'relu') {
@@ -77,7 +100,8 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
       family, modelType,
       vocabSize: int(cfg, 'vocab_size'),
       hiddenSize: hidden,
-      numLayers: int(cfg, 'n_layer'),
+      numLayers: layers,
+      layerWindows: Object.freeze(new Array<number | null>(layers).fill(null)),
       numHeads: heads,
       numKvHeads: heads,
       headDim: hidden / heads,
@@ -110,13 +134,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
   const act = cfg.hidden_act ?? 'silu';
   if (act !== 'silu' && act !== 'swish') throw fail('CONFIG_UNSUPPORTED', `config.json: "hidden_act" ${JSON.stringify(act)} is not supported (silu)`);
   const numLayers = int(cfg, 'num_hidden_layers');
-  const notes: string[] = [];
-  let maxPositions = int(cfg, 'max_position_embeddings', 2048);
-  const window = slidingWindow(cfg, modelType, numLayers);
-  if (window !== null && window < maxPositions) {
-    notes.push(`serving ${window} positions, not max_position_embeddings ${maxPositions}: "sliding_window" ${window} never masks a sequence that fits it (sliding-window attention is not implemented)`);
-    maxPositions = window;
-  }
+  const maxPositions = int(cfg, 'max_position_embeddings', 2048);
   const theta = num(cfg, 'rope_theta', 10000);
   // Llama's attention_bias puts biases on q/k/v and o_proj, mlp_bias on the MLP; Qwen2 always has q/k/v biases
   // and nothing else; Mistral has none (its modules ignore both keys).
@@ -126,6 +144,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     vocabSize: int(cfg, 'vocab_size'),
     hiddenSize: hidden,
     numLayers,
+    layerWindows: Object.freeze(layerWindows(cfg, modelType, numLayers)),
     numHeads: heads,
     numKvHeads: kvHeads,
     headDim,
@@ -133,7 +152,7 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     maxPositions,
     normEps: num(cfg, 'rms_norm_eps', 1e-6),
     ropeTheta: theta,
-    rope: ropeSpec(cfg, theta, headDim, int(cfg, 'max_position_embeddings', 2048)),
+    rope: ropeSpec(cfg, theta, headDim, maxPositions),
     tieWordEmbeddings: flag(cfg, 'tie_word_embeddings'),
     attentionBias: modelType === 'qwen2' || (llama && flag(cfg, 'attention_bias')),
     outputBias: llama && flag(cfg, 'attention_bias'),
@@ -141,6 +160,6 @@ export function normalizeConfig(raw: unknown, generation: unknown = {}): ModelCo
     activation: 'silu',
     bosTokenId: bos,
     eosTokenIds: eos,
-    notes,
+    notes: [],
   });
 }

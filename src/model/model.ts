@@ -25,16 +25,17 @@ export interface KVCache {
   /**
    * The additive attention mask for T new tokens per row and G query heads per KV head, [B, 1, T·G, C+T]:
    * 0 where a query may see a key, a large negative number elsewhere. `pad` left-pads each row's new tokens
-   * (only on the first forward, C = 0).
+   * (only on the first forward, C = 0). `window` W (null: none): the query at position i sees only the keys at
+   * positions j > i − W.
    */
-  mask(T: number, groups: number, pad?: readonly number[]): Float32Array;
+  mask(T: number, groups: number, pad?: readonly number[], window?: number | null): Float32Array;
   /** Appends one layer's new keys and values ([B, kvHeads, T, headDim]) and returns the layer's whole cache. */
   appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D };
   /** Once after the last layer of a forward of T new columns (pad as for mask). */
   commit(T: number, pad?: readonly number[]): void;
 }
 
-/** What one forward step gives the architecture's block function. */
+/** What one forward step gives the architecture's block function; `mask` is the layer's (its window's). */
 export interface StepContext extends StepShape {
   readonly kv: KVCache;
   readonly positions: tf.Tensor1D; // [N]
@@ -162,24 +163,21 @@ export class CausalLM {
     const { kv } = input;
     const c = this.config;
     const N = B * T;
-    const maskData = kv.mask(T, G, input.pad);
-    // Step-wide values (rotary tables for these positions) outlive the per-layer scopes below.
+    // Step-wide values (rotary tables for these positions, masks) outlive the per-layer scopes below.
     const memo = new Map<string, tf.Tensor>();
+    const cache = <U extends tf.Tensor>(key: string, make: () => U): U => {
+      let v = memo.get(key);
+      if (!v) memo.set(key, (v = tf.keep(make())));
+      return v as U;
+    };
     try {
       return tf.tidy(() => {
         const tokens = tf.tensor1d(input.tokens, 'int32');
         const positions = tf.tensor1d(input.positions, 'int32');
-        const mask = tf.tensor4d(maskData, [B, 1, T * G, kv.cols + T]);
-        const ctx: StepContext = {
-          B, T, mask, kv, positions, lora: input.lora,
-          cache: <U extends tf.Tensor>(key: string, make: () => U): U => {
-            let v = memo.get(key);
-            if (!v) memo.set(key, (v = tf.keep(make())));
-            return v as U;
-          },
-        };
         let x = this.arch.embed(tokens, positions); // [N, d]
         for (let l = 0; l < c.numLayers; l++) {
+          const mask = this.layerMask(kv, c.layerWindows[l] ?? null, T, G, input.pad, cache);
+          const ctx: StepContext = { B, T, mask, kv, positions, lora: input.lora, cache };
           // Each layer's intermediates are freed as soon as it is done, so the next layer reuses the same
           // (cache-warm) heap blocks instead of touching fresh memory, and a step's memory is one layer's worth.
           const prev = x;
@@ -192,6 +190,16 @@ export class CausalLM {
     } finally {
       for (const t of memo.values()) t.dispose();
     }
+  }
+
+  /**
+   * A layer's mask [B, 1, T·G, C+T], made once per step for each distinct window. A window of at least C+T masks
+   * nothing this step (the farthest key is C+T−1 positions back), so such layers share the causal mask.
+   */
+  private layerMask(kv: KVCache, window: number | null, T: number, G: number, pad: readonly number[] | undefined,
+    cache: StepContext['cache']): tf.Tensor4D {
+    const w = window !== null && window < kv.cols + T ? window : null;
+    return cache(`mask:${w}`, () => tf.tensor4d(kv.mask(T, G, pad, w), [kv.rows, 1, T * G, kv.cols + T]));
   }
 
   dispose(): void {

@@ -11,6 +11,11 @@ export interface ModelConfig {
   readonly vocabSize: number;
   readonly hiddenSize: number;
   readonly numLayers: number;
+  /**
+   * Each layer's sliding attention window W, or null for global attention (one entry per layer). In a layer with
+   * a window, the query at position i sees the keys at positions j with i − W < j ≤ i (src/exec/kv.ts, mask()).
+   */
+  readonly layerWindows: readonly (number | null)[];
   readonly numHeads: number;
   readonly numKvHeads: number;
   readonly headDim: number;
@@ -31,7 +36,7 @@ export interface ModelConfig {
   readonly activation: 'gelu_new' | 'gelu' | 'relu' | 'silu';
   readonly bosTokenId: number | null;
   readonly eosTokenIds: readonly number[];
-  /** What the server changed to serve this config exactly (e.g. a context clamped to the sliding window), for the start-up log. */
+  /** What the server changed to serve this config exactly (e.g. a served context shorter than the checkpoint's), for the start-up log. */
   readonly notes: readonly string[];
 }
 

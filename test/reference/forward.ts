@@ -1,7 +1,8 @@
 /**
  * An independent, slow reference forward pass: plain loops over Float64Array, written from the
  * Hugging Face model definitions (transformers `modeling_gpt2.py`, `modeling_llama.py`, the RoPE variants
- * of `modeling_rope_utils.py`), taking
+ * of `modeling_rope_utils.py`, the sliding windows of `modeling_mistral.py`/`modeling_qwen2.py` and
+ * `masking_utils.py`), taking
  * the RAW `config.json` object and tensors by their RAW checkpoint names. Test code only: nothing
  * here comes from src/, so the fast TensorFlow.js path can be checked against it.
  *
@@ -274,24 +275,30 @@ export function refRope(config: Record<string, any>, hd: number, seqLen: number)
  *   out[t][h·hd + j] = Σ_{s ≤ t} w_s · v_s,g[j]
  * Returns out[t]: [nHead·hd] (heads concatenated).
  */
-function causalAttention(q: Vec[], k: Vec[], v: Vec[], nHead: number, nKv: number, hd: number): Vec[] {
+/**
+ * Causal attention; with a sliding `window` W, position t sees only the positions s with t − W < s ≤ t
+ * (transformers masking_utils.py: sliding_window_overlay `kv_idx > q_idx - sliding_window` and
+ * causal_mask_function `kv_idx <= q_idx`).
+ */
+function causalAttention(q: Vec[], k: Vec[], v: Vec[], nHead: number, nKv: number, hd: number, window: number | null = null): Vec[] {
   const T = q.length;
   const group = nHead / nKv;
   const out: Vec[] = [];
   for (let t = 0; t < T; t++) {
     const o = new Float64Array(nHead * hd);
+    const first = window === null ? 0 : Math.max(0, t - window + 1);
     for (let h = 0; h < nHead; h++) {
       const g = Math.floor(h / group);
-      // scores over the visible positions s = 0..t (later positions are masked out)
-      const scores = new Float64Array(t + 1);
-      for (let s = 0; s <= t; s++) {
+      // scores over the visible positions s = first..t (the others are masked out)
+      const scores = new Float64Array(t + 1 - first);
+      for (let s = first; s <= t; s++) {
         let dot = 0;
         for (let j = 0; j < hd; j++) dot += q[t]![h * hd + j]! * k[s]![g * hd + j]!;
-        scores[s] = dot / Math.sqrt(hd);
+        scores[s - first] = dot / Math.sqrt(hd);
       }
       const weights = softmax(scores);
-      for (let s = 0; s <= t; s++) {
-        for (let j = 0; j < hd; j++) o[h * hd + j] += weights[s]! * v[s]![g * hd + j]!;
+      for (let s = first; s <= t; s++) {
+        for (let j = 0; j < hd; j++) o[h * hd + j] += weights[s - first]! * v[s]![g * hd + j]!;
       }
     }
     out.push(o);
@@ -472,10 +479,7 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
   if ((config.hidden_act ?? 'silu') !== 'silu') {
     throw new Error(`reference: hidden_act ${config.hidden_act} is unsupported in reference`);
   }
-  const window = config.model_type === 'qwen2' && config.use_sliding_window !== true ? null : config.sliding_window;
-  if (window != null && tokens.length > window) {
-    throw new Error('reference: sequences longer than sliding_window are unsupported in reference');
-  }
+  const windows = slidingWindows(config, nLayer);
   if (nHead % nKv !== 0) throw new Error(`reference: num_attention_heads ${nHead} not divisible by num_key_value_heads ${nKv}`);
 
   const embed = need(get, 'model.embed_tokens.weight', [vocab, d]);
@@ -512,7 +516,7 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
       k.push(ropeEachHead(run(kProj, h), nKv, hd, t, ropes[t]!));
       v.push(run(vProj, h));
     });
-    const heads = causalAttention(q, k, v, nHead, nKv, hd);
+    const heads = causalAttention(q, k, v, nHead, nKv, hd, windows[l] ?? null);
     xs = xs.map((x, t) => add(x, run(oProj, heads[t]!)));
 
     // x = x + down(silu(gate(h)) · up(h)),  h = rmsnorm(x)
@@ -530,6 +534,31 @@ function llamaHidden(config: Record<string, any>, get: GetTensor, tokens: readon
   const tied = config.tie_word_embeddings === true || !hasTensor(get, 'lm_head.weight');
   const output = tied ? embed : need(get, 'lm_head.weight', [vocab, d]);
   return { hidden: xs.map((x) => rmsNorm(x, finalNorm, eps)), output };
+}
+
+/**
+ * Each layer's sliding window (null: full attention), as transformers' configuration and modeling files set it:
+ * MistralConfig's `sliding_window` defaults to 4096 (an explicit null: none) and MistralModel uses it in every
+ * layer. Qwen2Config sets `sliding_window` to None unless `use_sliding_window`; its `layer_types` default is
+ * "sliding_attention" for layers i >= max_window_layers (default 28) when a window is set; Qwen2Attention uses
+ * `config.sliding_window` in "sliding_attention" layers, and create_sliding_window_causal_mask raises when it is None.
+ * LlamaModel has no window.
+ */
+function slidingWindows(config: Record<string, any>, nLayer: number): (number | null)[] {
+  const declared = (): number | null => ('sliding_window' in config ? config.sliding_window : 4096);
+  if (config.model_type === 'mistral') return new Array(nLayer).fill(declared());
+  if (config.model_type !== 'qwen2') return new Array(nLayer).fill(null);
+  const window = config.use_sliding_window === true ? declared() : null;
+  const maxWindowLayers = config.max_window_layers ?? 28;
+  const types: string[] = config.layer_types ??
+    Array.from({ length: nLayer }, (_, i) => (window !== null && i >= maxWindowLayers ? 'sliding_attention' : 'full_attention'));
+  if (types.length !== nLayer) throw new Error(`reference: layer_types has ${types.length} entries for ${nLayer} layers`);
+  return types.map((type) => {
+    if (type === 'full_attention') return null;
+    if (type !== 'sliding_attention') throw new Error(`reference: layer type ${type} is unsupported in reference`);
+    if (window === null) throw new Error('reference: a sliding_attention layer without sliding_window');
+    return window;
+  });
 }
 
 /** Applies ropeRotateWith to each of the nHeads head slices [hd] of a projected vector. */

@@ -407,11 +407,55 @@ test('greedy re-runs the forward and takes the argmax of the last position', () 
   }
 });
 
+// ---------------------------------------------------------------------------------------------
+// Sliding windows
+
+const WINDOW_SEQ = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4];
+
+test('sliding window: with one layer, position t sees exactly the last W tokens (RoPE is relative, so a forward of those W alone gives its logits)', () => {
+  const W = 4;
+  const m = tinyLlama({ nLayer: 1, seed: 21 });
+  const windowed = forward({ ...m, config: { ...m.config, model_type: 'mistral', sliding_window: W } }, WINDOW_SEQ);
+  const full = forward(m, WINDOW_SEQ);
+  for (let t = 0; t < WINDOW_SEQ.length; t++) {
+    const alone = forward(m, WINDOW_SEQ.slice(Math.max(0, t - W + 1), t + 1));
+    assertClose([windowed[t]!], [alone[alone.length - 1]!], 1e-9);
+    // Positions within the window see everything; past it, dropping the oldest token changes the logits.
+    if (t < W) assertClose([windowed[t]!], [full[t]!], 1e-12);
+    else assert.ok(Math.max(...windowed[t]!.map((x, i) => Math.abs(x - full[t]![i]!))) > 1e-6, `position ${t} is windowed`);
+  }
+  // W + 1 tokens would be one too many: the boundary is i − W < j.
+  const tooMany = forward(m, WINDOW_SEQ.slice(WINDOW_SEQ.length - W - 1));
+  assert.ok(Math.max(...windowed.at(-1)!.map((x, i) => Math.abs(x - tooMany.at(-1)![i]!))) > 1e-6);
+});
+
+test('sliding window: Mistral\'s is on by default (4096) and off with null; Qwen2\'s needs use_sliding_window and picks layers', () => {
+  const m = tinyLlama({ seed: 22 });
+  const run = (extra: Record<string, unknown>) => forward({ ...m, config: { ...m.config, ...extra } }, WINDOW_SEQ);
+  const full = run({});
+  const differs = (a: Float64Array[], b: Float64Array[]) => a.some((row, t) => row.some((x, i) => Math.abs(x - b[t]![i]!) > 1e-6));
+  assertClose(run({ model_type: 'mistral' }), full, 0); // 4096 ≥ 20 tokens
+  assertClose(run({ model_type: 'mistral', sliding_window: null }), full, 0);
+  assertClose(run({ model_type: 'mistral', sliding_window: WINDOW_SEQ.length }), full, 0);
+  const mistral = run({ model_type: 'mistral', sliding_window: 5 });
+  assert.ok(differs(mistral, full));
+  // Qwen2: no window without use_sliding_window; with it, layers from max_window_layers (default 28) on.
+  assertClose(run({ model_type: 'qwen2', sliding_window: 5 }), full, 0);
+  assertClose(run({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 5 }), full, 0);
+  assertClose(run({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 5, max_window_layers: 0 }), mistral, 0);
+  const second = run({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 5, max_window_layers: 1 });
+  assert.ok(differs(second, full) && differs(second, mistral));
+  assertClose(run({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 5, layer_types: ['full_attention', 'sliding_attention'] }), second, 0);
+  const first = run({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 5, layer_types: ['sliding_attention', 'full_attention'] });
+  assert.ok(differs(first, second) && differs(first, full));
+});
+
 test('unsupported configurations throw instead of computing something else', () => {
   const m = tinyLlama();
   assert.throws(() => forward({ ...m, config: { ...m.config, rope_scaling: { rope_type: 'mrope', factor: 8 } } }, [1]), /unsupported in reference/);
   assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'phi' } }, [1]), /unsupported in reference/);
-  assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'mistral', sliding_window: 2 } }, [1, 2, 3]), /unsupported in reference/);
+  assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'qwen2', layer_types: ['full_attention', 'chunked_attention'] } }, [1]), /unsupported in reference/);
+  assert.throws(() => forward({ ...m, config: { ...m.config, model_type: 'qwen2', layer_types: ['full_attention', 'sliding_attention'] } }, [1]), /without sliding_window/);
   assert.throws(() => forward(m, [13]), /outside the vocabulary/);
   const g = tinyGpt2();
   assert.throws(() => forward({ ...g, config: { ...g.config, activation_function: 'relu' } }, [1]), /unsupported in reference/);
