@@ -68,7 +68,7 @@ export interface RepoSpec {
 
 const REPO_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:\/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$/;
 const REVISION_RE = /^[A-Za-z0-9._-]+(?:\/[A-Za-z0-9._-]+)*$/;
-export const COMMIT_RE = /^[0-9a-f]{40}$/;
+const COMMIT_RE = /^[0-9a-f]{40}$/;
 export const DEFAULT_REVISION = 'main';
 
 /** `org/name[@revision]` → RepoSpec, or null when `spec` is not of that shape. */

@@ -12,15 +12,14 @@
  */
 import { createHash } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
-import { fail, isServeError } from '../errors.ts';
+import { fail } from '../errors.ts';
 import { DEFAULT_REVISION, type HubClient, type Snapshot } from '../hub/client.ts';
 import { validateAdapterId } from './ids.ts';
 import { singleFlight } from './single-flight.ts';
-import { CONFIG_FILE, PICKLE_FILE, readAdapterFolder, WEIGHTS_FILE, type AdapterFiles } from './store.ts';
+import { CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_FILE, readAdapterFolder, WEIGHTS_FILE, type AdapterFiles } from './store.ts';
 
 const KEY_PREFIX = 'hub:';
 const KEY_RE = /^hub:(.+)@([0-9a-f]{40})$/;
-const MAX_CONFIG_BYTES = 1 << 20;
 /** Resolutions remembered (repo × token). */
 const MAX_REFS = 4096;
 
@@ -79,13 +78,8 @@ export class HubAdapters {
     if (snap.files !== null && !snap.files.includes(WEIGHTS_FILE) && snap.files.includes(PICKLE_FILE)) {
       throw fail('ADAPTER_PICKLE', `adapter "${repo}" on the Hub only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
     }
-    try {
-      await this.hub.file(snap, CONFIG_FILE, { token, maxBytes: MAX_CONFIG_BYTES });
-      await this.hub.file(snap, WEIGHTS_FILE, { token, maxBytes: this.opts.maxAdapterBytes });
-    } catch (err) {
-      if (isServeError(err) && err.code === 'ADAPTER_TOO_LARGE') throw fail('ADAPTER_TOO_LARGE', `adapter ${err.message}`);
-      throw err;
-    }
+    await this.hub.file(snap, CONFIG_FILE, { token, maxBytes: MAX_CONFIG_BYTES });
+    await this.hub.file(snap, WEIGHTS_FILE, { token, maxBytes: this.opts.maxAdapterBytes });
     const files = await readAdapterFolder(repo, snap.dir, this.opts.maxAdapterBytes, alloc, 'hub');
     if (files === null) throw fail('HUB_NOT_CACHED', `adapter "${repo}": ${CONFIG_FILE} of commit ${commit} is not in the Hub cache`);
     return files;

@@ -86,7 +86,8 @@ export const WEIGHTS_FILE = 'adapter_model.safetensors';
 export const PICKLE_FILE = 'adapter_model.bin';
 /** Beside a cached remote download: SourceMeta as JSON. */
 export const SOURCE_FILE = '.source.json';
-const MAX_CONFIG_BYTES = 1 << 20;
+/** Limit for adapter_config.json, on disk and while downloading. */
+export const MAX_CONFIG_BYTES = 1 << 20;
 /** readWith keeps at most this many read buffers, each at most POOLED_MAX bytes. */
 const POOL_SIZE = 4;
 const POOLED_MAX = 32 << 20;
