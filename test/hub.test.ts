@@ -7,6 +7,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { createServer as createNetServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
@@ -57,6 +58,7 @@ before(async () => {
   styleCommit = hub.commit(STYLE, styleFiles);
   hub.commit(PRIVATE, styleFiles, { token: TOKEN });
   hub.commit('test-org/concurrent', styleFiles);
+  hub.commit('test-org/private-model', modelFiles, { token: 'hf_model' });
   hub.commit('test-org/pickle-only', { 'adapter_config.json': styleFiles['adapter_config.json']!, 'adapter_model.bin': new Uint8Array(8) });
   // The same adapter in the local folder, to compare a Hub load with.
   cpSync(join(fixtures, 'style'), join(tmp.dir, 'adapters', 'local', 'style'), { recursive: true });
@@ -171,6 +173,41 @@ test('a Hub adapter beyond --max-adapter-bytes, and a download whose bytes do no
   assert.deepEqual(readdirSync(join(cacheDir, 'models--test-org--corrupted', 'blobs')), []);
   assert.ok(!existsSync(join(cacheDir, 'models--test-org--corrupted', 'snapshots', commit, 'adapter_model.safetensors')));
   await client.close();
+});
+
+/** Runs the server's main with `args` and the HF_* variables `env` (none of this process's), until `until` matches its output or it exits. */
+async function runMain(args: string[], env: Record<string, string>, until?: RegExp): Promise<{ code: number | null; out: string }> {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HF_') && !k.startsWith('LORA_SERVE_')));
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server/main.ts', ...args], { env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
+  await new Promise<void>((resolve) => {
+    const onData = (d: Buffer) => {
+      out += d;
+      if (until?.test(out)) resolve();
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    void exited.then(() => resolve());
+  });
+  if (child.exitCode === null) child.kill('SIGTERM');
+  return { code: await exited, out };
+}
+
+test('main: --model org/name with HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN; a refused repo is a clear start-up failure', async () => {
+  const env = { HF_ENDPOINT: hub.url, HF_HUB_CACHE: join(tmp.dir, 'main-cache'), HF_HOME: join(tmp.dir, 'no-token-here') };
+  const args = ['--model', 'test-org/private-model', '--adapter-dir', join(tmp.dir, 'main-adapters'), '--port', '0', '--workers', '1', '--log-level', 'info'];
+  const refused = await runMain(args, env);
+  assert.equal(refused.code, 1, refused.out);
+  const fatal = refused.out.split('\n').filter((l) => l.includes('"level":60')).map((l) => JSON.parse(l));
+  assert.equal(fatal.length, 1, refused.out);
+  assert.equal(fatal[0].code, 'HUB_ACCESS_DENIED');
+  assert.match(fatal[0].msg, /^failed to start: Hub repo "test-org\/private-model" at revision "main": the Hub refused access \(HTTP 401\).*set HF_TOKEN/);
+
+  const served = await runMain(args, { ...env, HF_TOKEN: 'hf_model' }, /"msg":"listening on /);
+  assert.match(served.out, /"msg":"listening on /, served.out);
+  assert.equal(served.code, 0, served.out);
+  assert.ok(lstatSync(join(tmp.dir, 'main-cache', 'models--test-org--private-model', 'snapshots', readFileSync(join(tmp.dir, 'main-cache', 'models--test-org--private-model', 'refs', 'main'), 'utf8'), 'config.json')).isSymbolicLink());
 });
 
 async function startServer(over: Partial<ServerOptions>): Promise<Server> {

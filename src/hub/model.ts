@@ -8,7 +8,7 @@ import { fail } from '../errors.ts';
 import { snapshotFiles, type HubClient, type RepoSpec, type Snapshot } from './client.ts';
 
 /** Read by the checkpoint and tokenizer loaders when present (config.json is required). */
-const MODEL_FILES = ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja', 'chat_template.json'];
+const MODEL_FILES = ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'chat_template.json'];
 const INDEX = 'model.safetensors.index.json';
 const WEIGHTS = 'model.safetensors';
 
