@@ -295,6 +295,14 @@ test('--adapter-source hub: ids the adapter folder lacks come from the Hub; a ne
     assert.equal(loaded.statusCode, 200, loaded.body);
     assert.deepEqual([loaded.json().id, loaded.json().source, loaded.json().pinned], [`hub:${STYLE}@${styleCommit}`, 'hub', true]);
 
+    // vLLM's load_lora_adapter with a Hub repo as lora_path: stored under lora_name, then served by that name.
+    const vllm = await server.app.inject({ method: 'POST', url: '/v1/load_lora_adapter', payload: { lora_name: 'renamed', lora_path: 'test-org/concurrent' } });
+    assert.equal(vllm.statusCode, 200, vllm.body);
+    assert.deepEqual(readFileSync(join(tmp.dir, 'adapters', 'renamed', 'adapter_model.safetensors')), Buffer.from(styleFiles['adapter_model.safetensors']!));
+    assert.equal((await post(server, '/v1/completions', { model: 'renamed', prompt: 'Hello', max_tokens: 4 })).status, 200);
+    const missing = await server.app.inject({ method: 'POST', url: '/v1/load_lora_adapter', payload: { lora_name: 'x', lora_path: 'test-org/no-such-adapter' } });
+    assert.deepEqual([missing.statusCode, missing.json().error.code], [403, 'HUB_ACCESS_DENIED']);
+
     const next = hub.commit(STYLE, folderFiles(join(tmp.dir, 'style-2')));
     await new Promise((r) => setTimeout(r, 80));
     assert.equal((await post(server, '/v1/completions', { model: STYLE, prompt: 'Hello', max_tokens: 4 })).status, 200);

@@ -376,6 +376,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return this.info(id);
   }
 
+  async putFromHub(id: string, repo: string): Promise<AdapterInfo> {
+    validateAdapterId(id);
+    const hub = this.opts.hub;
+    if (!hub) throw fail('ADAPTER_NOT_FOUND', `adapter "${repo}": this server does not fetch adapters from the Hugging Face Hub`);
+    const files = await hub.read(await hub.key(repo), undefined, (n) => new Uint8Array(n));
+    return this.put(id, { config: files.config, weights: files.weights });
+  }
+
   async delete(id: string): Promise<boolean> {
     validateAdapterId(id);
     const existed = await this.store.delete(id);

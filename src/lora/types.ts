@@ -34,6 +34,8 @@ export interface AdapterAdmin {
   info(id: string): Promise<AdapterInfo>;
   /** Validates fully, then stores atomically; replaces an older version only when the new one is valid. */
   put(id: string, files: { config: unknown; weights: Uint8Array }): Promise<AdapterInfo>;
+  /** `put` of the files of a Hugging Face Hub adapter repo (downloaded into the Hub cache first). */
+  putFromHub(id: string, repo: string): Promise<AdapterInfo>;
   /** Removes from every tier and disk; in-flight requests finish on the version they started with. */
   delete(id: string): Promise<boolean>;
   /** Warms into the device tier; pin keeps it there until unload. */
