@@ -11,6 +11,7 @@
  */
 import { BACKENDS } from './backend/select.ts';
 import { LORA_MODES } from './engine/scheduler.ts';
+import { ADAPTER_SOURCE_KINDS } from './engine/types.ts';
 import { METRICS_COMPAT, type MetricsCompat } from './obs/metrics.ts';
 import type { RuntimeOptions } from './runtime.ts';
 import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
@@ -70,13 +71,14 @@ function opt(flag: string, key: OptionSpec['key'], kind: Kind, def: OptionSpec['
 }
 
 export const OPTIONS: readonly OptionSpec[] = Object.freeze([
-  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty: the embedded demo model',
+  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub repo org/name[@revision] when no such folder exists (downloaded into the Hub cache; HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE); empty: the embedded demo model',
     { aliases: ['model-id'], envAliases: ['MODEL_ID'] }),
   opt('host', 'host', 'string', '127.0.0.1', 'Address to listen on (use 0.0.0.0 in a container)', { aliases: ['hostname'] }),
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0, envAliases: ['PORT'] }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
-  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used; 0: never'),
+  opt('adapter-source', 'adapterSource', 'choice', 'local', 'Where an adapter id that --adapter-dir does not have comes from when a request does not say (LoRAX adapter_source): local: --adapter-source-url, else 404; hub: the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, the Hub cache)', { choices: ADAPTER_SOURCE_KINDS }),
+  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used, and a Hub adapter\'s commit is resolved again; 0: never'),
   opt('allowed-local-adapter-paths', 'allowedLocalAdapterPaths', 'string', '', 'Folders (comma-separated) that POST /v1/load_lora_adapter may read a lora_path from, symlinks resolved; empty: local paths are refused'),
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend; auto: tensorflow-gpu, webgpu on a hardware GPU, tensorflow, wasm, cpu (a software WebGPU adapter such as lavapipe only with --backend webgpu)', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),

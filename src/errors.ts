@@ -37,6 +37,15 @@ export const ERRORS = {
   MERGE_INVALID: { status: 400, type: 'validation' },
   /** Source adapters that cannot be merged: different ranks, rank/alpha patterns (src/lora/merged-adapter.ts). */
   MERGE_INCOMPATIBLE: { status: 422, type: 'adapter_invalid' },
+  // --- the Hugging Face Hub (--model org/name, adapters with adapter_source "hub"; src/hub/client.ts) ---
+  /** The Hub answered 401 or 403: a private or gated repo, and no token or a refused one. */
+  HUB_ACCESS_DENIED: { status: 403, type: 'forbidden' },
+  /** The Hub answered 404: no such repo, revision or file. */
+  HUB_NOT_FOUND: { status: 404, type: 'not_found' },
+  /** HF_HUB_OFFLINE is set (or the Hub could not be reached) and the repo, revision or file is not in the cache. */
+  HUB_NOT_CACHED: { status: 404, type: 'not_found' },
+  /** The Hub could not be reached, timed out, or answered with another error. */
+  HUB_UNAVAILABLE: { status: 502, type: 'hub_unavailable' },
   // --- checkpoint / safetensors (startup or adapter files) ---
   SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
   SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },

@@ -124,6 +124,8 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       }],
       ['parameters.merged_adapters.density', { value: 0.25, base: MERGE_BASE, check: (r) => r!.merge?.density === 0.25 }],
       ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
+      ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
+      ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
     ]),
   },
   '/v1/completions': {

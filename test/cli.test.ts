@@ -43,6 +43,7 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_PORT', '8080', 'port', 8080],
   ['LORA_SERVE_ADAPTER_DIR', '/data/adapters', 'adapterDir', '/data/adapters'],
   ['LORA_SERVE_ADAPTER_SOURCE_URL', 'http://127.0.0.1:9000/adapters', 'adapterSourceUrl', 'http://127.0.0.1:9000/adapters'],
+  ['LORA_SERVE_ADAPTER_SOURCE', 'hub', 'adapterSource', 'hub'],
   ['LORA_SERVE_ADAPTER_REVALIDATE_AFTER', '60', 'adapterRevalidateAfter', 60],
   ['LORA_SERVE_ALLOWED_LOCAL_ADAPTER_PATHS', '/data/a,/data/b', 'allowedLocalAdapterPaths', '/data/a,/data/b'],
   ['LORA_SERVE_BACKEND', 'cpu', 'backend', 'cpu'],

@@ -499,6 +499,7 @@ test('GET /info, GET /metrics, GET /openapi.yaml', async () => {
   const s = await build();
   const info = (await s.inject({ method: 'GET', url: '/info' })).json();
   assert.equal(info.model_id, BASE_MODEL);
+  assert.equal(info.model_sha, null, 'a model folder has no Hub commit');
   assert.equal(info.max_input_tokens, 64);
   assert.equal(info.max_total_tokens, 96);
   assert.equal(info.chat_template, true);

@@ -34,13 +34,16 @@ import { assertNotPickle, loadAdapterWeights, type AdapterWeights } from './adap
 import { adapterDirFor, validateAdapterId } from './ids.ts';
 import { singleFlight } from './single-flight.ts';
 
+/** Where adapter files came from: the adapter folder, an upload, --adapter-source-url, or the Hugging Face Hub. */
+export type AdapterFileSource = 'disk' | 'upload' | 'remote' | 'hub';
+
 export interface AdapterFiles {
   readonly id: string;
   /** Parsed adapter_config.json (unvalidated). */
   readonly config: unknown;
   /** adapter_model.safetensors bytes (unvalidated). */
   readonly weights: Uint8Array;
-  readonly source: 'disk' | 'upload' | 'remote';
+  readonly source: AdapterFileSource;
   /**
    * Content hash (`adapterVersion`) of these config and weights. Computed on first read, so that a load can hash
    * while the device upload runs; files read with `readWith` are hashed before their buffer is lent again, so the
@@ -83,7 +86,8 @@ export const WEIGHTS_FILE = 'adapter_model.safetensors';
 export const PICKLE_FILE = 'adapter_model.bin';
 /** Beside a cached remote download: SourceMeta as JSON. */
 export const SOURCE_FILE = '.source.json';
-const MAX_CONFIG_BYTES = 1 << 20;
+/** Limit for adapter_config.json, on disk and while downloading. */
+export const MAX_CONFIG_BYTES = 1 << 20;
 /** readWith keeps at most this many read buffers, each at most POOLED_MAX bytes. */
 const POOL_SIZE = 4;
 const POOLED_MAX = 32 << 20;
@@ -226,7 +230,9 @@ function pickleError(id: string): ServeError {
  * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
  * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
  */
-export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
+export async function readAdapterFolder(
+  id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array, source: AdapterFileSource = 'disk',
+): Promise<AdapterFiles | null> {
   const configBytes = readConfigSync(id, dir);
   if (configBytes === null) return null;
   let fd: number;
@@ -244,7 +250,7 @@ export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes
     let got = 0;
     for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
     // A file that shrank mid-read is returned short: validation then reports it as truncated.
-    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
+    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), source);
   } finally {
     closeSync(fd);
   }

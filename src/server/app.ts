@@ -30,6 +30,8 @@ import { tokenizeRoutes } from './routes/tokenize.ts';
 export interface ServerInfo {
   /** The base model's id (also its `model` name on the OpenAI routes). */
   readonly modelId: string;
+  /** The Hub commit of a model given as org/name (TGI's model_sha); absent for a folder. */
+  readonly modelSha?: string;
   /** config.json model_type (llama, gpt2, ...). */
   readonly modelType: string;
   readonly dtype: string;
@@ -73,6 +75,8 @@ export interface AppOptions {
   readonly requestTimeoutMs?: number;
   /** Absolute folders POST /v1/load_lora_adapter may read a lora_path from (--allowed-local-adapter-paths); absent: none. */
   readonly allowedAdapterPaths?: readonly string[];
+  /** POST /v1/load_lora_adapter takes a lora_path that is not absolute as a Hub repo id, as vLLM does (--adapter-source hub). */
+  readonly hubLoraPaths?: boolean;
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
 }

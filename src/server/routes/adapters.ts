@@ -15,8 +15,10 @@ export const ADAPTER_FILE_ERRORS: readonly ErrorCode[] = [
   'ADAPTER_INVALID_ID', 'ADAPTER_INVALID_CONFIG', 'ADAPTER_UNSUPPORTED', 'ADAPTER_SHAPE_MISMATCH', 'ADAPTER_UNKNOWN_MODULE',
   'ADAPTER_RANK_TOO_LARGE', 'ADAPTER_NON_FINITE', 'ADAPTER_PICKLE', 'SAFETENSORS_INVALID', 'SAFETENSORS_DTYPE',
 ];
-/** What loading an adapter from the store can fail with. */
-export const LOAD_ERRORS: readonly ErrorCode[] = [...ADAPTER_FILE_ERRORS, 'ADAPTER_NOT_FOUND', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_BUSY'];
+/** What fetching an adapter from the Hugging Face Hub can fail with (adapter_source "hub", --adapter-source hub). */
+export const HUB_ERRORS: readonly ErrorCode[] = ['HUB_ACCESS_DENIED', 'HUB_NOT_FOUND', 'HUB_NOT_CACHED', 'HUB_UNAVAILABLE'];
+/** What loading an adapter from the store (or, with --adapter-source hub, the Hub) can fail with. */
+export const LOAD_ERRORS: readonly ErrorCode[] = [...ADAPTER_FILE_ERRORS, 'ADAPTER_NOT_FOUND', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', ...HUB_ERRORS, 'ADAPTER_BUSY'];
 
 export function adapterJson(a: Info) {
   return {

@@ -23,6 +23,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
     const { info, options } = deps;
     return {
       model_id: info.modelId,
+      model_sha: info.modelSha ?? null,
       model_type: info.modelType,
       model_dtype: info.dtype,
       backend: info.backend,
