@@ -526,7 +526,7 @@ test('GET /info names the WebGPU adapter and its limits on the webgpu backend', 
   });
 });
 
-test('--api-key: Bearer required everywhere but /health and /metrics', async () => {
+test('--api-key: Bearer required everywhere but /health (and /metrics with --metrics-public)', async () => {
   const s = await build({ options: { apiKey: 'sesame' } });
   const gen = (headers: Record<string, string>) => s.inject({ method: 'POST', url: '/generate', payload: JSON.stringify({ inputs: 'Hi' }), headers: { 'content-type': 'application/json', ...headers } });
   const none = await gen({});
@@ -542,7 +542,10 @@ test('--api-key: Bearer required everywhere but /health and /metrics', async () 
   assert.equal(models.statusCode, 401);
   assert.equal(models.json().error.code, 'UNAUTHORIZED');
   assert.equal((await s.inject({ method: 'GET', url: '/health' })).statusCode, 200);
-  assert.equal((await s.inject({ method: 'GET', url: '/metrics' })).statusCode, 200);
+  assert.equal((await s.inject({ method: 'GET', url: '/metrics' })).statusCode, 401);
+  assert.equal((await s.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer sesame' } })).statusCode, 200);
+  const scrape = await build({ options: { apiKey: 'sesame', metricsPublic: true } });
+  assert.equal((await scrape.inject({ method: 'GET', url: '/metrics' })).statusCode, 200);
   assert.equal((await s.inject({ method: 'GET', url: '/adapters' })).statusCode, 401);
   assert.equal((await s.inject({ method: 'GET', url: '/openapi.yaml', headers: { authorization: 'Bearer sesame' } })).statusCode, 200);
 

@@ -15,6 +15,8 @@ export const ADAPTER_FILE_ERRORS: readonly ErrorCode[] = [
   'ADAPTER_INVALID_ID', 'ADAPTER_INVALID_CONFIG', 'ADAPTER_UNSUPPORTED', 'ADAPTER_SHAPE_MISMATCH', 'ADAPTER_UNKNOWN_MODULE',
   'ADAPTER_RANK_TOO_LARGE', 'ADAPTER_NON_FINITE', 'ADAPTER_PICKLE', 'SAFETENSORS_INVALID', 'SAFETENSORS_DTYPE',
 ];
+/** What writing to the adapter folder can fail with (uploads, deletes): a full or read-only disk, a symlinked folder. */
+export const STORE_WRITE_ERRORS: readonly ErrorCode[] = ['INSUFFICIENT_STORAGE', 'STORAGE_UNAVAILABLE', 'ADAPTER_PATH_NOT_ALLOWED'];
 /** What loading an adapter from the store can fail with. */
 export const LOAD_ERRORS: readonly ErrorCode[] = [...ADAPTER_FILE_ERRORS, 'ADAPTER_NOT_FOUND', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_BUSY'];
 
@@ -68,6 +70,7 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
   app.put<{ Params: { '*': string } }>('/adapters/*', {
     schema: { response: { 200: AdapterInfo } },
     config: {
+      admin: true,
       doc: {
         tag: 'Adapters',
         operations: [{
@@ -75,7 +78,7 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
           summary: 'Upload (or replace) an adapter: validated fully, then stored atomically',
           body: { contentType: 'multipart/form-data', schema: AdapterUpload },
         }],
-        errors: [...ADAPTER_FILE_ERRORS, 'ADAPTER_TOO_LARGE', 'ADAPTER_BUSY'],
+        errors: [...ADAPTER_FILE_ERRORS, ...STORE_WRITE_ERRORS, 'ADAPTER_TOO_LARGE', 'ADAPTER_BUSY'],
       },
     },
   }, async (request) => {
@@ -112,7 +115,10 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
 
   app.delete<{ Params: { '*': string } }>('/adapters/*', {
     schema: { response: { 200: AdapterDeleted } },
-    config: { doc: { tag: 'Adapters', operations: [{ path: '/adapters/{id}', summary: 'Delete an adapter from every tier and the disk' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'ADAPTER_BUSY'] } },
+    config: {
+      admin: true,
+      doc: { tag: 'Adapters', operations: [{ path: '/adapters/{id}', summary: 'Delete an adapter from every tier and the disk' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'ADAPTER_BUSY', ...STORE_WRITE_ERRORS] },
+    },
   }, async (request) => {
     const id = validateAdapterId(request.params['*']);
     if (!(await deps.adapters.delete(id))) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
@@ -122,6 +128,7 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
   app.post<{ Params: { '*': string }; Querystring: LoadQueryString }>('/adapters/*', {
     schema: { querystring: LoadQuery, response: { 200: AdapterInfo } },
     config: {
+      admin: true,
       doc: {
         tag: 'Adapters',
         operations: [
