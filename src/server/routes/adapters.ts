@@ -122,8 +122,10 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
         else throw fail('VALIDATION', `unexpected part "${part.fieldname}"${part.fieldname === 'weights' ? ' (weights must be a file part)' : ''}: ${UPLOAD_HELP}`);
       }
     } catch (err) {
-      if (!isServeError(err) && LIMIT_ERRORS.has((err as { code?: string }).code ?? '')) throw tooLarge(reply);
-      throw err;
+      if (isServeError(err)) throw err;
+      if (LIMIT_ERRORS.has((err as { code?: string }).code ?? '')) throw tooLarge(reply);
+      // Anything else reading the parts is the body's framing (busboy: "Unexpected end of form", "Malformed part header").
+      throw fail('BAD_REQUEST', `malformed multipart body (${(err as Error).message}): ${UPLOAD_HELP}`);
     }
     if (config === undefined || weights === undefined) {
       throw fail('VALIDATION', `missing part "${config === undefined ? 'config' : 'weights'}": ${UPLOAD_HELP}`);
