@@ -179,7 +179,7 @@ const headerEdit = fc.record({
   field: fc.constantFrom('dtype', 'shape', 'data_offsets', 'extra', '__metadata__', 'self'),
   value: fc.oneof(
     anyJson,
-    fc.constantFrom('I64', 'F64', 'U8', 'BOOL', 'F8_E4M3', 'Q4', ''),
+    { weight: 3, arbitrary: fc.constantFrom('I64', 'F64', 'U8', 'BOOL', 'F8_E4M3', 'Q4', '') },
     fc.array(fc.oneof(fc.nat(5), jsonNumber), { maxLength: 4 }),
     fc.tuple(jsonNumber, jsonNumber),
   ),
