@@ -235,6 +235,11 @@ test('a declared body over the limit is refused before it is read (JSON and uplo
     const chunked = await rawRequest(port, head, `${part.length.toString(16)}\r\n${part}\r\n`);
     assert.match(chunked, /^HTTP\/1.1 413 /);
     assert.match(chunked, /"ADAPTER_TOO_LARGE"/);
+    const jsonHead = 'POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n';
+    const text = `{"inputs": "${'x'.repeat(32 * 1024)}`;
+    const chunkedJson = await rawRequest(port, jsonHead, `${text.length.toString(16)}\r\n${text}\r\n`);
+    assert.match(chunkedJson, /^HTTP\/1.1 413 /);
+    assert.match(chunkedJson, /"PAYLOAD_TOO_LARGE"/);
     assert.deepEqual(await readdir(s.dir).catch(() => []), [], 'nothing stored');
   } finally {
     await s.close();

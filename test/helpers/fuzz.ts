@@ -103,7 +103,8 @@ const shortString = fc.oneof(
 const anyJson = fc.jsonValue({ maxDepth: 2 });
 
 /** Patterns as configs carry them: module names, regexes (catastrophic ones in a backtracking engine), junk. */
-const CATASTROPHIC = ['(a+)+$', '(a|aa)*c', '(.*a){20}', '(a*)*b', '([a-z]+)*[0-9]', '(\\w+\\s?)+$', '.*.*.*.*.*=', '(?:a?){30}a{30}', '(x+x+)+y', '^(a|a?)+$'];
+/** Patterns that backtrack exponentially (or polynomially) in a backtracking engine such as JavaScript's RegExp. */
+export const CATASTROPHIC = ['(a+)+$', '(a|aa)*c', '(.*a){20}', '(a*)*b', '([a-z]+)*[0-9]', '(\\w+\\s?)+$', '.*.*.*.*.*=', '(?:a?){30}a{30}', '(x+x+)+y', '^(a|a?)+$'];
 const regexAtom = fc.constantFrom('a', 'aa', '.', '\\w', '[a-z]', 'a?', '\\.', 'q_proj', 'layers', '\\d', '(?:a|aa)');
 const { regex: regexArb } = fc.letrec((tie) => ({
   regex: fc.oneof(
@@ -253,7 +254,7 @@ const MODULE_PATHS = STORE_BASE.modules.map((m) => m.path);
  * Runs `fn`, failing when it blocks longer than PATTERN_MS; returns its duration in ms. Measured in CPU time of this
  * process, so that time the machine gives to other processes (tests run on shared cores) does not count.
  */
-function bounded(what: string, fn: () => unknown): number {
+export function bounded(what: string, fn: () => unknown): number {
   const t = process.cpuUsage();
   fn();
   const used = process.cpuUsage(t);
