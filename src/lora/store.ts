@@ -653,7 +653,8 @@ export class AdapterStore {
     try {
       return new URL(base);
     } catch {
-      throw fail('ADAPTER_FETCH_FAILED', `adapter "${id}": remote URL ${JSON.stringify(base)} is not a valid URL`);
+      // The URL is the server's configuration (it may carry credentials): the message does not show it.
+      throw fail('ADAPTER_FETCH_FAILED', `adapter "${id}": --adapter-source-url does not give a valid URL for this id`);
     }
   }
 
@@ -684,6 +685,14 @@ export class AdapterStore {
     }
   }
 
+  /** Rewrites SOURCE_FILE of a cached download (not through a symlinked folder, as every write). */
+  private writeSourceMeta(id: string, meta: SourceMeta): Promise<void> {
+    return this.exclusive(id, async () => {
+      await assertRealFolders(this.dir, id);
+      await writeFileAtomic(adapterDirFor(this.dir, id), SOURCE_FILE, sourceMetaBytes(meta));
+    });
+  }
+
   /** Single-flight: concurrent checks of one id share one (see the header). True when a new version was cached. */
   revalidate(id: string): Promise<boolean> {
     if (this.revalidateAfterMs <= 0 || this.remoteUrl === undefined || Date.now() < (this.due.get(id) ?? 0)) return Promise.resolve(false);
@@ -702,7 +711,7 @@ export class AdapterStore {
       const weights = await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes, meta.weights);
       const now = Date.now();
       if (config === null && weights === null) {
-        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: now })));
+        await this.writeSourceMeta(id, { ...meta, checkedAt: now });
         return false;
       }
       // What a 304 confirmed, and what a 200 is compared with (a source that sends no validators answers 200).
@@ -715,7 +724,7 @@ export class AdapterStore {
       const weightBytes = weights?.bytes ?? cached.weights;
       const validators = { config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights };
       if (Buffer.compare(configBytes, cached.config) === 0 && Buffer.compare(weightBytes, cached.weights) === 0) {
-        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ checkedAt: now, ...validators })));
+        await this.writeSourceMeta(id, { checkedAt: now, ...validators });
         return false;
       }
       parseConfig(id, configBytes);
@@ -724,7 +733,7 @@ export class AdapterStore {
       return true;
     } catch (err) {
       this.onWarning?.(`adapter "${id}": revalidating against the remote source failed; the cached copy stays in use`, err);
-      await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: Date.now() }))).catch(() => undefined);
+      await this.writeSourceMeta(id, { ...meta, checkedAt: Date.now() }).catch(() => undefined);
       return false;
     }
   }
