@@ -7,20 +7,9 @@ import assert from 'node:assert/strict';
 import { request as httpRequest } from 'undici';
 import { fail } from '../src/errors.ts';
 import { BASE_MODEL, build, fixtureTokenizer, sseData } from './helpers/app.ts';
+import { multipart } from './helpers/store-app.ts';
 
 const json = (body: unknown) => ({ payload: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
-
-function multipart(parts: { name: string; filename?: string; content: string | Buffer }[]) {
-  const boundary = '----lora-serve-test-boundary';
-  const chunks: Buffer[] = [];
-  for (const p of parts) {
-    const disposition = `form-data; name="${p.name}"${p.filename ? `; filename="${p.filename}"` : ''}`;
-    const type = p.filename ? 'Content-Type: application/octet-stream\r\n' : '';
-    chunks.push(Buffer.from(`--${boundary}\r\nContent-Disposition: ${disposition}\r\n${type}\r\n`), Buffer.from(p.content), Buffer.from('\r\n'));
-  }
-  chunks.push(Buffer.from(`--${boundary}--\r\n`));
-  return { payload: Buffer.concat(chunks), headers: { 'content-type': `multipart/form-data; boundary=${boundary}` } };
-}
 
 const CONFIG = JSON.stringify({ r: 8, lora_alpha: 16, target_modules: ['q_proj'], peft_type: 'LORA' });
 
