@@ -35,6 +35,10 @@ export interface ServerOptions extends RuntimeOptions {
   readonly shutdownGrace: number;
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
+  /** undefined: admin routes take apiKey like the others. */
+  readonly adminApiKey: string | undefined;
+  /** /metrics needs no key even with apiKey. */
+  readonly metricsPublic: boolean;
   readonly logLevel: LogLevel;
   /** Also export the endpoint picker's gauges under vLLM's names. */
   readonly metricsCompat: MetricsCompat;
@@ -101,7 +105,9 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
-  opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
+  opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health (and /metrics with --metrics-public)', { secret: true }),
+  opt('admin-api-key', 'adminApiKey', 'string', undefined, 'Require this key instead on the routes that change adapters (PUT/DELETE /adapters/{id}, POST /adapters/{id}/load|unload, /v1/load_lora_adapter, /v1/unload_lora_adapter); it opens every other route too', { secret: true }),
+  opt('metrics-public', 'metricsPublic', 'bool', false, 'Serve /metrics without the API key (for a Prometheus that sends no credentials)'),
   opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
 ]);
@@ -139,7 +145,7 @@ function parseValue(spec: OptionSpec, raw: string, source: string): string | num
       return bad('expected true or false');
     }
     case 'string':
-      return spec.key === 'apiKey' && raw === '' ? undefined : raw;
+      return spec.secret && raw === '' ? undefined : raw;
     case 'choice':
       if (!spec.choices!.includes(raw)) bad(`expected one of ${spec.choices!.join(', ')}`);
       return raw;

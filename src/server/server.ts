@@ -48,6 +48,8 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
     info: serverInfo(runtime, options),
     options: {
       apiKey: options.apiKey,
+      adminApiKey: options.adminApiKey,
+      metricsPublic: options.metricsPublic,
       ...runtime.engine.limits,
       maxNewTokensDefault: options.maxNewTokens,
       maxAdapterBytes: options.maxAdapterBytes,

@@ -1,4 +1,4 @@
-/** Service routes: GET|HEAD /health, GET /info, GET /metrics. */
+/** Service routes: GET|HEAD /health (never needs a key), GET /info, GET /metrics (no key with --metrics-public). */
 import type { FastifyInstance } from 'fastify';
 import { fail } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
@@ -62,7 +62,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.get('/metrics', {
     schema: { summary: 'Prometheus metrics (text exposition format; see docs/metrics.md)' },
-    config: { public: true, doc: { tag: 'Service', produces: 'text/plain' } },
+    config: { public: deps.options.metricsPublic === true, doc: { tag: 'Service', produces: 'text/plain' } },
   }, async (_request, reply) => {
     return reply.type(deps.metrics.contentType).send(await deps.metrics.text());
   });

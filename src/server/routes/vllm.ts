@@ -20,7 +20,7 @@ import { readAllowedAdapterFolder } from '../../lora/local-path.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 import { Closed } from '../schemas.ts';
-import { LOAD_ERRORS } from './adapters.ts';
+import { LOAD_ERRORS, STORE_WRITE_ERRORS } from './adapters.ts';
 
 const LoadLoraAdapter = Type.Object({
   lora_name: Type.String({ description: 'Adapter id (`name` or `org/name`)' }),
@@ -36,7 +36,7 @@ export function vllmRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.post<{ Body: Static<typeof LoadLoraAdapter> }>('/v1/load_lora_adapter', {
     schema: { summary: 'vLLM: load a LoRA adapter (from the adapter store, a local folder inside --allowed-local-adapter-paths, or with --adapter-source hub a Hub repo)', body: LoadLoraAdapter },
-    config: { doc: { tag: 'Adapters', produces: 'text/plain', errors: [...LOAD_ERRORS, 'ADAPTER_PATH_NOT_ALLOWED', 'ADAPTER_TOO_LARGE'] } },
+    config: { admin: true, doc: { tag: 'Adapters', produces: 'text/plain', errors: [...LOAD_ERRORS, ...STORE_WRITE_ERRORS, 'ADAPTER_TOO_LARGE'] } },
   }, async (request, reply) => {
     const { lora_name: name, lora_path: folder } = request.body;
     const id = validateAdapterId(name);
@@ -54,7 +54,7 @@ export function vllmRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.post<{ Body: Static<typeof UnloadLoraAdapter> }>('/v1/unload_lora_adapter', {
     schema: { summary: 'vLLM: drop a LoRA adapter from the device (it stays in the adapter store)', body: UnloadLoraAdapter },
-    config: { doc: { tag: 'Adapters', produces: 'text/plain', errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND'] } },
+    config: { admin: true, doc: { tag: 'Adapters', produces: 'text/plain', errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND'] } },
   }, async (request, reply) => {
     const id = validateAdapterId(request.body.lora_name);
     await deps.adapters.unload(id);
