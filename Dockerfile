@@ -101,8 +101,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 lora \
     && useradd --system --uid 10001 --gid lora --home-dir /home/lora --create-home --shell /usr/sbin/nologin lora \
-    && mkdir -p /app/.cache /models /adapters \
-    && chown lora:lora /app/.cache /adapters
+    && mkdir -p /app/.cache /models /adapters /hf-home \
+    && chown lora:lora /app/.cache /adapters /hf-home
 WORKDIR /app
 COPY --from=cpu-deps /app/node_modules ./node_modules
 COPY package.json package-lock.json tsconfig.json ./
@@ -112,8 +112,9 @@ ENV NODE_ENV=production \
     LORA_SERVE_HOST=0.0.0.0 \
     LORA_SERVE_PORT=3000 \
     LORA_SERVE_ADAPTER_DIR=/adapters \
+    HF_HOME=/hf-home \
     LORA_SERVE_BACKEND=${CPU_BACKEND}
-VOLUME ["/models", "/adapters"]
+VOLUME ["/models", "/adapters", "/hf-home"]
 EXPOSE 3000
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
@@ -147,8 +148,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 lora \
     && useradd --system --uid 10001 --gid lora --home-dir /home/lora --create-home --shell /usr/sbin/nologin lora \
-    && mkdir -p /app/.cache /models /adapters /var/cache/cuda \
-    && chown lora:lora /app/.cache /adapters /var/cache/cuda
+    && mkdir -p /app/.cache /models /adapters /hf-home /var/cache/cuda \
+    && chown lora:lora /app/.cache /adapters /hf-home /var/cache/cuda
 COPY --from=node /usr/local/bin/node /usr/local/bin/node
 WORKDIR /app
 COPY --from=gpu-deps /app/node_modules ./node_modules
@@ -162,12 +163,13 @@ ENV NODE_ENV=production \
     LORA_SERVE_HOST=0.0.0.0 \
     LORA_SERVE_PORT=3000 \
     LORA_SERVE_ADAPTER_DIR=/adapters \
+    HF_HOME=/hf-home \
     LORA_SERVE_BACKEND=tensorflow-gpu \
     TF_CPP_MIN_LOG_LEVEL=1 \
     TF_FORCE_GPU_ALLOW_GROWTH=true \
     CUDA_CACHE_PATH=/var/cache/cuda \
     CUDA_CACHE_MAXSIZE=4294967296
-VOLUME ["/models", "/adapters"]
+VOLUME ["/models", "/adapters", "/hf-home"]
 EXPOSE 3000
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \

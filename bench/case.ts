@@ -74,6 +74,10 @@ export interface ServerRun {
   readonly info: Record<string, unknown>;
   /** Copies of the model it runs (its executor workers; 1 in process). */
   readonly workers: number;
+  /** host:port it listens on. */
+  readonly address: string;
+  /** Ends the process at once (SIGKILL), as a crash or an OOM kill would. */
+  kill(): void;
 }
 
 export interface BenchCase {

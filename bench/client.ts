@@ -12,6 +12,10 @@ export interface Generation {
   readonly seconds: number;
   /** Seconds to the first streamed token (streaming only). */
   readonly ttft?: number;
+  /** generated_text (non-streaming only). */
+  readonly text?: string;
+  /** The `x-served-by` response header a proxy in front of the replicas adds (non-streaming only). */
+  readonly servedBy?: string;
 }
 
 export interface GenerateOptions {
@@ -32,6 +36,10 @@ export class ApiClient {
   }
 
   async json<T = any>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, body?: unknown): Promise<T> {
+    return (await this.jsonWithHeaders<T>(method, path, body)).body;
+  }
+
+  private async jsonWithHeaders<T>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, body?: unknown): Promise<{ body: T; headers: Record<string, string | string[] | undefined> }> {
     const res = await this.pool.request({
       method, path,
       headers: body === undefined ? {} : { 'content-type': 'application/json' },
@@ -39,7 +47,7 @@ export class ApiClient {
     });
     const text = await res.body.text();
     if (res.statusCode >= 300) throw new Error(`${method} ${path}: HTTP ${res.statusCode} ${text.slice(0, 300)}`);
-    return JSON.parse(text) as T;
+    return { body: JSON.parse(text) as T, headers: res.headers };
   }
 
   /** One TGI generation, greedy. Streaming parses the SSE events and times the first token. */
@@ -48,8 +56,12 @@ export class ApiClient {
     const parameters = { max_new_tokens: opts.maxNewTokens, details: true, ignore_eos: true, ...(opts.adapter === null ? {} : { adapter_id: opts.adapter }) };
     const t0 = performance.now();
     if (!opts.stream) {
-      const r = await this.json('POST', '/generate', { inputs, parameters });
-      return { tokens: r.details.generated_tokens, seconds: (performance.now() - t0) / 1000 };
+      const { body: r, headers } = await this.jsonWithHeaders<any>('POST', '/generate', { inputs, parameters });
+      const servedBy = headers['x-served-by'];
+      return {
+        tokens: r.details.generated_tokens, seconds: (performance.now() - t0) / 1000, text: r.generated_text,
+        ...(typeof servedBy === 'string' ? { servedBy } : {}),
+      };
     }
     const res = await this.pool.request({
       method: 'POST', path: '/generate_stream', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs, parameters }),

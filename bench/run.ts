@@ -203,7 +203,7 @@ async function main(): Promise<void> {
             backendInfo ??= info.backend;
             const workers = typeof info.workers === 'number' ? info.workers : Number(all.workers ?? 1);
             workersSeen ??= workers;
-            runs.push({ info, workers });
+            runs.push({ info, workers, address: new URL(server.api.url).host, kill: server.kill });
           }
           return await fn(started.map((s) => s.api), runs);
         } finally {

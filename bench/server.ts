@@ -22,6 +22,8 @@ export interface BenchServer {
   /** Seconds from spawn to the first healthy /health. */
   readonly startSeconds: number;
   stop(): Promise<void>;
+  /** SIGKILL, without waiting. */
+  kill(): void;
 }
 
 /** A TCP port free on 127.0.0.1 right now. */
@@ -97,5 +99,5 @@ export async function startServer(flags: ServerFlags, logDir: string, name: stri
       await new Promise((r) => setTimeout(r, 250));
     }
   }
-  return { api, pid: child.pid!, logFile, startSeconds: (performance.now() - t0) / 1000, stop };
+  return { api, pid: child.pid!, logFile, startSeconds: (performance.now() - t0) / 1000, stop, kill: () => void child.kill('SIGKILL') };
 }

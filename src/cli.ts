@@ -11,6 +11,7 @@
  */
 import { BACKENDS } from './backend/select.ts';
 import { LORA_MODES } from './engine/scheduler.ts';
+import { ADAPTER_SOURCE_KINDS } from './engine/types.ts';
 import { METRICS_COMPAT, type MetricsCompat } from './obs/metrics.ts';
 import type { RuntimeOptions } from './runtime.ts';
 import { COMPLETION_DEFAULT_MAX_TOKENS } from './server/schemas.ts';
@@ -34,6 +35,10 @@ export interface ServerOptions extends RuntimeOptions {
   readonly shutdownGrace: number;
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
+  /** undefined: admin routes take apiKey like the others. */
+  readonly adminApiKey: string | undefined;
+  /** /metrics needs no key even with apiKey. */
+  readonly metricsPublic: boolean;
   readonly logLevel: LogLevel;
   /** Also export the endpoint picker's gauges under vLLM's names. */
   readonly metricsCompat: MetricsCompat;
@@ -70,13 +75,14 @@ function opt(flag: string, key: OptionSpec['key'], kind: Kind, def: OptionSpec['
 }
 
 export const OPTIONS: readonly OptionSpec[] = Object.freeze([
-  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty: the embedded demo model',
+  opt('model', 'model', 'string', '', 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json), or a Hub repo org/name[@revision] when no such folder exists (downloaded into the Hub cache; HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE); empty: the embedded demo model',
     { aliases: ['model-id'], envAliases: ['MODEL_ID'] }),
   opt('host', 'host', 'string', '127.0.0.1', 'Address to listen on (use 0.0.0.0 in a container)', { aliases: ['hostname'] }),
   opt('port', 'port', 'int', 3000, 'TCP port', { min: 0, envAliases: ['PORT'] }),
   opt('adapter-dir', 'adapterDir', 'string', 'adapters', 'Folder of PEFT adapters (<id>/adapter_config.json + adapter_model.safetensors); uploads are stored here'),
   opt('adapter-source-url', 'adapterSourceUrl', 'url', undefined, 'Base URL to fetch adapters missing from --adapter-dir (<url>/<id>/adapter_config.json ...)'),
-  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used; 0: never'),
+  opt('adapter-source', 'adapterSource', 'choice', 'local', 'Where an adapter id that --adapter-dir does not have comes from when a request does not say (LoRAX adapter_source): local: --adapter-source-url, else 404; hub: the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, the Hub cache)', { choices: ADAPTER_SOURCE_KINDS }),
+  opt('adapter-revalidate-after', 'adapterRevalidateAfter', 'seconds', 300, 'Seconds after which an adapter cached from --adapter-source-url is checked for a newer version (conditional GET with its ETag) when it is next used, and a Hub adapter\'s commit is resolved again; 0: never'),
   opt('allowed-local-adapter-paths', 'allowedLocalAdapterPaths', 'string', '', 'Folders (comma-separated) that POST /v1/load_lora_adapter may read a lora_path from, symlinks resolved; empty: local paths are refused'),
   opt('backend', 'backend', 'choice', 'auto', 'TensorFlow.js backend; auto: tensorflow-gpu, webgpu on a hardware GPU, tensorflow, wasm, cpu (a software WebGPU adapter such as lavapipe only with --backend webgpu)', { choices: BACKENDS }),
   opt('lora-mode', 'loraMode', 'choice', 'auto', 'How LoRA is applied: merged into the weights (one adapter per step), unmerged (mixed batches), or auto', { choices: LORA_MODES }),
@@ -99,7 +105,9 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
-  opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
+  opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health (and /metrics with --metrics-public)', { secret: true }),
+  opt('admin-api-key', 'adminApiKey', 'string', undefined, 'Require this key instead on the routes that change adapters (PUT/DELETE /adapters/{id}, POST /adapters/{id}/load|unload, /v1/load_lora_adapter, /v1/unload_lora_adapter); it opens every other route too', { secret: true }),
+  opt('metrics-public', 'metricsPublic', 'bool', false, 'Serve /metrics without the API key (for a Prometheus that sends no credentials)'),
   opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
 ]);
@@ -137,7 +145,7 @@ function parseValue(spec: OptionSpec, raw: string, source: string): string | num
       return bad('expected true or false');
     }
     case 'string':
-      return spec.key === 'apiKey' && raw === '' ? undefined : raw;
+      return spec.secret && raw === '' ? undefined : raw;
     case 'choice':
       if (!spec.choices!.includes(raw)) bad(`expected one of ${spec.choices!.join(', ')}`);
       return raw;

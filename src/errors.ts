@@ -16,6 +16,8 @@ export const ERRORS = {
   PAYLOAD_TOO_LARGE: { status: 413, type: 'payload_too_large' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, type: 'validation' },
   UNAUTHORIZED: { status: 401, type: 'unauthorized' },
+  /** An admin route (adapter upload, delete, load/unload) called with the plain API key while --admin-api-key is set. */
+  ADMIN_KEY_REQUIRED: { status: 403, type: 'forbidden' },
   NOT_FOUND: { status: 404, type: 'not_found' },
   // --- adapters ---
   ADAPTER_NOT_FOUND: { status: 404, type: 'adapter_not_found' },
@@ -31,7 +33,10 @@ export const ERRORS = {
   ADAPTER_FETCH_TIMEOUT: { status: 504, type: 'adapter_fetch_failed' },
   ADAPTER_TOO_LARGE: { status: 413, type: 'payload_too_large' },
   ADAPTER_BUSY: { status: 409, type: 'conflict' },
-  /** A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it). */
+  /**
+   * A local adapter path outside --allowed-local-adapter-paths (or a symlink leading out of it); an upload or delete
+   * whose adapter folder (or org folder) in --adapter-dir is a symlink (writes never go through links).
+   */
   ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
   /** OpenAI `logit_bias` with a key that is not a token id below the vocabulary size, or a bias outside [-100, 100]. */
   LOGIT_BIAS_INVALID: { status: 400, type: 'validation' },
@@ -43,6 +48,19 @@ export const ERRORS = {
   MERGE_INVALID: { status: 400, type: 'validation' },
   /** Source adapters that cannot be merged: different ranks, rank/alpha patterns (src/lora/merged-adapter.ts). */
   MERGE_INCOMPATIBLE: { status: 422, type: 'adapter_invalid' },
+  /** The adapter folder's disk is full (ENOSPC) or over quota (EDQUOT): nothing was stored, nothing stored was lost. */
+  INSUFFICIENT_STORAGE: { status: 507, type: 'insufficient_storage' },
+  /** The adapter folder cannot be written (read-only filesystem, permissions): nothing was stored, nothing stored was lost. */
+  STORAGE_UNAVAILABLE: { status: 503, type: 'storage_unavailable' },
+  // --- the Hugging Face Hub (--model org/name, adapters with adapter_source "hub"; src/hub/client.ts) ---
+  /** The Hub answered 401 or 403: a private or gated repo, and no token or a refused one. */
+  HUB_ACCESS_DENIED: { status: 403, type: 'forbidden' },
+  /** The Hub answered 404: no such repo, revision or file. */
+  HUB_NOT_FOUND: { status: 404, type: 'not_found' },
+  /** HF_HUB_OFFLINE is set (or the Hub could not be reached) and the repo, revision or file is not in the cache. */
+  HUB_NOT_CACHED: { status: 404, type: 'not_found' },
+  /** The Hub could not be reached, timed out, or answered with another error. */
+  HUB_UNAVAILABLE: { status: 502, type: 'hub_unavailable' },
   // --- checkpoint / safetensors (startup or adapter files) ---
   SAFETENSORS_INVALID: { status: 422, type: 'invalid_file' },
   SAFETENSORS_DTYPE: { status: 422, type: 'invalid_file' },

@@ -12,6 +12,11 @@ import type { EngineMetrics } from './engine/types.ts';
 import { DEMO_LLAMA, ensureCheckpoint, writePeftAdapter } from './demo/index.ts';
 import type { DeviceMemory, Executor } from './engine/executor.ts';
 import { AdapterManager } from './lora/manager.ts';
+import { HubAdapters } from './lora/hub-adapters.ts';
+import { HubClient, hubSettingsFromEnv, parseRepoSpec, type HubSettings } from './hub/client.ts';
+import { downloadModel } from './hub/model.ts';
+import { fail } from './errors.ts';
+import type { AdapterSourceKind } from './engine/types.ts';
 import { AdapterStore } from './lora/store.ts';
 import type { AdapterMetrics } from './lora/types.ts';
 import { openCheckpoint } from './model/checkpoint.ts';
@@ -29,6 +34,10 @@ export interface RuntimeOptions {
   readonly model: string;
   readonly adapterDir: string;
   readonly adapterSourceUrl?: string;
+  /** Where an adapter id the adapter folder does not have comes from when a request does not say (default local). */
+  readonly adapterSource?: AdapterSourceKind;
+  /** The Hugging Face Hub: models given as org/name, and Hub adapters (default: from the environment, hubSettingsFromEnv). */
+  readonly hub?: HubSettings;
   /** Seconds after which an adapter cached from the source is checked for a newer version (ETag); 0: never. */
   readonly adapterRevalidateAfter?: number;
   readonly backend: BackendName;
@@ -83,6 +92,8 @@ export interface Runtime {
   /** Device bytes of one copy of the base weights. */
   readonly modelBytes: number;
   readonly modelId: string;
+  /** The Hub commit served, for a model given as org/name[@revision]. */
+  readonly modelSha?: string;
   /** True when serving the generated demo checkpoint. */
   readonly demo: boolean;
   readonly tokenizer: TextTokenizer;
@@ -128,7 +139,8 @@ export async function startRuntime(
   profiler.enabled = opts.profile === true;
   profiler.reset();
   const demo = opts.model === '';
-  const dir = demo ? await ensureDemo(opts.adapterDir, log) : resolve(opts.model);
+  const hub = new HubClient(opts.hub ?? hubSettingsFromEnv(), { log });
+  const { dir, modelId, modelSha } = demo ? { dir: await ensureDemo(opts.adapterDir, log), modelId: 'lora-serve/demo-llama', modelSha: undefined } : await locateModel(opts.model, hub, log);
   if (demo) log('serving the embedded demo model: a small Llama-family checkpoint with RANDOM weights (its output is gibberish); pass --model DIR to serve a real checkpoint');
 
   // The checkpoint's headers give its config and size before any weight is read.
@@ -193,18 +205,19 @@ export async function startRuntime(
     revalidateAfterMs: (opts.adapterRevalidateAfter ?? 0) * 1000,
     onWarning: (message, err) => log(`${message}: ${(err as Error)?.message ?? String(err)}`),
   });
+  const hubAdapters = new HubAdapters(hub, { maxAdapterBytes: opts.maxAdapterBytes, refreshAfterMs: (opts.adapterRevalidateAfter ?? 0) * 1000 });
   const adapters = new AdapterManager(store, { modules: modulesFor(c) }, {
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
+    hub: hubAdapters, defaultSource: opts.adapterSource ?? 'local',
   }, executor, hooks.metrics);
   await adapters.warmUp(opts.warmUpLoads ?? WARM_UP_LOADS);
   const engine = new Engine(executor, tokenizer, adapters, {
     maxBatchSize: opts.maxBatchSize, maxBatchTokens: opts.maxBatchTokens, prefillChunk: opts.prefillChunk, loraMode: opts.loraMode,
     maxQueue: opts.maxQueue, maxInputLength: opts.maxInputLength, maxTotalTokens: opts.maxTotalTokens, maxPositions: c.maxPositions,
   }, hooks.metrics);
-  const modelId = demo ? 'lora-serve/demo-llama' : dir.split('/').filter(Boolean).pop() ?? dir;
   let closed = false;
   return {
-    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
+    backend, nativeMatmul, ...(webgpuAdapter ? { webgpuAdapter } : {}), config, dtype, modelBytes, modelId, ...(modelSha ? { modelSha } : {}), demo, tokenizer, executor, adapters, store, engine, workers, adapterDeviceBytes,
     // Follows every operation posted before it (adapter offloads included).
     deviceMemory: () => executor.deviceMemory(),
     profile: () => addTotals(profiler.snapshot(), executor.profile()),
@@ -215,8 +228,25 @@ export async function startRuntime(
       adapters.dispose();
       await executor.close();
       await store.close();
+      await hub.close();
     },
   };
+}
+
+/**
+ * The checkpoint folder of `--model`: the folder itself when it exists (its id: the folder's name), else a Hub repo
+ * `org/name[@revision]` downloaded into the Hub cache (its id: the repo).
+ */
+async function locateModel(model: string, hub: HubClient, log: (msg: string) => void): Promise<{ dir: string; modelId: string; modelSha?: string }> {
+  if (existsSync(model)) {
+    const dir = resolve(model);
+    return { dir, modelId: dir.split('/').filter(Boolean).pop() ?? dir };
+  }
+  const spec = parseRepoSpec(model);
+  if (spec === null) throw fail('CHECKPOINT_INVALID', `--model ${JSON.stringify(model)}: no such folder, and not a Hugging Face Hub repo id (org/name[@revision])`);
+  const snap = await downloadModel(hub, spec);
+  log(`model ${spec.repo} at ${spec.revision}: commit ${snap.commit}${snap.cachedOnly ? ' (from the cache only)' : ''}, in ${snap.dir}`);
+  return { dir: snap.dir, modelId: spec.repo, modelSha: snap.commit };
 }
 
 /** ", matmuls in the native addon", or why the wasm kernels run instead. */

@@ -142,6 +142,8 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       ['parameters.response_format.type', { value: 'json_object', base: { inputs: 'Hello', parameters: { response_format: { type: 'json_object' } } }, check: (r) => r!.constraint !== undefined }],
       ['parameters.response_format.schema', { value: { type: 'boolean' }, base: { inputs: 'Hello', parameters: { response_format: { type: 'json_object' } } }, check: (r) => r!.constraint !== undefined }],
       ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
+      ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
+      ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
     ]),
   },
   '/v1/completions': {

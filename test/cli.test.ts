@@ -43,6 +43,7 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_PORT', '8080', 'port', 8080],
   ['LORA_SERVE_ADAPTER_DIR', '/data/adapters', 'adapterDir', '/data/adapters'],
   ['LORA_SERVE_ADAPTER_SOURCE_URL', 'http://127.0.0.1:9000/adapters', 'adapterSourceUrl', 'http://127.0.0.1:9000/adapters'],
+  ['LORA_SERVE_ADAPTER_SOURCE', 'hub', 'adapterSource', 'hub'],
   ['LORA_SERVE_ADAPTER_REVALIDATE_AFTER', '60', 'adapterRevalidateAfter', 60],
   ['LORA_SERVE_ALLOWED_LOCAL_ADAPTER_PATHS', '/data/a,/data/b', 'allowedLocalAdapterPaths', '/data/a,/data/b'],
   ['LORA_SERVE_BACKEND', 'cpu', 'backend', 'cpu'],
@@ -66,6 +67,8 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_REQUEST_TIMEOUT', '2.5', 'requestTimeout', 2.5],
   ['LORA_SERVE_SHUTDOWN_GRACE', '5', 'shutdownGrace', 5],
   ['LORA_SERVE_API_KEY', 'from-env', 'apiKey', 'from-env'],
+  ['LORA_SERVE_ADMIN_API_KEY', 'admin-from-env', 'adminApiKey', 'admin-from-env'],
+  ['LORA_SERVE_METRICS_PUBLIC', 'true', 'metricsPublic', true],
   ['LORA_SERVE_LOG_LEVEL', 'debug', 'logLevel', 'debug'],
 ];
 
@@ -99,6 +102,7 @@ test('every option is settable by its LORA_SERVE_* variable; flags override the 
   assert.equal(flags.loraMode, 'merged');
   assert.equal(flags.backend, 'cpu', 'unset flags keep the env value');
   assert.equal(parseOptions([], { LORA_SERVE_API_KEY: '' }).apiKey, undefined, 'an empty key means none');
+  assert.equal(parseOptions([], { LORA_SERVE_ADMIN_API_KEY: '' }).adminApiKey, undefined, 'an empty admin key means none');
 });
 
 test('byte sizes take units', () => {

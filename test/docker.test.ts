@@ -107,8 +107,9 @@ for (const name of ['gpu', 'cpu']) {
     assert.match(hc, /CMD \["node", "-e", ".*fetch\('http:\/\/127\.0\.0\.1:'.*\/health'/);
     assert.doesNotMatch(hc, /curl|wget/);
     const vol = s.lines.find((l) => /^VOLUME\s/i.test(l));
-    assert.ok(vol && vol.includes('"/models"') && vol.includes('"/adapters"'), 'VOLUME /models /adapters');
+    assert.ok(vol && vol.includes('"/models"') && vol.includes('"/adapters"') && vol.includes('"/hf-home"'), 'VOLUME /models /adapters /hf-home');
     const env = envOf(s);
+    assert.equal(env.get('HF_HOME'), '/hf-home', 'the Hub cache is in the volume');
     assert.equal(env.get('LORA_SERVE_HOST'), '0.0.0.0');
     assert.equal(env.get('LORA_SERVE_ADAPTER_DIR'), '/adapters');
     assert.equal(env.get('LORA_SERVE_BACKEND'), name === 'gpu' ? 'tensorflow-gpu' : '${CPU_BACKEND}');

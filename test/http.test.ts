@@ -7,20 +7,9 @@ import assert from 'node:assert/strict';
 import { request as httpRequest } from 'undici';
 import { fail } from '../src/errors.ts';
 import { BASE_MODEL, build, fixtureTokenizer, sseData } from './helpers/app.ts';
+import { multipart } from './helpers/store-app.ts';
 
 const json = (body: unknown) => ({ payload: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
-
-function multipart(parts: { name: string; filename?: string; content: string | Buffer }[]) {
-  const boundary = '----lora-serve-test-boundary';
-  const chunks: Buffer[] = [];
-  for (const p of parts) {
-    const disposition = `form-data; name="${p.name}"${p.filename ? `; filename="${p.filename}"` : ''}`;
-    const type = p.filename ? 'Content-Type: application/octet-stream\r\n' : '';
-    chunks.push(Buffer.from(`--${boundary}\r\nContent-Disposition: ${disposition}\r\n${type}\r\n`), Buffer.from(p.content), Buffer.from('\r\n'));
-  }
-  chunks.push(Buffer.from(`--${boundary}--\r\n`));
-  return { payload: Buffer.concat(chunks), headers: { 'content-type': `multipart/form-data; boundary=${boundary}` } };
-}
 
 const CONFIG = JSON.stringify({ r: 8, lora_alpha: 16, target_modules: ['q_proj'], peft_type: 'LORA' });
 
@@ -499,6 +488,7 @@ test('GET /info, GET /metrics, GET /openapi.yaml', async () => {
   const s = await build();
   const info = (await s.inject({ method: 'GET', url: '/info' })).json();
   assert.equal(info.model_id, BASE_MODEL);
+  assert.equal(info.model_sha, null, 'a model folder has no Hub commit');
   assert.equal(info.max_input_tokens, 64);
   assert.equal(info.max_total_tokens, 96);
   assert.equal(info.chat_template, true);
@@ -526,7 +516,7 @@ test('GET /info names the WebGPU adapter and its limits on the webgpu backend', 
   });
 });
 
-test('--api-key: Bearer required everywhere but /health and /metrics', async () => {
+test('--api-key: Bearer required everywhere but /health (and /metrics with --metrics-public)', async () => {
   const s = await build({ options: { apiKey: 'sesame' } });
   const gen = (headers: Record<string, string>) => s.inject({ method: 'POST', url: '/generate', payload: JSON.stringify({ inputs: 'Hi' }), headers: { 'content-type': 'application/json', ...headers } });
   const none = await gen({});
@@ -542,7 +532,10 @@ test('--api-key: Bearer required everywhere but /health and /metrics', async () 
   assert.equal(models.statusCode, 401);
   assert.equal(models.json().error.code, 'UNAUTHORIZED');
   assert.equal((await s.inject({ method: 'GET', url: '/health' })).statusCode, 200);
-  assert.equal((await s.inject({ method: 'GET', url: '/metrics' })).statusCode, 200);
+  assert.equal((await s.inject({ method: 'GET', url: '/metrics' })).statusCode, 401);
+  assert.equal((await s.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer sesame' } })).statusCode, 200);
+  const scrape = await build({ options: { apiKey: 'sesame', metricsPublic: true } });
+  assert.equal((await scrape.inject({ method: 'GET', url: '/metrics' })).statusCode, 200);
   assert.equal((await s.inject({ method: 'GET', url: '/adapters' })).statusCode, 401);
   assert.equal((await s.inject({ method: 'GET', url: '/openapi.yaml', headers: { authorization: 'Bearer sesame' } })).statusCode, 200);
 

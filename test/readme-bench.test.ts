@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { readReport, renderReadme, renderTable, RESULTS, type Report } from '../bench/readme.ts';
+import { readReport, renderReadme, renderScaleOut, renderScaleOutDoc, renderTable, RESULTS, SCALE_OUT, type Report } from '../bench/readme.ts';
 
 test('README.md holds exactly the table rendered from bench/results (run `npm run bench:readme` after a bench run)', () => {
   const readme = readFileSync('README.md', 'utf8');
@@ -37,4 +37,39 @@ test('the rendering: both runs side by side by figure key, targets met or missed
   const one = renderTable(null, run(5.5));
   assert.match(one, /- Server defaults: not run\./);
   assert.match(one, /\| batching \| gain \| not run \| 5\.50× ✓ \|/);
+});
+
+test('docs/scale-out.md holds exactly the tables rendered from bench/results/scale-out.json', () => {
+  const doc = readFileSync(SCALE_OUT.doc, 'utf8');
+  const report = readReport(SCALE_OUT.results);
+  assert.ok(report, `${SCALE_OUT.results} is committed`);
+  assert.equal(doc, renderScaleOutDoc(doc, report));
+});
+
+test('the scale-out rendering: measured figures with their targets, then one replay row per replica count', () => {
+  const report: Report = {
+    started: '2026-12-04T21:00:00.000Z', seconds: 60, machine: { cpu: 'CPU', cores: 2, memoryBytes: 2 ** 34 },
+    backend: { server: 'wasm', workers: 1 }, git: { commit: 'abcdef0123', dirty: false }, args: ['scale-out'],
+    cases: [{
+      name: 'scale-out', figures: [
+        { label: 'hit rate', key: 'affinity-hit-rate', value: 74.5, unit: '%', target: { op: '>=', value: 90 } },
+        { label: 'failed', key: 'kill-failed', value: 0, unit: '', target: { op: '<=', value: 3 } },
+        ...[2, 1].flatMap((n) => ['affinity', 'round-robin'].flatMap((p) => [
+          { label: 'h', key: `sim-hit-${n}-${p}`, value: 50 + n + (p === 'affinity' ? 10 : 0), unit: '%' },
+          { label: 'l', key: `sim-loads-${n}-${p}`, value: 100 * n, unit: 'loads' },
+          { label: 's', key: `sim-share-${n}-${p}`, value: 1.25, unit: '×' },
+          { label: 'r', key: `sim-rate-${n}-${p}`, value: 40 * n, unit: 'tok/s' },
+        ])),
+      ],
+    }],
+  };
+  const lines = renderScaleOut(report).split('\n');
+  assert.ok(lines.includes('| hit rate | 74.5 % ✗ MISSED | ≥ 90 % |'));
+  assert.ok(lines.includes('| failed | 0 ✓ | ≤ 3 |'));
+  const rows = lines.filter((l) => /^\| \d+ \|/.test(l));
+  assert.deepEqual(rows, [
+    '| 1 | 61 % | 51 % | 100 loads | 100 loads | 1.25× | 40 tok/s | 40 tok/s |',
+    '| 2 | 62 % | 52 % | 200 loads | 200 loads | 1.25× | 80 tok/s | 80 tok/s |',
+  ]);
+  assert.match(renderScaleOut(null), /Not run\./);
 });

@@ -174,7 +174,9 @@ export class Engine implements EngineApi {
     this.waitingForAdapter++;
     seq.awaitingAdapter = true;
     this.reportDepth();
-    const acquiring = req.merge ? this.adapters!.acquireMerged(req.merge, req.signal) : this.adapters!.acquire(req.adapterId, req.signal);
+    const acquiring = req.merge
+      ? this.adapters!.acquireMerged(req.merge, req.signal, req.adapterSource)
+      : this.adapters!.acquire(req.adapterId, req.signal, req.adapterSource);
     acquiring.then(
       (lease) => {
         if (seq.state === 'done') return lease.release();

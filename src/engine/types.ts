@@ -10,8 +10,10 @@ export interface GenerateRequest {
   readonly inputIds: readonly number[];
   /** null: the base model. Unknown ids fail with ADAPTER_NOT_FOUND, never fall back to the base. */
   readonly adapterId: string | null;
-  /** Run on the adapter merged from these sources (LoRAX merged_adapters); adapterId is then its merge id. */
+  /** Run on the adapter merged from these sources (LoRAX merged_adapters, each from adapterSource); adapterId is then `mergeId(merge)`. */
   readonly merge?: MergeSpec;
+  /** Where the adapter comes from (LoRAX's adapter_source and api_token); absent: the server's --adapter-source. */
+  readonly adapterSource?: AdapterSource;
   readonly sampling: SamplingParams;
   /**
    * Structured output (TGI `grammar`, OpenAI `response_format`): each step samples only among the ids the grammar
@@ -34,6 +36,16 @@ export interface GenerateRequest {
   readonly signal?: AbortSignal;
   /** Per-request deadline (ms from submission); TIMEOUT when exceeded. */
   readonly timeoutMs?: number;
+}
+
+/** `local`: the adapter folder, then --adapter-source-url; `hub`: the Hugging Face Hub. */
+export const ADAPTER_SOURCE_KINDS = ['local', 'hub'] as const;
+export type AdapterSourceKind = (typeof ADAPTER_SOURCE_KINDS)[number];
+
+/** A request's adapter source: the kind (absent: the server's default) and the Hub token to fetch it with. */
+export interface AdapterSource {
+  readonly kind?: AdapterSourceKind;
+  readonly token?: string;
 }
 
 /** Names of the length fields in error messages, e.g. TGI's `inputs` and `max_new_tokens`. */

@@ -38,26 +38,28 @@ async function real(p: string): Promise<string | null> {
 export async function readAllowedAdapterFolder(
   id: string, folder: string, roots: readonly string[], maxAdapterBytes: number,
 ): Promise<AdapterFiles> {
-  const shown = JSON.stringify(folder);
+  // Messages name the field, not its value: an error body never carries an absolute path (README "Security").
+  const field = "`lora_path`";
   if (roots.length === 0) {
-    throw fail('ADAPTER_PATH_NOT_ALLOWED', `loading adapters from local paths is disabled; start the server with --allowed-local-adapter-paths DIR[,DIR] to allow ${shown}`);
+    throw fail('ADAPTER_PATH_NOT_ALLOWED', `loading adapters from local paths is disabled; start the server with --allowed-local-adapter-paths DIR[,DIR] to allow it`);
   }
-  if (!path.isAbsolute(folder)) throw fail('ADAPTER_PATH_NOT_ALLOWED', `lora_path ${shown} must be an absolute path`);
+  if (!path.isAbsolute(folder)) throw fail('ADAPTER_PATH_NOT_ALLOWED', `${field} must be an absolute path`);
   const realRoots = (await Promise.all(roots.map(real))).filter((r): r is string => r !== null);
-  const notAllowed = () => fail('ADAPTER_PATH_NOT_ALLOWED', `lora_path ${shown} is not inside an allowed folder (--allowed-local-adapter-paths: ${roots.join(', ')})`);
+  // The allowed folders are the server's own paths: the message does not list them.
+  const notAllowed = () => fail('ADAPTER_PATH_NOT_ALLOWED', `${field} is not inside an allowed folder (--allowed-local-adapter-paths)`);
   // The path as written must lie in a root too: "/allowed/../etc" is refused even where it resolves inside one.
   if (!roots.some((r) => inside(r, path.normalize(folder))) || folder.split(/[\\/]/).includes('..')) throw notAllowed();
   const dir = await real(folder);
-  if (dir === null) throw fail('ADAPTER_NOT_FOUND', `lora_path ${shown} does not exist`);
+  if (dir === null) throw fail('ADAPTER_NOT_FOUND', `${field} does not exist`);
   const root = realRoots.find((r) => inside(r, dir));
   if (root === undefined) throw notAllowed();
   for (const file of [CONFIG_FILE, WEIGHTS_FILE]) {
     const target = await real(path.join(dir, file));
     if (target !== null && !inside(root, target)) {
-      throw fail('ADAPTER_PATH_NOT_ALLOWED', `lora_path ${shown}: ${file} is a symlink that leads out of the allowed folder`);
+      throw fail('ADAPTER_PATH_NOT_ALLOWED', `${field}: ${file} is a symlink that leads out of the allowed folder`);
     }
   }
   const files = await readAdapterFolder(id, dir, maxAdapterBytes, (n) => new Uint8Array(n));
-  if (files === null) throw fail('ADAPTER_NOT_FOUND', `lora_path ${shown} has no ${CONFIG_FILE}`);
+  if (files === null) throw fail('ADAPTER_NOT_FOUND', `${field} has no ${CONFIG_FILE}`);
   return files;
 }

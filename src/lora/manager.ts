@@ -9,9 +9,12 @@
  * - Concurrent requests for an adapter that is not resident trigger exactly one load (single-flight).
  * - Replacing or deleting an adapter retires the resident version: sequences that hold it finish on it,
  *   it is disposed when the last one releases it, and new requests get the new version (or 404).
+ * - An adapter from the Hugging Face Hub (src/lora/hub-adapters.ts) is cached under its hubKey
+ *   (`hub:org/name@<commit>`): a new commit is a new adapter, and the old one ages out as any unused adapter.
  * - A merged adapter (`acquireMerged`, src/lora/merged-adapter.ts) is computed from its sources' files once and
  *   then lives in the device and host tiers under its merge id like any adapter (a slot, pins, eviction); it is
- *   dropped with every cached copy of a source that is replaced, deleted or changed at its remote source.
+ *   dropped with every cached copy of a source that is replaced, deleted or changed at its remote source. Its
+ *   sources may come from the Hub: the merge id is computed over their hubKeys, so a new commit is a new merge.
  */
 import { LRUCache } from 'lru-cache';
 import type { AdapterExecutor, ResidentAdapter } from '../engine/executor.ts';
@@ -22,7 +25,9 @@ import { validateAdapterId } from './ids.ts';
 import { scratchBuffers } from './host-buffers.ts';
 import { isMergeId, mergeId, mergeSources, mergeVersion, type MergeSource } from './merged-adapter.ts';
 import { singleFlight } from './single-flight.ts';
-import { makeAdapterFiles, validateAdapterFiles, type AdapterFiles, type AdapterStore } from './store.ts';
+import { parseHubKey, type HubAdapters } from './hub-adapters.ts';
+import { makeAdapterFiles, validateAdapterFiles, type AdapterFileSource, type AdapterFiles, type AdapterStore } from './store.ts';
+import type { AdapterSource, AdapterSourceKind } from '../engine/types.ts';
 import type { AdapterAdmin, AdapterCacheStats, AdapterInfo, AdapterLease, AdapterMetrics, AdapterProvider, MergeSpec } from './types.ts';
 
 export interface AdapterManagerOptions {
@@ -33,13 +38,29 @@ export interface AdapterManagerOptions {
   readonly maxDeviceBytes: number;
   /** Host tier bytes (parsed weights kept after leaving the device). */
   readonly maxHostBytes: number;
+  /** Adapters from the Hugging Face Hub; without it a request for one fails with ADAPTER_NOT_FOUND. */
+  readonly hub?: HubAdapters;
+  /**
+   * Where an id is looked for when a request does not say (`--adapter-source`): `local` (default): the store only;
+   * `hub`: the store when it has the id, else the Hub.
+   */
+  readonly defaultSource?: AdapterSourceKind;
+}
+
+/** Reads an adapter's files for a load: the store's `readWith`, or a Hub download. */
+type Reader = <T>(use: (files: AdapterFiles, release: () => void) => T | Promise<T>) => Promise<T>;
+
+/** Where an adapter is found: the key it is cached under (its id, or its hubKey) and how its files are read. */
+interface Located {
+  readonly key: string;
+  readonly read: Reader;
 }
 
 interface HostEntry {
   readonly weights: AdapterWeights;
   readonly version: string;
-  readonly source: 'disk' | 'upload' | 'remote' | 'merge';
-  /** A merged adapter's source ids: a change to any of them drops it. */
+  readonly source: AdapterFileSource | 'merge';
+  /** A merged adapter's sources' keys (adapter ids, hubKeys): a change to any of them drops it. */
   readonly mergedFrom?: readonly string[];
 }
 
@@ -112,39 +133,64 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   // ---------------------------------------------------------------- engine side
 
-  async acquire(id: string, signal?: AbortSignal): Promise<AdapterLease> {
+  async acquire(id: string, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease> {
+    const { key, read } = await this.locate(id, source);
+    return (await this.acquireKey(key, () => this.loadToDevice(key, read), signal)).lease;
+  }
+
+  /**
+   * The key `id` is cached under and how its files are read: the id and the store for a local adapter; for one
+   * from the Hub, `hub:org/name@<commit>` (hubKey: a new commit is a new adapter) and a download with the token.
+   */
+  private async locate(id: string, source?: AdapterSource): Promise<Located> {
     validateAdapterId(id);
-    return this.acquireWith(id, () => this.loadToDevice(id), signal);
+    const hub = await this.fromHub(id, source);
+    if (!hub) return { key: id, read: (use) => this.store.readWith(id, use) };
+    const key = await hub.key(id, source?.token);
+    return { key, read: async (use) => use(await hub.read(key, source?.token, (n) => new Uint8Array(n)), () => {}) };
   }
 
-  async acquireMerged(spec: MergeSpec, signal?: AbortSignal): Promise<AdapterLease> {
-    spec.ids.forEach((id) => validateAdapterId(id));
-    const id = mergeId(spec);
-    return this.acquireWith(id, () => this.loadMerged(id, spec), signal);
+  async acquireMerged(spec: MergeSpec, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease> {
+    const located = new Map<string, Located>();
+    for (const id of spec.ids) if (!located.has(id)) located.set(id, await this.locate(id, source));
+    // Keyed by its sources' keys: a Hub source counts by its commit, so a new commit is a new merged adapter.
+    const id = mergeId({ ...spec, ids: spec.ids.map((s) => located.get(s)!.key) });
+    return (await this.acquireKey(id, () => this.loadMerged(id, spec, located), signal)).lease;
   }
 
-  /** A lease on the resident `id`, after `load` (single-flight per id) when it is not resident. */
-  private async acquireWith(id: string, load: () => Promise<DeviceEntry>, signal?: AbortSignal): Promise<AdapterLease> {
+  /** A lease on the resident `key` (an adapter id, hubKey or merge id), after `load` (single-flight per key) when it is not resident. */
+  private async acquireKey(key: string, load: () => Promise<DeviceEntry>, signal?: AbortSignal): Promise<{ lease: AdapterLease; entry: DeviceEntry }> {
     for (;;) {
       if (signal?.aborted) throw fail('CANCELLED', 'the request was cancelled');
-      const resident = this.device.get(id);
+      const resident = this.device.get(key);
       if (resident && !resident.retired) {
         this.metrics?.hit('device');
-        for (const source of resident.host.mergedFrom ?? [id]) this.revalidate(source);
-        return this.lease(resident);
+        // Hub adapters are keyed by commit: nothing to revalidate.
+        for (const source of resident.host.mergedFrom ?? [key]) if (parseHubKey(source) === null) this.revalidate(source);
+        return { lease: this.lease(resident), entry: resident };
       }
-      this.acquiring.set(id, (this.acquiring.get(id) ?? 0) + 1);
+      this.acquiring.set(key, (this.acquiring.get(key) ?? 0) + 1);
       let entry: DeviceEntry;
       try {
-        entry = await singleFlight(this.loading, id, load);
+        entry = await singleFlight(this.loading, key, load);
       } finally {
-        const n = this.acquiring.get(id)! - 1;
-        if (n === 0) this.acquiring.delete(id);
-        else this.acquiring.set(id, n);
+        const n = this.acquiring.get(key)! - 1;
+        if (n === 0) this.acquiring.delete(key);
+        else this.acquiring.set(key, n);
       }
       // Replaced or deleted between its load and now: try again (new version, or 404).
-      if (!entry.disposed && !entry.retired && this.device.get(id) === entry) return this.lease(entry);
+      if (!entry.disposed && !entry.retired && this.device.get(key) === entry) return { lease: this.lease(entry), entry };
     }
+  }
+
+  /** The Hub adapters when `id` is to come from the Hub (the request's source, else --adapter-source); else null. */
+  private async fromHub(id: string, source: AdapterSource | undefined): Promise<HubAdapters | null> {
+    const kind = source?.kind ?? this.opts.defaultSource ?? 'local';
+    if (kind === 'local') return null;
+    // By default (no source in the request), an id the store has stays local.
+    if (source?.kind === undefined && (this.device.has(id) || this.host.has(id) || (await this.store.has(id)))) return null;
+    if (!this.opts.hub) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}": this server does not fetch adapters from the Hugging Face Hub`);
+    return this.opts.hub;
   }
 
   /**
@@ -186,7 +232,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     }
   }
 
-  private async loadToDevice(id: string): Promise<DeviceEntry> {
+  private async loadToDevice(id: string, read: Reader): Promise<DeviceEntry> {
     const t0 = performance.now();
     try {
       const cached = this.host.get(id);
@@ -199,7 +245,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         const admit = this.admitToHost(id);
         // The file bytes are needed until validated (the weights come out in their own buffer) and hashed: upload
         // reads host.version while the device copies the weights, and the store hashes before it takes them back.
-        entry = await this.store.readWith(id, async (files, release) => {
+        entry = await read(async (files, release) => {
           let scratch: SharedArrayBuffer | null = null;
           try {
             const weights = validateAdapterFiles(files, this.base, {
@@ -238,12 +284,12 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
 
   /**
    * Loads the merged adapter `id` of `spec`: from the host tier when it is there, else merged from the sources'
-   * files (read from the store, checked as any adapter), then validated and uploaded as a PEFT adapter. It stays
-   * in the host tier (a merge costs more than a disk read). A source changed while this runs makes the result
-   * stale: it is not cached, and is retired once uploaded, so `acquireWith` loads it again.
+   * files (read from the store or the Hub as `located` says, checked as any adapter), then validated and uploaded
+   * as a PEFT adapter. It stays in the host tier (a merge costs more than a disk read). A source changed while this
+   * runs makes the result stale: it is not cached, and is retired once uploaded, so `acquireKey` loads it again.
    */
-  private async loadMerged(id: string, spec: MergeSpec): Promise<DeviceEntry> {
-    const job = { sources: spec.ids, stale: false };
+  private async loadMerged(id: string, spec: MergeSpec, located: ReadonlyMap<string, Located>): Promise<DeviceEntry> {
+    const job = { sources: [...located.values()].map((l) => l.key), stale: false };
     this.merging.set(id, job);
     try {
       let host = this.host.get(id);
@@ -251,7 +297,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
         this.metrics?.hit('host');
       } else {
         this.metrics?.miss();
-        host = await this.computeMerge(id, spec);
+        host = await this.computeMerge(id, spec, located);
         if (!job.stale) this.host.set(id, host);
       }
       const entry = await this.upload(id, host);
@@ -266,11 +312,11 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
   }
 
   /** Reads the sources (PEFT layout, checked against the base model) and merges them into a host entry. */
-  private async computeMerge(id: string, spec: MergeSpec): Promise<HostEntry> {
+  private async computeMerge(id: string, spec: MergeSpec, located: ReadonlyMap<string, Located>): Promise<HostEntry> {
     const t0 = performance.now();
     const read = new Map<string, { source: MergeSource; version: string }>();
-    for (const sourceId of new Set(spec.ids)) {
-      read.set(sourceId, await this.store.readWith(sourceId, (files) => {
+    for (const [sourceId, { read: readFiles }] of located) {
+      read.set(sourceId, await readFiles((files) => {
         const { config, pairs } = readPeftPairs(files, this.base, { maxRank: this.opts.maxRank });
         return { source: { id: sourceId, rawConfig: files.config, config, pairs }, version: files.version };
       }));
@@ -280,7 +326,7 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     this.merges++;
     this.metrics?.merged(spec.strategy, (performance.now() - t0) / 1000);
     const version = mergeVersion(spec, spec.ids.map((s) => read.get(s)!.version));
-    return { weights, version, source: 'merge', mergedFrom: [...new Set(spec.ids)] };
+    return { weights, version, source: 'merge', mergedFrom: [...located.values()].map((l) => l.key) };
   }
 
   /**
@@ -410,6 +456,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return this.info(id);
   }
 
+  async putFromHub(id: string, repo: string): Promise<AdapterInfo> {
+    validateAdapterId(id);
+    const hub = this.opts.hub;
+    if (!hub) throw fail('ADAPTER_NOT_FOUND', `adapter "${repo}": this server does not fetch adapters from the Hugging Face Hub`);
+    const files = await hub.read(await hub.key(repo), undefined, (n) => new Uint8Array(n));
+    return this.put(id, { config: files.config, weights: files.weights });
+  }
+
   async delete(id: string): Promise<boolean> {
     validateAdapterId(id);
     const existed = await this.store.delete(id);
@@ -421,12 +475,13 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return known;
   }
 
+  /** With --adapter-source hub, an id the store lacks is loaded from the Hub, and its info is that of its hubKey. */
   async load(id: string, opts: { pin?: boolean } = {}): Promise<AdapterInfo> {
-    const lease = await this.acquire(id);
-    const entry = this.device.get(id);
-    if (entry && opts.pin) entry.userPinned = true;
+    const { key, read } = await this.locate(id);
+    const { lease, entry } = await this.acquireKey(key, () => this.loadToDevice(key, read));
+    if (opts.pin) entry.userPinned = true;
     lease.release();
-    return this.info(id);
+    return this.info(key);
   }
 
   async unload(id: string): Promise<AdapterInfo> {
@@ -440,12 +495,14 @@ export class AdapterManager implements AdapterAdmin, AdapterProvider {
     return this.info(id);
   }
 
+  /** `id`: an adapter id, or the key of a Hub adapter that was loaded (`hub:org/name@<commit>`, as list() shows it). */
   async info(id: string): Promise<AdapterInfo> {
-    validateAdapterId(id);
+    const fromHub = parseHubKey(id) !== null;
+    if (!fromHub) validateAdapterId(id);
     const dev = this.device.get(id);
     const host = dev?.host ?? this.host.get(id, { updateAgeOnGet: false });
     const failure = this.failed.get(id) ?? null;
-    const onDisk = dev || host ? true : await this.store.has(id);
+    const onDisk = dev || host ? true : !fromHub && await this.store.has(id);
     if (!dev && !host && !failure && !onDisk && !this.loading.has(id)) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
     const w = host?.weights;
     const used = this.lastUsed.get(id);

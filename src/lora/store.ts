@@ -14,6 +14,11 @@
  * when the store is first used. Names starting with `.` are never listed as adapters. One store
  * instance owns a folder: two stores (or processes) on the same folder are not coordinated.
  *
+ * Failures of the disk: a write or delete that fails for a full disk (ENOSPC, EDQUOT) is INSUFFICIENT_STORAGE, for
+ * a read-only folder (EROFS, EACCES, EPERM) STORAGE_UNAVAILABLE; the previous version stays in place and the work
+ * folder is removed. Writes and deletes never go through a symlink (an org or adapter folder that is a link is
+ * refused with ADAPTER_PATH_NOT_ALLOWED), so nothing outside the folder is written, moved or removed.
+ *
  * Revalidation: a remote download is cached with `<dir>/<id>/.source.json` (each file's ETag and Last-Modified and
  * the time it was last checked). With `revalidateAfterMs` > 0, a read of a cached copy last checked longer ago
  * first asks the source with conditional GETs (If-None-Match, If-Modified-Since): 304 keeps the copy, 200 replaces
@@ -23,7 +28,7 @@
 
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, constants, fstatSync, openSync, read, readSync } from 'node:fs';
-import { mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import path from 'node:path';
 import { LRUCache } from 'lru-cache';
@@ -34,13 +39,16 @@ import { assertNotPickle, loadAdapterWeights, type AdapterWeights } from './adap
 import { adapterDirFor, validateAdapterId } from './ids.ts';
 import { singleFlight } from './single-flight.ts';
 
+/** Where adapter files came from: the adapter folder, an upload, --adapter-source-url, or the Hugging Face Hub. */
+export type AdapterFileSource = 'disk' | 'upload' | 'remote' | 'hub';
+
 export interface AdapterFiles {
   readonly id: string;
   /** Parsed adapter_config.json (unvalidated). */
   readonly config: unknown;
   /** adapter_model.safetensors bytes (unvalidated). */
   readonly weights: Uint8Array;
-  readonly source: 'disk' | 'upload' | 'remote';
+  readonly source: AdapterFileSource;
   /**
    * Content hash (`adapterVersion`) of these config and weights. Computed on first read, so that a load can hash
    * while the device upload runs; files read with `readWith` are hashed before their buffer is lent again, so the
@@ -76,6 +84,20 @@ export interface AdapterStoreOptions {
   readonly revalidateAfterMs?: number;
   /** Called when caching a remote download to disk fails (the read itself still succeeds). */
   readonly onWarning?: (message: string, err: unknown) => void;
+  /**
+   * Test seam: replaces the filesystem calls that write (`StoreWriteFs`), so a test can fail them as a full or
+   * read-only disk would (tests run as root, where permissions do not stop a write).
+   */
+  readonly writeFs?: Partial<StoreWriteFs>;
+}
+
+/** The calls through which the store creates and moves things in its folder (clean-up with `rm` is not among them). */
+export interface StoreWriteFs {
+  /** mkdir, `recursive` as fs.mkdir's. */
+  mkdir(dir: string, recursive: boolean): Promise<void>;
+  /** Creates `file` (failing if it exists), writes `data` and fsyncs it. */
+  writeFile(file: string, data: Uint8Array): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
 }
 
 export const CONFIG_FILE = 'adapter_config.json';
@@ -83,7 +105,8 @@ export const WEIGHTS_FILE = 'adapter_model.safetensors';
 export const PICKLE_FILE = 'adapter_model.bin';
 /** Beside a cached remote download: SourceMeta as JSON. */
 export const SOURCE_FILE = '.source.json';
-const MAX_CONFIG_BYTES = 1 << 20;
+/** Limit for adapter_config.json, on disk and while downloading. */
+export const MAX_CONFIG_BYTES = 1 << 20;
 /** readWith keeps at most this many read buffers, each at most POOLED_MAX bytes. */
 const POOL_SIZE = 4;
 const POOLED_MAX = 32 << 20;
@@ -177,6 +200,14 @@ async function isDir(p: string): Promise<boolean> {
   }
 }
 
+const NODE_WRITE_FS: StoreWriteFs = {
+  mkdir: async (dir, recursive) => {
+    await mkdir(dir, { recursive });
+  },
+  writeFile: writeFileSynced,
+  rename,
+};
+
 async function writeFileSynced(file: string, data: Uint8Array): Promise<void> {
   const fh = await open(file, 'wx');
   try {
@@ -216,6 +247,47 @@ function checkWeightsSize(id: string, bytes: number, limit: number): void {
   if (bytes > limit) throw fail('ADAPTER_TOO_LARGE', `adapter "${id}": ${WEIGHTS_FILE} is ${bytes} bytes (limit ${limit})`);
 }
 
+/**
+ * A failed write to the adapter folder as a coded error: ENOSPC/EDQUOT → INSUFFICIENT_STORAGE (507),
+ * EROFS/EACCES/EPERM → STORAGE_UNAVAILABLE (503); anything else unchanged. The message names the adapter, never
+ * a path (the cause, for the log, has it).
+ */
+function storageError(err: unknown, what: string): unknown {
+  switch (errno(err)) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+      return new ServeError('INSUFFICIENT_STORAGE', `${what} failed: the adapter folder's disk is full or over quota; nothing stored was changed`, undefined, { cause: err });
+    case 'EROFS':
+    case 'EACCES':
+    case 'EPERM':
+      return new ServeError('STORAGE_UNAVAILABLE', `${what} failed: the adapter folder cannot be written (read-only or permission denied); nothing stored was changed`, undefined, { cause: err });
+    default:
+      return err;
+  }
+}
+
+/**
+ * Refuses (ADAPTER_PATH_NOT_ALLOWED) to write or delete through a symlink: the org folder and the adapter folder
+ * under `root`, where they exist, must be real folders. Reading through links stays allowed (an operator's own).
+ */
+async function assertRealFolders(root: string, id: string): Promise<void> {
+  let p = root;
+  for (const segment of id.split('/')) {
+    p = path.join(p, segment);
+    let st;
+    try {
+      st = await lstat(p);
+    } catch (err) {
+      if (isMissing(err)) return;
+      throw err;
+    }
+    const what = st.isSymbolicLink() ? 'a symbolic link' : st.isDirectory() ? null : 'not a folder';
+    if (what !== null) {
+      throw fail('ADAPTER_PATH_NOT_ALLOWED', `adapter "${id}": its place in the adapter folder is ${what}; uploads and deletes never write through links or over files`);
+    }
+  }
+}
+
 function pickleError(id: string): ServeError {
   return fail('ADAPTER_PICKLE', `adapter "${id}" only has ${PICKLE_FILE} (a pickle, never loaded); convert it to ${WEIGHTS_FILE}`);
 }
@@ -226,7 +298,9 @@ function pickleError(id: string): ServeError {
  * than the round trip to libuv's thread pool that an asynchronous call adds (docs/architecture.md, "Adapter
  * cache"). The weights (megabytes) are read asynchronously, so a slow disk does not stall the event loop.
  */
-export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array): Promise<AdapterFiles | null> {
+export async function readAdapterFolder(
+  id: string, dir: string, maxAdapterBytes: number, alloc: (size: number) => Uint8Array, source: AdapterFileSource = 'disk',
+): Promise<AdapterFiles | null> {
   const configBytes = readConfigSync(id, dir);
   if (configBytes === null) return null;
   let fd: number;
@@ -244,7 +318,7 @@ export async function readAdapterFolder(id: string, dir: string, maxAdapterBytes
     let got = 0;
     for (let n = -1; got < size && n !== 0; got += n) n = (await readAt(fd, weights, got, size - got, got)).bytesRead;
     // A file that shrank mid-read is returned short: validation then reports it as truncated.
-    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), 'disk');
+    return makeAdapterFiles(id, parseConfig(id, configBytes), weights.subarray(0, got), source);
   } finally {
     closeSync(fd);
   }
@@ -308,6 +382,7 @@ export class AdapterStore {
   private readonly beforeCommit?: AdapterStoreOptions['beforeCommit'];
   private readonly onWarning?: AdapterStoreOptions['onWarning'];
   private readonly revalidateAfterMs: number;
+  private readonly fs: StoreWriteFs;
   /** Revalidations in flight, by id. */
   private readonly checking = new Map<string, Promise<boolean>>();
   /** When each recently checked id is due again (spares reading SOURCE_FILE on every use of a hot adapter). */
@@ -332,6 +407,7 @@ export class AdapterStore {
     this.beforeCommit = opts.beforeCommit;
     this.onWarning = opts.onWarning;
     this.revalidateAfterMs = opts.revalidateAfterMs ?? 0;
+    this.fs = { ...NODE_WRITE_FS, ...opts.writeFs };
   }
 
   /** Ids of `<dir>/<name>/` and `<dir>/<org>/<name>/` folders holding an adapter_config.json, sorted. */
@@ -442,11 +518,16 @@ export class AdapterStore {
   async delete(id: string): Promise<boolean> {
     const dir = adapterDirFor(this.dir, id);
     return this.exclusive(id, async () => {
+      await assertRealFolders(this.dir, id);
       const files = await Promise.all([CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE].map((f) => exists(path.join(dir, f))));
       if (!files.some(Boolean)) return false;
       // Rename first so the adapter disappears at once, then remove at leisure.
       const doomed = path.join(this.dir, `.del-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
-      await rename(dir, doomed);
+      try {
+        await this.fs.rename(dir, doomed);
+      } catch (err) {
+        throw storageError(err, `deleting adapter "${id}"`);
+      }
       await rm(doomed, { recursive: true, force: true });
       if (id.includes('/')) await rmdir(path.dirname(dir)).catch(() => undefined); // empty org folder
       await syncDir(this.dir);
@@ -477,24 +558,33 @@ export class AdapterStore {
     return run;
   }
 
-  /** `source`: the validators of a remote download, written beside the files (SOURCE_FILE). */
+  /**
+   * `source`: the validators of a remote download, written beside the files (SOURCE_FILE). A full or read-only
+   * disk fails with INSUFFICIENT_STORAGE or STORAGE_UNAVAILABLE, the previous version in place and no work folder left.
+   */
   private commit(id: string, configBytes: Uint8Array, weights: Uint8Array, source?: SourceMeta): Promise<void> {
     const target = adapterDirFor(this.dir, id);
     return this.exclusive(id, async () => {
-      await mkdir(this.dir, { recursive: true });
+      await assertRealFolders(this.dir, id);
       const tmp = path.join(this.dir, `.tmp-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
-      await mkdir(tmp);
       try {
-        await writeFileSynced(path.join(tmp, CONFIG_FILE), configBytes);
-        await writeFileSynced(path.join(tmp, WEIGHTS_FILE), weights);
-        if (source) await writeFileSynced(path.join(tmp, SOURCE_FILE), sourceMetaBytes(source));
+        await this.fs.mkdir(this.dir, true);
+        await this.fs.mkdir(tmp, false);
+      } catch (err) {
+        throw storageError(err, `storing adapter "${id}"`);
+      }
+      try {
+        await this.fs.writeFile(path.join(tmp, CONFIG_FILE), configBytes);
+        await this.fs.writeFile(path.join(tmp, WEIGHTS_FILE), weights);
+        if (source) await this.fs.writeFile(path.join(tmp, SOURCE_FILE), sourceMetaBytes(source));
         await syncDir(tmp);
         await this.beforeCommit?.(tmp);
-        await mkdir(path.dirname(target), { recursive: true });
+        await this.fs.mkdir(path.dirname(target), true);
         await this.swapIn(id, tmp, target);
       } catch (err) {
-        await rm(tmp, { recursive: true, force: true });
-        throw err;
+        // Best effort: a .tmp-* folder left behind is removed when the store is next opened (recover).
+        await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+        throw storageError(err, `storing adapter "${id}"`);
       }
     });
   }
@@ -502,13 +592,13 @@ export class AdapterStore {
   /** rename(tmp → target); an existing target is moved aside first and put back if that fails. */
   private async swapIn(id: string, tmp: string, target: string): Promise<void> {
     try {
-      await rename(tmp, target);
+      await this.fs.rename(tmp, target);
     } catch (err) {
       if (errno(err) !== 'ENOTEMPTY' && errno(err) !== 'EEXIST') throw err;
       const old = path.join(this.dir, `.old-${encodeId(id)}-${randomBytes(6).toString('hex')}`);
-      await rename(target, old);
+      await this.fs.rename(target, old);
       try {
-        await rename(tmp, target);
+        await this.fs.rename(tmp, target);
       } catch (err2) {
         await rename(old, target);
         throw err2;
@@ -569,7 +659,8 @@ export class AdapterStore {
     try {
       return new URL(base);
     } catch {
-      throw fail('ADAPTER_FETCH_FAILED', `adapter "${id}": remote URL ${JSON.stringify(base)} is not a valid URL`);
+      // The URL is the server's configuration (it may carry credentials): the message does not show it.
+      throw fail('ADAPTER_FETCH_FAILED', `adapter "${id}": --adapter-source-url does not give a valid URL for this id`);
     }
   }
 
@@ -600,6 +691,14 @@ export class AdapterStore {
     }
   }
 
+  /** Rewrites SOURCE_FILE of a cached download (not through a symlinked folder, as every write). */
+  private writeSourceMeta(id: string, meta: SourceMeta): Promise<void> {
+    return this.exclusive(id, async () => {
+      await assertRealFolders(this.dir, id);
+      await writeFileAtomic(adapterDirFor(this.dir, id), SOURCE_FILE, sourceMetaBytes(meta));
+    });
+  }
+
   /** Single-flight: concurrent checks of one id share one (see the header). True when a new version was cached. */
   revalidate(id: string): Promise<boolean> {
     if (this.revalidateAfterMs <= 0 || this.remoteUrl === undefined || Date.now() < (this.due.get(id) ?? 0)) return Promise.resolve(false);
@@ -618,7 +717,7 @@ export class AdapterStore {
       const weights = await this.fetchWithRetries(id, new URL(WEIGHTS_FILE, base), this.maxAdapterBytes, meta.weights);
       const now = Date.now();
       if (config === null && weights === null) {
-        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: now })));
+        await this.writeSourceMeta(id, { ...meta, checkedAt: now });
         return false;
       }
       // What a 304 confirmed, and what a 200 is compared with (a source that sends no validators answers 200).
@@ -631,7 +730,7 @@ export class AdapterStore {
       const weightBytes = weights?.bytes ?? cached.weights;
       const validators = { config: config?.validators ?? meta.config, weights: weights?.validators ?? meta.weights };
       if (Buffer.compare(configBytes, cached.config) === 0 && Buffer.compare(weightBytes, cached.weights) === 0) {
-        await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ checkedAt: now, ...validators })));
+        await this.writeSourceMeta(id, { checkedAt: now, ...validators });
         return false;
       }
       parseConfig(id, configBytes);
@@ -640,7 +739,7 @@ export class AdapterStore {
       return true;
     } catch (err) {
       this.onWarning?.(`adapter "${id}": revalidating against the remote source failed; the cached copy stays in use`, err);
-      await this.exclusive(id, () => writeFileAtomic(dir, SOURCE_FILE, sourceMetaBytes({ ...meta, checkedAt: Date.now() }))).catch(() => undefined);
+      await this.writeSourceMeta(id, { ...meta, checkedAt: Date.now() }).catch(() => undefined);
       return false;
     }
   }

@@ -1,6 +1,7 @@
 /** The adapter manager's public contract (HTTP layer, engine, metrics). */
 import type { ExecAdapter } from '../engine/executor.ts';
 import type { MajoritySignMethod, MergeStrategy } from './merge.ts';
+import type { AdapterSource } from '../engine/types.ts';
 
 export type AdapterState = 'available' | 'loading' | 'ready' | 'failed';
 export type AdapterTier = 'device' | 'host' | 'disk' | 'remote';
@@ -11,7 +12,8 @@ export interface AdapterInfo {
   readonly state: AdapterState;
   /** The fastest tier it is in now. */
   readonly tier: AdapterTier;
-  readonly source: 'disk' | 'upload' | 'remote' | null;
+  /** disk: --adapter-dir; remote: --adapter-source-url; hub: the Hugging Face Hub (id `hub:org/name@<commit>`). */
+  readonly source: 'disk' | 'upload' | 'remote' | 'hub' | null;
   /** Content hash of config + weights, when known. */
   readonly version: string | null;
   /** Float32 bytes of every A and B, when parsed. */
@@ -33,6 +35,8 @@ export interface AdapterAdmin {
   info(id: string): Promise<AdapterInfo>;
   /** Validates fully, then stores atomically; replaces an older version only when the new one is valid. */
   put(id: string, files: { config: unknown; weights: Uint8Array }): Promise<AdapterInfo>;
+  /** `put` of the files of a Hugging Face Hub adapter repo (downloaded into the Hub cache first). */
+  putFromHub(id: string, repo: string): Promise<AdapterInfo>;
   /** Removes from every tier and disk; in-flight requests finish on the version they started with. */
   delete(id: string): Promise<boolean>;
   /** Warms into the device tier; pin keeps it there until unload. */
@@ -83,12 +87,13 @@ export interface MergeSpec {
 /** What the engine needs: resolve an id to a pinned device adapter, loading it if needed. */
 export interface AdapterProvider {
   /** Resolves when the adapter is resident and pinned for the caller; rejects with a coded error. */
-  acquire(id: string, signal?: AbortSignal): Promise<AdapterLease>;
+  acquire(id: string, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease>;
   /**
-   * As acquire, for the adapter merged from `spec` (computed once, then cached under `mergeId(spec)` like any
-   * adapter, until one of its sources is replaced or deleted).
+   * As acquire, for the adapter merged from `spec`, each source looked up as acquire looks up an id with `source`.
+   * Computed once, then cached like any adapter under `mergeId` of the spec with each Hub source as its hubKey (so a
+   * new commit of a Hub source is a new merge), until one of its local sources is replaced or deleted.
    */
-  acquireMerged(spec: MergeSpec, signal?: AbortSignal): Promise<AdapterLease>;
+  acquireMerged(spec: MergeSpec, signal?: AbortSignal, source?: AdapterSource): Promise<AdapterLease>;
 }
 
 /** What the adapter manager reports to metrics (implemented in src/obs/metrics.ts). */

@@ -30,6 +30,8 @@ import { tokenizeRoutes } from './routes/tokenize.ts';
 export interface ServerInfo {
   /** The base model's id (also its `model` name on the OpenAI routes). */
   readonly modelId: string;
+  /** The Hub commit of a model given as org/name (TGI's model_sha); absent for a folder. */
+  readonly modelSha?: string;
   /** config.json model_type (llama, gpt2, ...). */
   readonly modelType: string;
   readonly dtype: string;
@@ -59,8 +61,18 @@ export interface ServerInfo {
 }
 
 export interface AppOptions {
-  /** Require `Authorization: Bearer <apiKey>` on every route but /health and /metrics. */
+  /**
+   * Require `Authorization: Bearer <apiKey>` (or the admin key) on every route but /health (and /metrics with
+   * `metricsPublic`). Absent: those routes are open.
+   */
   readonly apiKey?: string;
+  /**
+   * The admin routes (`config.admin`: adapter upload, delete, load/unload, vLLM's load/unload) need this key, and
+   * `apiKey` is not enough; it also opens every other route. Absent: admin routes take `apiKey` like the others.
+   */
+  readonly adminApiKey?: string;
+  /** /metrics needs no key (a Prometheus without credentials). */
+  readonly metricsPublic?: boolean;
   /** The engine's length limits (`Engine.limits`): /info reports them and default max-new-tokens are fitted to them. */
   readonly maxInputLength: number;
   readonly maxTotalTokens: number;
@@ -73,6 +85,8 @@ export interface AppOptions {
   readonly requestTimeoutMs?: number;
   /** Absolute folders POST /v1/load_lora_adapter may read a lora_path from (--allowed-local-adapter-paths); absent: none. */
   readonly allowedAdapterPaths?: readonly string[];
+  /** POST /v1/load_lora_adapter takes a lora_path that is not absolute as a Hub repo id, as vLLM does (--adapter-source hub). */
+  readonly hubLoraPaths?: boolean;
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
 }
@@ -93,6 +107,35 @@ export interface BuildOptions {
 
 function sha256(s: string): Buffer {
   return createHash('sha256').update(s).digest();
+}
+
+/**
+ * The onRequest check of `--api-key` and `--admin-api-key` (null when neither is set). A route with
+ * `config.public` is open; one with `config.admin` takes only the admin key when there is one (a valid plain key
+ * gets 403 ADMIN_KEY_REQUIRED, no or another key 401); every other route takes either key, and is open when only
+ * the admin key is set.
+ */
+function apiKeyCheck(opts: Pick<AppOptions, 'apiKey' | 'adminApiKey'>): ((request: FastifyRequest) => void) | null {
+  const plain = opts.apiKey ? sha256(opts.apiKey) : null;
+  const admin = opts.adminApiKey ? sha256(opts.adminApiKey) : null;
+  if (!plain && !admin) return null;
+  // Hashes have equal lengths, so timingSafeEqual never throws and the key length does not leak.
+  const is = (presented: Buffer | null, key: Buffer | null) => presented !== null && key !== null && timingSafeEqual(presented, key);
+  return (request) => {
+    const config = request.routeOptions.config;
+    if (config?.public) return;
+    const m = /^Bearer +(\S+) *$/i.exec(request.headers.authorization ?? '');
+    const presented = m ? sha256(m[1]!) : null;
+    const isAdmin = is(presented, admin);
+    const isPlain = is(presented, plain);
+    if (config?.admin && admin) {
+      if (isAdmin) return;
+      if (isPlain) throw fail('ADMIN_KEY_REQUIRED', 'this route needs the admin API key (--admin-api-key); the API key is not enough');
+      throw fail('UNAUTHORIZED', 'missing or invalid admin API key: send "Authorization: Bearer <admin key>"');
+    }
+    if (!plain || isPlain || isAdmin) return;
+    throw fail('UNAUTHORIZED', 'missing or invalid API key: send "Authorization: Bearer <key>"');
+  };
 }
 
 /** Any error as a ServeError: fastify's own client errors get catalogue codes, everything else is INTERNAL. */
@@ -163,18 +206,8 @@ export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<
     routes.push(...recordRoute(r));
   });
 
-  const key = deps.options.apiKey;
-  if (key) {
-    const expected = sha256(key);
-    app.addHook('onRequest', async (request) => {
-      if (request.routeOptions.config?.public) return;
-      const m = /^Bearer +(\S+) *$/i.exec(request.headers.authorization ?? '');
-      // Hashes have equal lengths, so timingSafeEqual never throws and the key length does not leak.
-      if (!m || !timingSafeEqual(sha256(m[1]!), expected)) {
-        throw fail('UNAUTHORIZED', 'missing or invalid API key: send "Authorization: Bearer <key>"');
-      }
-    });
-  }
+  const check = apiKeyCheck(deps.options);
+  if (check) app.addHook('onRequest', async (request) => check(request));
 
   // A response that closes the connection before the request body was read (a body over the limit) lingers.
   app.addHook('onSend', async (request, reply, payload) => {

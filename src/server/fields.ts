@@ -27,8 +27,6 @@ const oneOf = (values: readonly unknown[], feature: string): DefaultOnly =>
 export const TGI_PARAMETERS = {
   best_of: only(1, 'best-of-n sampling'),
   watermark: only(false, 'watermarking'),
-  adapter_source: only('local', 'adapter sources other than the server\'s own (--adapter-dir, then --adapter-source-url)'),
-  api_token: absent('fetching private adapters with a token'),
   return_k_alternatives: absent('LoRAX alternative tokens (use top_n_tokens)'),
   apply_chat_template: only(false, 'chat templates on /generate (use /v1/chat/completions)'),
 } as const satisfies Record<string, DefaultOnly>;

@@ -7,6 +7,7 @@ import type { ServerInfo } from './app.ts';
 export function serverInfo(rt: Runtime, o: ServerOptions): ServerInfo {
   return {
     modelId: rt.modelId,
+    ...(rt.modelSha !== undefined ? { modelSha: rt.modelSha } : {}),
     modelType: rt.config.modelType,
     dtype: rt.dtype,
     backend: rt.backend,

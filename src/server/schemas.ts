@@ -100,6 +100,11 @@ export const GenerateParameters = Type.Object({
   merged_adapters: Opt(MergedAdapters),
   grammar: Opt(GrammarBody),
   response_format: Opt(LoraxResponseFormat),
+  adapter_source: Opt(Type.String({
+    description: 'LoRAX: where adapter_id (or each id of merged_adapters) comes from: "local" (--adapter-dir, then --adapter-source-url) or "hub" (a Hugging Face Hub repo, ' +
+      'downloaded into the Hub cache and cached by commit); absent: the server\'s --adapter-source. "s3" and "pbase" are refused',
+  })),
+  api_token: Opt(Type.String({ description: 'LoRAX: the Hugging Face token to fetch a private or gated Hub adapter with (default: the server\'s HF_TOKEN)' })),
   ...defaultOnly(TGI_PARAMETERS),
 }, { title: 'GenerateParameters', ...Closed });
 
@@ -358,10 +363,10 @@ export const DetokenizeResponse = Type.Object({ prompt: Type.String({ descriptio
 // Adapters
 
 export const AdapterInfo = Type.Object({
-  id: Type.String(),
+  id: Type.String({ description: 'The adapter id; a Hub adapter loaded by a request is listed as hub:org/name@<commit>' }),
   state: Enum(['available', 'loading', 'ready', 'failed']),
   tier: Enum(['device', 'host', 'disk', 'remote']),
-  source: Nullable(Enum(['disk', 'upload', 'remote'])),
+  source: Nullable(Enum(['disk', 'upload', 'remote', 'hub'])),
   version: Nullable(Type.String({ description: 'Content hash of config + weights' })),
   bytes: Nullable(Type.Integer({ description: 'Float32 bytes of every A and B' })),
   rank: Nullable(Type.Integer()),
@@ -410,6 +415,7 @@ export const Health = Type.Object({ status: Type.Literal('ok') }, { title: 'Heal
 
 export const Info = Type.Object({
   model_id: Type.String(),
+  model_sha: Nullable(Type.String({ description: 'TGI: the Hugging Face Hub commit served, for a model given as org/name; null for a folder' })),
   model_type: Type.String({ description: 'config.json model_type, e.g. llama, gpt2' }),
   model_dtype: Type.String(),
   backend: Type.String({ description: 'TensorFlow.js backend in use' }),

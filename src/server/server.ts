@@ -48,10 +48,13 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
     info: serverInfo(runtime, options),
     options: {
       apiKey: options.apiKey,
+      adminApiKey: options.adminApiKey,
+      metricsPublic: options.metricsPublic,
       ...runtime.engine.limits,
       maxNewTokensDefault: options.maxNewTokens,
       maxAdapterBytes: options.maxAdapterBytes,
       allowedAdapterPaths: parseAllowedRoots(options.allowedLocalAdapterPaths),
+      hubLoraPaths: options.adapterSource === 'hub',
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
       ready: () => ready,

@@ -123,6 +123,7 @@ export class MemoryAdapters implements AdapterAdmin {
     this.uploads.push({ id, ...files });
     return this.add(id, { source: 'upload', rank: c.r });
   }
+  async putFromHub(id: string, repo: string): Promise<AdapterInfo> { throw fail('ADAPTER_NOT_FOUND', `adapter "${repo}" (for "${id}"): no Hub in these tests`); }
   async delete(id: string) { return this.adapters.delete(id); }
   async load(id: string, opts: { pin?: boolean } = {}) {
     return this.add(id, { ...this.get(id), state: 'ready', tier: 'device', pinned: opts.pin ?? false });

@@ -2,8 +2,8 @@
  * Adapter management. Ids may be `name` or `org/name`, so the routes are wildcards and the id is
  * validated here: `GET|PUT|DELETE /adapters/{id}`, `POST /adapters/{id}/load|unload`.
  */
-import multipart from '@fastify/multipart';
-import type { FastifyInstance } from 'fastify';
+import multipart, { type Multipart } from '@fastify/multipart';
+import type { FastifyInstance, FastifyReply } from 'fastify';
 import { fail, isServeError, type ErrorCode } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AdapterInfo as Info } from '../../lora/types.ts';
@@ -15,8 +15,12 @@ export const ADAPTER_FILE_ERRORS: readonly ErrorCode[] = [
   'ADAPTER_INVALID_ID', 'ADAPTER_INVALID_CONFIG', 'ADAPTER_UNSUPPORTED', 'ADAPTER_SHAPE_MISMATCH', 'ADAPTER_UNKNOWN_MODULE',
   'ADAPTER_RANK_TOO_LARGE', 'ADAPTER_NON_FINITE', 'ADAPTER_PICKLE', 'SAFETENSORS_INVALID', 'SAFETENSORS_DTYPE',
 ];
-/** What loading an adapter from the store can fail with. */
-export const LOAD_ERRORS: readonly ErrorCode[] = [...ADAPTER_FILE_ERRORS, 'ADAPTER_NOT_FOUND', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_BUSY'];
+/** What fetching an adapter from the Hugging Face Hub can fail with (adapter_source "hub", --adapter-source hub). */
+export const HUB_ERRORS: readonly ErrorCode[] = ['HUB_ACCESS_DENIED', 'HUB_NOT_FOUND', 'HUB_NOT_CACHED', 'HUB_UNAVAILABLE'];
+/** What writing to the adapter folder can fail with (uploads, deletes): a full or read-only disk, a symlinked folder. */
+export const STORE_WRITE_ERRORS: readonly ErrorCode[] = ['INSUFFICIENT_STORAGE', 'STORAGE_UNAVAILABLE', 'ADAPTER_PATH_NOT_ALLOWED'];
+/** What loading an adapter from the store (or, with --adapter-source hub, the Hub) can fail with. */
+export const LOAD_ERRORS: readonly ErrorCode[] = [...ADAPTER_FILE_ERRORS, 'ADAPTER_NOT_FOUND', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', ...HUB_ERRORS, 'ADAPTER_BUSY'];
 
 export function adapterJson(a: Info) {
   return {
@@ -38,13 +42,33 @@ export function adapterJson(a: Info) {
 
 const UPLOAD_HELP = 'send multipart/form-data with the parts "config" (adapter_config.json) and "weights" (adapter_model.safetensors)';
 
+/** What a multipart body may hold beyond its parts' contents (boundaries, part headers): a declared length over the limit plus this is refused unread. */
+const MULTIPART_OVERHEAD_BYTES = 64 * 1024;
+
 /** fastify/multipart's limit errors (file, parts, fields) are all "too large" here. */
 const LIMIT_ERRORS = new Set(['FST_REQ_FILE_TOO_LARGE', 'FST_PARTS_LIMIT', 'FST_FILES_LIMIT', 'FST_FIELDS_LIMIT']);
 
 export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promise<void> {
   const maxBytes = deps.options.maxAdapterBytes;
   await app.register(multipart, { limits: { fileSize: maxBytes, fieldSize: maxBytes, files: 2, fields: 2, parts: 4 } });
-  const tooLarge = () => fail('ADAPTER_TOO_LARGE', `the adapter is larger than the limit of ${maxBytes} bytes (--max-adapter-bytes)`);
+  /** The body is not read further: the connection closes after the 413 (lingering, src/server/linger.ts). */
+  const tooLarge = (reply: FastifyReply) => {
+    reply.header('connection', 'close');
+    return fail('ADAPTER_TOO_LARGE', `the adapter is larger than the limit of ${maxBytes} bytes (--max-adapter-bytes)`);
+  };
+  /** A part's bytes, given up as soon as the upload passes `budget` bytes (not when the part ends). */
+  const readPart = async (part: Multipart, budget: number, reply: FastifyReply): Promise<Buffer> => {
+    if (part.type !== 'file') return Buffer.from(String(part.value), 'utf8');
+    const chunks: Buffer[] = [];
+    let n = 0;
+    for await (const chunk of part.file as AsyncIterable<Buffer>) {
+      n += chunk.length;
+      if (n > budget || part.file.truncated) throw tooLarge(reply); // leaving the loop destroys the part's stream
+      chunks.push(chunk);
+    }
+    if (part.file.truncated) throw tooLarge(reply);
+    return Buffer.concat(chunks, n);
+  };
 
   app.get('/adapters', {
     schema: { summary: 'Every known adapter and the cache occupancy', response: { 200: AdapterList } },
@@ -67,7 +91,13 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
 
   app.put<{ Params: { '*': string } }>('/adapters/*', {
     schema: { response: { 200: AdapterInfo } },
+    // A declared length over the limit is refused before any of the body is read (a body without one is counted as it streams).
+    onRequest: async (request, reply) => {
+      const declared = Number(request.headers['content-length']);
+      if (Number.isFinite(declared) && declared > maxBytes + MULTIPART_OVERHEAD_BYTES) throw tooLarge(reply);
+    },
     config: {
+      admin: true,
       doc: {
         tag: 'Adapters',
         operations: [{
@@ -75,10 +105,10 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
           summary: 'Upload (or replace) an adapter: validated fully, then stored atomically',
           body: { contentType: 'multipart/form-data', schema: AdapterUpload },
         }],
-        errors: [...ADAPTER_FILE_ERRORS, 'ADAPTER_TOO_LARGE', 'ADAPTER_BUSY'],
+        errors: [...ADAPTER_FILE_ERRORS, ...STORE_WRITE_ERRORS, 'ADAPTER_TOO_LARGE', 'ADAPTER_BUSY'],
       },
     },
-  }, async (request) => {
+  }, async (request, reply) => {
     const id = validateAdapterId(request.params['*']);
     if (!request.isMultipart()) throw fail('UNSUPPORTED_MEDIA_TYPE', `PUT /adapters/{id}: ${UPLOAD_HELP}`);
     let config: string | undefined;
@@ -86,16 +116,18 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
     let total = 0;
     try {
       for await (const part of request.parts()) {
-        const data = part.type === 'file' ? await part.toBuffer() : Buffer.from(String(part.value), 'utf8');
+        const data = await readPart(part, maxBytes - total, reply);
         total += data.length;
-        if (total > maxBytes) throw tooLarge();
+        if (total > maxBytes) throw tooLarge(reply);
         if (part.fieldname === 'config' && config === undefined) config = data.toString('utf8');
         else if (part.fieldname === 'weights' && weights === undefined && part.type === 'file') weights = data;
         else throw fail('VALIDATION', `unexpected part "${part.fieldname}"${part.fieldname === 'weights' ? ' (weights must be a file part)' : ''}: ${UPLOAD_HELP}`);
       }
     } catch (err) {
-      if (!isServeError(err) && LIMIT_ERRORS.has((err as { code?: string }).code ?? '')) throw tooLarge();
-      throw err;
+      if (isServeError(err)) throw err;
+      if (LIMIT_ERRORS.has((err as { code?: string }).code ?? '')) throw tooLarge(reply);
+      // Anything else reading the parts is the body's framing (busboy: "Unexpected end of form", "Malformed part header").
+      throw fail('BAD_REQUEST', `malformed multipart body (${(err as Error).message}): ${UPLOAD_HELP}`);
     }
     if (config === undefined || weights === undefined) {
       throw fail('VALIDATION', `missing part "${config === undefined ? 'config' : 'weights'}": ${UPLOAD_HELP}`);
@@ -112,7 +144,10 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
 
   app.delete<{ Params: { '*': string } }>('/adapters/*', {
     schema: { response: { 200: AdapterDeleted } },
-    config: { doc: { tag: 'Adapters', operations: [{ path: '/adapters/{id}', summary: 'Delete an adapter from every tier and the disk' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'ADAPTER_BUSY'] } },
+    config: {
+      admin: true,
+      doc: { tag: 'Adapters', operations: [{ path: '/adapters/{id}', summary: 'Delete an adapter from every tier and the disk' }], errors: ['ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', 'ADAPTER_BUSY', ...STORE_WRITE_ERRORS] },
+    },
   }, async (request) => {
     const id = validateAdapterId(request.params['*']);
     if (!(await deps.adapters.delete(id))) throw fail('ADAPTER_NOT_FOUND', `adapter "${id}" not found`);
@@ -122,6 +157,7 @@ export async function adapterRoutes(app: FastifyInstance, deps: AppDeps): Promis
   app.post<{ Params: { '*': string }; Querystring: LoadQueryString }>('/adapters/*', {
     schema: { querystring: LoadQuery, response: { 200: AdapterInfo } },
     config: {
+      admin: true,
       doc: {
         tag: 'Adapters',
         operations: [

@@ -3,7 +3,8 @@ import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { GenerationResult, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
-import { ADAPTER_FILE_ERRORS } from './adapters.ts';
+import { ADAPTER_SOURCE_KINDS, type AdapterSource, type AdapterSourceKind } from '../../engine/types.ts';
+import { ADAPTER_FILE_ERRORS, HUB_ERRORS } from './adapters.ts';
 import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
 import { tgiConstraint } from '../grammar.ts';
 import { fitLengths, mergedAdapters, tgiSampling } from '../params.ts';
@@ -15,7 +16,7 @@ import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAd
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
   'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
-  'ADAPTER_FETCH_TIMEOUT', 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
+  'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_TOO_LARGE', ...HUB_ERRORS, 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
 ];
 
 /** The adapter a request runs on: `adapter_id`, or the merge `parameters.merged_adapters` asks for (not both, as LoRAX). */
@@ -31,6 +32,18 @@ function requestAdapter(deps: AppDeps, id: string | null, params: NonNullable<Ge
 
 /** What the TGI/LoRAX routes can fail with: a generation's errors, a merge's (parameters.merged_adapters) and a grammar's. */
 const TGI_ERRORS: readonly ErrorCode[] = [...GENERATION_ERRORS, 'MERGE_INVALID', 'MERGE_INCOMPATIBLE', 'GRAMMAR_INVALID', 'GRAMMAR_UNSUPPORTED'];
+
+/** `parameters.adapter_source` and `api_token` as the engine's AdapterSource; undefined when neither is given. */
+function adapterSource(params: NonNullable<GenerateRequestBody['parameters']>): AdapterSource | undefined {
+  const kind = params.adapter_source ?? undefined;
+  const token = params.api_token ?? undefined;
+  // LoRAX's other sources, s3 and pbase, are refused.
+  if (kind !== undefined && !(ADAPTER_SOURCE_KINDS as readonly string[]).includes(kind)) {
+    throw fail('UNSUPPORTED_PARAMETER', `\`parameters.adapter_source\`: ${JSON.stringify(kind)} is not supported; accepted: "local" or "hub"`, { param: 'parameters.adapter_source' });
+  }
+  if (kind === undefined && token === undefined) return undefined;
+  return { ...(kind !== undefined ? { kind: kind as AdapterSourceKind } : {}), ...(token !== undefined ? { token } : {}) };
+}
 
 interface Prepared {
   readonly req: EngineRequest;
@@ -57,6 +70,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
     throw fail('VALIDATION', '`decoder_input_details` == true is not supported when streaming tokens');
   }
   const { adapterId, merge } = requestAdapter(deps, top ?? inner, params);
+  const source = adapterSource(params);
   const sampling = tgiSampling(params);
   const constraint = tgiConstraint(deps.tokenizer, params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
@@ -64,7 +78,10 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   });
   return {
     body, params,
-    req: { inputIds, adapterId, ...(merge ? { merge } : {}), sampling, ...(constraint ? { constraint } : {}), maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos },
+    req: {
+      inputIds, adapterId, ...(merge ? { merge } : {}), ...(source ? { adapterSource: source } : {}),
+      sampling, ...(constraint ? { constraint } : {}), maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos,
+    },
   };
 }
 

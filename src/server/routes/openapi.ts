@@ -49,8 +49,10 @@ declare module 'fastify' {
   }
   interface FastifyContextConfig {
     doc?: RouteDoc;
-    /** No API key needed (health checks, Prometheus scrapes). */
+    /** No API key needed (health checks, Prometheus scrapes with --metrics-public). */
     public?: boolean;
+    /** Changes what is stored or loaded (adapter upload, delete, load/unload): needs --admin-api-key when it is set. */
+    admin?: boolean;
   }
 }
 
@@ -61,6 +63,7 @@ export interface RouteRecord {
   readonly schema?: FastifySchema & { response?: Record<number, TSchema> };
   readonly doc?: RouteDoc;
   readonly public: boolean;
+  readonly admin: boolean;
 }
 
 export function recordRoute(r: RouteOptions): RouteRecord[] {
@@ -72,6 +75,7 @@ export function recordRoute(r: RouteOptions): RouteRecord[] {
     schema: r.schema as RouteRecord['schema'],
     doc: r.config?.doc,
     public: r.config?.public === true,
+    admin: r.config?.admin === true,
   }));
 }
 
@@ -147,6 +151,7 @@ function operation(route: RouteRecord, op: OperationDoc, c: Components): { path:
 
   const codes = new Set<ErrorCode>(['INTERNAL', ...(doc.errors ?? [])]);
   if (!route.public) codes.add('UNAUTHORIZED');
+  if (route.admin) codes.add('ADMIN_KEY_REQUIRED');
   if (query || body) codes.add('VALIDATION');
   if (body) codes.add('PAYLOAD_TOO_LARGE').add('UNSUPPORTED_MEDIA_TYPE').add('BAD_REQUEST');
   // JSON request objects are closed (src/server/schemas.ts).
@@ -167,7 +172,7 @@ function operation(route: RouteRecord, op: OperationDoc, c: Components): { path:
         },
         ...errorResponses(codes, route.url.startsWith('/v1/'), c),
       },
-      ...(route.public ? { security: [] } : {}),
+      ...(route.public ? { security: [] } : route.admin ? { security: [{ adminBearerAuth: [] }] } : {}),
     },
   };
 }
@@ -191,13 +196,17 @@ export function openApiDocument(routes: readonly RouteRecord[]): Json {
       version: VERSION,
       description: 'One base model, many LoRA adapters: TGI/LoRAX-compatible generation, OpenAI-compatible completions, adapter management. ' +
         'Errors are `{error, error_type, code}` (OpenAI routes: `{error: {message, type, param, code}}`). ' +
-        'When the server runs with --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`. ' +
+        'When the server runs with --api-key, every route but /health (and /metrics with --metrics-public) needs `Authorization: Bearer <key>`; ' +
+        'with --admin-api-key, the adapter routes that change what is stored or loaded need that key instead (it opens every other route too). ' +
         'Swagger UI: /docs (served from the server, no network needed).',
     },
     security: [{ bearerAuth: [] }],
     paths: sorted,
     components: {
-      securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', description: 'Only when the server runs with --api-key' } },
+      securitySchemes: {
+        bearerAuth: { type: 'http', scheme: 'bearer', description: 'Only when the server runs with --api-key (the --admin-api-key key is accepted too)' },
+        adminBearerAuth: { type: 'http', scheme: 'bearer', description: 'The --admin-api-key key; without --admin-api-key, the --api-key key (and nothing when neither is set)' },
+      },
       schemas: Object.fromEntries(Object.entries(c.schemas).sort(([a], [b]) => a.localeCompare(b))),
     },
   };

@@ -1,4 +1,4 @@
-/** Service routes: GET|HEAD /health, GET /info, GET /metrics. */
+/** Service routes: GET|HEAD /health (never needs a key), GET /info, GET /metrics (no key with --metrics-public). */
 import type { FastifyInstance } from 'fastify';
 import { fail } from '../../errors.ts';
 import type { AppDeps } from '../app.ts';
@@ -23,6 +23,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
     const { info, options } = deps;
     return {
       model_id: info.modelId,
+      model_sha: info.modelSha ?? null,
       model_type: info.modelType,
       model_dtype: info.dtype,
       backend: info.backend,
@@ -61,7 +62,7 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.get('/metrics', {
     schema: { summary: 'Prometheus metrics (text exposition format; see docs/metrics.md)' },
-    config: { public: true, doc: { tag: 'Service', produces: 'text/plain' } },
+    config: { public: deps.options.metricsPublic === true, doc: { tag: 'Service', produces: 'text/plain' } },
   }, async (_request, reply) => {
     return reply.type(deps.metrics.contentType).send(await deps.metrics.text());
   });
