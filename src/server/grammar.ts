@@ -13,7 +13,7 @@ import { fail, isServeError } from '../errors.ts';
 import type { TextTokenizer } from '../text/tokenizer.ts';
 
 /** Compiled grammars kept per tokenizer (least recently used dropped first). */
-export const GRAMMAR_CACHE_SIZE = 64;
+export const GRAMMAR_CACHE_SIZE = 32;
 
 /** What a request asks its output to match. */
 export type GrammarSpec =

@@ -10,7 +10,7 @@ import type { Node, Ranges } from './regex.ts';
 /** The most NFA states a grammar may compile to (each bounded repetition copies its item). */
 export const MAX_NFA_STATES = 200_000;
 /** The most DFA states one grammar builds before refusing to go on (GRAMMAR_UNSUPPORTED). */
-export const MAX_DFA_STATES = 100_000;
+export const MAX_DFA_STATES = 20_000;
 
 /** A deterministic automaton over code points: state 0 is the start, -1 the dead state. */
 export interface CharAutomaton {

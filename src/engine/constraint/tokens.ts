@@ -121,14 +121,20 @@ function stepByte(a: CharAutomaton, s: ConstraintState, b: number): ConstraintSt
   return dfa < 0 ? null : { dfa, cp: 0, need: 0, len: 0 };
 }
 
-/** The most masks one grammar keeps (each is one byte per vocabulary id); past it the cache starts over. */
+/** The most masks one grammar keeps; past it the cache starts over. */
 export const MAX_CACHED_MASKS = 4096;
+/** The most bytes of masks one grammar keeps (a mask is one byte per vocabulary id): fewer masks for large vocabularies. */
+export const MASK_CACHE_BYTES = 8 << 20;
 
 /** A character automaton over a vocabulary: the token masks of its states, cached (see the file comment). */
 export class Grammar implements TokenConstraint {
   private readonly masks = new Map<string, Uint8Array | null>();
+  /** MAX_CACHED_MASKS, or fewer so that they fit in MASK_CACHE_BYTES (at least 64). */
+  private readonly maxMasks: number;
 
-  constructor(readonly automaton: CharAutomaton, readonly vocab: TokenVocabulary) {}
+  constructor(readonly automaton: CharAutomaton, readonly vocab: TokenVocabulary) {
+    this.maxMasks = Math.min(MAX_CACHED_MASKS, Math.max(64, Math.floor(MASK_CACHE_BYTES / Math.max(1, vocab.size))));
+  }
 
   /** Masks in the cache: the constraint states seen (since the cache last started over). */
   get cachedMasks(): number {
@@ -152,7 +158,7 @@ export class Grammar implements TokenConstraint {
     let mask = this.masks.get(key);
     if (mask === undefined) {
       mask = this.computeMask(s);
-      if (this.masks.size >= MAX_CACHED_MASKS) this.masks.clear();
+      if (this.masks.size >= this.maxMasks) this.masks.clear();
       this.masks.set(key, mask);
     }
     return mask;
