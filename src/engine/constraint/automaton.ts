@@ -162,16 +162,6 @@ export class LazyDfa implements CharAutomaton {
     this.intern(this.closure([start]));
   }
 
-  /** NFA states built (a size figure). */
-  get nfaStates(): number {
-    return this.nfa.kind.length;
-  }
-
-  /** DFA states built so far. */
-  get dfaStates(): number {
-    return this.sets.length;
-  }
-
   accepting(state: number): boolean {
     return state >= 0 && this.accepts[state]!;
   }
@@ -237,7 +227,7 @@ export class LazyDfa implements CharAutomaton {
   }
 }
 
-/** Whether the automaton accepts `text` exactly (tests, and checking a grammar's own examples). */
+/** Whether the automaton accepts `text` exactly. */
 export function matches(a: CharAutomaton, text: string): boolean {
   let s = 0;
   for (const c of text) {
