@@ -38,6 +38,12 @@ export const ERRORS = {
    * whose adapter folder (or org folder) in --adapter-dir is a symlink (writes never go through links).
    */
   ADAPTER_PATH_NOT_ALLOWED: { status: 403, type: 'forbidden' },
+  /** OpenAI `logit_bias` with a key that is not a token id below the vocabulary size, or a bias outside [-100, 100]. */
+  LOGIT_BIAS_INVALID: { status: 400, type: 'validation' },
+  /** A grammar (regex, JSON schema) that cannot be parsed or matches nothing. */
+  GRAMMAR_INVALID: { status: 400, type: 'validation' },
+  /** A grammar using a feature the constraint compiler does not implement (named in the message: lookaround, a schema keyword...). */
+  GRAMMAR_UNSUPPORTED: { status: 400, type: 'validation' },
   /** `parameters.merged_adapters` with bad values: ids, weights, strategy, density, sign method. */
   MERGE_INVALID: { status: 400, type: 'validation' },
   /** Source adapters that cannot be merged: different ranks, rank/alpha patterns (src/lora/merged-adapter.ts). */

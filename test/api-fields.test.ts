@@ -82,10 +82,22 @@ const OPENAI_SAMPLES: Record<string, Sample> = Object.fromEntries([
   ['stream_options.include_usage', { value: true, extra: { stream: true }, check: (_r, res) => res.body.includes('"usage":{') }],
   ['max_tokens', { value: 3, check: (r) => r!.maxNewTokens === 3 }],
   ['user', { value: 'user-1' }],
+  ['logit_bias', { value: { 5: 100, 7: -100 }, check: (r) => JSON.stringify(r!.sampling.logitBias) === '[[5,100],[7,-100]]' }],
 ]);
+
+const CHAT_BASE: Json = { messages: [{ role: 'user', content: 'Hello' }] };
 
 /** A body with a two-adapter merge, for the samples of merged_adapters' own fields. */
 const MERGE_BASE: Json = { inputs: 'Hello', parameters: { merged_adapters: { ids: ['demo', 'org/style'] } } };
+
+/** Bodies holding the nested objects that have required fields, for the unknown-field test. */
+const REQUIRED_BASE: Record<string, Json> = {
+  'parameters.merged_adapters': MERGE_BASE,
+  'parameters.grammar': { inputs: 'Hello', parameters: { grammar: { type: 'regex', value: 'x' } } },
+  'parameters.response_format': { inputs: 'Hello', parameters: { response_format: { type: 'json_object' } } },
+  response_format: { ...CHAT_BASE, response_format: { type: 'json_object' } },
+  'response_format.json_schema': { ...CHAT_BASE, response_format: { type: 'json_schema', json_schema: {} } },
+};
 
 const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, Readonly<Record<string, DefaultOnly>>][]; samples: Record<string, Sample> }> = {
   '/generate': {
@@ -123,6 +135,12 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
         value: 'ties', base: { inputs: 'Hello', parameters: { merged_adapters: { ids: ['demo', 'org/style'], density: 0.5 } } }, check: (r) => r!.merge?.strategy === 'ties',
       }],
       ['parameters.merged_adapters.density', { value: 0.25, base: MERGE_BASE, check: (r) => r!.merge?.density === 0.25 }],
+      ['parameters.grammar', { value: { type: 'regex', value: '[ab]+' }, check: (r) => r!.constraint !== undefined }],
+      ['parameters.grammar.type', { value: 'json', base: { inputs: 'Hello', parameters: { grammar: { type: 'regex', value: { type: 'integer' } } } }, check: (r) => r!.constraint !== undefined }],
+      ['parameters.grammar.value', { value: '\\d+', base: { inputs: 'Hello', parameters: { grammar: { type: 'regex', value: 'x' } } }, check: (r) => r!.constraint !== undefined }],
+      ['parameters.response_format', { value: { type: 'json_object' }, check: (r) => r!.constraint !== undefined }],
+      ['parameters.response_format.type', { value: 'json_object', base: { inputs: 'Hello', parameters: { response_format: { type: 'json_object' } } }, check: (r) => r!.constraint !== undefined }],
+      ['parameters.response_format.schema', { value: { type: 'boolean' }, base: { inputs: 'Hello', parameters: { response_format: { type: 'json_object' } } }, check: (r) => r!.constraint !== undefined }],
       ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
       ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
       ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
@@ -158,6 +176,13 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       prompt_cache_retention: { value: '24h' },
       prompt_cache_options: { value: { mode: 'explicit' } },
       parallel_tool_calls: { value: false },
+      response_format: { value: { type: 'json_object' }, check: (r) => r!.constraint !== undefined },
+      'response_format.type': { value: 'text', base: { ...CHAT_BASE, response_format: { type: 'json_object' } }, check: (r) => r!.constraint === undefined },
+      'response_format.json_schema': { value: { schema: { type: 'integer' } }, base: { ...CHAT_BASE, response_format: { type: 'json_schema' } }, check: (r) => r!.constraint !== undefined },
+      'response_format.json_schema.schema': { value: { type: 'integer' }, base: { ...CHAT_BASE, response_format: { type: 'json_schema', json_schema: {} } }, check: (r) => r!.constraint !== undefined },
+      'response_format.json_schema.name': { value: 'answer', base: { ...CHAT_BASE, response_format: { type: 'json_schema', json_schema: {} } } },
+      'response_format.json_schema.description': { value: 'an answer', base: { ...CHAT_BASE, response_format: { type: 'json_schema', json_schema: {} } } },
+      'response_format.json_schema.strict': { value: true, base: { ...CHAT_BASE, response_format: { type: 'json_schema', json_schema: {} } } },
     },
   },
   '/tokenize': {
@@ -269,7 +294,7 @@ test('a field no table lists is refused as UNKNOWN_FIELD on every body and neste
       const field = `${parent ? `${parent}.` : ''}no_such_field`;
       const body = field.startsWith('messages[]') || parent === ''
         ? withField(section.base, field, 1)
-        : parent === 'parameters.merged_adapters' ? withField(MERGE_BASE, field, 1) // with its required ids
+        : REQUIRED_BASE[parent] ? withField(REQUIRED_BASE[parent], field, 1) // with the object's required fields
           : withField({ ...section.base, ...(parent === 'stream_options' ? { stream: true } : {}) }, field, 1);
       const res = await s.inject({ method: 'POST', url, ...json(body) });
       const openai = url.startsWith('/v1/');

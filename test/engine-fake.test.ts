@@ -12,6 +12,7 @@ import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider, MergeSpec } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/text/tokenizer.ts';
+import type { TokenConstraint } from '../src/engine/constraint/tokens.ts';
 import { generate, request, type Outcome } from './helpers/runtime.ts';
 
 const V = 32;
@@ -552,4 +553,31 @@ test('load(): KV tokens held and the adapters of running and waiting requests, a
   provider.finish('slow');
   await a;
   assert.deepEqual(engine.load(), { kvTokens: 0, kvCapacityTokens: 200, runningAdapters: [], waitingAdapters: [] });
+});
+
+test('a constraint: only its allowed ids are sampled, in its row alone; a grammar with nothing left fails that request alone', async () => {
+  const { ex, submit } = setup({}, [9]);
+  /** Allows only even ids (EOS 9 never), and nothing once `dieAfter` tokens were taken. */
+  const evens = (dieAfter: number): TokenConstraint => ({
+    start: () => ({ dfa: 0, cp: 0, need: 0, len: 0 }),
+    allowed: (s) => (s.dfa >= dieAfter ? null : Uint8Array.from({ length: V }, (_, i) => (i % 2 === 0 ? 1 : 0))),
+    advance: (s, id) => {
+      assert.equal(id % 2, 0, 'a masked id was sampled');
+      return { ...s, dfa: s.dfa + 1 };
+    },
+    complete: () => false,
+    isEos: (id) => id === 9,
+  });
+  const [free, constrained, dying] = await Promise.all([
+    submit('f', request([0], { maxNewTokens: 5 })),
+    submit('c', request([0], { maxNewTokens: 5, constraint: evens(100) })),
+    submit('d', request([0], { maxNewTokens: 5, constraint: evens(2) })),
+  ]);
+  assert.deepEqual(ids(free), [1, 2, 3, 4, 5], 'the unconstrained row follows the model');
+  // the fake model puts all weight on t + 1 (odd after an even): the mask leaves the lowest even id, 0
+  assert.ok(ids(constrained).every((t) => t % 2 === 0));
+  assert.equal(constrained.result?.finishReason, 'length');
+  assert.equal(dying.error?.code, 'GRAMMAR_INVALID');
+  assert.equal(ids(dying).length, 2);
+  assert.equal(ex.running, 0);
 });

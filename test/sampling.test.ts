@@ -215,3 +215,23 @@ test('large vocabulary: partial selection agrees with a full-sort reference', ()
     assert.deepEqual(got, reference(p, 20), JSON.stringify(p));
   }
 });
+
+test('logit_bias: +100 makes greedy pick the token, -100 bans it; the mask leaves only allowed ids', () => {
+  const logits = Float32Array.from([2, 1, 0.5, -1, 3]);
+  assert.equal(new Sampler(params({})).sample(logits, []).id, 4);
+  assert.equal(new Sampler(params({ logitBias: [[3, 100]] })).sample(logits, []).id, 3);
+  assert.equal(new Sampler(params({ logitBias: [[4, -100]] })).sample(logits, []).id, 0);
+  for (let i = 0; i < 50; i++) {
+    const banned = new Sampler(params({ doSample: true, seed: i, logitBias: [[4, -100], [0, -100]] })).sample(logits, []);
+    assert.ok(banned.id !== 4 && banned.id !== 0);
+  }
+  const allowed = Uint8Array.from([0, 1, 1, 0, 0]);
+  assert.equal(new Sampler(params({})).sample(logits, [], 0, allowed).id, 1);
+  for (let i = 0; i < 50; i++) {
+    const s = new Sampler(params({ doSample: true, seed: i, topP: 0.5, topK: 3 })).sample(logits, [], 0, allowed);
+    assert.ok(s.id === 1 || s.id === 2);
+    // renormalised over the allowed ids
+    const lse = Math.log(Math.exp(1) + Math.exp(0.5));
+    assert.ok(Math.abs(s.logprob - (logits[s.id]! - lse)) < 1e-6);
+  }
+});

@@ -7,7 +7,8 @@ import { profiler } from '../obs/profile.ts';
 import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
 import type { DecodeItem, LoraPlan, PrefillItem, StepExecutor, StepResult } from './executor.ts';
-import { Sampler } from './sampling.ts';
+import type { ConstraintState } from './constraint/tokens.ts';
+import { Sampler, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
@@ -40,6 +41,8 @@ interface Seq {
   readonly sampler: Sampler;
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
+  /** Where the text stands in `req.constraint` (null without one). */
+  constraint: ConstraintState | null;
   readonly submittedAt: number;
   state: SeqState;
   lease: AdapterLease | null;
@@ -152,6 +155,7 @@ export class Engine implements EngineApi {
       sampler: new Sampler(req.sampling),
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
+      constraint: req.constraint?.start() ?? null,
       submittedAt: now(), state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
       generated: [], tokens: [], prefill: [], text: '',
       scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
@@ -340,11 +344,28 @@ export class Engine implements EngineApi {
     this.metrics?.step({ kind, seconds, passes: res.passes });
   }
 
-  /** Samples the next token from `logits`, emits it, and finishes the sequence when it should end. */
+  /**
+   * Samples the next token from `logits` (among the ids the request's grammar allows, if it has one), emits it,
+   * and finishes the sequence when it should end. A grammar that allows no token at all fails the sequence alone.
+   */
   private accept(seq: Seq, logits: Float32Array): void {
     if (seq.state === 'done') return;
     const { req } = seq;
-    const sampled = profiler.time('sampling', () => seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0));
+    const constraint = req.constraint;
+    let allowed: Uint8Array | undefined;
+    let sampled: SampledToken;
+    try {
+      if (constraint) {
+        const mask = profiler.time('constraint', () => constraint.allowed(seq.constraint!));
+        if (!mask) throw fail('GRAMMAR_INVALID', 'the grammar allows no token after the text generated so far');
+        allowed = mask;
+      }
+      sampled = profiler.time('sampling', () => seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0, allowed));
+      if (constraint && !constraint.isEos(sampled.id)) seq.constraint = profiler.time('constraint', () => constraint.advance(seq.constraint!, sampled.id));
+    } catch (err) {
+      // this sequence alone fails (a grammar too large to go on, logits all NaN); the batch goes on
+      return this.finishWithError(seq, err);
+    }
     const id = sampled.id;
     seq.generated.push(id);
     const t = now();

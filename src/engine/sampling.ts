@@ -2,6 +2,8 @@
  * Next-token selection on host logits: penalties, warpers, greedy or seeded sampling.
  *
  * Order (TGI `HeterogeneousNextTokenChooser`, HF generation):
+ *   0. the row's constraint mask (`allowed`: every other id → −∞) and `logit_bias` (OpenAI: added to the
+ *      raw logit of its id)
  *   1. repetition penalty (HF: over every distinct id in `history`, logit > 0 → logit / p, else logit * p)
  *   2. frequency / presence penalties (OpenAI: logit -= freq · count + presence · [count > 0]);
  *      counts cover the whole history by default, as TGI's frequency penalty covers the whole
@@ -11,7 +13,7 @@
  *   5. sample from the survivors, or argmax for greedy (ties → lowest id)
  *
  * `logprob` of the chosen id (and of the `top` alternatives) is log_softmax over the logits
- * after steps 1–3, before truncation, so it does not depend on top_k/top_p/typical_p; greedy
+ * after steps 0–3 (so under a constraint it is renormalised over the allowed ids), before truncation, so it does not depend on top_k/top_p/typical_p; greedy
  * without penalties gives log_softmax(raw logits). (TGI reports the log-softmax after truncation.)
  *
  * All arithmetic is in float64, softmax subtracts the max first. Sampling consumes exactly one
@@ -38,6 +40,8 @@ export interface SamplingParams {
   seed: number;
   /** 0 = none. */
   topNTokens: number;
+  /** OpenAI `logit_bias`: [token id, bias] pairs, each bias added to that id's logit before anything else; [] = none. */
+  logitBias: readonly (readonly [number, number])[];
 }
 
 export const DEFAULT_SAMPLING: SamplingParams = Object.freeze({
@@ -51,6 +55,7 @@ export const DEFAULT_SAMPLING: SamplingParams = Object.freeze({
   presencePenalty: 0,
   seed: 0,
   topNTokens: 0,
+  logitBias: Object.freeze([]),
 });
 
 export interface SampledToken {
@@ -187,8 +192,9 @@ export class Sampler {
    * @param penaltyFrom frequency/presence penalties count `history[penaltyFrom:]` only; 0 (the
    *   default) counts the whole history like TGI's frequency penalty, the prompt length gives
    *   OpenAI/vLLM's "generated tokens only". The repetition penalty always covers the whole history (HF).
+   * @param allowed when given, only ids with allowed[id] === 1 can be chosen (a constraint's mask; ids past its end are not allowed)
    */
-  sample(logits: Float32Array, history: readonly number[], penaltyFrom = 0): SampledToken {
+  sample(logits: Float32Array, history: readonly number[], penaltyFrom = 0, allowed?: Uint8Array): SampledToken {
     const p = this.params;
     const V = logits.length;
     if (V === 0) throw fail('GENERATION', 'empty logits');
@@ -201,6 +207,8 @@ export class Sampler {
       const v = logits[i]!;
       x[i] = v !== v ? -Infinity : v; // NaN → never chosen
     }
+    for (const [id, bias] of p.logitBias) if (id < V) x[id]! += bias;
+    if (allowed) for (let i = 0; i < V; i++) if (allowed[i] !== 1) x[i] = -Infinity;
     this.applyPenalties(x, history, penaltyFrom);
     if (p.temperature !== 1) {
       const inv = 1 / p.temperature;
@@ -217,7 +225,8 @@ export class Sampler {
     for (let i = 0; i < V; i++) sum += Math.exp(x[i]! - max);
     const logZ = max + Math.log(sum);
 
-    const id = p.doSample ? this.draw(x, max, sum) : argmax;
+    let id = p.doSample ? this.draw(x, max, sum) : argmax;
+    if (x[id] === -Infinity) id = argmax; // a rounding fallback of draw() never picks a masked id
     const out: SampledToken = { id, logprob: x[id]! - logZ };
     if (p.topNTokens > 0) {
       out.top = Array.from(selectTop(x, Math.min(p.topNTokens, V), V), (t) => ({ id: t, logprob: x[t]! - logZ }));

@@ -2,6 +2,7 @@
 import type { ServeError } from '../errors.ts';
 import type { MergeSpec } from '../lora/types.ts';
 import type { StepPass } from './executor.ts';
+import type { TokenConstraint } from './constraint/tokens.ts';
 import type { SamplingParams } from './sampling.ts';
 
 export interface GenerateRequest {
@@ -14,6 +15,11 @@ export interface GenerateRequest {
   /** Where the adapter comes from (LoRAX's adapter_source and api_token); absent: the server's --adapter-source. */
   readonly adapterSource?: AdapterSource;
   readonly sampling: SamplingParams;
+  /**
+   * Structured output (TGI `grammar`, OpenAI `response_format`): each step samples only among the ids the grammar
+   * allows, and EOS only once the text is a full match. Shared between requests; the engine holds each one's state.
+   */
+  readonly constraint?: TokenConstraint;
   readonly maxNewTokens: number;
   /** How the client's API names inputIds and maxNewTokens, for the length errors (default TGI's). */
   readonly fields?: LengthFields;

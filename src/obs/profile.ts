@@ -21,6 +21,7 @@ export const PHASES = {
   // Main thread (the engine).
   engine: 'the engine\'s own JavaScript around a step: building items, bookkeeping, emitting tokens',
   sampling: 'sampling the next token from each sequence\'s logits (penalties, top-k/p, logprobs)',
+  constraint: 'grammar masks: the token ids a constrained sequence may sample next (src/engine/constraint/)',
   executor_wait: 'waiting for the executor worker threads (their work is in the phases below, per worker)',
   // Wherever the executor runs (main thread, or each worker).
   executor: 'the executor\'s own JavaScript: step inputs, KV rows, masks, worker messages',

@@ -1,7 +1,7 @@
 /**
  * Request fields that real clients send but whose feature the server does not implement. Each is
  * accepted when its value asks for what the server does anyway (its default: `watermark: false`,
- * `n: 1`, `response_format: {"type": "text"}`) and refused with UNSUPPORTED_PARAMETER, naming the
+ * `n: 1`) and refused with UNSUPPORTED_PARAMETER, naming the
  * field, otherwise. `null` counts as absent. Fields the schemas do not know at all are refused by
  * validation (UNKNOWN_FIELD, with the list of known ones). README "HTTP API" lists every
  * field with its status; test/api-fields.test.ts checks the README, the schemas and this table agree.
@@ -20,9 +20,6 @@ const absent = (feature: string): DefaultOnly => ({ accepted: 'absent or null', 
 const only = (value: unknown, feature: string): DefaultOnly =>
   ({ accepted: JSON.stringify(value), accepts: (v) => JSON.stringify(v) === JSON.stringify(value), feature });
 const emptyList = (feature: string): DefaultOnly => ({ accepted: '[]', accepts: (v) => Array.isArray(v) && v.length === 0, feature });
-const emptyObject = (feature: string): DefaultOnly => ({
-  accepted: '{}', accepts: (v) => typeof v === 'object' && v !== null && Object.keys(v).length === 0, feature,
-});
 const oneOf = (values: readonly unknown[], feature: string): DefaultOnly =>
   ({ accepted: values.map((v) => JSON.stringify(v)).join(' or '), accepts: (v) => values.includes(v), feature });
 
@@ -30,8 +27,6 @@ const oneOf = (values: readonly unknown[], feature: string): DefaultOnly =>
 export const TGI_PARAMETERS = {
   best_of: only(1, 'best-of-n sampling'),
   watermark: only(false, 'watermarking'),
-  grammar: absent('grammar-constrained generation'),
-  response_format: absent('structured output'),
   return_k_alternatives: absent('LoRAX alternative tokens (use top_n_tokens)'),
   apply_chat_template: only(false, 'chat templates on /generate (use /v1/chat/completions)'),
 } as const satisfies Record<string, DefaultOnly>;
@@ -39,7 +34,6 @@ export const TGI_PARAMETERS = {
 /** Fields /v1/completions and /v1/chat/completions share. */
 export const OPENAI_FIELDS = {
   n: only(1, 'several choices per request'),
-  logit_bias: emptyObject('logit_bias'),
 } as const satisfies Record<string, DefaultOnly>;
 
 export const COMPLETION_FIELDS = {
@@ -48,7 +42,6 @@ export const COMPLETION_FIELDS = {
 } as const satisfies Record<string, DefaultOnly>;
 
 export const CHAT_FIELDS = {
-  response_format: only({ type: 'text' }, 'structured output (json_object, json_schema)'),
   tools: emptyList('tool calling'),
   tool_choice: oneOf(['none', 'auto'], 'tool calling'),
   functions: emptyList('function calling'),

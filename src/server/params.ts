@@ -74,6 +74,7 @@ export function tgiSampling(p: TgiSampling): SamplingParams {
     temperature, topK, topP, typicalP, repetitionPenalty, frequencyPenalty, presencePenalty,
     seed: givenSeed ?? randomSeed(),
     topNTokens,
+    logitBias: [],
   };
 }
 
@@ -134,6 +135,27 @@ export function openAISampling(b: OpenAISampling, topN: number): SamplingParams 
     presence_penalty: b.presence_penalty,
     seed: b.seed,
     top_n_tokens: topN,
+  });
+}
+
+/** The largest |bias| of `logit_bias` (OpenAI's range). */
+export const MAX_LOGIT_BIAS = 100;
+
+/**
+ * OpenAI `logit_bias` (token id as a string → bias) → [id, bias] pairs, in the body's order. Each key must be
+ * a decimal token id below `vocabSize`, each bias a number in [-100, 100]; otherwise LOGIT_BIAS_INVALID naming
+ * the key. ±100 in practice bans or forces the token (OpenAI's words).
+ */
+export function logitBias(b: Readonly<Record<string, number>> | null | undefined, vocabSize: number): [number, number][] {
+  if (!b) return [];
+  return Object.entries(b).map(([key, bias]) => {
+    const param = `logit_bias.${key}`;
+    const id = /^(0|[1-9]\d{0,9})$/.test(key) ? Number(key) : NaN;
+    if (!(id < vocabSize)) throw fail('LOGIT_BIAS_INVALID', `\`${param}\`: the key must be a token id below the vocabulary size ${vocabSize}`, { param });
+    if (!(typeof bias === 'number' && Math.abs(bias) <= MAX_LOGIT_BIAS)) {
+      throw fail('LOGIT_BIAS_INVALID', `\`${param}\`: the bias must be a number in [-${MAX_LOGIT_BIAS}, ${MAX_LOGIT_BIAS}]`, { param });
+    }
+    return [id, bias];
   });
 }
 

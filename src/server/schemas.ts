@@ -65,6 +65,18 @@ export const MergedAdapters = Type.Object({
 }, { title: 'MergedAdapters', ...Closed });
 export type MergedAdaptersBody = Static<typeof MergedAdapters>;
 
+/** TGI `parameters.grammar`: the output must match a regex or a JSON schema (src/server/grammar.ts). */
+export const GrammarBody = Type.Object({
+  type: Enum(['regex', 'json'], { description: 'regex: `value` is a pattern the whole output matches; json: `value` is a JSON schema (an object, or a string holding one)' }),
+  value: Type.Unknown({ description: 'The pattern or the schema' }),
+}, { title: 'Grammar', ...Closed });
+
+/** LoRAX `parameters.response_format`. */
+export const LoraxResponseFormat = Type.Object({
+  type: Enum(['json_object'], { description: 'Only json_object' }),
+  schema: Opt(Type.Unknown({ description: 'A JSON schema the output must satisfy; absent or null: any JSON object' })),
+}, { title: 'LoraxResponseFormat', ...Closed });
+
 export const GenerateParameters = Type.Object({
   adapter_id: Opt(Type.String({ description: 'LoRA adapter id (name or org/name); absent, "" or the base model id: the base model' })),
   max_new_tokens: Opt(Type.Integer({ minimum: 1, description: 'Default: the server\'s --max-new-tokens' })),
@@ -86,6 +98,8 @@ export const GenerateParameters = Type.Object({
   ignore_eos: Opt(Type.Boolean({ description: 'Extension (as vLLM): keep generating past eos up to max_new_tokens (benchmarks)' })),
   ignore_eos_token: Opt(Type.Boolean({ description: 'LoRAX\'s name of ignore_eos; both must agree' })),
   merged_adapters: Opt(MergedAdapters),
+  grammar: Opt(GrammarBody),
+  response_format: Opt(LoraxResponseFormat),
   adapter_source: Opt(Type.String({
     description: 'LoRAX: where adapter_id (or each id of merged_adapters) comes from: "local" (--adapter-dir, then --adapter-source-url) or "hub" (a Hugging Face Hub repo, ' +
       'downloaded into the Hub cache and cached by commit); absent: the server\'s --adapter-source. "s3" and "pbase" are refused',
@@ -172,6 +186,7 @@ const OpenAISampling = {
     ...defaultOnly(STREAM_OPTIONS),
   }, Closed)),
   user: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
+  logit_bias: Opt(Type.Record(Type.String(), Type.Number(), { description: 'Token id (a decimal string, below the vocabulary size) → bias in [-100, 100], added to that token\'s logit before sampling' })),
   ...defaultOnly(OPENAI_FIELDS),
 };
 
@@ -215,6 +230,15 @@ export const ChatCompletionRequest = Type.Object({
   prompt_cache_retention: Opt(Type.String({ description: 'Accepted; a prompt-cache hint, no effect on the output' })),
   prompt_cache_options: Opt(Type.Record(Type.String(), Type.Unknown(), { description: 'Accepted; prompt-cache hints, no effect on the output' })),
   safety_identifier: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
+  response_format: Opt(Type.Object({
+    type: Enum(['text', 'json_object', 'json_schema'], { description: 'text: no constraint; json_object: any JSON object; json_schema: JSON valid against json_schema.schema' }),
+    json_schema: Opt(Type.Object({
+      name: Opt(Type.String({ description: 'Accepted; a name for the caller\'s records' })),
+      description: Opt(Type.String({ description: 'Accepted; no effect on the output' })),
+      schema: Opt(Type.Unknown({ description: 'The JSON schema (the subset of the README); absent: any JSON object' })),
+      strict: Opt(Type.Boolean({ description: 'Accepted; the schema is always enforced' })),
+    }, Closed)),
+  }, { title: 'ResponseFormat', ...Closed })),
   ...defaultOnly(CHAT_FIELDS),
 }, { title: 'ChatCompletionRequest', ...Closed });
 export type ChatCompletionRequestBody = Static<typeof ChatCompletionRequest>;

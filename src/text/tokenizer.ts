@@ -39,6 +39,27 @@ const REPLACEMENT_CHAR = '\uFFFD';
 /** A token string no vocabulary contains; used to find where the post-processor puts the text. */
 const PROBE = '\uE000\uE001probe\uE002';
 
+/**
+ * GPT-2's bytes_to_unicode, inverted: the character a byte-level BPE vocabulary writes → the byte it stands for.
+ * Printable Latin-1 bytes stand for themselves; the other 68 bytes are mapped to U+0100 onwards, in byte order.
+ */
+const BYTE_OF_CHAR: ReadonlyMap<string, number> = (() => {
+  const m = new Map<string, number>();
+  let shifted = 0;
+  for (let b = 0; b < 256; b++) {
+    const printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+    m.set(String.fromCodePoint(printable ? b : 256 + shifted++), b);
+  }
+  return m;
+})();
+
+/** A decoder section that is ByteLevel, or a Sequence holding one. */
+function hasByteLevelDecoder(decoder: unknown): boolean {
+  if (!isObject(decoder)) return false;
+  if (decoder.type === 'ByteLevel') return true;
+  return decoder.type === 'Sequence' && Array.isArray(decoder.decoders) && decoder.decoders.some(hasByteLevelDecoder);
+}
+
 function isObject(v: unknown): v is Json {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
@@ -153,6 +174,7 @@ export class TextTokenizer {
   private readonly templateVars: Readonly<Record<string, string>>;
   private readonly pieceCache = new Map<number, string>();
   private compiledTemplate: Template | null = null;
+  private bytesOfTokens: readonly (Uint8Array | null)[] | null = null;
 
   private constructor(
     tok: Tokenizer,
@@ -160,6 +182,8 @@ export class TextTokenizer {
     generationConfig: Json,
     modelConfig: TokenizerModelConfig | undefined,
     chatTemplate: string | null,
+    /** The decoder is byte-level (GPT-2 style): vocabulary strings spell bytes in bytes_to_unicode's alphabet. */
+    private readonly byteLevel: boolean,
   ) {
     this.tok = tok;
     this.vocabSize = tok.model?.vocab.length ?? 0;
@@ -314,7 +338,7 @@ export class TextTokenizer {
     } catch (err) {
       throw fail('TOKENIZER_INVALID', `cannot build the tokenizer from tokenizer.json: ${(err as Error).message}`);
     }
-    return new TextTokenizer(tok, tc, gc, modelConfig, pickChatTemplate(tc.chat_template));
+    return new TextTokenizer(tok, tc, gc, modelConfig, pickChatTemplate(tc.chat_template), hasByteLevelDecoder(tj.decoder));
   }
 
   /** Token ids for `text`; special tokens are added as the files say unless `addSpecialTokens` is false. */
@@ -366,6 +390,36 @@ export class TextTokenizer {
       this.pieceCache.set(id, s);
     }
     return s;
+  }
+
+  /**
+   * The UTF-8 bytes each id adds to generated text (constrained decoding walks them), computed once; null for
+   * special and added tokens and ids the text cannot be built from. With a byte-level decoder the bytes are read
+   * off the vocabulary string (so a piece holding part of a character has its exact bytes); otherwise a
+   * `<0xHH>` byte-fallback piece is that byte, and any other piece is its text decoded after a plain ASCII
+   * token (so a SentencePiece `▁` keeps its space), or null when that text is not valid UTF-8 alone (U+FFFD).
+   */
+  tokenBytes(): readonly (Uint8Array | null)[] {
+    if (this.bytesOfTokens) return this.bytesOfTokens;
+    const vocab = this.tok.model!.vocab as (string | undefined)[];
+    const added = new Set(this.tok.get_added_tokens_decoder().keys());
+    const utf8 = new TextEncoder();
+    const anchor = this.encode('a', { addSpecialTokens: false })[0];
+    const anchorText = anchor === undefined ? '' : this.decode([anchor]);
+    const bytesOf = (id: number): Uint8Array | null => {
+      const piece = vocab[id];
+      if (piece === undefined || added.has(id) || this.specialIds.has(id)) return null;
+      if (this.byteLevel) {
+        const out = [...piece].map((c) => BYTE_OF_CHAR.get(c));
+        if (out.every((b) => b !== undefined)) return Uint8Array.from(out as number[]);
+      }
+      const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+      if (byte) return Uint8Array.of(parseInt(byte[1]!, 16));
+      const text = anchor === undefined ? this.decode([id]) : this.decode([anchor, id]).slice(anchorText.length);
+      return text.includes(REPLACEMENT_CHAR) && !piece.includes(REPLACEMENT_CHAR) ? null : utf8.encode(text);
+    };
+    this.bytesOfTokens = Array.from({ length: this.vocabSize }, (_, id) => bytesOf(id));
+    return this.bytesOfTokens;
   }
 
   isSpecial(id: number): boolean {

@@ -159,7 +159,7 @@ export const TEST_INFO: ServerInfo = {
 // OpenAPI response validation
 
 // ajv is CommonJS with a `default` export; under NodeNext the default import is the module object.
-const Ajv = ((AjvModule as unknown as { default?: unknown }).default ?? AjvModule) as typeof AjvModule.default;
+export const Ajv = ((AjvModule as unknown as { default?: unknown }).default ?? AjvModule) as typeof AjvModule.default;
 type Json = Record<string, any>;
 
 export const OPENAPI_PATH = new URL('../../openapi.yaml', import.meta.url);

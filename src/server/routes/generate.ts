@@ -6,6 +6,7 @@ import type { AppDeps } from '../app.ts';
 import { ADAPTER_SOURCE_KINDS, type AdapterSource, type AdapterSourceKind } from '../../engine/types.ts';
 import { ADAPTER_FILE_ERRORS, HUB_ERRORS } from './adapters.ts';
 import { refuseUnsupported, TGI_PARAMETERS } from '../fields.ts';
+import { tgiConstraint } from '../grammar.ts';
 import { fitLengths, mergedAdapters, tgiSampling } from '../params.ts';
 import { mergeId } from '../../lora/merged-adapter.ts';
 import type { MergeSpec } from '../../lora/types.ts';
@@ -29,8 +30,8 @@ function requestAdapter(deps: AppDeps, id: string | null, params: NonNullable<Ge
   return typeof spec === 'string' ? { adapterId: spec } : { adapterId: mergeId(spec), merge: spec };
 }
 
-/** What the TGI/LoRAX routes can fail with: a generation's errors, and a merge's (parameters.merged_adapters). */
-const TGI_ERRORS: readonly ErrorCode[] = [...GENERATION_ERRORS, 'MERGE_INVALID', 'MERGE_INCOMPATIBLE'];
+/** What the TGI/LoRAX routes can fail with: a generation's errors, a merge's (parameters.merged_adapters) and a grammar's. */
+const TGI_ERRORS: readonly ErrorCode[] = [...GENERATION_ERRORS, 'MERGE_INVALID', 'MERGE_INCOMPATIBLE', 'GRAMMAR_INVALID', 'GRAMMAR_UNSUPPORTED'];
 
 /** `parameters.adapter_source` and `api_token` as the engine's AdapterSource; undefined when neither is given. */
 function adapterSource(params: NonNullable<GenerateRequestBody['parameters']>): AdapterSource | undefined {
@@ -71,6 +72,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   const { adapterId, merge } = requestAdapter(deps, top ?? inner, params);
   const source = adapterSource(params);
   const sampling = tgiSampling(params);
+  const constraint = tgiConstraint(deps.tokenizer, params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
   });
@@ -78,7 +80,7 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
     body, params,
     req: {
       inputIds, adapterId, ...(merge ? { merge } : {}), ...(source ? { adapterSource: source } : {}),
-      sampling, maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos,
+      sampling, ...(constraint ? { constraint } : {}), maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos,
     },
   };
 }

@@ -6,12 +6,13 @@
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
-import { fail } from '../../errors.ts';
+import { fail, type ErrorCode } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
 import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS, type DefaultOnly } from '../fields.ts';
-import { fitLengths, openAISampling } from '../params.ts';
+import { openAIConstraint } from '../grammar.ts';
+import { fitLengths, logitBias, openAISampling } from '../params.ts';
 import {
   COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelCard, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
@@ -20,6 +21,11 @@ import {
   checkTokenIds, finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
+
+/** What the OpenAI routes can fail with: a generation's errors, and a bad `logit_bias`. */
+const OPENAI_ERRORS: readonly ErrorCode[] = [...GENERATION_ERRORS, 'LOGIT_BIAS_INVALID'];
+/** /v1/chat/completions adds a bad `response_format`. */
+const CHAT_ERRORS: readonly ErrorCode[] = [...OPENAI_ERRORS, 'GRAMMAR_INVALID', 'GRAMMAR_UNSUPPORTED'];
 
 function stopList(stop: CompletionRequestBody['stop']): string[] {
   if (stop === undefined || stop === null) return [];
@@ -132,14 +138,14 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.post<{ Body: CompletionRequestBody }>('/v1/completions', {
     schema: { summary: 'Text completion (OpenAI-compatible; stream: true answers with server-sent events)', body: CompletionRequest, response: { 200: Completion } },
-    config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
+    config: { doc: { tag: 'OpenAI', errors: OPENAI_ERRORS, headers: RESULT_HEADERS, stream: CompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
     refuseUnsupportedOpenAI(b, COMPLETION_FIELDS);
     const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
     const stops = stopList(b.stop);
-    const sampling = openAISampling(b, topN);
+    const sampling = { ...openAISampling(b, topN), logitBias: logitBias(b.logit_bias, deps.tokenizer.vocabSize) };
     const adapterId = resolveAdapter(deps, b.model);
     const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
       maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
@@ -189,7 +195,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
 
   app.post<{ Body: ChatCompletionRequestBody }>('/v1/chat/completions', {
     schema: { summary: 'Chat completion with the model\'s chat template (OpenAI-compatible; stream: true answers with server-sent events)', body: ChatCompletionRequest, response: { 200: ChatCompletion } },
-    config: { doc: { tag: 'OpenAI', errors: GENERATION_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
+    config: { doc: { tag: 'OpenAI', errors: CHAT_ERRORS, headers: RESULT_HEADERS, stream: ChatCompletionStreamEvent } },
   }, async (request, reply) => {
     const b = request.body;
     refuseUnsupportedOpenAI(b, CHAT_FIELDS);
@@ -197,7 +203,8 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
       throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`', { param: 'top_logprobs' });
     }
     const stops = stopList(b.stop);
-    const sampling = openAISampling(b, b.logprobs ? b.top_logprobs ?? 0 : 0);
+    const sampling = { ...openAISampling(b, b.logprobs ? b.top_logprobs ?? 0 : 0), logitBias: logitBias(b.logit_bias, deps.tokenizer.vocabSize) };
+    const constraint = openAIConstraint(deps.tokenizer, b.response_format);
     const adapterId = resolveAdapter(deps, b.model);
     // The template writes the special tokens (e.g. bos_token) itself.
     const prompt = deps.tokenizer.applyChatTemplate(templateMessages(b.messages), { addGenerationPrompt: true });
@@ -205,7 +212,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
       maxNew: b.max_completion_tokens ?? b.max_tokens, defaultMaxNew: deps.options.maxTotalTokens,
     });
     const req: EngineRequest = {
-      inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
+      inputIds, adapterId, sampling, ...(constraint ? { constraint } : {}), maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
       stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
     };
     const model = b.model || deps.info.modelId;
