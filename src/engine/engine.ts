@@ -11,7 +11,7 @@ import { Sampler } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
-  EngineApi, EngineLoad, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
+  EngineApi, EngineLoad, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, PrefillToken, TokenInfo,
 } from './types.ts';
 
 export interface EngineOptions extends SchedulerLimits {
@@ -48,7 +48,7 @@ interface Seq {
   prefilled: number;
   readonly generated: number[];
   readonly tokens: TokenInfo[];
-  readonly prefill: { id: number; text: string; logprob: number | null }[];
+  readonly prefill: PrefillToken[];
   text: string;
   scheduledAt: number | null;
   firstTokenAt: number | null;
@@ -61,13 +61,22 @@ interface Seq {
 
 const now = (): number => performance.now() / 1000;
 
-/** log_softmax(row)[id] in float64. */
-function logprobOf(row: Float32Array, id: number): number {
+/** log_softmax(row) in float64 at `id`, and its `k` largest entries best first (ties: lowest id). */
+function logprobsOf(row: Float32Array, id: number, k: number): { logprob: number; top: { id: number; logprob: number }[] } {
   let max = -Infinity;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
   let sum = 0;
   for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
-  return row[id]! - max - Math.log(sum);
+  const logZ = max + Math.log(sum);
+  const top: number[] = [];
+  for (let i = 0; i < row.length && k > 0; i++) {
+    if (top.length === k && row[i]! <= row[top[k - 1]!]!) continue;
+    let j = Math.min(top.length, k - 1);
+    while (j > 0 && row[top[j - 1]!]! < row[i]!) j--;
+    top.splice(j, 0, i);
+    if (top.length > k) top.pop();
+  }
+  return { logprob: row[id]! - logZ, top: top.map((t) => ({ id: t, logprob: row[t]! - logZ })) };
 }
 
 /** The length fields' names when the caller gives none: TGI's. */
@@ -320,16 +329,22 @@ export class Engine implements EngineApi {
     }
   }
 
-  /** Row t of a chunk's logits predicts prompt token start+t+1: its logprob given the ones before. */
+  /** Row t of a chunk's logits predicts prompt token start+t+1: its logprob given the ones before, and the top alternatives. */
   private promptLogprobs(seq: Seq, item: PrefillItem, logits: Float32Array): void {
     const V = this.executor.vocabSize;
     const prompt = seq.req.inputIds;
+    const k = seq.req.sampling.topNTokens;
+    const token = (id: number) => ({ id, text: this.tokenizer.tokenText(id), special: this.tokenizer.isSpecial(id) });
     if (item.start === 0) seq.prefill.push({ id: prompt[0]!, text: this.tokenizer.tokenText(prompt[0]!), logprob: null });
     for (let t = 0; t < item.tokens.length; t++) {
       const next = item.start + t + 1;
       if (next >= prompt.length) break;
       const id = prompt[next]!;
-      seq.prefill.push({ id, text: this.tokenizer.tokenText(id), logprob: logprobOf(logits.subarray(t * V, (t + 1) * V), id) });
+      const lp = logprobsOf(logits.subarray(t * V, (t + 1) * V), id, k);
+      seq.prefill.push({
+        id, text: this.tokenizer.tokenText(id), logprob: lp.logprob,
+        ...(k > 0 ? { top: lp.top.map((x) => ({ ...token(x.id), logprob: x.logprob })) } : {}),
+      });
     }
   }
 

@@ -17,7 +17,10 @@ export interface GenerateRequest {
   readonly includeStop?: boolean;
   /** Frequency/presence penalties count generated tokens only (OpenAI) instead of the whole history (TGI). */
   readonly penalizeGeneratedOnly?: boolean;
-  /** Compute prompt logprobs (TGI decoder_input_details). */
+  /**
+   * Compute prompt logprobs (TGI decoder_input_details, OpenAI echo with logprobs): result.prefill, with each
+   * prompt token's `sampling.topNTokens` alternatives when that is above 0.
+   */
   readonly decoderInputDetails: boolean;
   /** Ignore eos and always generate maxNewTokens (benchmarks). */
   readonly ignoreEos?: boolean;
@@ -51,6 +54,16 @@ export interface TokenInfo extends TopToken {
   readonly top?: readonly TopToken[];
 }
 
+/** A prompt token with its logprob given the tokens before it: log_softmax of the raw logits (no penalties, no temperature). */
+export interface PrefillToken {
+  readonly id: number;
+  readonly text: string;
+  /** null for the first prompt token (nothing predicts it). */
+  readonly logprob: number | null;
+  /** The `sampling.topNTokens` most likely tokens at its position, best first (absent for the first token and when none are asked for). */
+  readonly top?: readonly TopToken[];
+}
+
 export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';
 
 export interface GenerationResult {
@@ -63,7 +76,7 @@ export interface GenerationResult {
   /** The seed used when sampling, else null. */
   readonly seed: number | null;
   /** Prompt tokens with the logprob of each given the ones before (first: null); empty unless asked for. */
-  readonly prefill: readonly { readonly id: number; readonly text: string; readonly logprob: number | null }[];
+  readonly prefill: readonly PrefillToken[];
   readonly tokens: readonly TokenInfo[];
   readonly adapterId: string | null;
   /** Seconds from submission to the first scheduled step. */

@@ -18,6 +18,8 @@ export const MAX_STOP_SEQUENCES = 4;
 export const MAX_TOP_N_TOKENS = 5;
 /** OpenAI's default `max_tokens` of /v1/completions. */
 export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
+/** The most sequences one request may generate (OpenAI `n` and `best_of`, TGI `best_of`). */
+export const MAX_CHOICES = 8;
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 /** A string enum (`{type: string, enum: [...]}`), typed as the union of its values. */
@@ -72,6 +74,7 @@ export const GenerateParameters = Type.Object({
   top_n_tokens: Opt(Type.Integer({ description: `0-${MAX_TOP_N_TOKENS}` })),
   ignore_eos: Opt(Type.Boolean({ description: 'Extension (as vLLM): keep generating past eos up to max_new_tokens (benchmarks)' })),
   ignore_eos_token: Opt(Type.Boolean({ description: 'LoRAX\'s name of ignore_eos; both must agree' })),
+  best_of: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: `Generate this many sequences and answer with the one of the highest mean token logprob, the others in details.best_of_sequences; > 1 needs sampling, no seed, /generate (TGI's rules)` })),
   ...defaultOnly(TGI_PARAMETERS),
 }, { title: 'GenerateParameters', ...Closed });
 
@@ -98,14 +101,25 @@ export const PrefillToken = Type.Object({
   logprob: Nullable(Type.Number({ description: 'null for the first prompt token' })),
 }, { title: 'PrefillToken' });
 
-export const Details = Type.Object({
+const SequenceDetails = {
   finish_reason: FinishReason,
   generated_tokens: Type.Integer(),
-  prompt_tokens: Type.Integer(),
   seed: Nullable(Type.Integer()),
   prefill: Type.Array(PrefillToken),
   tokens: Type.Array(Token),
   top_tokens: Type.Optional(Type.Array(Type.Array(Token), { description: 'Per generated token, its top_n_tokens alternatives (only when top_n_tokens > 0)' })),
+};
+
+/** One of the sequences best_of generated besides the one answered (TGI). */
+export const BestOfSequence = Type.Object({
+  generated_text: Type.String(),
+  ...SequenceDetails,
+}, { title: 'BestOfSequence' });
+
+export const Details = Type.Object({
+  ...SequenceDetails,
+  prompt_tokens: Type.Integer(),
+  best_of_sequences: Type.Optional(Type.Array(BestOfSequence, { description: 'With best_of > 1: the other sequences' })),
 }, { title: 'Details' });
 
 export const GenerateResponse = Type.Object({
@@ -153,6 +167,7 @@ const OpenAISampling = {
     ...defaultOnly(STREAM_OPTIONS),
   }, Closed)),
   user: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
+  n: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: 'Choices to return, sampled independently (choice i > 0 with seed + i, mod 2^53)' })),
   ...defaultOnly(OPENAI_FIELDS),
 };
 
@@ -166,7 +181,8 @@ export const CompletionRequest = Type.Object({
   ], { description: 'One prompt: a string or token ids, alone or in a list of one (a list of several is refused)' }),
   max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
-  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text' })),
+  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text; with logprobs (not streamed), the prompt\'s tokens come first in logprobs, the first with null' })),
+  best_of: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: 'Generate this many (>= n) and return the n with the highest cumulative logprob; not streamed when > n' })),
   ...defaultOnly(COMPLETION_FIELDS),
 }, { title: 'CompletionRequest', ...Closed });
 export type CompletionRequestBody = Static<typeof CompletionRequest>;
@@ -210,8 +226,8 @@ export const Usage = Type.Object({
 
 export const CompletionLogprobs = Type.Object({
   tokens: Type.Array(Type.String()),
-  token_logprobs: Type.Array(Type.Number()),
-  top_logprobs: Type.Array(Type.Record(Type.String(), Type.Number())),
+  token_logprobs: Type.Array(Nullable(Type.Number()), { description: 'null for the first prompt token (echo)' }),
+  top_logprobs: Type.Array(Nullable(Type.Record(Type.String(), Type.Number())), { description: 'null for the first prompt token (echo)' }),
   text_offset: Type.Array(Type.Integer()),
 }, { title: 'CompletionLogprobs' });
 

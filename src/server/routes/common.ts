@@ -80,35 +80,85 @@ export function requestSummary(request: FastifyRequest, reply: FastifyReply): Re
 }
 
 /**
- * Hands the request to the engine with an AbortSignal that fires when the client goes away
- * before the response is complete, so the engine frees the sequence. Throws synchronously when
- * the engine rejects at once (OVERLOADED, SHUTTING_DOWN, ...).
+ * Hands the requests (one per choice) to the engine with one AbortSignal that fires when the
+ * client goes away before the response is complete, so the engine frees every sequence. Throws
+ * synchronously when the engine rejects one at once (OVERLOADED, SHUTTING_DOWN, ...), after
+ * cancelling those already submitted. `sinks[i]` receives request i's events. Returns a function
+ * that cancels them all (a choice that failed ends the others).
  */
-export function submit(deps: AppDeps, reply: FastifyReply, req: EngineRequest, sink: GenerationSink): void {
+export function submit(deps: AppDeps, reply: FastifyReply, reqs: readonly EngineRequest[], sinks: readonly GenerationSink[]): () => void {
   const controller = new AbortController();
   reply.raw.once('close', () => {
     if (!reply.raw.writableFinished) controller.abort();
   });
   const timeoutMs = deps.options.requestTimeoutMs;
-  const outcome: Outcome = { adapter: req.adapterId };
+  const outcome: Outcome = { adapter: reqs[0]!.adapterId };
   OUTCOMES.set(reply.request, outcome);
-  deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, {
-    onToken: (token, text) => sink.onToken(token, text),
-    onDone(result) {
-      outcome.result = result;
-      sink.onDone(result);
-    },
-    onError(err) {
-      outcome.error = err;
-      sink.onError(err);
-    },
-  });
+  // Set when a submission is refused: the choices cancelled because of it report nothing (the caller gets the refusal).
+  let refused = false;
+  try {
+    reqs.forEach((req, i) => {
+      const sink = sinks[i]!;
+      deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, {
+        onToken: (token, text) => sink.onToken(token, text),
+        onDone(result) {
+          if (i === 0) outcome.result = result;
+          sink.onDone(result);
+        },
+        onError(err) {
+          if (refused) return;
+          outcome.error ??= err;
+          sink.onError(err);
+        },
+      });
+    });
+  } catch (err) {
+    refused = true;
+    controller.abort();
+    throw err;
+  }
+  return () => controller.abort();
 }
 
-/** One generation to completion. */
-export function generateOnce(deps: AppDeps, reply: FastifyReply, req: EngineRequest): Promise<GenerationResult> {
+/**
+ * `count` copies of a request, one per choice (OpenAI `n`, `best_of`; TGI `best_of`). Choice i
+ * samples with `choiceSeed(seed, i)`; only choice 0 computes prompt logprobs (they are the same for all).
+ */
+export function choiceRequests(req: EngineRequest, count: number): EngineRequest[] {
+  return Array.from({ length: count }, (_, i) => ({
+    ...req, sampling: { ...req.sampling, seed: choiceSeed(req.sampling.seed, i) }, decoderInputDetails: i === 0 && req.decoderInputDetails,
+  }));
+}
+
+/**
+ * The seed choice i of a request samples with: the request's seed for choice 0, `(seed mod 2^53 + i) mod 2^53`
+ * for the others (exact in float64, distinct for each i), so a seeded request with several choices is reproducible.
+ */
+export function choiceSeed(seed: number, i: number): number {
+  return i === 0 ? seed : ((seed % 2 ** 53) + i) % 2 ** 53;
+}
+
+/** Generations to completion, one per request (in that order); the first error rejects and cancels the rest. */
+export function generateAll(deps: AppDeps, reply: FastifyReply, reqs: readonly EngineRequest[]): Promise<GenerationResult[]> {
   return new Promise((resolve, reject) => {
-    submit(deps, reply, req, { onToken() {}, onDone: resolve, onError: reject });
+    const results: GenerationResult[] = [];
+    let left = reqs.length;
+    let failed = false;
+    let cancel = () => {};
+    const sinks = reqs.map((_, i): GenerationSink => ({
+      onToken() {},
+      onDone(r) {
+        results[i] = r;
+        if (--left === 0 && !failed) resolve(results);
+      },
+      onError(err) {
+        if (failed) return;
+        failed = true;
+        reject(err);
+        cancel();
+      },
+    }));
+    cancel = submit(deps, reply, reqs, sinks);
   });
 }
 
@@ -120,12 +170,17 @@ export const RESULT_HEADERS: Readonly<Record<string, string>> = {
   'x-inference-time': 'Milliseconds from the first step to the last token (not on streams)',
   'x-time-per-token': 'Inference milliseconds per generated token (not on streams)',
   'x-prompt-tokens': 'Prompt tokens (not on streams)',
-  'x-generated-tokens': 'Generated tokens (not on streams)',
+  'x-generated-tokens': 'Generated tokens, of every choice (not on streams)',
 };
 
-/** TGI's timing headers (milliseconds) and the adapter that served the request. */
-export function resultHeaders(reply: FastifyReply, r: GenerationResult): void {
+/**
+ * TGI's timing headers (milliseconds) and the adapter that served the request. With several choices: the
+ * first choice's times, the prompt once, the generated tokens of every choice.
+ */
+export function resultHeaders(reply: FastifyReply, results: readonly GenerationResult[]): void {
   const ms = (s: number) => String(Math.round(s * 1000));
+  const r = results[0]!;
+  const generated = results.reduce((n, x) => n + x.generatedTokens, 0);
   if (r.adapterId !== null) reply.header('x-adapter-id', r.adapterId);
   reply
     .header('x-total-time', String(Math.round(reply.elapsedTime)))
@@ -133,7 +188,7 @@ export function resultHeaders(reply: FastifyReply, r: GenerationResult): void {
     .header('x-inference-time', ms(r.inferenceTimeS))
     .header('x-time-per-token', ms(r.generatedTokens > 0 ? r.inferenceTimeS / r.generatedTokens : 0))
     .header('x-prompt-tokens', String(r.promptTokens))
-    .header('x-generated-tokens', String(r.generatedTokens));
+    .header('x-generated-tokens', String(generated));
 }
 
 /** -inf (a masked token) is not JSON; report it as vLLM does. */
@@ -150,8 +205,13 @@ export function withoutStop(text: string, r: GenerationResult, stops: readonly s
 
 /** Receives stream events with the last token and the result together. */
 export interface StreamHandler {
-  /** `result` is set on the last token. `token` is null only when the engine finished without a token left to attach the result to. */
-  token(token: TokenInfo | null, text: string, result: GenerationResult | null): void;
+  /**
+   * A token of choice `index`; `result` is set on the choice's last one. `token` is null only when the engine
+   * finished without a token left to attach the result to.
+   */
+  token(index: number, token: TokenInfo | null, text: string, result: GenerationResult | null): void;
+  /** Every choice has finished (before the stream ends): their results, by index. */
+  done?(results: readonly GenerationResult[]): void;
   error(err: ServeError): void;
 }
 
@@ -164,9 +224,10 @@ export interface SseOptions {
 export type SendEvent = (payload: unknown) => void;
 
 /**
- * Streams one generation as server-sent events. Nothing is written before the engine's first
- * event, so a rejection before it (overload, unknown adapter, failed adapter load) is answered
- * as a normal JSON error with its status by the caller's error handler.
+ * Streams generations (one per choice, interleaved as their tokens come) as server-sent events.
+ * Nothing is written before the engine's first event, so a rejection before it (overload, unknown
+ * adapter, failed adapter load) is answered as a normal JSON error with its status by the caller's
+ * error handler. An error after it ends the stream with an error event and cancels the other choices.
  *
  * Each token is passed on one tick late: the engine emits the final token and `onDone` in the
  * same tick, so the handler sees the last token together with the result (TGI's last event
@@ -175,7 +236,7 @@ export type SendEvent = (payload: unknown) => void;
 export async function streamGeneration(
   deps: AppDeps,
   reply: FastifyReply,
-  req: EngineRequest,
+  reqs: readonly EngineRequest[],
   opts: SseOptions,
   makeHandler: (send: SendEvent) => StreamHandler,
 ): Promise<FastifyReply> {
@@ -189,49 +250,63 @@ export async function streamGeneration(
     if (!body.writableEnded) body.end();
   };
 
-  let pending: { token: TokenInfo; text: string } | null = null;
-  let timer: NodeJS.Immediate | null = null;
-  const flush = () => {
-    if (timer) clearImmediate(timer);
-    timer = null;
-    if (pending) handler.token(pending.token, pending.text, null);
-    pending = null;
+  /** Per choice: the token held back one tick. */
+  const pending: ({ token: TokenInfo; text: string; timer: NodeJS.Immediate } | null)[] = reqs.map(() => null);
+  const flush = (i: number) => {
+    const p = pending[i];
+    if (!p) return;
+    clearImmediate(p.timer);
+    pending[i] = null;
+    handler.token(i, p.token, p.text, null);
   };
+  const results: GenerationResult[] = [];
+  let left = reqs.length;
 
   await new Promise<void>((resolve, reject) => {
     let started = false;
+    let over = false;
+    let cancel = () => {};
     const start = () => {
       if (!started) resolve();
       started = true;
     };
-    submit(deps, reply, req, {
+    cancel = submit(deps, reply, reqs, reqs.map((_, i): GenerationSink => ({
       onToken(token, text) {
-        flush();
-        pending = { token, text };
-        timer = setImmediate(flush);
+        if (over) return;
+        flush(i);
+        pending[i] = { token, text, timer: setImmediate(() => flush(i)) };
         start();
       },
       onDone(result) {
-        if (timer) clearImmediate(timer);
-        const last = pending;
-        pending = timer = null;
-        handler.token(last?.token ?? null, last?.text ?? '', result);
-        end();
+        if (over) return;
+        const last = pending[i];
+        if (last) clearImmediate(last.timer);
+        pending[i] = null;
+        handler.token(i, last?.token ?? null, last?.text ?? '', result);
+        results[i] = result;
+        if (--left === 0) {
+          handler.done?.(results);
+          end();
+        }
         start();
       },
       onError(err) {
+        if (over) return;
+        over = true;
+        cancel();
         if (!started) {
           started = true;
           reject(err);
           return;
         }
-        flush();
+        pending.forEach((_, j) => flush(j));
         handler.error(err);
         end();
       },
-    });
+    })));
   });
-  if (req.adapterId !== null) reply.header('x-adapter-id', req.adapterId);
+  const adapterId = reqs[0]!.adapterId;
+  if (adapterId !== null) reply.header('x-adapter-id', adapterId);
   return reply
     .header('content-type', 'text/event-stream; charset=utf-8')
     .header('cache-control', 'no-cache')
