@@ -122,7 +122,7 @@ export async function ensureDemo(adapterDir: string, log: (msg: string) => void 
 
 export async function startRuntime(
   opts: RuntimeOptions,
-  hooks: { log?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics } = {},
+  hooks: { log?: (msg: string) => void; error?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics } = {},
 ): Promise<Runtime> {
   const log = hooks.log ?? (() => {});
   profiler.enabled = opts.profile === true;
@@ -158,6 +158,9 @@ export async function startRuntime(
       workers, modelDir: dir, backend: chosen?.name ?? opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
       warmHeapBytes: opts.warmHeapBytes ?? WARM_HEAP_BYTES,
       onError: (err, context) => log(`executor worker error while ${context}: ${err.message}`),
+      onWorkerDeath: (i, cause) => (hooks.error ?? log)(
+        `executor worker ${i} of ${workers} died (${cause}): its requests in flight failed with WORKER_DIED; the other workers keep serving, /health answers 503 until the process is restarted`,
+      ),
     });
     executor = parallel;
     modelBytes = parallel.modelBytes;

@@ -208,6 +208,11 @@ export class TfExecutor implements Executor {
     return { numTensors: m.numTensors, numBytes: m.numBytes };
   }
 
+  /** Never: it runs in this thread, which is alive when asked. */
+  broken(): null {
+    return null;
+  }
+
   /** Nothing: in-process, the executor's phases are recorded in this thread's profiler, with the engine's. */
   profile(): ProfileTotals {
     return {};

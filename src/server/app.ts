@@ -75,6 +75,8 @@ export interface AppOptions {
   readonly allowedAdapterPaths?: readonly string[];
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
+  /** Why the server can no longer serve fully and should be restarted (WORKER_DIED), or null: /health answers 503 with it. */
+  broken?(): ServeError | null;
 }
 
 export interface AppDeps {

@@ -39,7 +39,7 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
     compat: options.metricsCompat,
   });
   let ready = false;
-  runtime = await startRuntime(options, { log: (msg) => logger.info(msg), metrics });
+  runtime = await startRuntime(options, { log: (msg) => logger.info(msg), error: (msg) => logger.error(msg), metrics });
   const app = await buildApp({
     engine: runtime.engine,
     adapters: runtime.adapters,
@@ -55,6 +55,7 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
       ready: () => ready,
+      broken: () => runtime.executor.broken(),
     },
   }, { loggerInstance: logger });
   return {

@@ -10,7 +10,7 @@ import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
 
 /** 5xx codes whose messages are written for clients; other 5xx errors (startup-time, internal) may name files or backends. */
-const PUBLIC_5XX = new Set<ErrorCode>(['NOT_READY', 'SHUTTING_DOWN', 'TIMEOUT', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT']);
+const PUBLIC_5XX = new Set<ErrorCode>(['NOT_READY', 'SHUTTING_DOWN', 'TIMEOUT', 'ADAPTER_FETCH_FAILED', 'ADAPTER_FETCH_TIMEOUT', 'WORKER_DIED']);
 
 /** The catalogue's `{error, error_type, code}`, with a generic message for internal 5xx errors (the log has the detail). */
 export function publicErrorBody(err: ServeError): ReturnType<typeof errorBody> {
