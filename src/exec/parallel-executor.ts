@@ -12,7 +12,7 @@ import type {
 } from '../engine/executor.ts';
 import { ServeError, ERRORS } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import type { RequestOf, WorkerInit, WorkerOp, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
+import type { RequestOf, WorkerInit, WorkerOp, WorkerProgress, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
 import { addTotals, profiler, type ProfileTotals } from '../obs/profile.ts';
 
 class WorkerClient {
@@ -28,9 +28,13 @@ class WorkerClient {
   /** The worker's step profile as of its last answer (with --profile). */
   profile: ProfileTotals = {};
 
-  /** `onDeath` is told once, with the thread's error or exit code, when the thread dies. */
-  constructor(readonly worker: Worker, readonly index: number, onDeath: (cause: string) => void) {
-    worker.on('message', (msg: WorkerReply) => {
+  /**
+   * `onDeath` is told once, with the thread's error or exit code, when the thread dies; `onTensor` of each tensor
+   * the worker reads while it loads the model.
+   */
+  constructor(readonly worker: Worker, readonly index: number, onDeath: (cause: string) => void, onTensor?: (elements: number) => void) {
+    worker.on('message', (msg: WorkerReply | WorkerProgress) => {
+      if ('tensorRead' in msg) return onTensor?.(msg.tensorRead);
       this.memory = msg.memory;
       if (msg.profile) this.profile = msg.profile;
       const p = this.pending.get(msg.id);
@@ -89,6 +93,9 @@ export interface ParallelExecutorOptions {
    * process. The runtime logs it.
    */
   readonly onWorkerDeath?: (index: number, cause: string) => void;
+  /** Start-up progress: each tensor a worker reads (its element count), and each worker that has loaded the model. */
+  readonly onTensor?: (elements: number) => void;
+  readonly onWorkerStarted?: () => void;
 }
 
 export class ParallelExecutor implements Executor {
@@ -107,13 +114,17 @@ export class ParallelExecutor implements Executor {
         // worker-entry.mjs registers the TypeScript loader in the worker, then loads worker.ts.
         const worker = new Worker(new URL('./worker-entry.mjs', import.meta.url));
         // A death during start fails start() (its init call rejects); after, it is the caller's to hear.
-        clients.push(new WorkerClient(worker, i, (cause) => started && opts.onWorkerDeath?.(i, cause)));
+        clients.push(new WorkerClient(worker, i, (cause) => started && opts.onWorkerDeath?.(i, cause), opts.onTensor));
       }
       const init: WorkerInit = {
         modelDir: opts.modelDir, backend: opts.backend, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
         warmHeapBytes: opts.warmHeapBytes ?? 0,
       };
-      const infos = await Promise.all(clients.map((c) => c.call({ op: 'init', init })));
+      const infos = await Promise.all(clients.map(async (c) => {
+        const info = await c.call({ op: 'init', init });
+        opts.onWorkerStarted?.();
+        return info;
+      }));
       started = true;
       const i = infos[0]!;
       return new ParallelExecutor(clients, opts.onError, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);

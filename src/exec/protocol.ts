@@ -73,6 +73,11 @@ interface ReplyBase {
   readonly profile?: ProfileTotals;
 }
 
+/** Sent by the worker while init reads the weights, once per tensor read (its element count): start-up progress. */
+export interface WorkerProgress {
+  readonly tensorRead: number;
+}
+
 export type WorkerReply =
   | (ReplyBase & { readonly ok: true; readonly result: WorkerResults[WorkerOp] })
   | (ReplyBase & { readonly ok: false; readonly error: { readonly message: string; readonly code?: ErrorCode } });

@@ -99,22 +99,25 @@ export class CausalLM {
   /**
    * Loads a checkpoint directory onto the current TensorFlow.js backend. A weight larger than the backend can
    * bind (`maxTensorBytes`, by default the webgpu device's limit) fails with MODEL_TOO_LARGE before it is read.
+   * `onTensor` is told of each tensor read (its element count), for start-up progress.
    */
-  static load(dir: string, opts: { maxTensorBytes?: { bytes: number; on: string } } = {}): CausalLM {
+  static load(dir: string, opts: { maxTensorBytes?: { bytes: number; on: string }; onTensor?: (elements: number) => void } = {}): CausalLM {
     const ckpt = openCheckpoint(dir);
     const limit = opts.maxTensorBytes ?? maxTensorBytes();
+    const onTensor = opts.onTensor;
     try {
       const { load } = REGISTRY[ckpt.config.family];
       // tidy disposes everything uploaded so far if loading fails half-way (missing or mis-shaped tensor).
       tf.engine().startScope();
       let arch: Arch;
       try {
-        arch = load(ckpt.config, limit ? {
+        arch = load(ckpt.config, limit || onTensor ? {
           ...ckpt,
           read: (name, shape) => {
-            if (shape) checkTensorFits(name, shape, limit);
+            if (shape && limit) checkTensorFits(name, shape, limit);
             const t = ckpt.read(name, shape);
-            if (!shape) checkTensorFits(name, t.shape, limit);
+            if (!shape && limit) checkTensorFits(name, t.shape, limit);
+            onTensor?.(t.data.length);
             return t;
           },
         } : ckpt);

@@ -8,7 +8,7 @@
  * 400 for request validation, `responseStatus`).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerFactory, type FastifyServerOptions } from 'fastify';
 import type { WebGPUAdapter } from '../backend/webgpu/init.ts';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
@@ -91,6 +91,8 @@ export interface AppDeps {
 export interface BuildOptions {
   /** The process's logger (pino); absent: no logging. */
   readonly loggerInstance?: FastifyBaseLogger;
+  /** A server of the caller's to answer on (fastify's serverFactory): one already listening (src/server/server.ts). */
+  readonly serverFactory?: FastifyServerFactory;
 }
 
 function sha256(s: string): Buffer {
@@ -149,6 +151,7 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
     ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
+    ...(opts.serverFactory ? { serverFactory: opts.serverFactory } : {}),
     // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.options.bodyLimitBytes,

@@ -11,6 +11,7 @@
  * value (src/server/fields.ts).
  */
 import { Type, type Static, type TOptional, type TSchema, type TUnknown } from '@sinclair/typebox';
+import { STARTUP_PHASES } from '../startup.ts';
 import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly as DefaultOnlyRule } from './fields.ts';
 /** TGI's `--max-stop-sequences` default. */
 export const MAX_STOP_SEQUENCES = 4;
@@ -36,10 +37,24 @@ const defaultOnly = <T extends Record<string, DefaultOnlyRule>>(table: T) => Obj
 // ------------------------------------------------------------------------------------------------
 // Errors
 
+/** The start-up progress the 503 NOT_READY answers carry while the server loads (src/server/loading.ts, src/startup.ts). */
+export const Loading = Type.Object({
+  phase: Enum(STARTUP_PHASES),
+  tensors_loaded: Type.Integer({ description: 'Checkpoint tensors read, over every copy of the model (one per executor worker)' }),
+  tensors_total: Type.Integer({ description: 'The checkpoint\'s tensors times the copies (a few may never be read: GPT-2 mask buffers, a tied lm_head)' }),
+  bytes_loaded: Type.Integer({ description: 'Their bytes as float32' }),
+  bytes_total: Type.Integer(),
+  workers_started: Type.Integer({ description: 'Executor workers that have loaded their copy' }),
+  workers_total: Type.Integer({ description: '0 when the model runs in the server\'s thread (--workers 1)' }),
+}, { title: 'Loading', description: 'Only on 503 NOT_READY while the server starts (every route but /metrics answers so until the model is loaded)' });
+
+const LoadingField = Type.Optional(Loading);
+
 export const ErrorBody = Type.Object({
   error: Type.String({ description: 'Human-readable message' }),
   error_type: Type.String({ description: 'TGI/LoRAX error type, e.g. validation, overloaded, adapter_not_found' }),
   code: Type.String({ description: 'Stable error code from the catalogue (src/errors.ts), e.g. VALIDATION, ADAPTER_NOT_FOUND' }),
+  loading: LoadingField,
 }, { title: 'ErrorBody' });
 
 export const OpenAIErrorBody = Type.Object({
@@ -49,6 +64,7 @@ export const OpenAIErrorBody = Type.Object({
     param: Nullable(Type.String({ description: 'The request field at fault, when one is (dotted path)' })),
     code: Type.String({ description: 'The catalogue code' }),
   }),
+  loading: LoadingField,
 }, { title: 'OpenAIErrorBody' });
 
 // ------------------------------------------------------------------------------------------------
