@@ -7,6 +7,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
 import { request as http } from 'undici';
 import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { DEMO_LLAMA } from '../src/demo/index.ts';
@@ -53,6 +54,13 @@ async function events(path: string, body: unknown): Promise<Json[]> {
 }
 
 const PROMPT = 'The quick brown fox';
+
+/** Sequences prefilled so far (rows of prefill passes), from /metrics. */
+async function prefillRows(): Promise<number> {
+  const text = await (await http(`${url}/metrics`)).body.text();
+  const line = text.split('\n').find((l) => /^lora_serve_batch_size_sum\{[^}]*kind="prefill"/.test(l));
+  return line ? Number(line.split(' ').at(-1)) : 0;
+}
 const sum = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0);
 
 test('greedy n=2 gives two identical choices; usage counts the prompt once and every choice\'s tokens', async () => {
@@ -71,9 +79,13 @@ test('greedy n=2 gives two identical choices; usage counts the prompt once and e
   assert.equal(chat.json.usage.completion_tokens, 10);
 });
 
-test('sampled n=3 with a seed: choice i is what a single request with seed + i gives', async () => {
+test('sampled n=3 with a seed: choice i is what a single request with seed + i gives (one shared prefill, no tensor left)', async () => {
   const body = { prompt: PROMPT, max_tokens: 8, temperature: 1.5, ignore_eos: true, seed: 1234 };
+  const tensors = tf.memory().numTensors;
+  const prefilled = await prefillRows();
   const three = await post('/v1/completions', { ...body, n: 3 });
+  assert.equal(await prefillRows() - prefilled, 1, 'the three choices share one prefill');
+  assert.equal(tf.memory().numTensors, tensors, 'no tensor leaked');
   assert.equal(three.status, 200, JSON.stringify(three.json));
   const singles = await Promise.all([0, 1, 2].map((i) => post('/v1/completions', { ...body, seed: choiceSeed(1234, i) })));
   assert.deepEqual(three.json.choices.map((c: Json) => c.text), singles.map((s) => s.json.choices[0].text));

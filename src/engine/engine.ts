@@ -33,6 +33,15 @@ export interface Detokenizer {
 
 type SeqState = 'adapter' | 'waiting' | 'prefilling' | 'running' | 'done';
 
+/** Requests sharing one prefill (GenerateRequest.prefixGroup): the one that prefills, and those waiting for it. */
+interface Group {
+  leader: Seq | null;
+  /** Waiting for the leader's prefill (state 'waiting', in no queue). */
+  readonly followers: Seq[];
+  /** Closed once the leader has shared its prefill or ended: later members prefill on their own. */
+  open: boolean;
+}
+
 interface Seq {
   readonly id: number;
   readonly req: GenerateRequest;
@@ -41,6 +50,7 @@ interface Seq {
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
   readonly submittedAt: number;
+  readonly group: Group | null;
   state: SeqState;
   lease: AdapterLease | null;
   /** Counted in waitingForAdapter (until its adapter resolves or it ends). */
@@ -79,6 +89,11 @@ function logprobsOf(row: Float32Array, id: number, k: number): { logprob: number
   return { logprob: row[id]! - logZ, top: top.map((t) => ({ id: t, logprob: row[t]! - logZ })) };
 }
 
+/** Whether two requests' prefills are the same: the same prompt on the same adapter. */
+function sameInput(a: GenerateRequest, b: GenerateRequest): boolean {
+  return a.adapterId === b.adapterId && a.inputIds.length === b.inputIds.length && a.inputIds.every((id, i) => id === b.inputIds[i]);
+}
+
 /** The length fields' names when the caller gives none: TGI's. */
 const TGI_FIELDS: LengthFields = { input: 'inputs', maxNewTokens: 'max_new_tokens' };
 
@@ -107,6 +122,9 @@ export class Engine implements EngineApi {
   private readonly prefilling: Seq[] = [];
   private readonly running: Seq[] = [];
   private waitingForAdapter = 0;
+  private readonly groups = new WeakMap<object, Group>();
+  /** Sequences waiting for a group leader's prefill. */
+  private parked = 0;
   private looping = false;
   private accepting = true;
   private idleWaiters: (() => void)[] = [];
@@ -124,7 +142,7 @@ export class Engine implements EngineApi {
   }
 
   stats(): EngineStats {
-    return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length, waitingForAdapter: this.waitingForAdapter };
+    return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length + this.parked, waitingForAdapter: this.waitingForAdapter };
   }
 
   load(): EngineLoad {
@@ -150,7 +168,7 @@ export class Engine implements EngineApi {
   generate(req: GenerateRequest, sink: GenerationSink): void {
     if (!this.accepting) throw fail('SHUTTING_DOWN', 'the server is shutting down');
     checkLengths(req, this.limits);
-    if (this.waiting.length + this.waitingForAdapter >= this.opts.maxQueue) {
+    if (this.waiting.length + this.parked + this.waitingForAdapter >= this.opts.maxQueue) {
       throw fail('OVERLOADED', `the queue is full (${this.opts.maxQueue} requests waiting); retry later`, { retryAfter: 1 });
     }
     if (req.adapterId !== null && !this.adapters) throw fail('ADAPTER_NOT_FOUND', `adapter "${req.adapterId}" not found`);
@@ -161,7 +179,7 @@ export class Engine implements EngineApi {
       sampler: new Sampler(req.sampling),
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
-      submittedAt: now(), state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
+      submittedAt: now(), group: req.prefixGroup ? this.groupOf(req.prefixGroup) : null, state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
       generated: [], tokens: [], prefill: [], text: '',
       scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
     };
@@ -217,11 +235,51 @@ export class Engine implements EngineApi {
     this.metrics?.queueDepth(s.running, s.waiting + s.waitingForAdapter);
   }
 
+  private groupOf(key: object): Group {
+    let g = this.groups.get(key);
+    if (!g) this.groups.set(key, (g = { leader: null, followers: [], open: true }));
+    return g;
+  }
+
+  /** Queues a sequence for its prefill, or parks it to share its group leader's. */
   private enqueue(seq: Seq): void {
     seq.state = 'waiting';
-    this.waiting.push(seq);
+    const g = seq.group;
+    if (g?.open && g.leader === null) g.leader = seq;
+    if (g?.open && g.leader !== seq && sameInput(g.leader!.req, seq.req)) {
+      g.followers.push(seq);
+      this.parked++;
+    } else {
+      this.waiting.push(seq);
+    }
     this.reportDepth();
     this.kick();
+  }
+
+  /**
+   * A group leader has just been prefilled (before its first decode step: its KV cache holds the prompt alone):
+   * its followers copy its cache, as many as the batch has room for, and sample their first token from `logits`;
+   * the others queue for their own prefill. The group closes.
+   */
+  private shareOut(leader: Seq, logits: Float32Array, t: number): void {
+    const g = leader.group!;
+    g.open = false;
+    const followers = g.followers.splice(0);
+    this.parked -= followers.length;
+    const room = Math.max(0, this.opts.maxBatchSize - this.running.length - this.prefilling.length);
+    const sharing = followers.slice(0, room);
+    if (sharing.length > 0) {
+      this.executor.fork(leader.id, sharing.map((f) => f.id));
+      for (const f of sharing) {
+        f.state = 'running';
+        f.prefilled = f.req.inputIds.length;
+        f.scheduledAt = t;
+        this.metrics?.requestQueued(t - f.submittedAt);
+        this.running.push(f);
+      }
+    }
+    for (const f of followers.slice(room)) this.enqueue(f);
+    for (const f of sharing) this.accept(f, logits);
   }
 
   private abort(seq: Seq, code: ErrorCode): void {
@@ -325,7 +383,10 @@ export class Engine implements EngineApi {
       this.prefilling.splice(this.prefilling.indexOf(seq), 1);
       this.running.push(seq);
       seq.state = 'running';
-      this.accept(seq, logits!.subarray(logits!.length - V));
+      const last = logits!.subarray(logits!.length - V);
+      // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
+      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last, t);
+      this.accept(seq, last);
     }
   }
 
@@ -405,6 +466,7 @@ export class Engine implements EngineApi {
       if (i >= 0) list.splice(i, 1);
     }
     this.stopAwaitingAdapter(seq);
+    this.leaveGroup(seq);
     seq.state = 'done';
     seq.lease?.release();
     seq.lease = null;
@@ -413,6 +475,22 @@ export class Engine implements EngineApi {
     this.seqs.delete(seq.id);
     this.reportDepth();
     if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
+  }
+
+  /** A follower that ends stops waiting; a leader that ends before sharing sends its followers to their own prefill. */
+  private leaveGroup(seq: Seq): void {
+    const g = seq.group;
+    if (!g?.open) return;
+    const i = g.followers.indexOf(seq);
+    if (i >= 0) {
+      g.followers.splice(i, 1);
+      this.parked--;
+    } else if (g.leader === seq) {
+      g.open = false;
+      const followers = g.followers.splice(0);
+      this.parked -= followers.length;
+      for (const f of followers) this.enqueue(f);
+    }
   }
 
   private finish(seq: Seq, reason: FinishReason): void {

@@ -92,6 +92,12 @@ export interface StepExecutor {
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult>;
   /** Frees a sequence's KV cache (running or mid-prefill). Idempotent. */
   release(seq: number): void;
+  /**
+   * Copies a running sequence's KV cache to new sequences `into`, which join the decode batch at its position with
+   * its adapter: choices of one prompt share its prefill. Only before `seq`'s first decode step (its cache then
+   * holds the prompt alone).
+   */
+  fork(seq: number, into: readonly number[]): void;
 }
 
 /** The part of the contract the adapter manager uses. */

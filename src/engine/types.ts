@@ -22,6 +22,13 @@ export interface GenerateRequest {
    * prompt token's `sampling.topNTokens` alternatives when that is above 0.
    */
   readonly decoderInputDetails: boolean;
+  /**
+   * Requests given the same object (several choices of one prompt) share one prefill: the first to be queued
+   * prefills, the others wait for it, then copy its KV cache (StepExecutor.fork) and sample their first token
+   * from its last logits. One that cannot (a different prompt or adapter, no room in the batch then, or queued
+   * after that moment) prefills on its own.
+   */
+  readonly prefixGroup?: object;
   /** Ignore eos and always generate maxNewTokens (benchmarks). */
   readonly ignoreEos?: boolean;
   /** Aborting cancels the request and frees its KV cache and adapter pin. */

@@ -226,6 +226,19 @@ export class ParallelExecutor implements Executor {
     c.call({ op: 'release', seq }).catch((err: Error) => this.onError(err, `releasing sequence ${seq}`));
   }
 
+  /** The copies live on the worker of `seq`. Messages are handled in order: the fork lands before the next step. */
+  fork(seq: number, into: readonly number[]): void {
+    const c = this.owner.get(seq);
+    if (!c || !this.runningSeqs.has(seq)) throw new Error(`fork: sequence ${seq} is not running`);
+    for (const s of into) {
+      this.owner.set(s, c);
+      this.runningSeqs.add(s);
+      c.load++;
+    }
+    // A failure here surfaces as the worker's: its next decode, which expects these rows, fails.
+    c.call({ op: 'fork', seq, into }).catch((err: Error) => this.onError(err, `forking sequence ${seq}`));
+  }
+
   /** A wasm worker has copied the weights into its heap when it answers (TfExecutor.copiesOnUpload). */
   get copiesOnUpload(): boolean {
     return this.backend === 'wasm';

@@ -66,6 +66,10 @@ const handlers: Handlers = {
     ready().release(seq);
     return done;
   },
+  fork({ seq, into }) {
+    ready().fork(seq, into);
+    return done;
+  },
   async loadAdapter({ weights, key }) {
     await ready().loadAdapter(weights, key);
     return done;

@@ -122,11 +122,14 @@ export function submit(deps: AppDeps, reply: FastifyReply, reqs: readonly Engine
 
 /**
  * `count` copies of a request, one per choice (OpenAI `n`, `best_of`; TGI `best_of`). Choice i
- * samples with `choiceSeed(seed, i)`; only choice 0 computes prompt logprobs (they are the same for all).
+ * samples with `choiceSeed(seed, i)`; they share one prefill (GenerateRequest.prefixGroup), and only
+ * choice 0 computes prompt logprobs (they are the same for all).
  */
 export function choiceRequests(req: EngineRequest, count: number): EngineRequest[] {
+  const prefixGroup = count > 1 ? {} : undefined;
   return Array.from({ length: count }, (_, i) => ({
     ...req, sampling: { ...req.sampling, seed: choiceSeed(req.sampling.seed, i) }, decoderInputDetails: i === 0 && req.decoderInputDetails,
+    ...(prefixGroup ? { prefixGroup } : {}),
   }));
 }
 
