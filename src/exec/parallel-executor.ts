@@ -10,7 +10,7 @@ import type { BackendName } from '../backend/select.ts';
 import type {
   DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
 } from '../engine/executor.ts';
-import { ServeError, ERRORS } from '../errors.ts';
+import { ERRORS, isServeError, ServeError } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { RequestOf, WorkerInit, WorkerOp, WorkerProgress, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
 import { addTotals, profiler, type ProfileTotals } from '../obs/profile.ts';
@@ -49,7 +49,8 @@ class WorkerClient {
     });
     const die = (cause: string) => {
       if (this.dead) return;
-      this.dead = new ServeError('WORKER_DIED', `executor worker ${index} died; the server needs a restart`);
+      // The message is for clients; the cause (an error message may name files) is for the log.
+      this.dead = new ServeError('WORKER_DIED', `executor worker ${index} died; the server needs a restart`, undefined, { cause });
       for (const p of this.pending.values()) p.reject(this.dead);
       this.pending.clear();
       if (!this.closing) onDeath(cause);
@@ -130,7 +131,8 @@ export class ParallelExecutor implements Executor {
       return new ParallelExecutor(clients, opts.onError, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);
     } catch (err) {
       await Promise.all(clients.map((c) => c.worker.terminate()));
-      throw err;
+      // A worker that died while loading: say how (start-up failures are logged, not answered).
+      throw isServeError(err) && err.code === 'WORKER_DIED' ? new Error(`${err.message} while loading the model (${String(err.cause)})`) : err;
     }
   }
 
