@@ -7,7 +7,9 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import * as tf from '@tensorflow/tfjs-core';
+import { pino } from 'pino';
 import { request as http } from 'undici';
 import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { DEMO_LLAMA } from '../src/demo/index.ts';
@@ -17,6 +19,8 @@ import { argmax, fixtureCheckpoint, setupBackend, tempDir } from './helpers/tf.t
 import { logSoftmax, referenceForward, type GetTensor } from './reference/forward.ts';
 
 const tmp = tempDir();
+/** The server's log lines. */
+const lines: Record<string, any>[] = [];
 let server: Server;
 let url: string;
 let config: Record<string, unknown>;
@@ -25,10 +29,11 @@ let get: GetTensor;
 before(async () => {
   await setupBackend();
   ({ config, get } = await fixtureCheckpoint(join(tmp.dir, 'model'), DEMO_LLAMA));
+  const sink = new Writable({ write(chunk, _enc, done) { lines.push(JSON.parse(String(chunk))); done(); } });
   server = await createServer({
     ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, workers: 1,
-  });
+    maxInputLength: 64, maxTotalTokens: 128, workers: 1,
+  }, pino({ level: 'info' }, sink));
   await server.app.listen({ host: '127.0.0.1', port: 0 });
   server.setReady(true);
   url = `http://127.0.0.1:${(server.app.server.address() as { port: number }).port}`;
@@ -72,6 +77,8 @@ test('greedy n=2 gives two identical choices; usage counts the prompt once and e
   assert.deepEqual(two.json.usage, {
     prompt_tokens: one.json.usage.prompt_tokens, completion_tokens: 12, total_tokens: one.json.usage.prompt_tokens + 12,
   });
+  const logged = lines.filter((l) => l.msg === 'request' && l.url === '/v1/completions').at(-1)!;
+  assert.deepEqual([logged.choices, logged.generated_tokens, logged.prompt_tokens], [2, 12, one.json.usage.prompt_tokens], 'the log line counts every choice');
   const chat = await post('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 5, temperature: 0, ignore_eos: true, n: 2 });
   assert.equal(chat.status, 200, JSON.stringify(chat.json));
   assert.equal(chat.json.choices.length, 2);
