@@ -97,7 +97,10 @@ class FakeExecutor implements StepExecutor {
   }
 
   readonly forks: { seq: number; into: number[] }[] = [];
+  /** Thrown by fork(). */
+  forkError: Error | null = null;
   fork(seq: number, into: readonly number[]): void {
+    if (this.forkError) throw this.forkError;
     if (this.inFlight) this.violations.push(`fork(${seq}) during an in-flight step`);
     if (!this.decodeBatch.has(seq)) this.violations.push(`fork of seq ${seq}, not in the decode batch`);
     if (this.calls.some((c) => c.kind === 'decode' && c.seqs.includes(seq))) this.violations.push(`fork of seq ${seq} after its first decode step`);
@@ -599,4 +602,16 @@ test('a prefix group whose leader is cancelled before its prefill: the others pr
   assert.deepEqual(ex.forks, []);
   assert.deepEqual(ex.violations, []);
   assert.equal(engine.stats().waiting, 0);
+});
+
+test('a prefix group whose fork fails: every member ends with the step\'s error, none hangs; the engine keeps serving', async () => {
+  const { ex, engine, submit } = setup();
+  ex.forkError = new Error('device lost');
+  const group = {};
+  const outs = await within(Promise.all([0, 1, 2].map((i) => submit(`f${i}`, request([6], { prefixGroup: group, maxNewTokens: 3 })))), 5000, 'group');
+  assert.deepEqual(outs.map((o) => o.error?.code), ['GENERATION', 'GENERATION', 'GENERATION']);
+  assert.equal(ex.running, 0);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  ex.forkError = null;
+  assert.deepEqual(ids(await submit('after', request([6], { maxNewTokens: 2 }))), chain(6, 2));
 });

@@ -268,17 +268,17 @@ export class Engine implements EngineApi {
     this.parked -= followers.length;
     const room = Math.max(0, this.opts.maxBatchSize - this.running.length - this.prefilling.length);
     const sharing = followers.slice(0, room);
-    if (sharing.length > 0) {
-      this.executor.fork(leader.id, sharing.map((f) => f.id));
-      for (const f of sharing) {
-        f.state = 'running';
-        f.prefilled = f.req.inputIds.length;
-        f.scheduledAt = t;
-        this.metrics?.requestQueued(t - f.submittedAt);
-        this.running.push(f);
-      }
-    }
     for (const f of followers.slice(room)) this.enqueue(f);
+    if (sharing.length === 0) return;
+    // Running before the fork: if it throws, the step's failure ends them with the other running sequences.
+    for (const f of sharing) {
+      f.state = 'running';
+      f.prefilled = f.req.inputIds.length;
+      f.scheduledAt = t;
+      this.metrics?.requestQueued(t - f.submittedAt);
+      this.running.push(f);
+    }
+    this.executor.fork(leader.id, sharing.map((f) => f.id));
     for (const f of sharing) this.accept(f, logits);
   }
 
