@@ -184,8 +184,8 @@ export async function startRuntime(
     webgpuAdapter = info.adapter;
     log(`TensorFlow.js backend: ${info.name}${info.adapter ? ` on ${adapterSummary(info.adapter)}` : ''}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     assertModelFits(info.name, float32Bytes);
-    // In this thread the weights are read synchronously: answers to requests meanwhile wait until it is done.
-    const model = CausalLM.load(dir, { onTensor: (elements) => progress.tensorRead(elements) });
+    // In this thread: layer by layer, letting the HTTP server answer (503, with the progress) in between.
+    const model = await CausalLM.loadAsync(dir, { onTensor: (elements) => progress.tensorRead(elements) });
     modelBytes = model.bytes;
     const local = new TfExecutor(model);
     local.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);

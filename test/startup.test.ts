@@ -2,16 +2,18 @@
  * The server listens before the model loads (startServer, as main.ts starts it): over a real socket, while
  * start-up is held at a phase through StartupProgress's gate (the test seam), every route answers 503 NOT_READY
  * with Retry-After and the loading progress, HEAD /health the status alone, /metrics answers; once loaded and
- * ready, the app serves on the same socket.
+ * ready, the app serves on the same socket. In this thread the weights load layer by layer, yielding between.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
+import * as tf from '@tensorflow/tfjs-core';
 import { pino } from 'pino';
 import { request as http } from 'undici';
 import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { DEMO_LLAMA, writeCheckpoint } from '../src/demo/index.ts';
+import { CausalLM } from '../src/model/model.ts';
 import { startServer, type Server } from '../src/server/server.ts';
 import { StartupProgress, type StartupPhase } from '../src/startup.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
@@ -139,4 +141,22 @@ test('in this thread (--workers 1): the tensors read are reported once the weigh
   s.setReady(true);
   assert.equal((await get(`${url}/health`)).status, 200);
   await s.close();
+});
+
+test('CausalLM.loadAsync lets the event loop run between layers (a server loading in its own thread answers meanwhile); no tensor left after dispose', async () => {
+  const baseline = tf.memory().numTensors;
+  let ticks = 0;
+  let loading = true;
+  const tick = () => {
+    if (!loading) return;
+    ticks++;
+    setImmediate(tick);
+  };
+  setImmediate(tick);
+  const tickOfTensor: number[] = [];
+  const model = await CausalLM.loadAsync(join(tmp.dir, 'model'), { onTensor: () => tickOfTensor.push(ticks) });
+  loading = false;
+  assert.ok(new Set(tickOfTensor).size >= DEMO_LLAMA.numLayers, `tensors read in ${new Set(tickOfTensor).size} turns of the event loop`);
+  model.dispose();
+  assert.equal(tf.memory().numTensors, baseline);
 });
