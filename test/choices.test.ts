@@ -153,7 +153,7 @@ test('TGI best_of: the answer has the highest mean token logprob, the other sequ
   assert.ok(d.prefill.length > 1);
 });
 
-test('echo with logprobs: the prompt\'s tokens with their logprobs and alternatives equal the reference\'s', async () => {
+test('echo with logprobs: the prompt\'s tokens with their logprobs and alternatives equal the reference\'s, for every choice, streamed or not', async () => {
   const ids: number[] = (await post('/tokenize', { inputs: PROMPT })).json.map((t: Json) => t.id);
   const res = await post('/v1/completions', { prompt: ids, max_tokens: 2, temperature: 0, echo: true, logprobs: 3 });
   assert.equal(res.status, 200, JSON.stringify(res.json));
@@ -177,8 +177,18 @@ test('echo with logprobs: the prompt\'s tokens with their logprobs and alternati
   const last = ref.at(-1)!;
   assert.ok(Math.abs(lp.token_logprobs[ids.length] - last[argmax(last)]!) < 1e-3, 'the first generated token is the greedy one');
 
-  const streamed = await post('/v1/completions', { prompt: ids, echo: true, logprobs: 1, stream: true });
-  assert.equal(streamed.status, 400);
-  assert.equal(streamed.json.error.code, 'UNSUPPORTED_PARAMETER');
-  assert.equal(streamed.json.error.param, 'echo');
+
+  // Two choices (sharing the prefill): both echo the prompt's logprobs; streamed, the same per choice, the prompt first.
+  const body = { prompt: ids, max_tokens: 3, temperature: 1.2, seed: 8, echo: true, logprobs: 2, n: 2 };
+  const two = (await post('/v1/completions', body)).json.choices;
+  for (const c of two) assert.deepEqual(c.logprobs.token_logprobs.slice(0, ids.length), lp.token_logprobs.slice(0, ids.length));
+  const chunks = await events('/v1/completions', { ...body, stream: true });
+  for (const [i, c] of two.entries()) {
+    const mine = chunks.flatMap((k) => k.choices).filter((ch) => ch.index === i);
+    assert.equal(mine[0].text, (await post('/detokenize', { tokens: ids })).json.prompt, 'the echoed prompt comes first');
+    assert.deepEqual(mine.flatMap((ch) => ch.logprobs.tokens), c.logprobs.tokens);
+    assert.deepEqual(mine.flatMap((ch) => ch.logprobs.token_logprobs), c.logprobs.token_logprobs);
+    assert.deepEqual(mine.flatMap((ch) => ch.logprobs.text_offset), c.logprobs.text_offset);
+    assert.equal(mine.map((ch) => ch.text).join(''), c.text);
+  }
 });

@@ -289,6 +289,15 @@ test('POST /v1/completions: logprobs, echo, and stop sequences left out of the t
   assert.deepEqual(choice.logprobs.top_logprobs[prompt.length], { ' Hello': -0.5 });
   assert.deepEqual(s.engine.requests[0]!.stop, [' STOP']);
   assert.equal(s.engine.requests[0]!.decoderInputDetails, true);
+
+  // Streamed: the echoed prompt is the first chunk, with the prompt's logprobs; then the tokens (each chunk checked against openapi.yaml).
+  const streamed = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', stop: ' STOP', logprobs: 1, echo: true, stream: true }) });
+  const chunks = sseData(streamed.body).slice(0, -1).map((d) => JSON.parse(d).choices[0]);
+  assert.equal(chunks[0].text, 'Hi');
+  assert.deepEqual(chunks[0].logprobs.tokens, prompt);
+  assert.equal(chunks[0].logprobs.token_logprobs[0], null);
+  assert.deepEqual(chunks.flatMap((c) => c.logprobs?.tokens ?? []), choice.logprobs.tokens);
+  assert.equal(chunks.map((c) => c.text).join(''), choice.text);
 });
 
 test('POST /v1/completions stream: data: chunks, finish_reason, usage, [DONE]', async () => {

@@ -89,9 +89,10 @@ function logprobsOf(row: Float32Array, id: number, k: number): { logprob: number
   return { logprob: row[id]! - logZ, top: top.map((t) => ({ id: t, logprob: row[t]! - logZ })) };
 }
 
-/** Whether two requests' prefills are the same: the same prompt on the same adapter. */
+/** Whether `b` can share `a`'s prefill: the same prompt on the same adapter, and prompt logprobs if `b` wants them. */
 function sameInput(a: GenerateRequest, b: GenerateRequest): boolean {
-  return a.adapterId === b.adapterId && a.inputIds.length === b.inputIds.length && a.inputIds.every((id, i) => id === b.inputIds[i]);
+  return a.adapterId === b.adapterId && (a.decoderInputDetails || !b.decoderInputDetails) &&
+    a.inputIds.length === b.inputIds.length && a.inputIds.every((id, i) => id === b.inputIds[i]);
 }
 
 /** The length fields' names when the caller gives none: TGI's. */
@@ -279,7 +280,13 @@ export class Engine implements EngineApi {
       this.running.push(f);
     }
     this.executor.fork(leader.id, sharing.map((f) => f.id));
-    for (const f of sharing) this.accept(f, logits);
+    for (const f of sharing) {
+      if (f.req.decoderInputDetails) {
+        f.prefill.push(...leader.prefill);
+        this.emitPrefill(f);
+      }
+      this.accept(f, logits);
+    }
   }
 
   private abort(seq: Seq, code: ErrorCode): void {
@@ -383,6 +390,7 @@ export class Engine implements EngineApi {
       this.prefilling.splice(this.prefilling.indexOf(seq), 1);
       this.running.push(seq);
       seq.state = 'running';
+      if (seq.req.decoderInputDetails) this.emitPrefill(seq);
       const last = logits!.subarray(logits!.length - V);
       // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
       if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last, t);
@@ -406,6 +414,14 @@ export class Engine implements EngineApi {
         id, text: this.tokenizer.tokenText(id), logprob: lp.logprob,
         ...(k > 0 ? { top: lp.top.map((x) => ({ ...token(x.id), logprob: x.logprob })) } : {}),
       });
+    }
+  }
+
+  private emitPrefill(seq: Seq): void {
+    try {
+      seq.sink.onPrefill?.(seq.prefill);
+    } catch {
+      seq.abort = 'CANCELLED'; // as a broken onToken
     }
   }
 

@@ -94,8 +94,10 @@ export interface GenerationResult {
   readonly timeToFirstTokenS: number;
 }
 
-/** Receives one request's events, in order: any number of onToken, then exactly one onDone or onError. */
+/** Receives one request's events, in order: at most one onPrefill, any number of onToken, then exactly one onDone or onError. */
 export interface GenerationSink {
+  /** With decoderInputDetails: the prompt's logprobs (result.prefill), once it is prefilled, before the first token. */
+  onPrefill?(prefill: readonly PrefillToken[]): void;
   /** `text` is the newly stable text (UTF-8 complete, stop sequences applied): concatenated it is result.text. */
   onToken(token: TokenInfo, text: string): void;
   onDone(result: GenerationResult): void;

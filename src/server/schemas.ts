@@ -197,7 +197,7 @@ export const CompletionRequest = Type.Object({
   ], { description: 'One prompt: a string or token ids, alone or in a list of one (a list of several is refused)' }),
   max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
-  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text; with logprobs (not streamed), the prompt\'s tokens come first in logprobs, the first with null' })),
+  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text; with logprobs, the prompt\'s tokens come first in logprobs, the first with null' })),
   best_of: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: 'Generate this many (>= n) and return the n with the highest cumulative logprob; not streamed when > n' })),
   ...defaultOnly(COMPLETION_FIELDS),
 }, { title: 'CompletionRequest', ...Closed });

@@ -79,6 +79,7 @@ export class ScriptedEngine implements EngineApi {
       }
       if (s.failAfter && i === s.failAfter.tokens) return finish(() => sink.onError(s.failAfter!.error));
       if (s.hang && i === 1) return; // wait for abort
+      if (i === 0 && req.decoderInputDetails) sink.onPrefill?.(result.prefill);
       sink.onToken(tokens[i]!, texts[i]!);
       i++;
       if (i === tokens.length) return finish(() => sink.onDone(result)); // same tick as the last token, like the engine

@@ -4,7 +4,7 @@
  */
 import { PassThrough } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import type { GenerateRequest, GenerationResult, GenerationSink, TokenInfo } from '../../engine/types.ts';
+import type { GenerateRequest, GenerationResult, GenerationSink, PrefillToken, TokenInfo } from '../../engine/types.ts';
 import { ERRORS, errorBody, fail, type ErrorCode, type ServeError } from '../../errors.ts';
 import { validateAdapterId } from '../../lora/ids.ts';
 import type { AppDeps } from '../app.ts';
@@ -107,6 +107,7 @@ export function submit(deps: AppDeps, reply: FastifyReply, reqs: readonly Engine
     reqs.forEach((req, i) => {
       const sink = sinks[i]!;
       deps.engine.generate({ ...req, signal: controller.signal, ...(timeoutMs ? { timeoutMs } : {}) }, {
+        onPrefill: (prefill) => sink.onPrefill?.(prefill),
         onToken: (token, text) => sink.onToken(token, text),
         onDone(result) {
           if (i === 0) outcome.result = result;
@@ -130,14 +131,13 @@ export function submit(deps: AppDeps, reply: FastifyReply, reqs: readonly Engine
 
 /**
  * `count` copies of a request, one per choice (OpenAI `n`, `best_of`; TGI `best_of`). Choice i
- * samples with `choiceSeed(seed, i)`; they share one prefill (GenerateRequest.prefixGroup), and only
- * choice 0 computes prompt logprobs (they are the same for all).
+ * samples with `choiceSeed(seed, i)`; they share one prefill (GenerateRequest.prefixGroup), prompt
+ * logprobs included.
  */
 export function choiceRequests(req: EngineRequest, count: number): EngineRequest[] {
   const prefixGroup = count > 1 ? {} : undefined;
   return Array.from({ length: count }, (_, i) => ({
-    ...req, sampling: { ...req.sampling, seed: choiceSeed(req.sampling.seed, i) }, decoderInputDetails: i === 0 && req.decoderInputDetails,
-    ...(prefixGroup ? { prefixGroup } : {}),
+    ...req, sampling: { ...req.sampling, seed: choiceSeed(req.sampling.seed, i) }, ...(prefixGroup ? { prefixGroup } : {}),
   }));
 }
 
@@ -216,6 +216,8 @@ export function withoutStop(text: string, r: GenerationResult, stops: readonly s
 
 /** Receives stream events with the last token and the result together. */
 export interface StreamHandler {
+  /** Choice `index`'s prompt logprobs (decoderInputDetails), before its first token. */
+  prefill?(index: number, prefill: readonly PrefillToken[]): void;
   /**
    * A token of choice `index`; `result` is set on the choice's last one. `token` is null only when the engine
    * finished without a token left to attach the result to.
@@ -282,6 +284,11 @@ export async function streamGeneration(
       started = true;
     };
     cancel = submit(deps, reply, reqs, reqs.map((_, i): GenerationSink => ({
+      onPrefill(prefill) {
+        if (over) return;
+        handler.prefill?.(i, prefill);
+        start();
+      },
       onToken(token, text) {
         if (over) return;
         flush(i);

@@ -96,10 +96,8 @@ async function generateJson(deps: AppDeps, body: GenerateRequestBody, reply: Fas
   const results = await generateAll(deps, reply, choiceRequests(p.req, p.bestOf));
   resultHeaders(reply, results);
   const best = bestSequence(results);
-  // Only sequence 0 computed the prompt's logprobs (the same for every sequence).
-  const withPrefill = (r: GenerationResult) => ({ ...r, prefill: results[0]!.prefill });
-  const r = withPrefill(results[best]!);
-  const others = results.filter((_, i) => i !== best).map(withPrefill);
+  const r = results[best]!;
+  const others = results.filter((_, i) => i !== best);
   return {
     generated_text: generatedText(p, r),
     ...(p.params.details ? {

@@ -191,10 +191,6 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
     const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
-    // The prompt's logprobs arrive with the result, after the echoed text has been streamed.
-    if (b.stream && b.echo && wantLogprobs) {
-      throw fail('UNSUPPORTED_PARAMETER', '`echo`: the prompt\'s logprobs (`echo` with `logprobs`) are not streamed; accepted with stream: false or without logprobs', { param: 'echo' });
-    }
     const stops = stopList(b.stop);
     const sampling = openAISampling(b, topN);
     const adapterId = resolveAdapter(deps, b.model);
@@ -211,8 +207,6 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     if (!b.stream) {
       const results = await generateAll(deps, reply, reqs);
       resultHeaders(reply, results);
-      // Only choice 0 computed the prompt's logprobs; every choice echoes them.
-      const promptLogprobs = results[0]!.prefill;
       return {
         ...env,
         choices: bestChoices(results, n).map((k, index) => {
@@ -220,7 +214,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           return {
             index,
             text: echo + withoutStop(r.text, r, stops),
-            logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens, promptLogprobs) : null,
+            logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens, r.prefill) : null,
             finish_reason: finishReason(r),
           };
         }),
@@ -228,12 +222,17 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
       };
     }
     const includeUsage = b.stream_options?.include_usage === true;
+    // With logprobs, the echoed prompt is a chunk of its own, with the prompt's logprobs; else it opens the first delta.
+    const echoChunk = echo !== '' && wantLogprobs;
     return streamGeneration(deps, reply, reqs, { openai: true }, (send) => {
-      const deltas = reqs.map(() => new DeltaText(stops, echo));
+      const deltas = reqs.map(() => new DeltaText(stops, echoChunk ? '' : echo));
       const logprobs = reqs.map(() => new CompletionLogprobs(echo.length));
       const chunk = (index: number, text: string, lp: unknown, finish: string | null) =>
         ({ ...env, choices: [{ index, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
       return {
+        prefill(i, prompt) {
+          if (echoChunk) send(chunk(i, echo, logprobs[i]!.of([], prompt), null));
+        },
         token(i, token, text, result) {
           const delta = deltas[i]!.next(text, result);
           if (delta !== '' || result || (wantLogprobs && token)) {
