@@ -81,7 +81,7 @@ function sequenceDetails(p: Prepared, r: GenerationResult) {
  * TGI's best_of rule (router infer.rs): the sequence with the highest mean logprob of its generated tokens
  * (ties: the earlier one).
  */
-export function bestSequence(results: readonly GenerationResult[]): number {
+function bestSequence(results: readonly GenerationResult[]): number {
   const mean = (r: GenerationResult) => r.tokens.reduce((s, t) => s + t.logprob, 0) / Math.max(1, r.tokens.length);
   let best = 0;
   results.forEach((r, i) => {

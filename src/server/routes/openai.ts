@@ -44,7 +44,7 @@ function cumulativeLogprob(r: GenerationResult): number {
  * The indices of the `n` choices to return out of `results`: all of them in order when there are n, else
  * best_of's rule: the n with the highest cumulative logprob, best first (ties: the earlier choice).
  */
-export function bestChoices(results: readonly GenerationResult[], n: number): number[] {
+function bestChoices(results: readonly GenerationResult[], n: number): number[] {
   const order = results.map((_, i) => i);
   if (results.length === n) return order;
   const score = results.map(cumulativeLogprob);
