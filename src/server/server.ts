@@ -120,6 +120,10 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
 export async function startServer(options: ServerOptions, logger: Logger = createLogger(options.logLevel), progress = new StartupProgress()): Promise<Server> {
   let handle: (req: IncomingMessage, res: ServerResponse) => void = (_req, res) => res.writeHead(503).end();
   const http = createHttpServer((req, res) => handle(req, res));
+  // What fastify sets on the servers it makes itself (its defaults): idle keep-alive connections outlive a
+  // proxy's 60 s idle timeout, and no deadline on receiving a request.
+  http.keepAliveTimeout = 72_000;
+  http.requestTimeout = 0;
   await new Promise<void>((resolve, reject) => {
     http.once('error', reject);
     http.listen({ host: options.host, port: options.port }, () => {
