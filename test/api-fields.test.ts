@@ -81,6 +81,7 @@ const OPENAI_SAMPLES: Record<string, Sample> = Object.fromEntries([
   ['stream_options', { value: { include_usage: true }, extra: { stream: true }, check: (_r, res) => res.body.includes('"usage":{') }],
   ['stream_options.include_usage', { value: true, extra: { stream: true }, check: (_r, res) => res.body.includes('"usage":{') }],
   ['max_tokens', { value: 3, check: (r) => r!.maxNewTokens === 3 }],
+  ['n', { value: 2, check: (_r, res) => res.json().choices.length === 2 }],
   ['user', { value: 'user-1' }],
 ]);
 
@@ -126,6 +127,10 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
       ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
       ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
+      ['parameters.best_of', {
+        value: 2, extra: { parameters: { best_of: 2, do_sample: true, details: true } },
+        check: (_r, res) => res.json().details.best_of_sequences.length === 1,
+      }],
     ]),
   },
   '/v1/completions': {
@@ -137,6 +142,7 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       prompt: { value: [5, 6], check: (r) => r!.inputIds.join() === '5,6' },
       logprobs: { value: 2, check: (_r, res) => Object.keys(res.json().choices[0].logprobs.top_logprobs[0]).length === 2 },
       echo: { value: true, check: (_r, res) => res.json().choices[0].text.startsWith('Hello') },
+      best_of: { value: 2, check: (_r, res) => res.json().choices.length === 1 && res.json().usage.completion_tokens === 6 },
     },
   },
   '/v1/chat/completions': {

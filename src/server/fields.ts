@@ -1,7 +1,7 @@
 /**
  * Request fields that real clients send but whose feature the server does not implement. Each is
  * accepted when its value asks for what the server does anyway (its default: `watermark: false`,
- * `n: 1`, `response_format: {"type": "text"}`) and refused with UNSUPPORTED_PARAMETER, naming the
+ * `response_format: {"type": "text"}`) and refused with UNSUPPORTED_PARAMETER, naming the
  * field, otherwise. `null` counts as absent. Fields the schemas do not know at all are refused by
  * validation (UNKNOWN_FIELD, with the list of known ones). README "HTTP API" lists every
  * field with its status; test/api-fields.test.ts checks the README, the schemas and this table agree.
@@ -28,7 +28,6 @@ const oneOf = (values: readonly unknown[], feature: string): DefaultOnly =>
 
 /** TGI / LoRAX `parameters`. */
 export const TGI_PARAMETERS = {
-  best_of: only(1, 'best-of-n sampling'),
   watermark: only(false, 'watermarking'),
   grammar: absent('grammar-constrained generation'),
   response_format: absent('structured output'),
@@ -38,12 +37,10 @@ export const TGI_PARAMETERS = {
 
 /** Fields /v1/completions and /v1/chat/completions share. */
 export const OPENAI_FIELDS = {
-  n: only(1, 'several choices per request'),
   logit_bias: emptyObject('logit_bias'),
 } as const satisfies Record<string, DefaultOnly>;
 
 export const COMPLETION_FIELDS = {
-  best_of: only(1, 'best-of-n sampling'),
   suffix: only('', 'insertion (suffix)'),
 } as const satisfies Record<string, DefaultOnly>;
 
