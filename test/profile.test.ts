@@ -38,7 +38,9 @@ test('sections charge their own time: nested time goes to the inner phase, per s
   const t0 = performance.now();
   await profiler.step('decode', 'engine', async () => {
     busy(10);
-    profiler.time('sampling', () => busy(20));
+    // Long enough that the check below tells "nested time charged to the inner phase only" (engine ≈ 10 ms) from
+    // "charged to both" (engine ≥ 70 ms) even when a loaded machine preempts this thread for tens of ms.
+    profiler.time('sampling', () => busy(60));
     await profiler.timeAsync('executor_wait', async () => {
       await new Promise((r) => setTimeout(r, 5));
       profiler.time('base_matmul', () => busy(3));
@@ -48,7 +50,7 @@ test('sections charge their own time: nested time goes to the inner phase, per s
   await profiler.step('prefill', 'engine', async () => profiler.time('sampling', () => busy(1)));
   profiler.enabled = false;
   const d = profiler.snapshot().decode!;
-  assert.ok(d.sampling! >= 0.02, `sampling ${d.sampling}`);
+  assert.ok(d.sampling! >= 0.06, `sampling ${d.sampling}`);
   assert.ok(d.engine! >= 0.01 && d.engine! < d.sampling!, `engine ${d.engine}`);
   assert.ok(d.executor_wait! >= 0.005, `wait ${d.executor_wait}`);
   assert.ok(d.base_matmul! >= 0.003, `matmul ${d.base_matmul}`);
