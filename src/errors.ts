@@ -84,6 +84,11 @@ export const ERRORS = {
   MODEL_TOO_LARGE: { status: 500, type: 'backend' },
   /** The WebGPU device rejected an operation (src/backend/webgpu/guard.ts): the step's results are discarded. */
   DEVICE_ERROR: { status: 500, type: 'backend' },
+  /**
+   * An executor worker thread died: the requests it was running fail with it, and /health answers it until the
+   * process is restarted (the other workers keep serving meanwhile).
+   */
+  WORKER_DIED: { status: 503, type: 'backend' },
   INTERNAL: { status: 500, type: 'internal' },
 } as const satisfies Record<string, { status: number; type: string }>;
 

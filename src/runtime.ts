@@ -28,6 +28,7 @@ import type { LoraMode } from './engine/scheduler.ts';
 import type { ModelConfig } from './model/types.ts';
 import { addTotals, profiler, type ProfileTotals } from './obs/profile.ts';
 import { assertModelFits, autoAdapterDeviceBytes, autoWorkers } from './sizing.ts';
+import { StartupProgress } from './startup.ts';
 
 export interface RuntimeOptions {
   /** Checkpoint directory; '' serves the embedded demo model. */
@@ -133,9 +134,11 @@ export async function ensureDemo(adapterDir: string, log: (msg: string) => void 
 
 export async function startRuntime(
   opts: RuntimeOptions,
-  hooks: { log?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics } = {},
+  hooks: { log?: (msg: string) => void; error?: (msg: string) => void; metrics?: EngineMetrics & AdapterMetrics; progress?: StartupProgress } = {},
 ): Promise<Runtime> {
   const log = hooks.log ?? (() => {});
+  const progress = hooks.progress ?? new StartupProgress();
+  await progress.enter('checkpoint');
   profiler.enabled = opts.profile === true;
   profiler.reset();
   const demo = opts.model === '';
@@ -159,6 +162,11 @@ export async function startRuntime(
   } else {
     workers = opts.workers;
   }
+  const ckptTensors = ckpt.names.size;
+  progress.tensors.total = ckptTensors * workers;
+  progress.bytes.total = float32Bytes * workers;
+  progress.workers.total = workers > 1 ? workers : 0;
+  await progress.enter('weights');
 
   let executor: Executor;
   let modelBytes: number;
@@ -170,6 +178,11 @@ export async function startRuntime(
       workers, modelDir: dir, backend: chosen?.name ?? opts.backend, profile: opts.profile, nativeMatmul: opts.nativeMatmul,
       warmHeapBytes: opts.warmHeapBytes ?? WARM_HEAP_BYTES,
       onError: (err, context) => log(`executor worker error while ${context}: ${err.message}`),
+      onTensor: (elements) => progress.tensorRead(elements),
+      onWorkerStarted: () => progress.workers.loaded++,
+      onWorkerDeath: (i, cause) => (hooks.error ?? log)(
+        `executor worker ${i} of ${workers} died (${cause}): its requests in flight failed with WORKER_DIED; the other workers keep serving, /health answers 503 until the process is restarted`,
+      ),
     });
     executor = parallel;
     modelBytes = parallel.modelBytes;
@@ -183,7 +196,8 @@ export async function startRuntime(
     webgpuAdapter = info.adapter;
     log(`TensorFlow.js backend: ${info.name}${info.adapter ? ` on ${adapterSummary(info.adapter)}` : ''}${kernelsNote(info)}${info.skipped.length ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
     assertModelFits(info.name, float32Bytes);
-    const model = CausalLM.load(dir);
+    // In this thread: layer by layer, letting the HTTP server answer (503, with the progress) in between.
+    const model = await CausalLM.loadAsync(dir, { onTensor: (elements) => progress.tensorRead(elements) });
     modelBytes = model.bytes;
     const local = new TfExecutor(model);
     local.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
@@ -200,6 +214,7 @@ export async function startRuntime(
   const c = config;
   log(`loaded ${c.modelType} from ${dir}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocab ${c.vocabSize}, ${(modelBytes / 2 ** 20).toFixed(1)} MiB on the device`);
   for (const note of c.notes) log(note);
+  await progress.enter('tokenizer');
   const tokenizer = await TextTokenizer.load(dir, c);
   const store = new AdapterStore({ dir: opts.adapterDir, remoteUrl: opts.adapterSourceUrl || undefined, maxAdapterBytes: opts.maxAdapterBytes,
     revalidateAfterMs: (opts.adapterRevalidateAfter ?? 0) * 1000,
@@ -210,6 +225,7 @@ export async function startRuntime(
     maxRank: opts.maxLoraRank, maxDeviceAdapters: opts.maxLoadedAdapters, maxDeviceBytes: adapterDeviceBytes, maxHostBytes: opts.adapterHostBytes,
     hub: hubAdapters, defaultSource: opts.adapterSource ?? 'local',
   }, executor, hooks.metrics);
+  await progress.enter('adapters');
   await adapters.warmUp(opts.warmUpLoads ?? WARM_UP_LOADS);
   const engine = new Engine(executor, tokenizer, adapters, {
     maxBatchSize: opts.maxBatchSize, maxBatchTokens: opts.maxBatchTokens, prefillChunk: opts.prefillChunk, loraMode: opts.loraMode,

@@ -11,7 +11,7 @@ import { readFileSync } from 'node:fs';
 import type { TSchema } from '@sinclair/typebox';
 import type { LightMyRequestResponse } from 'fastify';
 import type { GenerateRequest } from '../src/engine/types.ts';
-import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly } from '../src/server/fields.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly } from '../src/server/fields.ts';
 import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest as GenerateBody, TokenizeRequest } from '../src/server/schemas.ts';
 import { build, fixtureTokenizer } from './helpers/app.ts';
 
@@ -81,6 +81,7 @@ const OPENAI_SAMPLES: Record<string, Sample> = Object.fromEntries([
   ['stream_options', { value: { include_usage: true }, extra: { stream: true }, check: (_r, res) => res.body.includes('"usage":{') }],
   ['stream_options.include_usage', { value: true, extra: { stream: true }, check: (_r, res) => res.body.includes('"usage":{') }],
   ['max_tokens', { value: 3, check: (r) => r!.maxNewTokens === 3 }],
+  ['n', { value: 2, check: (_r, res) => res.json().choices.length === 2 }],
   ['user', { value: 'user-1' }],
   ['logit_bias', { value: { 5: 100, 7: -100 }, check: (r) => JSON.stringify(r!.sampling.logitBias) === '[[5,100],[7,-100]]' }],
 ]);
@@ -144,23 +145,28 @@ const SECTIONS: Record<string, { schema: TSchema; base: Json; tables: [string, R
       ['parameters.merged_adapters.majority_sign_method', { value: 'frequency', base: MERGE_BASE, check: (r) => r!.merge?.majoritySignMethod === 'frequency' }],
       ['parameters.adapter_source', { value: 'hub', check: (r) => r!.adapterSource?.kind === 'hub', refused: 's3' }],
       ['parameters.api_token', { value: 'hf_x', check: (r) => r!.adapterSource?.token === 'hf_x' }],
+      ['parameters.best_of', {
+        value: 2, extra: { parameters: { best_of: 2, do_sample: true, details: true } },
+        check: (_r, res) => res.json().details.best_of_sequences.length === 1,
+      }],
     ]),
   },
   '/v1/completions': {
     schema: CompletionRequest,
     base: { prompt: 'Hello' },
-    tables: [['', OPENAI_FIELDS], ['', COMPLETION_FIELDS], ['stream_options.', STREAM_OPTIONS]],
+    tables: [['', COMPLETION_FIELDS], ['stream_options.', STREAM_OPTIONS]],
     samples: {
       ...OPENAI_SAMPLES,
       prompt: { value: [5, 6], check: (r) => r!.inputIds.join() === '5,6' },
       logprobs: { value: 2, check: (_r, res) => Object.keys(res.json().choices[0].logprobs.top_logprobs[0]).length === 2 },
       echo: { value: true, check: (_r, res) => res.json().choices[0].text.startsWith('Hello') },
+      best_of: { value: 2, check: (_r, res) => res.json().choices.length === 1 && res.json().usage.completion_tokens === 6 },
     },
   },
   '/v1/chat/completions': {
     schema: ChatCompletionRequest,
     base: { messages: [{ role: 'user', content: 'Hello' }] },
-    tables: [['', OPENAI_FIELDS], ['', CHAT_FIELDS], ['stream_options.', STREAM_OPTIONS], ['messages[].', MESSAGE_FIELDS]],
+    tables: [['', CHAT_FIELDS], ['stream_options.', STREAM_OPTIONS], ['messages[].', MESSAGE_FIELDS]],
     samples: {
       ...OPENAI_SAMPLES,
       messages: { value: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Hi' }], check: (r) => r!.inputIds.length > 0 },

@@ -191,17 +191,20 @@ test('the official openai client: completions, streaming, chat, models', async (
   // Token-id prompts; fields the SDK types allow but the server does not implement are 400s naming the field.
   const ids1 = await client.completions.create({ model: 'org/a2', prompt: [5, 6, 7], max_tokens: 2, temperature: 0 });
   assert.equal(ids1.usage!.prompt_tokens, 3);
-  await assert.rejects(client.chat.completions.create({ model: 'org/a5', messages: [{ role: 'user', content: 'hi' }], n: 2 }),
-    (err: { status?: number; param?: string; code?: string }) => err.status === 400 && err.param === 'n' && err.code === 'UNSUPPORTED_PARAMETER');
-  // Structured output through the SDK: a schema the output satisfies once it ends.
+  await assert.rejects(client.chat.completions.create({ model: 'org/a5', messages: [{ role: 'user', content: 'hi' }], store: true }),
+    (err: { status?: number; param?: string; code?: string }) => err.status === 400 && err.param === 'store' && err.code === 'UNSUPPORTED_PARAMETER');
+  // Structured output through the SDK, two choices sampled: each satisfies the schema once it ends.
   const schema = { type: 'object', properties: { answer: { enum: ['yes', 'no'] }, score: { type: 'integer', minimum: 0, maximum: 9 } }, required: ['answer', 'score'], additionalProperties: false };
   const json = await client.chat.completions.create({
-    model: 'org/a5', messages: [{ role: 'user', content: 'hi' }], max_tokens: 40, temperature: 0,
+    model: 'org/a5', messages: [{ role: 'user', content: 'hi' }], max_tokens: 40, temperature: 1, seed: 7, n: 2,
     response_format: { type: 'json_schema', json_schema: { name: 'verdict', schema, strict: true } },
   });
-  assert.equal(json.choices[0]!.finish_reason, 'stop');
-  const verdict = JSON.parse(json.choices[0]!.message.content!);
-  assert.ok(['yes', 'no'].includes(verdict.answer) && Number.isInteger(verdict.score) && Object.keys(verdict).join() === 'answer,score');
+  assert.equal(json.choices.length, 2);
+  for (const choice of json.choices) {
+    assert.equal(choice.finish_reason, 'stop');
+    const verdict = JSON.parse(choice.message.content!);
+    assert.ok(['yes', 'no'].includes(verdict.answer) && Number.isInteger(verdict.score) && Object.keys(verdict).join() === 'answer,score');
+  }
 });
 
 test('ignore_eos (extension) generates exactly max_new_tokens', async () => {

@@ -97,6 +97,18 @@ class FakeExecutor implements StepExecutor {
     return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
+  readonly forks: { seq: number; into: number[] }[] = [];
+  /** Thrown by fork(). */
+  forkError: Error | null = null;
+  fork(seq: number, into: readonly number[]): void {
+    if (this.forkError) throw this.forkError;
+    if (this.inFlight) this.violations.push(`fork(${seq}) during an in-flight step`);
+    if (!this.decodeBatch.has(seq)) this.violations.push(`fork of seq ${seq}, not in the decode batch`);
+    if (this.calls.some((c) => c.kind === 'decode' && c.seqs.includes(seq))) this.violations.push(`fork of seq ${seq} after its first decode step`);
+    for (const s of into) this.decodeBatch.set(s, this.decodeBatch.get(seq)!);
+    this.forks.push({ seq, into: [...into] });
+  }
+
   release(seq: number): void {
     if (this.inFlight) this.violations.push(`release(${seq}) during an in-flight step`);
     this.released.push(seq);
@@ -579,5 +591,95 @@ test('a constraint: only its allowed ids are sampled, in its row alone; a gramma
   assert.equal(constrained.result?.finishReason, 'length');
   assert.equal(dying.error?.code, 'GRAMMAR_INVALID');
   assert.equal(ids(dying).length, 2);
+  assert.equal(ex.running, 0);
+});
+
+test('a prefix group prefills once: the others copy the leader\'s KV cache (fork) before its first decode step', async () => {
+  const { ex, submit } = setup();
+  const group = {};
+  const outs = await Promise.all([0, 1, 2].map((i) => submit(`g${i}`, request([3, 4, 5], { prefixGroup: group, maxNewTokens: 3 + i }))));
+  assert.deepEqual(outs.map(ids), [chain(5, 3), chain(5, 4), chain(5, 5)]);
+  const prefills = ex.calls.filter((c) => c.kind === 'prefill');
+  assert.equal(prefills.length, 1);
+  assert.equal(prefills[0]!.seqs.length, 1, 'one prefill for the three');
+  assert.deepEqual(ex.forks, [{ seq: prefills[0]!.seqs[0]!, into: ex.forks[0]!.into }]);
+  assert.equal(ex.forks[0]!.into.length, 2);
+  assert.deepEqual(ex.violations, []);
+  assert.equal(ex.running, 0);
+  assert.equal(ex.released.length, 3);
+});
+
+test('a prefix group: a leader that ends at its first token still shares; no room in the batch or a different prompt prefills alone', async () => {
+  const { ex, submit } = setup({ maxBatchSize: 2 });
+  const group = {};
+  const outs = await Promise.all([
+    submit('leader', request([7], { prefixGroup: group, maxNewTokens: 1 })),
+    submit('copy', request([7], { prefixGroup: group, maxNewTokens: 2 })),
+    submit('no room', request([7], { prefixGroup: group, maxNewTokens: 2 })),
+  ]);
+  assert.deepEqual(outs.map(ids), [chain(7, 1), chain(7, 2), chain(7, 2)]);
+  assert.equal(ex.forks.length, 1);
+  assert.equal(ex.forks[0]!.into.length, 1, 'the batch had room for one copy beside the leader');
+  assert.equal(ex.calls.filter((c) => c.kind === 'prefill').flatMap((c) => c.seqs).length, 2);
+  assert.deepEqual(ex.violations, []);
+  assert.equal(ex.running, 0);
+
+  const other = setup();
+  const group2 = {};
+  const two = await Promise.all([other.submit('p', request([4], { prefixGroup: group2, maxNewTokens: 2 })), other.submit('q', request([9], { prefixGroup: group2, maxNewTokens: 2 }))]);
+  assert.deepEqual(two.map(ids), [chain(4, 2), chain(9, 2)]);
+  assert.deepEqual(other.ex.forks, [], 'a different prompt is not shared');
+  assert.deepEqual(other.ex.violations, []);
+});
+
+test('a prefix group whose leader is cancelled before its prefill: the others prefill on their own', async () => {
+  const { ex, engine, submit } = setup();
+  const group = {};
+  const ac = new AbortController();
+  const leader = submit('leader', request([2], { prefixGroup: group, signal: ac.signal }));
+  const others = [submit('a', request([2], { prefixGroup: group, maxNewTokens: 2 })), submit('b', request([2], { prefixGroup: group, maxNewTokens: 2 }))];
+  assert.equal(engine.stats().waiting, 3, 'the two waiting for the leader count as waiting');
+  ac.abort();
+  assert.equal((await leader).error?.code, 'CANCELLED');
+  assert.deepEqual((await Promise.all(others)).map(ids), [chain(2, 2), chain(2, 2)]);
+  assert.deepEqual(ex.forks, []);
+  assert.deepEqual(ex.violations, []);
+  assert.equal(engine.stats().waiting, 0);
+});
+
+test('a prefix group whose fork fails: every member ends with the step\'s error, none hangs; the engine keeps serving', async () => {
+  const { ex, engine, submit } = setup();
+  ex.forkError = new Error('device lost');
+  const group = {};
+  const outs = await within(Promise.all([0, 1, 2].map((i) => submit(`f${i}`, request([6], { prefixGroup: group, maxNewTokens: 3 })))), 5000, 'group');
+  assert.deepEqual(outs.map((o) => o.error?.code), ['GENERATION', 'GENERATION', 'GENERATION']);
+  assert.equal(ex.running, 0);
+  assert.deepEqual(engine.stats(), { running: 0, waiting: 0, waitingForAdapter: 0 });
+  ex.forkError = null;
+  assert.deepEqual(ids(await submit('after', request([6], { maxNewTokens: 2 }))), chain(6, 2));
+});
+
+test('a prefix group under a grammar: each member starts at the grammar\'s start and advances its own state, the first token (sampled from the leader\'s logits) included', async () => {
+  const { ex, submit } = setup({}, [9]);
+  /** Token k of a text must be id 2k + 2 (never what the fake model prefers), and nothing is allowed after 3 tokens. */
+  const steps: TokenConstraint = {
+    start: () => ({ dfa: 0, cp: 0, need: 0, len: 0 }),
+    allowed: (s) => (s.dfa >= 3 ? null : Uint8Array.from({ length: V }, (_, i) => (i === 2 * s.dfa + 2 ? 1 : 0))),
+    advance: (s, id) => {
+      assert.equal(id, 2 * s.dfa + 2, 'a masked id was sampled');
+      return { ...s, dfa: s.dfa + 1 };
+    },
+    complete: () => false,
+    isEos: (id) => id === 9,
+  };
+  const group = {};
+  const outs = await Promise.all([0, 1, 2].map((i) => submit(`c${i}`, request([3, 4], { prefixGroup: group, constraint: steps, maxNewTokens: 5 }))));
+  assert.equal(ex.forks.length, 1, 'the three shared one prefill');
+  assert.equal(ex.forks[0]!.into.length, 2);
+  for (const o of outs) {
+    assert.deepEqual(ids(o), [2, 4, 6], 'each choice walks the grammar from its start');
+    assert.equal(o.error?.code, 'GRAMMAR_INVALID', 'and fails alone once its grammar allows nothing');
+  }
+  assert.deepEqual(ex.violations, []);
   assert.equal(ex.running, 0);
 });

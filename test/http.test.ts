@@ -111,7 +111,10 @@ test('POST /generate: validation errors are 422 {error, error_type, code}', asyn
     [{ inputs: 'x', parameters: { top_p: 1.5 } }, 'VALIDATION', /top_p/],
     [{ inputs: 'x', parameters: { top_n_tokens: 9 } }, 'VALIDATION', /top_n_tokens/],
     [{ inputs: 'x', parameters: { stop: ['a', 'b', 'c', 'd', 'e'] } }, 'VALIDATION', /stop/],
-    [{ inputs: 'x', parameters: { best_of: 2 } }, 'UNSUPPORTED_PARAMETER', /^`parameters\.best_of`: best-of-n sampling is not supported; accepted: 1$/],
+    [{ inputs: 'x', parameters: { best_of: 2 } }, 'VALIDATION', /^you must use sampling when `best_of` is > 1$/],
+    [{ inputs: 'x', parameters: { best_of: 2, do_sample: true, seed: 1 } }, 'VALIDATION', /^`seed` must not be set when `best_of` > 1$/],
+    [{ inputs: 'x', parameters: { best_of: 9, do_sample: true } }, 'VALIDATION', /best_of/],
+    [{ inputs: 'x', parameters: { watermark: true } }, 'UNSUPPORTED_PARAMETER', /^`parameters\.watermark`: watermarking is not supported; accepted: false$/],
     [{ inputs: 'x', parameters: { max_new_token: 5 } }, 'UNKNOWN_FIELD', /^unknown field `parameters\.max_new_token`; known fields of `parameters`: .*\bmax_new_tokens\b/],
     [{ inputs: 'x', input: 'y' }, 'UNKNOWN_FIELD', /^unknown field `input`; known fields: adapter_id, inputs, parameters, stream$/],
     [{ inputs: 'x', parameters: { truncate: 1000 } }, 'VALIDATION', /truncate/],
@@ -264,10 +267,26 @@ test('POST /v1/completions: logprobs, echo, and stop sequences left out of the t
   const choice = res.json().choices[0];
   assert.equal(choice.text, 'Hi Hello world');
   assert.equal(choice.finish_reason, 'stop');
-  assert.deepEqual(choice.logprobs.tokens, [' Hello', ' world', ' STOP']);
-  assert.deepEqual(choice.logprobs.text_offset, [2, 8, 14]);
-  assert.deepEqual(choice.logprobs.top_logprobs[0], { ' Hello': -0.5 });
+  // With echo, the prompt's tokens come first (offsets from 0, the first with null logprobs), then the generated ones.
+  const prompt = fixtureTokenizer('llama').encode('Hi').map((id) => `t${id}`);
+  assert.deepEqual(choice.logprobs.tokens, [...prompt, ' Hello', ' world', ' STOP']);
+  assert.deepEqual(choice.logprobs.text_offset.slice(prompt.length), [2, 8, 14]);
+  assert.equal(choice.logprobs.text_offset[0], 0);
+  assert.equal(choice.logprobs.token_logprobs[0], null);
+  assert.equal(choice.logprobs.top_logprobs[0], null);
+  assert.deepEqual(choice.logprobs.top_logprobs[1], { [prompt[1]!]: -1 });
+  assert.deepEqual(choice.logprobs.top_logprobs[prompt.length], { ' Hello': -0.5 });
   assert.deepEqual(s.engine.requests[0]!.stop, [' STOP']);
+  assert.equal(s.engine.requests[0]!.decoderInputDetails, true);
+
+  // Streamed: the echoed prompt is the first chunk, with the prompt's logprobs; then the tokens (each chunk checked against openapi.yaml).
+  const streamed = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', stop: ' STOP', logprobs: 1, echo: true, stream: true }) });
+  const chunks = sseData(streamed.body).slice(0, -1).map((d) => JSON.parse(d).choices[0]);
+  assert.equal(chunks[0].text, 'Hi');
+  assert.deepEqual(chunks[0].logprobs.tokens, prompt);
+  assert.equal(chunks[0].logprobs.token_logprobs[0], null);
+  assert.deepEqual(chunks.flatMap((c) => c.logprobs?.tokens ?? []), choice.logprobs.tokens);
+  assert.equal(chunks.map((c) => c.text).join(''), choice.text);
 });
 
 test('POST /v1/completions stream: data: chunks, finish_reason, usage, [DONE]', async () => {
@@ -293,9 +312,9 @@ test('POST /v1/completions stream: data: chunks, finish_reason, usage, [DONE]', 
 
 test('OpenAI routes answer errors as {error: {message, type, param, code}}, validation errors with 400', async () => {
   const s = await build();
-  const n2 = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', n: 2 }) });
-  assert.equal(n2.statusCode, 400);
-  assert.deepEqual(n2.json(), { error: { message: '`n`: several choices per request is not supported; accepted: 1', type: 'validation', param: 'n', code: 'UNSUPPORTED_PARAMETER' } });
+  const suffix = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 'Hi', suffix: 'end' }) });
+  assert.equal(suffix.statusCode, 400);
+  assert.deepEqual(suffix.json(), { error: { message: '`suffix`: insertion (suffix) is not supported; accepted: ""', type: 'validation', param: 'suffix', code: 'UNSUPPORTED_PARAMETER' } });
   const schema = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: 5 }) });
   assert.equal(schema.statusCode, 400);
   assert.equal(schema.json().error.code, 'VALIDATION');

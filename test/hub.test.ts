@@ -211,8 +211,9 @@ test('main: --model org/name with HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN; a refu
   assert.equal(fatal[0].code, 'HUB_ACCESS_DENIED');
   assert.match(fatal[0].msg, /^failed to start: Hub repo "test-org\/private-model" at revision "main": the Hub refused access \(HTTP 401\).*set HF_TOKEN/);
 
-  const served = await runMain(args, { ...env, HF_TOKEN: 'hf_model' }, /"msg":"listening on /);
-  assert.match(served.out, /"msg":"listening on /, served.out);
+  // It listens before the model is downloaded and loaded; "ready" comes after both.
+  const served = await runMain(args, { ...env, HF_TOKEN: 'hf_model' }, /"msg":"ready"/);
+  assert.match(served.out, /"msg":"listening on [^]*"msg":"ready"/, served.out);
   assert.equal(served.code, 0, served.out);
   assert.ok(lstatSync(join(tmp.dir, 'main-cache', 'models--test-org--private-model', 'snapshots', readFileSync(join(tmp.dir, 'main-cache', 'models--test-org--private-model', 'refs', 'main'), 'utf8'), 'config.json')).isSymbolicLink());
 });
@@ -274,6 +275,12 @@ test('adapters with adapter_source "hub": validated, cached by commit, a private
     assert.ok(sent.length > 0 && sent.every((r) => r.url.startsWith('/cdn/') || r.auth === `Bearer ${TOKEN}`), JSON.stringify(sent));
     // Loaded now, but a request without the token is still refused.
     assert.equal((await post(server, '/generate', gen(PRIVATE, { adapter_source: 'hub' }))).json.code, 'HUB_ACCESS_DENIED');
+    // best_of: every sequence on the Hub adapter, each checked for the token.
+    const bestOf = { adapter_source: 'hub', best_of: 2, do_sample: true };
+    const best = await post(server, '/generate', gen(PRIVATE, { ...bestOf, api_token: TOKEN }));
+    assert.equal(best.status, 200, JSON.stringify(best.json));
+    assert.equal(best.json.details.best_of_sequences.length, 1);
+    assert.equal((await post(server, '/generate', gen(PRIVATE, bestOf))).json.code, 'HUB_ACCESS_DENIED');
 
     const missing = await post(server, '/generate', gen('test-org/no-such-adapter', { adapter_source: 'hub', api_token: TOKEN }));
     assert.equal(missing.status, 404);

@@ -3,7 +3,7 @@
  * a `merged_adapters` request gives the tokens of a request on an adapter uploaded with the reference-merged
  * weights (test/reference/merge.ts), for every strategy; a repeated merge is served from the cache (the merges
  * counter, in the manager and on /metrics, does not move); a replaced or deleted source invalidates it; merged
- * requests share mixed batches with other adapters; bad parameters and incompatible sources are coded errors
+ * requests share mixed batches with other adapters; best_of's sequences share one merge; bad parameters and incompatible sources are coded errors
  * and the server keeps serving; tensors go back to their baseline.
  */
 import { after, before, test } from 'node:test';
@@ -173,6 +173,20 @@ test('merged requests share a batch with other adapters and the base model: each
   for (const b of bodies) alone.push(tokens(await generate(b)));
   const together = await Promise.all(bodies.map((b) => generate(b)));
   together.forEach((r, i) => assert.deepEqual(tokens(r), alone[i], `request ${i}`));
+});
+
+test('best_of with merged_adapters: the merge is computed once for every sequence, each equals a request alone with its seed', async () => {
+  const merged_adapters = { ids: ['org/c', 'org/a'], weights: [0.9, 0.4] };
+  const before = merges();
+  const best = await generate({ merged_adapters, best_of: 3, do_sample: true, temperature: 1.5 });
+  assert.equal(best.status, 200, JSON.stringify(best.json));
+  assert.equal(merges(), before + 1, 'one merge for the three sequences');
+  const sequences = [best.json.details, ...best.json.details.best_of_sequences];
+  assert.equal(sequences.length, 3);
+  for (const s of sequences) {
+    const alone = await generate({ merged_adapters, do_sample: true, temperature: 1.5, seed: s.seed });
+    assert.deepEqual(tokens(alone), s.tokens.map((t: any) => t.id), `the sequence of seed ${s.seed}`);
+  }
 });
 
 test('replacing a source invalidates the merge (recomputed with the new weights); deleting it makes the merge 404', async () => {

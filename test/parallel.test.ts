@@ -110,3 +110,19 @@ test('a release or an offload that fails on a worker is reported to onError, not
     await ex.close();
   }
 });
+
+test('choices sharing one prefill (fork on the worker) give the tokens of separate requests, with an adapter; memory returns to baseline', async () => {
+  const ex = parallel.executor;
+  const baseline = (await ex.deviceMemory()).numTensors;
+  const choice = (i: number, group?: object) => request(prompt(3), {
+    adapterId: 'p2', maxNewTokens: 6, ignoreEos: true, sampling: { doSample: true, temperature: 1.3, seed: 50 + i }, ...(group ? { prefixGroup: group } : {}),
+  });
+  const expected = [];
+  for (let i = 0; i < 3; i++) expected.push((await generate(local, choice(i))).tokens.map((t) => t.id));
+  const group = {};
+  const got = await Promise.all([0, 1, 2].map((i) => generate(parallel, choice(i, group))));
+  assert.deepEqual(got.map((o) => o.error?.code ?? o.tokens.map((t) => t.id)), expected);
+  assert.equal(ex.running, 0);
+  await parallel.adapters.unload('p2');
+  assert.equal((await ex.deviceMemory()).numTensors, baseline);
+});

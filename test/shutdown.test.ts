@@ -27,11 +27,12 @@ test('SIGTERM: stops accepting, finishes the in-flight stream, exits 0; one JSON
     '--port', '0', '--backend', 'wasm', '--shutdown-grace', '20', '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let out = '';
+  // It listens before the model loads (answering 503 meanwhile): the URL, once it logs that it is ready.
   const url = await new Promise<string>((resolve, reject) => {
     child.stdout.on('data', (d) => {
       out += d;
       const m = /"msg":"listening on (http:\/\/[^\s"]+)/.exec(out);
-      if (m) resolve(m[1]!);
+      if (m && /"msg":"ready"/.test(out)) resolve(m[1]!);
     });
     child.on('exit', () => reject(new Error(`server exited early: ${out}`)));
   });

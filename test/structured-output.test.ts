@@ -116,6 +116,35 @@ for (const [family, ckpt] of FAMILIES) {
       assert.ok(n >= SCHEMAS.length * 4);
     });
 
+    test('several choices under a grammar (TGI best_of, OpenAI n; one shared prefill): every choice parses and validates on its own; the prompt is not constrained', async () => {
+      const schema = SCHEMAS[0]!;
+      const validate = ajv.compile(schema);
+      const inputs = 'The answer is';
+      const tgi = await generate({ grammar: { type: 'json', value: schema }, do_sample: true, best_of: 3, return_full_text: true, decoder_input_details: true }, inputs);
+      assert.equal(tgi.status, 200, tgi.text);
+      const sequences = [tgi.json, ...tgi.json.details.best_of_sequences];
+      assert.equal(sequences.length, 3);
+      for (const q of sequences) {
+        const details = q.details ?? q;
+        assert.equal(details.finish_reason, 'eos_token', q.generated_text);
+        assert.ok(q.generated_text.startsWith(inputs), 'return_full_text: the prompt, unconstrained, comes first');
+        const value = JSON.parse(q.generated_text.slice(inputs.length));
+        assert.ok(validate(value), `${q.generated_text}: ${JSON.stringify(validate.errors)}`);
+        assert.equal(details.prefill.length, server.runtime.tokenizer.encode(inputs).length, 'prompt logprobs for every prompt token');
+      }
+      if (family === 'GPT-2') return; // no chat template
+      const chat = await post('/v1/chat/completions', {
+        messages: [{ role: 'user', content: 'JSON please' }], max_tokens: 90, n: 3, seed: 5,
+        response_format: { type: 'json_schema', json_schema: { name: 'person', schema } },
+      });
+      assert.equal(chat.status, 200, chat.text);
+      assert.equal(chat.json.choices.length, 3);
+      for (const c of chat.json.choices) {
+        assert.equal(c.finish_reason, 'stop', c.message.content);
+        assert.ok(validate(JSON.parse(c.message.content)), `${c.message.content}: ${JSON.stringify(validate.errors)}`);
+      }
+    });
+
     test('json_object: any JSON object (OpenAI response_format on the Llama chat route, LoRAX without a schema)', async () => {
       for (const seed of [1, 2, 3]) {
         const r = await generate({ response_format: { type: 'json_object' }, do_sample: true, seed, max_new_tokens: 110 });
@@ -196,6 +225,12 @@ for (const [family, ckpt] of FAMILIES) {
       const first = (await generate({ max_new_tokens: 1 })).json.details.tokens[0].id as number; // the same greedy step
       const banned = await complete({ logit_bias: { [first]: -100 } });
       assert.notEqual(banned.json.choices[0].text, base.json.choices[0].text);
+      const choices = await complete({ logit_bias: { 42: 100 }, n: 2, temperature: 1, seed: 3, echo: true });
+      assert.equal(choices.status, 200, choices.text);
+      for (const c of choices.json.choices) {
+        assert.deepEqual(c.logprobs.tokens.slice(-4), Array(4).fill(tok.tokenText(42)), 'every choice carries the bias');
+        assert.ok(c.text.startsWith('The answer is'), 'echo');
+      }
       for (const [bias, param] of [[{ 999999: 1 }, 'logit_bias.999999'], [{ 5: 101 }, 'logit_bias.5'], [{ abc: 1 }, 'logit_bias.abc'], [{ '-1': 1 }, 'logit_bias.-1']] as const) {
         const r = await complete({ logit_bias: bias });
         assert.equal(r.status, 400, r.text);

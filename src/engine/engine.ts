@@ -12,7 +12,7 @@ import { Sampler, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
-  EngineApi, EngineLoad, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, TokenInfo,
+  EngineApi, EngineLoad, EngineMetrics, EngineStats, FinishReason, GenerateRequest, GenerationResult, GenerationSink, LengthFields, LengthLimits, PrefillToken, TokenInfo,
 } from './types.ts';
 
 export interface EngineOptions extends SchedulerLimits {
@@ -34,6 +34,15 @@ export interface Detokenizer {
 
 type SeqState = 'adapter' | 'waiting' | 'prefilling' | 'running' | 'done';
 
+/** Requests sharing one prefill (GenerateRequest.prefixGroup): the one that prefills, and those waiting for it. */
+interface Group {
+  leader: Seq | null;
+  /** Waiting for the leader's prefill (state 'waiting', in no queue). */
+  readonly followers: Seq[];
+  /** Closed once the leader has shared its prefill or ended: later members prefill on their own. */
+  open: boolean;
+}
+
 interface Seq {
   readonly id: number;
   readonly req: GenerateRequest;
@@ -44,6 +53,7 @@ interface Seq {
   /** Where the text stands in `req.constraint` (null without one). */
   constraint: ConstraintState | null;
   readonly submittedAt: number;
+  readonly group: Group | null;
   state: SeqState;
   lease: AdapterLease | null;
   /** Counted in waitingForAdapter (until its adapter resolves or it ends). */
@@ -51,7 +61,7 @@ interface Seq {
   prefilled: number;
   readonly generated: number[];
   readonly tokens: TokenInfo[];
-  readonly prefill: { id: number; text: string; logprob: number | null }[];
+  readonly prefill: PrefillToken[];
   text: string;
   scheduledAt: number | null;
   firstTokenAt: number | null;
@@ -64,13 +74,36 @@ interface Seq {
 
 const now = (): number => performance.now() / 1000;
 
-/** log_softmax(row)[id] in float64. */
-function logprobOf(row: Float32Array, id: number): number {
+/** log_softmax(row) in float64 at `id`, and its `k` largest entries best first (ties: lowest id). */
+function logprobsOf(row: Float32Array, id: number, k: number): { logprob: number; top: { id: number; logprob: number }[] } {
   let max = -Infinity;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
   let sum = 0;
   for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
-  return row[id]! - max - Math.log(sum);
+  const logZ = max + Math.log(sum);
+  const top: number[] = [];
+  for (let i = 0; i < row.length && k > 0; i++) {
+    if (top.length === k && row[i]! <= row[top[k - 1]!]!) continue;
+    let j = Math.min(top.length, k - 1);
+    while (j > 0 && row[top[j - 1]!]! < row[i]!) j--;
+    top.splice(j, 0, i);
+    if (top.length > k) top.pop();
+  }
+  return { logprob: row[id]! - logZ, top: top.map((t) => ({ id: t, logprob: row[t]! - logZ })) };
+}
+
+/** Whether `b` can share `a`'s prefill: the same prompt on the same adapter, and prompt logprobs if `b` wants them. */
+function sameInput(a: GenerateRequest, b: GenerateRequest): boolean {
+  return a.adapterId === b.adapterId && (a.decoderInputDetails || !b.decoderInputDetails) &&
+    a.inputIds.length === b.inputIds.length && a.inputIds.every((id, i) => id === b.inputIds[i]);
+}
+
+/**
+ * Whether two sequences hold the same adapter content: choices of one request may not, when an upload or a new Hub
+ * commit lands between their acquisitions (then each prefills on its own).
+ */
+function sameLease(a: Seq, b: Seq): boolean {
+  return a.lease?.adapter.key === b.lease?.adapter.key && a.lease?.version === b.lease?.version;
 }
 
 /** The length fields' names when the caller gives none: TGI's. */
@@ -101,6 +134,9 @@ export class Engine implements EngineApi {
   private readonly prefilling: Seq[] = [];
   private readonly running: Seq[] = [];
   private waitingForAdapter = 0;
+  private readonly groups = new WeakMap<object, Group>();
+  /** Sequences waiting for a group leader's prefill. */
+  private parked = 0;
   private looping = false;
   private accepting = true;
   private idleWaiters: (() => void)[] = [];
@@ -118,7 +154,7 @@ export class Engine implements EngineApi {
   }
 
   stats(): EngineStats {
-    return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length, waitingForAdapter: this.waitingForAdapter };
+    return { running: this.running.length + this.prefilling.length, waiting: this.waiting.length + this.parked, waitingForAdapter: this.waitingForAdapter };
   }
 
   load(): EngineLoad {
@@ -144,7 +180,7 @@ export class Engine implements EngineApi {
   generate(req: GenerateRequest, sink: GenerationSink): void {
     if (!this.accepting) throw fail('SHUTTING_DOWN', 'the server is shutting down');
     checkLengths(req, this.limits);
-    if (this.waiting.length + this.waitingForAdapter >= this.opts.maxQueue) {
+    if (this.waiting.length + this.parked + this.waitingForAdapter >= this.opts.maxQueue) {
       throw fail('OVERLOADED', `the queue is full (${this.opts.maxQueue} requests waiting); retry later`, { retryAfter: 1 });
     }
     if (req.adapterId !== null && !this.adapters) throw fail('ADAPTER_NOT_FOUND', `adapter "${req.adapterId}" not found`);
@@ -156,7 +192,7 @@ export class Engine implements EngineApi {
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       constraint: req.constraint?.start() ?? null,
-      submittedAt: now(), state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
+      submittedAt: now(), group: req.prefixGroup ? this.groupOf(req.prefixGroup) : null, state: 'adapter', lease: null, awaitingAdapter: false, prefilled: 0,
       generated: [], tokens: [], prefill: [], text: '',
       scheduledAt: null, firstTokenAt: null, lastTokenAt: null, abort: null, timer: null, onAbort: null,
     };
@@ -215,11 +251,57 @@ export class Engine implements EngineApi {
     this.metrics?.queueDepth(s.running, s.waiting + s.waitingForAdapter);
   }
 
+  private groupOf(key: object): Group {
+    let g = this.groups.get(key);
+    if (!g) this.groups.set(key, (g = { leader: null, followers: [], open: true }));
+    return g;
+  }
+
+  /** Queues a sequence for its prefill, or parks it to share its group leader's. */
   private enqueue(seq: Seq): void {
     seq.state = 'waiting';
-    this.waiting.push(seq);
+    const g = seq.group;
+    if (g?.open && g.leader === null) g.leader = seq;
+    if (g?.open && g.leader !== seq && sameInput(g.leader!.req, seq.req) && sameLease(g.leader!, seq)) {
+      g.followers.push(seq);
+      this.parked++;
+    } else {
+      this.waiting.push(seq);
+    }
     this.reportDepth();
     this.kick();
+  }
+
+  /**
+   * A group leader has just been prefilled (before its first decode step: its KV cache holds the prompt alone):
+   * its followers copy its cache, as many as the batch has room for, and sample their first token from `logits`;
+   * the others queue for their own prefill. The group closes.
+   */
+  private shareOut(leader: Seq, logits: Float32Array, t: number): void {
+    const g = leader.group!;
+    g.open = false;
+    const followers = g.followers.splice(0);
+    this.parked -= followers.length;
+    const room = Math.max(0, this.opts.maxBatchSize - this.running.length - this.prefilling.length);
+    const sharing = followers.slice(0, room);
+    for (const f of followers.slice(room)) this.enqueue(f);
+    if (sharing.length === 0) return;
+    // Running before the fork: if it throws, the step's failure ends them with the other running sequences.
+    for (const f of sharing) {
+      f.state = 'running';
+      f.prefilled = f.req.inputIds.length;
+      f.scheduledAt = t;
+      this.metrics?.requestQueued(t - f.submittedAt);
+      this.running.push(f);
+    }
+    this.executor.fork(leader.id, sharing.map((f) => f.id));
+    for (const f of sharing) {
+      if (f.req.decoderInputDetails) {
+        f.prefill.push(...leader.prefill);
+        this.emitPrefill(f);
+      }
+      this.accept(f, logits);
+    }
   }
 
   private abort(seq: Seq, code: ErrorCode): void {
@@ -323,20 +405,38 @@ export class Engine implements EngineApi {
       this.prefilling.splice(this.prefilling.indexOf(seq), 1);
       this.running.push(seq);
       seq.state = 'running';
-      this.accept(seq, logits!.subarray(logits!.length - V));
+      if (seq.req.decoderInputDetails) this.emitPrefill(seq);
+      const last = logits!.subarray(logits!.length - V);
+      // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
+      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last, t);
+      this.accept(seq, last);
     }
   }
 
-  /** Row t of a chunk's logits predicts prompt token start+t+1: its logprob given the ones before. */
+  /** Row t of a chunk's logits predicts prompt token start+t+1: its logprob given the ones before, and the top alternatives. */
   private promptLogprobs(seq: Seq, item: PrefillItem, logits: Float32Array): void {
     const V = this.executor.vocabSize;
     const prompt = seq.req.inputIds;
+    const k = seq.req.sampling.topNTokens;
+    const token = (id: number) => ({ id, text: this.tokenizer.tokenText(id), special: this.tokenizer.isSpecial(id) });
     if (item.start === 0) seq.prefill.push({ id: prompt[0]!, text: this.tokenizer.tokenText(prompt[0]!), logprob: null });
     for (let t = 0; t < item.tokens.length; t++) {
       const next = item.start + t + 1;
       if (next >= prompt.length) break;
       const id = prompt[next]!;
-      seq.prefill.push({ id, text: this.tokenizer.tokenText(id), logprob: logprobOf(logits.subarray(t * V, (t + 1) * V), id) });
+      const lp = logprobsOf(logits.subarray(t * V, (t + 1) * V), id, k);
+      seq.prefill.push({
+        id, text: this.tokenizer.tokenText(id), logprob: lp.logprob,
+        ...(k > 0 ? { top: lp.top.map((x) => ({ ...token(x.id), logprob: x.logprob })) } : {}),
+      });
+    }
+  }
+
+  private emitPrefill(seq: Seq): void {
+    try {
+      seq.sink.onPrefill?.(seq.prefill);
+    } catch {
+      seq.abort = 'CANCELLED'; // as a broken onToken
     }
   }
 
@@ -414,6 +514,7 @@ export class Engine implements EngineApi {
       if (i >= 0) list.splice(i, 1);
     }
     this.stopAwaitingAdapter(seq);
+    this.leaveGroup(seq);
     seq.state = 'done';
     seq.lease?.release();
     seq.lease = null;
@@ -422,6 +523,22 @@ export class Engine implements EngineApi {
     this.seqs.delete(seq.id);
     this.reportDepth();
     if (this.seqs.size === 0) this.idleWaiters.splice(0).forEach((f) => f());
+  }
+
+  /** A follower that ends stops waiting; a leader that ends before sharing sends its followers to their own prefill. */
+  private leaveGroup(seq: Seq): void {
+    const g = seq.group;
+    if (!g?.open) return;
+    const i = g.followers.indexOf(seq);
+    if (i >= 0) {
+      g.followers.splice(i, 1);
+      this.parked--;
+    } else if (g.leader === seq) {
+      g.open = false;
+      const followers = g.followers.splice(0);
+      this.parked -= followers.length;
+      for (const f of followers) this.enqueue(f);
+    }
   }
 
   private finish(seq: Seq, reason: FinishReason): void {

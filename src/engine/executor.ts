@@ -4,6 +4,7 @@
  * boundary as opaque handles; how LoRA is applied in each call is decided by the scheduler (LoraPlan) and obeyed
  * here, so every worker of a step applies it the same way.
  */
+import type { ServeError } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { ProfileTotals } from '../obs/profile.ts';
 
@@ -91,6 +92,12 @@ export interface StepExecutor {
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult>;
   /** Frees a sequence's KV cache (running or mid-prefill). Idempotent. */
   release(seq: number): void;
+  /**
+   * Copies a running sequence's KV cache to new sequences `into`, which join the decode batch at its position with
+   * its adapter: choices of one prompt share its prefill. Only before `seq`'s first decode step (its cache then
+   * holds the prompt alone).
+   */
+  fork(seq: number, into: readonly number[]): void;
 }
 
 /** The part of the contract the adapter manager uses. */
@@ -107,6 +114,11 @@ export interface AdapterExecutor {
 }
 
 export interface Executor extends StepExecutor, AdapterExecutor {
+  /**
+   * Why the executor is broken and the process should be restarted (WORKER_DIED: an executor worker thread
+   * died), or null while it is whole. /health answers 503 with it.
+   */
+  broken(): ServeError | null;
   /** TensorFlow.js memory of every copy of the model, after every operation posted before this call. */
   deviceMemory(): Promise<DeviceMemory>;
   /** Step phase totals recorded by the executor on threads other than the caller's (src/obs/profile.ts). */

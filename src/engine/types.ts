@@ -28,8 +28,18 @@ export interface GenerateRequest {
   readonly includeStop?: boolean;
   /** Frequency/presence penalties count generated tokens only (OpenAI) instead of the whole history (TGI). */
   readonly penalizeGeneratedOnly?: boolean;
-  /** Compute prompt logprobs (TGI decoder_input_details). */
+  /**
+   * Compute prompt logprobs (TGI decoder_input_details, OpenAI echo with logprobs): result.prefill, with each
+   * prompt token's `sampling.topNTokens` alternatives when that is above 0.
+   */
   readonly decoderInputDetails: boolean;
+  /**
+   * Requests given the same object (several choices of one prompt) share one prefill: the first to be queued
+   * prefills, the others wait for it, then copy its KV cache (StepExecutor.fork) and sample their first token
+   * from its last logits. One that cannot (a different prompt or adapter, no room in the batch then, or queued
+   * after that moment) prefills on its own.
+   */
+  readonly prefixGroup?: object;
   /** Ignore eos and always generate maxNewTokens (benchmarks). */
   readonly ignoreEos?: boolean;
   /** Aborting cancels the request and frees its KV cache and adapter pin. */
@@ -72,6 +82,16 @@ export interface TokenInfo extends TopToken {
   readonly top?: readonly TopToken[];
 }
 
+/** A prompt token with its logprob given the tokens before it: log_softmax of the raw logits (no penalties, no temperature). */
+export interface PrefillToken {
+  readonly id: number;
+  readonly text: string;
+  /** null for the first prompt token (nothing predicts it). */
+  readonly logprob: number | null;
+  /** The `sampling.topNTokens` most likely tokens at its position, best first (absent for the first token and when none are asked for). */
+  readonly top?: readonly TopToken[];
+}
+
 export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';
 
 export interface GenerationResult {
@@ -84,7 +104,7 @@ export interface GenerationResult {
   /** The seed used when sampling, else null. */
   readonly seed: number | null;
   /** Prompt tokens with the logprob of each given the ones before (first: null); empty unless asked for. */
-  readonly prefill: readonly { readonly id: number; readonly text: string; readonly logprob: number | null }[];
+  readonly prefill: readonly PrefillToken[];
   readonly tokens: readonly TokenInfo[];
   readonly adapterId: string | null;
   /** Seconds from submission to the first scheduled step. */
@@ -95,8 +115,10 @@ export interface GenerationResult {
   readonly timeToFirstTokenS: number;
 }
 
-/** Receives one request's events, in order: any number of onToken, then exactly one onDone or onError. */
+/** Receives one request's events, in order: at most one onPrefill, any number of onToken, then exactly one onDone or onError. */
 export interface GenerationSink {
+  /** With decoderInputDetails: the prompt's logprobs (result.prefill), once it is prefilled, before the first token. */
+  onPrefill?(prefill: readonly PrefillToken[]): void;
   /** `text` is the newly stable text (UTF-8 complete, stop sequences applied): concatenated it is result.text. */
   onToken(token: TokenInfo, text: string): void;
   onDone(result: GenerationResult): void;

@@ -10,23 +10,31 @@ import type { BackendName } from '../backend/select.ts';
 import type {
   DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
 } from '../engine/executor.ts';
-import { ServeError, ERRORS } from '../errors.ts';
+import { ERRORS, isServeError, ServeError } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import type { RequestOf, WorkerInit, WorkerOp, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
+import type { RequestOf, WorkerInit, WorkerOp, WorkerProgress, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
 import { addTotals, profiler, type ProfileTotals } from '../obs/profile.ts';
 
 class WorkerClient {
   private next = 1;
   private readonly pending = new Map<number, { resolve: (v: WorkerResults[WorkerOp]) => void; reject: (e: Error) => void }>();
-  private dead: Error | null = null;
+  /** Set when the thread has died (an uncaught error or an exit): every call fails with it. */
+  dead: ServeError | null = null;
+  /** Set by close(): the exit that follows is not a death to report. */
+  closing = false;
   /** Sequences assigned here (prefilling or running). */
   load = 0;
   memory: DeviceMemory = { numTensors: 0, numBytes: 0 };
   /** The worker's step profile as of its last answer (with --profile). */
   profile: ProfileTotals = {};
 
-  constructor(readonly worker: Worker) {
-    worker.on('message', (msg: WorkerReply) => {
+  /**
+   * `onDeath` is told once, with the thread's error or exit code, when the thread dies; `onTensor` of each tensor
+   * the worker reads while it loads the model.
+   */
+  constructor(readonly worker: Worker, readonly index: number, onDeath: (cause: string) => void, onTensor?: (elements: number) => void) {
+    worker.on('message', (msg: WorkerReply | WorkerProgress) => {
+      if ('tensorRead' in msg) return onTensor?.(msg.tensorRead);
       this.memory = msg.memory;
       if (msg.profile) this.profile = msg.profile;
       const p = this.pending.get(msg.id);
@@ -39,13 +47,17 @@ class WorkerClient {
         p.reject(new ServeError(code, msg.error.message));
       }
     });
-    const die = (err: Error) => {
-      this.dead = err;
-      for (const p of this.pending.values()) p.reject(err);
+    const die = (cause: string) => {
+      if (this.dead) return;
+      // The message is for clients; the cause (an error message may name files) is for the log.
+      this.dead = new ServeError('WORKER_DIED', `executor worker ${index} died; the server needs a restart`, undefined, { cause });
+      for (const p of this.pending.values()) p.reject(this.dead);
       this.pending.clear();
+      if (!this.closing) onDeath(cause);
     };
-    worker.on('error', die);
-    worker.on('exit', (code) => die(new Error(`executor worker exited (${code})`)));
+    // An uncaught error in the thread is followed by its exit: the first says why.
+    worker.on('error', (err) => die(`uncaught error: ${err.message}`));
+    worker.on('exit', (code) => die(`exited with code ${code}`));
   }
 
   call<O extends WorkerOp>(req: RequestOf<O>): Promise<WorkerResults[O]> {
@@ -76,6 +88,15 @@ export interface ParallelExecutorOptions {
    * into a failure of unrelated requests. The runtime logs it.
    */
   readonly onError: (err: Error, context: string) => void;
+  /**
+   * Told once per worker thread that dies after start (its index, and its error or exit code). The executor
+   * does not restart it: broken() reports it and /health answers 503, so that the orchestrator restarts the
+   * process. The runtime logs it.
+   */
+  readonly onWorkerDeath?: (index: number, cause: string) => void;
+  /** Start-up progress: each tensor a worker reads (its element count), and each worker that has loaded the model. */
+  readonly onTensor?: (elements: number) => void;
+  readonly onWorkerStarted?: () => void;
 }
 
 export class ParallelExecutor implements Executor {
@@ -89,20 +110,29 @@ export class ParallelExecutor implements Executor {
   static async start(opts: ParallelExecutorOptions): Promise<ParallelExecutor> {
     const clients: WorkerClient[] = [];
     try {
+      let started = false;
       for (let i = 0; i < opts.workers; i++) {
         // worker-entry.mjs registers the TypeScript loader in the worker, then loads worker.ts.
-        clients.push(new WorkerClient(new Worker(new URL('./worker-entry.mjs', import.meta.url))));
+        const worker = new Worker(new URL('./worker-entry.mjs', import.meta.url));
+        // A death during start fails start() (its init call rejects); after, it is the caller's to hear.
+        clients.push(new WorkerClient(worker, i, (cause) => started && opts.onWorkerDeath?.(i, cause), opts.onTensor));
       }
       const init: WorkerInit = {
         modelDir: opts.modelDir, backend: opts.backend, profile: opts.profile ?? false, nativeMatmul: opts.nativeMatmul ?? true,
         warmHeapBytes: opts.warmHeapBytes ?? 0,
       };
-      const infos = await Promise.all(clients.map((c) => c.call({ op: 'init', init })));
+      const infos = await Promise.all(clients.map(async (c) => {
+        const info = await c.call({ op: 'init', init });
+        opts.onWorkerStarted?.();
+        return info;
+      }));
+      started = true;
       const i = infos[0]!;
       return new ParallelExecutor(clients, opts.onError, i.vocabSize, i.bytes, i.backend, infos.every((x) => x.nativeMatmul), i.nativeMatmulNote);
     } catch (err) {
       await Promise.all(clients.map((c) => c.worker.terminate()));
-      throw err;
+      // A worker that died while loading: say how (start-up failures are logged, not answered).
+      throw isServeError(err) && err.code === 'WORKER_DIED' ? new Error(`${err.message} while loading the model (${String(err.cause)})`) : err;
     }
   }
 
@@ -110,10 +140,29 @@ export class ParallelExecutor implements Executor {
     return this.runningSeqs.size;
   }
 
-  /** Device memory summed over the workers; workers answer in order, so this follows every operation posted before. */
+  /** The worker threads that are alive. */
+  private get live(): WorkerClient[] {
+    return this.clients.filter((c) => !c.dead);
+  }
+
+  /** The first worker death (WORKER_DIED), or null while every worker is alive. */
+  broken(): ServeError | null {
+    return this.clients.find((c) => c.dead)?.dead ?? null;
+  }
+
+  /**
+   * Test seam: stops worker `index` as a crash would (its requests in flight fail, its 'exit' event reports it),
+   * without the dispose a close() sends first.
+   */
+  async terminateWorker(index: number): Promise<void> {
+    await this.clients[index]!.worker.terminate();
+  }
+
+  /** Device memory summed over the live workers; workers answer in order, so this follows every operation posted before. */
   async deviceMemory(): Promise<DeviceMemory> {
-    await Promise.all(this.clients.map((c) => c.call({ op: 'memory' })));
-    return this.clients.reduce((m, c) => ({ numTensors: m.numTensors + c.memory.numTensors, numBytes: m.numBytes + c.memory.numBytes }), { numTensors: 0, numBytes: 0 });
+    const live = this.live;
+    await Promise.all(live.map((c) => c.call({ op: 'memory' })));
+    return live.reduce((m, c) => ({ numTensors: m.numTensors + c.memory.numTensors, numBytes: m.numBytes + c.memory.numBytes }), { numTensors: 0, numBytes: 0 });
   }
 
   /** The workers' step profiles, summed, as of their last answers. */
@@ -121,10 +170,13 @@ export class ParallelExecutor implements Executor {
     return addTotals(...this.clients.map((c) => c.profile));
   }
 
+  /** The worker of a sequence; a new sequence goes to the least loaded live worker. */
   private assign(seq: number): WorkerClient {
     let c = this.owner.get(seq);
     if (!c) {
-      c = this.clients.reduce((best, x) => (x.load < best.load ? x : best));
+      const live = this.live;
+      if (live.length === 0) throw this.broken()!;
+      c = live.reduce((best, x) => (x.load < best.load ? x : best));
       c.load++;
       this.owner.set(seq, c);
     }
@@ -171,8 +223,22 @@ export class ParallelExecutor implements Executor {
     this.owner.delete(seq);
     this.runningSeqs.delete(seq);
     c.load--;
+    if (c.dead) return; // its memory went with it
     // Messages are handled in order, so the release lands before any later step on that worker.
     c.call({ op: 'release', seq }).catch((err: Error) => this.onError(err, `releasing sequence ${seq}`));
+  }
+
+  /** The copies live on the worker of `seq`. Messages are handled in order: the fork lands before the next step. */
+  fork(seq: number, into: readonly number[]): void {
+    const c = this.owner.get(seq);
+    if (!c || !this.runningSeqs.has(seq)) throw new Error(`fork: sequence ${seq} is not running`);
+    for (const s of into) {
+      this.owner.set(s, c);
+      this.runningSeqs.add(s);
+      c.load++;
+    }
+    // A failure here surfaces as the worker's: its next decode, which expects these rows, fails.
+    c.call({ op: 'fork', seq, into }).catch((err: Error) => this.onError(err, `forking sequence ${seq}`));
   }
 
   /** A wasm worker has copied the weights into its heap when it answers (TfExecutor.copiesOnUpload). */
@@ -181,11 +247,11 @@ export class ParallelExecutor implements Executor {
   }
 
   /**
-   * Uploads to every worker. Every worker answers before this settles (so the host arrays are no longer read); one
-   * that failed leaves nothing behind on the others.
+   * Uploads to every live worker. Every worker answers before this settles (so the host arrays are no longer
+   * read); one that failed leaves nothing behind on the others.
    */
   async loadAdapter(weights: AdapterWeights, key: string): Promise<ResidentAdapter> {
-    const answers = await Promise.allSettled(this.clients.map((c) => c.call({ op: 'loadAdapter', weights, key })));
+    const answers = await Promise.allSettled(this.live.map((c) => c.call({ op: 'loadAdapter', weights, key })));
     const failed = answers.find((a): a is PromiseRejectedResult => a.status === 'rejected');
     if (failed) {
       this.offloadAdapter({ id: weights.id, key });
@@ -196,7 +262,7 @@ export class ParallelExecutor implements Executor {
 
   offloadAdapter(adapter: ExecAdapter): void {
     const a = { id: adapter.id, key: adapter.key };
-    for (const c of this.clients) {
+    for (const c of this.live) {
       c.call({ op: 'offloadAdapter', adapter: a }).catch((err: Error) => this.onError(err, `offloading adapter ${a.id} (upload ${a.key})`));
     }
   }
@@ -204,7 +270,8 @@ export class ParallelExecutor implements Executor {
   /** Frees the workers' device memory and stops them. */
   async close(): Promise<void> {
     await Promise.all(this.clients.map(async (c) => {
-      await c.call({ op: 'dispose' }).catch((err: Error) => this.onError(err, 'closing a worker'));
+      if (!c.dead) await c.call({ op: 'dispose' }).catch((err: Error) => this.onError(err, 'closing a worker'));
+      c.closing = true;
       await c.worker.terminate();
     }));
   }

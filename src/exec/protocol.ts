@@ -41,6 +41,7 @@ export type WorkerRequest =
   | { readonly op: 'prefill'; readonly items: readonly PrefillItem[]; readonly lora: LoraPlan }
   | { readonly op: 'decode'; readonly items: readonly DecodeItem[]; readonly lora: LoraPlan }
   | { readonly op: 'release'; readonly seq: number }
+  | { readonly op: 'fork'; readonly seq: number; readonly into: readonly number[] }
   | { readonly op: 'loadAdapter'; readonly weights: AdapterWeights; readonly key: string }
   | { readonly op: 'offloadAdapter'; readonly adapter: ExecAdapter }
   /** Nothing to do: the answer carries the memory after every earlier request. */
@@ -55,6 +56,7 @@ export interface WorkerResults {
   readonly prefill: WorkerStep;
   readonly decode: WorkerStep;
   readonly release: null;
+  readonly fork: null;
   readonly loadAdapter: null;
   readonly offloadAdapter: null;
   readonly memory: null;
@@ -71,6 +73,11 @@ interface ReplyBase {
   readonly id: number;
   readonly memory: DeviceMemory;
   readonly profile?: ProfileTotals;
+}
+
+/** Sent by the worker while init reads the weights, once per tensor read (its element count): start-up progress. */
+export interface WorkerProgress {
+  readonly tensorRead: number;
 }
 
 export type WorkerReply =

@@ -171,6 +171,14 @@ export class TfExecutor implements Executor {
     }
   }
 
+  fork(seq: number, into: readonly number[]): void {
+    const idx = this.rows.findIndex((r) => r.seq === seq);
+    if (idx < 0) throw new Error(`fork: sequence ${seq} is not running`);
+    // Rows 0..B-1 stay; each new sequence gets a copy of row idx, appended.
+    this.kv.keepRows([...this.rows.keys(), ...into.map(() => idx)]);
+    for (const s of into) this.rows.push({ seq: s, adapter: this.rows[idx]!.adapter });
+  }
+
   /** The wasm backend copies a new tensor's values into its heap at once; the cpu backend keeps the array. */
   get copiesOnUpload(): boolean {
     return tf.getBackend() === 'wasm';
@@ -206,6 +214,11 @@ export class TfExecutor implements Executor {
   async deviceMemory(): Promise<DeviceMemory> {
     const m = tf.memory();
     return { numTensors: m.numTensors, numBytes: m.numBytes };
+  }
+
+  /** Never: it runs in this thread, which is alive when asked. */
+  broken(): null {
+    return null;
   }
 
   /** Nothing: in-process, the executor's phases are recorded in this thread's profiler, with the engine's. */

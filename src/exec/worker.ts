@@ -11,7 +11,7 @@ import type { StepResult } from '../engine/executor.ts';
 import { isServeError } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { CausalLM } from '../model/model.ts';
-import type { RequestOf, WorkerInfo, WorkerMessage, WorkerOp, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
+import type { RequestOf, WorkerInfo, WorkerMessage, WorkerOp, WorkerProgress, WorkerReply, WorkerResults, WorkerStep } from './protocol.ts';
 import { TfExecutor } from './tf-executor.ts';
 
 let executor: TfExecutor | null = null;
@@ -47,7 +47,7 @@ const handlers: Handlers = {
     const { float32Bytes } = ckpt;
     ckpt.close();
     assertModelFits(backend.name, float32Bytes);
-    const model = CausalLM.load(init.modelDir);
+    const model = CausalLM.load(init.modelDir, { onTensor: (elements) => parentPort!.postMessage({ tensorRead: elements } satisfies WorkerProgress) });
     executor = new TfExecutor(model);
     executor.warmUp(backend.name === 'wasm' ? init.warmHeapBytes : 0);
     const value: WorkerInfo = {
@@ -64,6 +64,10 @@ const handlers: Handlers = {
   },
   release({ seq }) {
     ready().release(seq);
+    return done;
+  },
+  fork({ seq, into }) {
+    ready().fork(seq, into);
     return done;
   },
   async loadAdapter({ weights, key }) {

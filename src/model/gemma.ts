@@ -53,7 +53,8 @@ interface GemmaLayer {
   down: Linear;
 }
 
-export function loadGemma(c: ModelConfig, ckpt: Checkpoint): Arch {
+/** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
+export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
   const tensors: (tf.Tensor | Weight)[] = [];
   const keep = <T extends tf.Tensor | Weight>(t: T): T => {
@@ -94,6 +95,7 @@ export function loadGemma(c: ModelConfig, ckpt: Checkpoint): Arch {
       down: lin('mlp.down_proj', false),
       postMlpNorm: sandwich ? norm(`${n}post_feedforward_layernorm.weight`) : null,
     });
+    yield;
   }
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const finalNorm = norm('model.norm.weight');

@@ -42,7 +42,8 @@ interface Gpt2Layer {
   mlpProj: Linear;
 }
 
-export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
+/** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
+export function* loadGpt2(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const prefix = ckpt.names.has('transformer.wte.weight') ? 'transformer.' : '';
   const d = c.hiddenSize;
   const tensors: (tf.Tensor | Weight)[] = [];
@@ -89,6 +90,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
       fc: lin('mlp.c_fc'),
       mlpProj: lin('mlp.c_proj'),
     });
+    yield;
   }
   const wte = load('wte.weight', [c.vocabSize, d]) as tf.Tensor2D;
   const wpe = load('wpe.weight', [c.maxPositions, d]) as tf.Tensor2D;

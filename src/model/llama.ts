@@ -47,7 +47,8 @@ interface LlamaLayer {
   down: Linear;
 }
 
-export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
+/** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
+export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
   const tensors: (tf.Tensor | Weight)[] = [];
   const keep = <T extends tf.Tensor | Weight>(t: T): T => {
@@ -80,6 +81,7 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       up: lin('mlp.up_proj', c.mlpBias),
       down: lin('mlp.down_proj', c.mlpBias),
     });
+    yield;
   }
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);

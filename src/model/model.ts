@@ -58,12 +58,20 @@ export interface Arch {
   head(x: tf.Tensor2D): tf.Tensor2D;
 }
 
-const REGISTRY: Record<Family, { load: (c: ModelConfig, ckpt: Checkpoint) => Arch; modules: (c: ModelConfig) => LinearModule[] }> = {
+/** `load` yields between layers (a place to let the event loop run) and returns the architecture. */
+const REGISTRY: Record<Family, { load: (c: ModelConfig, ckpt: Checkpoint) => Generator<void, Arch>; modules: (c: ModelConfig) => LinearModule[] }> = {
   gpt2: { load: loadGpt2, modules: gpt2Modules },
   llama: { load: loadLlama, modules: llamaModules },
   phi3: { load: loadPhi3, modules: phi3Modules },
   gemma: { load: loadGemma, modules: gemmaModules },
 };
+
+export interface LoadOptions {
+  /** A weight larger than this fails with MODEL_TOO_LARGE before it is read (default: the webgpu device's binding limit). */
+  readonly maxTensorBytes?: { bytes: number; on: string };
+  /** Told of each tensor read (its element count), for start-up progress. */
+  readonly onTensor?: (elements: number) => void;
+}
 
 /** The LoRA-targetable modules of a model, from its config alone (no weights loaded). */
 export function modulesFor(config: ModelConfig): LinearModule[] {
@@ -104,22 +112,47 @@ export class CausalLM {
   /**
    * Loads a checkpoint directory onto the current TensorFlow.js backend. A weight larger than the backend can
    * bind (`maxTensorBytes`, by default the webgpu device's limit) fails with MODEL_TOO_LARGE before it is read.
+   * `onTensor` is told of each tensor read (its element count), for start-up progress.
    */
-  static load(dir: string, opts: { maxTensorBytes?: { bytes: number; on: string } } = {}): CausalLM {
+  static load(dir: string, opts: LoadOptions = {}): CausalLM {
+    const loading = CausalLM.loading(dir, opts);
+    for (;;) {
+      const r = loading.next();
+      if (r.done) return r.value;
+    }
+  }
+
+  /**
+   * load(), letting the event loop run between layers, so that a server loading in its own thread still answers
+   * requests meanwhile. Nothing else may use TensorFlow.js until it resolves: the tensors made meanwhile would be
+   * taken for the model's, and freed with it if loading fails.
+   */
+  static async loadAsync(dir: string, opts: LoadOptions = {}): Promise<CausalLM> {
+    const loading = CausalLM.loading(dir, opts);
+    for (;;) {
+      const r = loading.next();
+      if (r.done) return r.value;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+
+  private static *loading(dir: string, opts: LoadOptions): Generator<void, CausalLM> {
     const ckpt = openCheckpoint(dir);
     const limit = opts.maxTensorBytes ?? maxTensorBytes();
+    const onTensor = opts.onTensor;
     try {
       const { load } = REGISTRY[ckpt.config.family];
       // tidy disposes everything uploaded so far if loading fails half-way (missing or mis-shaped tensor).
       tf.engine().startScope();
       let arch: Arch;
       try {
-        arch = load(ckpt.config, limit ? {
+        arch = yield* load(ckpt.config, limit || onTensor ? {
           ...ckpt,
           read: (name, shape) => {
-            if (shape) checkTensorFits(name, shape, limit);
+            if (shape && limit) checkTensorFits(name, shape, limit);
             const t = ckpt.read(name, shape);
-            if (!shape) checkTensorFits(name, t.shape, limit);
+            if (!shape && limit) checkTensorFits(name, t.shape, limit);
+            onTensor?.(t.data.length);
             return t;
           },
         } : ckpt);

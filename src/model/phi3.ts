@@ -45,7 +45,8 @@ interface Phi3Layer {
   down: Linear;
 }
 
-export function loadPhi3(c: ModelConfig, ckpt: Checkpoint): Arch {
+/** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
+export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
   const tensors: (tf.Tensor | Weight)[] = [];
   const keep = <T extends tf.Tensor | Weight>(t: T): T => {
@@ -87,6 +88,7 @@ export function loadPhi3(c: ModelConfig, ckpt: Checkpoint): Arch {
     const postNorm = keep(read(`model.layers.${l}.post_attention_layernorm.weight`, [d]) as tf.Tensor1D);
     const [gate, up] = fused('mlp.gate_up_proj', [['gate', c.intermediateSize], ['up', c.intermediateSize]]);
     layers.push({ inputNorm, q: q!, k: k!, v: v!, o, postNorm, gate: gate!, up: up!, down: lin('mlp.down_proj') });
+    yield;
   }
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);

@@ -8,7 +8,7 @@
  * 400 for request validation, `responseStatus`).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, type FastifySchemaValidationError, type FastifyServerFactory, type FastifyServerOptions } from 'fastify';
 import type { WebGPUAdapter } from '../backend/webgpu/init.ts';
 import type { EngineApi } from '../engine/types.ts';
 import type { LoraMode } from '../engine/scheduler.ts';
@@ -89,6 +89,8 @@ export interface AppOptions {
   readonly hubLoraPaths?: boolean;
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
+  /** Why the server can no longer serve fully and should be restarted (WORKER_DIED), or null: /health answers 503 with it. */
+  broken?(): ServeError | null;
 }
 
 export interface AppDeps {
@@ -103,10 +105,28 @@ export interface AppDeps {
 export interface BuildOptions {
   /** The process's logger (pino); absent: no logging. */
   readonly loggerInstance?: FastifyBaseLogger;
+  /** A server of the caller's to answer on (fastify's serverFactory): one already listening (src/server/server.ts). */
+  readonly serverFactory?: FastifyServerFactory;
 }
 
 function sha256(s: string): Buffer {
   return createHash('sha256').update(s).digest();
+}
+
+/**
+ * Which of `--api-key` and `--admin-api-key` an `Authorization` header presents (null when neither is set).
+ * Keys are compared as SHA-256 hashes: equal lengths, so timingSafeEqual never throws and the key length does not leak.
+ */
+export function keyMatcher(opts: Pick<AppOptions, 'apiKey' | 'adminApiKey'>): ((authorization: string | undefined) => { plain: boolean; admin: boolean }) | null {
+  const plain = opts.apiKey ? sha256(opts.apiKey) : null;
+  const admin = opts.adminApiKey ? sha256(opts.adminApiKey) : null;
+  if (!plain && !admin) return null;
+  const is = (presented: Buffer | null, key: Buffer | null) => presented !== null && key !== null && timingSafeEqual(presented, key);
+  return (authorization) => {
+    const m = /^Bearer +(\S+) *$/i.exec(authorization ?? '');
+    const presented = m ? sha256(m[1]!) : null;
+    return { plain: is(presented, plain), admin: is(presented, admin) };
+  };
 }
 
 /**
@@ -116,24 +136,18 @@ function sha256(s: string): Buffer {
  * the admin key is set.
  */
 function apiKeyCheck(opts: Pick<AppOptions, 'apiKey' | 'adminApiKey'>): ((request: FastifyRequest) => void) | null {
-  const plain = opts.apiKey ? sha256(opts.apiKey) : null;
-  const admin = opts.adminApiKey ? sha256(opts.adminApiKey) : null;
-  if (!plain && !admin) return null;
-  // Hashes have equal lengths, so timingSafeEqual never throws and the key length does not leak.
-  const is = (presented: Buffer | null, key: Buffer | null) => presented !== null && key !== null && timingSafeEqual(presented, key);
+  const match = keyMatcher(opts);
+  if (!match) return null;
   return (request) => {
     const config = request.routeOptions.config;
     if (config?.public) return;
-    const m = /^Bearer +(\S+) *$/i.exec(request.headers.authorization ?? '');
-    const presented = m ? sha256(m[1]!) : null;
-    const isAdmin = is(presented, admin);
-    const isPlain = is(presented, plain);
-    if (config?.admin && admin) {
+    const { plain: isPlain, admin: isAdmin } = match(request.headers.authorization);
+    if (config?.admin && opts.adminApiKey) {
       if (isAdmin) return;
       if (isPlain) throw fail('ADMIN_KEY_REQUIRED', 'this route needs the admin API key (--admin-api-key); the API key is not enough');
       throw fail('UNAUTHORIZED', 'missing or invalid admin API key: send "Authorization: Bearer <admin key>"');
     }
-    if (!plain || isPlain || isAdmin) return;
+    if (!opts.apiKey || isPlain || isAdmin) return;
     throw fail('UNAUTHORIZED', 'missing or invalid API key: send "Authorization: Bearer <key>"');
   };
 }
@@ -190,6 +204,7 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
     ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
+    ...(opts.serverFactory ? { serverFactory: opts.serverFactory } : {}),
     // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.options.bodyLimitBytes,

@@ -1,7 +1,7 @@
 /**
  * Request fields that real clients send but whose feature the server does not implement. Each is
  * accepted when its value asks for what the server does anyway (its default: `watermark: false`,
- * `n: 1`) and refused with UNSUPPORTED_PARAMETER, naming the
+ * `tools: []`) and refused with UNSUPPORTED_PARAMETER, naming the
  * field, otherwise. `null` counts as absent. Fields the schemas do not know at all are refused by
  * validation (UNKNOWN_FIELD, with the list of known ones). README "HTTP API" lists every
  * field with its status; test/api-fields.test.ts checks the README, the schemas and this table agree.
@@ -25,19 +25,12 @@ const oneOf = (values: readonly unknown[], feature: string): DefaultOnly =>
 
 /** TGI / LoRAX `parameters`. */
 export const TGI_PARAMETERS = {
-  best_of: only(1, 'best-of-n sampling'),
   watermark: only(false, 'watermarking'),
   return_k_alternatives: absent('LoRAX alternative tokens (use top_n_tokens)'),
   apply_chat_template: only(false, 'chat templates on /generate (use /v1/chat/completions)'),
 } as const satisfies Record<string, DefaultOnly>;
 
-/** Fields /v1/completions and /v1/chat/completions share. */
-export const OPENAI_FIELDS = {
-  n: only(1, 'several choices per request'),
-} as const satisfies Record<string, DefaultOnly>;
-
 export const COMPLETION_FIELDS = {
-  best_of: only(1, 'best-of-n sampling'),
   suffix: only('', 'insertion (suffix)'),
 } as const satisfies Record<string, DefaultOnly>;
 

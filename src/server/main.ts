@@ -1,12 +1,12 @@
 /**
- * The process entry point: parse options, build the server, listen, and shut down gracefully on
+ * The process entry point: parse options, listen, load the model and serve, and shut down gracefully on
  * SIGTERM/SIGINT (stop accepting, let in-flight requests finish within --shutdown-grace). Once the
  * options are read, everything is logged by one pino logger (JSON lines on stdout), the one the
  * HTTP app logs with; a bad command line is a usage message on stderr.
  */
 import { CliError, helpText, parseOptions, type ServerOptions } from '../cli.ts';
 import { isServeError } from '../errors.ts';
-import { createLogger, createServer, type Server } from './server.ts';
+import { createLogger, startServer, type Server } from './server.ts';
 
 async function main(): Promise<void> {
   let options: ServerOptions;
@@ -39,9 +39,8 @@ async function main(): Promise<void> {
   process.on('SIGINT', () => void stop('SIGINT'));
 
   try {
-    server = await createServer(options, log);
-    // listen() logs the address through the same logger.
-    await server.app.listen({ host: options.host, port: options.port, listenTextResolver: (address) => `listening on ${address}` });
+    // Listens at once: until the model is loaded every route but /metrics answers 503 with the progress.
+    server = await startServer(options, log);
   } catch (err) {
     log.fatal(isServeError(err) ? { code: err.code } : { err }, `failed to start: ${(err as Error)?.message ?? String(err)}`);
     process.exit(1);

@@ -11,13 +11,16 @@
  * value (src/server/fields.ts).
  */
 import { Type, type Static, type TOptional, type TSchema, type TUnknown } from '@sinclair/typebox';
-import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly as DefaultOnlyRule } from './fields.ts';
+import { STARTUP_PHASES } from '../startup.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTIONS, TGI_PARAMETERS, type DefaultOnly as DefaultOnlyRule } from './fields.ts';
 /** TGI's `--max-stop-sequences` default. */
 export const MAX_STOP_SEQUENCES = 4;
 /** TGI's `--max-top-n-tokens` default: the most alternatives a token reports. */
 export const MAX_TOP_N_TOKENS = 5;
 /** OpenAI's default `max_tokens` of /v1/completions. */
 export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
+/** The most sequences one request may generate (OpenAI `n` and `best_of`, TGI `best_of`). */
+export const MAX_CHOICES = 8;
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 /** A string enum (`{type: string, enum: [...]}`), typed as the union of its values. */
@@ -34,10 +37,24 @@ const defaultOnly = <T extends Record<string, DefaultOnlyRule>>(table: T) => Obj
 // ------------------------------------------------------------------------------------------------
 // Errors
 
+/** The start-up progress the 503 NOT_READY answers carry while the server loads (src/server/loading.ts, src/startup.ts). */
+export const Loading = Type.Object({
+  phase: Enum(STARTUP_PHASES),
+  tensors_loaded: Type.Integer({ description: 'Checkpoint tensors read, over every copy of the model (one per executor worker)' }),
+  tensors_total: Type.Integer({ description: 'The checkpoint\'s tensors times the copies (a few may never be read: GPT-2 mask buffers, a tied lm_head)' }),
+  bytes_loaded: Type.Integer({ description: 'Their bytes as float32' }),
+  bytes_total: Type.Integer(),
+  workers_started: Type.Integer({ description: 'Executor workers that have loaded their copy' }),
+  workers_total: Type.Integer({ description: '0 when the model runs in the server\'s thread (--workers 1)' }),
+}, { title: 'Loading', description: 'Only on 503 NOT_READY while the server starts (every route but /metrics answers so until the model is loaded)' });
+
+const LoadingField = Type.Optional(Loading);
+
 export const ErrorBody = Type.Object({
   error: Type.String({ description: 'Human-readable message' }),
   error_type: Type.String({ description: 'TGI/LoRAX error type, e.g. validation, overloaded, adapter_not_found' }),
   code: Type.String({ description: 'Stable error code from the catalogue (src/errors.ts), e.g. VALIDATION, ADAPTER_NOT_FOUND' }),
+  loading: LoadingField,
 }, { title: 'ErrorBody' });
 
 export const OpenAIErrorBody = Type.Object({
@@ -47,6 +64,7 @@ export const OpenAIErrorBody = Type.Object({
     param: Nullable(Type.String({ description: 'The request field at fault, when one is (dotted path)' })),
     code: Type.String({ description: 'The catalogue code' }),
   }),
+  loading: LoadingField,
 }, { title: 'OpenAIErrorBody' });
 
 // ------------------------------------------------------------------------------------------------
@@ -105,6 +123,7 @@ export const GenerateParameters = Type.Object({
       'downloaded into the Hub cache and cached by commit); absent: the server\'s --adapter-source. "s3" and "pbase" are refused',
   })),
   api_token: Opt(Type.String({ description: 'LoRAX: the Hugging Face token to fetch a private or gated Hub adapter with (default: the server\'s HF_TOKEN)' })),
+  best_of: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: `Generate this many sequences and answer with the one of the highest mean token logprob, the others in details.best_of_sequences; > 1 needs sampling, no seed, /generate (TGI's rules)` })),
   ...defaultOnly(TGI_PARAMETERS),
 }, { title: 'GenerateParameters', ...Closed });
 
@@ -131,14 +150,25 @@ export const PrefillToken = Type.Object({
   logprob: Nullable(Type.Number({ description: 'null for the first prompt token' })),
 }, { title: 'PrefillToken' });
 
-export const Details = Type.Object({
+const SequenceDetails = {
   finish_reason: FinishReason,
   generated_tokens: Type.Integer(),
-  prompt_tokens: Type.Integer(),
   seed: Nullable(Type.Integer()),
   prefill: Type.Array(PrefillToken),
   tokens: Type.Array(Token),
   top_tokens: Type.Optional(Type.Array(Type.Array(Token), { description: 'Per generated token, its top_n_tokens alternatives (only when top_n_tokens > 0)' })),
+};
+
+/** One of the sequences best_of generated besides the one answered (TGI). */
+export const BestOfSequence = Type.Object({
+  generated_text: Type.String(),
+  ...SequenceDetails,
+}, { title: 'BestOfSequence' });
+
+export const Details = Type.Object({
+  ...SequenceDetails,
+  prompt_tokens: Type.Integer(),
+  best_of_sequences: Type.Optional(Type.Array(BestOfSequence, { description: 'With best_of > 1: the other sequences' })),
 }, { title: 'Details' });
 
 export const GenerateResponse = Type.Object({
@@ -187,7 +217,7 @@ const OpenAISampling = {
   }, Closed)),
   user: Opt(Type.String({ description: 'Accepted; an end-user id for the caller\'s records, no effect on the output' })),
   logit_bias: Opt(Type.Record(Type.String(), Type.Number(), { description: 'Token id (a decimal string, below the vocabulary size) → bias in [-100, 100], added to that token\'s logit before sampling' })),
-  ...defaultOnly(OPENAI_FIELDS),
+  n: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: 'Choices to return, sampled independently (choice i > 0 with seed + i, mod 2^53)' })),
 };
 
 export const CompletionRequest = Type.Object({
@@ -200,7 +230,8 @@ export const CompletionRequest = Type.Object({
   ], { description: 'One prompt: a string or token ids, alone or in a list of one (a list of several is refused)' }),
   max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
-  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text' })),
+  echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text; with logprobs, the prompt\'s tokens come first in logprobs, the first with null' })),
+  best_of: Opt(Type.Integer({ minimum: 1, maximum: MAX_CHOICES, description: 'Generate this many (>= n) and return the n with the highest cumulative logprob; not streamed when > n' })),
   ...defaultOnly(COMPLETION_FIELDS),
 }, { title: 'CompletionRequest', ...Closed });
 export type CompletionRequestBody = Static<typeof CompletionRequest>;
@@ -253,8 +284,8 @@ export const Usage = Type.Object({
 
 export const CompletionLogprobs = Type.Object({
   tokens: Type.Array(Type.String()),
-  token_logprobs: Type.Array(Type.Number()),
-  top_logprobs: Type.Array(Type.Record(Type.String(), Type.Number())),
+  token_logprobs: Type.Array(Nullable(Type.Number()), { description: 'null for the first prompt token (echo)' }),
+  top_logprobs: Type.Array(Nullable(Type.Record(Type.String(), Type.Number())), { description: 'null for the first prompt token (echo)' }),
   text_offset: Type.Array(Type.Integer()),
 }, { title: 'CompletionLogprobs' });
 

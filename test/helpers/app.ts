@@ -78,6 +78,7 @@ export class ScriptedEngine implements EngineApi {
       if (missing !== undefined) return finish(() => sink.onError(fail('ADAPTER_NOT_FOUND', `adapter "${missing}" not found`)));
       if (s.failAfter && i === s.failAfter.tokens) return finish(() => sink.onError(s.failAfter!.error));
       if (s.hang && i === 1) return; // wait for abort
+      if (i === 0 && req.decoderInputDetails) sink.onPrefill?.(result.prefill);
       sink.onToken(tokens[i]!, texts[i]!);
       i++;
       if (i === tokens.length) return finish(() => sink.onDone(result)); // same tick as the last token, like the engine

@@ -11,12 +11,13 @@ import { fitLengths, mergedAdapters, tgiSampling } from '../params.ts';
 import { mergeId } from '../../lora/merged-adapter.ts';
 import type { MergeSpec } from '../../lora/types.ts';
 import { GenerateRequest, GenerateResponse, GenerateStreamEvent, type GenerateRequestBody } from '../schemas.ts';
-import { finiteLogprob, generateOnce, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
+import { choiceRequests, finiteLogprob, generateAll, RESULT_HEADERS, publicErrorBody, resolveAdapter, resultHeaders, streamGeneration, type EngineRequest } from './common.ts';
 
 /** What a generation can fail with, besides request validation (shared with the OpenAI routes). */
 export const GENERATION_ERRORS: readonly ErrorCode[] = [
   'UNSUPPORTED_PARAMETER', 'INPUT_TOO_LONG', 'ADAPTER_INVALID_ID', 'ADAPTER_NOT_FOUND', ...ADAPTER_FILE_ERRORS, 'ADAPTER_FETCH_FAILED',
   'ADAPTER_FETCH_TIMEOUT', 'ADAPTER_TOO_LARGE', ...HUB_ERRORS, 'OVERLOADED', 'SHUTTING_DOWN', 'TIMEOUT', 'GENERATION', 'DEVICE_ERROR',
+  'WORKER_DIED',
 ];
 
 /** The adapter a request runs on: `adapter_id`, or the merge `parameters.merged_adapters` asks for (not both, as LoRAX). */
@@ -47,6 +48,8 @@ function adapterSource(params: NonNullable<GenerateRequestBody['parameters']>): 
 
 interface Prepared {
   readonly req: EngineRequest;
+  /** Sequences to generate (`best_of`). */
+  readonly bestOf: number;
   readonly body: GenerateRequestBody;
   readonly params: NonNullable<GenerateRequestBody['parameters']>;
 }
@@ -72,12 +75,19 @@ function prepare(deps: AppDeps, body: GenerateRequestBody, stream: boolean): Pre
   const { adapterId, merge } = requestAdapter(deps, top ?? inner, params);
   const source = adapterSource(params);
   const sampling = tgiSampling(params);
+  const bestOf = params.best_of ?? 1;
+  // TGI's rules (router validation.rs): several sequences are only worth it when sampling, each with its own seed.
+  if (bestOf > 1) {
+    if (stream) throw fail('VALIDATION', '`best_of` != 1 is not supported when streaming tokens', { param: 'parameters.best_of' });
+    if (!sampling.doSample) throw fail('VALIDATION', 'you must use sampling when `best_of` is > 1', { param: 'parameters.best_of' });
+    if (params.seed !== undefined && params.seed !== null) throw fail('VALIDATION', '`seed` must not be set when `best_of` > 1', { param: 'parameters.seed' });
+  }
   const constraint = tgiConstraint(deps.tokenizer, params);
   const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(body.inputs), {
     maxNew: params.max_new_tokens, defaultMaxNew: deps.options.maxNewTokensDefault, truncate: params.truncate,
   });
   return {
-    body, params,
+    body, params, bestOf,
     req: {
       inputIds, adapterId, ...(merge ? { merge } : {}), ...(source ? { adapterSource: source } : {}),
       sampling, ...(constraint ? { constraint } : {}), maxNewTokens, stop: params.stop ?? [], decoderInputDetails: params.decoder_input_details ?? false, ignoreEos,
@@ -91,11 +101,11 @@ function generatedText(p: Prepared, r: GenerationResult): string {
   return (p.params.return_full_text ? p.body.inputs : '') + r.text;
 }
 
-function details(p: Prepared, r: GenerationResult) {
+/** One sequence's details (TGI's `details` and each of its `best_of_sequences`). */
+function sequenceDetails(p: Prepared, r: GenerationResult) {
   return {
     finish_reason: r.finishReason,
     generated_tokens: r.generatedTokens,
-    prompt_tokens: r.promptTokens,
     seed: r.seed,
     prefill: r.prefill.map((t) => ({ id: t.id, text: t.text, logprob: t.logprob === null ? null : finiteLogprob(t.logprob) })),
     tokens: r.tokens.map(tokenJson),
@@ -103,25 +113,47 @@ function details(p: Prepared, r: GenerationResult) {
   };
 }
 
-/** /generate's answer: the whole text, with details when asked for. */
+/**
+ * TGI's best_of rule (router infer.rs): the sequence with the highest mean logprob of its generated tokens
+ * (ties: the earlier one).
+ */
+function bestSequence(results: readonly GenerationResult[]): number {
+  const mean = (r: GenerationResult) => r.tokens.reduce((s, t) => s + t.logprob, 0) / Math.max(1, r.tokens.length);
+  let best = 0;
+  results.forEach((r, i) => {
+    if (mean(r) > mean(results[best]!)) best = i;
+  });
+  return best;
+}
+
+/** /generate's answer: the whole text (of the best sequence, with best_of), with details when asked for. */
 async function generateJson(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply) {
   const p = prepare(deps, body, false);
-  const r = await generateOnce(deps, reply, p.req);
-  resultHeaders(reply, r);
+  const results = await generateAll(deps, reply, choiceRequests(p.req, p.bestOf));
+  resultHeaders(reply, results);
+  const best = bestSequence(results);
+  const r = results[best]!;
+  const others = results.filter((_, i) => i !== best);
   return {
     generated_text: generatedText(p, r),
-    ...(p.params.details ? { details: details(p, r) } : {}),
+    ...(p.params.details ? {
+      details: {
+        ...sequenceDetails(p, r),
+        prompt_tokens: r.promptTokens,
+        ...(p.bestOf > 1 ? { best_of_sequences: others.map((o) => ({ generated_text: generatedText(p, o), ...sequenceDetails(p, o) })) } : {}),
+      },
+    } : {}),
   };
 }
 
 /** /generate_stream's answer: one event per token, the last with the text and details. */
 function generateEvents(deps: AppDeps, body: GenerateRequestBody, reply: FastifyReply): Promise<FastifyReply> {
   const p = prepare(deps, body, true);
-  return streamGeneration(deps, reply, p.req, { openai: false }, (send) => {
+  return streamGeneration(deps, reply, [p.req], { openai: false }, (send) => {
     let index = 0;
     let lastToken: TokenInfo | null = null;
     return {
-      token(token, _text, result) {
+      token(_choice, token, _text, result) {
         // Finished without a token left to attach the result to: repeat the last one with no text.
         const t = token ?? { ...(lastToken ?? { id: 0, logprob: 0, special: true }), text: '', top: undefined };
         lastToken = t;

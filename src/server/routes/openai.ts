@@ -5,12 +5,12 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
-import type { GenerationResult, TokenInfo } from '../../engine/types.ts';
+import type { GenerationResult, PrefillToken, TokenInfo, TopToken } from '../../engine/types.ts';
 import { fail, type ErrorCode } from '../../errors.ts';
 import type { ChatMessage as TemplateMessage } from '../../text/tokenizer.ts';
 import { NAME } from '../../version.ts';
 import type { AppDeps } from '../app.ts';
-import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, OPENAI_FIELDS, refuseUnsupported, STREAM_OPTIONS, type DefaultOnly } from '../fields.ts';
+import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, refuseUnsupported, STREAM_OPTIONS, type DefaultOnly } from '../fields.ts';
 import { openAIConstraint } from '../grammar.ts';
 import { fitLengths, logitBias, openAISampling } from '../params.ts';
 import {
@@ -18,7 +18,7 @@ import {
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
-  checkTokenIds, finiteLogprob, generateOnce, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop, type EngineRequest,
+  checkTokenIds, choiceRequests, finiteLogprob, generateAll, RESULT_HEADERS, openAIErrorBody, resolveAdapter, resultHeaders, streamGeneration, withoutStop,
 } from './common.ts';
 import { GENERATION_ERRORS } from './generate.ts';
 
@@ -33,7 +33,41 @@ function stopList(stop: CompletionRequestBody['stop']): string[] {
 }
 
 const finishReason = (r: GenerationResult) => (r.finishReason === 'length' ? 'length' : 'stop');
-const usage = (r: GenerationResult) => ({ prompt_tokens: r.promptTokens, completion_tokens: r.generatedTokens, total_tokens: r.promptTokens + r.generatedTokens });
+
+/** The prompt counted once (every choice shares it), the tokens of every sequence generated (best_of's discarded ones too). */
+function usage(results: readonly GenerationResult[]) {
+  const prompt = results[0]!.promptTokens;
+  const completion = results.reduce((n, r) => n + r.generatedTokens, 0);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+/** The sum of a sequence's token logprobs (log P of the whole completion given the prompt). */
+function cumulativeLogprob(r: GenerationResult): number {
+  return r.tokens.reduce((sum, t) => sum + t.logprob, 0);
+}
+
+/**
+ * The indices of the `n` choices to return out of `results`: all of them in order when there are n, else
+ * best_of's rule: the n with the highest cumulative logprob, best first (ties: the earlier choice).
+ */
+function bestChoices(results: readonly GenerationResult[], n: number): number[] {
+  const order = results.map((_, i) => i);
+  if (results.length === n) return order;
+  const score = results.map(cumulativeLogprob);
+  return order.sort((a, b) => score[b]! - score[a]! || a - b).slice(0, n);
+}
+
+/**
+ * `n` (and `best_of`, on /v1/completions): between 1 and MAX_CHOICES (the schema), best_of ≥ n, and
+ * no best_of > n when streaming (the choices to return are known only at the end). How many sequences to generate.
+ */
+function choiceCount(b: { n?: number | null; best_of?: number | null; stream?: boolean | null }): { n: number; generate: number } {
+  const n = b.n ?? 1;
+  const bestOf = b.best_of ?? n;
+  if (bestOf < n) throw fail('VALIDATION', `\`best_of\` must be >= \`n\`. Given: best_of ${bestOf}, n ${n}`, { param: 'best_of' });
+  if (b.stream && bestOf > n) throw fail('VALIDATION', '`best_of` > `n` cannot be streamed (the best are known only at the end)', { param: 'best_of' });
+  return { n, generate: bestOf };
+}
 
 /** Envelope fields shared by a response and its chunks. */
 function envelope(prefix: string, model: string) {
@@ -42,25 +76,42 @@ function envelope(prefix: string, model: string) {
 
 // --- logprobs ------------------------------------------------------------------------------------
 
-/** Legacy completions logprobs: the chosen token and its alternatives by text (the chosen one included). */
+/**
+ * Legacy completions logprobs: each token, its logprob and its alternatives by text (the token itself
+ * included), and its offset in the choice's text. With `echo`, the prompt's tokens come first, from offset 0
+ * (the first with null logprob and alternatives: nothing predicts it); generated ones start at `start`.
+ */
 class CompletionLogprobs {
   private offset = 0;
   constructor(private readonly start: number) {}
 
-  of(tokens: readonly TokenInfo[]) {
-    const out = { tokens: [] as string[], token_logprobs: [] as number[], top_logprobs: [] as Record<string, number>[], text_offset: [] as number[] };
+  of(tokens: readonly TokenInfo[], prompt: readonly PrefillToken[] = []) {
+    const out = { tokens: [] as string[], token_logprobs: [] as (number | null)[], top_logprobs: [] as (Record<string, number> | null)[], text_offset: [] as number[] };
+    let promptOffset = 0;
+    for (const t of prompt) {
+      out.tokens.push(t.text);
+      out.token_logprobs.push(t.logprob === null ? null : finiteLogprob(t.logprob));
+      out.top_logprobs.push(t.logprob === null ? null : alternatives(t.text, t.logprob, t.top));
+      out.text_offset.push(promptOffset);
+      promptOffset += t.text.length;
+    }
     for (const t of tokens) {
       out.tokens.push(t.text);
       out.token_logprobs.push(finiteLogprob(t.logprob));
-      const top: Record<string, number> = {};
-      for (const x of t.top ?? []) top[x.text] ??= finiteLogprob(x.logprob);
-      top[t.text] ??= finiteLogprob(t.logprob);
-      out.top_logprobs.push(top);
+      out.top_logprobs.push(alternatives(t.text, t.logprob, t.top));
       out.text_offset.push(this.start + this.offset);
       this.offset += t.text.length;
     }
     return out;
   }
+}
+
+/** A token's alternatives by text, best first, the token itself included (by its own logprob when it is not among them). */
+function alternatives(text: string, logprob: number, top: readonly TopToken[] | undefined): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const x of top ?? []) out[x.text] ??= finiteLogprob(x.logprob);
+  out[text] ??= finiteLogprob(logprob);
+  return out;
 }
 
 function chatLogprobs(tokens: readonly TokenInfo[]) {
@@ -89,9 +140,8 @@ function templateMessages(messages: ChatCompletionRequestBody['messages']): Temp
   });
 }
 
-/** The fields accepted only at their default: the route's own, those both routes share, `stream_options`'s. */
+/** The fields accepted only at their default: the route's own and `stream_options`'s. */
 function refuseUnsupportedOpenAI(b: CompletionRequestBody | ChatCompletionRequestBody, own: Readonly<Record<string, DefaultOnly>>): void {
-  refuseUnsupported(b, OPENAI_FIELDS);
   refuseUnsupported(b, own);
   refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
 }
@@ -142,49 +192,60 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
   }, async (request, reply) => {
     const b = request.body;
     refuseUnsupportedOpenAI(b, COMPLETION_FIELDS);
+    const { n, generate } = choiceCount(b);
     const prompt = completionPrompt(deps, b.prompt);
     const topN = b.logprobs ?? 0;
+    const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
     const stops = stopList(b.stop);
     const sampling = { ...openAISampling(b, topN), logitBias: logitBias(b.logit_bias, deps.tokenizer.vocabSize) };
     const adapterId = resolveAdapter(deps, b.model);
     const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
       maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
     });
-    const req: EngineRequest = {
+    const reqs = choiceRequests({
       inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
-    };
+      stop: stops, decoderInputDetails: (b.echo ?? false) && wantLogprobs, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
+    }, generate);
     const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
     const echo = b.echo ? prompt.text : '';
-    const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
 
     if (!b.stream) {
-      const r = await generateOnce(deps, reply, req);
-      resultHeaders(reply, r);
+      const results = await generateAll(deps, reply, reqs);
+      resultHeaders(reply, results);
       return {
         ...env,
-        choices: [{
-          index: 0,
-          text: echo + withoutStop(r.text, r, stops),
-          logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens) : null,
-          finish_reason: finishReason(r),
-        }],
-        usage: usage(r),
+        choices: bestChoices(results, n).map((k, index) => {
+          const r = results[k]!;
+          return {
+            index,
+            text: echo + withoutStop(r.text, r, stops),
+            logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens, r.prefill) : null,
+            finish_reason: finishReason(r),
+          };
+        }),
+        usage: usage(results),
       };
     }
     const includeUsage = b.stream_options?.include_usage === true;
-    return streamGeneration(deps, reply, req, { openai: true }, (send) => {
-      const deltas = new DeltaText(stops, echo);
-      const logprobs = new CompletionLogprobs(echo.length);
-      const chunk = (text: string, lp: unknown, finish: string | null) =>
-        ({ ...env, choices: [{ index: 0, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
+    // With logprobs, the echoed prompt is a chunk of its own, with the prompt's logprobs; else it opens the first delta.
+    const echoChunk = echo !== '' && wantLogprobs;
+    return streamGeneration(deps, reply, reqs, { openai: true }, (send) => {
+      const deltas = reqs.map(() => new DeltaText(stops, echoChunk ? '' : echo));
+      const logprobs = reqs.map(() => new CompletionLogprobs(echo.length));
+      const chunk = (index: number, text: string, lp: unknown, finish: string | null) =>
+        ({ ...env, choices: [{ index, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
       return {
-        token(token, text, result) {
-          const delta = deltas.next(text, result);
+        prefill(i, prompt) {
+          if (echoChunk) send(chunk(i, echo, logprobs[i]!.of([], prompt), null));
+        },
+        token(i, token, text, result) {
+          const delta = deltas[i]!.next(text, result);
           if (delta !== '' || result || (wantLogprobs && token)) {
-            send(chunk(delta, wantLogprobs && token ? logprobs.of([token]) : null, result ? finishReason(result) : null));
+            send(chunk(i, delta, wantLogprobs && token ? logprobs[i]!.of([token]) : null, result ? finishReason(result) : null));
           }
-          if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
+        },
+        done(results) {
+          if (includeUsage) send({ ...env, choices: [], usage: usage(results) });
         },
         error(err) {
           send(openAIErrorBody(err));
@@ -199,6 +260,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
   }, async (request, reply) => {
     const b = request.body;
     refuseUnsupportedOpenAI(b, CHAT_FIELDS);
+    const { n } = choiceCount(b);
     if (b.top_logprobs !== undefined && b.top_logprobs !== null && !b.logprobs) {
       throw fail('VALIDATION', '`top_logprobs` needs `logprobs: true`', { param: 'top_logprobs' });
     }
@@ -211,43 +273,45 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     const { inputIds, maxNewTokens } = fitLengths(deps.options, deps.tokenizer.encode(prompt, { addSpecialTokens: false }), {
       maxNew: b.max_completion_tokens ?? b.max_tokens, defaultMaxNew: deps.options.maxTotalTokens,
     });
-    const req: EngineRequest = {
+    const reqs = choiceRequests({
       inputIds, adapterId, sampling, ...(constraint ? { constraint } : {}), maxNewTokens, fields: { input: 'messages', maxNewTokens: 'max_tokens' },
       stop: stops, decoderInputDetails: false, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
-    };
+    }, n);
     const model = b.model || deps.info.modelId;
 
     if (!b.stream) {
-      const r = await generateOnce(deps, reply, req);
-      resultHeaders(reply, r);
+      const results = await generateAll(deps, reply, reqs);
+      resultHeaders(reply, results);
       return {
         ...envelope('chatcmpl', model),
         object: 'chat.completion' as const,
-        choices: [{
-          index: 0,
+        choices: results.map((r, index) => ({
+          index,
           message: { role: 'assistant' as const, content: withoutStop(r.text, r, stops) },
           logprobs: b.logprobs ? chatLogprobs(r.tokens) : null,
           finish_reason: finishReason(r),
-        }],
-        usage: usage(r),
+        })),
+        usage: usage(results),
       };
     }
     const includeUsage = b.stream_options?.include_usage === true;
     const env = { ...envelope('chatcmpl', model), object: 'chat.completion.chunk' as const };
-    return streamGeneration(deps, reply, req, { openai: true }, (send) => {
-      const deltas = new DeltaText(stops);
-      const chunk = (delta: object, lp: unknown, finish: string | null) =>
-        ({ ...env, choices: [{ index: 0, delta, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
-      let first = true;
+    return streamGeneration(deps, reply, reqs, { openai: true }, (send) => {
+      const deltas = reqs.map(() => new DeltaText(stops));
+      const chunk = (index: number, delta: object, lp: unknown, finish: string | null) =>
+        ({ ...env, choices: [{ index, delta, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
+      const started = reqs.map(() => false);
       return {
-        token(token, text, result) {
-          if (first) send(chunk({ role: 'assistant', content: '' }, null, null));
-          first = false;
-          const delta = deltas.next(text, result);
+        token(i, token, text, result) {
+          if (!started[i]) send(chunk(i, { role: 'assistant', content: '' }, null, null));
+          started[i] = true;
+          const delta = deltas[i]!.next(text, result);
           if (delta !== '' || result || (b.logprobs && token)) {
-            send(chunk(delta === '' && result ? {} : { content: delta }, b.logprobs && token ? chatLogprobs([token]) : null, result ? finishReason(result) : null));
+            send(chunk(i, delta === '' && result ? {} : { content: delta }, b.logprobs && token ? chatLogprobs([token]) : null, result ? finishReason(result) : null));
           }
-          if (result && includeUsage) send({ ...env, choices: [], usage: usage(result) });
+        },
+        done(results) {
+          if (includeUsage) send({ ...env, choices: [], usage: usage(results) });
         },
         error(err) {
           send(openAIErrorBody(err));

@@ -8,10 +8,15 @@ export function serviceRoutes(app: FastifyInstance, deps: AppDeps): void {
   app.route({
     method: ['GET', 'HEAD'],
     url: '/health',
-    schema: { summary: 'Ready to serve: 200 once the model is loaded, 503 before and while shutting down', response: { 200: Health } },
-    config: { public: true, doc: { tag: 'Service', errors: ['NOT_READY'] } },
+    schema: {
+      summary: 'Ready to serve: 200 once the model is loaded; 503 before, while shutting down, and once an executor worker has died (restart the process)',
+      response: { 200: Health },
+    },
+    config: { public: true, doc: { tag: 'Service', errors: ['NOT_READY', 'WORKER_DIED'] } },
     handler: async () => {
       if (!deps.options.ready()) throw fail('NOT_READY', 'the server is not ready (loading the model or shutting down)');
+      const broken = deps.options.broken?.();
+      if (broken) throw broken;
       return { status: 'ok' as const };
     },
   });
