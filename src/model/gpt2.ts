@@ -100,7 +100,7 @@ export function loadGpt2(c: ModelConfig, ckpt: Checkpoint): Arch {
   const nH = c.numHeads;
   const hd = c.headDim;
   const { eps, scale } = layerConstants(c.normEps, hd);
-  tensors.push(eps, scale);
+  tensors.push(eps.scalar, scale.scalar);
 
   return {
     modules, linears, tensors,

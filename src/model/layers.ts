@@ -4,6 +4,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, type Weight } from '../backend/weights.ts';
+import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { rmsNormGpu } from '../backend/webgpu/kernels/rms-norm.ts';
 import { profiler } from '../obs/profile.ts';
 import type { LinearModule } from './types.ts';
 
@@ -58,22 +61,35 @@ export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2
 }
 
 /**
- * The constants every layer uses, made once at load as device scalars: a number argument would be a new device tensor
- * at each use. The caller keeps them with the model's tensors.
+ * A model constant as a device scalar made once at load (a number argument to a TensorFlow.js op would be a new
+ * device tensor at each use) and as a number (a fused WebGPU kernel takes it as a uniform).
  */
-export function layerConstants(normEps: number, headDim: number): { eps: tf.Scalar; scale: tf.Scalar } {
-  return { eps: tf.scalar(normEps), scale: tf.scalar(1 / Math.sqrt(headDim)) };
+export interface Constant {
+  readonly value: number;
+  readonly scalar: tf.Scalar;
 }
 
-/** eps: a number, or the model's kept scalar (a number is a new device tensor on every call). */
-export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
+/** The constants every layer uses. The caller keeps their scalars with the model's tensors. */
+export function layerConstants(normEps: number, headDim: number): { eps: Constant; scale: Constant } {
+  const constant = (value: number): Constant => ({ value, scalar: tf.scalar(value) });
+  return { eps: constant(normEps), scale: constant(1 / Math.sqrt(headDim)) };
+}
+
+const valueOf = (c: number | Constant): number => (typeof c === 'number' ? c : c.value);
+const scalarOf = (c: number | Constant): number | tf.Scalar => (typeof c === 'number' ? c : c.scalar);
+
+/** LayerNorm of each row; one fused kernel on webgpu (src/backend/webgpu/kernels/layer-norm.ts). */
+export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | Constant): tf.Tensor2D {
+  if (fusedKernels()) return layerNormGpu(x, w, b, valueOf(eps));
   const { mean, variance } = tf.moments(x, -1, true);
-  return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, eps))), w), b) as tf.Tensor2D;
+  return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, scalarOf(eps)))), w), b) as tf.Tensor2D;
 }
 
-export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
+/** RMSNorm of each row; one fused kernel on webgpu (src/backend/webgpu/kernels/rms-norm.ts). */
+export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | Constant): tf.Tensor2D {
+  if (fusedKernels()) return rmsNormGpu(x, w, valueOf(eps));
   const ms = tf.mean(tf.square(x), -1, true); // [N, 1]
-  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, scalarOf(eps)))), w);
 }
 
 /** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
@@ -162,8 +178,8 @@ export interface StepShape {
  * the G query heads that share a KV head become G·T query rows of that head.
  */
 export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
-  scale: number | tf.Scalar = 1 / Math.sqrt(hd)): tf.Tensor2D {
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scale));
+  scale: number | Constant = 1 / Math.sqrt(hd)): tf.Tensor2D {
+  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scalarOf(scale)));
 }
 
 /** scale: 1/√hd, as a number or the model's kept scalar. */

@@ -98,7 +98,7 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   const kvH = c.numKvHeads;
   const hd = c.headDim;
   const { eps, scale } = layerConstants(c.normEps, hd);
-  tensors.push(eps, scale);
+  tensors.push(eps.scalar, scale.scalar);
 
   return {
     modules, linears, tensors,
