@@ -4,9 +4,12 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, type Weight } from '../backend/weights.ts';
+import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
 import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import { rmsNormGpu } from '../backend/webgpu/kernels/rms-norm.ts';
+import { ropeGpu } from '../backend/webgpu/kernels/rope.ts';
+import { siluMulGpu } from '../backend/webgpu/kernels/silu-mul.ts';
 import { profiler } from '../obs/profile.ts';
 import type { LinearModule } from './types.ts';
 
@@ -92,8 +95,9 @@ export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | Constant):
   return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, scalarOf(eps)))), w);
 }
 
-/** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
+/** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); one kernel on webgpu. */
 export function geluNew(x: tf.Tensor2D): tf.Tensor2D {
+  if (fusedKernels()) return geluNewGpu(x);
   const inner = tf.mul(tf.add(x, tf.mul(tf.pow(x, 3), 0.044715)), Math.sqrt(2 / Math.PI));
   return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1));
 }
@@ -105,6 +109,12 @@ export function gelu(x: tf.Tensor2D): tf.Tensor2D {
 
 export function silu(x: tf.Tensor2D): tf.Tensor2D {
   return tf.mul(x, tf.sigmoid(x));
+}
+
+/** The gated MLP's activation silu(gate)·up; one kernel on webgpu (src/backend/webgpu/kernels/silu-mul.ts). */
+export function siluMul(gate: tf.Tensor2D, up: tf.Tensor2D): tf.Tensor2D {
+  if (fusedKernels()) return siluMulGpu(gate, up);
+  return tf.mul(silu(gate), up);
 }
 
 /**
@@ -157,11 +167,31 @@ export function rotateHalfMatrix(headDim: number): tf.Tensor2D {
   return tf.tensor2d(R, [headDim, headDim]);
 }
 
-/** x' = x·cos + rotate_half(x)·sin. x: [N, H, headDim]; cos/sin: [N, 1, headDim] (each half repeated). */
-export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D, R: tf.Tensor2D): tf.Tensor3D {
-  const [N, H, D] = x.shape;
-  const rotated = tf.reshape(tf.matMul(tf.reshape(x, [N * H, D]), R), [N, H, D]);
-  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin)) as tf.Tensor3D;
+/** The rotary embedding of a step's N tokens. */
+export interface StepRope {
+  /** The tables (ropeTables), [tableRows, headDim]. */
+  readonly cos: tf.Tensor2D;
+  readonly sin: tf.Tensor2D;
+  /** The table row of each token, [N]: its position, or its row in longrope's second set (ropeRows). */
+  readonly rows: tf.Tensor1D;
+  /** rotateHalfMatrix(headDim). */
+  readonly R: tf.Tensor2D;
+  /** The tables' rows of the step's tokens, [N, 1, headDim] each, gathered once per step. */
+  gathered(): { cos: tf.Tensor3D; sin: tf.Tensor3D };
+}
+
+/**
+ * x' = x·cos + rotate_half(x)·sin for each of the H heads of x [N, H·headDim]; [N, H·headDim]. One kernel on
+ * webgpu (src/backend/webgpu/kernels/rope.ts), which reads the tables directly.
+ */
+export function applyRope(x: tf.Tensor2D, H: number, r: StepRope): tf.Tensor2D {
+  if (fusedKernels()) return ropeGpu(x, r.cos, r.sin, r.rows);
+  const [N] = x.shape;
+  const D = r.R.shape[0];
+  const { cos, sin } = r.gathered();
+  const x3 = tf.reshape(x, [N, H, D]);
+  const rotated = tf.reshape(tf.matMul(tf.reshape(x3, [N * H, D]), r.R), [N, H, D]);
+  return tf.reshape(tf.add(tf.mul(x3, cos), tf.mul(rotated, sin)), [N, H * D]); // [N, H, D] → [N, H·D]
 }
 
 /** Shapes of one forward step: B rows, T new tokens per row (left-padded), N = B·T. */

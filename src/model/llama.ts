@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, layerConstants, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, silu, toHeads, type Linear } from './layers.ts';
+import { applyRope, attention, layerConstants, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, siluMul, toHeads, type Linear, type StepRope } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -109,16 +109,21 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       // x = x + attn(rmsnorm(x))
       const h = rmsNorm(x, L.inputNorm, eps);
       const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
-      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
-      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
-      const q = applyRope(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), cos, sin, R); // [N, nH, hd]
-      const k = applyRope(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), cos, sin, R); // [N, kvH, hd]
+      const at: StepRope = {
+        ...rope, R, rows,
+        gathered: () => ({
+          cos: s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D),
+          sin: s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D),
+        }),
+      };
+      const q = applyRope(linear(h, L.q, s.lora), nH, at); // [N, nH·hd]
+      const k = applyRope(linear(h, L.k, s.lora), kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
+      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
       const h2 = rmsNorm(x, L.postNorm, eps);
-      return tf.add(x, linear(tf.mul(silu(linear(h2, L.gate, s.lora)), linear(h2, L.up, s.lora)), L.down, s.lora));
+      return tf.add(x, linear(siluMul(linear(h2, L.gate, s.lora), linear(h2, L.up, s.lora)), L.down, s.lora));
     },
     head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
   };

@@ -7,8 +7,12 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
 import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
 import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
+import { ropeGpu } from '../../src/backend/webgpu/kernels/rope.ts';
+import { siluMulGpu } from '../../src/backend/webgpu/kernels/silu-mul.ts';
+import { ropeTables, rotateHalfMatrix } from '../../src/model/layers.ts';
 import { maxRelErr, setupBackend, testBackend } from '../helpers/tf.ts';
 
 before(async () => {
@@ -64,6 +68,56 @@ test('fused LayerNorm equals moments, sub, rsqrt, mul, add', async () => {
     }));
     assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
     tf.dispose([x, w, b]);
+  }
+  done();
+});
+
+test('fused RoPE equals gather of cos/sin, rotate-half matmul, mul, mul, add (two table sets, odd token counts)', async () => {
+  const done = leakCheck();
+  const hd = 10;
+  const maxPositions = 40;
+  const freqs = (base: number) => Array.from({ length: hd / 2 }, (_, i) => 1 / base ** ((2 * i) / hd));
+  const { cos, sin } = ropeTables(maxPositions, [freqs(10000), freqs(500)], 1.3); // [80, hd]
+  const R = rotateHalfMatrix(hd);
+  for (const [N, H] of [[1, 3], [5, 2], [67, 4]] as const) {
+    const x = rand([N, H * hd], N * H) as tf.Tensor2D;
+    const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 7) % (2 * maxPositions)), 'int32'); // both sets
+    const err = await compare(() => ropeGpu(x, cos, sin, rows), () => tf.tidy(() => {
+      const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
+      const s = tf.reshape(tf.gather(sin, rows), [N, 1, hd]);
+      const x3 = tf.reshape(x, [N, H, hd]);
+      const rotated = tf.reshape(tf.matMul(tf.reshape(x3, [N * H, hd]), R), [N, H, hd]);
+      return tf.reshape(tf.add(tf.mul(x3, c), tf.mul(rotated, s)), [N, H * hd]);
+    }));
+    assert.ok(err < 1e-6, `[${N}, ${H}·${hd}]: max rel err ${err}`);
+    tf.dispose([x, rows]);
+  }
+  tf.dispose([cos, sin, R]);
+  done();
+});
+
+test('fused silu(gate)·up equals mul(gate, sigmoid(gate)), mul', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 7], [3, 130], [65, 33]] as const) {
+    const gate = rand([rows, cols], rows, 8) as tf.Tensor2D; // far into both tails of the sigmoid
+    const up = rand([rows, cols], cols, 2) as tf.Tensor2D;
+    const err = await compare(() => siluMulGpu(gate, up), () => tf.tidy(() => tf.mul(tf.mul(gate, tf.sigmoid(gate)), up)));
+    assert.ok(err < 1e-6, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose([gate, up]);
+  }
+  done();
+});
+
+test('fused gelu_new equals its tanh formula as separate ops, large inputs included', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 7], [3, 130], [65, 33]] as const) {
+    const x = rand([rows, cols], rows + 1, 30) as tf.Tensor2D; // tanh saturates: must not overflow
+    const err = await compare(() => geluNewGpu(x), () => tf.tidy(() => {
+      const inner = tf.mul(tf.add(x, tf.mul(tf.pow(x, 3), 0.044715)), Math.sqrt(2 / Math.PI));
+      return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1));
+    }));
+    assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose(x);
   }
   done();
 });
