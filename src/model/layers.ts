@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, type Weight } from '../backend/weights.ts';
+import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
 import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
 import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
@@ -205,10 +206,14 @@ export interface StepShape {
 /**
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
  * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
- * the G query heads that share a KV head become G·T query rows of that head.
+ * the G query heads that share a KV head become G·T query rows of that head. A decode step (T = 1) on webgpu is one
+ * kernel over the cache (src/backend/webgpu/kernels/decode-attention.ts).
  */
 export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
   scale: number | Constant = 1 / Math.sqrt(hd)): tf.Tensor2D {
+  if (s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM && fusedKernels()) {
+    return profiler.time('attention', () => decodeAttentionGpu(q, k, v, s.mask, nH, valueOf(scale)));
+  }
   return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scalarOf(scale)));
 }
 
@@ -224,5 +229,7 @@ function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH
 
 /** [N, H·hd] → [B, H, T, hd] for the cache. */
 export function toHeads(x: tf.Tensor2D, B: number, T: number, H: number, hd: number): tf.Tensor4D {
+  // For T = 1, [B, 1, H, hd] and [B, H, 1, hd] are one memory layout: a reshape, not a transpose kernel, on webgpu.
+  if (T === 1 && fusedKernels()) return tf.reshape(x, [B, H, 1, hd]);
   return tf.transpose(tf.reshape(x, [B, T, H, hd]), [0, 2, 1, 3]);
 }

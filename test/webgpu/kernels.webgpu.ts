@@ -7,6 +7,7 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { decodeAttentionGpu } from '../../src/backend/webgpu/kernels/decode-attention.ts';
 import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
 import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
 import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
@@ -118,6 +119,29 @@ test('fused gelu_new equals its tanh formula as separate ops, large inputs inclu
     }));
     assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
     tf.dispose(x);
+  }
+  done();
+});
+
+test('fused decode attention equals scores, mask, softmax and weighted sum over the cache (GQA, padding, long caches)', async () => {
+  const done = leakCheck();
+  // [B, kvH, G, C, hd]: GQA ratios 1, 3 and 4; caches shorter than, not a multiple of and longer than the 64-wide block.
+  for (const [B, kvH, G, C, hd] of [[1, 1, 1, 1, 8], [3, 2, 3, 37, 10], [2, 1, 4, 150, 64], [1, 2, 1, 65, 130]] as const) {
+    const H = kvH * G;
+    const q = rand([B, H * hd], C, 2) as tf.Tensor2D;
+    const k = rand([B, kvH, C, hd], C + 1, 2) as tf.Tensor4D;
+    const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
+    // Row b is left-padded by b·5 columns (as KVBatch.mask hides them), never all of them.
+    const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < Math.min(Math.floor(i / (G * C)) * 5, C - 1) ? -1e9 : 0));
+    const mask = tf.tensor4d(maskData, [B, 1, G, C]);
+    const scale = 1 / Math.sqrt(hd);
+    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale), () => tf.tidy(() => {
+      const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
+      const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
+      return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
+    }));
+    assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
+    tf.dispose([q, k, v, mask]);
   }
   done();
 });
