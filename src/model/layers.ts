@@ -3,9 +3,10 @@
  * activations, rotary embeddings and batched causal attention over a KV cache.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, type Weight } from '../backend/weights.ts';
+import { isLaidOut, matmulW, matmulWPlus, type Weight } from '../backend/weights.ts';
 import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
 import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
+import { LORA_BGMV_MAX_RANK, loraBgmvGpu } from '../backend/webgpu/kernels/lora-bgmv.ts';
 import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import { rmsNormGpu } from '../backend/webgpu/kernels/rms-norm.ts';
@@ -47,21 +48,50 @@ export function layerModules(numLayers: number, prefix: string, table: readonly 
  * Per-step LoRA for the rows of a batch (see src/exec/lora-bank.ts). For a linear with unmerged LoRA:
  * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of the step's adapters' Aᵀ (each padded
  * to R columns), B [K, out] the row-concatenation of their s·Bᵀ (this linear's columns), and mask [N, K]
- * selecting, per row, the block of that row's adapter.
+ * selecting, per row, the block of that row's adapter. On webgpu the same delta is one gathered kernel that reads
+ * each row's block through `slots` (src/backend/webgpu/kernels/lora-bgmv.ts).
  */
 export interface StepLora {
   /** Replacement weights (W + s·Aᵀ·Bᵀ) when one adapter is merged, keyed by Linear.key. */
   readonly merged?: ReadonlyMap<string, Weight>;
-  readonly unmerged?: ReadonlyMap<string, { readonly A: Weight; readonly B: Weight; readonly mask: tf.Tensor2D }>;
+  readonly unmerged?: ReadonlyMap<string, UnmergedLora>;
 }
 
-export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2D {
+export interface UnmergedLora {
+  readonly A: Weight;
+  readonly B: Weight;
+  readonly mask: tf.Tensor2D;
+  /** R: columns of A (rows of B) per adapter. */
+  readonly rank: number;
+  /** int32 [N]: each row's adapter block in A and B, −1 for none; made only for the fused kernels (webgpu). */
+  readonly slots?: tf.Tensor1D;
+}
+
+/**
+ * y = x·W + b + the row's LoRA delta, plus `residual` when given (residual + y: the transformer's skip connection).
+ * On webgpu the bias or residual is the fused matmul's addend and the unmerged delta one BGMV kernel.
+ */
+export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora, residual?: tf.Tensor2D): tf.Tensor2D {
   const W = lora?.merged?.get(lin.key) ?? lin.W;
-  let y: tf.Tensor2D = profiler.time('base_matmul', () => matmulW(x, W)); // [N, out]
   const u = lora?.unmerged?.get(lin.key);
+  if (fusedKernels()) return linearGpu(x, W, lin.b, u, residual);
+  let y: tf.Tensor2D = profiler.time('base_matmul', () => matmulW(x, W)); // [N, out]
   if (u) y = profiler.time('lora_delta', () => tf.add(y, matmulW(tf.mul(matmulW(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
   const b = lin.b;
-  return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
+  if (b) y = profiler.time('base_matmul', () => tf.add(y, b));
+  return residual ? tf.add(residual, y) : y;
+}
+
+function linearGpu(x: tf.Tensor2D, W: Weight, b: tf.Tensor1D | null, u: UnmergedLora | undefined, residual?: tf.Tensor2D): tf.Tensor2D {
+  const addend = residual && b ? tf.add(residual, b) : residual ?? b;
+  let y = profiler.time('base_matmul', () => (addend ? matmulWPlus(x, W, addend) : matmulW(x, W))); // [N, out]
+  if (u) {
+    const { A, B, slots, rank } = u;
+    y = profiler.time('lora_delta', () => slots && rank <= LORA_BGMV_MAX_RANK && !isLaidOut(A) && !isLaidOut(B)
+      ? loraBgmvGpu(x, A as tf.Tensor2D, B as tf.Tensor2D, y, slots, rank)
+      : tf.add(y, matmulW(tf.mul(matmulW(x, A), u.mask) as tf.Tensor2D, B)));
+  }
+  return y;
 }
 
 /**

@@ -120,10 +120,10 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const k = applyRope(linear(h, L.k, s.lora), kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
+      x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
       const h2 = rmsNorm(x, L.postNorm, eps);
-      return tf.add(x, linear(siluMul(linear(h2, L.gate, s.lora), linear(h2, L.up, s.lora)), L.down, s.lora));
+      return linear(siluMul(linear(h2, L.gate, s.lora), linear(h2, L.up, s.lora)), L.down, s.lora, x);
     },
     head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
   };

@@ -9,6 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { decodeAttentionGpu } from '../../src/backend/webgpu/kernels/decode-attention.ts';
 import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
+import { loraBgmvGpu } from '../../src/backend/webgpu/kernels/lora-bgmv.ts';
 import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
 import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
 import { ropeGpu } from '../../src/backend/webgpu/kernels/rope.ts';
@@ -142,6 +143,36 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
     }));
     assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
     tf.dispose([q, k, v, mask]);
+  }
+  done();
+});
+
+test('fused BGMV LoRA delta equals x·A, mask, ·B, add (rank 1 and padded ranks, base rows, one and many adapters)', async () => {
+  const done = leakCheck();
+  // [N, in, out, k, R]: the row slots cycle through the k adapters and −1 (base).
+  for (const [N, inF, outF, k, R] of [[1, 5, 3, 1, 1], [3, 70, 33, 2, 1], [9, 130, 65, 3, 8], [70, 48, 96, 8, 4]] as const) {
+    const x = rand([N, inF], N + inF) as tf.Tensor2D;
+    const A = rand([inF, k * R], inF) as tf.Tensor2D;
+    const B = rand([k * R, outF], outF) as tf.Tensor2D;
+    const y = rand([N, outF], N * 3) as tf.Tensor2D;
+    const rowSlots = Array.from({ length: N }, (_, n) => ((n + 1) % (k + 1)) - 1); // −1, 0, 1, …, k−1, −1, …
+    const slots = tf.tensor1d(rowSlots, 'int32');
+    const maskData = new Float32Array(N * k * R);
+    rowSlots.forEach((slot, n) => { if (slot >= 0) maskData.fill(1, n * k * R + slot * R, n * k * R + (slot + 1) * R); });
+    const mask = tf.tensor2d(maskData, [N, k * R]);
+    const err = await compare(() => loraBgmvGpu(x, A, B, y, slots, R),
+      () => tf.tidy(() => tf.add(y, tf.matMul(tf.mul(tf.matMul(x, A), mask), B))));
+    assert.ok(err < 1e-5, `N ${N}, in ${inF}, out ${outF}, k ${k}, R ${R}: max rel err ${err}`);
+    const base = rowSlots.indexOf(-1);
+    if (base >= 0) {
+      const [row, yRow] = tf.tidy(() => {
+        const out = loraBgmvGpu(x, A, B, y, slots, R);
+        return [tf.slice(out, [base, 0], [1, outF]), tf.slice(y, [base, 0], [1, outF])];
+      });
+      assert.deepEqual(await row.data(), await yRow.data(), 'a base row is y unchanged');
+      tf.dispose([row, yRow]);
+    }
+    tf.dispose([x, A, B, y, slots, mask]);
   }
   done();
 });
