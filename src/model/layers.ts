@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { isLaidOut, matmulW, matmulWPlus, type Weight } from '../backend/weights.ts';
 import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
+import { DECODE_LINEAR_MAX_ROWS, decodeLinearGpu, type DecodeLinearParts } from '../backend/webgpu/kernels/decode-linear.ts';
 import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
 import { LORA_BGMV_MAX_RANK, loraBgmvGpu } from '../backend/webgpu/kernels/lora-bgmv.ts';
 import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
@@ -83,7 +84,9 @@ export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora, residual?: 
 }
 
 function linearGpu(x: tf.Tensor2D, W: Weight, b: tf.Tensor1D | null, u: UnmergedLora | undefined, residual?: tf.Tensor2D): tf.Tensor2D {
-  const addend = residual && b ? tf.add(residual, b) : residual ?? b;
+  const addend = residual && b ? tf.add<tf.Tensor2D>(residual, b) : residual ?? b ?? undefined;
+  const decode = decodeParts(x, W, u, addend);
+  if (decode) return profiler.time('base_matmul', () => decodeLinearGpu(x, decode.W, decode.parts));
   let y = profiler.time('base_matmul', () => (addend ? matmulWPlus(x, W, addend) : matmulW(x, W))); // [N, out]
   if (u) {
     const { A, B, slots, rank } = u;
@@ -92,6 +95,49 @@ function linearGpu(x: tf.Tensor2D, W: Weight, b: tf.Tensor1D | null, u: Unmerged
       : tf.add(y, matmulW(tf.mul(matmulW(x, A), u.mask) as tf.Tensor2D, B)));
   }
   return y;
+}
+
+/**
+ * W and what decode-linear.ts folds into one dispatch for a decode step's few rows (x·W + addend + the LoRA delta),
+ * or null when the product goes to the tiled matmul (more rows, a laid-out weight, a rank over the kernel's).
+ */
+function decodeParts(x: tf.Tensor2D, W: Weight, u: UnmergedLora | undefined, addend?: tf.Tensor1D | tf.Tensor2D): { W: tf.Tensor2D; parts: DecodeLinearParts } | null {
+  if (x.shape[0] > DECODE_LINEAR_MAX_ROWS || isLaidOut(W)) return null;
+  if (!u) return { W: W as tf.Tensor2D, parts: { addend } };
+  if (!u.slots || u.rank > LORA_BGMV_MAX_RANK || isLaidOut(u.A) || isLaidOut(u.B)) return null;
+  return { W: W as tf.Tensor2D, parts: { addend, lora: { A: u.A as tf.Tensor2D, B: u.B as tf.Tensor2D, slots: u.slots, rank: u.rank } } };
+}
+
+/**
+ * applyRope(linear(x, lin, lora), H, rope): the projection to the H rotated heads of q or k. A decode step on webgpu
+ * computes it as one kernel (decode-linear.ts), the rotation applied to each output column as it is computed.
+ */
+export function rotaryLinear(x: tf.Tensor2D, lin: Linear, lora: StepLora | undefined, H: number, rope: StepRope): tf.Tensor2D {
+  if (fusedKernels() && 'cosSin' in rope.tables) {
+    const W = lora?.merged?.get(lin.key) ?? lin.W;
+    const u = lora?.unmerged?.get(lin.key);
+    const decode = u && lin.b ? null : decodeParts(x, W, u, lin.b ?? undefined); // 8 buffers at most: no bias with LoRA
+    if (decode) {
+      const table = rope.tables.cosSin;
+      return profiler.time('base_matmul', () => decodeLinearGpu(x, decode.W, { ...decode.parts, rope: { table, rows: rope.rows } }));
+    }
+  }
+  return applyRope(linear(x, lin, lora), H, rope);
+}
+
+/**
+ * The gated MLP's activation silu(linear(x, gate))·linear(x, up). A decode step on webgpu computes it as one kernel
+ * (decode-linear.ts) when neither projection has a bias or an unmerged LoRA delta.
+ */
+export function gatedActivation(x: tf.Tensor2D, gate: Linear, up: Linear, lora?: StepLora): tf.Tensor2D {
+  if (fusedKernels() && !gate.b && !up.b && !lora?.unmerged?.has(gate.key) && !lora?.unmerged?.has(up.key)) {
+    const Wg = lora?.merged?.get(gate.key) ?? gate.W;
+    const Wu = lora?.merged?.get(up.key) ?? up.W;
+    if (x.shape[0] <= DECODE_LINEAR_MAX_ROWS && !isLaidOut(Wg) && !isLaidOut(Wu)) {
+      return profiler.time('base_matmul', () => decodeLinearGpu(x, Wg as tf.Tensor2D, { up: Wu as tf.Tensor2D }));
+    }
+  }
+  return siluMul(linear(x, gate, lora), linear(x, up, lora));
 }
 
 /**
@@ -154,6 +200,29 @@ export function siluMul(gate: tf.Tensor2D, up: tf.Tensor2D): tf.Tensor2D {
  * `scale` is the variant's attention factor (transformers multiplies cos and sin by it).
  */
 export function ropeTables(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const { cos, sin, rows, headDim } = ropeTableData(maxPositions, invFreqs, scale);
+  return { cos: tf.tensor2d(cos, [rows, headDim]), sin: tf.tensor2d(sin, [rows, headDim]) };
+}
+
+/** The same tables as one [sets·maxPositions, 2·headDim] tensor, each row cos | sin: what the WebGPU kernels read. */
+export function ropeGpuTable(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): tf.Tensor2D {
+  const { cos, sin, rows, headDim } = ropeTableData(maxPositions, invFreqs, scale);
+  const both = new Float32Array(2 * cos.length);
+  for (let r = 0; r < rows; r++) {
+    both.set(cos.subarray(r * headDim, (r + 1) * headDim), 2 * r * headDim);
+    both.set(sin.subarray(r * headDim, (r + 1) * headDim), (2 * r + 1) * headDim);
+  }
+  return tf.tensor2d(both, [rows, 2 * headDim]);
+}
+
+/** The rotary tables in the layout the backend reads: cos and sin, or on webgpu one cos | sin table. */
+export type RopeTables = { readonly cos: tf.Tensor2D; readonly sin: tf.Tensor2D } | { readonly cosSin: tf.Tensor2D };
+
+export function backendRopeTables(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): RopeTables {
+  return fusedKernels() ? { cosSin: ropeGpuTable(maxPositions, invFreqs, scale) } : ropeTables(maxPositions, invFreqs, scale);
+}
+
+function ropeTableData(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number) {
   const half = invFreqs[0]!.length;
   const headDim = 2 * half;
   const rows = invFreqs.length * maxPositions;
@@ -169,7 +238,7 @@ export function ropeTables(maxPositions: number, invFreqs: readonly (readonly nu
       }
     }
   });
-  return { cos: tf.tensor2d(cos, [rows, headDim]), sin: tf.tensor2d(sin, [rows, headDim]) };
+  return { cos, sin, rows, headDim };
 }
 
 /**
@@ -200,23 +269,21 @@ export function rotateHalfMatrix(headDim: number): tf.Tensor2D {
 
 /** The rotary embedding of a step's N tokens. */
 export interface StepRope {
-  /** The tables (ropeTables), [tableRows, headDim]. */
-  readonly cos: tf.Tensor2D;
-  readonly sin: tf.Tensor2D;
+  readonly tables: RopeTables;
   /** The table row of each token, [N]: its position, or its row in longrope's second set (ropeRows). */
   readonly rows: tf.Tensor1D;
   /** rotateHalfMatrix(headDim). */
   readonly R: tf.Tensor2D;
-  /** The tables' rows of the step's tokens, [N, 1, headDim] each, gathered once per step. */
+  /** The cos and sin rows of the step's tokens, [N, 1, headDim] each, gathered once per step (separate tables only). */
   gathered(): { cos: tf.Tensor3D; sin: tf.Tensor3D };
 }
 
 /**
  * x' = x·cos + rotate_half(x)·sin for each of the H heads of x [N, H·headDim]; [N, H·headDim]. One kernel on
- * webgpu (src/backend/webgpu/kernels/rope.ts), which reads the tables directly.
+ * webgpu (src/backend/webgpu/kernels/rope.ts), which reads the table directly.
  */
 export function applyRope(x: tf.Tensor2D, H: number, r: StepRope): tf.Tensor2D {
-  if (fusedKernels()) return ropeGpu(x, r.cos, r.sin, r.rows);
+  if ('cosSin' in r.tables) return ropeGpu(x, r.tables.cosSin, r.rows);
   const [N] = x.shape;
   const D = r.R.shape[0];
   const { cos, sin } = r.gathered();

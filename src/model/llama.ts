@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { applyRope, attention, layerConstants, layerModules, linear, rmsNorm, ropeRows, ropeTables, rotateHalfMatrix, siluMul, toHeads, type Linear, type StepRope } from './layers.ts';
+import { attention, backendRopeTables, gatedActivation, layerConstants, layerModules, linear, rmsNorm, ropeRows, rotaryLinear, rotateHalfMatrix, toHeads, type Linear, type StepRope } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -89,10 +89,10 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
   // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
   const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
   const spec = c.rope!;
-  const rope = ropeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
+  const rope = backendRopeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
   const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
   const R = rotateHalfMatrix(c.headDim);
-  tensors.push(rope.cos, rope.sin, R);
+  tensors.push(...('cosSin' in rope ? [rope.cosSin] : [rope.cos, rope.sin]), R);
 
   const nH = c.numHeads;
   const kvH = c.numKvHeads;
@@ -110,20 +110,23 @@ export function loadLlama(c: ModelConfig, ckpt: Checkpoint): Arch {
       const h = rmsNorm(x, L.inputNorm, eps);
       const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
       const at: StepRope = {
-        ...rope, R, rows,
-        gathered: () => ({
-          cos: s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D),
-          sin: s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D),
-        }),
+        tables: rope, R, rows,
+        gathered: () => {
+          if ('cosSin' in rope) throw new Error('rope: the combined table is read by the webgpu kernels only');
+          return {
+            cos: s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D),
+            sin: s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D),
+          };
+        },
       };
-      const q = applyRope(linear(h, L.q, s.lora), nH, at); // [N, nH·hd]
-      const k = applyRope(linear(h, L.k, s.lora), kvH, at); // [N, kvH·hd]
+      const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
+      const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
       x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
       const h2 = rmsNorm(x, L.postNorm, eps);
-      return linear(siluMul(linear(h2, L.gate, s.lora), linear(h2, L.up, s.lora)), L.down, s.lora, x);
+      return linear(gatedActivation(h2, L.gate, L.up, s.lora), L.down, s.lora, x);
     },
     head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
   };

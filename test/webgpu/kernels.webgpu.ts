@@ -7,6 +7,7 @@ import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { decodeLinearGpu } from '../../src/backend/webgpu/kernels/decode-linear.ts';
 import { decodeAttentionGpu } from '../../src/backend/webgpu/kernels/decode-attention.ts';
 import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
 import { loraBgmvGpu } from '../../src/backend/webgpu/kernels/lora-bgmv.ts';
@@ -14,7 +15,7 @@ import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
 import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
 import { ropeGpu } from '../../src/backend/webgpu/kernels/rope.ts';
 import { siluMulGpu } from '../../src/backend/webgpu/kernels/silu-mul.ts';
-import { ropeTables, rotateHalfMatrix } from '../../src/model/layers.ts';
+import { ropeGpuTable, ropeTables, rotateHalfMatrix } from '../../src/model/layers.ts';
 import { maxRelErr, setupBackend, testBackend } from '../helpers/tf.ts';
 
 before(async () => {
@@ -79,12 +80,14 @@ test('fused RoPE equals gather of cos/sin, rotate-half matmul, mul, mul, add (tw
   const hd = 10;
   const maxPositions = 40;
   const freqs = (base: number) => Array.from({ length: hd / 2 }, (_, i) => 1 / base ** ((2 * i) / hd));
-  const { cos, sin } = ropeTables(maxPositions, [freqs(10000), freqs(500)], 1.3); // [80, hd]
+  const sets = [freqs(10000), freqs(500)];
+  const { cos, sin } = ropeTables(maxPositions, sets, 1.3); // [80, hd]
+  const table = ropeGpuTable(maxPositions, sets, 1.3); // [80, 2·hd]
   const R = rotateHalfMatrix(hd);
   for (const [N, H] of [[1, 3], [5, 2], [67, 4]] as const) {
     const x = rand([N, H * hd], N * H) as tf.Tensor2D;
     const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 7) % (2 * maxPositions)), 'int32'); // both sets
-    const err = await compare(() => ropeGpu(x, cos, sin, rows), () => tf.tidy(() => {
+    const err = await compare(() => ropeGpu(x, table, rows), () => tf.tidy(() => {
       const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
       const s = tf.reshape(tf.gather(sin, rows), [N, 1, hd]);
       const x3 = tf.reshape(x, [N, H, hd]);
@@ -94,7 +97,7 @@ test('fused RoPE equals gather of cos/sin, rotate-half matmul, mul, mul, add (tw
     assert.ok(err < 1e-6, `[${N}, ${H}·${hd}]: max rel err ${err}`);
     tf.dispose([x, rows]);
   }
-  tf.dispose([cos, sin, R]);
+  tf.dispose([cos, sin, table, R]);
   done();
 });
 
@@ -174,5 +177,59 @@ test('fused BGMV LoRA delta equals x·A, mask, ·B, add (rank 1 and padded ranks
     }
     tf.dispose([x, A, B, y, slots, mask]);
   }
+  done();
+});
+
+/** A LoRA bank of k adapters of rank R for [inF → outF] and N rows cycling through −1 (base), 0, …, k−1. */
+function bank(N: number, inF: number, outF: number, k: number, R: number, seed: number) {
+  const rowSlots = Array.from({ length: N }, (_, n) => ((n + 1) % (k + 1)) - 1);
+  const maskData = new Float32Array(N * k * R);
+  rowSlots.forEach((slot, n) => { if (slot >= 0) maskData.fill(1, n * k * R + slot * R, n * k * R + (slot + 1) * R); });
+  return {
+    A: rand([inF, k * R], seed) as tf.Tensor2D, B: rand([k * R, outF], seed + 1) as tf.Tensor2D,
+    slots: tf.tensor1d(rowSlots, 'int32'), mask: tf.tensor2d(maskData, [N, k * R]), rank: R,
+  };
+}
+
+test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE and the gated activation', async () => {
+  const done = leakCheck();
+  const hd = 10;
+  const freqs = Array.from({ length: hd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / hd));
+  const { cos, sin } = ropeTables(50, [freqs], 1);
+  const table = ropeGpuTable(50, [freqs], 1);
+  const R = rotateHalfMatrix(hd);
+  for (const [N, inF, heads] of [[1, 5, 1], [3, 70, 13], [9, 130, 7]] as const) {
+    const outF = heads * hd; // 10, 130, 70: below, above and not a multiple of the 64-wide workgroup
+    const x = rand([N, inF], N + inF) as tf.Tensor2D;
+    const W = rand([inF, outF], inF * 2, 0.3) as tf.Tensor2D;
+    const U = rand([inF, outF], inF * 3, 0.3) as tf.Tensor2D;
+    const b = rand([outF], 11) as tf.Tensor1D;
+    const res = rand([N, outF], 12) as tf.Tensor2D;
+    const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 11) % 50), 'int32');
+    const lora = bank(N, inF, outF, 3, N === 1 ? 1 : 4, N);
+    const delta = () => tf.matMul(tf.mul(tf.matMul(x, lora.A), lora.mask), lora.B);
+    const rope = (y: tf.Tensor2D) => {
+      const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
+      const s = tf.reshape(tf.gather(sin, rows), [N, 1, hd]);
+      const y3 = tf.reshape(y, [N, heads, hd]);
+      const rotated = tf.reshape(tf.matMul(tf.reshape(y3, [N * heads, hd]), R), [N, heads, hd]);
+      return tf.reshape(tf.add(tf.mul(y3, c), tf.mul(rotated, s)), [N, outF]) as tf.Tensor2D;
+    };
+    const cases: [string, () => tf.Tensor, () => tf.Tensor][] = [
+      ['x·W', () => decodeLinearGpu(x, W), () => tf.matMul(x, W)],
+      ['x·W + b', () => decodeLinearGpu(x, W, { addend: b }), () => tf.add(tf.matMul(x, W), b)],
+      ['residual + x·W + LoRA', () => decodeLinearGpu(x, W, { addend: res, lora }), () => tf.add(tf.add(tf.matMul(x, W), delta()), res)],
+      ['rope(x·W + LoRA)', () => decodeLinearGpu(x, W, { lora, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), delta()))],
+      ['rope(x·W + b)', () => decodeLinearGpu(x, W, { addend: b, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), b))],
+      ['rope(x·W)', () => decodeLinearGpu(x, W, { rope: { table, rows } }), () => rope(tf.matMul(x, W))],
+      ['silu(x·W)·(x·U)', () => decodeLinearGpu(x, W, { up: U }), () => { const g = tf.matMul(x, W); return tf.mul(tf.mul(g, tf.sigmoid(g)), tf.matMul(x, U)); }],
+    ];
+    for (const [name, fused, unfused] of cases) {
+      const err = await compare(fused, () => tf.tidy(unfused));
+      assert.ok(err < 1e-5, `${name}, N ${N}, in ${inF}, out ${outF}: max rel err ${err}`);
+    }
+    tf.dispose([x, W, U, b, res, rows, lora.A, lora.B, lora.slots, lora.mask]);
+  }
+  tf.dispose([cos, sin, table, R]);
   done();
 });
