@@ -15,6 +15,7 @@ import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
 import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
 import { ropeGpu } from '../../src/backend/webgpu/kernels/rope.ts';
 import { siluMulGpu } from '../../src/backend/webgpu/kernels/silu-mul.ts';
+import { matmulWPlus } from '../../src/backend/weights.ts';
 import { ropeGpuTable, ropeTables, rotateHalfMatrix } from '../../src/model/layers.ts';
 import { maxRelErr, setupBackend, testBackend } from '../helpers/tf.ts';
 
@@ -231,5 +232,18 @@ test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE 
     tf.dispose([x, W, U, b, res, rows, lora.A, lora.B, lora.slots, lora.mask]);
   }
   tf.dispose([cos, sin, table, R]);
+  done();
+});
+
+test('the residual as the fused matmul\'s addend equals matmul then add (rows past the decode kernel\'s)', async () => {
+  const done = leakCheck();
+  for (const [N, inF, outF] of [[17, 33, 70], [70, 64, 130]] as const) {
+    const x = rand([N, inF], N) as tf.Tensor2D;
+    const W = rand([inF, outF], inF) as tf.Tensor2D;
+    const res = rand([N, outF], outF) as tf.Tensor2D;
+    const err = await compare(() => matmulWPlus(x, W, res), () => tf.tidy(() => tf.add(res, tf.matMul(x, W))));
+    assert.ok(err < 1e-5, `[${N}, ${inF}]·[${inF}, ${outF}]: max rel err ${err}`);
+    tf.dispose([x, W, res]);
+  }
   done();
 });
