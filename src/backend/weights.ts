@@ -19,6 +19,11 @@ export function matmulW(x: tf.Tensor2D, W: Weight): tf.Tensor2D {
   return W instanceof PackedWeight ? W.matmul(x) : tf.matMul(x, W);
 }
 
+/** x·W + c, c broadcast to [M, out]: one fused product (tf.fused.matMul's bias) where W is a plain tensor. */
+export function matmulWPlus(x: tf.Tensor2D, W: Weight, c: tf.Tensor): tf.Tensor2D {
+  return W instanceof PackedWeight ? tf.add<tf.Tensor2D>(W.matmul(x), c) : tf.fused.matMul({ a: x, b: W, bias: c }) as tf.Tensor2D;
+}
+
 /** W + delta as a new weight in W's layout (delta [in, out], row-major, is not disposed; W is unchanged). */
 export function addToWeight(W: Weight, delta: tf.Tensor2D): Weight {
   return W instanceof PackedWeight ? W.plus(delta) : tf.add<tf.Tensor2D>(W, delta);

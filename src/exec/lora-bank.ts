@@ -8,7 +8,8 @@
  * merged delta is "transposed", and in our [in, out] layout At·Bt already is that transposed delta.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type { Linear, StepLora } from '../model/layers.ts';
+import type { Linear, StepLora, UnmergedLora } from '../model/layers.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import type { ExecAdapter } from '../engine/executor.ts';
 import { addToWeight, storeWeight, type Weight } from '../backend/weights.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
@@ -151,21 +152,25 @@ export function disposeBank(bank: LoraBank): void {
 
 /**
  * The StepLora for N rows: rowSlots[n] is the index into bank.adapters of row n's adapter (null: base).
- * The returned masks belong to the caller (dispose with disposeStepLora).
+ * The returned masks (and slots) belong to the caller (dispose with disposeStepLora).
  */
 export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): StepLora {
   const k = bank.adapters.length;
-  const unmerged = new Map<string, { A: Weight; B: Weight; mask: tf.Tensor2D }>();
+  const unmerged = new Map<string, UnmergedLora>();
   if (bank.linears.size === 0) return { unmerged };
   // One mask for every linear of the step (all banks share the k·R column layout).
   const mask = tf.tensor2d(maskData(rowSlots, k, bank.R), [rowSlots.length, k * bank.R]);
-  for (const [key, { A, B }] of bank.linears) unmerged.set(key, { A, B, mask });
+  const slots = fusedKernels() ? tf.tensor1d(rowSlots.map((s) => s ?? -1), 'int32') : undefined;
+  for (const [key, { A, B }] of bank.linears) unmerged.set(key, { A, B, mask, rank: bank.R, slots });
   return { unmerged };
 }
 
 export function disposeStepLora(s: StepLora): void {
-  const seen = new Set<Weight>();
-  for (const u of s.unmerged?.values() ?? []) seen.add(u.mask);
+  const seen = new Set<Weight | tf.Tensor>();
+  for (const u of s.unmerged?.values() ?? []) {
+    seen.add(u.mask);
+    if (u.slots) seen.add(u.slots);
+  }
   for (const m of s.merged?.values() ?? []) seen.add(m);
   for (const t of seen) t.dispose();
 }

@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gelu, geluNew, layerConstants, layerModules, linear, rmsNorm, rotary, softCap, toHeads, type Linear } from './layers.ts';
+import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -111,30 +111,28 @@ export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
   const hd = c.headDim;
   const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
   const embedScale = keep(tf.scalar(Math.sqrt(d))); // float32(√d), as transformers' normaliser
-  const attnCap = c.attnLogitSoftcap === null ? null : keep(tf.scalar(c.attnLogitSoftcap));
+  const attnCap = c.attnLogitSoftcap === null ? null : constant(c.attnLogitSoftcap);
   const finalCap = c.finalLogitSoftcap === null ? null : keep(tf.scalar(c.finalLogitSoftcap));
-  tensors.push(eps, scale);
+  tensors.push(eps.scalar, scale.scalar, ...(attnCap ? [attnCap.scalar] : []));
   const act = c.activation === 'gelu' ? gelu : geluNew;
-  const maybeNorm = (x: tf.Tensor2D, w: tf.Tensor1D | null): tf.Tensor2D => (w ? rmsNorm(x, w, eps) : x);
 
   return {
     modules, linears, tensors,
     embed: (tokens) => tf.mul(tf.gather(embed, tokens), embedScale), // [N, d]
     block(l, x, s: StepContext) {
       const L = layers[l]!;
-      const N = s.B * s.T;
-      // x = x + postAttnNorm(attn(inputNorm(x)))   (Gemma: no postAttnNorm)
+      // x = x + postAttnNorm(attn(inputNorm(x)))   (Gemma: no postAttnNorm, so o's output adds to x in its product)
       const h = rmsNorm(x, L.inputNorm, eps);
-      const q = rope.rotate(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), s); // [N, nH, hd]
-      const k = rope.rotate(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), s); // [N, kvH, hd]
+      const at = rope.step(s);
+      const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
+      const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      const a = linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale, attnCap), L.o, s.lora);
-      x = tf.add(x, maybeNorm(a, L.postAttnNorm));
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
+      const a = attention(q, cache.k, cache.v, s, nH, kvH, hd, scale, attnCap);
+      x = L.postAttnNorm ? tf.add(x, rmsNorm(linear(a, L.o, s.lora), L.postAttnNorm, eps)) : linear(a, L.o, s.lora, x);
       // x = x + postMlpNorm(down(gelu(gate(h2)) · up(h2))), h2 = preMlpNorm(x)   (Gemma: no postMlpNorm)
-      const h2 = rmsNorm(x, L.preMlpNorm, eps);
-      const m = linear(tf.mul(act(linear(h2, L.gate, s.lora)), linear(h2, L.up, s.lora)), L.down, s.lora);
-      return tf.add(x, maybeNorm(m, L.postMlpNorm));
+      const m = gatedActivation(rmsNorm(x, L.preMlpNorm, eps), L.gate, L.up, s.lora, act);
+      return L.postMlpNorm ? tf.add(x, rmsNorm(linear(m, L.down, s.lora), L.postMlpNorm, eps)) : linear(m, L.down, s.lora, x);
     },
     head(x) {
       const logits = matmulW(rmsNorm(x, finalNorm, eps), lmHead); // [N, V]

@@ -102,7 +102,7 @@ export function* loadGpt2(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
   const nH = c.numHeads;
   const hd = c.headDim;
   const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
-  tensors.push(eps, scale);
+  tensors.push(eps.scalar, scale.scalar);
 
   return {
     modules, linears, tensors,
@@ -113,10 +113,10 @@ export function* loadGpt2(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
       const h = layerNorm(x, L.ln1[0], L.ln1[1], eps);
       const [q, k, v] = [linear(h, L.q, s.lora), linear(h, L.k, s.lora), linear(h, L.v, s.lora)]; // [N, d] each
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, nH, hd), toHeads(v, s.B, s.T, nH, hd)); // [B, nH, C+T, hd]
-      x = tf.add(x, linear(attention(q, cache.k, cache.v, s, nH, nH, hd, scale), L.attnProj, s.lora));
+      x = linear(attention(q, cache.k, cache.v, s, nH, nH, hd, scale), L.attnProj, s.lora, x);
       // x = x + mlp(ln_2(x))
       const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], eps), L.fc, s.lora));
-      return tf.add(x, linear(m, L.mlpProj, s.lora));
+      return linear(m, L.mlpProj, s.lora, x);
     },
     head: (x) => matmulW(layerNorm(x, lnf[0], lnf[1], eps), lmHead), // [N, V]
   };

@@ -3,7 +3,16 @@
  * activations, rotary embeddings and batched causal attention over a KV cache.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, type Weight } from '../backend/weights.ts';
+import { isLaidOut, matmulW, matmulWPlus, type Weight } from '../backend/weights.ts';
+import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
+import { DECODE_LINEAR_MAX_ROWS, decodeLinearGpu, type DecodeLinearParts } from '../backend/webgpu/kernels/decode-linear.ts';
+import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
+import { LORA_BGMV_MAX_RANK, loraBgmvGpu } from '../backend/webgpu/kernels/lora-bgmv.ts';
+import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { rmsNormGpu } from '../backend/webgpu/kernels/rms-norm.ts';
+import { ropeGpu } from '../backend/webgpu/kernels/rope.ts';
+import { siluMulGpu } from '../backend/webgpu/kernels/silu-mul.ts';
 import { profiler } from '../obs/profile.ts';
 import type { StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
@@ -41,44 +50,138 @@ export function layerModules(numLayers: number, prefix: string, table: readonly 
  * Per-step LoRA for the rows of a batch (see src/exec/lora-bank.ts). For a linear with unmerged LoRA:
  * y += ((x·A) ⊙ mask) · B, with A [in, K] the column-concatenation of the step's adapters' Aᵀ (each padded
  * to R columns), B [K, out] the row-concatenation of their s·Bᵀ (this linear's columns), and mask [N, K]
- * selecting, per row, the block of that row's adapter.
+ * selecting, per row, the block of that row's adapter. On webgpu the same delta is one gathered kernel that reads
+ * each row's block through `slots` (src/backend/webgpu/kernels/lora-bgmv.ts).
  */
 export interface StepLora {
   /** Replacement weights (W + s·Aᵀ·Bᵀ) when one adapter is merged, keyed by Linear.key. */
   readonly merged?: ReadonlyMap<string, Weight>;
-  readonly unmerged?: ReadonlyMap<string, { readonly A: Weight; readonly B: Weight; readonly mask: tf.Tensor2D }>;
+  readonly unmerged?: ReadonlyMap<string, UnmergedLora>;
 }
 
-export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora): tf.Tensor2D {
-  const W = lora?.merged?.get(lin.key) ?? lin.W;
-  let y: tf.Tensor2D = profiler.time('base_matmul', () => matmulW(x, W)); // [N, out]
-  const u = lora?.unmerged?.get(lin.key);
-  if (u) y = profiler.time('lora_delta', () => tf.add(y, matmulW(tf.mul(matmulW(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
-  const b = lin.b;
-  return b ? profiler.time('base_matmul', () => tf.add(y, b)) : y;
+export interface UnmergedLora {
+  readonly A: Weight;
+  readonly B: Weight;
+  readonly mask: tf.Tensor2D;
+  /** R: columns of A (rows of B) per adapter. */
+  readonly rank: number;
+  /** int32 [N]: each row's adapter block in A and B, −1 for none; made only for the fused kernels (webgpu). */
+  readonly slots?: tf.Tensor1D;
 }
 
 /**
- * The constants every layer uses, made once at load as device scalars: a number argument would be a new device tensor
- * at each use. The caller keeps them with the model's tensors.
+ * y = x·W + b + the row's LoRA delta, plus `residual` when given (residual + y: the transformer's skip connection).
+ * On webgpu the bias or residual is the fused matmul's addend and the unmerged delta one BGMV kernel.
  */
-export function layerConstants(normEps: number, attentionScale: number): { eps: tf.Scalar; scale: tf.Scalar } {
-  return { eps: tf.scalar(normEps), scale: tf.scalar(attentionScale) };
+export function linear(x: tf.Tensor2D, lin: Linear, lora?: StepLora, residual?: tf.Tensor2D): tf.Tensor2D {
+  const W = lora?.merged?.get(lin.key) ?? lin.W;
+  const u = lora?.unmerged?.get(lin.key);
+  if (fusedKernels()) return linearGpu(x, W, lin.b, u, residual);
+  let y: tf.Tensor2D = profiler.time('base_matmul', () => matmulW(x, W)); // [N, out]
+  if (u) y = profiler.time('lora_delta', () => tf.add(y, matmulW(tf.mul(matmulW(x, u.A), u.mask) as tf.Tensor2D, u.B))); // [N, K] → [N, out]
+  const b = lin.b;
+  if (b) y = profiler.time('base_matmul', () => tf.add(y, b));
+  return residual ? tf.add(residual, y) : y;
 }
 
-/** eps: a number, or the model's kept scalar (a number is a new device tensor on every call). */
-export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
+function linearGpu(x: tf.Tensor2D, W: Weight, b: tf.Tensor1D | null, u: UnmergedLora | undefined, residual?: tf.Tensor2D): tf.Tensor2D {
+  const addend = residual && b ? tf.add<tf.Tensor2D>(residual, b) : residual ?? b ?? undefined;
+  const decode = decodeParts(x, W, u, addend);
+  if (decode) return profiler.time('base_matmul', () => decodeLinearGpu(x, decode.W, decode.parts));
+  let y = profiler.time('base_matmul', () => (addend ? matmulWPlus(x, W, addend) : matmulW(x, W))); // [N, out]
+  if (u) {
+    const { A, B, slots, rank } = u;
+    y = profiler.time('lora_delta', () => slots && rank <= LORA_BGMV_MAX_RANK && !isLaidOut(A) && !isLaidOut(B)
+      ? loraBgmvGpu(x, A as tf.Tensor2D, B as tf.Tensor2D, y, slots, rank)
+      : tf.add(y, matmulW(tf.mul(matmulW(x, A), u.mask) as tf.Tensor2D, B)));
+  }
+  return y;
+}
+
+/**
+ * W and what decode-linear.ts folds into one dispatch for a decode step's few rows (x·W + addend + the LoRA delta),
+ * or null when the product goes to the tiled matmul (more rows, a laid-out weight, a rank over the kernel's).
+ */
+function decodeParts(x: tf.Tensor2D, W: Weight, u: UnmergedLora | undefined, addend?: tf.Tensor1D | tf.Tensor2D): { W: tf.Tensor2D; parts: DecodeLinearParts } | null {
+  if (x.shape[0] > DECODE_LINEAR_MAX_ROWS || isLaidOut(W)) return null;
+  if (!u) return { W: W as tf.Tensor2D, parts: { addend } };
+  if (!u.slots || u.rank > LORA_BGMV_MAX_RANK || isLaidOut(u.A) || isLaidOut(u.B)) return null;
+  return { W: W as tf.Tensor2D, parts: { addend, lora: { A: u.A as tf.Tensor2D, B: u.B as tf.Tensor2D, slots: u.slots, rank: u.rank } } };
+}
+
+/**
+ * applyRope(linear(x, lin, lora), H, rope): the projection to the H rotated heads of q or k. A decode step on webgpu
+ * computes it as one kernel (decode-linear.ts), the rotation applied to each output column as it is computed.
+ */
+export function rotaryLinear(x: tf.Tensor2D, lin: Linear, lora: StepLora | undefined, H: number, rope: StepRope): tf.Tensor2D {
+  if (fusedKernels() && 'cosSin' in rope.tables) {
+    const W = lora?.merged?.get(lin.key) ?? lin.W;
+    const u = lora?.unmerged?.get(lin.key);
+    const decode = u && lin.b ? null : decodeParts(x, W, u, lin.b ?? undefined); // 8 buffers at most: no bias with LoRA
+    if (decode) {
+      const table = rope.tables.cosSin;
+      return profiler.time('base_matmul', () => decodeLinearGpu(x, decode.W, { ...decode.parts, rope: { table, rows: rope.rows } }));
+    }
+  }
+  return applyRope(linear(x, lin, lora), H, rope);
+}
+
+/**
+ * The gated MLP's activation act(linear(x, gate))·linear(x, up), act SiLU unless given (Gemma's GeGLU passes its
+ * gelu). With SiLU, a decode step on webgpu computes it as one kernel (decode-linear.ts) when neither projection has
+ * a bias or an unmerged LoRA delta; another activation is the separate products and the activation's own op(s).
+ */
+export function gatedActivation(x: tf.Tensor2D, gate: Linear, up: Linear, lora?: StepLora, act?: (g: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D {
+  if (act) return tf.mul(act(linear(x, gate, lora)), linear(x, up, lora));
+  if (fusedKernels() && !gate.b && !up.b && !lora?.unmerged?.has(gate.key) && !lora?.unmerged?.has(up.key)) {
+    const Wg = lora?.merged?.get(gate.key) ?? gate.W;
+    const Wu = lora?.merged?.get(up.key) ?? up.W;
+    if (x.shape[0] <= DECODE_LINEAR_MAX_ROWS && !isLaidOut(Wg) && !isLaidOut(Wu)) {
+      return profiler.time('base_matmul', () => decodeLinearGpu(x, Wg as tf.Tensor2D, { up: Wu as tf.Tensor2D }));
+    }
+  }
+  return siluMul(linear(x, gate, lora), linear(x, up, lora));
+}
+
+/**
+ * A model constant as a device scalar made once at load (a number argument to a TensorFlow.js op would be a new
+ * device tensor at each use) and as a number (a fused WebGPU kernel takes it as a uniform).
+ */
+export interface Constant {
+  readonly value: number;
+  readonly scalar: tf.Scalar;
+}
+
+/** The constants every layer uses. The caller keeps their scalars with the model's tensors. */
+export function layerConstants(normEps: number, attentionScale: number): { eps: Constant; scale: Constant } {
+  return { eps: constant(normEps), scale: constant(attentionScale) };
+}
+
+/** A Constant of `value` (its scalar is the caller's to keep with the model's tensors). */
+export function constant(value: number): Constant {
+  return { value, scalar: tf.scalar(value) };
+}
+
+const valueOf = (c: number | Constant): number => (typeof c === 'number' ? c : c.value);
+const scalarOf = (c: number | Constant): number | tf.Scalar => (typeof c === 'number' ? c : c.scalar);
+
+/** LayerNorm of each row; one fused kernel on webgpu (src/backend/webgpu/kernels/layer-norm.ts). */
+export function layerNorm(x: tf.Tensor2D, w: tf.Tensor1D, b: tf.Tensor1D, eps: number | Constant): tf.Tensor2D {
+  if (fusedKernels()) return layerNormGpu(x, w, b, valueOf(eps));
   const { mean, variance } = tf.moments(x, -1, true);
-  return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, eps))), w), b) as tf.Tensor2D;
+  return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, scalarOf(eps)))), w), b) as tf.Tensor2D;
 }
 
-export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | tf.Scalar): tf.Tensor2D {
+/** RMSNorm of each row; one fused kernel on webgpu (src/backend/webgpu/kernels/rms-norm.ts). */
+export function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number | Constant): tf.Tensor2D {
+  if (fusedKernels()) return rmsNormGpu(x, w, valueOf(eps));
   const ms = tf.mean(tf.square(x), -1, true); // [N, 1]
-  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, scalarOf(eps)))), w);
 }
 
-/** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
+/** GPT-2's gelu_new: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); one kernel on webgpu. */
 export function geluNew(x: tf.Tensor2D): tf.Tensor2D {
+  if (fusedKernels()) return geluNewGpu(x);
   const inner = tf.mul(tf.add(x, tf.mul(tf.pow(x, 3), 0.044715)), Math.sqrt(2 / Math.PI));
   return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1));
 }
@@ -92,12 +195,41 @@ export function silu(x: tf.Tensor2D): tf.Tensor2D {
   return tf.mul(x, tf.sigmoid(x));
 }
 
+/** The gated MLP's activation silu(gate)·up; one kernel on webgpu (src/backend/webgpu/kernels/silu-mul.ts). */
+export function siluMul(gate: tf.Tensor2D, up: tf.Tensor2D): tf.Tensor2D {
+  if (fusedKernels()) return siluMulGpu(gate, up);
+  return tf.mul(silu(gate), up);
+}
+
 /**
  * Rotary tables [sets·maxPositions, headDim] (each half repeated, as HF's emb = cat(freqs, freqs)), computed in
  * float64 on the host: row s·maxPositions + p holds scale·cos(p·invFreqs[s][i]) (and sin) for i < headDim/2.
  * `scale` is the variant's attention factor (transformers multiplies cos and sin by it).
  */
 export function ropeTables(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const { cos, sin, rows, headDim } = ropeTableData(maxPositions, invFreqs, scale);
+  return { cos: tf.tensor2d(cos, [rows, headDim]), sin: tf.tensor2d(sin, [rows, headDim]) };
+}
+
+/** The same tables as one [sets·maxPositions, 2·headDim] tensor, each row cos | sin: what the WebGPU kernels read. */
+export function ropeGpuTable(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): tf.Tensor2D {
+  const { cos, sin, rows, headDim } = ropeTableData(maxPositions, invFreqs, scale);
+  const both = new Float32Array(2 * cos.length);
+  for (let r = 0; r < rows; r++) {
+    both.set(cos.subarray(r * headDim, (r + 1) * headDim), 2 * r * headDim);
+    both.set(sin.subarray(r * headDim, (r + 1) * headDim), (2 * r + 1) * headDim);
+  }
+  return tf.tensor2d(both, [rows, 2 * headDim]);
+}
+
+/** The rotary tables in the layout the backend reads: cos and sin, or on webgpu one cos | sin table. */
+export type RopeTables = { readonly cos: tf.Tensor2D; readonly sin: tf.Tensor2D } | { readonly cosSin: tf.Tensor2D };
+
+export function backendRopeTables(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number): RopeTables {
+  return fusedKernels() ? { cosSin: ropeGpuTable(maxPositions, invFreqs, scale) } : ropeTables(maxPositions, invFreqs, scale);
+}
+
+function ropeTableData(maxPositions: number, invFreqs: readonly (readonly number[])[], scale: number) {
   const half = invFreqs[0]!.length;
   const headDim = 2 * half;
   const rows = invFreqs.length * maxPositions;
@@ -113,7 +245,7 @@ export function ropeTables(maxPositions: number, invFreqs: readonly (readonly nu
       }
     }
   });
-  return { cos: tf.tensor2d(cos, [rows, headDim]), sin: tf.tensor2d(sin, [rows, headDim]) };
+  return { cos, sin, rows, headDim };
 }
 
 /**
@@ -142,37 +274,62 @@ export function rotateHalfMatrix(headDim: number): tf.Tensor2D {
   return tf.tensor2d(R, [headDim, headDim]);
 }
 
-/** x' = x·cos + rotate_half(x)·sin. x: [N, H, headDim]; cos/sin: [N, 1, headDim] (each half repeated). */
-export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sin: tf.Tensor3D, R: tf.Tensor2D): tf.Tensor3D {
-  const [N, H, D] = x.shape;
-  const rotated = tf.reshape(tf.matMul(tf.reshape(x, [N * H, D]), R), [N, H, D]);
-  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin)) as tf.Tensor3D;
+/** The rotary embedding of a step's N tokens. */
+export interface StepRope {
+  readonly tables: RopeTables;
+  /** The table row of each token, [N]: its position, or its row in longrope's second set (ropeRows). */
+  readonly rows: tf.Tensor1D;
+  /** rotateHalfMatrix(headDim). */
+  readonly R: tf.Tensor2D;
+  /** The cos and sin rows of the step's tokens, [N, 1, headDim] each, gathered once per step (separate tables only). */
+  gathered(): { cos: tf.Tensor3D; sin: tf.Tensor3D };
 }
 
 /**
- * A rotary-family config's rotary embedding, made at load: the cos/sin tables (both longrope sets) and the
- * rotate-half matrix, kept with the model's tensors. `rotate` applies it to [N, H, headDim] heads at the step's
- * positions; the step's cos/sin rows are gathered once for all layers.
+ * x' = x·cos + rotate_half(x)·sin for each of the H heads of x [N, H·headDim]; [N, H·headDim]. One kernel on
+ * webgpu (src/backend/webgpu/kernels/rope.ts), which reads the table directly.
+ */
+export function applyRope(x: tf.Tensor2D, H: number, r: StepRope): tf.Tensor2D {
+  if ('cosSin' in r.tables) return ropeGpu(x, r.tables.cosSin, r.rows);
+  const [N] = x.shape;
+  const D = r.R.shape[0];
+  const { cos, sin } = r.gathered();
+  const x3 = tf.reshape(x, [N, H, D]);
+  const rotated = tf.reshape(tf.matMul(tf.reshape(x3, [N * H, D]), r.R), [N, H, D]);
+  return tf.reshape(tf.add(tf.mul(x3, cos), tf.mul(rotated, sin)), [N, H * D]); // [N, H, D] → [N, H·D]
+}
+
+/**
+ * A rotary-family config's rotary embedding, made at load: the tables (both longrope sets; on webgpu the one
+ * cos | sin table the kernels read) and the rotate-half matrix, kept with the model's tensors. `step` gives the
+ * StepRope of a step's positions (for applyRope / rotaryLinear); its table rows are gathered once for all layers.
  */
 export interface Rotary {
   readonly tensors: readonly tf.Tensor[];
-  rotate(x: tf.Tensor3D, s: StepContext): tf.Tensor3D;
+  step(s: StepContext): StepRope;
 }
 
 export function rotary(c: ModelConfig): Rotary {
   const spec = c.rope!;
   const hd = c.headDim;
-  const rope = ropeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
+  const tables = backendRopeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
   const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
   const R = rotateHalfMatrix(hd);
   return {
-    tensors: [rope.cos, rope.sin, R],
-    rotate(x, s) {
+    tensors: [...('cosSin' in tables ? [tables.cosSin] : [tables.cos, tables.sin]), R],
+    step(s) {
       const N = s.B * s.T;
       const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
-      const cos = s.cache('rope.cos', () => tf.reshape(tf.gather(rope.cos, rows), [N, 1, hd]) as tf.Tensor3D);
-      const sin = s.cache('rope.sin', () => tf.reshape(tf.gather(rope.sin, rows), [N, 1, hd]) as tf.Tensor3D);
-      return applyRope(x, cos, sin, R);
+      return {
+        tables, R, rows,
+        gathered: () => {
+          if ('cosSin' in tables) throw new Error('rope: the combined table is read by the webgpu kernels only');
+          return {
+            cos: s.cache('rope.cos', () => tf.reshape(tf.gather(tables.cos, rows), [N, 1, hd]) as tf.Tensor3D),
+            sin: s.cache('rope.sin', () => tf.reshape(tf.gather(tables.sin, rows), [N, 1, hd]) as tf.Tensor3D),
+          };
+        },
+      };
     },
   };
 }
@@ -191,11 +348,15 @@ export interface StepShape {
  * the G query heads that share a KV head become G·T query rows of that head.
  * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
- * as modeling_gemma2.py's eager_attention_forward.
+ * as modeling_gemma2.py's eager_attention_forward. A decode step (T = 1) on webgpu is one kernel over the cache
+ * (src/backend/webgpu/kernels/decode-attention.ts), which adds the same mask and applies the same soft-cap.
  */
 export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
-  scale: number | tf.Scalar = 1 / Math.sqrt(hd), softcap: tf.Scalar | null = null): tf.Tensor2D {
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scale, softcap));
+  scale: number | Constant = 1 / Math.sqrt(hd), softcap: Constant | null = null): tf.Tensor2D {
+  if (s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM && fusedKernels()) {
+    return profiler.time('attention', () => decodeAttentionGpu(q, k, v, s.mask, nH, valueOf(scale), softcap?.value ?? null));
+  }
+  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scalarOf(scale), softcap?.scalar ?? null));
 }
 
 /** scale: the score factor (1/√hd), as a number or the model's kept scalar. */
@@ -218,5 +379,7 @@ export function softCap<T extends tf.Tensor>(x: T, c: tf.Scalar): T {
 
 /** [N, H·hd] → [B, H, T, hd] for the cache. */
 export function toHeads(x: tf.Tensor2D, B: number, T: number, H: number, hd: number): tf.Tensor4D {
+  // For T = 1, [B, 1, H, hd] and [B, H, 1, hd] are one memory layout: a reshape, not a transpose kernel, on webgpu.
+  if (T === 1 && fusedKernels()) return tf.reshape(x, [B, H, 1, hd]);
   return tf.transpose(tf.reshape(x, [B, T, H, hd]), [0, 2, 1, 3]);
 }

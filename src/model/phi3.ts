@@ -11,7 +11,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, layerConstants, layerModules, linear, rmsNorm, rotary, silu, toHeads, type Linear } from './layers.ts';
+import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, toHeads, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -103,24 +103,24 @@ export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
   const kvH = c.numKvHeads;
   const hd = c.headDim;
   const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
-  tensors.push(eps, scale);
+  tensors.push(eps.scalar, scale.scalar);
 
   return {
     modules, linears, tensors,
     embed: (tokens) => tf.gather(embed, tokens), // [N, d]
     block(l, x, s: StepContext) {
       const L = layers[l]!;
-      const N = s.B * s.T;
       // x = x + o(attn(rope(q), rope(k), v)), [q | k | v] = qkv_proj(rmsnorm(x))
       const h = rmsNorm(x, L.inputNorm, eps);
-      const q = rope.rotate(tf.reshape(linear(h, L.q, s.lora), [N, nH, hd]), s); // [N, nH, hd]
-      const k = rope.rotate(tf.reshape(linear(h, L.k, s.lora), [N, kvH, hd]), s); // [N, kvH, hd]
+      const at = rope.step(s);
+      const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
+      const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(tf.reshape(k, [N, kvH * hd]), s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = tf.add(x, linear(attention(tf.reshape(q, [N, nH * hd]), cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora));
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
+      x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
       // x = x + down(up ⊙ silu(gate)), [gate | up] = gate_up_proj(rmsnorm(x))
       const h2 = rmsNorm(x, L.postNorm, eps);
-      return tf.add(x, linear(tf.mul(linear(h2, L.up, s.lora), silu(linear(h2, L.gate, s.lora))), L.down, s.lora));
+      return linear(gatedActivation(h2, L.gate, L.up, s.lora), L.down, s.lora, x);
     },
     head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
   };

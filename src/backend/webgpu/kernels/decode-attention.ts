@@ -1,0 +1,121 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { ROW_WORKGROUP, WORKGROUP_REDUCE, runProgram, type WebGPUProgram } from './program.ts';
+
+/** The largest head_dim the kernel takes (its shared copy of q and its per-invocation accumulators). */
+export const DECODE_ATTENTION_MAX_HEAD_DIM = 4 * ROW_WORKGROUP;
+
+/**
+ * One decode step's attention (one new token per row) over the KV cache in place, in one dispatch: one workgroup per
+ * (row, query head) walks the cache's columns in blocks of the workgroup's width with an online softmax (running
+ * max and sum, rescaling the weighted sum of V when the max grows). Grouped-query: query head h reads KV head h / G.
+ * Its meaning, as the unfused ops for T = 1 (layers.ts's attend()):
+ * `q4 = tf.reshape(q, [B, kvH, G, hd])`, `scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask)`,
+ * `tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H·hd])`; with a soft-cap c (Gemma 2) the scaled scores become
+ * c·tanh(scores/c) before the mask is added. The mask carries the causal limit, left padding and a sliding window.
+ * q: [B, H·hd]; k, v: [B, kvH, C, hd]; mask: [B, 1, G, C] (additive); H = kvH·G.
+ */
+export class DecodeAttentionProgram implements WebGPUProgram {
+  readonly variableNames = ['q', 'k', 'v', 'mask'];
+  readonly outputShape: number[];
+  readonly shaderKey = 'loraServeDecodeAttention';
+  readonly dispatchLayout = { x: [0, 1] };
+  readonly dispatch: [number, number, number];
+  readonly workgroupSize: [number, number, number] = [ROW_WORKGROUP, 1, 1];
+  readonly uniforms = 'scale : f32, heads : i32, groups : i32, softcap : f32,';
+
+  constructor(rows: number, heads: number, headDim: number) {
+    this.outputShape = [rows, heads * headDim];
+    this.dispatch = [rows * heads, 1, 1];
+  }
+
+  getUserCode(): string {
+    const W = ROW_WORKGROUP;
+    return `
+      ${WORKGROUP_REDUCE}
+      var<workgroup> qs : array<f32, ${DECODE_ATTENTION_MAX_HEAD_DIM}>;
+      var<workgroup> probs : array<f32, ${W}>;
+      // c·tanh(x/c), tanh written with exp(−2|x|) ≤ 1 so that no large argument overflows.
+      fn softCap(x : f32, c : f32) -> f32 {
+        let e = exp(-2.0 * abs(x / c));
+        return c * sign(x) * (1.0 - e) / (1.0 + e);
+      }
+      fn main(index : i32) {
+        let tid = i32(localId.x);
+        let H = uniforms.heads;
+        let G = uniforms.groups;
+        let kvH = H / G;
+        let cols = uniforms.kShape[2];
+        let hd = uniforms.kShape[3];
+        let pairs = uniforms.outShape[0] * H;
+        let bh = min(index / ${W}, pairs - 1); // (b, h): q[b, h·hd ..]
+        let b = bh / H;
+        let h = bh % H;
+        let kvRow = (b * kvH + h / G) * cols; // k[b, h / G, 0, :] in rows of hd
+        let maskRow = (b * G + h % G) * cols; // mask[b, 0, h % G, 0]
+        for (var d = tid; d < hd; d = d + ${W}) {
+          qs[d] = q[bh * hd + d] * uniforms.scale; // q[b, h·hd + d]
+        }
+        workgroupBarrier();
+        var m = -3.402823e+38;
+        var l = 0.0;
+        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0); // out[b, h·hd + tid + i·${W}]
+        for (var j0 = 0; j0 < cols; j0 = j0 + ${W}) {
+          let j = j0 + tid;
+          var s = -3.402823e+38;
+          if (j < cols) {
+            var dot = 0.0;
+            let kAt = (kvRow + j) * hd; // k[b, h / G, j, 0]
+            for (var d = 0; d < hd; d = d + 1) {
+              dot = dot + qs[d] * k[kAt + d];
+            }
+            if (uniforms.softcap > 0.0) { dot = softCap(dot, uniforms.softcap); }
+            s = dot + mask[maskRow + j];
+          }
+          let mNew = max(m, reduceMax(s));
+          let corr = exp(m - mNew);
+          probs[tid] = select(0.0, exp(s - mNew), j < cols);
+          workgroupBarrier();
+          let n = min(${W}, cols - j0);
+          var blockSum = 0.0;
+          for (var t = 0; t < n; t = t + 1) {
+            blockSum = blockSum + probs[t];
+          }
+          l = l * corr + blockSum;
+          for (var i = 0; i < 4; i = i + 1) {
+            let d = tid + i * ${W};
+            if (d < hd) {
+              var a = acc[i] * corr;
+              for (var t = 0; t < n; t = t + 1) {
+                a = a + probs[t] * v[(kvRow + j0 + t) * hd + d]; // v[b, h / G, j0 + t, d]
+              }
+              acc[i] = a;
+            }
+          }
+          m = mNew;
+          workgroupBarrier();
+        }
+        if (index / ${W} >= pairs) { return; }
+        for (var i = 0; i < 4; i = i + 1) {
+          let d = tid + i * ${W};
+          if (d < hd) { result[bh * hd + d] = acc[i] / l; }
+        }
+      }
+    `;
+  }
+}
+
+/**
+ * Decode attention on the webgpu backend: q [B, H·hd] (one token per row) over k, v [B, kvH, C, hd] with the
+ * additive mask [B, 1, G, C]; returns [B, H·hd]. head_dim at most DECODE_ATTENTION_MAX_HEAD_DIM. softcap: the
+ * scores' soft-cap c > 0, or null for none.
+ */
+export function decodeAttentionGpu(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, mask: tf.Tensor4D, heads: number, scale: number,
+  softcap: number | null = null): tf.Tensor2D {
+  const [B, kvH, C, hd] = k.shape;
+  const G = heads / kvH;
+  if (!Number.isInteger(G) || q.shape[0] !== B || q.shape[1] !== heads * hd) throw new Error(`decodeAttention: q [${q.shape}] does not fit k [${k.shape}] with ${heads} heads`);
+  if (mask.shape[0] !== B || mask.shape[2] !== G || mask.shape[3] !== C) throw new Error(`decodeAttention: mask [${mask.shape}] is not [${B}, 1, ${G}, ${C}]`);
+  if (hd > DECODE_ATTENTION_MAX_HEAD_DIM) throw new Error(`decodeAttention: head_dim ${hd} is over ${DECODE_ATTENTION_MAX_HEAD_DIM}`);
+  return runProgram(new DecodeAttentionProgram(B, heads, hd), [q, k, v, mask],
+    [{ type: 'float32', data: [scale] }, { type: 'int32', data: [heads] }, { type: 'int32', data: [G] }, { type: 'float32', data: [softcap ?? 0] }]);
+}

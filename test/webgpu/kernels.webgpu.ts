@@ -1,0 +1,273 @@
+/**
+ * The fused WebGPU kernels (src/backend/webgpu/kernels/) against the unfused TensorFlow.js ops they replace, on the
+ * webgpu backend, on odd shapes: rows not a multiple of the 64-wide workgroup, widths not a multiple of it either,
+ * GQA ratios other than 1, LoRA rank 1. test/webgpu.test.ts runs this file with TEST_BACKEND=webgpu.
+ */
+import { before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as tf from '@tensorflow/tfjs-core';
+import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { decodeLinearGpu } from '../../src/backend/webgpu/kernels/decode-linear.ts';
+import { decodeAttentionGpu } from '../../src/backend/webgpu/kernels/decode-attention.ts';
+import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
+import { loraBgmvGpu } from '../../src/backend/webgpu/kernels/lora-bgmv.ts';
+import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
+import { rmsNormGpu } from '../../src/backend/webgpu/kernels/rms-norm.ts';
+import { ropeGpu } from '../../src/backend/webgpu/kernels/rope.ts';
+import { siluMulGpu } from '../../src/backend/webgpu/kernels/silu-mul.ts';
+import { matmulWPlus } from '../../src/backend/weights.ts';
+import { ropeGpuTable, ropeTables, rotateHalfMatrix } from '../../src/model/layers.ts';
+import { maxRelErr, setupBackend, testBackend } from '../helpers/tf.ts';
+
+before(async () => {
+  assert.equal(testBackend(), 'webgpu', 'run with TEST_BACKEND=webgpu (test/webgpu.test.ts does)');
+  await setupBackend();
+});
+
+/** A seeded tensor of uniform values in [-scale, scale). */
+function rand(shape: number[], seed: number, scale = 1): tf.Tensor {
+  return tf.randomUniform(shape, -scale, scale, 'float32', seed);
+}
+
+/** Runs `fused` and `unfused`, checks the fused one is one dispatch (or `dispatches`), and returns max rel err. */
+async function compare(fused: () => tf.Tensor, unfused: () => tf.Tensor, dispatches = 1): Promise<number> {
+  const before = webgpuCounts()!.dispatch;
+  const a = fused();
+  assert.equal(webgpuCounts()!.dispatch - before, dispatches, 'dispatches of the fused kernel');
+  const b = unfused();
+  assert.deepEqual(a.shape, b.shape);
+  const [av, bv] = [await a.data(), await b.data()];
+  tf.dispose([a, b]);
+  for (const v of av) assert.ok(Number.isFinite(v), 'finite');
+  return maxRelErr(av, bv);
+}
+
+function leakCheck(): () => void {
+  const baseline = tf.memory().numTensors;
+  return () => assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+}
+
+test('fused RMSNorm equals mean(square), rsqrt, mul, mul', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 8], [3, 50], [70, 200], [130, 64]] as const) {
+    const x = rand([rows, cols], rows + cols, 3) as tf.Tensor2D;
+    const w = rand([cols], 7) as tf.Tensor1D;
+    const err = await compare(() => rmsNormGpu(x, w, 1e-5),
+      () => tf.tidy(() => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), -1, true), 1e-5))), w)));
+    assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose([x, w]);
+  }
+  done();
+});
+
+test('fused LayerNorm equals moments, sub, rsqrt, mul, add', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 8], [3, 50], [70, 200], [130, 64]] as const) {
+    const x = tf.tidy(() => tf.add(rand([rows, cols], rows * cols, 2), 5)) as tf.Tensor2D; // a mean far from 0
+    const w = rand([cols], 3) as tf.Tensor1D;
+    const b = rand([cols], 4) as tf.Tensor1D;
+    const err = await compare(() => layerNormGpu(x, w, b, 1e-5), () => tf.tidy(() => {
+      const { mean, variance } = tf.moments(x, -1, true);
+      return tf.add(tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5))), w), b);
+    }));
+    assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose([x, w, b]);
+  }
+  done();
+});
+
+test('fused RoPE equals gather of cos/sin, rotate-half matmul, mul, mul, add (two table sets, odd token counts)', async () => {
+  const done = leakCheck();
+  const hd = 10;
+  const maxPositions = 40;
+  const freqs = (base: number) => Array.from({ length: hd / 2 }, (_, i) => 1 / base ** ((2 * i) / hd));
+  const sets = [freqs(10000), freqs(500)];
+  const { cos, sin } = ropeTables(maxPositions, sets, 1.3); // [80, hd]
+  const table = ropeGpuTable(maxPositions, sets, 1.3); // [80, 2·hd]
+  const R = rotateHalfMatrix(hd);
+  for (const [N, H] of [[1, 3], [5, 2], [67, 4]] as const) {
+    const x = rand([N, H * hd], N * H) as tf.Tensor2D;
+    const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 7) % (2 * maxPositions)), 'int32'); // both sets
+    const err = await compare(() => ropeGpu(x, table, rows), () => tf.tidy(() => {
+      const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
+      const s = tf.reshape(tf.gather(sin, rows), [N, 1, hd]);
+      const x3 = tf.reshape(x, [N, H, hd]);
+      const rotated = tf.reshape(tf.matMul(tf.reshape(x3, [N * H, hd]), R), [N, H, hd]);
+      return tf.reshape(tf.add(tf.mul(x3, c), tf.mul(rotated, s)), [N, H * hd]);
+    }));
+    assert.ok(err < 1e-6, `[${N}, ${H}·${hd}]: max rel err ${err}`);
+    tf.dispose([x, rows]);
+  }
+  tf.dispose([cos, sin, table, R]);
+  done();
+});
+
+test('fused silu(gate)·up equals mul(gate, sigmoid(gate)), mul', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 7], [3, 130], [65, 33]] as const) {
+    const gate = rand([rows, cols], rows, 8) as tf.Tensor2D; // far into both tails of the sigmoid
+    const up = rand([rows, cols], cols, 2) as tf.Tensor2D;
+    const err = await compare(() => siluMulGpu(gate, up), () => tf.tidy(() => tf.mul(tf.mul(gate, tf.sigmoid(gate)), up)));
+    assert.ok(err < 1e-6, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose([gate, up]);
+  }
+  done();
+});
+
+test('fused gelu_new equals its tanh formula as separate ops, large inputs included', async () => {
+  const done = leakCheck();
+  for (const [rows, cols] of [[1, 7], [3, 130], [65, 33]] as const) {
+    const x = rand([rows, cols], rows + 1, 30) as tf.Tensor2D; // tanh saturates: must not overflow
+    const err = await compare(() => geluNewGpu(x), () => tf.tidy(() => {
+      const inner = tf.mul(tf.add(x, tf.mul(tf.pow(x, 3), 0.044715)), Math.sqrt(2 / Math.PI));
+      return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1));
+    }));
+    assert.ok(err < 1e-5, `[${rows}, ${cols}]: max rel err ${err}`);
+    tf.dispose(x);
+  }
+  done();
+});
+
+test('fused decode attention equals scores, mask, softmax and weighted sum over the cache (GQA, padding, long caches)', async () => {
+  const done = leakCheck();
+  // [B, kvH, G, C, hd]: GQA ratios 1, 3 and 4; caches shorter than, not a multiple of and longer than the 64-wide block.
+  for (const [B, kvH, G, C, hd] of [[1, 1, 1, 1, 8], [3, 2, 3, 37, 10], [2, 1, 4, 150, 64], [1, 2, 1, 65, 130]] as const) {
+    const H = kvH * G;
+    const q = rand([B, H * hd], C, 2) as tf.Tensor2D;
+    const k = rand([B, kvH, C, hd], C + 1, 2) as tf.Tensor4D;
+    const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
+    // Row b is left-padded by b·5 columns (as KVBatch.mask hides them), never all of them.
+    const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < Math.min(Math.floor(i / (G * C)) * 5, C - 1) ? -1e9 : 0));
+    const mask = tf.tensor4d(maskData, [B, 1, G, C]);
+    const scale = 1 / Math.sqrt(hd);
+    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale), () => tf.tidy(() => {
+      const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
+      const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
+      return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
+    }));
+    assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
+    tf.dispose([q, k, v, mask]);
+  }
+  done();
+});
+
+test('fused decode attention soft-caps the scaled scores before the mask and honours a sliding-window band', async () => {
+  const done = leakCheck();
+  // [B, kvH, G, C, hd, window, cap]: a window that hides whole 64-wide blocks of the cache, and Gemma 2's caps.
+  for (const [B, kvH, G, C, hd, window, cap] of [[2, 1, 2, 150, 16, 20, 50], [1, 2, 1, 37, 8, 5, 1], [3, 1, 1, 70, 12, null, 2]] as const) {
+    const H = kvH * G;
+    const q = rand([B, H * hd], C, 4) as tf.Tensor2D;
+    const k = rand([B, kvH, C, hd], C + 1, 4) as tf.Tensor4D;
+    const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
+    // The new token is column C − 1; a window W lets it see columns C − W .. C − 1 (KVBatch.mask's band).
+    const first = window === null ? 0 : C - window;
+    const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first ? -1e9 : 0)), [B, 1, G, C]);
+    const scale = 0.3;
+    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale, cap), () => tf.tidy(() => {
+      const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
+      const raw = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, G, C]
+      const scores = tf.add(tf.mul(tf.tanh(tf.div(raw, cap)), cap), mask);
+      return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
+    }));
+    assert.ok(err < 1e-5, `B ${B}, C ${C}, window ${window}, cap ${cap}: max rel err ${err}`);
+    tf.dispose([q, k, v, mask]);
+  }
+  done();
+});
+
+test('fused BGMV LoRA delta equals x·A, mask, ·B, add (rank 1 and padded ranks, base rows, one and many adapters)', async () => {
+  const done = leakCheck();
+  // [N, in, out, k, R]: the row slots cycle through the k adapters and −1 (base).
+  for (const [N, inF, outF, k, R] of [[1, 5, 3, 1, 1], [3, 70, 33, 2, 1], [9, 130, 65, 3, 8], [70, 48, 96, 8, 4]] as const) {
+    const x = rand([N, inF], N + inF) as tf.Tensor2D;
+    const A = rand([inF, k * R], inF) as tf.Tensor2D;
+    const B = rand([k * R, outF], outF) as tf.Tensor2D;
+    const y = rand([N, outF], N * 3) as tf.Tensor2D;
+    const rowSlots = Array.from({ length: N }, (_, n) => ((n + 1) % (k + 1)) - 1); // −1, 0, 1, …, k−1, −1, …
+    const slots = tf.tensor1d(rowSlots, 'int32');
+    const maskData = new Float32Array(N * k * R);
+    rowSlots.forEach((slot, n) => { if (slot >= 0) maskData.fill(1, n * k * R + slot * R, n * k * R + (slot + 1) * R); });
+    const mask = tf.tensor2d(maskData, [N, k * R]);
+    const err = await compare(() => loraBgmvGpu(x, A, B, y, slots, R),
+      () => tf.tidy(() => tf.add(y, tf.matMul(tf.mul(tf.matMul(x, A), mask), B))));
+    assert.ok(err < 1e-5, `N ${N}, in ${inF}, out ${outF}, k ${k}, R ${R}: max rel err ${err}`);
+    const base = rowSlots.indexOf(-1);
+    if (base >= 0) {
+      const [row, yRow] = tf.tidy(() => {
+        const out = loraBgmvGpu(x, A, B, y, slots, R);
+        return [tf.slice(out, [base, 0], [1, outF]), tf.slice(y, [base, 0], [1, outF])];
+      });
+      assert.deepEqual(await row.data(), await yRow.data(), 'a base row is y unchanged');
+      tf.dispose([row, yRow]);
+    }
+    tf.dispose([x, A, B, y, slots, mask]);
+  }
+  done();
+});
+
+/** A LoRA bank of k adapters of rank R for [inF → outF] and N rows cycling through −1 (base), 0, …, k−1. */
+function bank(N: number, inF: number, outF: number, k: number, R: number, seed: number) {
+  const rowSlots = Array.from({ length: N }, (_, n) => ((n + 1) % (k + 1)) - 1);
+  const maskData = new Float32Array(N * k * R);
+  rowSlots.forEach((slot, n) => { if (slot >= 0) maskData.fill(1, n * k * R + slot * R, n * k * R + (slot + 1) * R); });
+  return {
+    A: rand([inF, k * R], seed) as tf.Tensor2D, B: rand([k * R, outF], seed + 1) as tf.Tensor2D,
+    slots: tf.tensor1d(rowSlots, 'int32'), mask: tf.tensor2d(maskData, [N, k * R]), rank: R,
+  };
+}
+
+test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE and the gated activation', async () => {
+  const done = leakCheck();
+  const hd = 10;
+  const freqs = Array.from({ length: hd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / hd));
+  const { cos, sin } = ropeTables(50, [freqs], 1);
+  const table = ropeGpuTable(50, [freqs], 1);
+  const R = rotateHalfMatrix(hd);
+  for (const [N, inF, heads] of [[1, 5, 1], [3, 70, 13], [9, 130, 7]] as const) {
+    const outF = heads * hd; // 10, 130, 70: below, above and not a multiple of the 64-wide workgroup
+    const x = rand([N, inF], N + inF) as tf.Tensor2D;
+    const W = rand([inF, outF], inF * 2, 0.3) as tf.Tensor2D;
+    const U = rand([inF, outF], inF * 3, 0.3) as tf.Tensor2D;
+    const b = rand([outF], 11) as tf.Tensor1D;
+    const res = rand([N, outF], 12) as tf.Tensor2D;
+    const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 11) % 50), 'int32');
+    const lora = bank(N, inF, outF, 3, N === 1 ? 1 : 4, N);
+    const delta = () => tf.matMul(tf.mul(tf.matMul(x, lora.A), lora.mask), lora.B);
+    const rope = (y: tf.Tensor2D) => {
+      const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
+      const s = tf.reshape(tf.gather(sin, rows), [N, 1, hd]);
+      const y3 = tf.reshape(y, [N, heads, hd]);
+      const rotated = tf.reshape(tf.matMul(tf.reshape(y3, [N * heads, hd]), R), [N, heads, hd]);
+      return tf.reshape(tf.add(tf.mul(y3, c), tf.mul(rotated, s)), [N, outF]) as tf.Tensor2D;
+    };
+    const cases: [string, () => tf.Tensor, () => tf.Tensor][] = [
+      ['x·W', () => decodeLinearGpu(x, W), () => tf.matMul(x, W)],
+      ['x·W + b', () => decodeLinearGpu(x, W, { addend: b }), () => tf.add(tf.matMul(x, W), b)],
+      ['residual + x·W + LoRA', () => decodeLinearGpu(x, W, { addend: res, lora }), () => tf.add(tf.add(tf.matMul(x, W), delta()), res)],
+      ['rope(x·W + LoRA)', () => decodeLinearGpu(x, W, { lora, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), delta()))],
+      ['rope(x·W + b)', () => decodeLinearGpu(x, W, { addend: b, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), b))],
+      ['rope(x·W)', () => decodeLinearGpu(x, W, { rope: { table, rows } }), () => rope(tf.matMul(x, W))],
+      ['silu(x·W)·(x·U)', () => decodeLinearGpu(x, W, { up: U }), () => { const g = tf.matMul(x, W); return tf.mul(tf.mul(g, tf.sigmoid(g)), tf.matMul(x, U)); }],
+    ];
+    for (const [name, fused, unfused] of cases) {
+      const err = await compare(fused, () => tf.tidy(unfused));
+      assert.ok(err < 1e-5, `${name}, N ${N}, in ${inF}, out ${outF}: max rel err ${err}`);
+    }
+    tf.dispose([x, W, U, b, res, rows, lora.A, lora.B, lora.slots, lora.mask]);
+  }
+  tf.dispose([cos, sin, table, R]);
+  done();
+});
+
+test('the residual as the fused matmul\'s addend equals matmul then add (rows past the decode kernel\'s)', async () => {
+  const done = leakCheck();
+  for (const [N, inF, outF] of [[17, 33, 70], [70, 64, 130]] as const) {
+    const x = rand([N, inF], N) as tf.Tensor2D;
+    const W = rand([inF, outF], inF) as tf.Tensor2D;
+    const res = rand([N, outF], outF) as tf.Tensor2D;
+    const err = await compare(() => matmulWPlus(x, W, res), () => tf.tidy(() => tf.add(res, tf.matMul(x, W))));
+    assert.ok(err < 1e-5, `[${N}, ${inF}]·[${inF}, ${outF}]: max rel err ${err}`);
+    tf.dispose([x, W, res]);
+  }
+  done();
+});
