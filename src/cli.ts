@@ -32,6 +32,14 @@ export interface ServerOptions extends RuntimeOptions {
   readonly requestTimeout: number;
   /** Seconds in-flight requests get to finish on SIGTERM/SIGINT. */
   readonly shutdownGrace: number;
+  /** Seconds a client has to send a request's headers (Node's `headersTimeout`). */
+  readonly headersTimeout: number;
+  /** Seconds a client has to send a whole request, headers and body (Node's `requestTimeout`); 0: no limit. */
+  readonly bodyTimeout: number;
+  /** Seconds an idle keep-alive connection is kept open between requests (Node's `keepAliveTimeout`). */
+  readonly keepAliveTimeout: number;
+  /** Seconds a streaming client may accept no data before its request is cancelled and the connection closed; 0: no limit. */
+  readonly streamStallTimeout: number;
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
   readonly logLevel: LogLevel;
@@ -99,6 +107,10 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),
+  opt('headers-timeout', 'headersTimeout', 'seconds', 60, 'Seconds a client has to send a request\'s headers before the connection is closed (Node\'s headersTimeout)'),
+  opt('body-timeout', 'bodyTimeout', 'seconds', 300, 'Seconds a client has to send a whole request, headers and body, before it gets 408 and the connection is closed (Node\'s requestTimeout; 0: no limit)'),
+  opt('keep-alive-timeout', 'keepAliveTimeout', 'seconds', 72, 'Seconds an idle keep-alive connection stays open between requests (Node\'s keepAliveTimeout; above the usual 60 s of load balancers)'),
+  opt('stream-stall-timeout', 'streamStallTimeout', 'seconds', 30, 'Seconds a streaming client may read nothing while the server has data for it before its generation is cancelled and the connection closed (0: no limit)'),
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health and /metrics', { secret: true }),
   opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
@@ -215,6 +227,12 @@ export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): S
   }
   if (o.prefillChunk > o.maxBatchTokens) {
     throw new CliError(`--prefill-chunk (${o.prefillChunk}) must be at most --max-batch-tokens (${o.maxBatchTokens})`);
+  }
+  if (o.headersTimeout <= 0 || o.keepAliveTimeout <= 0) {
+    throw new CliError(`--headers-timeout and --keep-alive-timeout must be more than 0 seconds`);
+  }
+  if (o.bodyTimeout > 0 && o.headersTimeout > o.bodyTimeout) {
+    throw new CliError(`--headers-timeout (${o.headersTimeout}) must be at most --body-timeout (${o.bodyTimeout})`);
   }
   if (o.backend === 'webgpu' && typeof o.workers === 'number' && o.workers > 1) {
     throw new CliError(`--backend webgpu runs in the main thread (one GPU device per process): --workers must be 1, not ${o.workers}`);

@@ -71,10 +71,37 @@ export interface AppOptions {
   readonly bodyLimitBytes: number;
   /** Per-request deadline passed to the engine; absent or 0: none. */
   readonly requestTimeoutMs?: number;
+  /** Connection timeouts of the HTTP server (`--headers-timeout` ...); absent: those of `DEFAULT_CONNECTION_TIMEOUTS`. */
+  readonly connection?: ConnectionTimeouts;
+  /** A stream whose client accepts no data for this long is cancelled and its connection closed; absent or 0: never. */
+  readonly streamStallMs?: number;
   /** Absolute folders POST /v1/load_lora_adapter may read a lora_path from (--allowed-local-adapter-paths); absent: none. */
   readonly allowedAdapterPaths?: readonly string[];
   /** false until the model is loaded (and again while shutting down): /health answers 503. */
   ready(): boolean;
+}
+
+/** How long the HTTP server waits for a client, in milliseconds (Node's http.Server options of the same names). */
+export interface ConnectionTimeouts {
+  /** To receive a request's headers. */
+  readonly headersTimeoutMs: number;
+  /** To receive a whole request, headers and body (408 after it); 0: no limit. */
+  readonly requestTimeoutMs: number;
+  /** An idle keep-alive connection is closed after this long. */
+  readonly keepAliveTimeoutMs: number;
+}
+
+/** The defaults of `--headers-timeout`, `--body-timeout` and `--keep-alive-timeout`. */
+export const DEFAULT_CONNECTION_TIMEOUTS: ConnectionTimeouts = { headersTimeoutMs: 60_000, requestTimeoutMs: 300_000, keepAliveTimeoutMs: 72_000 };
+
+/**
+ * Node checks the header and request timeouts of open connections every `connectionsCheckingInterval` (30 s by
+ * default): checked four times per shortest timeout, at most once a second, so a timeout fires within a quarter of
+ * itself (or a second) of its value.
+ */
+function checkingIntervalMs(t: ConnectionTimeouts): number {
+  const shortest = Math.min(t.headersTimeoutMs, t.requestTimeoutMs || Infinity);
+  return Math.max(50, Math.min(1000, Math.floor(shortest / 4)));
 }
 
 export interface AppDeps {
@@ -145,7 +172,11 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 }
 
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
+  const timeouts = deps.options.connection ?? DEFAULT_CONNECTION_TIMEOUTS;
   const app = Fastify({
+    http: { headersTimeout: timeouts.headersTimeoutMs, connectionsCheckingInterval: checkingIntervalMs(timeouts) },
+    requestTimeout: timeouts.requestTimeoutMs,
+    keepAliveTimeout: timeouts.keepAliveTimeoutMs,
     ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
     // One summary line per request (below) instead of fastify's "incoming request" and "request completed".
     logController: new LogController({ disableRequestLogging: true }),

@@ -54,6 +54,12 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
       allowedAdapterPaths: parseAllowedRoots(options.allowedLocalAdapterPaths),
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
+      connection: {
+        headersTimeoutMs: options.headersTimeout * 1000,
+        requestTimeoutMs: options.bodyTimeout * 1000,
+        keepAliveTimeoutMs: options.keepAliveTimeout * 1000,
+      },
+      streamStallMs: options.streamStallTimeout * 1000,
       ready: () => ready,
     },
   }, { loggerInstance: logger });
