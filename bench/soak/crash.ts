@@ -153,8 +153,8 @@ export const killDuringLoads: Scenario = {
   criterion: 'SIGKILL while adapters load (a device tier of 2 over more adapters) and requests run, then a restart: the server starts, lists every stored adapter, and each answers its solo answers as before',
   async run(ctx: ScenarioContext) {
     const v = new Violations();
-    const rounds = ctx.size === 'short' ? 2 : 10;
-    const count = ctx.size === 'short' ? 5 : 12;
+    const rounds = ctx.size === 'short' ? 1 : 10;
+    const count = ctx.size === 'short' ? 4 : 12;
     const dir = await freshDir(ctx.workDir, 'kill-loads');
     const ids = Array.from({ length: count }, (_, i) => `load-${i}`);
     for (const [i, id] of ids.entries()) await placeAdapter(dir, id, await adapterBytes(ctx.workDir, { seed: 500 + i, r: i % 2 ? 16 : 8 }));

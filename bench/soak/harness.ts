@@ -157,7 +157,7 @@ export class SoakClient {
   upload(id: string, files: AdapterBytes): Promise<Answer> {
     const form = new FormData();
     form.append('config', files.config);
-    form.append('weights', new Blob([files.weights]), 'adapter_model.safetensors');
+    form.append('weights', new Blob([Buffer.from(files.weights)]), 'adapter_model.safetensors');
     return this.send('PUT', `/adapters/${id}`, form);
   }
 

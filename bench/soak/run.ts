@@ -130,6 +130,8 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const opts = parseArgs(args);
   const started = new Date();
+  // The code measured is the code at the start (servers started later read src/ as it is then: leave it alone).
+  const commit = git();
   const t0 = performance.now();
   const results = await runSoak({ ...opts, log: (m) => process.stderr.write(`[soak] ${m}\n`) });
   process.stdout.write(`${formatTable(results)}\n`);
@@ -139,7 +141,7 @@ async function main(): Promise<void> {
     const report: SoakReport = {
       started: started.toISOString(), seconds: Math.round((performance.now() - t0) / 1000), size: opts.size,
       machine: { cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: cpus().length, memoryBytes: totalmem() },
-      git: git(), args, notes: RUN_NOTES, results,
+      git: commit, args, notes: RUN_NOTES, results,
     };
     mkdirSync(dirname(opts.out), { recursive: true });
     writeFileSync(opts.out, `${JSON.stringify(report, null, 2)}\n`);

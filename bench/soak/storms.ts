@@ -6,7 +6,7 @@ import { adapterBytes, freshDir, loop, placeAdapter, PROMPTS, SoakClient, SoloAn
 import { sleep, Violations, type Scenario, type ScenarioContext } from './scenario.ts';
 
 const CLIENTS = 16;
-const seconds = (ctx: ScenarioContext) => (ctx.size === 'short' ? 6 : 60);
+const seconds = (ctx: ScenarioContext) => (ctx.size === 'short' ? 4 : 60);
 
 /** Counts of answers by status (`200`, `404 ADAPTER_NOT_FOUND`, `transport failure`). */
 function tallyStatus(tally: Record<string, number>, a: Answer): void {

@@ -169,7 +169,7 @@ export type SendEvent = (payload: unknown) => void;
  * is destroyed: `submit` sees the response close unfinished and cancels the generation, so a client that stops
  * reading holds neither a batch slot nor its unread events for longer than `ms`. `ms` 0: no bound.
  */
-function stallBound(body: PassThrough, reply: FastifyReply, ms: number): (accepted: boolean) => void {
+export function stallBound(body: PassThrough, reply: FastifyReply, ms: number): (accepted: boolean) => void {
   if (ms <= 0) return () => {};
   const res = reply.raw;
   let timer: NodeJS.Timeout | null = null;
