@@ -3,6 +3,7 @@
  * and bursts far over the queue. The server must keep serving everyone else, answer with its coded errors and let
  * go of what such clients hold.
  */
+import { setMaxListeners } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { Pool } from 'undici';
@@ -123,7 +124,7 @@ export const slowClients: Scenario = {
   async run(ctx) {
     const v = new Violations();
     const slowCount = ctx.size === 'short' ? 120 : 400;
-    const stalledCount = ctx.size === 'short' ? 4 : 16;
+    const stalledCount = ctx.size === 'short' ? 4 : 8;
     const measured = ctx.size === 'short' ? 30 : 200;
     const dir = await freshDir(ctx.workDir, 'slow-clients');
     const server = await startSoakServer(ctx, 'slow-clients', dir, {
@@ -138,6 +139,7 @@ export const slowClients: Scenario = {
       // Slow connections are kept open (each replaced when the server closes it) while the latency is measured again.
       const kinds: SlowKind[] = ['headers byte by byte', 'body byte by byte', 'silent'];
       const cancel = new AbortController();
+      setMaxListeners(0, cancel.signal); // one listener per open slow connection
       const conns: SlowConnection[] = [];
       const closing: Promise<void>[] = [];
       let measuring = true;
@@ -150,7 +152,7 @@ export const slowClients: Scenario = {
         }
       };
       const slots = Array.from({ length: slowCount }, (_, i) => keepOpen(kinds[i % kinds.length]!));
-      const stalled = Array.from({ length: stalledCount }, () => stalledReader(server.api.url, ctx.size === 'short' ? 200 : 1000));
+      const stalled = Array.from({ length: stalledCount }, () => stalledReader(server.api.url, ctx.size === 'short' ? 200 : 500));
       const stalledSince = performance.now();
       await sleep(500);
       const loaded = await latencies(client, measured, 4);
@@ -273,7 +275,7 @@ export const bursts: Scenario = {
   criterion: '10× --max-queue requests at once, repeatedly (--max-queue 8, --max-batch-size 8): every refusal is a coded 429 with Retry-After, answered faster than the accepted requests\' median; every accepted request completes with its solo answer; RSS after the last burst within 5 % of after the first, TensorFlow.js tensors back to their count',
   async run(ctx) {
     const v = new Violations();
-    const rounds = ctx.size === 'short' ? 4 : 40;
+    const rounds = ctx.size === 'short' ? 4 : 30;
     const maxQueue = 8;
     const dir = await freshDir(ctx.workDir, 'bursts');
     await placeAdapter(dir, 'burst', await adapterBytes(ctx.workDir, { seed: 801 }));

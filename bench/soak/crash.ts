@@ -60,7 +60,7 @@ export const killDuringUploads: Scenario = {
   criterion: 'SIGKILL while uploads run (a replacement of an existing id and new ids; bodies half sent, and uploads racing the kill), then a restart on the same folder: the existing id serves a whole version (the old one when the bodies were cut), a new id is absent or whole (absent when its body was cut), no temp folder is listed or left in the folder, the folder holds no more than its adapters',
   async run(ctx) {
     const v = new Violations();
-    const rounds = ctx.size === 'short' ? 2 : 12;
+    const rounds = ctx.size === 'short' ? 2 : 8;
     const dir = await freshDir(ctx.workDir, 'kill-uploads');
     // Large adapters (all-linear, r 64: ~4.7 MB) so that a kill lands inside a write more often.
     const [old, next, fresh] = await Promise.all([401, 402, 403].map((seed) => adapterBytes(ctx.workDir, { seed, r: 64, targetModules: 'all-linear' })));
@@ -153,7 +153,7 @@ export const killDuringLoads: Scenario = {
   criterion: 'SIGKILL while adapters load (a device tier of 2 over more adapters) and requests run, then a restart: the server starts, lists every stored adapter, and each answers its solo answers as before',
   async run(ctx: ScenarioContext) {
     const v = new Violations();
-    const rounds = ctx.size === 'short' ? 1 : 10;
+    const rounds = ctx.size === 'short' ? 1 : 6;
     const count = ctx.size === 'short' ? 4 : 12;
     const dir = await freshDir(ctx.workDir, 'kill-loads');
     const ids = Array.from({ length: count }, (_, i) => `load-${i}`);

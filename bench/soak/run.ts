@@ -11,7 +11,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem, tmpdir } from 'node:os';
+import { cpus, loadavg, totalmem, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { killDuringLoads, killDuringUploads } from './crash.ts';
@@ -30,8 +30,12 @@ export interface SoakReport {
   readonly seconds: number;
   readonly size: Size;
   readonly machine: { readonly cpu: string; readonly cores: number; readonly memoryBytes: number };
+  /** The machine's 1-minute load average at the start and at the end (other processes share the cores). */
+  readonly load: { readonly start: number; readonly end: number };
   readonly git: { readonly commit: string; readonly dirty: boolean };
   readonly args: readonly string[];
+  /** false while the run goes on (the file is written after every scenario), or when it was cut short. */
+  readonly complete: boolean;
   readonly notes: readonly string[];
   readonly results: readonly ScenarioResult[];
 }
@@ -43,6 +47,8 @@ export interface SoakOptions {
   readonly log?: (msg: string) => void;
   /** Fuzz cases for bench/soak/fuzz.ts when it exists (default: 100 short, 1000 long). */
   readonly fuzzCases?: number;
+  /** Called with the results so far after every scenario. */
+  readonly onResult?: (results: readonly ScenarioResult[]) => void;
 }
 
 /** The shape bench/soak/fuzz.ts exports. */
@@ -68,6 +74,7 @@ export async function runSoak(opts: SoakOptions): Promise<ScenarioResult[]> {
       r = { ...r, figures: { ...r.figures, 'scenario seconds': Math.round((performance.now() - t0) / 100) / 10 } };
       log(`${s.name}: ${r.passed ? 'pass' : 'FAIL'}`);
       results.push(r);
+      opts.onResult?.(results);
     }
     const fuzzFile = join(dirname(fileURLToPath(import.meta.url)), 'fuzz.ts');
     if (existsSync(fuzzFile) && (!opts.only || opts.only.includes('fuzz'))) {
@@ -132,21 +139,24 @@ async function main(): Promise<void> {
   const started = new Date();
   // The code measured is the code at the start (servers started later read src/ as it is then: leave it alone).
   const commit = git();
+  const loadStart = loadavg()[0]!;
   const t0 = performance.now();
-  const results = await runSoak({ ...opts, log: (m) => process.stderr.write(`[soak] ${m}\n`) });
-  process.stdout.write(`${formatTable(results)}\n`);
-  const failed = results.filter((r) => !r.passed).length;
-  process.stdout.write(`\n${results.length - failed}/${results.length} scenarios passed\n`);
-  if (opts.out) {
+  const write = (results: readonly ScenarioResult[], complete: boolean) => {
+    if (!opts.out) return;
     const report: SoakReport = {
       started: started.toISOString(), seconds: Math.round((performance.now() - t0) / 1000), size: opts.size,
       machine: { cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: cpus().length, memoryBytes: totalmem() },
-      git: commit, args, notes: RUN_NOTES, results,
+      load: { start: Math.round(loadStart * 10) / 10, end: Math.round(loadavg()[0]! * 10) / 10 },
+      git: commit, args, complete, notes: RUN_NOTES, results,
     };
     mkdirSync(dirname(opts.out), { recursive: true });
     writeFileSync(opts.out, `${JSON.stringify(report, null, 2)}\n`);
-    process.stdout.write(`wrote ${opts.out}\n`);
-  }
+  };
+  const results = await runSoak({ ...opts, log: (m) => process.stderr.write(`[soak] ${m}\n`), onResult: (r) => write(r, false) });
+  write(results, true);
+  process.stdout.write(`${formatTable(results)}\n`);
+  const failed = results.filter((r) => !r.passed).length;
+  process.stdout.write(`\n${results.length - failed}/${results.length} scenarios passed${opts.out ? `; wrote ${opts.out}` : ''}\n`);
   process.exitCode = failed > 0 ? 1 : 0;
 }
 

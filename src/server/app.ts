@@ -122,11 +122,13 @@ function sha256(s: string): Buffer {
   return createHash('sha256').update(s).digest();
 }
 
-/** Any error as a ServeError: fastify's own client errors get catalogue codes, everything else is INTERNAL. */
+/** Any error as a ServeError: fastify's own client errors and a request aborted mid-body get catalogue codes, everything else is INTERNAL. */
 function toServeError(err: unknown): ServeError {
   if (isServeError(err)) return err;
   const e = err as Partial<FastifyError>;
   const status = e.statusCode ?? 500;
+  // The client went away (or was timed out) while its body was being read: nobody reads the answer.
+  if (e.code === 'ECONNRESET' || e.code === 'ERR_STREAM_PREMATURE_CLOSE') return fail('CANCELLED', 'the client closed the connection before its request was read');
   if (typeof e.code === 'string' && e.code.startsWith('FST_') && status >= 400 && status < 500) {
     if (status === 413) return fail('PAYLOAD_TOO_LARGE', e.message ?? 'request body too large');
     if (status === 415) return fail('UNSUPPORTED_MEDIA_TYPE', e.message ?? 'unsupported content type');

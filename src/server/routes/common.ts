@@ -164,8 +164,9 @@ export interface SseOptions {
 export type SendEvent = (payload: unknown) => void;
 
 /**
- * Bounds how long a stream's client may read nothing. `accepted(false)` (a write the stream had to buffer) starts a
- * timer of `ms`; the buffer draining, or the response finishing or closing, stops it. When it fires, the connection
+ * Bounds how long a stream's client may read nothing. `accepted(false)` (a write the stream had to buffer, or the
+ * stream's end, until the response is handed to the socket) starts a timer of `ms`; the buffer draining, or the
+ * response finishing or closing, stops it. When it fires, the connection
  * is destroyed: `submit` sees the response close unfinished and cancels the generation, so a client that stops
  * reading holds neither a batch slot nor its unread events for longer than `ms`. `ms` 0: no bound.
  */
@@ -214,6 +215,8 @@ export async function streamGeneration(
   const end = () => {
     if (opts.openai) write('data: [DONE]\n\n');
     if (!body.writableEnded) body.end();
+    // The last events, too, must reach the client within the bound.
+    accepted(false);
   };
 
   let pending: { token: TokenInfo; text: string } | null = null;
