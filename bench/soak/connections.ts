@@ -120,7 +120,7 @@ async function latencies(client: SoakClient, count: number, concurrency: number)
 
 export const slowClients: Scenario = {
   name: 'slow clients',
-  criterion: `hundreds of connections sending headers or bodies a byte every 250 ms or nothing, and stream readers that never read: the p95 latency of other clients stays within 2× of idle; the server closes every such connection within its timeout (--headers-timeout ${TIMEOUTS.headers}, --body-timeout ${TIMEOUTS.body}, --keep-alive-timeout ${TIMEOUTS.keepAlive}, --stream-stall-timeout ${TIMEOUTS.stall} s) plus ${CLOSE_SLACK_S} s; no request is left running`,
+  criterion: `hundreds of connections sending headers or bodies a byte every 250 ms, or nothing: other clients' p95 latency stays within 2× of idle, and the server closes each such connection within its timeout (--headers-timeout ${TIMEOUTS.headers}, --body-timeout ${TIMEOUTS.body} s) plus ${CLOSE_SLACK_S} s; then streams whose readers never read (--stream-stall-timeout ${TIMEOUTS.stall}, --keep-alive-timeout ${TIMEOUTS.keepAlive} s): their requests end, no request is left running, and the server has closed their connections`,
   async run(ctx) {
     const v = new Violations();
     const slowCount = ctx.size === 'short' ? 120 : 400;
@@ -152,11 +152,13 @@ export const slowClients: Scenario = {
         }
       };
       const slots = Array.from({ length: slowCount }, (_, i) => keepOpen(kinds[i % kinds.length]!));
-      const stalled = Array.from({ length: stalledCount }, () => stalledReader(server.api.url, ctx.size === 'short' ? 200 : 500));
-      const stalledSince = performance.now();
       await sleep(500);
       const loaded = await latencies(client, measured, 4);
       measuring = false;
+      // Stalled readers come after the latency is measured: their generations are real work, which would count
+      // against the other clients' latency for a reason other than slow connections.
+      const stalled = Array.from({ length: stalledCount }, () => stalledReader(server.api.url, ctx.size === 'short' ? 200 : 500));
+      const stalledSince = performance.now();
       // The last connection of every slot must be closed by the server; give each its timeout and the slack.
       const deadline = setTimeout(() => cancel.abort(), (Math.max(TIMEOUTS.headers, TIMEOUTS.body) + CLOSE_SLACK_S + 30) * 1000);
       await Promise.all(slots);
@@ -178,7 +180,7 @@ export const slowClients: Scenario = {
       v.check(p95Loaded <= 2 * p95Idle, 'p95 over 2× idle', () => `${round(p95Loaded)} s vs ${round(p95Idle)} s idle`);
       const limit: Record<SlowKind, number> = { 'headers byte by byte': TIMEOUTS.headers, 'body byte by byte': TIMEOUTS.body, silent: TIMEOUTS.headers };
       const figures: Record<string, number | string> = {
-        'slow connections open at once': slowCount + stalledCount, 'other clients\' requests': 2 * measured,
+        'slow connections open at once': slowCount, 'other clients\' requests': 2 * measured,
         'p95 idle s': round(p95Idle), 'p95 with slow clients s': round(p95Loaded), 'p95 ratio': round(p95Loaded / p95Idle, 2),
       };
       for (const kind of kinds) {

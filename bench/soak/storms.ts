@@ -95,12 +95,13 @@ export const deleteStorm: Scenario = {
       const done = () => performance.now() > end;
       const churn = (async () => {
         while (!done()) {
+          // Each state lasts a few hundred milliseconds, so that requests under load see both.
           for (const op of [() => client.remove('flip'), () => client.upload('flip', files)]) {
             const r = await op();
             const key = `${r.status}${r.code ? ` ${r.code}` : ''}`;
             admin[key] = (admin[key] ?? 0) + 1;
             v.check(r.status > 0 && r.status < 500, 'admin 5xx or failure', () => `${r.status} ${r.code ?? r.failure ?? ''}`);
-            await sleep(50 + Math.random() * 100);
+            await sleep(200 + Math.random() * 400);
           }
         }
       })();
