@@ -33,6 +33,14 @@ export interface ServerOptions extends RuntimeOptions {
   readonly requestTimeout: number;
   /** Seconds in-flight requests get to finish on SIGTERM/SIGINT. */
   readonly shutdownGrace: number;
+  /** Seconds a client has to send a request's headers (Node's `headersTimeout`). */
+  readonly headersTimeout: number;
+  /** Seconds a client has to send a whole request, headers and body (Node's `requestTimeout`); 0: no limit. */
+  readonly bodyTimeout: number;
+  /** Seconds an idle keep-alive connection is kept open between requests (Node's `keepAliveTimeout`). */
+  readonly keepAliveTimeout: number;
+  /** Seconds a streaming client may accept no data before its request is cancelled and the connection closed; 0: no limit. */
+  readonly streamStallTimeout: number;
   /** undefined: no authentication. */
   readonly apiKey: string | undefined;
   /** undefined: admin routes take apiKey like the others. */
@@ -108,6 +116,10 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('api-key', 'apiKey', 'string', undefined, 'Require "Authorization: Bearer <key>" on every route but /health (and /metrics with --metrics-public)', { secret: true }),
   opt('admin-api-key', 'adminApiKey', 'string', undefined, 'Require this key instead on the routes that change adapters (PUT/DELETE /adapters/{id}, POST /adapters/{id}/load|unload, /v1/load_lora_adapter, /v1/unload_lora_adapter); it opens every other route too', { secret: true }),
   opt('metrics-public', 'metricsPublic', 'bool', false, 'Serve /metrics without the API key (for a Prometheus that sends no credentials)'),
+  opt('headers-timeout', 'headersTimeout', 'seconds', 60, 'Seconds a client has to send a request\'s headers before the connection is closed (Node\'s headersTimeout)'),
+  opt('body-timeout', 'bodyTimeout', 'seconds', 300, 'Seconds a client has to send a whole request, headers and body, before it gets 408 and the connection is closed (Node\'s requestTimeout; 0: no limit)'),
+  opt('keep-alive-timeout', 'keepAliveTimeout', 'seconds', 72, 'Seconds an idle keep-alive connection stays open between requests (Node\'s keepAliveTimeout; above the usual 60 s of load balancers)'),
+  opt('stream-stall-timeout', 'streamStallTimeout', 'seconds', 30, 'Seconds a streaming client may read nothing while the server has data for it before its generation is cancelled and the connection closed (0: no limit)'),
   opt('metrics-compat', 'metricsCompat', 'choice', 'none', 'Also export the gauges a Gateway API Inference Extension endpoint picker reads under vLLM\'s names (vllm:num_requests_waiting, ...), so it works with its defaults', { choices: METRICS_COMPAT }),
   opt('log-level', 'logLevel', 'choice', 'info', 'Log level', { choices: LOG_LEVELS }),
 ]);
@@ -223,6 +235,12 @@ export function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): S
   }
   if (o.prefillChunk > o.maxBatchTokens) {
     throw new CliError(`--prefill-chunk (${o.prefillChunk}) must be at most --max-batch-tokens (${o.maxBatchTokens})`);
+  }
+  if (o.headersTimeout <= 0 || o.keepAliveTimeout <= 0) {
+    throw new CliError(`--headers-timeout and --keep-alive-timeout must be more than 0 seconds`);
+  }
+  if (o.bodyTimeout > 0 && o.headersTimeout > o.bodyTimeout) {
+    throw new CliError(`--headers-timeout (${o.headersTimeout}) must be at most --body-timeout (${o.bodyTimeout})`);
   }
   if (o.backend === 'webgpu' && typeof o.workers === 'number' && o.workers > 1) {
     throw new CliError(`--backend webgpu runs in the main thread (one GPU device per process): --workers must be 1, not ${o.workers}`);

@@ -28,6 +28,10 @@ test('defaults', () => {
   assert.equal(o.workers, 'auto');
   assert.equal(o.requestTimeout, 0);
   assert.equal(o.shutdownGrace, 30);
+  assert.equal(o.headersTimeout, 60);
+  assert.equal(o.bodyTimeout, 300);
+  assert.equal(o.keepAliveTimeout, 72);
+  assert.equal(o.streamStallTimeout, 30);
   assert.equal(o.apiKey, undefined);
   assert.equal(o.logLevel, 'info');
   assert.equal(o.help, false);
@@ -66,6 +70,10 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_PROFILE', 'true', 'profile', true],
   ['LORA_SERVE_REQUEST_TIMEOUT', '2.5', 'requestTimeout', 2.5],
   ['LORA_SERVE_SHUTDOWN_GRACE', '5', 'shutdownGrace', 5],
+  ['LORA_SERVE_HEADERS_TIMEOUT', '10', 'headersTimeout', 10],
+  ['LORA_SERVE_BODY_TIMEOUT', '120', 'bodyTimeout', 120],
+  ['LORA_SERVE_KEEP_ALIVE_TIMEOUT', '5', 'keepAliveTimeout', 5],
+  ['LORA_SERVE_STREAM_STALL_TIMEOUT', '10', 'streamStallTimeout', 10],
   ['LORA_SERVE_API_KEY', 'from-env', 'apiKey', 'from-env'],
   ['LORA_SERVE_ADMIN_API_KEY', 'admin-from-env', 'adminApiKey', 'admin-from-env'],
   ['LORA_SERVE_METRICS_PUBLIC', 'true', 'metricsPublic', true],
@@ -132,6 +140,9 @@ test('bad values are clear CliErrors', () => {
     [[], { LORA_SERVE_MAX_QUEUE: 'lots' }, /LORA_SERVE_MAX_QUEUE/],
     [['--max-input-length', '4096'], {}, /--max-input-length \(4096\) must be less than --max-total-tokens \(2048\)/],
     [['--prefill-chunk', '4096'], {}, /--prefill-chunk/],
+    [['--headers-timeout', '0'], {}, /--headers-timeout and --keep-alive-timeout must be more than 0/],
+    [['--keep-alive-timeout', '0'], {}, /--keep-alive-timeout must be more than 0/],
+    [['--headers-timeout', '20', '--body-timeout', '10'], {}, /--headers-timeout \(20\) must be at most --body-timeout \(10\)/],
     [['--backend', 'webgpu', '--workers', '2'], {}, /--backend webgpu runs in the main thread.*--workers must be 1, not 2/],
     [['--workers', '2'], { LORA_SERVE_BACKEND: 'webgpu' }, /--workers must be 1/],
   ];

@@ -191,3 +191,14 @@ test('CausalLM.loadAsync lets the event loop run between layers, for every archi
     assert.equal(tf.memory().numTensors, baseline, name);
   }
 });
+
+test('the connection timeouts (--headers-timeout, --body-timeout, --keep-alive-timeout) reach the server that listens early', async () => {
+  const { server } = await start(1, new StartupProgress(), { headersTimeout: 7, bodyTimeout: 11, keepAliveTimeout: 13 });
+  const s = await server;
+  try {
+    const http = s.app.server;
+    assert.deepEqual([http.headersTimeout, http.requestTimeout, http.keepAliveTimeout], [7000, 11_000, 13_000]);
+  } finally {
+    await s.close();
+  }
+});

@@ -83,6 +83,10 @@ export interface AppOptions {
   readonly bodyLimitBytes: number;
   /** Per-request deadline passed to the engine; absent or 0: none. */
   readonly requestTimeoutMs?: number;
+  /** Connection timeouts of the HTTP server (`--headers-timeout` ...); absent: those of `DEFAULT_CONNECTION_TIMEOUTS`. */
+  readonly connection?: ConnectionTimeouts;
+  /** A stream whose client accepts no data for this long is cancelled and its connection closed; absent or 0: never. */
+  readonly streamStallMs?: number;
   /** Absolute folders POST /v1/load_lora_adapter may read a lora_path from (--allowed-local-adapter-paths); absent: none. */
   readonly allowedAdapterPaths?: readonly string[];
   /** POST /v1/load_lora_adapter takes a lora_path that is not absolute as a Hub repo id, as vLLM does (--adapter-source hub). */
@@ -91,6 +95,29 @@ export interface AppOptions {
   ready(): boolean;
   /** Why the server can no longer serve fully and should be restarted (WORKER_DIED), or null: /health answers 503 with it. */
   broken?(): ServeError | null;
+}
+
+/** How long the HTTP server waits for a client, in milliseconds (Node's http.Server options of the same names). */
+export interface ConnectionTimeouts {
+  /** To receive a request's headers. */
+  readonly headersTimeoutMs: number;
+  /** To receive a whole request, headers and body (408 after it); 0: no limit. */
+  readonly requestTimeoutMs: number;
+  /** An idle keep-alive connection is closed after this long. */
+  readonly keepAliveTimeoutMs: number;
+}
+
+/** The defaults of `--headers-timeout`, `--body-timeout` and `--keep-alive-timeout`. */
+export const DEFAULT_CONNECTION_TIMEOUTS: ConnectionTimeouts = { headersTimeoutMs: 60_000, requestTimeoutMs: 300_000, keepAliveTimeoutMs: 72_000 };
+
+/**
+ * Node checks the header and request timeouts of open connections every `connectionsCheckingInterval` (30 s by
+ * default): checked four times per shortest timeout, at most once a second, so a timeout fires within a quarter of
+ * itself (or a second) of its value.
+ */
+export function checkingIntervalMs(t: ConnectionTimeouts): number {
+  const shortest = Math.min(t.headersTimeoutMs, t.requestTimeoutMs || Infinity);
+  return Math.max(50, Math.min(1000, Math.floor(shortest / 4)));
 }
 
 export interface AppDeps {
@@ -152,11 +179,13 @@ function apiKeyCheck(opts: Pick<AppOptions, 'apiKey' | 'adminApiKey'>): ((reques
   };
 }
 
-/** Any error as a ServeError: fastify's own client errors get catalogue codes, everything else is INTERNAL. */
+/** Any error as a ServeError: fastify's own client errors and a request aborted mid-body get catalogue codes, everything else is INTERNAL. */
 function toServeError(err: unknown): ServeError {
   if (isServeError(err)) return err;
   const e = err as Partial<FastifyError>;
   const status = e.statusCode ?? 500;
+  // The client went away (or was timed out) while its body was being read: nobody reads the answer.
+  if (e.code === 'ECONNRESET' || e.code === 'ERR_STREAM_PREMATURE_CLOSE') return fail('CANCELLED', 'the client closed the connection before its request was read');
   if (typeof e.code === 'string' && e.code.startsWith('FST_') && status >= 400 && status < 500) {
     if (status === 413) return fail('PAYLOAD_TOO_LARGE', e.message ?? 'request body too large');
     if (status === 415) return fail('UNSUPPORTED_MEDIA_TYPE', e.message ?? 'unsupported content type');
@@ -202,7 +231,11 @@ export function registeredRoutes(app: FastifyInstance): readonly RouteRecord[] {
 }
 
 export async function buildApp(deps: AppDeps, opts: BuildOptions = {}): Promise<FastifyInstance> {
+  const timeouts = deps.options.connection ?? DEFAULT_CONNECTION_TIMEOUTS;
   const app = Fastify({
+    http: { headersTimeout: timeouts.headersTimeoutMs, connectionsCheckingInterval: checkingIntervalMs(timeouts) },
+    requestTimeout: timeouts.requestTimeoutMs,
+    keepAliveTimeout: timeouts.keepAliveTimeoutMs,
     ...(opts.loggerInstance ? { loggerInstance: opts.loggerInstance } : { logger: false }),
     ...(opts.serverFactory ? { serverFactory: opts.serverFactory } : {}),
     // One summary line per request (below) instead of fastify's "incoming request" and "request completed".

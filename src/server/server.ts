@@ -10,7 +10,7 @@ import type { ServerOptions } from '../cli.ts';
 import { webgpuCounts } from '../backend/webgpu/counters.ts';
 import { Metrics } from '../obs/metrics.ts';
 import { startRuntime, type Runtime } from '../runtime.ts';
-import { buildApp } from './app.ts';
+import { buildApp, checkingIntervalMs, type ConnectionTimeouts } from './app.ts';
 import { parseAllowedRoots } from '../lora/local-path.ts';
 import { serverInfo } from './info.ts';
 import { loadingHandler } from './loading.ts';
@@ -81,6 +81,8 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
       hubLoraPaths: options.adapterSource === 'hub',
       bodyLimitBytes: 4 * 1024 * 1024,
       requestTimeoutMs: options.requestTimeout > 0 ? options.requestTimeout * 1000 : undefined,
+      connection: connectionTimeouts(options),
+      streamStallMs: options.streamStallTimeout * 1000,
       ready: () => ready,
       broken: () => rt.executor.broken(),
     },
@@ -115,6 +117,15 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
   };
 }
 
+/** The HTTP server's connection timeouts from the options, in milliseconds. */
+function connectionTimeouts(options: ServerOptions): ConnectionTimeouts {
+  return {
+    headersTimeoutMs: options.headersTimeout * 1000,
+    requestTimeoutMs: options.bodyTimeout * 1000,
+    keepAliveTimeoutMs: options.keepAliveTimeout * 1000,
+  };
+}
+
 /**
  * Listens on `options.host`:`options.port` at once (logging `listening on <url>`), answering every request as
  * src/server/loading.ts does while the runtime starts (checking --api-key, --admin-api-key and --metrics-public as
@@ -122,11 +133,15 @@ export async function createServer(options: ServerOptions, logger: Logger = crea
  */
 export async function startServer(options: ServerOptions, logger: Logger = createLogger(options.logLevel), progress = new StartupProgress()): Promise<Server> {
   let handle: (req: IncomingMessage, res: ServerResponse) => void = (_req, res) => res.writeHead(503).end();
-  const http = createHttpServer((req, res) => handle(req, res));
-  // What fastify sets on the servers it makes itself (its defaults): idle keep-alive connections outlive a
-  // proxy's 60 s idle timeout, and no deadline on receiving a request.
-  http.keepAliveTimeout = 72_000;
-  http.requestTimeout = 0;
+  // The app is handed this server (fastify's serverFactory), so fastify's own timeout options do not reach it: the
+  // connection timeouts (--headers-timeout, --body-timeout, --keep-alive-timeout) are set here.
+  const timeouts: ConnectionTimeouts = connectionTimeouts(options);
+  const http = createHttpServer({
+    headersTimeout: timeouts.headersTimeoutMs,
+    requestTimeout: timeouts.requestTimeoutMs,
+    keepAliveTimeout: timeouts.keepAliveTimeoutMs,
+    connectionsCheckingInterval: checkingIntervalMs(timeouts),
+  }, (req, res) => handle(req, res));
   await new Promise<void>((resolve, reject) => {
     http.once('error', reject);
     http.listen({ host: options.host, port: options.port }, () => {

@@ -240,6 +240,33 @@ export interface SseOptions {
 export type SendEvent = (payload: unknown) => void;
 
 /**
+ * Bounds how long a stream's client may read nothing. `accepted(false)` (a write the stream had to buffer, or the
+ * stream's end, until the response is handed to the socket) starts a timer of `ms`; the buffer draining, or the
+ * response finishing or closing, stops it. When it fires, the connection
+ * is destroyed: `submit` sees the response close unfinished and cancels the generation, so a client that stops
+ * reading holds neither a batch slot nor its unread events for longer than `ms`. `ms` 0: no bound.
+ */
+export function stallBound(body: PassThrough, reply: FastifyReply, ms: number): (accepted: boolean) => void {
+  if (ms <= 0) return () => {};
+  const res = reply.raw;
+  let timer: NodeJS.Timeout | null = null;
+  const stop = () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+  };
+  body.on('drain', stop);
+  res.once('finish', stop);
+  res.once('close', stop);
+  return (accepted) => {
+    if (accepted || timer || res.destroyed) return;
+    timer = setTimeout(() => {
+      reply.log.warn(`stream cancelled: the client read nothing for ${ms} ms (--stream-stall-timeout)`);
+      res.destroy();
+    }, ms);
+  };
+}
+
+/**
  * Streams generations (one per choice, interleaved as their tokens come) as server-sent events.
  * Nothing is written before the engine's first event, so a rejection before it (overload, unknown
  * adapter, failed adapter load) is answered as a normal JSON error with its status by the caller's
@@ -257,13 +284,16 @@ export async function streamGeneration(
   makeHandler: (send: SendEvent) => StreamHandler,
 ): Promise<FastifyReply> {
   const body = new PassThrough();
+  const accepted = stallBound(body, reply, deps.options.streamStallMs ?? 0);
   const write = (s: string) => {
-    if (!body.destroyed && !body.writableEnded) body.write(s);
+    if (!body.destroyed && !body.writableEnded) accepted(body.write(s));
   };
   const handler = makeHandler((payload) => write(`data:${opts.openai ? ' ' : ''}${JSON.stringify(payload)}\n\n`));
   const end = () => {
     if (opts.openai) write('data: [DONE]\n\n');
     if (!body.writableEnded) body.end();
+    // The last events, too, must reach the client within the bound.
+    accepted(false);
   };
 
   /** Per choice: the token held back one tick. */

@@ -1,0 +1,34 @@
+/**
+ * The README's Reliability table is the rendering of the committed results file of `npm run soak`
+ * (bench/soak/readme.ts), so every figure there comes from a run; and the renderer shows results as they are.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { readSoakReport, renderSoakReadme, renderSoakTable } from '../bench/soak/readme.ts';
+import type { SoakReport } from '../bench/soak/run.ts';
+
+test('README.md holds exactly the table rendered from bench/results/soak-latest.json (run `npm run soak:readme` after `npm run soak`)', () => {
+  const readme = readFileSync('README.md', 'utf8');
+  assert.equal(readme, renderSoakReadme(readme, readSoakReport()));
+  assert.ok(readSoakReport(), 'bench/results/soak-latest.json is committed');
+});
+
+test('the rendering: the run, one row per result with its figures, FAIL marked, notes listed', () => {
+  const report: SoakReport = {
+    started: '2026-12-04T23:00:00.000Z', seconds: 600, size: 'long', machine: { cpu: 'CPU', cores: 2, memoryBytes: 2 ** 34 }, load: { start: 1.5, end: 2 },
+    git: { commit: 'abcdef0123', dirty: false }, args: ['--requests', '100'], complete: true, notes: ['shared machine'],
+    results: [
+      { name: 'bursts', criterion: 'a | b', passed: true, figures: { 'refused 429': 7, 'p95 s': 0.5 } },
+      { name: 'soak', criterion: 'c', passed: false, figures: { requests: 100 }, notes: ['wrong answer: x'] },
+    ],
+  };
+  const table = renderSoakTable(report);
+  assert.match(table, /^Run: commit abcdef0, started 2026-12-04 23:00 UTC, 10\.0 min, long versions; CPU, 2 cores, 16 GiB, load average 1\.5 at the start and 2 at the end; `npm run soak -- --requests 100`\. 1 of 2 scenarios passed\.$/m);
+  assert.match(table, /^\| bursts \| a \\\| b \| refused 429: 7; p95 s: 0\.5 \| pass \|$/m);
+  assert.match(table, /^\| soak \| c \| requests: 100 \| \*\*FAIL\*\* \|$/m);
+  assert.match(table, /^- shared machine$/m);
+  assert.match(table, /^- soak: wrong answer: x$/m);
+  assert.match(renderSoakTable({ ...report, complete: false }), /1 of 2 scenarios passed \(the run was cut short after these\)\.$/m);
+  assert.match(renderSoakTable(null), /Not run yet/);
+});
