@@ -234,17 +234,24 @@ test('two prompts × n=2 (and best_of=3): choice p·n + j is choice j of prompt 
   }
 });
 
-test('streaming two prompts × n=2 (with echo): chunks carry index p·n + j and reassemble to the unstreamed result', async () => {
-  const body = { prompt: PROMPTS, max_tokens: 5, temperature: 1.2, ignore_eos: true, seed: 11, n: 2, echo: true };
-  const whole = await post('/v1/completions', body);
-  assert.equal(whole.status, 200, JSON.stringify(whole.json));
-  assert.ok(whole.json.choices[2].text.startsWith(PROMPTS[1]), 'choice 2 echoes the second prompt');
-  const chunks = await events('/v1/completions', { ...body, stream: true, stream_options: { include_usage: true } });
-  const texts = ['', '', '', ''];
-  for (const c of chunks) for (const ch of c.choices) texts[ch.index] += ch.text;
-  assert.deepEqual(texts, whole.json.choices.map((c: Json) => c.text));
-  assert.deepEqual(chunks.filter((c) => c.choices[0]?.finish_reason).map((c) => c.choices[0].index).sort(), [0, 1, 2, 3]);
-  assert.deepEqual(chunks.at(-1)!.usage, whole.json.usage);
+test('streaming two prompts × n=2 (with echo, with and without logprobs): chunks carry index p·n + j and reassemble to the unstreamed result', async () => {
+  for (const extra of [{}, { logprobs: 1 }]) {
+    const body = { prompt: PROMPTS, max_tokens: 5, temperature: 1.2, ignore_eos: true, seed: 11, n: 2, echo: true, ...extra };
+    const whole = await post('/v1/completions', body);
+    assert.equal(whole.status, 200, JSON.stringify(whole.json));
+    assert.ok(whole.json.choices[2].text.startsWith(PROMPTS[1]), 'choice 2 echoes the second prompt');
+    const chunks = await events('/v1/completions', { ...body, stream: true, stream_options: { include_usage: true } });
+    const texts = ['', '', '', ''];
+    const tokens: string[][] = [[], [], [], []];
+    for (const c of chunks) for (const ch of c.choices) {
+      texts[ch.index] += ch.text;
+      tokens[ch.index]!.push(...(ch.logprobs?.tokens ?? []));
+    }
+    assert.deepEqual(texts, whole.json.choices.map((c: Json) => c.text));
+    if ('logprobs' in extra) assert.deepEqual(tokens, whole.json.choices.map((c: Json) => c.logprobs.tokens), 'each choice streams its prompt\'s tokens, then its own');
+    assert.deepEqual(chunks.filter((c) => c.choices[0]?.finish_reason).map((c) => c.choices[0].index).sort(), [0, 1, 2, 3]);
+    assert.deepEqual(chunks.at(-1)!.usage, whole.json.usage);
+  }
 });
 
 test('several prompts: an empty list, too many sequences, a bad token id in a later prompt are coded 400s; the server still answers', async () => {

@@ -252,15 +252,15 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     // Streamed, generate = n (choiceCount), so request i is choice i, of prompt ⌊i / n⌋.
     const echoOf = (i: number) => echoes[Math.floor(i / n)]!;
     // With logprobs, the echoed prompt is a chunk of its own, with the prompt's logprobs; else it opens the first delta.
-    const echoChunk = b.echo === true && wantLogprobs;
+    const echoChunk = (i: number) => echoOf(i) !== '' && wantLogprobs;
     return streamGeneration(deps, reply, reqs, { openai: true }, (send) => {
-      const deltas = reqs.map((_, i) => new DeltaText(stops, echoChunk ? '' : echoOf(i)));
+      const deltas = reqs.map((_, i) => new DeltaText(stops, echoChunk(i) ? '' : echoOf(i)));
       const logprobs = reqs.map((_, i) => new CompletionLogprobs(echoOf(i).length));
       const chunk = (index: number, text: string, lp: unknown, finish: string | null) =>
         ({ ...env, choices: [{ index, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
       return {
         prefill(i, prompt) {
-          if (echoChunk) send(chunk(i, echoOf(i), logprobs[i]!.of([], prompt), null));
+          if (echoChunk(i)) send(chunk(i, echoOf(i), logprobs[i]!.of([], prompt), null));
         },
         token(i, token, text, result) {
           const delta = deltas[i]!.next(text, result);
