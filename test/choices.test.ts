@@ -192,3 +192,82 @@ test('echo with logprobs: the prompt\'s tokens with their logprobs and alternati
     assert.equal(mine.map((ch) => ch.text).join(''), c.text);
   }
 });
+
+// --- several prompts -----------------------------------------------------------------------------
+
+const PROMPTS = [PROMPT, 'Once upon a time'];
+
+test('two prompts, greedy: choice p is the single request of prompt p; usage sums each prompt once (no tensor left)', async () => {
+  const body = { max_tokens: 5, temperature: 0, ignore_eos: true };
+  const singles = await Promise.all(PROMPTS.map((prompt) => post('/v1/completions', { ...body, prompt })));
+  const tensors = tf.memory().numTensors;
+  const both = await post('/v1/completions', { ...body, prompt: PROMPTS });
+  assert.equal(tf.memory().numTensors, tensors, 'no tensor leaked');
+  assert.equal(both.status, 200, JSON.stringify(both.json));
+  assert.deepEqual(both.json.choices.map((c: Json) => c.index), [0, 1]);
+  assert.deepEqual(both.json.choices.map((c: Json) => c.text), singles.map((s) => s.json.choices[0].text));
+  assert.notEqual(singles[0]!.json.choices[0].text, singles[1]!.json.choices[0].text, 'the prompts answer differently (the check would be empty otherwise)');
+  const promptTokens = sum(singles.map((s) => s.json.usage.prompt_tokens));
+  assert.deepEqual(both.json.usage, { prompt_tokens: promptTokens, completion_tokens: 10, total_tokens: promptTokens + 10 });
+
+  // Token-id lists: the same as each list alone; echo prefixes each choice with its own prompt.
+  const ids = [[3, 4, 5, 6], [100, 101, 102]];
+  const idSingles = await Promise.all(ids.map((prompt) => post('/v1/completions', { ...body, prompt, echo: true })));
+  const idBoth = await post('/v1/completions', { ...body, prompt: ids, echo: true });
+  assert.equal(idBoth.status, 200, JSON.stringify(idBoth.json));
+  assert.deepEqual(idBoth.json.choices.map((c: Json) => c.text), idSingles.map((s) => s.json.choices[0].text));
+  assert.deepEqual(idBoth.json.usage.prompt_tokens, 7);
+});
+
+test('two prompts × n=2 (and best_of=3): choice p·n + j is choice j of prompt p alone', async () => {
+  const body = { max_tokens: 6, temperature: 1.5, ignore_eos: true, seed: 7, logprobs: 0 };
+  for (const extra of [{ n: 2 }, { n: 2, best_of: 3 }]) {
+    const singles = await Promise.all(PROMPTS.map((prompt) => post('/v1/completions', { ...body, ...extra, prompt })));
+    const both = await post('/v1/completions', { ...body, ...extra, prompt: PROMPTS });
+    assert.equal(both.status, 200, JSON.stringify(both.json));
+    assert.deepEqual(both.json.choices.map((c: Json) => c.index), [0, 1, 2, 3]);
+    assert.deepEqual(both.json.choices.map((c: Json) => c.text), singles.flatMap((s) => s.json.choices.map((c: Json) => c.text)));
+    assert.deepEqual(both.json.choices.map((c: Json) => c.logprobs), singles.flatMap((s) => s.json.choices.map((c: Json) => c.logprobs)));
+    const generated = 2 * (extra.best_of ?? 2) * 6;
+    assert.deepEqual(both.json.usage.completion_tokens, generated, 'every generated sequence of every prompt counts');
+    assert.deepEqual(both.json.usage.prompt_tokens, sum(singles.map((s) => s.json.usage.prompt_tokens)));
+  }
+});
+
+test('streaming two prompts × n=2 (with echo, with and without logprobs): chunks carry index p·n + j and reassemble to the unstreamed result', async () => {
+  for (const extra of [{}, { logprobs: 1 }]) {
+    const body = { prompt: PROMPTS, max_tokens: 5, temperature: 1.2, ignore_eos: true, seed: 11, n: 2, echo: true, ...extra };
+    const whole = await post('/v1/completions', body);
+    assert.equal(whole.status, 200, JSON.stringify(whole.json));
+    assert.ok(whole.json.choices[2].text.startsWith(PROMPTS[1]), 'choice 2 echoes the second prompt');
+    const chunks = await events('/v1/completions', { ...body, stream: true, stream_options: { include_usage: true } });
+    const texts = ['', '', '', ''];
+    const tokens: string[][] = [[], [], [], []];
+    for (const c of chunks) for (const ch of c.choices) {
+      texts[ch.index] += ch.text;
+      tokens[ch.index]!.push(...(ch.logprobs?.tokens ?? []));
+    }
+    assert.deepEqual(texts, whole.json.choices.map((c: Json) => c.text));
+    if ('logprobs' in extra) assert.deepEqual(tokens, whole.json.choices.map((c: Json) => c.logprobs.tokens), 'each choice streams its prompt\'s tokens, then its own');
+    assert.deepEqual(chunks.filter((c) => c.choices[0]?.finish_reason).map((c) => c.choices[0].index).sort(), [0, 1, 2, 3]);
+    assert.deepEqual(chunks.at(-1)!.usage, whole.json.usage);
+  }
+});
+
+test('several prompts: an empty list, too many sequences, a bad token id in a later prompt are coded 400s; the server still answers', async () => {
+  const empty = await post('/v1/completions', { prompt: [] });
+  assert.equal(empty.status, 400);
+  assert.equal(empty.json.error.code, 'VALIDATION');
+  assert.match(empty.json.error.param, /^prompt/);
+  const many = await post('/v1/completions', { prompt: Array.from({ length: 9 }, () => 'a'), n: 2, best_of: 4, max_tokens: 1 });
+  assert.equal(many.status, 400);
+  assert.deepEqual(many.json.error, {
+    message: '`prompt`: 9 prompts × 4 sequences each is more than 32 sequences per request', type: 'validation', param: 'prompt', code: 'VALIDATION',
+  });
+  const badId = await post('/v1/completions', { prompt: [[1, 2], [3, 1_000_000]], max_tokens: 1 });
+  assert.equal(badId.status, 400);
+  assert.equal(badId.json.error.param, 'prompt.1.1');
+  const fine = await post('/v1/completions', { prompt: Array.from({ length: 8 }, () => 'a'), best_of: 4, max_tokens: 1 });
+  assert.equal(fine.status, 200, JSON.stringify(fine.json));
+  assert.equal(fine.json.choices.length, 8);
+});

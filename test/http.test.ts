@@ -647,7 +647,7 @@ test('POST /tokenize: every token with the piece of the input it covers; POST /d
   assert.equal(typo.statusCode, 422);
 });
 
-test('POST /v1/completions: token-id prompts are used as given; several prompts are refused', async () => {
+test('POST /v1/completions: token-id prompts are used as given; several prompts are one engine request each, in order', async () => {
   const s = await build();
   const tok = fixtureTokenizer('llama');
   const ids = tok.encode('hello world', { addSpecialTokens: false });
@@ -657,11 +657,13 @@ test('POST /v1/completions: token-id prompts are used as given; several prompts 
     assert.deepEqual(s.engine.requests.at(-1)!.inputIds, ids);
     assert.match(res.json().choices[0].text, /^hello world/);
   }
-  for (const prompt of [['a', 'b'], [ids, ids]]) {
-    const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt }) });
-    assert.equal(res.statusCode, 400);
-    assert.deepEqual(res.json().error, { message: '`prompt`: a list of 2 prompts; send one prompt per request', type: 'validation', param: 'prompt', code: 'UNSUPPORTED_PARAMETER' });
-  }
+  const other = tok.encode('bye', { addSpecialTokens: false });
+  const before = s.engine.requests.length;
+  const res = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: [ids, other], echo: true }) });
+  assert.equal(res.statusCode, 200);
+  assert.deepEqual(s.engine.requests.slice(before).map((r) => r.inputIds), [ids, other]);
+  assert.deepEqual(res.json().choices.map((c: { index: number }) => c.index), [0, 1]);
+  assert.match(res.json().choices[1].text, /^bye/);
   const out = await s.inject({ method: 'POST', url: '/v1/completions', ...json({ prompt: [tok.vocabSize] }) });
   assert.equal(out.statusCode, 400);
   assert.equal(out.json().error.param, 'prompt.0');

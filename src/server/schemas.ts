@@ -21,6 +21,8 @@ export const MAX_TOP_N_TOKENS = 5;
 export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
 /** The most sequences one request may generate (OpenAI `n` and `best_of`, TGI `best_of`). */
 export const MAX_CHOICES = 8;
+/** The most sequences one /v1/completions request may generate over all its prompts (prompts × best_of). */
+export const MAX_PROMPT_SEQUENCES = 32;
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 /** A string enum (`{type: string, enum: [...]}`), typed as the union of its values. */
@@ -227,7 +229,7 @@ export const CompletionRequest = Type.Object({
     Type.Array(Type.String(), { minItems: 1 }),
     Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 }),
     Type.Array(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 }), { minItems: 1 }),
-  ], { description: 'One prompt: a string or token ids, alone or in a list of one (a list of several is refused)' }),
+  ], { description: `A prompt (a string or token ids) or a list of prompts, each with its n choices (choice index = prompt index × n + j); prompts × best_of at most ${MAX_PROMPT_SEQUENCES}` }),
   max_tokens: Opt(Type.Integer({ minimum: 1, description: `Default ${COMPLETION_DEFAULT_MAX_TOKENS}` })),
   logprobs: Opt(Type.Integer({ minimum: 0, maximum: MAX_TOP_N_TOKENS })),
   echo: Opt(Type.Boolean({ description: 'Prepend the prompt to the text; with logprobs, the prompt\'s tokens come first in logprobs, the first with null' })),

@@ -2,6 +2,7 @@
  * What the generation routes share: adapter id resolution, submitting to the engine with an
  * AbortSignal tied to the client connection, and SSE responses.
  */
+import { setMaxListeners } from 'node:events';
 import { PassThrough } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { GenerateRequest, GenerationResult, GenerationSink, PrefillToken, TokenInfo } from '../../engine/types.ts';
@@ -98,6 +99,8 @@ export function requestSummary(request: FastifyRequest, reply: FastifyReply): Re
  */
 export function submit(deps: AppDeps, reply: FastifyReply, reqs: readonly EngineRequest[], sinks: readonly GenerationSink[]): () => void {
   const controller = new AbortController();
+  // The engine listens on the signal once per request (up to MAX_PROMPT_SEQUENCES of them).
+  setMaxListeners(Math.max(10, reqs.length), controller.signal);
   reply.raw.once('close', () => {
     if (!reply.raw.writableFinished) controller.abort();
   });
@@ -183,15 +186,15 @@ export const RESULT_HEADERS: Readonly<Record<string, string>> = {
   'x-queue-time': 'Milliseconds queued before the first step (not on streams)',
   'x-inference-time': 'Milliseconds from the first step to the last token (not on streams)',
   'x-time-per-token': 'Inference milliseconds per generated token (not on streams)',
-  'x-prompt-tokens': 'Prompt tokens (not on streams)',
+  'x-prompt-tokens': 'Prompt tokens, each prompt once (not on streams)',
   'x-generated-tokens': 'Generated tokens, of every choice (not on streams)',
 };
 
 /**
  * TGI's timing headers (milliseconds) and the adapter that served the request. With several choices: the
- * first choice's times, the prompt once, the generated tokens of every choice.
+ * first choice's times, the prompt once (or `promptTokens`, with several prompts), the generated tokens of every choice.
  */
-export function resultHeaders(reply: FastifyReply, results: readonly GenerationResult[]): void {
+export function resultHeaders(reply: FastifyReply, results: readonly GenerationResult[], promptTokens = results[0]!.promptTokens): void {
   const ms = (s: number) => String(Math.round(s * 1000));
   const r = results[0]!;
   const generated = results.reduce((n, x) => n + x.generatedTokens, 0);
@@ -201,7 +204,7 @@ export function resultHeaders(reply: FastifyReply, results: readonly GenerationR
     .header('x-queue-time', ms(r.queueTimeS))
     .header('x-inference-time', ms(r.inferenceTimeS))
     .header('x-time-per-token', ms(r.generatedTokens > 0 ? r.inferenceTimeS / r.generatedTokens : 0))
-    .header('x-prompt-tokens', String(r.promptTokens))
+    .header('x-prompt-tokens', String(promptTokens))
     .header('x-generated-tokens', String(generated));
 }
 

@@ -14,7 +14,7 @@ import { CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, refuseUnsupported, STRE
 import { openAIConstraint } from '../grammar.ts';
 import { fitLengths, logitBias, openAISampling } from '../params.ts';
 import {
-  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, ModelCard, ModelList,
+  COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletion, ChatCompletionRequest, ChatCompletionStreamEvent, Completion, CompletionRequest, CompletionStreamEvent, MAX_PROMPT_SEQUENCES, ModelCard, ModelList,
   type ChatCompletionRequestBody, type CompletionRequestBody,
 } from '../schemas.ts';
 import {
@@ -34,11 +34,19 @@ function stopList(stop: CompletionRequestBody['stop']): string[] {
 
 const finishReason = (r: GenerationResult) => (r.finishReason === 'length' ? 'length' : 'stop');
 
-/** The prompt counted once (every choice shares it), the tokens of every sequence generated (best_of's discarded ones too). */
-function usage(results: readonly GenerationResult[]) {
-  const prompt = results[0]!.promptTokens;
+/**
+ * Each prompt counted once (its choices share it), the tokens of every sequence generated (best_of's discarded ones too).
+ * `results` holds the sequences of each prompt in turn, `perPrompt` of them each.
+ */
+function usage(results: readonly GenerationResult[], perPrompt = results.length) {
+  const prompt = promptTokens(results, perPrompt);
   const completion = results.reduce((n, r) => n + r.generatedTokens, 0);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+/** The prompt tokens of each prompt once, out of `results` holding `perPrompt` sequences of each prompt in turn. */
+function promptTokens(results: readonly GenerationResult[], perPrompt: number): number {
+  return results.reduce((n, r, i) => n + (i % perPrompt === 0 ? r.promptTokens : 0), 0);
 }
 
 /** The sum of a sequence's token logprobs (log P of the whole completion given the prompt). */
@@ -146,19 +154,25 @@ function refuseUnsupportedOpenAI(b: CompletionRequestBody | ChatCompletionReques
   refuseUnsupported(b.stream_options, STREAM_OPTIONS, 'stream_options.');
 }
 
+/** A /v1/completions prompt: its token ids, and its text (token ids decoded, for `echo`). */
+interface CompletionPrompt { readonly ids: readonly number[]; readonly text: string }
+
 /**
- * The one prompt of /v1/completions: a string, or token ids (used as given, and decoded for
- * `echo`), alone or in a list of one. Several prompts in one request are refused.
+ * The prompts of /v1/completions: a string or token ids (used as given), or a list of them; each of the
+ * `generate` sequences of every prompt is one engine request, so prompts × generate is at most MAX_PROMPT_SEQUENCES.
+ * (An empty list is refused by the schema.)
  */
-function completionPrompt(deps: AppDeps, prompt: CompletionRequestBody['prompt']): { ids: readonly number[]; text: string } {
-  const list = typeof prompt === 'string' || typeof prompt[0] === 'number' ? [prompt as string | number[]] : prompt as (string | number[])[];
-  if (list.length !== 1) {
-    throw fail('UNSUPPORTED_PARAMETER', `\`prompt\`: a list of ${list.length} prompts; send one prompt per request`, { param: 'prompt' });
+function completionPrompts(deps: AppDeps, prompt: CompletionRequestBody['prompt'], generate: number): CompletionPrompt[] {
+  const single = typeof prompt === 'string' || typeof prompt[0] === 'number';
+  const list = single ? [prompt as string | number[]] : prompt as (string | number[])[];
+  if (list.length * generate > MAX_PROMPT_SEQUENCES) {
+    throw fail('VALIDATION', `\`prompt\`: ${list.length} prompts × ${generate} sequences each is more than ${MAX_PROMPT_SEQUENCES} sequences per request`, { param: 'prompt' });
   }
-  const p = list[0]!;
-  if (typeof p === 'string') return { ids: deps.tokenizer.encode(p), text: p };
-  checkTokenIds(deps, p, 'prompt');
-  return { ids: p, text: deps.tokenizer.decode(p) };
+  return list.map((p, i) => {
+    if (typeof p === 'string') return { ids: deps.tokenizer.encode(p), text: p };
+    checkTokenIds(deps, p, single ? 'prompt' : `prompt.${i}`);
+    return { ids: p, text: deps.tokenizer.decode(p) };
+  });
 }
 
 // --- streaming -----------------------------------------------------------------------------------
@@ -193,50 +207,60 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
     const b = request.body;
     refuseUnsupportedOpenAI(b, COMPLETION_FIELDS);
     const { n, generate } = choiceCount(b);
-    const prompt = completionPrompt(deps, b.prompt);
+    const prompts = completionPrompts(deps, b.prompt, generate);
     const topN = b.logprobs ?? 0;
     const wantLogprobs = b.logprobs !== undefined && b.logprobs !== null;
     const stops = stopList(b.stop);
     const sampling = { ...openAISampling(b, topN), logitBias: logitBias(b.logit_bias, deps.tokenizer.vocabSize) };
     const adapterId = resolveAdapter(deps, b.model);
-    const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
-      maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
+    // The `generate` sequences of prompt p are reqs[p * generate + j]; each prompt's share one prefill.
+    const reqs = prompts.flatMap((prompt) => {
+      const { inputIds, maxNewTokens } = fitLengths(deps.options, prompt.ids, {
+        maxNew: b.max_tokens, defaultMaxNew: COMPLETION_DEFAULT_MAX_TOKENS,
+      });
+      return choiceRequests({
+        inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
+        stop: stops, decoderInputDetails: (b.echo ?? false) && wantLogprobs, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
+      }, generate);
     });
-    const reqs = choiceRequests({
-      inputIds, adapterId, sampling, maxNewTokens, fields: { input: 'prompt', maxNewTokens: 'max_tokens' },
-      stop: stops, decoderInputDetails: (b.echo ?? false) && wantLogprobs, penalizeGeneratedOnly: true, ignoreEos: b.ignore_eos ?? false,
-    }, generate);
     const env = { ...envelope('cmpl', b.model || deps.info.modelId), object: 'text_completion' as const };
-    const echo = b.echo ? prompt.text : '';
+    const echoes = prompts.map((p) => (b.echo ? p.text : ''));
 
     if (!b.stream) {
       const results = await generateAll(deps, reply, reqs);
-      resultHeaders(reply, results);
+      resultHeaders(reply, results, promptTokens(results, generate));
       return {
         ...env,
-        choices: bestChoices(results, n).map((k, index) => {
-          const r = results[k]!;
-          return {
-            index,
-            text: echo + withoutStop(r.text, r, stops),
-            logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens, r.prefill) : null,
-            finish_reason: finishReason(r),
-          };
+        // Prompt p's n choices are indices p * n to p * n + n - 1.
+        choices: prompts.flatMap((_, p) => {
+          const own = results.slice(p * generate, (p + 1) * generate);
+          const echo = echoes[p]!;
+          return bestChoices(own, n).map((k, j) => {
+            const r = own[k]!;
+            return {
+              index: p * n + j,
+              text: echo + withoutStop(r.text, r, stops),
+              logprobs: wantLogprobs ? new CompletionLogprobs(echo.length).of(r.tokens, r.prefill) : null,
+              finish_reason: finishReason(r),
+            };
+          });
         }),
-        usage: usage(results),
+        usage: usage(results, generate),
       };
     }
     const includeUsage = b.stream_options?.include_usage === true;
+    // Streamed, generate = n (choiceCount), so request i is choice i, of prompt ⌊i / n⌋.
+    const echoOf = (i: number) => echoes[Math.floor(i / n)]!;
     // With logprobs, the echoed prompt is a chunk of its own, with the prompt's logprobs; else it opens the first delta.
-    const echoChunk = echo !== '' && wantLogprobs;
+    const echoChunk = (i: number) => echoOf(i) !== '' && wantLogprobs;
     return streamGeneration(deps, reply, reqs, { openai: true }, (send) => {
-      const deltas = reqs.map(() => new DeltaText(stops, echoChunk ? '' : echo));
-      const logprobs = reqs.map(() => new CompletionLogprobs(echo.length));
+      const deltas = reqs.map((_, i) => new DeltaText(stops, echoChunk(i) ? '' : echoOf(i)));
+      const logprobs = reqs.map((_, i) => new CompletionLogprobs(echoOf(i).length));
       const chunk = (index: number, text: string, lp: unknown, finish: string | null) =>
         ({ ...env, choices: [{ index, text, logprobs: lp, finish_reason: finish }], ...(includeUsage ? { usage: null } : {}) });
       return {
         prefill(i, prompt) {
-          if (echoChunk) send(chunk(i, echo, logprobs[i]!.of([], prompt), null));
+          if (echoChunk(i)) send(chunk(i, echoOf(i), logprobs[i]!.of([], prompt), null));
         },
         token(i, token, text, result) {
           const delta = deltas[i]!.next(text, result);
@@ -245,7 +269,7 @@ export function openAIRoutes(app: FastifyInstance, deps: AppDeps): void {
           }
         },
         done(results) {
-          if (includeUsage) send({ ...env, choices: [], usage: usage(results) });
+          if (includeUsage) send({ ...env, choices: [], usage: usage(results, n) });
         },
         error(err) {
           send(openAIErrorBody(err));
