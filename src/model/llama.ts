@@ -35,7 +35,7 @@ export function llamaModules(c: ModelConfig): LinearModule[] {
   return layerModules(c.numLayers, 'model.layers', linearTable(c), false);
 }
 
-interface LlamaLayer {
+export interface LlamaLayer {
   inputNorm: tf.Tensor1D;
   postNorm: tf.Tensor1D;
   q: Linear;
@@ -83,6 +83,29 @@ export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
     });
     yield;
   }
+  return llamaArch(c, ckpt, { modules, linears, tensors, layers });
+}
+
+/** What a Llama-block loader has read: the modules, the per-layer weights, and every tensor it kept. */
+export interface LlamaParts {
+  readonly modules: LinearModule[];
+  readonly linears: Map<string, Linear>;
+  readonly tensors: (tf.Tensor | Weight)[];
+  readonly layers: readonly LlamaLayer[];
+}
+
+/**
+ * The Llama block over loaded layers (also Phi-3's, whose fused weights are cut into these layers at load): reads
+ * the embedding, final norm and lm_head, and returns the architecture.
+ */
+export function llamaArch(c: ModelConfig, ckpt: Checkpoint, parts: LlamaParts): Arch {
+  const { modules, linears, tensors, layers } = parts;
+  const d = c.hiddenSize;
+  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
+    tensors.push(t);
+    return t;
+  };
+  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);
   if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
@@ -104,7 +127,7 @@ export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
     embed: (tokens) => tf.gather(embed, tokens), // [N, d]
     block(l, x, s: StepContext) {
       const L = layers[l]!;
-      // x = x + attn(rmsnorm(x))
+      // x = x + attn(rmsnorm(x)) (Phi-3: [q | k | v] = qkv_proj(rmsnorm(x)))
       const h = rmsNorm(x, L.inputNorm, eps);
       const at = rope.step(s);
       const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
@@ -112,7 +135,7 @@ export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
       const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
       x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
-      // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
+      // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x) (Phi-3: [gate | up] = gate_up_proj(h2))
       const h2 = rmsNorm(x, L.postNorm, eps);
       return linear(gatedActivation(h2, L.gate, L.up, s.lora), L.down, s.lora, x);
     },

@@ -5,14 +5,15 @@
  * Checkpoint quirks: Linear weights are stored [out, in] and transposed once at load to our [in, out]. Each fused
  * weight is cut at load into one Linear per part (as GPT-2's c_attn), each computing its columns of the module's
  * output, so no output is ever split. PEFT adapters target the fused modules (lora_B [out_fused, r]); each part
- * takes its columns of the delta, which is the split of the fused output transformers does.
+ * takes its columns of the delta, which is the split of the fused output transformers does. After loading, the layers
+ * are Llama's, and so is the block (`llamaArch` in llama.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
-import { fail } from '../errors.ts';
+import { storeWeight, type Weight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, toHeads, type Linear } from './layers.ts';
-import type { Arch, StepContext } from './model.ts';
+import { layerModules, type Linear } from './layers.ts';
+import { llamaArch, type LlamaLayer } from './llama.ts';
+import type { Arch } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
 /** Per-layer modules: [HF name under model.layers.N., in, out]. */
@@ -33,17 +34,6 @@ export function phi3Modules(c: ModelConfig): LinearModule[] {
   return layerModules(c.numLayers, 'model.layers', linearTable(c), false);
 }
 
-interface Phi3Layer {
-  inputNorm: tf.Tensor1D;
-  postNorm: tf.Tensor1D;
-  q: Linear;
-  k: Linear;
-  v: Linear;
-  o: Linear;
-  gate: Linear;
-  up: Linear;
-  down: Linear;
-}
 
 /** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
 export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
@@ -56,7 +46,7 @@ export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
   const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
   const modules = phi3Modules(c);
   const linears = new Map<string, Linear>();
-  const layers: Phi3Layer[] = [];
+  const layers: LlamaLayer[] = [];
 
   for (let l = 0; l < c.numLayers; l++) {
     const moduleOf = (name: string) => modules.find((m) => m.key === `${l}.${name}`)!;
@@ -90,38 +80,5 @@ export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
     layers.push({ inputNorm, q: q!, k: k!, v: v!, o, postNorm, gate: gate!, up: up!, down: lin('mlp.down_proj') });
     yield;
   }
-  const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
-  const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);
-  if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {
-    throw fail('CHECKPOINT_MISSING_TENSOR', `checkpoint ${ckpt.dir} has no "lm_head.weight" and tie_word_embeddings is false`);
-  }
-  // lm_head [V, d] is kept transposed, [d, V] like the linear weights, so the head is an untransposed product.
-  const lmHead = keep(storeWeight(tf.transpose(c.tieWordEmbeddings ? embed : read('lm_head.weight', [c.vocabSize, d])) as tf.Tensor2D));
-  const rope = rotary(c);
-  tensors.push(...rope.tensors);
-  const nH = c.numHeads;
-  const kvH = c.numKvHeads;
-  const hd = c.headDim;
-  const { eps, scale } = layerConstants(c.normEps, c.attentionScale);
-  tensors.push(eps.scalar, scale.scalar);
-
-  return {
-    modules, linears, tensors,
-    embed: (tokens) => tf.gather(embed, tokens), // [N, d]
-    block(l, x, s: StepContext) {
-      const L = layers[l]!;
-      // x = x + o(attn(rope(q), rope(k), v)), [q | k | v] = qkv_proj(rmsnorm(x))
-      const h = rmsNorm(x, L.inputNorm, eps);
-      const at = rope.step(s);
-      const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
-      const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
-      const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
-      // x = x + down(up ⊙ silu(gate)), [gate | up] = gate_up_proj(rmsnorm(x))
-      const h2 = rmsNorm(x, L.postNorm, eps);
-      return linear(gatedActivation(h2, L.gate, L.up, s.lora), L.down, s.lora, x);
-    },
-    head: (x) => matmulW(rmsNorm(x, norm, eps), lmHead), // [N, V]
-  };
+  return llamaArch(c, ckpt, { modules, linears, tensors, layers });
 }
