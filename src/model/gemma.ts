@@ -13,30 +13,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, type Linear } from './layers.ts';
+import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, type Linear } from './layers.ts';
+import { llamaModules } from './llama.ts';
 import type { Arch, StepContext } from './model.ts';
-import type { LinearModule, ModelConfig } from './types.ts';
+import type { ModelConfig } from './types.ts';
 
-/** Per-layer modules: [HF name under model.layers.N., in, out]. */
-function linearTable(c: ModelConfig): [name: string, inF: number, outF: number][] {
-  const d = c.hiddenSize;
-  const q = c.numHeads * c.headDim;
-  const kv = c.numKvHeads * c.headDim;
-  const I = c.intermediateSize;
-  return [
-    ['self_attn.q_proj', d, q],
-    ['self_attn.k_proj', d, kv],
-    ['self_attn.v_proj', d, kv],
-    ['self_attn.o_proj', q, d],
-    ['mlp.gate_proj', d, I],
-    ['mlp.up_proj', d, I],
-    ['mlp.down_proj', I, d],
-  ];
-}
-
-export function gemmaModules(c: ModelConfig): LinearModule[] {
-  return layerModules(c.numLayers, 'model.layers', linearTable(c), false);
-}
+/** Per-layer modules: Llama's seven projections (q, k, v, o, gate, up, down), by the same names. */
+export const gemmaModules = llamaModules;
 
 /** A layer's norms as 1 + w. Gemma 2 only: postAttn normalizes the attention output, postMlp the MLP's. */
 interface GemmaLayer {
