@@ -48,7 +48,7 @@ export class SpareBuffers {
    * @param depth spares kept per size; @param maxSizes sizes kept at once;
    * @param maxBytes no spares for a size above this; @param helperBytes bytes a helper allocates before it is retired.
    */
-  constructor(private readonly depth = 3, private readonly maxSizes = 4, private readonly maxBytes = 64 * MiB, private readonly helperBytes = 64 * MiB) {}
+  constructor(private readonly depth = 3, private readonly maxSizes = 4, private readonly maxBytes = 64 * MiB, private readonly helperBytes = 16 * MiB) {}
 
   /** A zeroed buffer of exactly `bytes`: a spare of that size when there is one. */
   take(bytes: number): SharedArrayBuffer {
