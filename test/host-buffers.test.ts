@@ -54,3 +54,39 @@ test('scratch buffers: a buffer given back is borrowed again; at most perSize ke
   assert.notEqual(scratch.borrow(4096), a);
   assert.equal(scratch.borrow(2048).byteLength, 2048);
 });
+
+test('the helper is replaced after helperBytes, so the buffers it made and the server dropped are freed (issue 12)', async () => {
+  const v8 = await import('node:v8');
+  const vm = await import('node:vm');
+  v8.setFlagsFromString('--expose-gc');
+  const gc = vm.runInNewContext('gc') as () => void;
+  const MiB = 2 ** 20;
+  // Buffers above glibc's largest mmap threshold (32 MiB) are mapped and unmapped on their own, so RSS shows exactly
+  // what is still held, not what the allocator keeps for reuse.
+  const size = 33 * MiB;
+  const pool = new SpareBuffers(1, 4, 64 * MiB, 2 * size);
+  /** RSS after garbage collection (array buffers' memory is freed by a sweep that may end after gc() returns). */
+  const rss = async () => {
+    for (let i = 0; i < 2; i++) {
+      gc();
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return process.memoryUsage().rss;
+  };
+  /** Takes `n` buffers and drops them; each take is refilled before the next, so `size` is asked of the helper. */
+  const churn = async (n: number) => {
+    for (let i = 0; i < n; i++) {
+      assert.equal(pool.take(size).byteLength, size);
+      await pool.settled();
+    }
+  };
+  await churn(4);
+  const before = await rss();
+  const helpersBefore = pool.helpersStarted;
+  await churn(20);
+  const grown = ((await rss()) - before) / MiB;
+  // A helper that kept the handles of the buffers it made would keep all 660 MiB resident.
+  assert.ok(grown < 10 * size / MiB, `RSS grew ${grown.toFixed(0)} MiB over 20 buffers of 33 MiB taken and dropped`);
+  assert.equal(pool.helpersStarted - helpersBefore, 20 / 2, 'a new helper every 2 buffers');
+  assert.equal(pool.heldBytes, size, 'the spare of the size in use is kept across helpers');
+});

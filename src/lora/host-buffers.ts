@@ -5,6 +5,12 @@
  * allocated and touched by a helper thread (the faults cost that thread, not the main thread that serves
  * requests), and loads of that size take them. Adapters of one configuration (rank, target modules) share one size.
  * Touching a buffer takes about as long as a load, so a burst of loads needs several spares per size, not one.
+ *
+ * A SharedArrayBuffer's memory is freed only once every thread that held it has collected its handle. The helper
+ * allocates little else, so it collects garbage rarely, and the handles of the buffers it handed out (long since
+ * dropped by the server) kept their memory resident: the server's RSS grew with every load (issue 12). So each helper
+ * is retired, its thread ended (which frees all its handles at once), after it has allocated `helperBytes`, and a
+ * fresh one takes over: at most that many bytes are held by a helper's garbage.
  */
 import { Worker } from 'node:worker_threads';
 
@@ -31,14 +37,18 @@ export class SpareBuffers {
   private readonly spares = new Map<number, SharedArrayBuffer[]>();
   /** Refills in flight, by size. */
   private readonly pending = new Map<number, number>();
-  private helper: Worker | null = null;
+  private helper: Helper | null = null;
   private broken = false;
+  /** Helper threads started so far (for tests). */
+  helpersStarted = 0;
+  /** Retired helpers whose thread has not ended yet. */
+  private retiring = 0;
 
   /**
    * @param depth spares kept per size; @param maxSizes sizes kept at once;
-   * @param maxBytes no spares for a size above this.
+   * @param maxBytes no spares for a size above this; @param helperBytes bytes a helper allocates before it is retired.
    */
-  constructor(private readonly depth = 3, private readonly maxSizes = 4, private readonly maxBytes = 64 * MiB) {}
+  constructor(private readonly depth = 3, private readonly maxSizes = 4, private readonly maxBytes = 64 * MiB, private readonly helperBytes = 16 * MiB) {}
 
   /** A zeroed buffer of exactly `bytes`: a spare of that size when there is one. */
   take(bytes: number): SharedArrayBuffer {
@@ -60,9 +70,9 @@ export class SpareBuffers {
     return n;
   }
 
-  /** Resolves once no refill is in flight (for tests). */
+  /** Resolves once no refill is in flight and every retired helper has ended (for tests). */
   async settled(): Promise<void> {
-    while (this.pending.size > 0) await new Promise((r) => setTimeout(r, 1));
+    while (this.pending.size > 0 || this.retiring > 0) await new Promise((r) => setTimeout(r, 1));
   }
 
   private refill(bytes: number): void {
@@ -71,7 +81,9 @@ export class SpareBuffers {
     if (have >= this.depth) return;
     const helper = this.start();
     if (!helper) return;
-    for (let i = have; i < this.depth; i++) helper.postMessage(bytes);
+    for (let i = have; i < this.depth; i++) helper.worker.postMessage(bytes);
+    helper.asked += (this.depth - have) * bytes;
+    helper.outstanding += this.depth - have;
     this.pending.set(bytes, (this.pending.get(bytes) ?? 0) + this.depth - have);
   }
 
@@ -79,11 +91,20 @@ export class SpareBuffers {
     while (this.spares.size > this.maxSizes) this.spares.delete(this.spares.keys().next().value!);
   }
 
-  private start(): Worker | null {
-    if (this.helper) return this.helper;
+  /** The current helper; a new one once the current one has allocated `helperBytes` (the old one ends when it has answered). */
+  private start(): Helper | null {
+    if (this.helper && this.helper.asked < this.helperBytes) return this.helper;
+    if (this.helper) {
+      this.helper.retired = true;
+      this.retiring++;
+      if (this.helper.outstanding === 0) void this.helper.worker.terminate();
+    }
     try {
-      const w = new Worker(TOUCHER, { eval: true });
-      w.on('message', (buf: SharedArrayBuffer) => {
+      const h: Helper = { worker: new Worker(TOUCHER, { eval: true }), asked: 0, outstanding: 0, retired: false };
+      this.helpersStarted++;
+      h.worker.on('message', (buf: SharedArrayBuffer) => {
+        h.outstanding--;
+        if (h.retired && h.outstanding === 0) void h.worker.terminate();
         const n = buf.byteLength;
         const left = (this.pending.get(n) ?? 1) - 1;
         if (left > 0) this.pending.set(n, left);
@@ -91,21 +112,35 @@ export class SpareBuffers {
         const list = this.spares.get(n);
         if (list && list.length < this.depth) list.push(buf); // a size dropped meanwhile is not brought back
       });
-      // Without the helper, loads just allocate fresh buffers (as they would anyway).
+      // Without the helper, loads just allocate fresh buffers (as they would anyway). A retired helper ending once it
+      // has answered everything is not that; one ending before is.
       const stop = () => {
         this.broken = true;
         this.helper = null;
         this.pending.clear();
       };
-      w.on('error', stop);
-      w.on('exit', stop);
-      w.unref(); // the helper never keeps the process alive
-      this.helper = w;
+      const ended = () => h.retired && h.outstanding === 0;
+      h.worker.on('error', () => ended() || stop());
+      h.worker.on('exit', () => {
+        if (h.retired) this.retiring--;
+        if (!ended()) stop();
+      });
+      h.worker.unref(); // the helper never keeps the process alive
+      this.helper = h;
     } catch {
       this.broken = true;
+      this.helper = null;
     }
     return this.helper;
   }
+}
+
+/** A helper thread: bytes asked of it so far, answers still to come, and whether it is to end once they have. */
+interface Helper {
+  readonly worker: Worker;
+  asked: number;
+  outstanding: number;
+  retired: boolean;
 }
 
 /**
