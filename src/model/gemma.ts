@@ -10,10 +10,10 @@
  * Checkpoint quirks: Linear weights are stored [out, in] and transposed once at load to our [in, out].
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
+import { matmulW, storeWeight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, type Linear } from './layers.ts';
+import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, weightReader, type Linear } from './layers.ts';
 import { llamaModules } from './llama.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { ModelConfig } from './types.ts';
@@ -39,12 +39,7 @@ interface GemmaLayer {
 /** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
 export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
-  const tensors: (tf.Tensor | Weight)[] = [];
-  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
-    tensors.push(t);
-    return t;
-  };
-  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
+  const { tensors, keep, read } = weightReader(ckpt);
   /** A Gemma RMSNorm weight w, kept as 1 + w. */
   const norm = (name: string): tf.Tensor1D => keep(tf.add(read(name, [d]), 1) as tf.Tensor1D);
   const modules = gemmaModules(c);

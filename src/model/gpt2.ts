@@ -10,9 +10,9 @@
  *   module's output (so a LoRA delta on c_attn lands in the right columns, and no output is ever split).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
+import { matmulW, storeWeight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, layerConstants, gelu, geluNew, layerModules, layerNorm, linear, toHeads, type Linear } from './layers.ts';
+import { attention, layerConstants, gelu, geluNew, layerModules, layerNorm, linear, toHeads, weightReader, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -46,12 +46,7 @@ interface Gpt2Layer {
 export function* loadGpt2(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const prefix = ckpt.names.has('transformer.wte.weight') ? 'transformer.' : '';
   const d = c.hiddenSize;
-  const tensors: (tf.Tensor | Weight)[] = [];
-  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
-    tensors.push(t);
-    return t;
-  };
-  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(prefix + name, shape).data, shape);
+  const { tensors, keep, read } = weightReader(ckpt, prefix);
   const load = (name: string, shape: number[]): tf.Tensor => keep(read(name, shape));
   const modules = gpt2Modules(c);
   const linears = new Map<string, Linear>();

@@ -14,6 +14,7 @@ import { rmsNormGpu } from '../backend/webgpu/kernels/rms-norm.ts';
 import { ropeGpu } from '../backend/webgpu/kernels/rope.ts';
 import { siluMulGpu } from '../backend/webgpu/kernels/silu-mul.ts';
 import { profiler } from '../obs/profile.ts';
+import type { Checkpoint } from './checkpoint.ts';
 import type { StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -382,4 +383,25 @@ export function toHeads(x: tf.Tensor2D, B: number, T: number, H: number, hd: num
   // For T = 1, [B, 1, H, hd] and [B, H, 1, hd] are one memory layout: a reshape, not a transpose kernel, on webgpu.
   if (T === 1 && fusedKernels()) return tf.reshape(x, [B, H, 1, hd]);
   return tf.transpose(tf.reshape(x, [B, T, H, hd]), [0, 2, 1, 3]);
+}
+
+/** A loader's tensors: every tensor it keeps for the model (disposed with it), and a reader by checkpoint name. */
+export interface WeightReader {
+  readonly tensors: (tf.Tensor | Weight)[];
+  /** Adds `t` to the model's tensors and returns it. */
+  keep<T extends tf.Tensor | Weight>(t: T): T;
+  /** The checkpoint tensor `prefix + name`, shape checked, as a new (not yet kept) tensor. */
+  read(name: string, shape: number[]): tf.Tensor;
+}
+
+export function weightReader(ckpt: Checkpoint, prefix = ''): WeightReader {
+  const tensors: (tf.Tensor | Weight)[] = [];
+  return {
+    tensors,
+    keep: (t) => {
+      tensors.push(t);
+      return t;
+    },
+    read: (name, shape) => tf.tensor(ckpt.read(prefix + name, shape).data, shape),
+  };
 }

@@ -7,10 +7,10 @@
  * on the wasm backend).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { matmulW, storeWeight, type Weight } from '../backend/weights.ts';
+import { matmulW, storeWeight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, toHeads, type Linear } from './layers.ts';
+import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, toHeads, weightReader, type Linear, type WeightReader } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -50,12 +50,8 @@ export interface LlamaLayer {
 /** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
 export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
-  const tensors: (tf.Tensor | Weight)[] = [];
-  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
-    tensors.push(t);
-    return t;
-  };
-  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
+  const weights = weightReader(ckpt);
+  const { keep, read } = weights;
   const modules = llamaModules(c);
   const linears = new Map<string, Linear>();
   const layers: LlamaLayer[] = [];
@@ -83,14 +79,15 @@ export function* loadLlama(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
     });
     yield;
   }
-  return llamaArch(c, ckpt, { modules, linears, tensors, layers });
+  return llamaArch(c, ckpt, { modules, linears, weights, layers });
 }
 
 /** What a Llama-block loader has read: the modules, the per-layer weights, and every tensor it kept. */
 export interface LlamaParts {
   readonly modules: LinearModule[];
   readonly linears: Map<string, Linear>;
-  readonly tensors: (tf.Tensor | Weight)[];
+  /** The reader the layers were loaded with (the rest is read and kept through it too). */
+  readonly weights: WeightReader;
   readonly layers: readonly LlamaLayer[];
 }
 
@@ -99,13 +96,9 @@ export interface LlamaParts {
  * the embedding, final norm and lm_head, and returns the architecture.
  */
 export function llamaArch(c: ModelConfig, ckpt: Checkpoint, parts: LlamaParts): Arch {
-  const { modules, linears, tensors, layers } = parts;
+  const { modules, linears, weights, layers } = parts;
+  const { tensors, keep, read } = weights;
   const d = c.hiddenSize;
-  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
-    tensors.push(t);
-    return t;
-  };
-  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
   const embed = keep(read('model.embed_tokens.weight', [c.vocabSize, d]) as tf.Tensor2D);
   const norm = keep(read('model.norm.weight', [d]) as tf.Tensor1D);
   if (!c.tieWordEmbeddings && !ckpt.names.has('lm_head.weight')) {

@@ -9,9 +9,9 @@
  * are Llama's, and so is the block (`llamaArch` in llama.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { storeWeight, type Weight } from '../backend/weights.ts';
+import { storeWeight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { layerModules, type Linear } from './layers.ts';
+import { layerModules, weightReader, type Linear } from './layers.ts';
 import { llamaArch, type LlamaLayer } from './llama.ts';
 import type { Arch } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
@@ -38,12 +38,8 @@ export function phi3Modules(c: ModelConfig): LinearModule[] {
 /** Yields after each layer's weights (CausalLM.loadAsync lets the event loop run there). */
 export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arch> {
   const d = c.hiddenSize;
-  const tensors: (tf.Tensor | Weight)[] = [];
-  const keep = <T extends tf.Tensor | Weight>(t: T): T => {
-    tensors.push(t);
-    return t;
-  };
-  const read = (name: string, shape: number[]): tf.Tensor => tf.tensor(ckpt.read(name, shape).data, shape);
+  const weights = weightReader(ckpt);
+  const { keep, read } = weights;
   const modules = phi3Modules(c);
   const linears = new Map<string, Linear>();
   const layers: LlamaLayer[] = [];
@@ -80,5 +76,5 @@ export function* loadPhi3(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
     layers.push({ inputNorm, q: q!, k: k!, v: v!, o, postNorm, gate: gate!, up: up!, down: lin('mlp.down_proj') });
     yield;
   }
-  return llamaArch(c, ckpt, { modules, linears, tensors, layers });
+  return llamaArch(c, ckpt, { modules, linears, weights, layers });
 }
