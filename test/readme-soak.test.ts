@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { readSoakReport, renderSoakReadme, renderSoakTable } from '../bench/soak/readme.ts';
-import type { SoakReport } from '../bench/soak/run.ts';
+import { mergeResults, type SoakReport } from '../bench/soak/run.ts';
 
 test('README.md holds exactly the table rendered from bench/results/soak-latest.json (run `npm run soak:readme` after `npm run soak`)', () => {
   const readme = readFileSync('README.md', 'utf8');
@@ -31,4 +31,23 @@ test('the rendering: the run, one row per result with its figures, FAIL marked, 
   assert.match(table, /^- soak: wrong answer: x$/m);
   assert.match(renderSoakTable({ ...report, complete: false }), /1 of 2 scenarios passed \(the run was cut short after these\)\.$/m);
   assert.match(renderSoakTable(null), /Not run yet/);
+  const carried = renderSoakTable({ ...report, results: [{ ...report.results[0]!, run: { commit: '0123456789', started: '2026-12-04T20:00:00.000Z' } }, report.results[1]!] });
+  assert.match(carried, /1 of 2 scenarios passed\. 1 of them come from an earlier run, as marked in their row\.$/m);
+  assert.match(carried, /^\| bursts \| .* \| pass \(run of commit 0123456, started 2026-12-04 20:00 UTC\) \|$/m);
+});
+
+test('--merge keeps the earlier results of scenarios not run, marked with their run, and replaces the others', () => {
+  const earlier = {
+    started: '2026-12-04T20:00:00.000Z', git: { commit: 'aaaaaaa111', dirty: false },
+    results: [
+      { name: 'bursts', criterion: 'b', passed: true, figures: { n: 1 } },
+      { name: 'fuzz x', criterion: 'f', passed: false, figures: { n: 2 } },
+      { name: 'soak', criterion: 's', passed: true, figures: { n: 3 }, run: { commit: 'bbbbbbb222', started: '2026-12-03T10:00:00.000Z' } },
+    ],
+  } as unknown as SoakReport;
+  const merged = mergeResults(earlier, [{ name: 'fuzz x', criterion: 'f', passed: true, figures: { n: 4 } }, { name: 'fuzz y', criterion: 'g', passed: true, figures: {} }]);
+  assert.deepEqual(merged.map((r) => [r.name, r.figures.n, r.run?.commit]), [
+    ['bursts', 1, 'aaaaaaa111'], ['fuzz x', 4, undefined], ['soak', 3, 'bbbbbbb222'], ['fuzz y', undefined, undefined],
+  ]);
+  assert.deepEqual(mergeResults(null, merged.slice(1, 2)).map((r) => r.name), ['fuzz x']);
 });

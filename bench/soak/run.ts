@@ -9,9 +9,10 @@
  *   npm run soak -- --only "bursts,soak"  # some scenarios only (names as in the table)
  *   npm run soak -- --fuzz-cases 1000     # cases per fuzz target (default: 100,000; --short: 100)
  *   npm run soak -- --out FILE            # another results file (--out '' writes none)
+ *   npm run soak -- --only fuzz --merge   # keeps the results file's other scenarios, marked with their run
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, totalmem, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -122,12 +123,13 @@ function positiveInt(flag: string, value: string | undefined): number {
   return n;
 }
 
-function parseArgs(argv: readonly string[]): SoakOptions & { out: string } {
+function parseArgs(argv: readonly string[]): SoakOptions & { out: string; merge: boolean } {
   let size: Size = 'long';
   let only: string[] | undefined;
   let soakRequests: number | undefined;
   let fuzzCases: number | undefined;
   let out: string = RESULTS_FILE;
+  let merge = false;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     if (a === '--short') size = 'short';
@@ -135,9 +137,23 @@ function parseArgs(argv: readonly string[]): SoakOptions & { out: string } {
     else if (a === '--requests') soakRequests = positiveInt(a, argv[++i]);
     else if (a === '--fuzz-cases') fuzzCases = positiveInt(a, argv[++i]);
     else if (a === '--out') out = argv[++i] ?? '';
-    else throw new Error(`unknown argument ${a}: --short, --only NAMES, --requests N, --fuzz-cases N, --out FILE`);
+    else if (a === '--merge') merge = true;
+    else throw new Error(`unknown argument ${a}: --short, --only NAMES, --requests N, --fuzz-cases N, --out FILE, --merge`);
   }
-  return { size, only, soakRequests, fuzzCases, out };
+  if (merge && !out) throw new Error('--merge needs a results file (--out)');
+  return { size, only, soakRequests, fuzzCases, out, merge };
+}
+
+/**
+ * The results of this run merged into an earlier report's: the earlier results of scenarios this run did not run are
+ * kept, in their place, marked with the run they come from; this run's replace those of the same name.
+ */
+export function mergeResults(earlier: SoakReport | null, results: readonly ScenarioResult[]): ScenarioResult[] {
+  if (!earlier) return [...results];
+  const fresh = new Map(results.map((r) => [r.name, r]));
+  const merged = earlier.results.map((r) => fresh.get(r.name) ?? { ...r, run: r.run ?? { commit: earlier.git.commit, started: earlier.started } });
+  const kept = new Set(earlier.results.map((r) => r.name));
+  return [...merged, ...results.filter((r) => !kept.has(r.name))];
 }
 
 /** Notes every results file carries. */
@@ -153,8 +169,10 @@ async function main(): Promise<void> {
   const commit = git();
   const loadStart = loadavg()[0]!;
   const t0 = performance.now();
-  const write = (results: readonly ScenarioResult[], complete: boolean) => {
+  const earlier = opts.merge && existsSync(opts.out) ? (JSON.parse(readFileSync(opts.out, 'utf8')) as SoakReport) : null;
+  const write = (ran: readonly ScenarioResult[], complete: boolean) => {
     if (!opts.out) return;
+    const results = opts.merge ? mergeResults(earlier, ran) : ran;
     const report: SoakReport = {
       started: started.toISOString(), seconds: Math.round((performance.now() - t0) / 1000), size: opts.size,
       machine: { cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: cpus().length, memoryBytes: totalmem() },
