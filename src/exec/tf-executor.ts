@@ -6,8 +6,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type {
-  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
+  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PickedToken, PrefillItem, ResidentAdapter, StepPass, StepResult,
 } from '../engine/executor.ts';
+import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import type { Weight } from '../backend/weights.ts';
@@ -19,7 +21,15 @@ import type { CausalLM } from '../model/model.ts';
 export interface TfExecutorOptions {
   /** Cached banks (sets of adapters) kept on the device (default 4). */
   readonly maxBanks?: number;
+  /**
+   * Pick next tokens on the device where every row of a forward pass allows it (DecodeItem.pick) and the backend
+   * has the kernel (webgpu): the pass then reads back [id, logprob] per row instead of its logits (default true).
+   */
+  readonly devicePick?: boolean;
 }
+
+/** What one forward pass read back: its logits rows [rows, vocab], or its rows' device-picked tokens. */
+type PassOutput = { readonly logits: Float32Array } | { readonly picked: PickedToken[] };
 
 interface Row {
   readonly seq: number;
@@ -36,11 +46,13 @@ export class TfExecutor implements Executor {
   private readonly banks = new Map<string, LoraBank>();
   private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
   private readonly maxBanks: number;
+  private readonly devicePick: boolean;
 
   constructor(readonly model: CausalLM, opts: TfExecutorOptions = {}) {
     this.vocabSize = model.config.vocabSize;
     this.kv = newKV(model.config);
     this.maxBanks = opts.maxBanks ?? 4;
+    this.devicePick = (opts.devicePick ?? true) && fusedKernels();
   }
 
   get running(): number {
@@ -77,17 +89,17 @@ export class TfExecutor implements Executor {
   }
 
   private async prefillAll(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
-    const logits = new Map<number, Float32Array>();
+    const out = { logits: new Map<number, Float32Array>(), picked: new Map<number, PickedToken>() };
     const passes: StepPass[] = [];
     // Whole prompts in one chunk run together (left-padded); chunks of long prompts run one by one.
     const whole = items.filter((i) => i.start === 0 && i.last && !this.prefilling.has(i.seq));
     const chunks = items.filter((i) => !whole.includes(i));
-    if (whole.length > 0) passes.push(await this.prefillPass(whole, lora, logits));
-    for (const item of chunks) passes.push(await this.prefillPass([item], lora, logits));
-    return { logits, passes };
+    if (whole.length > 0) passes.push(await this.prefillPass(whole, lora, out));
+    for (const item of chunks) passes.push(await this.prefillPass([item], lora, out));
+    return { ...out, passes };
   }
 
-  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: Map<number, Float32Array>): Promise<StepPass> {
+  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: { logits: Map<number, Float32Array>; picked: Map<number, PickedToken> }): Promise<StepPass> {
     const T = Math.max(...items.map((i) => i.tokens.length));
     const B = items.length;
     let kv: KVBatch;
@@ -117,9 +129,14 @@ export class TfExecutor implements Executor {
     });
     const itemAdapters = items.map((i) => this.resolve(i.adapter));
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
-    const { data, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B);
+    const pick = items.every((i) => i.pick && i.last && !i.allLogits);
+    const { output, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pick);
     const V = this.vocabSize;
-    for (const r of rowsOf) if (r.count > 0) out.set(r.seq, data.subarray(r.from * V, (r.from + r.count) * V));
+    for (const r of rowsOf) {
+      if (r.count === 0) continue;
+      if ('picked' in output) out.picked.set(r.seq, output.picked[r.from]!); // one row: the last
+      else out.logits.set(r.seq, output.logits.subarray(r.from * V, (r.from + r.count) * V));
+    }
 
     // Sequences whose prompt is complete join the decode batch; others keep their own KV for the next chunk.
     if (items.every((i) => i.last)) {
@@ -150,11 +167,16 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const { data, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B);
+    const pick = items.every((i) => i.pick);
+    const { output, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B, pick);
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
-    this.rows.forEach((r, b) => logits.set(r.seq, data.subarray(b * V, (b + 1) * V)));
-    return { logits, passes: [pass] };
+    const picked = new Map<number, PickedToken>();
+    this.rows.forEach((r, b) => {
+      if ('picked' in output) picked.set(r.seq, output.picked[b]!);
+      else logits.set(r.seq, output.logits.subarray(b * V, (b + 1) * V));
+    });
+    return { logits, picked, passes: [pass] };
   }
 
   release(seq: number): void {
@@ -289,18 +311,29 @@ export class TfExecutor implements Executor {
     };
   }
 
-  /** One forward pass over `kv` for `seqs` sequences; its logits rows, downloaded, and what it was. */
+  /**
+   * One forward pass over `kv` for `seqs` sequences, and what it was; downloads its logits rows, or with `pick`
+   * (every row allows it) and device picking on, the rows' greedy tokens picked on the device.
+   */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number): Promise<{ data: Float32Array; pass: StepPass }> {
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pick: boolean): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
     let logits: tf.Tensor2D | null = null;
+    let picks: tf.Tensor2D | null = null;
     try {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
+      const pass = { rows: seqs, ...choice.applied };
+      if (logitRows.length === 0) return { output: { logits: new Float32Array(0) }, pass };
+      if (pick && this.devicePick) {
+        const p = (picks = greedyPickGpu(logits));
+        const data = await profiler.timeAsync('logits_download', async () => (await p.data()) as Float32Array); // [rows, 2]: id, logprob
+        return { output: { picked: logitRows.map((_, r) => ({ id: data[2 * r]!, logprob: data[2 * r + 1]! })) }, pass };
+      }
       const l = logits;
-      const data = logitRows.length === 0 ? new Float32Array(0) : await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array);
-      return { data, pass: { rows: seqs, ...choice.applied } };
+      return { output: { logits: await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array) }, pass };
     } finally {
       logits?.dispose();
+      picks?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);
     }
   }
