@@ -76,7 +76,9 @@ export class TfExecutor implements Executor {
       const tokens = new Int32Array(2 * T); // token 0: every vocabulary has it
       const positions = Int32Array.from({ length: 2 * T }, (_, i) => i % T);
       this.model.forward({ kv, tokens, positions, T, pad: [0, 0], logitRows: Int32Array.of(T - 1, 2 * T - 1) }).dispose();
-      this.model.forward({ kv, tokens: new Int32Array(2), positions: Int32Array.of(T, T), T: 1, logitRows: Int32Array.of(0, 1) }).dispose();
+      const logits = this.model.forward({ kv, tokens: new Int32Array(2), positions: Int32Array.of(T, T), T: 1, logitRows: Int32Array.of(0, 1) });
+      if (this.devicePick) greedyPickGpu(logits).dispose();
+      logits.dispose();
     } finally {
       kv.dispose();
       profiler.enabled = profiling;
