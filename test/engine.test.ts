@@ -87,10 +87,11 @@ test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logpr
   /** An engine over its own executor, counting the tokens it picked on the device. */
   const engineWith = (devicePick: boolean) => {
     const executor = new TfExecutor(model, { devicePick });
-    const counts = { picked: 0, logits: 0 };
+    const counts = { picked: 0, logits: 0, mixed: 0 };
     const count = (r: StepResult) => {
       counts.picked += r.picked?.size ?? 0;
       counts.logits += r.logits.size;
+      if ((r.picked?.size ?? 0) > 0 && r.logits.size > 0) counts.mixed++;
       return r;
     };
     const counted = Object.assign(Object.create(executor) as TfExecutor, {
@@ -125,11 +126,17 @@ test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logpr
     e.executor.dispose();
     return { outs: [...alone, ...together], counts: e.counts };
   };
+  const baseline = tf.memory().numTensors;
   const host = await run(false);
   const device = await run(true);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
   assert.equal(host.counts.picked, 0);
-  if (testBackend() === 'webgpu') assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
-  else assert.equal(device.counts.picked, 0, 'only the webgpu backend picks on the device');
+  if (testBackend() === 'webgpu') {
+    assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
+    assert.ok(device.counts.mixed > 0, 'steps with picked and host-sampled rows read both from one download');
+  } else {
+    assert.equal(device.counts.picked, 0, 'only the webgpu backend picks on the device');
+  }
   host.outs.forEach((h, i) => {
     const d = device.outs[i]!;
     assert.equal(d.error, undefined, d.error?.message);

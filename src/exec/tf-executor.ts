@@ -22,14 +22,20 @@ export interface TfExecutorOptions {
   /** Cached banks (sets of adapters) kept on the device (default 4). */
   readonly maxBanks?: number;
   /**
-   * Pick next tokens on the device where every row of a forward pass allows it (DecodeItem.pick) and the backend
-   * has the kernel (webgpu): the pass then reads back [id, logprob] per row instead of its logits (default true).
+   * Pick next tokens on the device for the rows that allow it (DecodeItem.pick) where the backend has the kernel
+   * (webgpu): such a row reads back [id, logprob] instead of its logits (default true).
    */
   readonly devicePick?: boolean;
 }
 
-/** What one forward pass read back: its logits rows [rows, vocab], or its rows' device-picked tokens. */
-type PassOutput = { readonly logits: Float32Array } | { readonly picked: PickedToken[] };
+/** What one forward pass read back, by logits row: a token picked on the device, or the row's logits. */
+interface PassOutput {
+  readonly picked: ReadonlyMap<number, PickedToken>;
+  /** The other rows' logits, in row order: [rows not picked, vocab]. */
+  readonly logits: Float32Array;
+  /** Per logits row: its index among the rows not picked (−1: picked). */
+  readonly logitsAt: Int32Array;
+}
 
 interface Row {
   readonly seq: number;
@@ -131,13 +137,15 @@ export class TfExecutor implements Executor {
     });
     const itemAdapters = items.map((i) => this.resolve(i.adapter));
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
-    const pick = items.every((i) => i.pick && i.last && !i.allLogits);
-    const { output, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pick);
+    const pickRows = items.flatMap((item, i) => new Array<boolean>(rowsOf[i]!.count).fill(!!item.pick && item.last && !item.allLogits));
+    const { output, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pickRows);
     const V = this.vocabSize;
     for (const r of rowsOf) {
       if (r.count === 0) continue;
-      if ('picked' in output) out.picked.set(r.seq, output.picked[r.from]!); // one row: the last
-      else out.logits.set(r.seq, output.logits.subarray(r.from * V, (r.from + r.count) * V));
+      const picked = output.picked.get(r.from); // a picked item has one row: its last
+      const at = output.logitsAt[r.from]!; // the item's rows are consecutive among those not picked
+      if (picked) out.picked.set(r.seq, picked);
+      else out.logits.set(r.seq, output.logits.subarray(at * V, (at + r.count) * V));
     }
 
     // Sequences whose prompt is complete join the decode batch; others keep their own KV for the next chunk.
@@ -169,14 +177,16 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const pick = items.every((i) => i.pick);
-    const { output, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B, pick);
+    const pickRows = this.rows.map((r) => !!bySeq.get(r.seq)!.pick);
+    const { output, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B, pickRows);
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
     this.rows.forEach((r, b) => {
-      if ('picked' in output) picked.set(r.seq, output.picked[b]!);
-      else logits.set(r.seq, output.logits.subarray(b * V, (b + 1) * V));
+      const p = output.picked.get(b);
+      const at = output.logitsAt[b]!;
+      if (p) picked.set(r.seq, p);
+      else logits.set(r.seq, output.logits.subarray(at * V, (at + 1) * V));
     });
     return { logits, picked, passes: [pass] };
   }
@@ -314,29 +324,47 @@ export class TfExecutor implements Executor {
   }
 
   /**
-   * One forward pass over `kv` for `seqs` sequences, and what it was; downloads its logits rows, or with `pick`
-   * (every row allows it) and device picking on, the rows' greedy tokens picked on the device.
+   * One forward pass over `kv` for `seqs` sequences, and what it was, with its logits rows read back: with device
+   * picking on, the rows that allow it (`pickRows`, per logits row) as their greedy tokens picked on the device.
    */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pick: boolean): Promise<{ output: PassOutput; pass: StepPass }> {
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
     let logits: tf.Tensor2D | null = null;
-    let picks: tf.Tensor2D | null = null;
     try {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      const pass = { rows: seqs, ...choice.applied };
-      if (logitRows.length === 0) return { output: { logits: new Float32Array(0) }, pass };
-      if (pick && this.devicePick) {
-        const p = (picks = greedyPickGpu(logits));
-        const data = await profiler.timeAsync('logits_download', async () => (await p.data()) as Float32Array); // [rows, 2]: id, logprob
-        return { output: { picked: logitRows.map((_, r) => ({ id: data[2 * r]!, logprob: data[2 * r + 1]! })) }, pass };
-      }
-      const l = logits;
-      return { output: { logits: await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array) }, pass };
+      const output = await profiler.timeAsync('logits_download', () => this.readBack(logits!, this.devicePick ? pickRows : []));
+      return { output, pass: { rows: seqs, ...choice.applied } };
     } finally {
       logits?.dispose();
-      picks?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);
     }
+  }
+
+  /**
+   * Reads back logits [rows, vocab] in one download: the rows flagged in `pickRows` as their tokens picked on the
+   * device (GreedyPickProgram), the others as their logits.
+   */
+  private async readBack(logits: tf.Tensor2D, pickRows: readonly boolean[]): Promise<PassOutput> {
+    const [rows, V] = logits.shape;
+    const keep = Array.from({ length: rows }, (_, r) => r).filter((r) => !pickRows[r]);
+    const logitsAt = new Int32Array(rows).fill(-1);
+    keep.forEach((r, i) => (logitsAt[r] = i));
+    if (rows === 0) return { picked: new Map(), logits: new Float32Array(0), logitsAt };
+    if (keep.length === rows) return { picked: new Map(), logits: (await logits.data()) as Float32Array, logitsAt };
+    // [rows · 2] (id, logprob of every row) then [keep, V] (the rows not picked)
+    const joined = tf.tidy(() => {
+      const picks = tf.reshape(greedyPickGpu(logits), [-1]);
+      return keep.length === 0 ? picks : tf.concat([picks, tf.reshape(tf.gather(logits, tf.tensor1d(keep, 'int32')), [-1])]);
+    });
+    let data: Float32Array;
+    try {
+      data = (await joined.data()) as Float32Array;
+    } finally {
+      joined.dispose();
+    }
+    const picked = new Map<number, PickedToken>();
+    for (let r = 0; r < rows; r++) if (pickRows[r]) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
+    return { picked, logits: data.subarray(2 * rows, 2 * rows + keep.length * V), logitsAt };
   }
 }
