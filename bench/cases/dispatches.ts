@@ -2,14 +2,14 @@
  * WebGPU device operations per decode step (`--backend webgpu` only): compute dispatches, command-buffer submits,
  * host-to-device uploads and device-to-host readbacks, from the server's lora_serve_webgpu_operations_total, and the
  * bytes read back (lora_serve_webgpu_readback_bytes_total), for one greedy request alone, for N concurrent greedy
- * requests on N adapters (unmerged LoRA), and for one sampled request (whose logits rows are read back: the host
- * samples; greedy tokens are picked on the device). Each workload runs twice, with 1 and with 1 + newTokens new
+ * requests on N adapters (unmerged LoRA), for one sampled request (whose logits rows are read back: the host
+ * samples; greedy tokens are picked on the device), and for N requests of which one is sampled. Each workload runs twice, with 1 and with 1 + newTokens new
  * tokens (ignore_eos): the difference is newTokens decode steps, the prefill being the same.
  * Each dispatch costs CPU time in tfjs and Dawn (about 0.1 ms) whatever the GPU, so dispatches per step bound a
  * decode step's time from below.
  */
 import type { BenchCase, Figure } from '../case.ts';
-import { drive, metric, type ApiClient } from '../client.ts';
+import { metric, type ApiClient } from '../client.ts';
 import { WEBGPU_OPS, type WebGPUOp } from '../../src/backend/webgpu/counters.ts';
 
 const N = 8;
@@ -24,7 +24,8 @@ async function ops(api: ApiClient): Promise<Record<Counted, number>> {
   return counts;
 }
 
-type Workload = 'greedy' | 'sampled';
+/** greedy: every request greedy; sampled: every request sampled; mixed: request 0 sampled, the others greedy. */
+type Workload = 'greedy' | 'sampled' | 'mixed';
 
 export const dispatches: BenchCase = {
   name: 'dispatches',
@@ -38,9 +39,9 @@ export const dispatches: BenchCase = {
     const sampled = (i: number, maxNewTokens: number) => api.json('POST', '/generate', {
       inputs: ctx.prompt(i), parameters: { max_new_tokens: maxNewTokens, ignore_eos: true, do_sample: true, seed: 1 + i },
     });
-    const run = (count: number, maxNewTokens: number, workload: Workload = 'greedy'): Promise<unknown> => workload === 'sampled'
-      ? Promise.all(Array.from({ length: count }, (_, i) => sampled(i, maxNewTokens)))
-      : drive(Array.from({ length: count }, (_, i) => () => api.generate(ctx.prompt(i), { adapter: count === 1 ? null : ctx.adapters.id(i), maxNewTokens })), count);
+    const greedy = (i: number, count: number, maxNewTokens: number) => api.generate(ctx.prompt(i), { adapter: count === 1 ? null : ctx.adapters.id(i), maxNewTokens });
+    const run = (count: number, maxNewTokens: number, workload: Workload = 'greedy'): Promise<unknown> => Promise.all(Array.from({ length: count },
+      (_, i) => (workload === 'sampled' || (workload === 'mixed' && i === 0) ? sampled(i, maxNewTokens) : greedy(i, count, maxNewTokens))));
     /** Operations of one run of the workload. */
     const measure = async (count: number, maxNewTokens: number, workload: Workload) => {
       const before = await ops(api);
@@ -52,7 +53,10 @@ export const dispatches: BenchCase = {
     await run(1, 2);
     await run(1, 2, 'sampled');
     const out: Figure[] = [];
-    const workloads = [['one request, base model', 1, 'greedy'], [`${N} requests on ${N} adapters`, N, 'greedy'], ['one sampled request, base model', 1, 'sampled']] as const;
+    const workloads = [
+      ['one request, base model', 1, 'greedy'], [`${N} requests on ${N} adapters`, N, 'greedy'], ['one sampled request, base model', 1, 'sampled'],
+      [`${N} requests, one of them sampled`, N, 'mixed'],
+    ] as const;
     for (const [name, count, workload] of workloads) {
       const short = await measure(count, 1, workload);
       const long = await measure(count, 1 + steps, workload);
