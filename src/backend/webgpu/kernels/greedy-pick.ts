@@ -4,7 +4,7 @@ import { ROW_WORKGROUP, WORKGROUP_REDUCE, runProgram, type WebGPUProgram } from 
 /** Ids travel as float32 in the kernel's output: exact up to 2^24. */
 const MAX_PICK_VOCAB = 2 ** 24;
 
-/** The output's id when the row has no finite logit (every one −∞ or NaN). */
+/** The output's id when the row has no finite logit (every one −∞ or NaN); as src/engine/executor.ts PickedToken. */
 export const PICK_NO_FINITE = -1;
 /** The output's id when the row has a +∞ logit. */
 export const PICK_INFINITE = -2;
