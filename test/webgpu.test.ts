@@ -26,7 +26,7 @@ after(tmp.cleanup);
 
 /** The files run on webgpu: the tests that compare with the float64 reference, and the webgpu-only ones (device, kernels). */
 const ON_WEBGPU = ['test/forward.test.ts', 'test/lora.test.ts', 'test/sliding-window.test.ts', 'test/engine.test.ts', 'test/webgpu/device.webgpu.ts',
-  'test/webgpu/kernels.webgpu.ts'];
+  'test/webgpu/kernels.webgpu.ts', 'test/webgpu/greedy-pick.webgpu.ts'];
 
 /** Dawn's adapter, or why there is none. */
 const probe: Promise<{ adapter: WebGPUAdapter } | { reason: string }> = probeAdapter().then(

@@ -34,7 +34,7 @@ test('the webgpu backend runs on Dawn\'s adapter and knows its limits', async ()
   assert.equal(maxTensorBytes()!.bytes, Math.min(a.maxStorageBufferBindingSize, a.maxBufferSize));
 });
 
-test('dispatches, submits, uploads and readbacks are counted', async () => {
+test('dispatches, submits, uploads, readbacks and readback bytes are counted', async () => {
   const before = webgpuCounts()!;
   assert.ok(before, 'counters are installed with the backend');
   // Larger than WEBGPU_CPU_HANDOFF_SIZE_THRESHOLD (1000), so the kernels run on the GPU, not on the host values.
@@ -46,6 +46,7 @@ test('dispatches, submits, uploads and readbacks are counted', async () => {
   assert.equal(after.upload - before.upload, 1, 'a tensor made from host values is uploaded once');
   assert.equal(after.dispatch - before.dispatch, 2, 'add, mul');
   assert.equal(after.readback - before.readback, 1);
+  assert.equal(after.readbackBytes - before.readbackBytes, 4096 * 4, 'the bytes of the buffer read back');
   assert.ok(after.submit - before.submit >= 1, 'the readback submits the pending commands');
   await b.data();
   assert.equal(webgpuCounts()!.readback, after.readback, 'read values are kept on the host');
