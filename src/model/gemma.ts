@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, constant, gatedActivation, gelu, geluNew, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, weightReader, type Linear } from './layers.ts';
+import { attention, constant, gatedActivation, gelu, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, weightReader, type Linear } from './layers.ts';
 import { llamaModules } from './llama.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { ModelConfig } from './types.ts';
@@ -92,7 +92,7 @@ export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
   const attnCap = c.attnLogitSoftcap === null ? null : constant(c.attnLogitSoftcap);
   const finalCap = c.finalLogitSoftcap === null ? null : keep(tf.scalar(c.finalLogitSoftcap));
   tensors.push(eps.scalar, scale.scalar, ...(attnCap ? [attnCap.scalar] : []));
-  const act = c.activation === 'gelu' ? gelu : geluNew;
+  const act = c.activation === 'gelu' ? gelu : 'gelu_tanh'; // gelu_pytorch_tanh: fused with the products on webgpu
 
   return {
     modules, linears, tensors,

@@ -5,6 +5,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { keepWeight, type Weight } from '../backend/weights.ts';
 import { checkTensorFits, maxTensorBytes } from '../backend/webgpu/init.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { batchSubmits } from '../backend/webgpu/submit.ts';
 import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
@@ -191,6 +193,8 @@ export class CausalLM {
     }
     const G = c.numHeads / c.numKvHeads;
     // Time not spent in a nested section (matmuls, LoRA, attention, KV, head) is the other kernels.
+    // A decode step is one command-buffer submit on webgpu (its readback submits it).
+    if (fusedKernels()) batchSubmits(T === 1);
     const logits = profiler.time('other_ops', () => this.run(input, B, T, G));
     kv.commit(T, input.pad);
     return logits;

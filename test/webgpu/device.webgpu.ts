@@ -109,3 +109,27 @@ test('a runtime on webgpu serves LoRA requests, reports its adapter, and leaves 
   }
   assert.equal(tf.memory().numTensors, baseline, 'closing the runtime frees every tensor');
 });
+
+test('a decode step is one command-buffer submit; a prefill keeps tfjs\'s submit every 15 dispatches', async () => {
+  const { rt } = await fixtureRuntime(join(tmp.dir, 'submits'), TINY_LLAMA);
+  try {
+    /** Dispatches and submits of one request of `newTokens` tokens. */
+    const run = async (newTokens: number) => {
+      const before = webgpuCounts()!;
+      const o = await generate(rt, request([3, 7, 11, 2, 9], { maxNewTokens: newTokens, ignoreEos: true }));
+      assert.equal(o.result?.generatedTokens, newTokens, o.error?.message);
+      const after = webgpuCounts()!;
+      return { dispatch: after.dispatch - before.dispatch, submit: after.submit - before.submit };
+    };
+    await run(2); // compile the kernels
+    const prefill = await run(1);
+    const steps = 5;
+    const long = await run(1 + steps);
+    assert.ok(prefill.dispatch > 15, `the prefill makes ${prefill.dispatch} dispatches`);
+    assert.ok(prefill.submit >= Math.floor(prefill.dispatch / 15), `prefill: ${prefill.submit} submits for ${prefill.dispatch} dispatches`);
+    assert.ok((long.dispatch - prefill.dispatch) / steps > 15, 'a decode step makes more dispatches than one default batch');
+    assert.equal(long.submit - prefill.submit, steps, `one submit per decode step (${JSON.stringify({ prefill, long })})`);
+  } finally {
+    await rt.close();
+  }
+});
