@@ -191,11 +191,11 @@ export class KVBatch implements KVCache {
   /** Moves the rows of `other` into this batch (after them), padding the shorter on the left. Disposes `other`. */
   append(other: KVBatch): void {
     if (other.rows === 0) return other.dispose();
+    if (other.packed !== this.packed) throw new Error('KVBatch.append: one batch is packed, the other split');
     if (this.rows === 0) {
       this.take(other);
       return;
     }
-    if (other.packed !== this.packed) throw new Error('KVBatch.append: one batch is packed, the other split');
     const cols = Math.max(this.cols, other.cols);
     // Both as wide as the wider, with its spare columns (packed; split batches have none).
     const capacity = cols + Math.max(this.capacity - this.cols, other.capacity - other.cols);

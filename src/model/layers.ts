@@ -345,7 +345,8 @@ export interface StepShape {
 
 /**
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
- * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd] (or packed: unpackKV). Grouped-query attention without copying K/V:
+ * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which a
+ * decode step reads in place and other steps unpack (unpackKV). Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
  * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
