@@ -105,8 +105,8 @@ export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
       const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
       const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      const a = attention(q, cache.k, cache.v, s, nH, kvH, hd, scale, attnCap);
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // the layer's keys and values, C+T columns
+      const a = attention(q, cache, s, nH, kvH, hd, scale, attnCap);
       x = L.postAttnNorm ? tf.add(x, rmsNorm(linear(a, L.o, s.lora), L.postAttnNorm, eps)) : linear(a, L.o, s.lora, x);
       // x = x + postMlpNorm(down(gelu(gate(h2)) · up(h2))), h2 = preMlpNorm(x)   (Gemma: no postMlpNorm)
       const m = gatedActivation(rmsNorm(x, L.preMlpNorm, eps), L.gate, L.up, s.lora, act);

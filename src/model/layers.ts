@@ -15,7 +15,7 @@ import { ropeGpu } from '../backend/webgpu/kernels/rope.ts';
 import { siluMulGpu } from '../backend/webgpu/kernels/silu-mul.ts';
 import { profiler } from '../obs/profile.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import type { StepContext } from './model.ts';
+import type { LayerKV, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
 /**
@@ -348,19 +348,29 @@ export interface StepShape {
 
 /**
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
- * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
+ * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which a
+ * decode step reads in place and other steps unpack (unpackKV). Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
  * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
  * as modeling_gemma2.py's eager_attention_forward. A decode step (T = 1) on webgpu is one kernel over the cache
  * (src/backend/webgpu/kernels/decode-attention.ts), which adds the same mask and applies the same soft-cap.
  */
-export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
+export function attention(q: tf.Tensor2D, cache: LayerKV, s: StepShape, nH: number, kvH: number, hd: number,
   scale: number | Constant = 1 / Math.sqrt(hd), softcap: Constant | null = null): tf.Tensor2D {
-  if (s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM && fusedKernels()) {
-    return profiler.time('attention', () => decodeAttentionGpu(q, k, v, s.mask, nH, valueOf(scale), softcap?.value ?? null));
+  if ('packed' in cache && s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM) {
+    return profiler.time('attention', () => decodeAttentionGpu(q, cache.packed, cache.cols, s.mask, nH, valueOf(scale), softcap?.value ?? null));
   }
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scalarOf(scale), softcap?.scalar ?? null));
+  return profiler.time('attention', () => {
+    const { k, v } = 'packed' in cache ? unpackKV(cache.packed, cache.cols) : cache;
+    return attend(q, k, v, s, nH, kvH, hd, scalarOf(scale), softcap?.scalar ?? null);
+  });
+}
+
+/** The keys and values [B, kvH, cols, hd] of the first `cols` columns of a packed cache [B, kvH, capacity, 2·hd] (copies). */
+export function unpackKV(packed: tf.Tensor4D, cols: number): { k: tf.Tensor4D; v: tf.Tensor4D } {
+  const hd = packed.shape[3] / 2;
+  return { k: tf.slice(packed, [0, 0, 0, 0], [-1, -1, cols, hd]), v: tf.slice(packed, [0, 0, 0, hd], [-1, -1, cols, hd]) };
 }
 
 /** scale: the score factor (1/√hd), as a number or the model's kept scalar. */

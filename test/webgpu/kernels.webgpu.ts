@@ -128,7 +128,12 @@ test('fused gelu_new equals its tanh formula as separate ops, large inputs inclu
   done();
 });
 
-test('fused decode attention equals scores, mask, softmax and weighted sum over the cache (GQA, padding, long caches)', async () => {
+/** k, v [B, kvH, C, hd] packed as KVBatch packs them on webgpu: [B, kvH, C + spare, 2·hd], the spare columns NaN (never to be read). */
+function packKV(k: tf.Tensor4D, v: tf.Tensor4D, spare: number): tf.Tensor4D {
+  return tf.tidy(() => tf.pad(tf.concat4d([k, v], 3), [[0, 0], [0, 0], [0, spare], [0, 0]], NaN));
+}
+
+test('fused decode attention equals scores, mask, softmax and weighted sum over the packed cache (GQA, padding, long caches, spare columns)', async () => {
   const done = leakCheck();
   // [B, kvH, G, C, hd]: GQA ratios 1, 3 and 4; caches shorter than, not a multiple of and longer than the 64-wide block.
   for (const [B, kvH, G, C, hd] of [[1, 1, 1, 1, 8], [3, 2, 3, 37, 10], [2, 1, 4, 150, 64], [1, 2, 1, 65, 130]] as const) {
@@ -140,13 +145,14 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
     const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < Math.min(Math.floor(i / (G * C)) * 5, C - 1) ? -1e9 : 0));
     const mask = tf.tensor4d(maskData, [B, 1, G, C]);
     const scale = 1 / Math.sqrt(hd);
-    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale), () => tf.tidy(() => {
+    const cache = packKV(k, v, (C * 7) % 20);
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
-    tf.dispose([q, k, v, mask]);
+    tf.dispose([q, k, v, cache, mask]);
   }
   done();
 });
@@ -163,14 +169,15 @@ test('fused decode attention soft-caps the scaled scores before the mask and hon
     const first = window === null ? 0 : C - window;
     const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first ? -1e9 : 0)), [B, 1, G, C]);
     const scale = 0.3;
-    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale, cap), () => tf.tidy(() => {
+    const cache = packKV(k, v, 3);
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale, cap), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const raw = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, G, C]
       const scores = tf.add(tf.mul(tf.tanh(tf.div(raw, cap)), cap), mask);
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, C ${C}, window ${window}, cap ${cap}: max rel err ${err}`);
-    tf.dispose([q, k, v, mask]);
+    tf.dispose([q, k, v, cache, mask]);
   }
   done();
 });
