@@ -116,6 +116,7 @@ export const decodeLinear: BenchCase = {
       await last!.data();
       const ms = performance.now() - t0;
       last!.dispose();
+      batchSubmits(false);
       return { ms, recorded };
     };
     const configs = [['previous', previous, false], ['split', newKernel, false], ['split, one submit', newKernel, true]] as const;

@@ -65,10 +65,11 @@ export class KVBatch implements KVCache {
   /**
    * `reach`: the number of latest positions a query can attend to in any layer (the largest window when every layer
    * slides), or null (a global layer: every column is kept). `packed`: layers packed with spare capacity and appended
-   * to in place (webgpu only), else split.
+   * to in place (webgpu only), else split. `limitBytes`: the most bytes one packed layer may have (the device's binding
+   * limit); spare columns are given up to stay within it.
    */
   constructor(readonly numLayers: number, readonly kvHeads: number, readonly headDim: number, readonly reach: number | null = null,
-    readonly packed = fusedKernels()) {
+    readonly packed = fusedKernels(), private readonly limitBytes = maxTensorBytes()?.bytes ?? Infinity) {
     this.layers = Array.from({ length: numLayers }, () => []);
   }
 
@@ -120,11 +121,24 @@ export class KVBatch implements KVCache {
     return this.cols === 0 && T > 1 ? { k, v } : { packed: cache, cols };
   }
 
+  /** Device bytes of one packed column of `rows` rows (keys and values of every KV head). */
+  private columnBytes(rows: number): number {
+    return rows * this.kvHeads * 2 * this.headDim * 4;
+  }
+
+  /**
+   * `want` columns, or fewer when packed layers of `rows` rows that wide would not bind on the device (the caller keeps
+   * at least the cached columns).
+   */
+  private fitCapacityFor(want: number, rows: number): number {
+    return Math.min(want, Math.floor(this.limitBytes / this.columnBytes(rows)));
+  }
+
   /** Packed: replaces a layer's tensor by one with room for `need` columns (packedCapacity), its columns copied. */
   private grow(layer: number, need: number): tf.Tensor4D {
     const old = this.layers[layer]![0];
     const held = old?.shape[2] ?? 0;
-    const capacity = packedCapacity(need, held, this.rows * this.kvHeads * 2 * this.headDim * 4);
+    const capacity = packedCapacity(need, held, this.columnBytes(this.rows), this.limitBytes);
     const next = tf.keep(old ? tf.pad(old, [[0, 0], [0, 0], [0, capacity - held], [0, 0]])
       : uninitialized<tf.Tensor4D>([this.rows, this.kvHeads, capacity, 2 * this.headDim]));
     old?.dispose();
@@ -191,14 +205,19 @@ export class KVBatch implements KVCache {
   /** Moves the rows of `other` into this batch (after them), padding the shorter on the left. Disposes `other`. */
   append(other: KVBatch): void {
     if (other.rows === 0) return other.dispose();
-    if (other.packed !== this.packed) throw new Error('KVBatch.append: one batch is packed, the other split');
+    if (other.packed !== this.packed) {
+      other.dispose();
+      throw new Error('KVBatch.append: one batch is packed, the other split');
+    }
     if (this.rows === 0) {
       this.take(other);
       return;
     }
     const cols = Math.max(this.cols, other.cols);
-    // Both as wide as the wider, with its spare columns (packed; split batches have none).
-    const capacity = cols + Math.max(this.capacity - this.cols, other.capacity - other.cols);
+    // Both as wide as this batch with its spare columns (packed; split batches have none), so that a longer running
+    // batch joined by a shorter one is not copied twice; no wider than binds on the device.
+    const spare = this.capacity - this.cols;
+    const capacity = this.packed ? Math.max(cols, this.fitCapacityFor(cols + spare, this.rows + other.rows)) : cols;
     const a = this.padTo(cols - this.cols, capacity);
     const b = other.padTo(cols - other.cols, capacity);
     this.layers = a.layers.map((ts, l) => ts.map((t, i) => {
@@ -222,6 +241,7 @@ export class KVBatch implements KVCache {
       this.clear();
       return;
     }
+    const more = rows.length > this.rows;
     const start = rows.map((r) => this.start[r]!);
     const trim = this.trimmable(start);
     this.layers = this.layers.map((ts) => ts.map((t) => {
@@ -233,6 +253,11 @@ export class KVBatch implements KVCache {
     }));
     this.start = start.map((s) => Math.max(0, s - trim));
     this.cols -= trim;
+    // More rows (a fork) at the same capacity may no longer bind: drop spare columns until they do.
+    if (this.packed && more) {
+      const fit = Math.max(this.cols, this.fitCapacityFor(this.capacity, rows.length));
+      if (fit < this.capacity) this.padTo(0, fit);
+    }
   }
 
   clear(): void {
@@ -264,7 +289,10 @@ export class KVBatch implements KVCache {
     const right = capacity - n - this.capacity;
     if (n === 0 && right === 0) return this;
     this.layers = this.layers.map((ts) => ts.map((t) => {
-      const padded = tf.keep(tf.pad(t, [[0, 0], [0, 0], [n, right], [0, 0]]));
+      // Fewer spare columns than now (right < 0): those beyond cols are undefined, so they are cut, not copied.
+      const kept = right < 0 ? tf.slice(t, [0, 0, 0, 0], [-1, -1, t.shape[2] + right, -1]) : t;
+      const padded = tf.keep(n === 0 && right < 0 ? kept : tf.pad(kept, [[0, 0], [0, 0], [n, Math.max(0, right)], [0, 0]]));
+      if (kept !== t && kept !== padded) kept.dispose();
       t.dispose();
       return padded;
     }));

@@ -10,6 +10,7 @@ import type {
 } from '../engine/executor.ts';
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { batchSubmits } from '../backend/webgpu/submit.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import type { Weight } from '../backend/weights.ts';
@@ -138,7 +139,14 @@ export class TfExecutor implements Executor {
     const itemAdapters = items.map((i) => this.resolve(i.adapter));
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
     const pickRows = items.flatMap((item, i) => new Array<boolean>(rowsOf[i]!.count).fill(!!item.pick && item.last && !item.allLogits));
-    const { output, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pickRows);
+    let result: Awaited<ReturnType<TfExecutor['forward']>>;
+    try {
+      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pickRows);
+    } catch (err) {
+      if (!cont) kv.dispose(); // a continued prompt's KV is released with its sequence
+      throw err;
+    }
+    const { output, pass } = result;
     const V = this.vocabSize;
     for (const r of rowsOf) {
       if (r.count === 0) continue;
@@ -336,6 +344,7 @@ export class TfExecutor implements Executor {
       const output = await profiler.timeAsync('logits_download', () => this.readBack(logits!, this.devicePick ? pickRows : []));
       return { output, pass: { rows: seqs, ...choice.applied } };
     } finally {
+      if (fusedKernels()) batchSubmits(false); // what follows the step (merges, banks, joins) submits as usual
       logits?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);
     }

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../../src/backend/select.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { TFJS_SUBMIT_BATCH } from '../../src/backend/webgpu/submit.ts';
 import { activeAdapter, maxTensorBytes } from '../../src/backend/webgpu/init.ts';
 import { TINY_LLAMA, writePeftAdapter } from '../../src/demo/index.ts';
 import { CausalLM } from '../../src/model/model.ts';
@@ -129,6 +130,8 @@ test('a decode step is one command-buffer submit; a prefill keeps tfjs\'s submit
     assert.ok(prefill.submit >= Math.floor(prefill.dispatch / 15), `prefill: ${prefill.submit} submits for ${prefill.dispatch} dispatches`);
     assert.ok((long.dispatch - prefill.dispatch) / steps > 15, 'a decode step makes more dispatches than one default batch');
     assert.equal(long.submit - prefill.submit, steps, `one submit per decode step (${JSON.stringify({ prefill, long })})`);
+    // After the steps, work outside a step (merges, LoRA banks, joins) submits as before: nothing holds its buffers.
+    assert.equal(tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE'), TFJS_SUBMIT_BATCH, 'the submit batch is restored after a decode step');
   } finally {
     await rt.close();
   }

@@ -82,9 +82,11 @@ async function columns(c: LayerKV): Promise<[Float32Array, Float32Array]> {
  * Drives a packed and a split KVBatch alike (as the executor does: prefills, rows joining after their prefill, decode
  * steps, rows leaving, forks) and checks after every append that both hold the same columns, exactly.
  */
-async function driveAlike(reach: number | null): Promise<{ capacities: number[]; widths: number[] }> {
+async function driveAlike(reach: number | null, limitBytes = Infinity): Promise<{ capacities: number[]; widths: number[] }> {
   const [L, kvH, hd] = [2, 3, 5];
-  const make = (packed: boolean) => new KVBatch(L, kvH, hd, reach, packed);
+  const make = (packed: boolean) => new KVBatch(L, kvH, hd, reach, packed, limitBytes);
+  /** Bytes of one packed layer of `kv`. */
+  const layerBytes = (kv: KVBatch) => kv.rows * kvH * kv.capacity * 2 * hd * 4;
   const packed = make(true);
   const split = make(false);
   let seed = 0;
@@ -108,6 +110,7 @@ async function driveAlike(reach: number | null): Promise<{ capacities: number[];
     s.commit(T, pad);
     assert.deepEqual([p.cols, p.start], [s.cols, s.start]);
     assert.ok(p.capacity >= p.cols);
+    assert.ok(p.capacity === p.cols || layerBytes(p) <= limitBytes, `${p.rows} rows × ${p.capacity} columns: over the ${limitBytes}-byte limit`);
   };
   const capacities: number[] = [];
   const widths: number[] = [];
@@ -126,6 +129,7 @@ async function driveAlike(reach: number | null): Promise<{ capacities: number[];
     }
     if (i === 35) [packed, split].forEach((kv) => kv.keepRows([1, 2, 3])); // row 0 leaves
     if (i === 50) [packed, split].forEach((kv) => kv.keepRows([0, 1, 2, 1])); // row 1 forks
+    if (i === 20 || i === 50) assert.ok(packed.capacity === packed.cols || layerBytes(packed) <= limitBytes, 'joined or forked rows within the limit');
     if (i === 60) [packed, split].forEach((kv) => kv.keepRows([3, 0])); // two leave, in another order
     await step(packed, split, 1);
     capacities.push(packed.capacity);
@@ -143,6 +147,16 @@ test('a packed KV batch holds the same columns as a split one through growth, ro
   // Geometric growth: over 90 steps (and a join) the tensor was replaced only a few times.
   const changes = capacities.filter((c, i) => i > 0 && c !== capacities[i - 1]).length;
   assert.ok(changes <= 6, `capacities ${capacities.join(' ')}`);
+  assert.ok(widths.at(-1)! > 90, `widths ${widths.join(' ')}`);
+});
+
+test('a packed KV batch gives up spare columns where joined or forked rows would not bind on the device', async () => {
+  const baseline = tf.memory().numTensors;
+  // 4 rows × 3 heads × 2·5 floats × 4 bytes = 480 bytes a column: at most 44 columns of 4 rows. The two rows joining
+  // at 40 columns would keep the running rows' 7 spare columns (47) without the limit.
+  const limit = 44 * 4 * 3 * 2 * 5 * 4;
+  const { widths } = await driveAlike(null, limit);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
   assert.ok(widths.at(-1)! > 90, `widths ${widths.join(' ')}`);
 });
 
