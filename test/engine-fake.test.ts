@@ -7,7 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
-import type { DecodeItem, ExecAdapter, LoraPlan, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
+import type { DecodeItem, ExecAdapter, LoraPlan, PickedToken, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
+import { DEFAULT_SAMPLING, Sampler } from '../src/engine/sampling.ts';
 import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider, MergeSpec } from '../src/lora/types.ts';
@@ -41,6 +42,14 @@ class FakeExecutor implements StepExecutor {
   /** Contract violations seen (a decode item missing, release during a call...). */
   readonly violations: string[] = [];
   delayMs = 0;
+  /** Answer the rows that allow it (`pick`) with a picked token instead of logits, as an executor picking on the device. */
+  picks = false;
+  /** The id picked after `last` (default: the fake model's next token; −1 and −2 are the faults of PickedToken). */
+  pickAfter: (last: number) => number = next;
+  /** Per call, each sequence's `pick`. */
+  readonly pickFlags: { kind: Kind; seq: number; pick: boolean }[] = [];
+  /** Each sequence's prompt (its first chunk's tokens). */
+  readonly prompts = new Map<number, readonly number[]>();
   /** Runs at the start of each call (may wait, may throw). */
   hook: ((kind: Kind, n: number) => void | Promise<void>) | null = null;
   private inFlight = false;
@@ -66,13 +75,21 @@ class FakeExecutor implements StepExecutor {
   async prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
     await this.enter('prefill', items.map((i) => i.seq), items.map((i) => i.adapter), lora);
     const logits = new Map<number, Float32Array>();
+    const picked = new Map<number, PickedToken>();
     for (const it of items) {
       if (this.decodeBatch.has(it.seq)) this.violations.push(`prefill of running seq ${it.seq}`);
+      if (it.start === 0) this.prompts.set(it.seq, it.tokens);
+      this.pickFlags.push({ kind: 'prefill', seq: it.seq, pick: it.pick ?? false });
+      if (it.pick && (!it.last || it.allLogits)) this.violations.push(`pick on a prefill item that needs logits (seq ${it.seq})`);
       if (it.last) {
         this.partial.delete(it.seq);
         this.decodeBatch.set(it.seq, it.adapter);
       } else {
         this.partial.add(it.seq);
+      }
+      if (this.picks && it.pick) {
+        picked.set(it.seq, this.pick(it.tokens.at(-1)!));
+        continue;
       }
       const rows = it.allLogits ? it.tokens.length : it.last ? 1 : 0;
       if (rows === 0) continue;
@@ -82,7 +99,13 @@ class FakeExecutor implements StepExecutor {
       logits.set(it.seq, out);
     }
     this.inFlight = false;
-    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
+    return { logits, picked, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
+  }
+
+  /** The token picked after `last`, its logprob as the host's greedy choice gives it. */
+  private pick(last: number): PickedToken {
+    const id = this.pickAfter(last);
+    return { id, logprob: id < 0 ? NaN : new Sampler(DEFAULT_SAMPLING).sample(logitsRow(last), []).logprob };
   }
 
   async decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
@@ -92,9 +115,14 @@ class FakeExecutor implements StepExecutor {
     }
     await this.enter('decode', items.map((i) => i.seq), items.map((i) => i.adapter), lora);
     const logits = new Map<number, Float32Array>();
-    for (const it of items) logits.set(it.seq, logitsRow(it.token));
+    const picked = new Map<number, PickedToken>();
+    for (const it of items) {
+      this.pickFlags.push({ kind: 'decode', seq: it.seq, pick: it.pick ?? false });
+      if (this.picks && it.pick) picked.set(it.seq, this.pick(it.token));
+      else logits.set(it.seq, logitsRow(it.token));
+    }
     this.inFlight = false;
-    return { logits, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
+    return { logits, picked, passes: [{ mode: 'none', adapters: new Set(items.map((i) => i.adapter?.key ?? null)).size, rows: items.length }] };
   }
 
   readonly forks: { seq: number; into: number[] }[] = [];
@@ -105,7 +133,10 @@ class FakeExecutor implements StepExecutor {
     if (this.inFlight) this.violations.push(`fork(${seq}) during an in-flight step`);
     if (!this.decodeBatch.has(seq)) this.violations.push(`fork of seq ${seq}, not in the decode batch`);
     if (this.calls.some((c) => c.kind === 'decode' && c.seqs.includes(seq))) this.violations.push(`fork of seq ${seq} after its first decode step`);
-    for (const s of into) this.decodeBatch.set(s, this.decodeBatch.get(seq)!);
+    for (const s of into) {
+      this.decodeBatch.set(s, this.decodeBatch.get(seq)!);
+      this.prompts.set(s, this.prompts.get(seq)!);
+    }
     this.forks.push({ seq, into: [...into] });
   }
 
@@ -681,5 +712,58 @@ test('a prefix group under a grammar: each member starts at the grammar\'s start
     assert.equal(o.error?.code, 'GRAMMAR_INVALID', 'and fails alone once its grammar allows nothing');
   }
   assert.deepEqual(ex.violations, []);
+  assert.equal(ex.running, 0);
+});
+
+test('tokens the executor picks are taken as sampled ones, and only rows the host would take greedily from the raw logits are offered', async () => {
+  const run = async (picks: boolean) => {
+    const { ex, submit } = setup({ maxBatchSize: 16 }, [9]); // room for every choice to copy the leader's prefill
+    ex.picks = picks;
+    const group = {};
+    const outs = await Promise.all([
+      submit('greedy', request([0], { maxNewTokens: 5 })),
+      submit('stop', request([2], { maxNewTokens: 8, stop: ['F'] })),
+      submit('eos', request([7], { maxNewTokens: 5 })),
+      submit('details', request([1, 2], { maxNewTokens: 3, decoderInputDetails: true })),
+      ...[0, 1, 2].map((i) => submit(`choice${i}`, request([5, 6], { prefixGroup: group, maxNewTokens: 2 + i }))),
+      submit('sampled', request([3], { maxNewTokens: 3, sampling: { doSample: true, seed: 1 } })),
+      submit('biased', request([4], { maxNewTokens: 3, sampling: { logitBias: [[0, 1]] } })),
+      submit('penalised', request([4], { maxNewTokens: 3, sampling: { repetitionPenalty: 1.2 } })),
+      submit('alternatives', request([4], { maxNewTokens: 3, sampling: { topNTokens: 2 } })),
+    ]);
+    assert.deepEqual(ex.violations, []);
+    return { ex, outs };
+  };
+  const host = await run(false);
+  const device = await run(true);
+  const timeless = (o: Outcome) => ({ ...o, result: o.result && { ...o.result, queueTimeS: 0, inferenceTimeS: 0, timeToFirstTokenS: 0 } });
+  assert.deepEqual(device.outs.map(timeless), host.outs.map(timeless), 'the same tokens, text, logprobs, details and finish reasons');
+  assert.deepEqual(host.outs.slice(0, 3).map((o) => o.result?.finishReason), ['length', 'stop_sequence', 'eos_token']);
+  const { pickFlags, prompts } = device.ex;
+  const offered = (kind: 'prefill' | 'decode') => new Set(pickFlags.filter((f) => f.kind === kind && f.pick).map((f) => prompts.get(f.seq)!.join()));
+  const never = ['3', '4']; // sampled, biased, penalised, alternatives
+  // Prefill: not with prompt logprobs ([1, 2]), nor a group's leader ([5, 6]), whose followers sample from its logits.
+  assert.deepEqual([...offered('prefill')].sort(), ['0', '2', '7']);
+  assert.deepEqual([...offered('decode')].sort(), ['0', '1,2', '2', '5,6', '7']);
+  for (const f of pickFlags) if (never.includes(prompts.get(f.seq)!.join())) assert.equal(f.pick, false);
+  assert.ok(pickFlags.some((f) => f.kind === 'decode' && !f.pick), 'the host-sampled rows were in the decode batches');
+});
+
+test('a picked token without a finite logit or with +inf fails its sequence alone, as the host sampler does', async () => {
+  const { ex, submit } = setup();
+  ex.picks = true;
+  ex.pickAfter = (last) => (last === 2 ? -1 : last === 12 ? -2 : next(last));
+  const [masked, infinite, fine] = await Promise.all([
+    submit('masked', request([1], { maxNewTokens: 5 })),
+    submit('infinite', request([11], { maxNewTokens: 5 })),
+    submit('fine', request([20], { maxNewTokens: 5 })),
+  ]);
+  assert.equal(masked.error?.code, 'GENERATION');
+  assert.equal(masked.error?.message, 'every logit is -inf or NaN');
+  assert.deepEqual(ids(masked), [2]);
+  assert.equal(infinite.error?.code, 'GENERATION');
+  assert.equal(infinite.error?.message, 'the logits contain +inf');
+  assert.deepEqual(ids(infinite), [12]);
+  assert.deepEqual(ids(fine), chain(20, 5));
   assert.equal(ex.running, 0);
 });

@@ -4,9 +4,12 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { TINY_LLAMA, writePeftAdapter } from '../src/demo/index.ts';
+import { Engine } from '../src/engine/engine.ts';
+import type { StepResult } from '../src/engine/executor.ts';
 import type { Runtime } from '../src/runtime.ts';
-import { fixtureRuntime, generate, request } from './helpers/runtime.ts';
-import { setupBackend, tempDir } from './helpers/tf.ts';
+import { TfExecutor } from '../src/exec/tf-executor.ts';
+import { fixtureRuntime, generate, request, TEST_RUNTIME, type Outcome } from './helpers/runtime.ts';
+import { setupBackend, tempDir, testBackend } from './helpers/tf.ts';
 
 const tmp = tempDir();
 let rt: Runtime;
@@ -77,6 +80,74 @@ test('long prompts are prefilled in chunks and match an unchunked run', async ()
   const whole = await generate(other.rt, request(long, { maxNewTokens: 5, ignoreEos: true }));
   await other.rt.close();
   assert.deepEqual(chunked.tokens.map((t) => t.id), whole.tokens.map((t) => t.id));
+});
+
+test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logprobs, stops, lengths, details, forks, mixed batches', async () => {
+  const model = (rt.executor as TfExecutor).model;
+  /** An engine over its own executor, counting the tokens it picked on the device. */
+  const engineWith = (devicePick: boolean) => {
+    const executor = new TfExecutor(model, { devicePick });
+    const counts = { picked: 0, logits: 0, mixed: 0 };
+    const count = (r: StepResult) => {
+      counts.picked += r.picked?.size ?? 0;
+      counts.logits += r.logits.size;
+      if ((r.picked?.size ?? 0) > 0 && r.logits.size > 0) counts.mixed++;
+      return r;
+    };
+    const counted = Object.assign(Object.create(executor) as TfExecutor, {
+      prefill: (...a: Parameters<TfExecutor['prefill']>) => executor.prefill(...a).then(count),
+      decode: (...a: Parameters<TfExecutor['decode']>) => executor.decode(...a).then(count),
+    });
+    const { maxBatchSize, maxBatchTokens, prefillChunk, loraMode, maxQueue, maxInputLength, maxTotalTokens } = TEST_RUNTIME;
+    const engine = new Engine(counted, rt.tokenizer, null, {
+      maxBatchSize, maxBatchTokens, prefillChunk, loraMode, maxQueue, maxInputLength, maxTotalTokens, maxPositions: model.config.maxPositions,
+    });
+    return { engine, executor, counts };
+  };
+  const plain = await generate(rt, request(prompt(5), { maxNewTokens: 12, ignoreEos: true }));
+  const stop = plain.text.slice(1).match(/[A-Za-z0-9]{2}/)![0]; // met mid-generation
+  const group = {};
+  const long = Array.from({ length: 70 }, (_, t) => (t * 7) % 300 + 3); // prefilled in chunks of 32
+  const reqs = () => [
+    ...Array.from({ length: 6 }, (_, i) => request(prompt(i), { maxNewTokens: 3 + i, ignoreEos: i % 2 === 0 })),
+    request(prompt(5), { maxNewTokens: 12, stop: [stop] }),
+    request(prompt(6), { maxNewTokens: 5, decoderInputDetails: true }), // prompt logprobs: its prefill reads logits
+    request(long, { maxNewTokens: 4, ignoreEos: true }),
+    ...[0, 1, 2].map(() => request(prompt(7), { maxNewTokens: 6, ignoreEos: true, prefixGroup: group })), // choices sharing one prefill
+    request(prompt(8), { maxNewTokens: 6, sampling: { logitBias: [[5, 2]] } }), // greedy on host (biased)
+    request(prompt(9), { maxNewTokens: 6, sampling: { doSample: true, temperature: 0.7, seed: 3 } }), // sampled on host
+  ];
+  /** Greedy requests alone (every step picks), then everything together (mixed steps read logits). */
+  const run = async (devicePick: boolean) => {
+    const e = engineWith(devicePick);
+    const alone: Outcome[] = [];
+    for (const r of reqs().slice(0, 9)) alone.push(await generate(e, r));
+    const together = await Promise.all(reqs().map((r) => generate(e, r)));
+    e.executor.dispose();
+    return { outs: [...alone, ...together], counts: e.counts };
+  };
+  const baseline = tf.memory().numTensors;
+  const host = await run(false);
+  const device = await run(true);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+  assert.equal(host.counts.picked, 0);
+  if (testBackend() === 'webgpu') {
+    assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
+    assert.ok(device.counts.mixed > 0, 'steps with picked and host-sampled rows read both from one download');
+  } else {
+    assert.equal(device.counts.picked, 0, 'only the webgpu backend picks on the device');
+  }
+  host.outs.forEach((h, i) => {
+    const d = device.outs[i]!;
+    assert.equal(d.error, undefined, d.error?.message);
+    assert.deepEqual(d.tokens.map((t) => t.id), h.tokens.map((t) => t.id), `request ${i}: tokens`);
+    assert.equal(d.text, h.text);
+    assert.equal(d.result!.finishReason, h.result!.finishReason);
+    assert.deepEqual(d.result!.prefill, h.result!.prefill);
+    // float32 on the device, float64 on the host
+    d.tokens.forEach((t, j) => assert.ok(Math.abs(t.logprob - h.tokens[j]!.logprob) <= 1e-5, `request ${i} token ${j}: logprob ${t.logprob} vs ${h.tokens[j]!.logprob}`));
+  });
+  assert.equal(host.outs[6]!.result!.finishReason, 'stop_sequence');
 });
 
 test('unknown adapters are refused, never served by the base model', async () => {

@@ -5,7 +5,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-wasm';
 import '@tensorflow/tfjs-backend-cpu';
 import { dropLeadingCols, gatherRows } from '../src/backend/raw-copy.ts';
-import { KVBatch } from '../src/exec/kv.ts';
+import { KVBatch, packedCapacity } from '../src/exec/kv.ts';
 
 for (const backend of ['wasm', 'cpu']) {
   test(`gatherRows and dropLeadingCols are exact on ${backend}`, async () => {
@@ -64,4 +64,15 @@ test('KVBatch.mask on a first forward: each row\'s left padding is masked, the w
   const m = kv.mask(4, 1, [0, 2], 2);
   const rows = Array.from({ length: 8 }, (_, r) => Array.from(m.subarray(r * 4, r * 4 + 4), (x) => (x === 0 ? 1 : 0)).join(''));
   assert.deepEqual(rows, ['1000', '1100', '0110', '0011', '0000', '0000', '0010', '0011']);
+});
+
+test('packedCapacity: 1.5× the held columns in blocks of 16, at least what is needed, within the binding limit', () => {
+  // [need, held, bytes per column, limit bytes, capacity]
+  for (const [need, held, perColumn, limit, capacity] of [
+    [1, 0, 8, Infinity, 16], [20, 0, 8, Infinity, 32], [33, 32, 8, Infinity, 48], [49, 48, 8, Infinity, 80], [200, 48, 8, Infinity, 208],
+    [33, 32, 8, 8 * 40, 40], // the limit caps the growth
+    [50, 32, 8, 8 * 40, 50], // never below what is needed (the device then refuses the step)
+  ] as const) {
+    assert.equal(packedCapacity(need, held, perColumn, limit), capacity, `need ${need}, held ${held}, limit ${limit}`);
+  }
 });

@@ -113,16 +113,21 @@ test('a step of several forward passes (one per worker) is one step duration, an
   assert.equal(value(f, 'lora_serve_batch_adapters_sum', { kind: 'decode' }), 17);
 });
 
-test('the webgpu backend\'s device operations are counters; absent on other backends', async () => {
-  const counts = { dispatch: 526, submit: 36, upload: 40, readback: 1 };
+test('the webgpu backend\'s device operations and readback bytes are counters; absent (bytes: 0) on other backends', async () => {
+  const ops = { dispatch: 526, submit: 36, upload: 40, readback: 1 };
+  const counts = { ...ops, readbackBytes: 4096 };
   const m = new Metrics({ processMetrics: false, webgpu: () => counts });
   let f = parseExposition(await m.text());
-  for (const [op, n] of Object.entries(counts)) assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op }), n);
+  for (const [op, n] of Object.entries(ops)) assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op }), n);
+  assert.equal(value(f, 'lora_serve_webgpu_readback_bytes_total'), 4096);
   counts.dispatch += 100;
+  counts.readbackBytes += 64;
   f = parseExposition(await m.text());
   assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), 626, 'each scrape adds what happened since the last');
+  assert.equal(value(f, 'lora_serve_webgpu_readback_bytes_total'), 4160);
   const other = parseExposition(await new Metrics({ processMetrics: false, webgpu: () => null }).text());
   assert.equal(value(other, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), undefined);
+  assert.equal(value(other, 'lora_serve_webgpu_readback_bytes_total'), 0);
 });
 
 test('engine, adapter and HTTP events move the counters', async () => {

@@ -1,49 +1,67 @@
 /**
  * WebGPU device operations per decode step (`--backend webgpu` only): compute dispatches, command-buffer submits,
- * host-to-device uploads and device-to-host readbacks, from the server's lora_serve_webgpu_operations_total, for one
- * request alone and for N concurrent requests on N adapters (unmerged LoRA). Each workload runs twice, with 1 and
- * with 1 + newTokens new tokens (ignore_eos): the difference is newTokens decode steps, the prefill being the same.
+ * host-to-device uploads and device-to-host readbacks, from the server's lora_serve_webgpu_operations_total, and the
+ * bytes read back (lora_serve_webgpu_readback_bytes_total), for one greedy request alone, for N concurrent greedy
+ * requests on N adapters (unmerged LoRA), for one sampled request (whose logits rows are read back: the host
+ * samples; greedy tokens are picked on the device), and for N requests of which one is sampled. Each workload runs twice, with 1 and with 1 + newTokens new
+ * tokens (ignore_eos): the difference is newTokens decode steps, the prefill being the same.
  * Each dispatch costs CPU time in tfjs and Dawn (about 0.1 ms) whatever the GPU, so dispatches per step bound a
  * decode step's time from below.
  */
 import type { BenchCase, Figure } from '../case.ts';
-import { drive, metric, type ApiClient } from '../client.ts';
+import { metric, type ApiClient } from '../client.ts';
 import { WEBGPU_OPS, type WebGPUOp } from '../../src/backend/webgpu/counters.ts';
 
 const N = 8;
-const PLURAL: Record<WebGPUOp, string> = { dispatch: 'dispatches', submit: 'submits', upload: 'uploads', readback: 'readbacks' };
+type Counted = WebGPUOp | 'readbackBytes';
+const COUNTED: readonly Counted[] = [...WEBGPU_OPS, 'readbackBytes'];
+const PLURAL: Record<Counted, string> = { dispatch: 'dispatches', submit: 'submits', upload: 'uploads', readback: 'readbacks', readbackBytes: 'bytes read back' };
 
-async function ops(api: ApiClient): Promise<Record<WebGPUOp, number>> {
+async function ops(api: ApiClient): Promise<Record<Counted, number>> {
   const m = await api.metrics();
-  return Object.fromEntries(WEBGPU_OPS.map((op) => [op, metric(m, 'lora_serve_webgpu_operations_total', { op })])) as Record<WebGPUOp, number>;
+  const counts = Object.fromEntries(WEBGPU_OPS.map((op) => [op, metric(m, 'lora_serve_webgpu_operations_total', { op })])) as Record<Counted, number>;
+  counts.readbackBytes = metric(m, 'lora_serve_webgpu_readback_bytes_total');
+  return counts;
 }
+
+/** greedy: every request greedy; sampled: every request sampled; mixed: request 0 sampled, the others greedy. */
+type Workload = 'greedy' | 'sampled' | 'mixed';
 
 export const dispatches: BenchCase = {
   name: 'dispatches',
-  title: `WebGPU: dispatches, submits, uploads and readbacks per decode step, one request and ${N} on ${N} adapters (--backend webgpu)`,
+  title: `WebGPU: dispatches, submits, uploads, readbacks and bytes read back per decode step, one request and ${N} on ${N} adapters (--backend webgpu)`,
   adapters: N,
   backend: 'webgpu',
   run: (ctx) => ctx.withServer({ 'lora-mode': 'unmerged', 'max-loaded-adapters': N, 'max-batch-size': N }, async (api) => {
     const info = await api.json('GET', '/info') as { backend: string };
     if (info.backend !== 'webgpu') throw new Error(`the server runs ${info.backend}: this case needs --backend webgpu`);
     const steps = ctx.sizes.newTokens;
-    const run = (count: number, maxNewTokens: number) =>
-      drive(Array.from({ length: count }, (_, i) => () => api.generate(ctx.prompt(i), { adapter: count === 1 ? null : ctx.adapters.id(i), maxNewTokens })), count);
+    const sampled = (i: number, maxNewTokens: number) => api.json('POST', '/generate', {
+      inputs: ctx.prompt(i), parameters: { max_new_tokens: maxNewTokens, ignore_eos: true, do_sample: true, seed: 1 + i },
+    });
+    const greedy = (i: number, count: number, maxNewTokens: number) => api.generate(ctx.prompt(i), { adapter: count === 1 ? null : ctx.adapters.id(i), maxNewTokens });
+    const run = (count: number, maxNewTokens: number, workload: Workload = 'greedy'): Promise<unknown> => Promise.all(Array.from({ length: count },
+      (_, i) => (workload === 'sampled' || (workload === 'mixed' && i === 0) ? sampled(i, maxNewTokens) : greedy(i, count, maxNewTokens))));
     /** Operations of one run of the workload. */
-    const measure = async (count: number, maxNewTokens: number) => {
+    const measure = async (count: number, maxNewTokens: number, workload: Workload) => {
       const before = await ops(api);
-      await run(count, maxNewTokens);
+      await run(count, maxNewTokens, workload);
       const after = await ops(api);
-      return Object.fromEntries(WEBGPU_OPS.map((op) => [op, after[op] - before[op]])) as Record<WebGPUOp, number>;
+      return Object.fromEntries(COUNTED.map((op) => [op, after[op] - before[op]])) as Record<Counted, number>;
     };
     await run(N, 2); // load the adapters, compile the kernels
     await run(1, 2);
+    await run(1, 2, 'sampled');
     const out: Figure[] = [];
-    for (const [name, count] of [['one request, base model', 1], [`${N} requests on ${N} adapters`, N]] as const) {
-      const short = await measure(count, 1);
-      const long = await measure(count, 1 + steps);
+    const workloads = [
+      ['one request, base model', 1, 'greedy'], [`${N} requests on ${N} adapters`, N, 'greedy'], ['one sampled request, base model', 1, 'sampled'],
+      [`${N} requests, one of them sampled`, N, 'mixed'],
+    ] as const;
+    for (const [name, count, workload] of workloads) {
+      const short = await measure(count, 1, workload);
+      const long = await measure(count, 1 + steps, workload);
       ctx.log(`${name}: ${JSON.stringify(short)} (prefill) vs ${JSON.stringify(long)} (prefill + ${steps} decode steps)`);
-      for (const op of WEBGPU_OPS) out.push({ label: `${name}: ${PLURAL[op]} per decode step`, value: (long[op] - short[op]) / steps, unit: '' });
+      for (const op of COUNTED) out.push({ label: `${name}: ${PLURAL[op]} per decode step`, value: (long[op] - short[op]) / steps, unit: op === 'readbackBytes' ? 'B' : '' });
       out.push({ label: `${name}: dispatches of the prefill step`, value: short.dispatch, unit: '' });
     }
     return out;

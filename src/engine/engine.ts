@@ -6,9 +6,9 @@ import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
-import type { DecodeItem, LoraPlan, PrefillItem, StepExecutor, StepResult } from './executor.ts';
+import type { DecodeItem, LoraPlan, PickedToken, PrefillItem, StepExecutor, StepResult } from './executor.ts';
 import type { ConstraintState } from './constraint/tokens.ts';
-import { Sampler, type SampledToken } from './sampling.ts';
+import { pickableOnDevice, pickedToken, Sampler, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
@@ -48,6 +48,8 @@ interface Seq {
   readonly req: GenerateRequest;
   readonly sink: GenerationSink;
   readonly sampler: Sampler;
+  /** Its next tokens may be picked on the device (greedy on the raw logits, no constraint): DecodeItem.pick. */
+  readonly pick: boolean;
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
   /** Where the text stands in `req.constraint` (null without one). */
@@ -188,7 +190,7 @@ export class Engine implements EngineApi {
 
     const seq: Seq = {
       id: this.nextId++, req, sink,
-      sampler: new Sampler(req.sampling),
+      sampler: new Sampler(req.sampling), pick: pickableOnDevice(req.sampling) && !req.constraint,
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       constraint: req.constraint?.start() ?? null,
@@ -365,12 +367,12 @@ export class Engine implements EngineApi {
 
   private async decodeStep(lora: LoraPlan): Promise<void> {
     const items: DecodeItem[] = this.running.map((s) => ({
-      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null,
+      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick,
     }));
     const t0 = now();
     const res = await this.executor.decode(items, lora);
     this.stepMetrics('decode', res, now() - t0);
-    for (const seq of [...this.running]) this.accept(seq, res.logits.get(seq.id)!);
+    for (const seq of [...this.running]) this.accept(seq, res.picked?.get(seq.id) ?? res.logits.get(seq.id)!);
   }
 
   /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
@@ -388,9 +390,12 @@ export class Engine implements EngineApi {
         seq.scheduledAt = t;
         this.metrics?.requestQueued(t - seq.submittedAt);
       }
+      // A group leader's followers sample their first token from its logits.
+      const sharing = seq.group?.open === true && seq.group.leader === seq;
       return {
         seq: seq.id, tokens: seq.req.inputIds.slice(c.start, c.start + c.length), start: c.start, last: c.last,
         adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
+        pick: seq.pick && c.last && !seq.req.decoderInputDetails && !sharing,
       };
     });
     const res = await this.executor.prefill(items, lora);
@@ -406,10 +411,10 @@ export class Engine implements EngineApi {
       this.running.push(seq);
       seq.state = 'running';
       if (seq.req.decoderInputDetails) this.emitPrefill(seq);
-      const last = logits!.subarray(logits!.length - V);
+      const last = logits?.subarray(logits.length - V); // absent when the token was picked on the device
       // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
-      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last, t);
-      this.accept(seq, last);
+      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last!, t); // a leader's item never asks for a pick
+      this.accept(seq, res.picked?.get(seq.id) ?? last!);
     }
   }
 
@@ -445,22 +450,27 @@ export class Engine implements EngineApi {
   }
 
   /**
-   * Samples the next token from `logits` (among the ids the request's grammar allows, if it has one), emits it,
-   * and finishes the sequence when it should end. A grammar that allows no token at all fails the sequence alone.
+   * Samples the next token from `logits` (among the ids the request's grammar allows, if it has one), or takes the
+   * token the executor picked on the device, emits it, and finishes the sequence when it should end. A grammar
+   * that allows no token at all fails the sequence alone.
    */
-  private accept(seq: Seq, logits: Float32Array): void {
+  private accept(seq: Seq, next: Float32Array | PickedToken): void {
     if (seq.state === 'done') return;
     const { req } = seq;
     const constraint = req.constraint;
-    let allowed: Uint8Array | undefined;
     let sampled: SampledToken;
     try {
-      if (constraint) {
-        const mask = profiler.time('constraint', () => constraint.allowed(seq.constraint!));
-        if (!mask) throw fail('GRAMMAR_INVALID', 'the grammar allows no token after the text generated so far');
-        allowed = mask;
+      if (next instanceof Float32Array) {
+        let allowed: Uint8Array | undefined;
+        if (constraint) {
+          const mask = profiler.time('constraint', () => constraint.allowed(seq.constraint!));
+          if (!mask) throw fail('GRAMMAR_INVALID', 'the grammar allows no token after the text generated so far');
+          allowed = mask;
+        }
+        sampled = profiler.time('sampling', () => seq.sampler.sample(next, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0, allowed));
+      } else {
+        sampled = pickedToken(next); // only where seq.pick: no constraint
       }
-      sampled = profiler.time('sampling', () => seq.sampler.sample(logits, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0, allowed));
       if (constraint && !constraint.isEos(sampled.id)) seq.constraint = profiler.time('constraint', () => constraint.advance(seq.constraint!, sampled.id));
     } catch (err) {
       // this sequence alone fails (a grammar too large to go on, logits all NaN); the batch goes on

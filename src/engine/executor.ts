@@ -36,6 +36,8 @@ export interface PrefillItem {
   readonly adapter: ExecAdapter | null;
   /** Return logits for every token of the chunk (prompt logprobs), not only the last. */
   readonly allLogits: boolean;
+  /** The next token may be picked on the device (see DecodeItem.pick); only for a last chunk without allLogits. */
+  readonly pick?: boolean;
 }
 
 export interface DecodeItem {
@@ -43,6 +45,23 @@ export interface DecodeItem {
   readonly token: number;
   readonly position: number;
   readonly adapter: ExecAdapter | null;
+  /**
+   * The next token may be picked on the device: the engine would take the greedy choice of the row's logits as
+   * they are (no constraint mask, logit bias, penalties, temperature or top-n alternatives; sampling.ts
+   * `pickableOnDevice`). The executor then may return a PickedToken for the sequence instead of its logits row.
+   */
+  readonly pick?: boolean;
+}
+
+/**
+ * A next token picked on the device for a sequence that allowed it (`pick`): the lowest id among the largest of
+ * the row's logits and its log-softmax over the row, NaN counting as −∞ (the host Sampler's greedy choice).
+ * `id` is −1 when the row has no finite logit (every one −∞ or NaN) and −2 when it has a +∞ one; the engine fails
+ * such a sequence as the Sampler would.
+ */
+export interface PickedToken {
+  readonly id: number;
+  readonly logprob: number;
 }
 
 /**
@@ -71,8 +90,13 @@ export interface StepPass {
 }
 
 export interface StepResult {
-  /** Per sequence: logits rows, row-major [rows, vocab]. */
+  /** Per sequence that returns logits: its rows, row-major [rows, vocab]. */
   readonly logits: ReadonlyMap<number, Float32Array>;
+  /**
+   * Per sequence whose next token was picked on the device (only those whose item allowed it; an executor may
+   * always return logits instead): the token, and no logits entry.
+   */
+  readonly picked?: ReadonlyMap<number, PickedToken>;
   /** The call's forward passes, in the order they ran. */
   readonly passes: readonly StepPass[];
 }

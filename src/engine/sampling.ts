@@ -20,6 +20,7 @@
  * PRNG float per token (greedy none), so a seed and a logits sequence fix the output.
  */
 import { fail } from '../errors.ts';
+import type { PickedToken } from './executor.ts';
 
 export interface SamplingParams {
   doSample: boolean;
@@ -62,6 +63,23 @@ export interface SampledToken {
   id: number;
   logprob: number;
   top?: { id: number; logprob: number }[];
+}
+
+/**
+ * Whether sample() reduces to the greedy choice of the raw logits: argmax (ties → lowest id) with logprob
+ * log_softmax(logits)[id], no random number drawn. Then an executor may pick the token on the device
+ * (DecodeItem.pick); a constraint mask, which the caller knows of, rules that out too.
+ */
+export function pickableOnDevice(p: SamplingParams): boolean {
+  return !p.doSample && p.temperature === 1 && p.repetitionPenalty === 1 && p.frequencyPenalty === 0 && p.presencePenalty === 0 &&
+    p.topNTokens === 0 && p.logitBias.length === 0;
+}
+
+/** A token picked on the device (executor.ts PickedToken) as sample() returns it; fails as sample() does on a row without a finite logit or with +inf. */
+export function pickedToken(p: PickedToken): SampledToken {
+  if (p.id === -1) throw fail('GENERATION', 'every logit is -inf or NaN');
+  if (p.id === -2) throw fail('GENERATION', 'the logits contain +inf');
+  return { id: p.id, logprob: p.logprob };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 /**
  * KV cache for a batch of sequences at different lengths.
  *
- * One tensor per layer for the whole batch, [B, kvHeads, C, headDim], so that a decode step appends the
- * new column for every row with one concat per layer (not one per sequence). Rows are left-padded:
+ * Per layer, tensors for the whole batch, so that a decode step appends the new column of every row at once (not per
+ * sequence). On wasm and cpu a layer is a key and a value tensor [B, kvHeads, C, headDim], appended to by a concat.
+ * On webgpu a layer is one packed tensor [B, kvHeads, capacity, 2·headDim] (column j: its key, then its value) with
+ * spare columns on the right: a step writes its columns in place with one kernel (kv-append.ts), and the tensor is
+ * replaced by a larger copy only when full, growing geometrically, so that appending costs amortised O(1) copied
+ * columns instead of a copy of the whole cache per step. Rows are left-padded:
  * row b's valid keys are columns start[b] .. C-1; the attention mask hides the rest. Rows join
  * (after their prefill) by `append` and leave by `keepRows`; leading columns that no row uses any more
  * are trimmed so padding never grows without bound.
@@ -15,7 +19,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
-import type { KVCache } from '../model/model.ts';
+import { maxTensorBytes } from '../backend/webgpu/init.ts';
+import { kvAppendGpu } from '../backend/webgpu/kernels/kv-append.ts';
+import { fusedKernels, uninitialized } from '../backend/webgpu/kernels/program.ts';
+import type { KVCache, LayerKV } from '../model/model.ts';
 import type { ModelConfig } from '../model/types.ts';
 import { profiler } from '../obs/profile.ts';
 
@@ -30,10 +37,26 @@ function lookback(windows: readonly (number | null)[]): number | null {
   return Math.max(...(windows as number[]));
 }
 
+/** Packed capacities are multiples of this many columns. */
+const CAPACITY_BLOCK = 16;
+
+/**
+ * The capacity (columns) a packed layer is given when it must hold `need` columns and holds `current`: at least 1.5×
+ * `current`, in blocks of CAPACITY_BLOCK, but no more than a tensor of `bytesPerColumn` per column may bind on the
+ * device (`limitBytes`) unless `need` itself is over it.
+ */
+export function packedCapacity(need: number, current: number, bytesPerColumn: number, limitBytes = maxTensorBytes()?.bytes ?? Infinity): number {
+  const grown = Math.ceil(Math.max(need, current * 1.5) / CAPACITY_BLOCK) * CAPACITY_BLOCK;
+  return Math.max(need, Math.min(grown, Math.floor(limitBytes / bytesPerColumn)));
+}
+
 export class KVBatch implements KVCache {
-  /** Per layer [B, kvHeads, C, headDim]; null while the batch holds no column. */
-  private k: (tf.Tensor4D | null)[];
-  private v: (tf.Tensor4D | null)[];
+  /**
+   * Per layer, the tensors holding its columns, [B, kvHeads, capacity, D] each; [] while the batch holds no column.
+   * Split: the keys and the values, D = headDim, capacity = cols. Packed: one tensor, D = 2·headDim, capacity ≥ cols,
+   * the columns from cols on spare (their contents undefined, never read).
+   */
+  private layers: tf.Tensor4D[][];
   /** Columns (cached positions, padded) per row. */
   cols = 0;
   /** First valid column of each row. */
@@ -41,15 +64,22 @@ export class KVBatch implements KVCache {
 
   /**
    * `reach`: the number of latest positions a query can attend to in any layer (the largest window when every layer
-   * slides), or null (a global layer: every column is kept).
+   * slides), or null (a global layer: every column is kept). `packed`: layers packed with spare capacity and appended
+   * to in place (webgpu only), else split. `limitBytes`: the most bytes one packed layer may have (the device's binding
+   * limit); spare columns are given up to stay within it.
    */
-  constructor(readonly numLayers: number, readonly kvHeads: number, readonly headDim: number, readonly reach: number | null = null) {
-    this.k = new Array(numLayers).fill(null);
-    this.v = new Array(numLayers).fill(null);
+  constructor(readonly numLayers: number, readonly kvHeads: number, readonly headDim: number, readonly reach: number | null = null,
+    readonly packed = fusedKernels(), private readonly limitBytes = maxTensorBytes()?.bytes ?? Infinity) {
+    this.layers = Array.from({ length: numLayers }, () => []);
   }
 
   get rows(): number {
     return this.start.length;
+  }
+
+  /** Columns the layers' tensors have room for: cols, or more when packed. */
+  get capacity(): number {
+    return this.layers[0]![0]?.shape[2] ?? 0;
   }
 
   /** Adds `rows` empty rows (before a prefill forward into this batch). */
@@ -62,22 +92,58 @@ export class KVBatch implements KVCache {
    * Appends this step's keys/values ([B, kvHeads, T, headDim]) for one layer and returns the full cache.
    * The caller calls `commit(T, newStart)` once after the last layer.
    */
-  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D } {
-    return profiler.time('kv_cache', () => this.appendCols(layer, k, v));
+  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
+    return profiler.time('kv_cache', () => (this.packed ? this.writeCols(layer, k, v) : this.appendCols(layer, k, v)));
   }
 
-  private appendCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D } {
-    const oldK = this.k[layer];
-    const oldV = this.v[layer];
+  private appendCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
+    const [oldK, oldV] = this.layers[layer]!;
     const newK = oldK ? tf.concat4d([oldK, k], 2) : tf.keep(k.clone());
     const newV = oldV ? tf.concat4d([oldV, v], 2) : tf.keep(v.clone());
     tf.keep(newK);
     tf.keep(newV);
     oldK?.dispose();
     oldV?.dispose();
-    this.k[layer] = newK;
-    this.v[layer] = newV;
+    this.layers[layer] = [newK, newV];
     return { k: newK, v: newV };
+  }
+
+  /**
+   * Packed: writes the T new columns in place after the C cached ones, first growing the layer when it has no room.
+   * A first forward's (C = 0) attention reads the step's own keys and values, which are then the whole cache.
+   */
+  private writeCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
+    const T = k.shape[2];
+    const cols = this.cols + T;
+    let cache = this.layers[layer]![0];
+    if (!cache || cache.shape[2] < cols) cache = this.grow(layer, cols);
+    kvAppendGpu(cache, k, v, this.cols);
+    return this.cols === 0 && T > 1 ? { k, v } : { packed: cache, cols };
+  }
+
+  /** Device bytes of one packed column of `rows` rows (keys and values of every KV head). */
+  private columnBytes(rows: number): number {
+    return rows * this.kvHeads * 2 * this.headDim * 4;
+  }
+
+  /**
+   * `want` columns, or fewer when packed layers of `rows` rows that wide would not bind on the device (the caller keeps
+   * at least the cached columns).
+   */
+  private fitCapacityFor(want: number, rows: number): number {
+    return Math.min(want, Math.floor(this.limitBytes / this.columnBytes(rows)));
+  }
+
+  /** Packed: replaces a layer's tensor by one with room for `need` columns (packedCapacity), its columns copied. */
+  private grow(layer: number, need: number): tf.Tensor4D {
+    const old = this.layers[layer]![0];
+    const held = old?.shape[2] ?? 0;
+    const capacity = packedCapacity(need, held, this.columnBytes(this.rows), this.limitBytes);
+    const next = tf.keep(old ? tf.pad(old, [[0, 0], [0, 0], [0, capacity - held], [0, 0]])
+      : uninitialized<tf.Tensor4D>([this.rows, this.kvHeads, capacity, 2 * this.headDim]));
+    old?.dispose();
+    this.layers[layer] = [next];
+    return next;
   }
 
   /**
@@ -115,13 +181,11 @@ export class KVBatch implements KVCache {
     this.cols += T;
     const trim = this.trimmable(this.start);
     if (trim === 0) return;
-    for (const cache of [this.k, this.v]) {
-      cache.forEach((t, l) => {
-        if (!t) return;
-        cache[l] = tf.keep(dropLeadingCols(t, trim));
-        t.dispose();
-      });
-    }
+    this.layers = this.layers.map((ts) => ts.map((t) => {
+      const kept = tf.keep(dropLeadingCols(t, trim));
+      t.dispose();
+      return kept;
+    }));
     this.start = this.start.map((s) => Math.max(0, s - trim));
     this.cols -= trim;
   }
@@ -141,24 +205,31 @@ export class KVBatch implements KVCache {
   /** Moves the rows of `other` into this batch (after them), padding the shorter on the left. Disposes `other`. */
   append(other: KVBatch): void {
     if (other.rows === 0) return other.dispose();
+    if (other.packed !== this.packed) {
+      other.dispose();
+      throw new Error('KVBatch.append: one batch is packed, the other split');
+    }
     if (this.rows === 0) {
       this.take(other);
       return;
     }
     const cols = Math.max(this.cols, other.cols);
-    const a = this.padLeft(cols - this.cols);
-    const b = other.padLeft(cols - other.cols);
-    for (let l = 0; l < this.numLayers; l++) {
-      const k = tf.keep(tf.concat4d([a.k[l]!, b.k[l]!], 0));
-      const v = tf.keep(tf.concat4d([a.v[l]!, b.v[l]!], 0));
-      a.k[l]!.dispose(); a.v[l]!.dispose(); b.k[l]!.dispose(); b.v[l]!.dispose();
-      this.k[l] = k;
-      this.v[l] = v;
-    }
+    // Both as wide as this batch with its spare columns (packed; split batches have none), so that a longer running
+    // batch joined by a shorter one is not copied twice; no wider than binds on the device.
+    const spare = this.capacity - this.cols;
+    const capacity = this.packed ? Math.max(cols, this.fitCapacityFor(cols + spare, this.rows + other.rows)) : cols;
+    const a = this.padTo(cols - this.cols, capacity);
+    const b = other.padTo(cols - other.cols, capacity);
+    this.layers = a.layers.map((ts, l) => ts.map((t, i) => {
+      const u = b.layers[l]![i]!;
+      const joined = tf.keep(tf.concat4d([t, u], 0));
+      t.dispose();
+      u.dispose();
+      return joined;
+    }));
     this.start = [...a.start, ...b.start];
     this.cols = cols;
-    other.k.fill(null);
-    other.v.fill(null);
+    other.layers = other.layers.map(() => []);
     other.start = [];
     other.cols = 0;
   }
@@ -170,29 +241,28 @@ export class KVBatch implements KVCache {
       this.clear();
       return;
     }
+    const more = rows.length > this.rows;
     const start = rows.map((r) => this.start[r]!);
     const trim = this.trimmable(start);
-    for (let l = 0; l < this.numLayers; l++) {
-      for (const cache of [this.k, this.v]) {
-        const t = cache[l];
-        if (!t) continue;
-        const g = gatherRows(t, rows);
-        cache[l] = tf.keep(trim > 0 ? dropLeadingCols(g, trim) : g);
-        if (trim > 0) g.dispose();
-        t.dispose();
-      }
-    }
+    this.layers = this.layers.map((ts) => ts.map((t) => {
+      const g = gatherRows(t, rows);
+      const kept = tf.keep(trim > 0 ? dropLeadingCols(g, trim) : g);
+      if (trim > 0) g.dispose();
+      t.dispose();
+      return kept;
+    }));
     this.start = start.map((s) => Math.max(0, s - trim));
     this.cols -= trim;
+    // More rows (a fork) at the same capacity may no longer bind: drop spare columns until they do.
+    if (this.packed && more) {
+      const fit = Math.max(this.cols, this.fitCapacityFor(this.capacity, rows.length));
+      if (fit < this.capacity) this.padTo(0, fit);
+    }
   }
 
   clear(): void {
-    for (let l = 0; l < this.numLayers; l++) {
-      this.k[l]?.dispose();
-      this.v[l]?.dispose();
-      this.k[l] = null;
-      this.v[l] = null;
-    }
+    for (const ts of this.layers) tf.dispose(ts);
+    this.layers = this.layers.map(() => []);
     this.start = [];
     this.cols = 0;
   }
@@ -203,27 +273,29 @@ export class KVBatch implements KVCache {
 
   private take(other: KVBatch): void {
     this.clear();
-    this.k = other.k.slice();
-    this.v = other.v.slice();
+    this.layers = other.layers;
     this.start = other.start.slice();
     this.cols = other.cols;
-    other.k.fill(null);
-    other.v.fill(null);
+    other.layers = other.layers.map(() => []);
     other.start = [];
     other.cols = 0;
   }
 
-  /** Pads n columns on the left (in place); returns this. */
-  private padLeft(n: number): KVBatch {
-    if (n === 0) return this;
-    for (let l = 0; l < this.numLayers; l++) {
-      const k = this.k[l]!;
-      const v = this.v[l]!;
-      this.k[l] = tf.keep(tf.pad(k, [[0, 0], [0, 0], [n, 0], [0, 0]]));
-      this.v[l] = tf.keep(tf.pad(v, [[0, 0], [0, 0], [n, 0], [0, 0]]));
-      k.dispose();
-      v.dispose();
-    }
+  /**
+   * Pads n columns on the left and, packed, spare columns on the right up to `capacity` columns in all (split: cols + n),
+   * in place; returns this.
+   */
+  private padTo(n: number, capacity: number): KVBatch {
+    const right = capacity - n - this.capacity;
+    if (n === 0 && right === 0) return this;
+    this.layers = this.layers.map((ts) => ts.map((t) => {
+      // Fewer spare columns than now (right < 0): those beyond cols are undefined, so they are cut, not copied.
+      const kept = right < 0 ? tf.slice(t, [0, 0, 0, 0], [-1, -1, t.shape[2] + right, -1]) : t;
+      const padded = tf.keep(n === 0 && right < 0 ? kept : tf.pad(kept, [[0, 0], [0, 0], [n, Math.max(0, right)], [0, 0]]));
+      if (kept !== t && kept !== padded) kept.dispose();
+      t.dispose();
+      return padded;
+    }));
     this.start = this.start.map((s) => s + n);
     this.cols += n;
     return this;

@@ -3,7 +3,7 @@
  * an id; the worker handles requests one after another, in arrival order, and answers each with the same id.
  */
 import type { BackendName } from '../backend/select.ts';
-import type { DecodeItem, DeviceMemory, ExecAdapter, LoraPlan, PrefillItem, StepPass } from '../engine/executor.ts';
+import type { DecodeItem, DeviceMemory, ExecAdapter, LoraPlan, PickedToken, PrefillItem, StepPass } from '../engine/executor.ts';
 import type { ErrorCode } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { ProfileTotals } from '../obs/profile.ts';
@@ -29,9 +29,13 @@ export interface WorkerInfo {
   readonly nativeMatmulNote?: string;
 }
 
-/** A step's answer: logits per sequence (each its own transferred buffer) and the worker's forward passes. */
+/**
+ * A step's answer: logits per sequence (each its own transferred buffer), tokens picked on the device per sequence
+ * (StepResult.picked; none on the backends workers run today) and the worker's forward passes.
+ */
 export interface WorkerStep {
   readonly logits: [number, Float32Array][];
+  readonly picked: [number, PickedToken][];
   readonly passes: readonly StepPass[];
 }
 

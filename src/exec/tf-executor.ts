@@ -6,8 +6,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type {
-  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PrefillItem, ResidentAdapter, StepPass, StepResult,
+  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PickedToken, PrefillItem, ResidentAdapter, StepPass, StepResult,
 } from '../engine/executor.ts';
+import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { batchSubmits } from '../backend/webgpu/submit.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import type { Weight } from '../backend/weights.ts';
@@ -19,6 +22,20 @@ import type { CausalLM } from '../model/model.ts';
 export interface TfExecutorOptions {
   /** Cached banks (sets of adapters) kept on the device (default 4). */
   readonly maxBanks?: number;
+  /**
+   * Pick next tokens on the device for the rows that allow it (DecodeItem.pick) where the backend has the kernel
+   * (webgpu): such a row reads back [id, logprob] instead of its logits (default true).
+   */
+  readonly devicePick?: boolean;
+}
+
+/** What one forward pass read back, by logits row: a token picked on the device, or the row's logits. */
+interface PassOutput {
+  readonly picked: ReadonlyMap<number, PickedToken>;
+  /** The other rows' logits, in row order: [rows not picked, vocab]. */
+  readonly logits: Float32Array;
+  /** Per logits row: its index among the rows not picked (−1: picked). */
+  readonly logitsAt: Int32Array;
 }
 
 interface Row {
@@ -36,11 +53,13 @@ export class TfExecutor implements Executor {
   private readonly banks = new Map<string, LoraBank>();
   private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
   private readonly maxBanks: number;
+  private readonly devicePick: boolean;
 
   constructor(readonly model: CausalLM, opts: TfExecutorOptions = {}) {
     this.vocabSize = model.config.vocabSize;
     this.kv = newKV(model.config);
     this.maxBanks = opts.maxBanks ?? 4;
+    this.devicePick = (opts.devicePick ?? true) && fusedKernels();
   }
 
   get running(): number {
@@ -64,7 +83,9 @@ export class TfExecutor implements Executor {
       const tokens = new Int32Array(2 * T); // token 0: every vocabulary has it
       const positions = Int32Array.from({ length: 2 * T }, (_, i) => i % T);
       this.model.forward({ kv, tokens, positions, T, pad: [0, 0], logitRows: Int32Array.of(T - 1, 2 * T - 1) }).dispose();
-      this.model.forward({ kv, tokens: new Int32Array(2), positions: Int32Array.of(T, T), T: 1, logitRows: Int32Array.of(0, 1) }).dispose();
+      const logits = this.model.forward({ kv, tokens: new Int32Array(2), positions: Int32Array.of(T, T), T: 1, logitRows: Int32Array.of(0, 1) });
+      if (this.devicePick) greedyPickGpu(logits).dispose();
+      logits.dispose();
     } finally {
       kv.dispose();
       profiler.enabled = profiling;
@@ -77,17 +98,17 @@ export class TfExecutor implements Executor {
   }
 
   private async prefillAll(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
-    const logits = new Map<number, Float32Array>();
+    const out = { logits: new Map<number, Float32Array>(), picked: new Map<number, PickedToken>() };
     const passes: StepPass[] = [];
     // Whole prompts in one chunk run together (left-padded); chunks of long prompts run one by one.
     const whole = items.filter((i) => i.start === 0 && i.last && !this.prefilling.has(i.seq));
     const chunks = items.filter((i) => !whole.includes(i));
-    if (whole.length > 0) passes.push(await this.prefillPass(whole, lora, logits));
-    for (const item of chunks) passes.push(await this.prefillPass([item], lora, logits));
-    return { logits, passes };
+    if (whole.length > 0) passes.push(await this.prefillPass(whole, lora, out));
+    for (const item of chunks) passes.push(await this.prefillPass([item], lora, out));
+    return { ...out, passes };
   }
 
-  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: Map<number, Float32Array>): Promise<StepPass> {
+  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: { logits: Map<number, Float32Array>; picked: Map<number, PickedToken> }): Promise<StepPass> {
     const T = Math.max(...items.map((i) => i.tokens.length));
     const B = items.length;
     let kv: KVBatch;
@@ -117,9 +138,23 @@ export class TfExecutor implements Executor {
     });
     const itemAdapters = items.map((i) => this.resolve(i.adapter));
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
-    const { data, pass } = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B);
+    const pickRows = items.flatMap((item, i) => new Array<boolean>(rowsOf[i]!.count).fill(!!item.pick && item.last && !item.allLogits));
+    let result: Awaited<ReturnType<TfExecutor['forward']>>;
+    try {
+      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pickRows);
+    } catch (err) {
+      if (!cont) kv.dispose(); // a continued prompt's KV is released with its sequence
+      throw err;
+    }
+    const { output, pass } = result;
     const V = this.vocabSize;
-    for (const r of rowsOf) if (r.count > 0) out.set(r.seq, data.subarray(r.from * V, (r.from + r.count) * V));
+    for (const r of rowsOf) {
+      if (r.count === 0) continue;
+      const picked = output.picked.get(r.from); // a picked item has one row: its last
+      const at = output.logitsAt[r.from]!; // the item's rows are consecutive among those not picked
+      if (picked) out.picked.set(r.seq, picked);
+      else out.logits.set(r.seq, output.logits.subarray(at * V, (at + r.count) * V));
+    }
 
     // Sequences whose prompt is complete join the decode batch; others keep their own KV for the next chunk.
     if (items.every((i) => i.last)) {
@@ -150,11 +185,18 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const { data, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B);
+    const pickRows = this.rows.map((r) => !!bySeq.get(r.seq)!.pick);
+    const { output, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B, pickRows);
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
-    this.rows.forEach((r, b) => logits.set(r.seq, data.subarray(b * V, (b + 1) * V)));
-    return { logits, passes: [pass] };
+    const picked = new Map<number, PickedToken>();
+    this.rows.forEach((r, b) => {
+      const p = output.picked.get(b);
+      const at = output.logitsAt[b]!;
+      if (p) picked.set(r.seq, p);
+      else logits.set(r.seq, output.logits.subarray(at * V, (at + 1) * V));
+    });
+    return { logits, picked, passes: [pass] };
   }
 
   release(seq: number): void {
@@ -289,19 +331,49 @@ export class TfExecutor implements Executor {
     };
   }
 
-  /** One forward pass over `kv` for `seqs` sequences; its logits rows, downloaded, and what it was. */
+  /**
+   * One forward pass over `kv` for `seqs` sequences, and what it was, with its logits rows read back: with device
+   * picking on, the rows that allow it (`pickRows`, per logits row) as their greedy tokens picked on the device.
+   */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number): Promise<{ data: Float32Array; pass: StepPass }> {
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
     let logits: tf.Tensor2D | null = null;
     try {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      const l = logits;
-      const data = logitRows.length === 0 ? new Float32Array(0) : await profiler.timeAsync('logits_download', async () => (await l.data()) as Float32Array);
-      return { data, pass: { rows: seqs, ...choice.applied } };
+      const output = await profiler.timeAsync('logits_download', () => this.readBack(logits!, this.devicePick ? pickRows : []));
+      return { output, pass: { rows: seqs, ...choice.applied } };
     } finally {
+      if (fusedKernels()) batchSubmits(false); // what follows the step (merges, banks, joins) submits as usual
       logits?.dispose();
       if (choice.owned && choice.lora) disposeStepLora(choice.lora);
     }
+  }
+
+  /**
+   * Reads back logits [rows, vocab] in one download: the rows flagged in `pickRows` as their tokens picked on the
+   * device (GreedyPickProgram), the others as their logits.
+   */
+  private async readBack(logits: tf.Tensor2D, pickRows: readonly boolean[]): Promise<PassOutput> {
+    const [rows, V] = logits.shape;
+    const keep = Array.from({ length: rows }, (_, r) => r).filter((r) => !pickRows[r]);
+    const logitsAt = new Int32Array(rows).fill(-1);
+    keep.forEach((r, i) => (logitsAt[r] = i));
+    if (rows === 0) return { picked: new Map(), logits: new Float32Array(0), logitsAt };
+    if (keep.length === rows) return { picked: new Map(), logits: (await logits.data()) as Float32Array, logitsAt };
+    // [rows · 2] (id, logprob of every row) then [keep, V] (the rows not picked)
+    const joined = tf.tidy(() => {
+      const picks = tf.reshape(greedyPickGpu(logits), [-1]);
+      return keep.length === 0 ? picks : tf.concat([picks, tf.reshape(tf.gather(logits, tf.tensor1d(keep, 'int32')), [-1])]);
+    });
+    let data: Float32Array;
+    try {
+      data = (await joined.data()) as Float32Array;
+    } finally {
+      joined.dispose();
+    }
+    const picked = new Map<number, PickedToken>();
+    for (let r = 0; r < rows; r++) if (pickRows[r]) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
+    return { picked, logits: data.subarray(2 * rows, 2 * rows + keep.length * V), logitsAt };
   }
 }

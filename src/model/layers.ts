@@ -5,7 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { isLaidOut, matmulW, matmulWPlus, type Weight } from '../backend/weights.ts';
 import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
-import { DECODE_LINEAR_MAX_ROWS, decodeLinearGpu, type DecodeLinearParts } from '../backend/webgpu/kernels/decode-linear.ts';
+import { DECODE_LINEAR_MAX_RANK, DECODE_LINEAR_MAX_ROWS, decodeLinearGpu, type DecodeLinearParts, type GatedActivation } from '../backend/webgpu/kernels/decode-linear.ts';
 import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
 import { LORA_BGMV_MAX_RANK, loraBgmvGpu } from '../backend/webgpu/kernels/lora-bgmv.ts';
 import { layerNormGpu } from '../backend/webgpu/kernels/layer-norm.ts';
@@ -15,7 +15,7 @@ import { ropeGpu } from '../backend/webgpu/kernels/rope.ts';
 import { siluMulGpu } from '../backend/webgpu/kernels/silu-mul.ts';
 import { profiler } from '../obs/profile.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import type { StepContext } from './model.ts';
+import type { LayerKV, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
 /**
@@ -106,7 +106,7 @@ function linearGpu(x: tf.Tensor2D, W: Weight, b: tf.Tensor1D | null, u: Unmerged
 function decodeParts(x: tf.Tensor2D, W: Weight, u: UnmergedLora | undefined, addend?: tf.Tensor1D | tf.Tensor2D): { W: tf.Tensor2D; parts: DecodeLinearParts } | null {
   if (x.shape[0] > DECODE_LINEAR_MAX_ROWS || isLaidOut(W)) return null;
   if (!u) return { W: W as tf.Tensor2D, parts: { addend } };
-  if (!u.slots || u.rank > LORA_BGMV_MAX_RANK || isLaidOut(u.A) || isLaidOut(u.B)) return null;
+  if (!u.slots || u.rank > DECODE_LINEAR_MAX_RANK || isLaidOut(u.A) || isLaidOut(u.B)) return null;
   return { W: W as tf.Tensor2D, parts: { addend, lora: { A: u.A as tf.Tensor2D, B: u.B as tf.Tensor2D, slots: u.slots, rank: u.rank } } };
 }
 
@@ -128,20 +128,23 @@ export function rotaryLinear(x: tf.Tensor2D, lin: Linear, lora: StepLora | undef
 }
 
 /**
- * The gated MLP's activation act(linear(x, gate))·linear(x, up), act SiLU unless given (Gemma's GeGLU passes its
- * gelu). With SiLU, a decode step on webgpu computes it as one kernel (decode-linear.ts) when neither projection has
- * a bias or an unmerged LoRA delta; another activation is the separate products and the activation's own op(s).
+ * The gated MLP's activation act(linear(x, gate))·linear(x, up): SiLU (Llama's SwiGLU) or gelu's tanh approximation
+ * (Gemma's GeGLU, gelu_pytorch_tanh) by name, or another activation given as a function (Gemma's exact gelu). With a
+ * named activation, a decode step on webgpu computes it as one kernel (decode-linear.ts) when neither projection has
+ * a bias or an unmerged LoRA delta; otherwise the separate products and the activation's own op(s).
  */
-export function gatedActivation(x: tf.Tensor2D, gate: Linear, up: Linear, lora?: StepLora, act?: (g: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D {
-  if (act) return tf.mul(act(linear(x, gate, lora)), linear(x, up, lora));
-  if (fusedKernels() && !gate.b && !up.b && !lora?.unmerged?.has(gate.key) && !lora?.unmerged?.has(up.key)) {
+export function gatedActivation(x: tf.Tensor2D, gate: Linear, up: Linear, lora?: StepLora,
+  act: GatedActivation | ((g: tf.Tensor2D) => tf.Tensor2D) = 'silu'): tf.Tensor2D {
+  if (typeof act === 'string' && fusedKernels() && !gate.b && !up.b && !lora?.unmerged?.has(gate.key) && !lora?.unmerged?.has(up.key)) {
     const Wg = lora?.merged?.get(gate.key) ?? gate.W;
     const Wu = lora?.merged?.get(up.key) ?? up.W;
     if (x.shape[0] <= DECODE_LINEAR_MAX_ROWS && !isLaidOut(Wg) && !isLaidOut(Wu)) {
-      return profiler.time('base_matmul', () => decodeLinearGpu(x, Wg as tf.Tensor2D, { up: Wu as tf.Tensor2D }));
+      return profiler.time('base_matmul', () => decodeLinearGpu(x, Wg as tf.Tensor2D, { up: Wu as tf.Tensor2D, activation: act }));
     }
   }
-  return siluMul(linear(x, gate, lora), linear(x, up, lora));
+  if (act === 'silu') return siluMul(linear(x, gate, lora), linear(x, up, lora));
+  const f = act === 'gelu_tanh' ? geluNew : act;
+  return tf.mul(f(linear(x, gate, lora)), linear(x, up, lora));
 }
 
 /**
@@ -345,19 +348,29 @@ export interface StepShape {
 
 /**
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
- * q: [N, nH·hd]; k, v (full cache): [B, kvH, C+T, hd]. Grouped-query attention without copying K/V:
+ * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which a
+ * decode step reads in place and other steps unpack (unpackKV). Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
  * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
  * as modeling_gemma2.py's eager_attention_forward. A decode step (T = 1) on webgpu is one kernel over the cache
  * (src/backend/webgpu/kernels/decode-attention.ts), which adds the same mask and applies the same soft-cap.
  */
-export function attention(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH: number, kvH: number, hd: number,
+export function attention(q: tf.Tensor2D, cache: LayerKV, s: StepShape, nH: number, kvH: number, hd: number,
   scale: number | Constant = 1 / Math.sqrt(hd), softcap: Constant | null = null): tf.Tensor2D {
-  if (s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM && fusedKernels()) {
-    return profiler.time('attention', () => decodeAttentionGpu(q, k, v, s.mask, nH, valueOf(scale), softcap?.value ?? null));
+  if ('packed' in cache && s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM) {
+    return profiler.time('attention', () => decodeAttentionGpu(q, cache.packed, cache.cols, s.mask, nH, valueOf(scale), softcap?.value ?? null));
   }
-  return profiler.time('attention', () => attend(q, k, v, s, nH, kvH, hd, scalarOf(scale), softcap?.scalar ?? null));
+  return profiler.time('attention', () => {
+    const { k, v } = 'packed' in cache ? unpackKV(cache.packed, cache.cols) : cache;
+    return attend(q, k, v, s, nH, kvH, hd, scalarOf(scale), softcap?.scalar ?? null);
+  });
+}
+
+/** The keys and values [B, kvH, cols, hd] of the first `cols` columns of a packed cache [B, kvH, capacity, 2·hd] (copies). */
+export function unpackKV(packed: tf.Tensor4D, cols: number): { k: tf.Tensor4D; v: tf.Tensor4D } {
+  const hd = packed.shape[3] / 2;
+  return { k: tf.slice(packed, [0, 0, 0, 0], [-1, -1, cols, hd]), v: tf.slice(packed, [0, 0, 0, hd], [-1, -1, cols, hd]) };
 }
 
 /** scale: the score factor (1/√hd), as a number or the model's kept scalar. */

@@ -126,8 +126,8 @@ export function llamaArch(c: ModelConfig, ckpt: Checkpoint, parts: LlamaParts): 
       const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
       const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // [B, kvH, C+T, hd]
-      x = linear(attention(q, cache.k, cache.v, s, nH, kvH, hd, scale), L.o, s.lora, x);
+      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // the layer's keys and values, C+T columns
+      x = linear(attention(q, cache, s, nH, kvH, hd, scale), L.o, s.lora, x);
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x) (Phi-3: [gate | up] = gate_up_proj(h2))
       const h2 = rmsNorm(x, L.postNorm, eps);
       return linear(gatedActivation(h2, L.gate, L.up, s.lora), L.down, s.lora, x);

@@ -5,6 +5,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { keepWeight, type Weight } from '../backend/weights.ts';
 import { checkTensorFits, maxTensorBytes } from '../backend/webgpu/init.ts';
+import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { batchSubmits } from '../backend/webgpu/submit.ts';
 import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
@@ -16,9 +18,15 @@ import { loadPhi3, phi3Modules } from './phi3.ts';
 import type { Family, LinearModule, ModelConfig } from './types.ts';
 
 /**
- * The KV cache of a batch of B rows as the forward uses it: C cached columns per row (left-padded), one
- * [B, kvHeads, C, headDim] key and value tensor per layer.
+ * One layer's cache after a step's append, as attention reads it: its keys and values [B, kvHeads, C+T, headDim], or
+ * (webgpu) the packed cache [B, kvHeads, capacity, 2·headDim] of which the first `cols` = C+T columns are valid,
+ * column j holding its key then its value (src/exec/kv.ts).
  */
+export type LayerKV =
+  | { readonly k: tf.Tensor4D; readonly v: tf.Tensor4D }
+  | { readonly packed: tf.Tensor4D; readonly cols: number };
+
+/** The KV cache of a batch of B rows as the forward uses it: C cached columns per row (left-padded), per layer. */
 export interface KVCache {
   /** B. */
   readonly rows: number;
@@ -32,7 +40,7 @@ export interface KVCache {
    */
   mask(T: number, groups: number, pad?: readonly number[], window?: number | null): Float32Array;
   /** Appends one layer's new keys and values ([B, kvHeads, T, headDim]) and returns the layer's whole cache. */
-  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): { k: tf.Tensor4D; v: tf.Tensor4D };
+  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV;
   /** Once after the last layer of a forward of T new columns (pad as for mask). */
   commit(T: number, pad?: readonly number[]): void;
 }
@@ -191,6 +199,8 @@ export class CausalLM {
     }
     const G = c.numHeads / c.numKvHeads;
     // Time not spent in a nested section (matmuls, LoRA, attention, KV, head) is the other kernels.
+    // A decode step is one command-buffer submit on webgpu (its readback submits it).
+    if (fusedKernels()) batchSubmits(T === 1);
     const logits = profiler.time('other_ops', () => this.run(input, B, T, G));
     kv.commit(T, input.pad);
     return logits;

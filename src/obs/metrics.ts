@@ -22,7 +22,7 @@ import type { EngineLoad, EngineMetrics, FinishReason } from '../engine/types.ts
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { MergeStrategy } from '../lora/merge.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
-import type { WebGPUCounts, WebGPUOp } from '../backend/webgpu/counters.ts';
+import { WEBGPU_OPS, type WebGPUCounts, type WebGPUOp } from '../backend/webgpu/counters.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
 
@@ -210,11 +210,25 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
       help: 'On the webgpu backend: compute dispatches, command-buffer submits, host-to-device uploads and device-to-host readbacks.',
       labelNames: ['op'] as const, registers: [this.registry],
       collect() {
-        for (const [op, n] of Object.entries(webgpu?.() ?? {}) as [WebGPUOp, number][]) {
-          const delta = n - (seenOps.get(op) ?? 0);
+        const counts = webgpu?.();
+        if (!counts) return;
+        for (const op of WEBGPU_OPS) {
+          const delta = counts[op] - (seenOps.get(op) ?? 0);
           if (delta > 0) this.inc({ op }, delta);
-          seenOps.set(op, n);
+          seenOps.set(op, counts[op]);
         }
+      },
+    });
+    let seenBytes = 0;
+    new Counter({
+      name: `${METRIC_PREFIX}webgpu_readback_bytes_total`,
+      help: 'On the webgpu backend: bytes read back from the device.',
+      registers: [this.registry],
+      collect() {
+        const counts = webgpu?.();
+        if (!counts) return;
+        if (counts.readbackBytes > seenBytes) this.inc(counts.readbackBytes - seenBytes);
+        seenBytes = counts.readbackBytes;
       },
     });
     this.scaleOutGauges(opts);

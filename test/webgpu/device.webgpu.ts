@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../../src/backend/select.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { TFJS_SUBMIT_BATCH } from '../../src/backend/webgpu/submit.ts';
 import { activeAdapter, maxTensorBytes } from '../../src/backend/webgpu/init.ts';
 import { TINY_LLAMA, writePeftAdapter } from '../../src/demo/index.ts';
 import { CausalLM } from '../../src/model/model.ts';
@@ -34,7 +35,7 @@ test('the webgpu backend runs on Dawn\'s adapter and knows its limits', async ()
   assert.equal(maxTensorBytes()!.bytes, Math.min(a.maxStorageBufferBindingSize, a.maxBufferSize));
 });
 
-test('dispatches, submits, uploads and readbacks are counted', async () => {
+test('dispatches, submits, uploads, readbacks and readback bytes are counted', async () => {
   const before = webgpuCounts()!;
   assert.ok(before, 'counters are installed with the backend');
   // Larger than WEBGPU_CPU_HANDOFF_SIZE_THRESHOLD (1000), so the kernels run on the GPU, not on the host values.
@@ -46,6 +47,7 @@ test('dispatches, submits, uploads and readbacks are counted', async () => {
   assert.equal(after.upload - before.upload, 1, 'a tensor made from host values is uploaded once');
   assert.equal(after.dispatch - before.dispatch, 2, 'add, mul');
   assert.equal(after.readback - before.readback, 1);
+  assert.equal(after.readbackBytes - before.readbackBytes, 4096 * 4, 'the bytes of the buffer read back');
   assert.ok(after.submit - before.submit >= 1, 'the readback submits the pending commands');
   await b.data();
   assert.equal(webgpuCounts()!.readback, after.readback, 'read values are kept on the host');
@@ -107,4 +109,30 @@ test('a runtime on webgpu serves LoRA requests, reports its adapter, and leaves 
     await rt.close();
   }
   assert.equal(tf.memory().numTensors, baseline, 'closing the runtime frees every tensor');
+});
+
+test('a decode step is one command-buffer submit; a prefill keeps tfjs\'s submit every 15 dispatches', async () => {
+  const { rt } = await fixtureRuntime(join(tmp.dir, 'submits'), TINY_LLAMA);
+  try {
+    /** Dispatches and submits of one request of `newTokens` tokens. */
+    const run = async (newTokens: number) => {
+      const before = webgpuCounts()!;
+      const o = await generate(rt, request([3, 7, 11, 2, 9], { maxNewTokens: newTokens, ignoreEos: true }));
+      assert.equal(o.result?.generatedTokens, newTokens, o.error?.message);
+      const after = webgpuCounts()!;
+      return { dispatch: after.dispatch - before.dispatch, submit: after.submit - before.submit };
+    };
+    await run(2); // compile the kernels
+    const prefill = await run(1);
+    const steps = 5;
+    const long = await run(1 + steps);
+    assert.ok(prefill.dispatch > 15, `the prefill makes ${prefill.dispatch} dispatches`);
+    assert.ok(prefill.submit >= Math.floor(prefill.dispatch / 15), `prefill: ${prefill.submit} submits for ${prefill.dispatch} dispatches`);
+    assert.ok((long.dispatch - prefill.dispatch) / steps > 15, 'a decode step makes more dispatches than one default batch');
+    assert.equal(long.submit - prefill.submit, steps, `one submit per decode step (${JSON.stringify({ prefill, long })})`);
+    // After the steps, work outside a step (merges, LoRA banks, joins) submits as before: nothing holds its buffers.
+    assert.equal(tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE'), TFJS_SUBMIT_BATCH, 'the submit batch is restored after a decode step');
+  } finally {
+    await rt.close();
+  }
 });

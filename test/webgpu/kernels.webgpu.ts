@@ -128,7 +128,12 @@ test('fused gelu_new equals its tanh formula as separate ops, large inputs inclu
   done();
 });
 
-test('fused decode attention equals scores, mask, softmax and weighted sum over the cache (GQA, padding, long caches)', async () => {
+/** k, v [B, kvH, C, hd] packed as KVBatch packs them on webgpu: [B, kvH, C + spare, 2·hd], the spare columns NaN (never to be read). */
+function packKV(k: tf.Tensor4D, v: tf.Tensor4D, spare: number): tf.Tensor4D {
+  return tf.tidy(() => tf.pad(tf.concat4d([k, v], 3), [[0, 0], [0, 0], [0, spare], [0, 0]], NaN));
+}
+
+test('fused decode attention equals scores, mask, softmax and weighted sum over the packed cache (GQA, padding, long caches, spare columns)', async () => {
   const done = leakCheck();
   // [B, kvH, G, C, hd]: GQA ratios 1, 3 and 4; caches shorter than, not a multiple of and longer than the 64-wide block.
   for (const [B, kvH, G, C, hd] of [[1, 1, 1, 1, 8], [3, 2, 3, 37, 10], [2, 1, 4, 150, 64], [1, 2, 1, 65, 130]] as const) {
@@ -140,13 +145,14 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
     const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < Math.min(Math.floor(i / (G * C)) * 5, C - 1) ? -1e9 : 0));
     const mask = tf.tensor4d(maskData, [B, 1, G, C]);
     const scale = 1 / Math.sqrt(hd);
-    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale), () => tf.tidy(() => {
+    const cache = packKV(k, v, (C * 7) % 20);
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
-    tf.dispose([q, k, v, mask]);
+    tf.dispose([q, k, v, cache, mask]);
   }
   done();
 });
@@ -163,14 +169,15 @@ test('fused decode attention soft-caps the scaled scores before the mask and hon
     const first = window === null ? 0 : C - window;
     const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first ? -1e9 : 0)), [B, 1, G, C]);
     const scale = 0.3;
-    const err = await compare(() => decodeAttentionGpu(q, k, v, mask, H, scale, cap), () => tf.tidy(() => {
+    const cache = packKV(k, v, 3);
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale, cap), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const raw = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, G, C]
       const scores = tf.add(tf.mul(tf.tanh(tf.div(raw, cap)), cap), mask);
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, C ${C}, window ${window}, cap ${cap}: max rel err ${err}`);
-    tf.dispose([q, k, v, mask]);
+    tf.dispose([q, k, v, cache, mask]);
   }
   done();
 });
@@ -216,22 +223,26 @@ function bank(N: number, inF: number, outF: number, k: number, R: number, seed: 
   };
 }
 
-test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE and the gated activation', async () => {
+test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE and the gated activations', async () => {
   const done = leakCheck();
   const hd = 10;
   const freqs = Array.from({ length: hd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / hd));
   const { cos, sin } = ropeTables(50, [freqs], 1);
   const table = ropeGpuTable(50, [freqs], 1);
   const R = rotateHalfMatrix(hd);
-  for (const [N, inF, heads] of [[1, 5, 1], [3, 70, 13], [9, 130, 7]] as const) {
-    const outF = heads * hd; // 10, 130, 70: below, above and not a multiple of the 64-wide workgroup
+  const gelu = (g: tf.Tensor) => tf.mul(tf.mul(g, 0.5), tf.add(tf.tanh(tf.mul(tf.add(g, tf.mul(tf.pow(g, 3), 0.044715)), Math.sqrt(2 / Math.PI))), 1));
+  // [N, in, heads, rank]: 1, 3, 9 and 16 rows (padded to 1, 4, 16 and 16 in the shader); widths 10 to 330, not
+  // multiples of the 32-column block; inner sizes below, across and over the x tile (2048 / rows: 2048, 512, 128);
+  // LoRA ranks 1 to DECODE_LINEAR_MAX_RANK.
+  for (const [N, inF, heads, rank] of [[1, 5, 1, 1], [3, 70, 13, 4], [9, 130, 7, 8], [16, 300, 33, 64], [1, 2100, 4, 16], [3, 515, 3, 2]] as const) {
+    const outF = heads * hd;
     const x = rand([N, inF], N + inF) as tf.Tensor2D;
     const W = rand([inF, outF], inF * 2, 0.3) as tf.Tensor2D;
     const U = rand([inF, outF], inF * 3, 0.3) as tf.Tensor2D;
     const b = rand([outF], 11) as tf.Tensor1D;
     const res = rand([N, outF], 12) as tf.Tensor2D;
     const rows = tf.tensor1d(Array.from({ length: N }, (_, n) => (n * 11) % 50), 'int32');
-    const lora = bank(N, inF, outF, 3, N === 1 ? 1 : 4, N);
+    const lora = bank(N, inF, outF, 3, rank, N);
     const delta = () => tf.matMul(tf.mul(tf.matMul(x, lora.A), lora.mask), lora.B);
     const rope = (y: tf.Tensor2D) => {
       const c = tf.reshape(tf.gather(cos, rows), [N, 1, hd]);
@@ -243,15 +254,18 @@ test('fused decode linear equals matmul, bias or residual add, LoRA delta, RoPE 
     const cases: [string, () => tf.Tensor, () => tf.Tensor][] = [
       ['x·W', () => decodeLinearGpu(x, W), () => tf.matMul(x, W)],
       ['x·W + b', () => decodeLinearGpu(x, W, { addend: b }), () => tf.add(tf.matMul(x, W), b)],
+      ['residual + x·W', () => decodeLinearGpu(x, W, { addend: res }), () => tf.add(tf.matMul(x, W), res)],
+      ['x·W + LoRA', () => decodeLinearGpu(x, W, { lora }), () => tf.add(tf.matMul(x, W), delta())],
       ['residual + x·W + LoRA', () => decodeLinearGpu(x, W, { addend: res, lora }), () => tf.add(tf.add(tf.matMul(x, W), delta()), res)],
       ['rope(x·W + LoRA)', () => decodeLinearGpu(x, W, { lora, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), delta()))],
       ['rope(x·W + b)', () => decodeLinearGpu(x, W, { addend: b, rope: { table, rows } }), () => rope(tf.add(tf.matMul(x, W), b))],
       ['rope(x·W)', () => decodeLinearGpu(x, W, { rope: { table, rows } }), () => rope(tf.matMul(x, W))],
       ['silu(x·W)·(x·U)', () => decodeLinearGpu(x, W, { up: U }), () => { const g = tf.matMul(x, W); return tf.mul(tf.mul(g, tf.sigmoid(g)), tf.matMul(x, U)); }],
+      ['gelu_tanh(x·W)·(x·U)', () => decodeLinearGpu(x, W, { up: U, activation: 'gelu_tanh' }), () => tf.mul(gelu(tf.matMul(x, W)), tf.matMul(x, U))],
     ];
     for (const [name, fused, unfused] of cases) {
       const err = await compare(fused, () => tf.tidy(unfused));
-      assert.ok(err < 1e-5, `${name}, N ${N}, in ${inF}, out ${outF}: max rel err ${err}`);
+      assert.ok(err < 1e-5, `${name}, N ${N}, in ${inF}, out ${outF}, rank ${rank}: max rel err ${err}`);
     }
     tf.dispose([x, W, U, b, res, rows, lora.A, lora.B, lora.slots, lora.mask]);
   }

@@ -1,20 +1,23 @@
 /**
  * Counts what the webgpu backend asks of the device: compute dispatches (one per GPU kernel run), command-buffer
- * submits, host→device uploads and device→host readbacks. tfjs-backend-webgpu keeps no totals of these, so the
+ * submits, host→device uploads and device→host readbacks, and the bytes read back. tfjs-backend-webgpu keeps no totals of these, so the
  * backend's own methods are wrapped (once, when the backend starts). Each dispatch costs CPU time in tfjs and Dawn
  * whatever the GPU, so dispatches per decode step bound the step's time from below.
  */
 
 export const WEBGPU_OPS = ['dispatch', 'submit', 'upload', 'readback'] as const;
 export type WebGPUOp = (typeof WEBGPU_OPS)[number];
-export type WebGPUCounts = Record<WebGPUOp, number>;
+export type WebGPUCounts = Record<WebGPUOp, number> & {
+  /** Bytes of the device buffers read back (the readbacks' sizes). */
+  readbackBytes: number;
+};
 
 /** The methods of tfjs-backend-webgpu's WebGPUBackend (4.22) that are counted. */
 interface CountedBackend {
   recordAndSubmit(...args: unknown[]): unknown;
   submitQueue(...args: unknown[]): unknown;
   uploadToGPU(dataId: object): unknown;
-  getBufferData(...args: unknown[]): unknown;
+  getBufferData(buffer: { size: number }, ...rest: unknown[]): unknown;
   tensorMap: { get(dataId: object): { resource?: unknown; values?: unknown } | undefined };
 }
 
@@ -26,8 +29,8 @@ export function installCounters(backend: object): boolean {
   if (counts) return true;
   if (typeof b.recordAndSubmit !== 'function' || typeof b.submitQueue !== 'function' || typeof b.uploadToGPU !== 'function' ||
     typeof b.getBufferData !== 'function' || typeof b.tensorMap?.get !== 'function') return false;
-  const c: WebGPUCounts = { dispatch: 0, submit: 0, upload: 0, readback: 0 };
-  const wrap = <K extends 'recordAndSubmit' | 'submitQueue' | 'getBufferData'>(name: K, op: WebGPUOp) => {
+  const c: WebGPUCounts = { dispatch: 0, submit: 0, upload: 0, readback: 0, readbackBytes: 0 };
+  const wrap = <K extends 'recordAndSubmit' | 'submitQueue'>(name: K, op: WebGPUOp) => {
     const original = b[name]!;
     b[name] = function (this: unknown, ...args: unknown[]) {
       c[op]++;
@@ -36,7 +39,12 @@ export function installCounters(backend: object): boolean {
   };
   wrap('recordAndSubmit', 'dispatch');
   wrap('submitQueue', 'submit');
-  wrap('getBufferData', 'readback');
+  const read = b.getBufferData;
+  b.getBufferData = function (this: unknown, buffer: { size: number }, ...rest: unknown[]) {
+    c.readback++;
+    c.readbackBytes += buffer.size;
+    return read.call(this, buffer, ...rest);
+  };
   const upload = b.uploadToGPU;
   const map = b.tensorMap;
   b.uploadToGPU = function (this: unknown, dataId: object) {

@@ -5,23 +5,25 @@ import { ROW_WORKGROUP, WORKGROUP_REDUCE, runProgram, type WebGPUProgram } from 
 export const DECODE_ATTENTION_MAX_HEAD_DIM = 4 * ROW_WORKGROUP;
 
 /**
- * One decode step's attention (one new token per row) over the KV cache in place, in one dispatch: one workgroup per
- * (row, query head) walks the cache's columns in blocks of the workgroup's width with an online softmax (running
- * max and sum, rescaling the weighted sum of V when the max grows). Grouped-query: query head h reads KV head h / G.
+ * One decode step's attention (one new token per row) over the packed KV cache in place, in one dispatch: one
+ * workgroup per (row, query head) walks the cache's first C columns in blocks of the workgroup's width with an online
+ * softmax (running max and sum, rescaling the weighted sum of V when the max grows). Grouped-query: query head h
+ * reads KV head h / G. The cache is [B, kvH, capacity, 2·hd] (src/exec/kv.ts): column j holds a key then its value,
+ * `k = cache[:, :, :C, :hd]`, `v = cache[:, :, :C, hd:]`; the columns from C on are spare and never read.
  * Its meaning, as the unfused ops for T = 1 (layers.ts's attend()):
  * `q4 = tf.reshape(q, [B, kvH, G, hd])`, `scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask)`,
  * `tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H·hd])`; with a soft-cap c (Gemma 2) the scaled scores become
  * c·tanh(scores/c) before the mask is added. The mask carries the causal limit, left padding and a sliding window.
- * q: [B, H·hd]; k, v: [B, kvH, C, hd]; mask: [B, 1, G, C] (additive); H = kvH·G.
+ * q: [B, H·hd]; mask: [B, 1, G, C] (additive); H = kvH·G; C (`cols`) a uniform.
  */
 export class DecodeAttentionProgram implements WebGPUProgram {
-  readonly variableNames = ['q', 'k', 'v', 'mask'];
+  readonly variableNames = ['q', 'cache', 'mask'];
   readonly outputShape: number[];
   readonly shaderKey = 'loraServeDecodeAttention';
   readonly dispatchLayout = { x: [0, 1] };
   readonly dispatch: [number, number, number];
   readonly workgroupSize: [number, number, number] = [ROW_WORKGROUP, 1, 1];
-  readonly uniforms = 'scale : f32, heads : i32, groups : i32, softcap : f32,';
+  readonly uniforms = 'scale : f32, heads : i32, groups : i32, softcap : f32, cols : i32,';
 
   constructor(rows: number, heads: number, headDim: number) {
     this.outputShape = [rows, heads * headDim];
@@ -44,13 +46,14 @@ export class DecodeAttentionProgram implements WebGPUProgram {
         let H = uniforms.heads;
         let G = uniforms.groups;
         let kvH = H / G;
-        let cols = uniforms.kShape[2];
-        let hd = uniforms.kShape[3];
+        let cols = uniforms.cols;
+        let capacity = uniforms.cacheShape[2];
+        let hd = uniforms.cacheShape[3] / 2;
         let pairs = uniforms.outShape[0] * H;
         let bh = min(index / ${W}, pairs - 1); // (b, h): q[b, h·hd ..]
         let b = bh / H;
         let h = bh % H;
-        let kvRow = (b * kvH + h / G) * cols; // k[b, h / G, 0, :] in rows of hd
+        let kvRow = (b * kvH + h / G) * capacity; // cache[b, h / G, 0, :] in rows of 2·hd
         let maskRow = (b * G + h % G) * cols; // mask[b, 0, h % G, 0]
         for (var d = tid; d < hd; d = d + ${W}) {
           qs[d] = q[bh * hd + d] * uniforms.scale; // q[b, h·hd + d]
@@ -64,9 +67,9 @@ export class DecodeAttentionProgram implements WebGPUProgram {
           var s = -3.402823e+38;
           if (j < cols) {
             var dot = 0.0;
-            let kAt = (kvRow + j) * hd; // k[b, h / G, j, 0]
+            let kAt = (kvRow + j) * 2 * hd; // cache[b, h / G, j, 0]: k[b, h / G, j, 0]
             for (var d = 0; d < hd; d = d + 1) {
-              dot = dot + qs[d] * k[kAt + d];
+              dot = dot + qs[d] * cache[kAt + d];
             }
             if (uniforms.softcap > 0.0) { dot = softCap(dot, uniforms.softcap); }
             s = dot + mask[maskRow + j];
@@ -86,7 +89,7 @@ export class DecodeAttentionProgram implements WebGPUProgram {
             if (d < hd) {
               var a = acc[i] * corr;
               for (var t = 0; t < n; t = t + 1) {
-                a = a + probs[t] * v[(kvRow + j0 + t) * hd + d]; // v[b, h / G, j0 + t, d]
+                a = a + probs[t] * cache[(kvRow + j0 + t) * 2 * hd + hd + d]; // cache[b, h / G, j0 + t, hd + d]: v[b, h / G, j0 + t, d]
               }
               acc[i] = a;
             }
@@ -105,17 +108,20 @@ export class DecodeAttentionProgram implements WebGPUProgram {
 }
 
 /**
- * Decode attention on the webgpu backend: q [B, H·hd] (one token per row) over k, v [B, kvH, C, hd] with the
- * additive mask [B, 1, G, C]; returns [B, H·hd]. head_dim at most DECODE_ATTENTION_MAX_HEAD_DIM. softcap: the
- * scores' soft-cap c > 0, or null for none.
+ * Decode attention on the webgpu backend: q [B, H·hd] (one token per row) over the first C (`cols`) columns of the
+ * packed cache [B, kvH, capacity, 2·hd] with the additive mask [B, 1, G, C]; returns [B, H·hd]. head_dim at most
+ * DECODE_ATTENTION_MAX_HEAD_DIM. softcap: the scores' soft-cap c > 0, or null for none.
  */
-export function decodeAttentionGpu(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, mask: tf.Tensor4D, heads: number, scale: number,
+export function decodeAttentionGpu(q: tf.Tensor2D, cache: tf.Tensor4D, C: number, mask: tf.Tensor4D, heads: number, scale: number,
   softcap: number | null = null): tf.Tensor2D {
-  const [B, kvH, C, hd] = k.shape;
+  const [B, kvH, capacity, width] = cache.shape;
+  const hd = width / 2;
   const G = heads / kvH;
-  if (!Number.isInteger(G) || q.shape[0] !== B || q.shape[1] !== heads * hd) throw new Error(`decodeAttention: q [${q.shape}] does not fit k [${k.shape}] with ${heads} heads`);
+  if (!Number.isInteger(G) || q.shape[0] !== B || q.shape[1] !== heads * hd) throw new Error(`decodeAttention: q [${q.shape}] does not fit the cache [${cache.shape}] with ${heads} heads`);
+  if (!Number.isInteger(C) || C < 1 || C > capacity) throw new Error(`decodeAttention: ${C} columns of a cache of ${capacity}`);
   if (mask.shape[0] !== B || mask.shape[2] !== G || mask.shape[3] !== C) throw new Error(`decodeAttention: mask [${mask.shape}] is not [${B}, 1, ${G}, ${C}]`);
   if (hd > DECODE_ATTENTION_MAX_HEAD_DIM) throw new Error(`decodeAttention: head_dim ${hd} is over ${DECODE_ATTENTION_MAX_HEAD_DIM}`);
-  return runProgram(new DecodeAttentionProgram(B, heads, hd), [q, k, v, mask],
-    [{ type: 'float32', data: [scale] }, { type: 'int32', data: [heads] }, { type: 'int32', data: [G] }, { type: 'float32', data: [softcap ?? 0] }]);
+  return runProgram(new DecodeAttentionProgram(B, heads, hd), [q, cache, mask],
+    [{ type: 'float32', data: [scale] }, { type: 'int32', data: [heads] }, { type: 'int32', data: [G] }, { type: 'float32', data: [softcap ?? 0] },
+      { type: 'int32', data: [C] }]);
 }

@@ -1,0 +1,59 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { flatDispatch, runProgramInPlace, type WebGPUProgram } from './program.ts';
+
+const WORKGROUP = 64;
+
+/**
+ * Writes a step's keys and values into a layer's packed KV cache in place, in one dispatch: the cache is
+ * [B, kvH, capacity, 2·hd], column j of row b and KV head h holding that position's key then its value. As a plain loop,
+ * for b < B, h < kvH, t < T, d < hd: `cache[b, h, at + t, d] = k[b, h, t, d]` and `cache[b, h, at + t, hd + d] = v[b, h, t, d]`;
+ * every other element of the cache is left as it was. k, v: [B, kvH, T, hd]; at + T ≤ capacity. One invocation per
+ * element written.
+ */
+export class KVAppendProgram implements WebGPUProgram {
+  readonly variableNames = ['k', 'v'];
+  readonly outputShape: number[];
+  readonly shaderKey = 'loraServeKVAppend';
+  readonly dispatchLayout = { x: [0, 1, 2, 3] };
+  readonly dispatch: [number, number, number];
+  readonly workgroupSize: [number, number, number] = [WORKGROUP, 1, 1];
+  readonly uniforms = 'at : i32,';
+
+  constructor(cacheShape: readonly number[], written: number) {
+    this.outputShape = [...cacheShape];
+    this.dispatch = flatDispatch(written, WORKGROUP);
+  }
+
+  getUserCode(): string {
+    return `
+      fn main(index : i32) {
+        let T = uniforms.kShape[2];
+        let hd = uniforms.kShape[3];
+        let width = 2 * hd;
+        if (index >= uniforms.kShape[0] * uniforms.kShape[1] * T * width) { return; }
+        let e = index % width; // < hd: a key's element, else a value's
+        let bht = index / width; // (b, h, t)
+        let t = bht % T;
+        let bh = bht / T;
+        let src = bht * hd + e % hd; // k[b, h, t, e % hd], v alike
+        let dst = (bh * uniforms.outShape[2] + uniforms.at + t) * width + e; // cache[b, h, at + t, e]
+        result[dst] = select(v[src], k[src], e < hd);
+      }
+    `;
+  }
+}
+
+/**
+ * Writes k, v [B, kvH, T, hd] into columns at .. at+T−1 of the packed cache [B, kvH, capacity, 2·hd] (see
+ * KVAppendProgram), in place, on the webgpu backend. The cache must be the only tensor on its buffer (not a reshape or
+ * clone of another), since every tensor sharing it would change.
+ */
+export function kvAppendGpu(cache: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, at: number): void {
+  const [B, kvH, capacity, width] = cache.shape;
+  const [, , T, hd] = k.shape;
+  if (!tf.util.arraysEqual(k.shape, v.shape) || k.shape[0] !== B || k.shape[1] !== kvH || width !== 2 * hd) {
+    throw new Error(`kvAppend: k [${k.shape}] and v [${v.shape}] do not fit the cache [${cache.shape}]`);
+  }
+  if (!Number.isInteger(at) || at < 0 || at + T > capacity) throw new Error(`kvAppend: columns ${at}..${at + T - 1} are outside the cache's ${capacity}`);
+  runProgramInPlace(new KVAppendProgram(cache.shape, B * kvH * T * width), [k, v], cache, [{ type: 'int32', data: [at] }]);
+}

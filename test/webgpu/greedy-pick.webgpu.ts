@@ -1,0 +1,107 @@
+/**
+ * The greedy-pick kernel (src/backend/webgpu/kernels/greedy-pick.ts) against a float64 plain loop written as the
+ * host Sampler's greedy path: vocabularies not a multiple of the 64-wide workgroup, ties (within one thread's
+ * stride and across threads), −∞, NaN and large values, several rows. test/webgpu.test.ts runs this file with
+ * TEST_BACKEND=webgpu.
+ */
+import { before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as tf from '@tensorflow/tfjs-core';
+import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { greedyPickGpu, PICK_INFINITE, PICK_NO_FINITE } from '../../src/backend/webgpu/kernels/greedy-pick.ts';
+import { setupBackend, testBackend } from '../helpers/tf.ts';
+
+before(async () => {
+  assert.equal(testBackend(), 'webgpu', 'run with TEST_BACKEND=webgpu (test/webgpu.test.ts does)');
+  await setupBackend();
+});
+
+/** The plain loop: lowest id among the largest finite logits (NaN as −∞), and its float64 log-softmax. */
+function reference(row: Float32Array): { id: number; logprob: number } {
+  let best = -1;
+  for (let v = 0; v < row.length; v++) {
+    if (row[v] === Infinity) return { id: PICK_INFINITE, logprob: NaN };
+    if (Number.isFinite(row[v]) && (best < 0 || row[v]! > row[best]!)) best = v;
+  }
+  if (best < 0) return { id: PICK_NO_FINITE, logprob: NaN };
+  let sum = 0;
+  for (let v = 0; v < row.length; v++) if (Number.isFinite(row[v])) sum += Math.exp(row[v]! - row[best]!);
+  return { id: best, logprob: -Math.log(sum) };
+}
+
+/** A deterministic pseudo-random row in [-scale, scale). */
+function randomRow(vocab: number, seed: number, scale: number): Float32Array {
+  let s = seed >>> 0 || 1;
+  return Float32Array.from({ length: vocab }, () => {
+    s ^= s << 13; s ^= s >>> 17; s ^= s << 5;
+    return ((s >>> 0) / 2 ** 32 * 2 - 1) * scale;
+  });
+}
+
+/** Rows of each case, built from a random row and edits. */
+function rows(vocab: number, seed: number): Float32Array[] {
+  const out: Float32Array[] = [];
+  out.push(randomRow(vocab, seed, 8));
+  out.push(randomRow(vocab, seed + 1, 0.01)); // nearly uniform: the sum is as large as it gets
+  const tie = randomRow(vocab, seed + 2, 4);
+  // The same maximum at ids in one thread's stride (v, v + 64) and in other threads' (v + 1, the last id).
+  for (const v of [vocab - 1, Math.floor(vocab / 2), Math.floor(vocab / 2) + 64, Math.floor(vocab / 2) + 1]) if (v < vocab) tie[v] = 9;
+  out.push(tie);
+  const inf = randomRow(vocab, seed + 3, 5);
+  for (let v = 0; v < vocab; v += 3) inf[v] = -Infinity;
+  inf[Math.floor(vocab / 3)] = NaN;
+  out.push(inf);
+  const large = randomRow(vocab, seed + 4, 1e30); // exp(x − max) underflows to 0 for all but the maximum
+  out.push(large);
+  out.push(new Float32Array(vocab).fill(-Infinity)); // no finite logit
+  const nan = randomRow(vocab, seed + 5, 1);
+  nan[vocab - 1] = Infinity;
+  out.push(nan);
+  const allEqual = new Float32Array(vocab).fill(-3.5); // every id ties: id 0, logprob −log(vocab)
+  out.push(allEqual);
+  return out;
+}
+
+test('greedy pick equals the plain loop: lowest id among the largest logits and its log-softmax, one dispatch', async () => {
+  const baseline = tf.memory().numTensors;
+  let worst = 0;
+  for (const [vocab, seed] of [[1, 1], [63, 2], [65, 3], [1000, 4], [32003, 5]] as const) {
+    const cases = rows(vocab, seed * 101);
+    const flat = new Float32Array(cases.length * vocab); // [rows, vocab]
+    cases.forEach((r, i) => flat.set(r, i * vocab));
+    const x = tf.tensor2d(flat, [cases.length, vocab]);
+    const before = webgpuCounts()!.dispatch;
+    const out = greedyPickGpu(x);
+    assert.equal(webgpuCounts()!.dispatch - before, 1, 'one dispatch');
+    assert.deepEqual(out.shape, [cases.length, 2]);
+    const got = await out.data();
+    tf.dispose([x, out]);
+    cases.forEach((r, i) => {
+      const want = reference(r);
+      const what = `vocab ${vocab}, row ${i}`;
+      assert.equal(got[2 * i], want.id, `${what}: id`);
+      if (want.id < 0) return;
+      const err = Math.abs(got[2 * i + 1]! - want.logprob);
+      worst = Math.max(worst, err);
+      assert.ok(err <= 2e-6 * Math.max(1, Math.abs(want.logprob)), `${what}: logprob ${got[2 * i + 1]} vs ${want.logprob}`);
+    });
+  }
+  console.log(`greedy pick: max abs logprob err ${worst.toExponential(2)}`);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+});
+
+test('greedy pick takes one workgroup per row for many rows', async () => {
+  const vocab = 130;
+  const B = 70;
+  const flat = new Float32Array(B * vocab); // [rows, vocab]
+  for (let b = 0; b < B; b++) flat.set(randomRow(vocab, 7 + b, 3), b * vocab);
+  const x = tf.tensor2d(flat, [B, vocab]);
+  const out = greedyPickGpu(x);
+  const got = await out.data();
+  tf.dispose([x, out]);
+  for (let b = 0; b < B; b++) {
+    const want = reference(flat.subarray(b * vocab, (b + 1) * vocab));
+    assert.equal(got[2 * b], want.id, `row ${b}`);
+    assert.ok(Math.abs(got[2 * b + 1]! - want.logprob) <= 2e-6 * Math.max(1, Math.abs(want.logprob)), `row ${b}: logprob`);
+  }
+});
