@@ -31,14 +31,14 @@ test('the rendering: the run, one row per result with its figures, FAIL marked, 
   assert.match(table, /^- soak: wrong answer: x$/m);
   assert.match(renderSoakTable({ ...report, complete: false }), /1 of 2 scenarios passed \(the run was cut short after these\)\.$/m);
   assert.match(renderSoakTable(null), /Not run yet/);
-  const carried = renderSoakTable({ ...report, results: [{ ...report.results[0]!, run: { commit: '0123456789', started: '2026-12-04T20:00:00.000Z' } }, report.results[1]!] });
+  const carried = renderSoakTable({ ...report, results: [{ ...report.results[0]!, run: { commit: '0123456789', started: '2026-12-04T20:00:00.000Z', load: { start: 9.9, end: 10 } } }, report.results[1]!] });
   assert.match(carried, /1 of 2 scenarios passed\. 1 of them come from an earlier run, as marked in their row\.$/m);
-  assert.match(carried, /^\| bursts \| .* \| pass \(run of commit 0123456, started 2026-12-04 20:00 UTC\) \|$/m);
+  assert.match(carried, /^\| bursts \| .* \| pass \(run of commit 0123456, started 2026-12-04 20:00 UTC, load average 9\.9 to 10\) \|$/m);
 });
 
 test('--merge keeps the earlier results of scenarios not run, marked with their run, and replaces the others', () => {
   const earlier = {
-    started: '2026-12-04T20:00:00.000Z', git: { commit: 'aaaaaaa111', dirty: false },
+    started: '2026-12-04T20:00:00.000Z', git: { commit: 'aaaaaaa111', dirty: false }, load: { start: 1, end: 2 },
     results: [
       { name: 'bursts', criterion: 'b', passed: true, figures: { n: 1 } },
       { name: 'fuzz x', criterion: 'f', passed: false, figures: { n: 2 } },
@@ -46,6 +46,7 @@ test('--merge keeps the earlier results of scenarios not run, marked with their 
     ],
   } as unknown as SoakReport;
   const merged = mergeResults(earlier, [{ name: 'fuzz x', criterion: 'f', passed: true, figures: { n: 4 } }, { name: 'fuzz y', criterion: 'g', passed: true, figures: {} }]);
+  assert.deepEqual(merged[0]!.run, { commit: 'aaaaaaa111', started: '2026-12-04T20:00:00.000Z', load: { start: 1, end: 2 } });
   assert.deepEqual(merged.map((r) => [r.name, r.figures.n, r.run?.commit]), [
     ['bursts', 1, 'aaaaaaa111'], ['fuzz x', 4, undefined], ['soak', 3, 'bbbbbbb222'], ['fuzz y', undefined, undefined],
   ]);

@@ -25,7 +25,9 @@ function runLine(r: SoakReport): string {
 
 /** Where a result carried over from an earlier run comes from. */
 function runOf(x: ScenarioResult): string {
-  return x.run ? ` (run of commit ${x.run.commit.slice(0, 7)}, started ${x.run.started.slice(0, 16).replace('T', ' ')} UTC)` : '';
+  if (!x.run) return '';
+  const load = x.run.load ? `, load average ${x.run.load.start} to ${x.run.load.end}` : '';
+  return ` (run of commit ${x.run.commit.slice(0, 7)}, started ${x.run.started.slice(0, 16).replace('T', ' ')} UTC${load})`;
 }
 
 /** The Markdown between the markers (markers included). */

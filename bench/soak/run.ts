@@ -151,7 +151,7 @@ function parseArgs(argv: readonly string[]): SoakOptions & { out: string; merge:
 export function mergeResults(earlier: SoakReport | null, results: readonly ScenarioResult[]): ScenarioResult[] {
   if (!earlier) return [...results];
   const fresh = new Map(results.map((r) => [r.name, r]));
-  const merged = earlier.results.map((r) => fresh.get(r.name) ?? { ...r, run: r.run ?? { commit: earlier.git.commit, started: earlier.started } });
+  const merged = earlier.results.map((r) => fresh.get(r.name) ?? { ...r, run: r.run ?? { commit: earlier.git.commit, started: earlier.started, load: earlier.load } });
   const kept = new Set(earlier.results.map((r) => r.name));
   return [...merged, ...results.filter((r) => !kept.has(r.name))];
 }

@@ -12,8 +12,8 @@ export interface ScenarioResult {
   readonly figures: Record<string, number | string>;
   /** The first violations seen, and caveats about the figures. */
   readonly notes?: string[];
-  /** Set on a result carried over from an earlier run (`npm run soak -- --merge`): that run's commit and start. */
-  readonly run?: { readonly commit: string; readonly started: string };
+  /** Set on a result carried over from an earlier run (`npm run soak -- --merge`): that run's commit, start and load. */
+  readonly run?: { readonly commit: string; readonly started: string; readonly load?: { readonly start: number; readonly end: number } };
 }
 
 /** How big a run is: `short` inside `npm test`, `long` for `npm run soak`. */
