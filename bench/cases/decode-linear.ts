@@ -12,11 +12,10 @@
  * dispatches, and submitting them). On a software adapter (lavapipe) the shaders run on the CPU, so the times reflect
  * the reads of W and the invocations' work, not a GPU's.
  */
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
+import { projectionWidths } from './kernels.ts';
 import { initBackend } from '../../src/backend/select.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { decodeLinearGpu } from '../../src/backend/webgpu/kernels/decode-linear.ts';
@@ -86,12 +85,7 @@ export const decodeLinear: BenchCase = {
     const info = await initBackend('webgpu');
     if (info.name !== 'webgpu') throw new Error(`the harness runs ${info.name}, not webgpu`);
     ctx.log(`adapter: ${info.adapter ? `${info.adapter.vendor} ${info.adapter.description}` : '?'}`);
-    const c = JSON.parse(readFileSync(join(ctx.modelDir, 'config.json'), 'utf8')) as Record<string, number>;
-    const d = c.hidden_size!;
-    const headDim = c.head_dim ?? d / c.num_attention_heads!;
-    const q = c.num_attention_heads! * headDim;
-    const kv = (c.num_key_value_heads ?? c.num_attention_heads!) * headDim;
-    const I = c.intermediate_size!;
+    const { c, d, q, kv, I } = projectionWidths(ctx.modelDir);
     // [in, out, gated] of a layer's products: q, k, v, o, gate·up, down.
     const layerShapes: [number, number, boolean][] = [[d, q, false], [d, kv, false], [d, kv, false], [q, d, false], [d, I, true], [I, d, false]];
     const shapes = Array.from({ length: c.num_hidden_layers! }, () => layerShapes).flat();

@@ -17,6 +17,14 @@ import { installNativeMatmul, PackedWeight } from '../../src/backend/wasm/native
 
 const ROWS = [1, 16, 512];
 
+/** The bench model's config and its projections' widths: hidden d, all query heads q, all KV heads kv, MLP I. */
+export function projectionWidths(modelDir: string): { c: Record<string, number>; d: number; q: number; kv: number; I: number } {
+  const c = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, number>;
+  const d = c.hidden_size!;
+  const headDim = c.head_dim ?? d / c.num_attention_heads!;
+  return { c, d, q: c.num_attention_heads! * headDim, kv: (c.num_key_value_heads ?? c.num_attention_heads!) * headDim, I: c.intermediate_size! };
+}
+
 export const kernels: BenchCase = {
   name: 'kernels',
   title: 'Kernels: the model\'s linear projections, tfjs wasm matmul vs the native AVX2/FMA addon (in the harness, no server)',
@@ -27,12 +35,7 @@ export const kernels: BenchCase = {
     const wasmKernel = tf.getKernel(tf.BatchMatMul, 'wasm')!.kernelFunc;
     if (!installNativeMatmul()) throw new Error(`native matmul unavailable: ${nativeMatmulUnavailable()}`);
     const nativeKernel = tf.getKernel(tf.BatchMatMul, 'wasm')!.kernelFunc;
-    const c = JSON.parse(readFileSync(join(ctx.modelDir, 'config.json'), 'utf8')) as Record<string, number>;
-    const d = c.hidden_size!;
-    const headDim = c.head_dim ?? d / c.num_attention_heads!;
-    const q = c.num_attention_heads! * headDim;
-    const kv = (c.num_key_value_heads ?? c.num_attention_heads!) * headDim;
-    const I = c.intermediate_size!;
+    const { c, d, q, kv, I } = projectionWidths(ctx.modelDir);
     const layerShapes: [number, number][] = [[d, q], [d, kv], [d, kv], [q, d], [d, I], [d, I], [I, d]];
     const shapes = Array.from({ length: c.num_hidden_layers! }, () => layerShapes).flat();
     const weights = shapes.map(([i, o], n) => tf.randomUniform([i, o], -0.05, 0.05, 'float32', n) as tf.Tensor2D);
