@@ -71,15 +71,8 @@ export class Violations {
   }
 }
 
-/** The p-th percentile (0-100), linear between closest ranks; NaN when empty. */
-export function percentile(xs: readonly number[], p: number): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const rank = (p / 100) * (s.length - 1);
-  const lo = Math.floor(rank);
-  const hi = Math.ceil(rank);
-  return s[lo]! + (s[hi]! - s[lo]!) * (rank - lo);
-}
+/** The bench's percentile (bench/client.ts), which the scenarios' latency criteria use too. */
+export { percentile } from '../client.ts';
 
 /** Least-squares slope of y over x (0 with fewer than two points). */
 export function slope(points: readonly (readonly [x: number, y: number])[]): number {
