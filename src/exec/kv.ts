@@ -22,6 +22,7 @@ import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
 import { maxTensorBytes } from '../backend/webgpu/init.ts';
 import { kvAppendGpu } from '../backend/webgpu/kernels/kv-append.ts';
 import { fusedKernels, uninitialized } from '../backend/webgpu/kernels/program.ts';
+import { stepInput } from '../backend/webgpu/recorded-step.ts';
 import type { KVCache, LayerKV } from '../model/model.ts';
 import type { ModelConfig } from '../model/types.ts';
 import { profiler } from '../obs/profile.ts';
@@ -61,6 +62,8 @@ export class KVBatch implements KVCache {
   cols = 0;
   /** First valid column of each row. */
   start: number[] = [];
+  /** Packed: the forward under way's KV state on the device (stateData), made at its first append, freed at commit. */
+  private stepState: tf.Tensor1D | null = null;
 
   /**
    * `reach`: the number of latest positions a query can attend to in any layer (the largest window when every layer
@@ -117,8 +120,21 @@ export class KVBatch implements KVCache {
     const cols = this.cols + T;
     let cache = this.layers[layer]![0];
     if (!cache || cache.shape[2] < cols) cache = this.grow(layer, cols);
-    kvAppendGpu(cache, k, v, this.cols);
-    return this.cols === 0 && T > 1 ? { k, v } : { packed: cache, cols };
+    const state = this.state();
+    kvAppendGpu(cache, k, v, state, this.cols);
+    return this.cols === 0 && T > 1 ? { k, v } : { packed: cache, cols, state };
+  }
+
+  /**
+   * The KV state of the forward under way, as the webgpu kernels read it (int32 [1 + B]): the columns cached before
+   * it, then each row's first valid column. A recorded step's replay writes it (name `kv.state`).
+   */
+  stateData(): Int32Array {
+    return Int32Array.from([this.cols, ...this.start]);
+  }
+
+  private state(): tf.Tensor1D {
+    return (this.stepState ??= tf.keep(tf.tensor1d(stepInput('kv.state', this.stateData()), 'int32')));
   }
 
   /** Device bytes of one packed column of `rows` rows (keys and values of every KV head). */
@@ -174,6 +190,7 @@ export class KVBatch implements KVCache {
 
   /** After a forward of T new columns (see mask() for pad); then drops the columns no window reaches any more. */
   commit(T: number, pad?: readonly number[]): void {
+    this.dropState();
     if (pad && pad.some((p) => p > 0)) {
       if (this.cols !== 0) throw new Error('KVBatch: left padding is only allowed on the first forward');
       this.start = pad.slice();
@@ -261,6 +278,7 @@ export class KVBatch implements KVCache {
   }
 
   clear(): void {
+    this.dropState();
     for (const ts of this.layers) tf.dispose(ts);
     this.layers = this.layers.map(() => []);
     this.start = [];
@@ -269,6 +287,11 @@ export class KVBatch implements KVCache {
 
   dispose(): void {
     this.clear();
+  }
+
+  private dropState(): void {
+    this.stepState?.dispose();
+    this.stepState = null;
   }
 
   private take(other: KVBatch): void {

@@ -10,6 +10,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Linear, StepLora, UnmergedLora } from '../model/layers.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { stepInput } from '../backend/webgpu/recorded-step.ts';
 import type { ExecAdapter } from '../engine/executor.ts';
 import { addToWeight, storeWeight, type Weight } from '../backend/weights.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
@@ -160,9 +161,14 @@ export function stepLora(bank: LoraBank, rowSlots: readonly (number | null)[]): 
   if (bank.linears.size === 0) return { unmerged };
   // One mask for every linear of the step (all banks share the k·R column layout).
   const mask = tf.tensor2d(maskData(rowSlots, k, bank.R), [rowSlots.length, k * bank.R]);
-  const slots = fusedKernels() ? tf.tensor1d(rowSlots.map((s) => s ?? -1), 'int32') : undefined;
+  const slots = fusedKernels() ? tf.tensor1d(stepInput('lora.slots', slotData(rowSlots)), 'int32') : undefined;
   for (const [key, { A, B }] of bank.linears) unmerged.set(key, { A, B, mask, rank: bank.R, slots });
   return { unmerged };
+}
+
+/** The slots the fused kernels read, int32 [N]: each row's adapter index in the bank, −1 for none (the base). */
+export function slotData(rowSlots: readonly (number | null)[]): Int32Array {
+  return Int32Array.from(rowSlots, (s) => s ?? -1);
 }
 
 export function disposeStepLora(s: StepLora): void {

@@ -255,12 +255,16 @@ function ropeTableData(maxPositions: number, invFreqs: readonly (readonly number
 /**
  * The table rows of a step's tokens when the table holds a second set (longrope's long factors) from row
  * `offset` on: a row of the batch reads the second set for all its T tokens when its largest position p has
- * p + 1 > `after`. positions: [B·T], left-padded rows (pads are position 0).
+ * p + 1 > `after`. positions: [B·T], left-padded rows (pads are position 0). Host values (the step uploads them).
  */
-export function ropeRows(positions: tf.Tensor1D, B: number, T: number, second: { readonly after: number; readonly offset: number }): tf.Tensor1D {
-  const byRow = tf.reshape(positions, [B, T]);
-  const useSecond = tf.cast(tf.greaterEqual(tf.max(byRow, 1, true), second.after), 'int32'); // [B, 1]
-  return tf.reshape(tf.add(byRow, tf.mul(useSecond, tf.scalar(second.offset, 'int32'))), [B * T]);
+export function ropeRows(positions: Int32Array, B: number, T: number, second: { readonly after: number; readonly offset: number }): Int32Array {
+  const rows = new Int32Array(B * T);
+  for (let b = 0; b < B; b++) {
+    const row = positions.subarray(b * T, (b + 1) * T);
+    const shift = Math.max(...row) + 1 > second.after ? second.offset : 0;
+    row.forEach((p, t) => (rows[b * T + t] = p + shift));
+  }
+  return rows;
 }
 
 /**
@@ -317,13 +321,12 @@ export function rotary(c: ModelConfig): Rotary {
   const spec = c.rope!;
   const hd = c.headDim;
   const tables = backendRopeTables(c.maxPositions, spec.long ? [spec.invFreq, spec.long.invFreq] : [spec.invFreq], spec.attentionFactor);
-  const second = spec.long ? { after: spec.long.after, offset: c.maxPositions } : null;
   const R = rotateHalfMatrix(hd);
   return {
     tensors: [...('cosSin' in tables ? [tables.cosSin] : [tables.cos, tables.sin]), R],
     step(s) {
       const N = s.B * s.T;
-      const rows = second ? s.cache('rope.rows', () => ropeRows(s.positions, s.B, s.T, second)) : s.positions;
+      const rows = s.ropeRows ?? s.positions;
       return {
         tables, R, rows,
         gathered: () => {
@@ -342,8 +345,10 @@ export function rotary(c: ModelConfig): Rotary {
 export interface StepShape {
   readonly B: number;
   readonly T: number;
-  /** Additive mask [B, 1, T·G, C+T] (KVCache.mask), G = numHeads / numKvHeads. */
-  readonly mask: tf.Tensor4D;
+  /** The layer's additive mask [B, 1, T·G, C+T] (KVCache.mask), G = numHeads / numKvHeads, made at its first use. */
+  mask(): tf.Tensor4D;
+  /** The layer's sliding window (null: none), which the decode attention kernel applies itself. */
+  readonly window: number | null;
 }
 
 /**
@@ -351,15 +356,16 @@ export interface StepShape {
  * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which a
  * decode step reads in place and other steps unpack (unpackKV). Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
- * s.mask is the layer's own mask (causal, banded by the layer's sliding window if it has one).
+ * s.mask() is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
  * as modeling_gemma2.py's eager_attention_forward. A decode step (T = 1) on webgpu is one kernel over the cache
- * (src/backend/webgpu/kernels/decode-attention.ts), which adds the same mask and applies the same soft-cap.
+ * (src/backend/webgpu/kernels/decode-attention.ts), which makes the same mask from the KV state and the window and
+ * applies the same soft-cap.
  */
 export function attention(q: tf.Tensor2D, cache: LayerKV, s: StepShape, nH: number, kvH: number, hd: number,
   scale: number | Constant = 1 / Math.sqrt(hd), softcap: Constant | null = null): tf.Tensor2D {
   if ('packed' in cache && s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM) {
-    return profiler.time('attention', () => decodeAttentionGpu(q, cache.packed, cache.cols, s.mask, nH, valueOf(scale), softcap?.value ?? null));
+    return profiler.time('attention', () => decodeAttentionGpu(q, cache.packed, cache.cols, cache.state, nH, valueOf(scale), softcap?.value ?? null, s.window));
   }
   return profiler.time('attention', () => {
     const { k, v } = 'packed' in cache ? unpackKV(cache.packed, cache.cols) : cache;
@@ -381,7 +387,7 @@ function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH
   const q4 = tf.reshape(tf.transpose(tf.reshape(q, [B, T, kvH, G * hd]), [0, 2, 1, 3]), [B, kvH, T * G, hd]); // rows (t, g)
   let raw: tf.Tensor4D = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, T·G, C+T]
   if (softcap) raw = softCap(raw, softcap);
-  const scores = tf.add(raw, s.mask); // [B, kvH, T·G, C+T]
+  const scores = tf.add(raw, s.mask()); // [B, kvH, T·G, C+T]
   const o = tf.matMul(tf.softmax(scores), v); // [B, kvH, T·G, hd]
   return tf.reshape(tf.transpose(tf.reshape(o, [B, kvH, T, G * hd]), [0, 2, 1, 3]), [B * T, nH * hd]);
 }

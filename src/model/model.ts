@@ -6,12 +6,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import { keepWeight, type Weight } from '../backend/weights.ts';
 import { checkTensorFits, maxTensorBytes } from '../backend/webgpu/init.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { stepInput } from '../backend/webgpu/recorded-step.ts';
 import { batchSubmits } from '../backend/webgpu/submit.ts';
 import { fail } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { openCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { gpt2Modules, loadGpt2 } from './gpt2.ts';
-import type { Linear, StepLora, StepShape } from './layers.ts';
+import { ropeRows, type Linear, type StepLora, type StepShape } from './layers.ts';
 import { gemmaModules, loadGemma } from './gemma.ts';
 import { llamaModules, loadLlama } from './llama.ts';
 import { loadPhi3, phi3Modules } from './phi3.ts';
@@ -20,11 +21,12 @@ import type { Family, LinearModule, ModelConfig } from './types.ts';
 /**
  * One layer's cache after a step's append, as attention reads it: its keys and values [B, kvHeads, C+T, headDim], or
  * (webgpu) the packed cache [B, kvHeads, capacity, 2·headDim] of which the first `cols` = C+T columns are valid,
- * column j holding its key then its value (src/exec/kv.ts).
+ * column j holding its key then its value, with the step's KV state (int32 [1 + B]: C, then each row's first valid
+ * column; src/exec/kv.ts), from which the decode attention kernel makes its mask.
  */
 export type LayerKV =
   | { readonly k: tf.Tensor4D; readonly v: tf.Tensor4D }
-  | { readonly packed: tf.Tensor4D; readonly cols: number };
+  | { readonly packed: tf.Tensor4D; readonly cols: number; readonly state: tf.Tensor1D };
 
 /** The KV cache of a batch of B rows as the forward uses it: C cached columns per row (left-padded), per layer. */
 export interface KVCache {
@@ -49,6 +51,8 @@ export interface KVCache {
 export interface StepContext extends StepShape {
   readonly kv: KVCache;
   readonly positions: tf.Tensor1D; // [N]
+  /** longrope: each token's row of the rotary table (ropeRows), [N]; otherwise absent (the row is the position). */
+  readonly ropeRows?: tf.Tensor1D;
   readonly lora?: StepLora;
   /** Computes a step-wide value (e.g. rotary cos/sin for these positions) once for all layers. */
   cache<T extends tf.Tensor>(key: string, make: () => T): T;
@@ -219,24 +223,39 @@ export class CausalLM {
     };
     try {
       return tf.tidy(() => {
-        const tokens = tf.tensor1d(input.tokens, 'int32');
-        const positions = tf.tensor1d(input.positions, 'int32');
+        const host = this.stepInputs(input.tokens, input.positions, B, T);
+        const upload = (name: string): tf.Tensor1D => tf.tensor1d(stepInput(name, host.get(name)!), 'int32');
+        const tokens = upload('tokens');
+        const positions = upload('positions');
+        const ropeRows = host.has('rope.rows') ? upload('rope.rows') : undefined;
         let x = this.arch.embed(tokens, positions); // [N, d]
         for (let l = 0; l < c.numLayers; l++) {
-          const mask = this.layerMask(kv, c.layerWindows[l] ?? null, T, G, input.pad, cache);
-          const ctx: StepContext = { B, T, mask, kv, positions, lora: input.lora, cache };
+          const window = c.layerWindows[l] ?? null;
+          const mask = (): tf.Tensor4D => this.layerMask(kv, window, T, G, input.pad, cache);
+          const ctx: StepContext = { B, T, mask, window, kv, positions, ropeRows, lora: input.lora, cache };
           // Each layer's intermediates are freed as soon as it is done, so the next layer reuses the same
           // (cache-warm) heap blocks instead of touching fresh memory, and a step's memory is one layer's worth.
           const prev = x;
           x = tf.tidy(() => this.arch.block(l, prev, ctx));
           prev.dispose();
         }
-        const rows = input.logitRows.length === N ? x : tf.gather(x, tf.tensor1d(input.logitRows, 'int32'));
+        const rows = input.logitRows.length === N ? x : tf.gather(x, tf.tensor1d(stepInput('logit.rows', input.logitRows), 'int32'));
         return profiler.time('lm_head', () => this.arch.head(rows)); // [R, V]
       });
     } finally {
       for (const t of memo.values()) t.dispose();
     }
+  }
+
+  /**
+   * The host values a forward of B rows of T tokens uploads, by name (recorded-step.ts's stepInput): `tokens`,
+   * `positions` and, with longrope, `rope.rows` (each token's row of the rotary table), int32 [B·T] each.
+   */
+  stepInputs(tokens: Int32Array, positions: Int32Array, B: number, T: number): Map<string, Int32Array> {
+    const out = new Map([['tokens', tokens], ['positions', positions]]);
+    const long = this.config.rope?.long;
+    if (long) out.set('rope.rows', ropeRows(positions, B, T, { after: long.after, offset: this.config.maxPositions }));
+    return out;
   }
 
   /**

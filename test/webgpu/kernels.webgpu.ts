@@ -141,43 +141,48 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
     const q = rand([B, H * hd], C, 2) as tf.Tensor2D;
     const k = rand([B, kvH, C, hd], C + 1, 2) as tf.Tensor4D;
     const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
-    // Row b is left-padded by b·5 columns (as KVBatch.mask hides them), never all of them.
-    const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < Math.min(Math.floor(i / (G * C)) * 5, C - 1) ? -1e9 : 0));
+    // Row b is left-padded by b·5 columns (its first valid column in the KV state; KVBatch.mask hides the ones before), never all of them.
+    const starts = Array.from({ length: B }, (_, b) => Math.min(b * 5, C - 1));
+    const state = tf.tensor1d([C - 1, ...starts], 'int32');
+    const maskData = new Float32Array(B * G * C).map((_, i) => (i % C < starts[Math.floor(i / (G * C))]! ? -1e9 : 0));
     const mask = tf.tensor4d(maskData, [B, 1, G, C]);
     const scale = 1 / Math.sqrt(hd);
     const cache = packKV(k, v, (C * 7) % 20);
-    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale), () => tf.tidy(() => {
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, state, H, scale), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, C ${C}, hd ${hd}: max rel err ${err}`);
-    tf.dispose([q, k, v, cache, mask]);
+    tf.dispose([q, k, v, cache, mask, state]);
   }
   done();
 });
 
 test('fused decode attention soft-caps the scaled scores before the mask and honours a sliding-window band', async () => {
   const done = leakCheck();
-  // [B, kvH, G, C, hd, window, cap]: a window that hides whole 64-wide blocks of the cache, and Gemma 2's caps.
-  for (const [B, kvH, G, C, hd, window, cap] of [[2, 1, 2, 150, 16, 20, 50], [1, 2, 1, 37, 8, 5, 1], [3, 1, 1, 70, 12, null, 2]] as const) {
+  // [B, kvH, G, C, hd, window, cap]: a window that hides whole 64-wide blocks of the cache, a window wider than the
+  // cache (it hides nothing), and Gemma 2's caps; row b starts at column b·30 (so the later of its start and the band wins).
+  for (const [B, kvH, G, C, hd, window, cap] of [[2, 1, 2, 150, 16, 20, 50], [1, 2, 1, 37, 8, 5, 1], [3, 1, 1, 70, 12, null, 2], [3, 1, 2, 70, 8, 50, 3], [1, 1, 1, 9, 8, 64, 5]] as const) {
     const H = kvH * G;
     const q = rand([B, H * hd], C, 4) as tf.Tensor2D;
     const k = rand([B, kvH, C, hd], C + 1, 4) as tf.Tensor4D;
     const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
     // The new token is column C − 1; a window W lets it see columns C − W .. C − 1 (KVBatch.mask's band).
-    const first = window === null ? 0 : C - window;
-    const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first ? -1e9 : 0)), [B, 1, G, C]);
+    const starts = Array.from({ length: B }, (_, b) => Math.min(b * 30, C - 1));
+    const first = starts.map((start) => (window === null ? start : Math.max(start, C - window)));
+    const state = tf.tensor1d([C - 1, ...starts], 'int32');
+    const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first[Math.floor(i / (G * C))]! ? -1e9 : 0)), [B, 1, G, C]);
     const scale = 0.3;
     const cache = packKV(k, v, 3);
-    const err = await compare(() => decodeAttentionGpu(q, cache, C, mask, H, scale, cap), () => tf.tidy(() => {
+    const err = await compare(() => decodeAttentionGpu(q, cache, C, state, H, scale, cap, window), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const raw = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, G, C]
       const scores = tf.add(tf.mul(tf.tanh(tf.div(raw, cap)), cap), mask);
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
     }));
     assert.ok(err < 1e-5, `B ${B}, C ${C}, window ${window}, cap ${cap}: max rel err ${err}`);
-    tf.dispose([q, k, v, cache, mask]);
+    tf.dispose([q, k, v, cache, mask, state]);
   }
   done();
 });

@@ -54,19 +54,21 @@ test('the KV append kernel writes k and v into the packed cache in place, as a p
         }
       }
     }
+    const state = tf.tensor1d([at, ...new Array<number>(B).fill(0)], 'int32'); // the KV state: at, then the rows' starts
     const before = dispatches();
-    kvAppendGpu(cache, k, v, at);
+    kvAppendGpu(cache, k, v, state, at);
     assert.equal(dispatches() - before, 1, 'one dispatch');
     assert.deepEqual(await cache.data(), expected, `[${B}, ${kvH}, ${cap}, ${hd}] at ${at}, T ${T}`);
-    assert.throws(() => kvAppendGpu(cache, k, v, cap - T + 1), /outside the cache/);
-    tf.dispose([cache, k, v]);
+    assert.throws(() => kvAppendGpu(cache, k, v, state, cap - T + 1), /outside the cache/);
+    tf.dispose([cache, k, v, state]);
   }
   // A cache whose data another tensor shares (a reshape) is refused: writing it would change both.
   const cache = rand([1, 1, 4, 2], 1) as tf.Tensor4D;
   const alias = tf.reshape(cache, [8]);
   const one = tf.zeros([1, 1, 1, 1]) as tf.Tensor4D;
-  assert.throws(() => kvAppendGpu(cache, one, one, 0), /shared by 2 tensors/);
-  tf.dispose([cache, alias, one]);
+  const state = tf.tensor1d([0, 0], 'int32');
+  assert.throws(() => kvAppendGpu(cache, one, one, state, 0), /shared by 2 tensors/);
+  tf.dispose([cache, alias, one, state]);
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
 });
 

@@ -56,6 +56,19 @@ export function installCounters(backend: object): boolean {
   return true;
 }
 
+/**
+ * Counts a recorded step's replay (src/backend/webgpu/recorded-step.ts), which submits outside tfjs: its dispatches,
+ * one submit, `uploads` host inputs written and one readback of `bytes`.
+ */
+export function countReplay(dispatches: number, uploads: number, bytes: number): void {
+  if (!counts) return;
+  counts.dispatch += dispatches;
+  counts.submit++;
+  counts.upload += uploads;
+  counts.readback++;
+  counts.readbackBytes += bytes;
+}
+
 /** Totals since the backend started, or null when the webgpu backend is not running (or was not counted). */
 export function webgpuCounts(): Readonly<WebGPUCounts> | null {
   return counts ? { ...counts } : null;

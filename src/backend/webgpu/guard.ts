@@ -26,16 +26,20 @@ export function installErrorGuard(backend: object): boolean {
   const read = b.read;
   b.read = async function (this: unknown, dataId: object) {
     const values = await read.call(this, dataId);
-    if (pending !== null) {
-      const message = pending;
-      pending = null;
-      const hint = /binding size/i.test(message)
-        ? ': a tensor of this step is larger than the device can bind; lower --max-batch-size, --max-batch-tokens or --max-total-tokens'
-        : '';
-      throw fail('DEVICE_ERROR', `the WebGPU device rejected an operation, so this step's results were discarded (${message})${hint}`);
-    }
+    throwDeviceError();
     return values;
   };
   installed = true;
   return true;
+}
+
+/** Throws DEVICE_ERROR when the device rejected an operation since the last read (reads outside tfjs call it). */
+export function throwDeviceError(): void {
+  if (pending === null) return;
+  const message = pending;
+  pending = null;
+  const hint = /binding size/i.test(message)
+    ? ': a tensor of this step is larger than the device can bind; lower --max-batch-size, --max-batch-tokens or --max-total-tokens'
+    : '';
+  throw fail('DEVICE_ERROR', `the WebGPU device rejected an operation, so this step's results were discarded (${message})${hint}`);
 }

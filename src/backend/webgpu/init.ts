@@ -8,6 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../../errors.ts';
 import { installCounters } from './counters.ts';
+import { installRecorder } from './recorded-step.ts';
 import { installErrorGuard } from './guard.ts';
 
 /** The adapter the webgpu backend runs on, and the limits that decide which tensors fit. */
@@ -120,6 +121,7 @@ export async function initWebGPU(opts: { allowSoftware: boolean }): Promise<WebG
   await tf.ready();
   installCounters(tf.backend());
   installErrorGuard(tf.backend());
+  installRecorder(tf.backend());
   // tfjs requests its device with the adapter's limits; the device's are the ones that hold.
   const limits = (tf.backend() as unknown as { device?: { limits?: AdapterLike['limits'] } }).device?.limits;
   active = Object.freeze({

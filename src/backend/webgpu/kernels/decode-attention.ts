@@ -13,17 +13,20 @@ export const DECODE_ATTENTION_MAX_HEAD_DIM = 4 * ROW_WORKGROUP;
  * Its meaning, as the unfused ops for T = 1 (layers.ts's attend()):
  * `q4 = tf.reshape(q, [B, kvH, G, hd])`, `scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask)`,
  * `tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H·hd])`; with a soft-cap c (Gemma 2) the scaled scores become
- * c·tanh(scores/c) before the mask is added. The mask carries the causal limit, left padding and a sliding window.
- * q: [B, H·hd]; mask: [B, 1, G, C] (additive); H = kvH·G; C (`cols`) a uniform.
+ * c·tanh(scores/c) before the mask is added. The mask (KVBatch.mask for T = 1) is computed in the kernel from the KV
+ * state, int32 [1 + B] = [at, start_0 .. start_{B−1}] (src/exec/kv.ts): the new token is column at, so C = at + 1
+ * columns are valid, and row b's query sees columns j with from_b ≤ j ≤ at, from_b = start_b, or with a sliding
+ * window W (uniform `window`, 0: none) max(start_b, C − W). q: [B, H·hd]; H = kvH·G. Nothing that changes from step to
+ * step is a uniform (C is read from the state buffer), so a recorded step can replay the dispatch as it is.
  */
 export class DecodeAttentionProgram implements WebGPUProgram {
-  readonly variableNames = ['q', 'cache', 'mask'];
+  readonly variableNames = ['q', 'cache', 'state'];
   readonly outputShape: number[];
   readonly shaderKey = 'loraServeDecodeAttention';
   readonly dispatchLayout = { x: [0, 1] };
   readonly dispatch: [number, number, number];
   readonly workgroupSize: [number, number, number] = [ROW_WORKGROUP, 1, 1];
-  readonly uniforms = 'scale : f32, heads : i32, groups : i32, softcap : f32, cols : i32,';
+  readonly uniforms = 'scale : f32, heads : i32, groups : i32, softcap : f32, window : i32,';
 
   constructor(rows: number, heads: number, headDim: number) {
     this.outputShape = [rows, heads * headDim];
@@ -36,6 +39,7 @@ export class DecodeAttentionProgram implements WebGPUProgram {
       ${WORKGROUP_REDUCE}
       var<workgroup> qs : array<f32, ${DECODE_ATTENTION_MAX_HEAD_DIM}>;
       var<workgroup> probs : array<f32, ${W}>;
+      var<workgroup> firstShared : i32;
       // c·tanh(x/c), tanh written with exp(−2|x|) ≤ 1 so that no large argument overflows.
       fn softCap(x : f32, c : f32) -> f32 {
         let e = exp(-2.0 * abs(x / c));
@@ -46,7 +50,7 @@ export class DecodeAttentionProgram implements WebGPUProgram {
         let H = uniforms.heads;
         let G = uniforms.groups;
         let kvH = H / G;
-        let cols = uniforms.cols;
+        let cols = state[0] + 1;
         let capacity = uniforms.cacheShape[2];
         let hd = uniforms.cacheShape[3] / 2;
         let pairs = uniforms.outShape[0] * H;
@@ -54,7 +58,10 @@ export class DecodeAttentionProgram implements WebGPUProgram {
         let b = bh / H;
         let h = bh % H;
         let kvRow = (b * kvH + h / G) * capacity; // cache[b, h / G, 0, :] in rows of 2·hd
-        let maskRow = (b * G + h % G) * cols; // mask[b, 0, h % G, 0]
+        var lo = state[1 + b]; // the row's first visible column
+        if (uniforms.window > 0) { lo = max(lo, cols - uniforms.window); }
+        if (tid == 0) { firstShared = (lo / ${W}) * ${W}; }
+        let firstBlock = workgroupUniformLoad(&firstShared); // the block holding column lo: earlier blocks are wholly masked
         for (var d = tid; d < hd; d = d + ${W}) {
           qs[d] = q[bh * hd + d] * uniforms.scale; // q[b, h·hd + d]
         }
@@ -62,7 +69,7 @@ export class DecodeAttentionProgram implements WebGPUProgram {
         var m = -3.402823e+38;
         var l = 0.0;
         var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0); // out[b, h·hd + tid + i·${W}]
-        for (var j0 = 0; j0 < cols; j0 = j0 + ${W}) {
+        for (var j0 = firstBlock; j0 < cols; j0 = j0 + ${W}) {
           let j = j0 + tid;
           var s = -3.402823e+38;
           if (j < cols) {
@@ -72,7 +79,7 @@ export class DecodeAttentionProgram implements WebGPUProgram {
               dot = dot + qs[d] * cache[kAt + d];
             }
             if (uniforms.softcap > 0.0) { dot = softCap(dot, uniforms.softcap); }
-            s = dot + mask[maskRow + j];
+            s = select(-1e9, dot, j >= lo); // KVBatch.mask's −1e9 before the row's first visible column
           }
           let mNew = max(m, reduceMax(s));
           let corr = exp(m - mNew);
@@ -109,19 +116,22 @@ export class DecodeAttentionProgram implements WebGPUProgram {
 
 /**
  * Decode attention on the webgpu backend: q [B, H·hd] (one token per row) over the first C (`cols`) columns of the
- * packed cache [B, kvH, capacity, 2·hd] with the additive mask [B, 1, G, C]; returns [B, H·hd]. head_dim at most
- * DECODE_ATTENTION_MAX_HEAD_DIM. softcap: the scores' soft-cap c > 0, or null for none.
+ * packed cache [B, kvH, capacity, 2·hd], masked as the KV state [at = C − 1, start_0 .. start_{B−1}] (int32, whose
+ * values must agree with `cols`: it is checked on the host only through the shapes) and the sliding `window` (null:
+ * none) say; returns [B, H·hd]. head_dim at most DECODE_ATTENTION_MAX_HEAD_DIM. softcap: the scores' soft-cap c > 0,
+ * or null for none.
  */
-export function decodeAttentionGpu(q: tf.Tensor2D, cache: tf.Tensor4D, C: number, mask: tf.Tensor4D, heads: number, scale: number,
-  softcap: number | null = null): tf.Tensor2D {
+export function decodeAttentionGpu(q: tf.Tensor2D, cache: tf.Tensor4D, C: number, state: tf.Tensor1D, heads: number, scale: number,
+  softcap: number | null = null, window: number | null = null): tf.Tensor2D {
   const [B, kvH, capacity, width] = cache.shape;
   const hd = width / 2;
   const G = heads / kvH;
   if (!Number.isInteger(G) || q.shape[0] !== B || q.shape[1] !== heads * hd) throw new Error(`decodeAttention: q [${q.shape}] does not fit the cache [${cache.shape}] with ${heads} heads`);
   if (!Number.isInteger(C) || C < 1 || C > capacity) throw new Error(`decodeAttention: ${C} columns of a cache of ${capacity}`);
-  if (mask.shape[0] !== B || mask.shape[2] !== G || mask.shape[3] !== C) throw new Error(`decodeAttention: mask [${mask.shape}] is not [${B}, 1, ${G}, ${C}]`);
+  if (state.dtype !== 'int32' || state.shape[0] !== 1 + B) throw new Error(`decodeAttention: the KV state [${state.shape}] is not int32 [${1 + B}]`);
+  if (window !== null && !(Number.isInteger(window) && window > 0)) throw new Error(`decodeAttention: window ${window} is not a positive integer`);
   if (hd > DECODE_ATTENTION_MAX_HEAD_DIM) throw new Error(`decodeAttention: head_dim ${hd} is over ${DECODE_ATTENTION_MAX_HEAD_DIM}`);
-  return runProgram(new DecodeAttentionProgram(B, heads, hd), [q, cache, mask],
+  return runProgram(new DecodeAttentionProgram(B, heads, hd), [q, cache, state],
     [{ type: 'float32', data: [scale] }, { type: 'int32', data: [heads] }, { type: 'int32', data: [G] }, { type: 'float32', data: [softcap ?? 0] },
-      { type: 'int32', data: [C] }]);
+      { type: 'int32', data: [window ?? 0] }]);
 }

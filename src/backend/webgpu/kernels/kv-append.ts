@@ -7,17 +7,17 @@ const WORKGROUP = 64;
  * Writes a step's keys and values into a layer's packed KV cache in place, in one dispatch: the cache is
  * [B, kvH, capacity, 2·hd], column j of row b and KV head h holding that position's key then its value. As a plain loop,
  * for b < B, h < kvH, t < T, d < hd: `cache[b, h, at + t, d] = k[b, h, t, d]` and `cache[b, h, at + t, hd + d] = v[b, h, t, d]`;
- * every other element of the cache is left as it was. k, v: [B, kvH, T, hd]; at + T ≤ capacity. One invocation per
- * element written.
+ * every other element of the cache is left as it was. k, v: [B, kvH, T, hd]; at + T ≤ capacity, `at` read from the KV
+ * state (int32, state[0]; src/exec/kv.ts), not a uniform, so that a recorded step can replay the dispatch as it is.
+ * One invocation per element written.
  */
 export class KVAppendProgram implements WebGPUProgram {
-  readonly variableNames = ['k', 'v'];
+  readonly variableNames = ['k', 'v', 'state'];
   readonly outputShape: number[];
   readonly shaderKey = 'loraServeKVAppend';
   readonly dispatchLayout = { x: [0, 1, 2, 3] };
   readonly dispatch: [number, number, number];
   readonly workgroupSize: [number, number, number] = [WORKGROUP, 1, 1];
-  readonly uniforms = 'at : i32,';
 
   constructor(cacheShape: readonly number[], written: number) {
     this.outputShape = [...cacheShape];
@@ -36,7 +36,7 @@ export class KVAppendProgram implements WebGPUProgram {
         let t = bht % T;
         let bh = bht / T;
         let src = bht * hd + e % hd; // k[b, h, t, e % hd], v alike
-        let dst = (bh * uniforms.outShape[2] + uniforms.at + t) * width + e; // cache[b, h, at + t, e]
+        let dst = (bh * uniforms.outShape[2] + state[0] + t) * width + e; // cache[b, h, at + t, e]
         result[dst] = select(v[src], k[src], e < hd);
       }
     `;
@@ -45,15 +45,17 @@ export class KVAppendProgram implements WebGPUProgram {
 
 /**
  * Writes k, v [B, kvH, T, hd] into columns at .. at+T−1 of the packed cache [B, kvH, capacity, 2·hd] (see
- * KVAppendProgram), in place, on the webgpu backend. The cache must be the only tensor on its buffer (not a reshape or
- * clone of another), since every tensor sharing it would change.
+ * KVAppendProgram), in place, on the webgpu backend; `at` is state[0] of the int32 KV state, whose value the caller
+ * passes as `at` for the bounds check. The cache must be the only tensor on its buffer (not a reshape or clone of
+ * another), since every tensor sharing it would change.
  */
-export function kvAppendGpu(cache: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, at: number): void {
+export function kvAppendGpu(cache: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, state: tf.Tensor1D, at: number): void {
   const [B, kvH, capacity, width] = cache.shape;
   const [, , T, hd] = k.shape;
   if (!tf.util.arraysEqual(k.shape, v.shape) || k.shape[0] !== B || k.shape[1] !== kvH || width !== 2 * hd) {
     throw new Error(`kvAppend: k [${k.shape}] and v [${v.shape}] do not fit the cache [${cache.shape}]`);
   }
   if (!Number.isInteger(at) || at < 0 || at + T > capacity) throw new Error(`kvAppend: columns ${at}..${at + T - 1} are outside the cache's ${capacity}`);
-  runProgramInPlace(new KVAppendProgram(cache.shape, B * kvH * T * width), [k, v], cache, [{ type: 'int32', data: [at] }]);
+  if (state.dtype !== 'int32' || state.shape[0] < 1) throw new Error(`kvAppend: the KV state [${state.shape}] is not int32`);
+  runProgramInPlace(new KVAppendProgram(cache.shape, B * kvH * T * width), [k, v, state], cache);
 }

@@ -1,0 +1,369 @@
+/**
+ * Recorded decode steps: the WebGPU analogue of the CUDA graphs vLLM captures per decode batch. A decode step run
+ * through TensorFlow.js costs about 0.1 ms of CPU per dispatch in tfjs and Dawn (shader keys, uniform packing, bind
+ * groups), whatever the GPU. `recordStep` runs one step through tfjs as usual and keeps what each of its dispatches
+ * was: the pipeline, the buffers bound, the uniform bytes and the workgroup counts. `Recording.replay` then runs the
+ * same step again from that list: it writes the step's few host inputs (token ids, positions, the KV state, adapter
+ * slots), encodes the recorded dispatches into one command buffer with bind groups made once, and reads the output
+ * back: no tfjs op, no shader key, no uniform packing per dispatch.
+ *
+ * What the step's buffers are, found while recording:
+ * - persistent: a tensor still alive after the step holds it (weights, LoRA banks, merged weights, the KV caches the
+ *   step appends to in place): the replay binds the same buffer, after checking that the tensor still holds it;
+ * - intermediate: written by one of the step's dispatches before any dispatch reads it: the recording gets a buffer
+ *   of its own (from tfjs's pool), since tfjs hands the step's buffers to other tensors afterwards;
+ * - input: host values uploaded during the step that were named with `stepInput` (the only host data a recorded
+ *   step may read): a buffer of its own, written at each replay with that step's values of the name.
+ * A step that reads anything else (a buffer made before it that no live tensor holds, host values not named), whose
+ * dispatches read a buffer tfjs reused within the step, or that submits or reads back midway, is not recorded (the
+ * reason is returned), and runs through tfjs as it did. Every value that changes from step to step must therefore
+ * reach the shaders through a named input, never a uniform: the KV column count is read from the KV state buffer
+ * (decode-attention.ts, kv-append.ts).
+ *
+ * tfjs-backend-webgpu 4.22's internals used (wrapped once, like counters.ts): `recordAndSubmit` (each dispatch),
+ * `makeUniforms` (the uniform bytes, caught from its queue.writeBuffer), `uploadToGPU` (host uploads), `submitQueue`,
+ * `tensorMap`, `bufferManager`, `device`, `queue`, and its queued command encoder, which a replay submits first so that
+ * the replay runs after what tfjs has queued.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { countReplay } from './counters.ts';
+import { throwDeviceError } from './guard.ts';
+
+/** Host values a step uploads (token ids, positions, KV state, slots). */
+export type StepData = Int32Array | Float32Array;
+
+interface GpuBuffer {
+  readonly size: number;
+  readonly usage: number;
+  mapAsync(mode: number): Promise<void>;
+  getMappedRange(): ArrayBuffer;
+  unmap(): void;
+}
+interface GpuPipeline {
+  getBindGroupLayout(index: number): unknown;
+}
+interface GpuPass {
+  setPipeline(p: GpuPipeline): void;
+  setBindGroup(index: number, group: unknown): void;
+  dispatchWorkgroups(x: number, y: number, z: number): void;
+  end(): void;
+}
+interface GpuEncoder {
+  beginComputePass(): GpuPass;
+  copyBufferToBuffer(src: GpuBuffer, srcOffset: number, dst: GpuBuffer, dstOffset: number, size: number): void;
+  finish(): unknown;
+}
+interface GpuQueue {
+  writeBuffer(buffer: GpuBuffer, offset: number, data: ArrayBufferView | ArrayBuffer, dataOffset?: number, size?: number): void;
+  submit(buffers: unknown[]): void;
+}
+interface Program {
+  pipeline: GpuPipeline | Promise<GpuPipeline>;
+  dispatch: [number, number, number];
+}
+
+/** The parts of tfjs-backend-webgpu's WebGPUBackend (4.22) a recording uses. */
+interface Backend {
+  device: { createBindGroup(desc: { layout: unknown; entries: { binding: number; resource: { buffer: GpuBuffer } }[] }): unknown; createCommandEncoder(): GpuEncoder };
+  queue: GpuQueue;
+  tensorMap: { get(dataId: object): { resource?: unknown; values?: unknown } | undefined };
+  bufferManager: { acquireBuffer(size: number, usage: number): GpuBuffer; releaseBuffer(buffer: GpuBuffer): void };
+  commandEncoder: unknown;
+  recordAndSubmit(program: Program, output: tf.TensorInfo, inputs: tf.TensorInfo[], uniforms?: unknown): void;
+  makeUniforms(uniforms: unknown): { buffer: GpuBuffer };
+  uploadToGPU(dataId: object): void;
+  submitQueue(): void;
+  endComputePassEncoder(): void;
+  getBufferData(buffer: GpuBuffer): Promise<ArrayBuffer>;
+}
+
+/** What one dispatch of the recorded step bound: its output, inputs and uniforms. */
+interface Dispatch {
+  readonly pipeline: GpuPipeline;
+  readonly workgroups: [number, number, number];
+  readonly output: GpuBuffer;
+  readonly outputId: object;
+  readonly inputs: readonly { buffer: GpuBuffer; dataId: object }[];
+  readonly uniforms: Uint8Array | null;
+}
+
+/** The recording in progress: what the wrapped backend methods report. */
+class Recorder {
+  readonly dispatches: Dispatch[] = [];
+  /** Host values named by stepInput, by array. */
+  readonly declared = new Map<StepData, string>();
+  /** Buffers uploaded during the step, with their input name. */
+  readonly uploads = new Map<GpuBuffer, string>();
+  /** The dataId each buffer was seen with (a buffer seen with two is a reuse within the step). */
+  readonly owners = new Map<GpuBuffer, object>();
+  failure: string | null = null;
+
+  fail(why: string): void {
+    this.failure ??= why;
+  }
+
+  see(buffer: GpuBuffer, dataId: object): void {
+    const owner = this.owners.get(buffer);
+    if (owner === undefined) this.owners.set(buffer, dataId);
+    else if (owner !== dataId) this.fail('a buffer was reused by another tensor within the step');
+  }
+}
+
+let backend: Backend | null = null;
+let active: Recorder | null = null;
+/** The uniform bytes the last makeUniforms call wrote. */
+let lastUniforms: Uint8Array | null = null;
+
+/** Wraps the backend's methods so that steps can be recorded (once, when the backend starts); false if it lacks one. */
+export function installRecorder(b: object): boolean {
+  const be = b as Partial<Backend>;
+  if (backend) return true;
+  for (const name of ['recordAndSubmit', 'makeUniforms', 'uploadToGPU', 'submitQueue', 'endComputePassEncoder'] as const) {
+    if (typeof be[name] !== 'function') return false;
+  }
+  if (!be.tensorMap || !be.bufferManager || !be.device || !be.queue) return false;
+  const full = be as Backend;
+  const record = full.recordAndSubmit;
+  full.recordAndSubmit = function (this: Backend, program, output, inputs, uniforms) {
+    lastUniforms = null;
+    record.call(this, program, output, inputs, uniforms);
+    if (active) noteDispatch(active, this, program, output, inputs);
+  };
+  const makeUniforms = full.makeUniforms;
+  full.makeUniforms = function (this: Backend, uniforms) {
+    if (!active) return makeUniforms.call(this, uniforms);
+    const queue = this.queue;
+    this.queue = {
+      writeBuffer(buffer, offset, data, dataOffset = 0, size) {
+        const bytes = data instanceof ArrayBuffer ? new Uint8Array(data) : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+        lastUniforms = bytes.slice(dataOffset, size === undefined ? undefined : dataOffset + size);
+        queue.writeBuffer(buffer, offset, data, dataOffset, size);
+      },
+      submit: (buffers) => queue.submit(buffers),
+    };
+    try {
+      return makeUniforms.call(this, uniforms);
+    } finally {
+      this.queue = queue;
+    }
+  };
+  const upload = full.uploadToGPU;
+  full.uploadToGPU = function (this: Backend, dataId) {
+    const before = active ? this.tensorMap.get(dataId) : undefined;
+    const values = before && before.resource == null ? before.values : null;
+    upload.call(this, dataId);
+    if (!active || values == null) return;
+    const name = active.declared.get(values as StepData);
+    const buffer = this.tensorMap.get(dataId)?.resource as GpuBuffer;
+    if (name === undefined) active.fail('the step uploaded host values that are not a named step input');
+    else {
+      active.uploads.set(buffer, name);
+      active.see(buffer, dataId);
+    }
+  };
+  const submit = full.submitQueue;
+  full.submitQueue = function (this: Backend) {
+    active?.fail('the step submitted its commands before its end (a readback or a buffer copy)');
+    submit.call(this);
+  };
+  backend = full;
+  return true;
+}
+
+function noteDispatch(r: Recorder, b: Backend, program: Program, output: tf.TensorInfo, inputs: tf.TensorInfo[]): void {
+  if (program.pipeline instanceof Promise) return r.fail('a pipeline was still compiling');
+  const buffer = (info: tf.TensorInfo): GpuBuffer => b.tensorMap.get(info.dataId)!.resource as GpuBuffer;
+  const ins = inputs.map((t) => ({ buffer: buffer(t), dataId: t.dataId }));
+  for (const i of ins) r.see(i.buffer, i.dataId);
+  const out = buffer(output);
+  r.see(out, output.dataId);
+  r.dispatches.push({ pipeline: program.pipeline, workgroups: [...program.dispatch], output: out, outputId: output.dataId, inputs: ins, uniforms: lastUniforms });
+}
+
+/**
+ * Names host values the current step uploads: a recorded step's replay writes that step's values of the same name
+ * (same length) into the buffer they were uploaded to. Returns `data`. Outside a recording it does nothing.
+ */
+export function stepInput<T extends StepData>(name: string, data: T): T {
+  active?.declared.set(data, name);
+  return data;
+}
+
+/** Whether steps can be recorded on the active backend (webgpu, with the recorder installed). */
+export function canRecord(): boolean {
+  return backend !== null && tf.getBackend() === 'webgpu';
+}
+
+/** A step being recorded: its output, and `finish` once the output was read back and the step's tensors disposed. */
+export interface PendingRecording<T extends tf.Tensor> {
+  readonly output: T;
+  /** The recording, or why the step could not be recorded. */
+  finish(): Recording | string;
+}
+
+/**
+ * Runs `build`, which makes a step's output tensor through tfjs (no readback, no submit), recording its dispatches.
+ * The caller reads the output back, disposes every tensor of the step (the output included), then calls `finish`.
+ */
+export function recordStep<T extends tf.Tensor>(build: () => T): PendingRecording<T> {
+  const b = backend;
+  if (!b || active) throw new Error('recordStep: the recorder is not installed, or a step is already being recorded');
+  const r = new Recorder();
+  active = r;
+  let output: T;
+  try {
+    output = build();
+  } finally {
+    active = null;
+  }
+  const outId = output.dataId;
+  const outBuffer = b.tensorMap.get(outId)?.resource as GpuBuffer | undefined;
+  if (!outBuffer) r.fail('the output is not on the device');
+  else if (output.dtype !== 'float32') r.fail('the output is not float32');
+  return { output, finish: () => (r.failure ?? makeRecording(b, r, outBuffer!)) };
+}
+
+/** Classifies the step's buffers (see the file's comment) and makes the recording, or says why it cannot. */
+function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording | string {
+  const own = new Map<GpuBuffer, GpuBuffer>(); // the step's buffer → the recording's
+  const persistent = new Map<object, GpuBuffer>(); // dataId → the buffer it must still hold
+  const inputs = new Map<string, GpuBuffer[]>();
+  const written = new Set<GpuBuffer>();
+  const owned: GpuBuffer[] = [];
+  const release = (): void => owned.forEach((x) => b.bufferManager.releaseBuffer(x));
+  const alive = (dataId: object, buffer: GpuBuffer): boolean => b.tensorMap.get(dataId)?.resource === buffer;
+  const mine = (buffer: GpuBuffer): GpuBuffer => {
+    let m = own.get(buffer);
+    if (!m) {
+      m = b.bufferManager.acquireBuffer(buffer.size, buffer.usage);
+      owned.push(m);
+      own.set(buffer, m);
+    }
+    return m;
+  };
+  const bind = (buffer: GpuBuffer, dataId: object, writing: boolean): GpuBuffer | null => {
+    if (alive(dataId, buffer)) {
+      persistent.set(dataId, buffer);
+      return buffer;
+    }
+    const name = r.uploads.get(buffer);
+    if (name !== undefined) {
+      if (writing) return null; // an input written over would not be the next step's input
+      const m = mine(buffer);
+      const list = inputs.get(name) ?? [];
+      if (!list.includes(m)) inputs.set(name, [...list, m]);
+      return m;
+    }
+    if (!writing && !written.has(buffer)) return null; // made before the step by a tensor now gone
+    return mine(buffer);
+  };
+  const steps: { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[] = [];
+  const uniformBuffers: GpuBuffer[] = [];
+  for (const d of r.dispatches) {
+    const ins = d.inputs.map((i) => bind(i.buffer, i.dataId, false));
+    const out = bind(d.output, d.outputId, true);
+    written.add(d.output);
+    if (out === null || ins.includes(null)) {
+      release();
+      uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
+      return 'the step reads a buffer made before it that no live tensor holds, or writes over an input';
+    }
+    const entries = [out, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
+    if (d.uniforms) {
+      const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, UNIFORM_USAGE());
+      b.queue.writeBuffer(u, 0, d.uniforms);
+      uniformBuffers.push(u);
+      entries.push({ binding: entries.length, resource: { buffer: u } });
+    }
+    steps.push({ pipeline: d.pipeline, workgroups: d.workgroups, group: b.device.createBindGroup({ layout: d.pipeline.getBindGroupLayout(0), entries }) });
+  }
+  const output = own.get(outBuffer);
+  if (!output) {
+    release();
+    uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
+    return 'the output was not written by the step';
+  }
+  return new Recording(b, steps, inputs, persistent, output, [...owned, ...uniformBuffers]);
+}
+
+const UNIFORM_USAGE = (): number => {
+  const u = (globalThis as unknown as { GPUBufferUsage: { UNIFORM: number; COPY_DST: number } }).GPUBufferUsage;
+  return u.UNIFORM | u.COPY_DST;
+};
+
+/** A recorded decode step (recordStep): replayed with new inputs while every tensor it binds still holds its buffer. */
+export class Recording {
+  private disposed = false;
+
+  constructor(private readonly b: Backend,
+    private readonly steps: readonly { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[],
+    private readonly inputs: ReadonlyMap<string, readonly GpuBuffer[]>,
+    private readonly persistent: ReadonlyMap<object, GpuBuffer>,
+    private readonly output: GpuBuffer,
+    private readonly owned: readonly GpuBuffer[]) {}
+
+  /** Dispatches per replay. */
+  get dispatches(): number {
+    return this.steps.length;
+  }
+
+  /** The host inputs a replay writes, by name. */
+  get inputNames(): string[] {
+    return [...this.inputs.keys()];
+  }
+
+  /** Whether every tensor the step binds (weights, banks, KV caches) still holds the buffer it held. */
+  valid(): boolean {
+    if (this.disposed) return false;
+    for (const [dataId, buffer] of this.persistent) if (this.b.tensorMap.get(dataId)?.resource !== buffer) return false;
+    return true;
+  }
+
+  /**
+   * Runs the step again with `inputs` (every name the step uploaded, each as long as it was): one command buffer, then
+   * the output read back. The caller checks valid() first.
+   */
+  async replay(inputs: ReadonlyMap<string, StepData>): Promise<Float32Array> {
+    if (this.disposed) throw new Error('replay: the recording was disposed');
+    const b = this.b;
+    for (const [name, buffers] of this.inputs) {
+      const data = inputs.get(name);
+      if (!data || data.byteLength !== buffers[0]!.size) throw new Error(`replay: input "${name}" is missing or not ${buffers[0]!.size} bytes`);
+    }
+    if (b.commandEncoder) { // what tfjs queued before (a KV cache's growth, a join) runs first
+      b.endComputePassEncoder();
+      b.submitQueue();
+    }
+    for (const [name, buffers] of this.inputs) for (const buffer of buffers) b.queue.writeBuffer(buffer, 0, inputs.get(name)!);
+    const encoder = b.device.createCommandEncoder();
+    const pass = encoder.beginComputePass();
+    for (const s of this.steps) {
+      pass.setPipeline(s.pipeline);
+      pass.setBindGroup(0, s.group);
+      pass.dispatchWorkgroups(...s.workgroups);
+    }
+    pass.end();
+    const g = globalThis as unknown as { GPUBufferUsage: { MAP_READ: number; COPY_DST: number }; GPUMapMode: { READ: number } };
+    const size = this.output.size;
+    const staging = b.bufferManager.acquireBuffer(size, g.GPUBufferUsage.MAP_READ | g.GPUBufferUsage.COPY_DST);
+    encoder.copyBufferToBuffer(this.output, 0, staging, 0, size);
+    b.queue.submit([encoder.finish()]);
+    countReplay(this.steps.length, this.inputs.size, size);
+    try {
+      await staging.mapAsync(g.GPUMapMode.READ);
+      const out = new Float32Array(staging.getMappedRange().slice(0));
+      staging.unmap();
+      throwDeviceError();
+      return out;
+    } finally {
+      b.bufferManager.releaseBuffer(staging);
+    }
+  }
+
+  /** Returns the recording's own buffers to tfjs's pool. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const buffer of this.owned) this.b.bufferManager.releaseBuffer(buffer);
+  }
+}
