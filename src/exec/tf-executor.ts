@@ -10,9 +10,10 @@ import type {
 } from '../engine/executor.ts';
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { canRecord, recordStep, stepInput, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
 import { batchSubmits } from '../backend/webgpu/submit.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
-import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
+import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, slotData, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
 import type { Weight } from '../backend/weights.ts';
 import { profiler, type ProfileTotals } from '../obs/profile.ts';
 import type { StepLora } from '../model/layers.ts';
@@ -27,6 +28,18 @@ export interface TfExecutorOptions {
    * (webgpu): such a row reads back [id, logprob] instead of its logits (default true).
    */
   readonly devicePick?: boolean;
+  /**
+   * Record decode steps where the backend can (webgpu; src/backend/webgpu/recorded-step.ts) and replay the recording
+   * while the batch, its LoRA plan and its KV caches stay as they were (default true).
+   */
+  readonly recordSteps?: boolean;
+}
+
+/** A recorded decode step and what it was recorded for (TfExecutor.stepKey). */
+interface RecordedDecode {
+  readonly key: string;
+  readonly recording: Recording;
+  readonly pass: StepPass;
 }
 
 /** What one forward pass read back, by logits row: a token picked on the device, or the row's logits. */
@@ -54,12 +67,17 @@ export class TfExecutor implements Executor {
   private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
   private readonly maxBanks: number;
   private readonly devicePick: boolean;
+  private readonly recordSteps: boolean;
+  private recorded: RecordedDecode | null = null;
+  /** Decode steps replayed from a recording, recorded, and run through tfjs without one (tests and the bench read them). */
+  readonly recordedSteps = { replayed: 0, recorded: 0, unrecorded: 0, lastRefusal: '' };
 
   constructor(readonly model: CausalLM, opts: TfExecutorOptions = {}) {
     this.vocabSize = model.config.vocabSize;
     this.kv = newKV(model.config);
     this.maxBanks = opts.maxBanks ?? 4;
     this.devicePick = (opts.devicePick ?? true) && fusedKernels();
+    this.recordSteps = (opts.recordSteps ?? true) && canRecord();
   }
 
   get running(): number {
@@ -185,8 +203,10 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const pickRows = this.rows.map((r) => !!bySeq.get(r.seq)!.pick);
-    const { output, pass } = await this.forward(this.kv, tokens, positions, 1, undefined, this.rows.map((r) => r.adapter), lora, logitRows, B, pickRows);
+    const pickRows = this.rows.map((r) => this.devicePick && !!bySeq.get(r.seq)!.pick);
+    const rowAdapters = this.rows.map((r) => r.adapter);
+    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, pickRows))
+      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, pickRows, this.stepKey(lora, pickRows));
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
@@ -270,6 +290,7 @@ export class TfExecutor implements Executor {
 
   /** Frees everything it holds but the model (which tests share between executors): KV caches, banks, merged weights, adapters. */
   dispose(): void {
+    this.dropRecording();
     for (const seq of [...this.prefilling.keys()]) this.release(seq);
     this.kv.dispose();
     this.rows = [];
@@ -291,6 +312,55 @@ export class TfExecutor implements Executor {
     const d = this.adapters.get(a.key);
     if (!d) throw new Error(`executor: adapter ${a.id} (upload ${a.key}) is not loaded`);
     return d;
+  }
+
+  private dropRecording(): void {
+    this.recorded?.recording.dispose();
+    this.recorded = null;
+  }
+
+  /**
+   * What a decode step's recording must match to be replayed, besides its buffers (Recording.valid): the rows (their
+   * sequences and adapters), the LoRA plan and which rows are picked on the device. null: steps are not recorded.
+   */
+  private stepKey(plan: LoraPlan, pickRows: readonly boolean[]): string | null {
+    if (!this.recordSteps) return null;
+    const rows = this.rows.map((r) => `${r.seq}:${r.adapter?.key ?? ''}`).join(',');
+    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${pickRows.map((p) => (p ? 1 : 0)).join('')}`;
+  }
+
+  /**
+   * The decode step replayed from its recording, or null when there is none for this step: no recording for these
+   * rows, plan and picks, a tensor it binds replaced (a KV cache grown, trimmed or re-gathered; a bank or merged weights
+   * rebuilt), or a KV cache with no spare column (this step grows it, through tfjs).
+   */
+  private async replay(tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan,
+    pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass } | null> {
+    const r = this.recorded;
+    const key = this.stepKey(plan, pickRows);
+    if (!r || r.key !== key || !r.recording.valid() || this.kv.capacity <= this.kv.cols) {
+      if (r) this.dropRecording();
+      return null;
+    }
+    const B = this.rows.length;
+    const inputs = new Map<string, StepData>([...this.model.stepInputs(tokens, positions, B, 1), ['kv.state', this.kv.stateData()]]);
+    const slots = this.rowSlots(rowAdapters);
+    if (slots) inputs.set('lora.slots', slotData(slots));
+    const keep = keptRows(pickRows, B);
+    if (keep.length < B && keep.length > 0) inputs.set('pick.keep', keep);
+    const data = await profiler.timeAsync('logits_download', () => r.recording.replay(inputs));
+    this.kv.commit(1);
+    this.recordedSteps.replayed++;
+    return { output: parseOutput(data, B, this.vocabSize, pickRows), pass: r.pass };
+  }
+
+  /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
+  private rowSlots(rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] | null {
+    const distinct = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
+    const bank = distinct.length > 0 ? this.banks.get(distinct.sort().join(',')) : undefined;
+    if (!bank) return null;
+    const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
+    return rowAdapters.map((a) => (a ? slot.get(a.key)! : null));
   }
 
   private dropMerged(): void {
@@ -334,46 +404,75 @@ export class TfExecutor implements Executor {
   /**
    * One forward pass over `kv` for `seqs` sequences, and what it was, with its logits rows read back: with device
    * picking on, the rows that allow it (`pickRows`, per logits row) as their greedy tokens picked on the device.
+   * `record` (a decode step's stepKey): the pass is recorded for replay when the backend can record it.
    */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass }> {
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pickRows: readonly boolean[],
+    record: string | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
+    const picks = this.devicePick ? pickRows : [];
     let logits: tf.Tensor2D | null = null;
-    try {
+    let out: tf.Tensor | null = null;
+    const build = (): tf.Tensor => {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      const output = await profiler.timeAsync('logits_download', () => this.readBack(logits!, this.devicePick ? pickRows : []));
-      return { output, pass: { rows: seqs, ...choice.applied } };
-    } finally {
-      if (fusedKernels()) batchSubmits(false); // what follows the step (merges, banks, joins) submits as usual
-      logits?.dispose();
-      if (choice.owned && choice.lora) disposeStepLora(choice.lora);
-    }
-  }
-
-  /**
-   * Reads back logits [rows, vocab] in one download: the rows flagged in `pickRows` as their tokens picked on the
-   * device (GreedyPickProgram), the others as their logits.
-   */
-  private async readBack(logits: tf.Tensor2D, pickRows: readonly boolean[]): Promise<PassOutput> {
-    const [rows, V] = logits.shape;
-    const keep = Array.from({ length: rows }, (_, r) => r).filter((r) => !pickRows[r]);
-    const logitsAt = new Int32Array(rows).fill(-1);
-    keep.forEach((r, i) => (logitsAt[r] = i));
-    if (rows === 0) return { picked: new Map(), logits: new Float32Array(0), logitsAt };
-    if (keep.length === rows) return { picked: new Map(), logits: (await logits.data()) as Float32Array, logitsAt };
-    // [rows · 2] (id, logprob of every row) then [keep, V] (the rows not picked)
-    const joined = tf.tidy(() => {
-      const picks = tf.reshape(greedyPickGpu(logits), [-1]);
-      return keep.length === 0 ? picks : tf.concat([picks, tf.reshape(tf.gather(logits, tf.tensor1d(keep, 'int32')), [-1])]);
-    });
+      return passOutput(logits, picks);
+    };
+    // A step that grows the KV cache reads the old one, which is gone after it: not worth recording.
+    const pending = record !== null && kv.capacity > kv.cols ? recordStep(build) : null;
     let data: Float32Array;
     try {
-      data = (await joined.data()) as Float32Array;
+      out = pending ? pending.output : build();
+      data = await profiler.timeAsync('logits_download', () => out!.data() as Promise<Float32Array>);
     } finally {
-      joined.dispose();
+      if (fusedKernels()) batchSubmits(false); // what follows the step (merges, banks, joins) submits as usual
+      if (out !== logits) out?.dispose();
+      (logits as tf.Tensor2D | null)?.dispose();
+      if (choice.owned && choice.lora) disposeStepLora(choice.lora);
     }
-    const picked = new Map<number, PickedToken>();
-    for (let r = 0; r < rows; r++) if (pickRows[r]) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
-    return { picked, logits: data.subarray(2 * rows, 2 * rows + keep.length * V), logitsAt };
+    const pass = { rows: seqs, ...choice.applied };
+    if (record !== null) this.keepRecording(record, pending?.finish() ?? 'the step grows the KV cache', pass);
+    return { output: parseOutput(data, logitRows.length, this.vocabSize, picks), pass };
   }
+
+  private keepRecording(key: string, result: Recording | string, pass: StepPass): void {
+    this.dropRecording();
+    if (typeof result !== 'string' && result.valid()) { // a trim at the step's end replaced the caches it wrote
+      this.recorded = { key, recording: result, pass };
+      this.recordedSteps.recorded++;
+      return;
+    }
+    if (typeof result !== 'string') result.dispose();
+    this.recordedSteps.unrecorded++;
+    this.recordedSteps.lastRefusal = typeof result === 'string' ? result : 'the KV caches were replaced at the step\'s end';
+  }
+}
+
+/** Of `rows` logits rows, those not picked on the device, in order (their indices are a step input, `pick.keep`). */
+function keptRows(pickRows: readonly boolean[], rows: number): Int32Array {
+  return Int32Array.from({ length: rows }, (_, r) => r).filter((r) => !pickRows[r]);
+}
+
+/**
+ * The tensor a pass reads back for logits [rows, vocab]: the logits when no row is picked (`pickRows`); else every
+ * row's greedy pick [rows·2] (id, logprob: GreedyPickProgram), then the rows not picked, [keep·vocab].
+ */
+function passOutput(logits: tf.Tensor2D, pickRows: readonly boolean[]): tf.Tensor {
+  const rows = logits.shape[0];
+  const keep = keptRows(pickRows, rows);
+  if (rows === 0 || keep.length === rows) return logits;
+  return tf.tidy(() => {
+    const picks = tf.reshape(greedyPickGpu(logits), [-1]);
+    return keep.length === 0 ? picks : tf.concat([picks, tf.reshape(tf.gather(logits, tf.tensor1d(stepInput('pick.keep', keep), 'int32')), [-1])]);
+  });
+}
+
+/** What passOutput's tensor says, read back as `data`. */
+function parseOutput(data: Float32Array, rows: number, V: number, pickRows: readonly boolean[]): PassOutput {
+  const keep = keptRows(pickRows, rows);
+  const logitsAt = new Int32Array(rows).fill(-1);
+  keep.forEach((r, i) => (logitsAt[r] = i));
+  if (rows === 0 || keep.length === rows) return { picked: new Map(), logits: data, logitsAt };
+  const picked = new Map<number, PickedToken>();
+  for (let r = 0; r < rows; r++) if (pickRows[r]) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
+  return { picked, logits: data.subarray(2 * rows, 2 * rows + keep.length * V), logitsAt };
 }

@@ -10,11 +10,12 @@
  * What the step's buffers are, found while recording:
  * - persistent: a tensor still alive after the step holds it (weights, LoRA banks, merged weights, the KV caches the
  *   step appends to in place): the replay binds the same buffer, after checking that the tensor still holds it;
- * - intermediate: written by one of the step's dispatches before any dispatch reads it: the recording gets a buffer
- *   of its own (from tfjs's pool), since tfjs hands the step's buffers to other tensors afterwards;
+ * - intermediate: a new tensor's, written by one of the step's dispatches before any dispatch reads it: the recording
+ *   gets a buffer of its own (from tfjs's pool), since tfjs hands the step's buffers to other tensors afterwards;
  * - input: host values uploaded during the step that were named with `stepInput` (the only host data a recorded
  *   step may read): a buffer of its own, written at each replay with that step's values of the name.
- * A step that reads anything else (a buffer made before it that no live tensor holds, host values not named), whose
+ * A step that reads or writes in place anything else (a buffer made before it that no live tensor holds, as a KV cache
+ * that the step grows or trims; host values not named), whose
  * dispatches read a buffer tfjs reused within the step, or that submits or reads back midway, is not recorded (the
  * reason is returned), and runs through tfjs as it did. Every value that changes from step to step must therefore
  * reach the shaders through a named input, never a uniform: the KV column count is read from the KV state buffer
@@ -66,7 +67,8 @@ interface Program {
 interface Backend {
   device: { createBindGroup(desc: { layout: unknown; entries: { binding: number; resource: { buffer: GpuBuffer } }[] }): unknown; createCommandEncoder(): GpuEncoder };
   queue: GpuQueue;
-  tensorMap: { get(dataId: object): { resource?: unknown; values?: unknown } | undefined };
+  /** tfjs's DataStorage: `get` of a dataId it does not hold asks the engine to move the data, so `has` comes first. */
+  tensorMap: { has(dataId: object): boolean; get(dataId: object): { resource?: unknown; values?: unknown } };
   bufferManager: { acquireBuffer(size: number, usage: number): GpuBuffer; releaseBuffer(buffer: GpuBuffer): void };
   commandEncoder: unknown;
   recordAndSubmit(program: Program, output: tf.TensorInfo, inputs: tf.TensorInfo[], uniforms?: unknown): void;
@@ -94,6 +96,8 @@ class Recorder {
   readonly declared = new Map<StepData, string>();
   /** Buffers uploaded during the step, with their input name. */
   readonly uploads = new Map<GpuBuffer, string>();
+  /** Buffers given to new tensors during the step (their first write allocates them). */
+  readonly fresh = new Set<GpuBuffer>();
   /** The dataId each buffer was seen with (a buffer seen with two is a reuse within the step). */
   readonly owners = new Map<GpuBuffer, object>();
   failure: string | null = null;
@@ -151,10 +155,12 @@ export function installRecorder(b: object): boolean {
   full.uploadToGPU = function (this: Backend, dataId) {
     const before = active ? this.tensorMap.get(dataId) : undefined;
     const values = before && before.resource == null ? before.values : null;
+    const fresh = before !== undefined && before.resource == null && before.values == null;
     upload.call(this, dataId);
+    if (active && fresh) active.fresh.add(this.tensorMap.get(dataId).resource as GpuBuffer);
     if (!active || values == null) return;
     const name = active.declared.get(values as StepData);
-    const buffer = this.tensorMap.get(dataId)?.resource as GpuBuffer;
+    const buffer = this.tensorMap.get(dataId).resource as GpuBuffer;
     if (name === undefined) active.fail('the step uploaded host values that are not a named step input');
     else {
       active.uploads.set(buffer, name);
@@ -172,7 +178,7 @@ export function installRecorder(b: object): boolean {
 
 function noteDispatch(r: Recorder, b: Backend, program: Program, output: tf.TensorInfo, inputs: tf.TensorInfo[]): void {
   if (program.pipeline instanceof Promise) return r.fail('a pipeline was still compiling');
-  const buffer = (info: tf.TensorInfo): GpuBuffer => b.tensorMap.get(info.dataId)!.resource as GpuBuffer;
+  const buffer = (info: tf.TensorInfo): GpuBuffer => b.tensorMap.get(info.dataId).resource as GpuBuffer;
   const ins = inputs.map((t) => ({ buffer: buffer(t), dataId: t.dataId }));
   for (const i of ins) r.see(i.buffer, i.dataId);
   const out = buffer(output);
@@ -217,7 +223,7 @@ export function recordStep<T extends tf.Tensor>(build: () => T): PendingRecordin
     active = null;
   }
   const outId = output.dataId;
-  const outBuffer = b.tensorMap.get(outId)?.resource as GpuBuffer | undefined;
+  const outBuffer = b.tensorMap.has(outId) ? b.tensorMap.get(outId).resource as GpuBuffer | undefined : undefined;
   if (!outBuffer) r.fail('the output is not on the device');
   else if (output.dtype !== 'float32') r.fail('the output is not float32');
   return { output, finish: () => (r.failure ?? makeRecording(b, r, outBuffer!)) };
@@ -231,7 +237,7 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
   const written = new Set<GpuBuffer>();
   const owned: GpuBuffer[] = [];
   const release = (): void => owned.forEach((x) => b.bufferManager.releaseBuffer(x));
-  const alive = (dataId: object, buffer: GpuBuffer): boolean => b.tensorMap.get(dataId)?.resource === buffer;
+  const alive = (dataId: object, buffer: GpuBuffer): boolean => holds(b, dataId, buffer);
   const mine = (buffer: GpuBuffer): GpuBuffer => {
     let m = own.get(buffer);
     if (!m) {
@@ -254,7 +260,8 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
       if (!list.includes(m)) inputs.set(name, [...list, m]);
       return m;
     }
-    if (!writing && !written.has(buffer)) return null; // made before the step by a tensor now gone
+    // Made before the step by a tensor now gone: read, or written in place (a trim or growth of the KV cache).
+    if (writing ? !r.fresh.has(buffer) : !written.has(buffer)) return null;
     return mine(buffer);
   };
   const steps: { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[] = [];
@@ -266,7 +273,7 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
     if (out === null || ins.includes(null)) {
       release();
       uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
-      return 'the step reads a buffer made before it that no live tensor holds, or writes over an input';
+      return 'the step reads or writes in place a buffer made before it that no live tensor holds (a KV cache grown or trimmed), or writes over an input';
     }
     const entries = [out, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
     if (d.uniforms) {
@@ -284,6 +291,18 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
     return 'the output was not written by the step';
   }
   return new Recording(b, steps, inputs, persistent, output, [...owned, ...uniformBuffers]);
+}
+
+/** Submits the commands tfjs has queued, if any. */
+function flush(b: Backend): void {
+  if (!b.commandEncoder) return;
+  b.endComputePassEncoder();
+  b.submitQueue();
+}
+
+/** Whether the tensor data `dataId` exists and holds `buffer`. */
+function holds(b: Backend, dataId: object, buffer: GpuBuffer): boolean {
+  return b.tensorMap.has(dataId) && b.tensorMap.get(dataId).resource === buffer;
 }
 
 const UNIFORM_USAGE = (): number => {
@@ -312,10 +331,14 @@ export class Recording {
     return [...this.inputs.keys()];
   }
 
-  /** Whether every tensor the step binds (weights, banks, KV caches) still holds the buffer it held. */
+  /**
+   * Whether every tensor the step binds (weights, banks, KV caches) still holds the buffer it held. It first submits
+   * what tfjs has queued: tfjs frees the tensors disposed since (a KV cache replaced by a trim) only then.
+   */
   valid(): boolean {
     if (this.disposed) return false;
-    for (const [dataId, buffer] of this.persistent) if (this.b.tensorMap.get(dataId)?.resource !== buffer) return false;
+    flush(this.b);
+    for (const [dataId, buffer] of this.persistent) if (!holds(this.b, dataId, buffer)) return false;
     return true;
   }
 
@@ -330,10 +353,7 @@ export class Recording {
       const data = inputs.get(name);
       if (!data || data.byteLength !== buffers[0]!.size) throw new Error(`replay: input "${name}" is missing or not ${buffers[0]!.size} bytes`);
     }
-    if (b.commandEncoder) { // what tfjs queued before (a KV cache's growth, a join) runs first
-      b.endComputePassEncoder();
-      b.submitQueue();
-    }
+    flush(b); // what tfjs queued before (a KV cache's growth, a join) runs first
     for (const [name, buffers] of this.inputs) for (const buffer of buffers) b.queue.writeBuffer(buffer, 0, inputs.get(name)!);
     const encoder = b.device.createCommandEncoder();
     const pass = encoder.beginComputePass();
