@@ -3,7 +3,8 @@
  * the tensor-size refusal (with a faked limit), the refusal of worker threads, the error without a Vulkan driver.
  * With a WebGPU adapter (in CI: Mesa's lavapipe, scripts/install-lavapipe.sh) the reference tests (forward pass,
  * LoRA merged/unmerged/mixed, sliding windows, engine), test/webgpu/device.webgpu.ts, the fused kernels' tests
- * (test/webgpu/kernels.webgpu.ts) and the packed KV cache's (test/webgpu/kv.webgpu.ts) run on webgpu in a child process (the backend is process-global); without one those
+ * (test/webgpu/kernels.webgpu.ts), the packed KV cache's (test/webgpu/kv.webgpu.ts) and the recorded steps'
+ * (test/webgpu/recorded-step.webgpu.ts) run on webgpu in a child process (the backend is process-global); without one those
  * tests are skipped with the reason.
  */
 import { after, before, test, type TestContext } from 'node:test';
@@ -24,9 +25,9 @@ const tmp = tempDir();
 before(setupBackend);
 after(tmp.cleanup);
 
-/** The files run on webgpu: the tests that compare with the float64 reference, and the webgpu-only ones (device, kernels, KV). */
+/** The files run on webgpu: the tests that compare with the float64 reference, and the webgpu-only ones (device, kernels, KV, recorded steps). */
 const ON_WEBGPU = ['test/forward.test.ts', 'test/lora.test.ts', 'test/sliding-window.test.ts', 'test/engine.test.ts', 'test/webgpu/device.webgpu.ts',
-  'test/webgpu/kernels.webgpu.ts', 'test/webgpu/greedy-pick.webgpu.ts', 'test/webgpu/kv.webgpu.ts'];
+  'test/webgpu/kernels.webgpu.ts', 'test/webgpu/greedy-pick.webgpu.ts', 'test/webgpu/kv.webgpu.ts', 'test/webgpu/recorded-step.webgpu.ts'];
 
 /** Dawn's adapter, or why there is none. */
 const probe: Promise<{ adapter: WebGPUAdapter } | { reason: string }> = probeAdapter().then(

@@ -92,8 +92,6 @@ interface Dispatch {
 /** The recording in progress: what the wrapped backend methods report. */
 class Recorder {
   readonly dispatches: Dispatch[] = [];
-  /** Host values named by stepInput, by array. */
-  readonly declared = new Map<StepData, string>();
   /** Buffers uploaded during the step, with their input name. */
   readonly uploads = new Map<GpuBuffer, string>();
   /** Buffers given to new tensors during the step (their first write allocates them). */
@@ -115,6 +113,8 @@ class Recorder {
 
 let backend: Backend | null = null;
 let active: Recorder | null = null;
+/** Host values named by stepInput (before or during a recording: a step's LoRA slots are made before its forward). */
+const names = new WeakMap<StepData, string>();
 /** The uniform bytes the last makeUniforms call wrote. */
 let lastUniforms: Uint8Array | null = null;
 
@@ -159,9 +159,9 @@ export function installRecorder(b: object): boolean {
     upload.call(this, dataId);
     if (active && fresh) active.fresh.add(this.tensorMap.get(dataId).resource as GpuBuffer);
     if (!active || values == null) return;
-    const name = active.declared.get(values as StepData);
+    const name = names.get(values as StepData);
     const buffer = this.tensorMap.get(dataId).resource as GpuBuffer;
-    if (name === undefined) active.fail('the step uploaded host values that are not a named step input');
+    if (name === undefined) active.fail(`the step uploaded host values that are not a named step input (${(values as ArrayLike<number>).length} values)`);
     else {
       active.uploads.set(buffer, name);
       active.see(buffer, dataId);
@@ -187,11 +187,11 @@ function noteDispatch(r: Recorder, b: Backend, program: Program, output: tf.Tens
 }
 
 /**
- * Names host values the current step uploads: a recorded step's replay writes that step's values of the same name
- * (same length) into the buffer they were uploaded to. Returns `data`. Outside a recording it does nothing.
+ * Names host values a step uploads: a recorded step's replay writes that step's values of the same name (same
+ * length) into the buffer they were uploaded to. Returns `data`.
  */
 export function stepInput<T extends StepData>(name: string, data: T): T {
-  active?.declared.set(data, name);
+  names.set(data, name);
   return data;
 }
 

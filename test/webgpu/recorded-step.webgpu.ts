@@ -1,0 +1,173 @@
+/**
+ * Recorded decode steps (src/backend/webgpu/recorded-step.ts, TfExecutor's recordSteps): the same decode run through
+ * two executors on one model, one replaying its recorded steps and one running every step through tfjs, gives the
+ * same logits and device-picked tokens bit for bit — with adapters (a bank, then merged), rows joining, leaving and
+ * picked or not, the KV cache growing, Gemma 2's windows and soft-caps, Phi-3's longrope switch — while most steps are
+ * replays of as many dispatches (and no more submits) as the steps through tfjs. A step reading host values nobody named is refused, and
+ * nothing leaks. test/webgpu.test.ts runs this file with TEST_BACKEND=webgpu.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { recordStep, stepInput } from '../../src/backend/webgpu/recorded-step.ts';
+import { TINY_GEMMA2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type CheckpointOptions } from '../../src/demo/index.ts';
+import type { DecodeItem, LoraPlan, StepResult } from '../../src/engine/executor.ts';
+import { TfExecutor } from '../../src/exec/tf-executor.ts';
+import type { AdapterLease } from '../../src/lora/types.ts';
+import { CausalLM } from '../../src/model/model.ts';
+import { makeManager } from '../helpers/lora.ts';
+import { argmax, fixtureCheckpoint, setupBackend, tempDir, testBackend } from '../helpers/tf.ts';
+
+const tmp = tempDir();
+before(async () => {
+  assert.equal(testBackend(), 'webgpu', 'run with TEST_BACKEND=webgpu (test/webgpu.test.ts does)');
+  await setupBackend();
+});
+after(tmp.cleanup);
+
+/** One sequence of the script: its prompt, adapter, the step it joins at and leaves after, and whether its tokens are picked on the device. */
+interface Seq {
+  readonly prompt: number[];
+  readonly adapter: number | null;
+  readonly joins: number;
+  readonly leaves: number;
+  readonly pick: boolean;
+}
+
+/** What a run returned at each step, per sequence: the logits row or the picked [id, logprob]. */
+type Trace = Map<number, number[]>[];
+
+/**
+ * Drives an executor through `steps` engine steps: sequences join (prefill) at their step and leave after theirs;
+ * every running sequence decodes its greedy token. `plan(step)`: the LoRA plan of the step's decode.
+ */
+async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly AdapterLease[], steps: number, plan: (step: number) => LoraPlan): Promise<Trace> {
+  const trace: Trace = [];
+  const last = new Map<number, { token: number; position: number }>();
+  const take = (s: number, res: StepResult, out: Map<number, number[]>) => {
+    const p = res.picked?.get(s);
+    const l = res.logits.get(s);
+    out.set(s, p ? [p.id, p.logprob] : Array.from(l!));
+    const token = p ? p.id : argmax(l!);
+    const prev = last.get(s);
+    last.set(s, { token, position: prev ? prev.position + 1 : seqs[s]!.prompt.length });
+  };
+  for (let step = 0; step < steps; step++) {
+    const out = new Map<number, number[]>();
+    const running = [...last.keys()];
+    if (running.length > 0) {
+      const items: DecodeItem[] = running.map((s) => ({
+        seq: s, token: last.get(s)!.token, position: last.get(s)!.position, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, pick: seqs[s]!.pick,
+      }));
+      const res = await ex.decode(items, plan(step));
+      for (const s of running) take(s, res, out);
+    }
+    const joining = seqs.map((_, s) => s).filter((s) => seqs[s]!.joins === step);
+    if (joining.length > 0) {
+      const res = await ex.prefill(joining.map((s) => ({
+        seq: s, tokens: seqs[s]!.prompt, start: 0, last: true, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, allLogits: false, pick: seqs[s]!.pick,
+      })), { kind: 'unmerged' });
+      for (const s of joining) take(s, res, out);
+    }
+    for (const s of running) {
+      if (seqs[s]!.leaves === step) {
+        ex.release(s);
+        last.delete(s);
+      }
+    }
+    trace.push(out);
+  }
+  for (const s of last.keys()) ex.release(s);
+  return trace;
+}
+
+const MODELS: [string, CheckpointOptions][] = [
+  ['llama (GQA)', TINY_LLAMA],
+  ['gemma2 (sliding window 7 on even layers, soft-caps)', { ...TINY_GEMMA2, numLayers: 3, seed: 35, configExtra: { ...TINY_GEMMA2.configExtra, sliding_window: 7 } }],
+  ['phi3 longrope (switches to the long factors while decoding)', {
+    ...TINY_PHI3, seed: 12, configExtra: { original_max_position_embeddings: 12 },
+    ropeScaling: { rope_type: 'longrope', short_factor: [1, 1.2, 1.5, 2], long_factor: [1, 2.5, 4, 9] },
+  }],
+];
+
+for (const [name, opts] of MODELS) {
+  test(`replayed decode steps equal steps through tfjs bit for bit: ${name}, adapters, joins, leaves, picks, KV growth`, async () => {
+    const root = join(tmp.dir, name.split(' ')[0]!);
+    const { dir, config } = await fixtureCheckpoint(join(root, 'model'), opts);
+    const model = CausalLM.load(dir);
+    const baseline = tf.memory().numTensors;
+    const plain = new TfExecutor(model, { recordSteps: false });
+    const recorded = new TfExecutor(model);
+    const manager = makeManager(model, join(root, 'adapters'), recorded);
+    const plainManager = makeManager(model, join(root, 'adapters'), plain);
+    const leases: AdapterLease[] = [];
+    const plainLeases: AdapterLease[] = [];
+    for (let i = 0; i < 2; i++) {
+      await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 60 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
+      leases.push(await manager.acquire(`a${i}`));
+      plainLeases.push(await plainManager.acquire(`a${i}`));
+    }
+    // A bank of both adapters and base rows until step 20; steps 22–26 merge adapter 0, the only one left running.
+    const script: Seq[] = [
+      { prompt: [5, 17, 42, 99, 3], adapter: 0, joins: 0, leaves: 30, pick: false },
+      { prompt: [11, 12], adapter: null, joins: 0, leaves: 12, pick: true },
+      { prompt: [200, 201, 202], adapter: 1, joins: 6, leaves: 20, pick: true },
+      { prompt: [7, 8, 9, 10], adapter: 0, joins: 18, leaves: 30, pick: false },
+    ];
+    const plan = (l: readonly AdapterLease[]) => (step: number): LoraPlan => (step >= 22 && step <= 26 ? { kind: 'merged', key: l[0]!.adapter.key } : { kind: 'unmerged' });
+    const before = webgpuCounts()!;
+    const a = await drive(plain, script, plainLeases, 31, plan(plainLeases));
+    const mid = webgpuCounts()!;
+    const b = await drive(recorded, script, leases, 31, plan(leases));
+    const end = webgpuCounts()!;
+    assert.equal(a.length, b.length);
+    a.forEach((step, i) => {
+      assert.deepEqual([...b[i]!.keys()], [...step.keys()], `step ${i}: the same sequences answered`);
+      for (const [s, values] of step) assert.deepEqual(b[i]!.get(s), values, `step ${i}, sequence ${s}: the same ${values.length === 2 ? 'picked token' : 'logits'}`);
+    });
+    const st = recorded.recordedSteps;
+    assert.equal(plain.recordedSteps.replayed + plain.recordedSteps.recorded, 0, 'recordSteps false never records');
+    assert.ok(st.replayed >= 15, `most decode steps are replays (${st.replayed} replayed, ${st.recorded} recorded, ${st.unrecorded} through tfjs: ${st.lastRefusal})`);
+    assert.ok(st.recorded >= 3, `re-recorded after joins, leaves, plan changes and KV growth (${st.recorded})`);
+    // A replay runs as many dispatches as the step through tfjs, in one submit.
+    assert.equal(end.dispatch - mid.dispatch, mid.dispatch - before.dispatch, 'the same dispatches in all');
+    assert.ok(end.submit - mid.submit <= mid.submit - before.submit, `no more submits (${end.submit - mid.submit} against ${mid.submit - before.submit})`);
+    leases.forEach((l) => l.release());
+    plainLeases.forEach((l) => l.release());
+    recorded.dispose();
+    plain.dispose();
+    assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+    model.dispose();
+  });
+}
+
+test('a step that uploads host values nobody named is not recorded; a named one is replayed with new values; no leaks', async () => {
+  const baseline = tf.memory().numTensors;
+  const forward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+  tf.env().set('WEBGPU_CPU_FORWARD', false); // else tfjs adds these small host tensors on the CPU
+  const w = tf.tensor1d([1, 2, 3, 4]);
+  const unnamed = recordStep(() => tf.tidy(() => tf.add(w, tf.tensor1d([10, 20, 30, 40]))));
+  await unnamed.output.data();
+  unnamed.output.dispose();
+  assert.match(String(unnamed.finish()), /not a named step input/);
+  // (x + w)·w with x named: the replay writes the new x.
+  const x = new Float32Array([5, 6, 7, 8]);
+  const named = recordStep(() => tf.tidy(() => tf.mul(tf.add(tf.tensor1d(stepInput('x', x)), w), w)));
+  assert.deepEqual(Array.from(await named.output.data()), [6, 16, 30, 48]);
+  named.output.dispose();
+  const rec = named.finish();
+  assert.ok(typeof rec !== 'string', String(rec));
+  assert.deepEqual(rec.inputNames, ['x']);
+  assert.equal(rec.dispatches, 2);
+  assert.ok(rec.valid());
+  assert.deepEqual(Array.from(await rec.replay(new Map([['x', new Float32Array([1, 1, 1, 1])]]))), [2, 6, 12, 20]);
+  await assert.rejects(rec.replay(new Map([['x', new Float32Array(3)]])), /input "x" is missing or not 16 bytes/);
+  // The weight it binds is gone: the recording is no longer valid.
+  w.dispose();
+  assert.equal(rec.valid(), false);
+  rec.dispose();
+  tf.env().set('WEBGPU_CPU_FORWARD', forward);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+});
