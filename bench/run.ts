@@ -15,6 +15,7 @@ import { batching } from './cases/batching.ts';
 import { coldLoad } from './cases/cold-load.ts';
 import { decodeLinear } from './cases/decode-linear.ts';
 import { dispatches } from './cases/dispatches.ts';
+import { recordedStep } from './cases/recorded-step.ts';
 import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
@@ -29,7 +30,7 @@ import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches, decodeLinear, scaleOut, grammar];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches, decodeLinear, recordedStep, scaleOut, grammar];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };

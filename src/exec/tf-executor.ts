@@ -348,7 +348,8 @@ export class TfExecutor implements Executor {
     if (slots) inputs.set('lora.slots', slotData(slots));
     const keep = keptRows(pickRows, B);
     if (keep.length < B && keep.length > 0) inputs.set('pick.keep', keep);
-    const data = await profiler.timeAsync('logits_download', () => r.recording.replay(inputs));
+    const reading = profiler.time('executor', () => r.recording.replay(inputs)); // writes the inputs, encodes and submits
+    const data = await profiler.timeAsync('logits_download', () => reading);
     this.kv.commit(1);
     this.recordedSteps.replayed++;
     return { output: parseOutput(data, B, this.vocabSize, pickRows), pass: r.pass };

@@ -1,0 +1,100 @@
+/**
+ * Recorded decode steps (`--backend webgpu` only; in the harness, no server): the bench model's greedy decode through
+ * TfExecutor with its default, recorded steps (src/backend/webgpu/recorded-step.ts: each step replayed from a
+ * recording while the batch and its KV caches stay the same) against every step through tfjs (`recordSteps: false`),
+ * side by side (the two executors alternate, each round decoding `newTokens` steps from a fresh prefill, so KV
+ * growths and re-recordings happen as in serving), for one sequence and for 8. Per decode step: the main thread's own
+ * time (the profiler's phases but the wait for the readback: tfjs's per-op work, or the replay's input writes,
+ * encoding and submit) — what bounds a decode step on a GPU, where the kernels take microseconds — and the wall time
+ * (on lavapipe the shaders run on the CPU, so it is mostly theirs). Dispatches per step are the same on both paths.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { median } from '../client.ts';
+import type { BenchCase, Figure } from '../case.ts';
+import { initBackend } from '../../src/backend/select.ts';
+import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import { TfExecutor } from '../../src/exec/tf-executor.ts';
+import { CausalLM } from '../../src/model/model.ts';
+import { profiler } from '../../src/obs/profile.ts';
+
+const ROWS = [1, 8];
+
+/** Seconds of the profile's phases: all of them, and the readback's wait. */
+function profileSeconds(): { all: number; wait: number } {
+  const decode = profiler.snapshot().decode ?? {};
+  const all = Object.values(decode).reduce((a, b) => a + (b ?? 0), 0);
+  return { all, wait: decode.logits_download ?? 0 };
+}
+
+export const recordedStep: BenchCase = {
+  name: 'recorded-step',
+  title: 'WebGPU: decode steps replayed from a recording (the default) vs run through tfjs, main thread\'s time and wall time per step (in the harness, no server)',
+  adapters: 0,
+  backend: 'webgpu',
+  async run(ctx) {
+    const info = await initBackend('webgpu');
+    if (info.name !== 'webgpu') throw new Error(`the harness runs ${info.name}, not webgpu`);
+    ctx.log(`adapter: ${info.adapter ? `${info.adapter.vendor} ${info.adapter.description}` : '?'}`);
+    const model = CausalLM.load(ctx.modelDir);
+    const V = model.config.vocabSize;
+    const steps = ctx.sizes.newTokens;
+    const configs = [['through tfjs', new TfExecutor(model, { recordSteps: false })], ['recorded (default)', new TfExecutor(model)]] as const;
+    /** One round: prefill `rows` prompts of 32 tokens, decode `steps` greedy steps; per step: main thread ms, wall ms, dispatches. */
+    const round = async (ex: TfExecutor, rows: number, seed: number) => {
+      const prompts = Array.from({ length: rows }, (_, r) => Array.from({ length: 32 }, (_, t) => (seed * 31 + r * 17 + t * 7) % V));
+      await ex.prefill(prompts.map((tokens, seq) => ({ seq, tokens, start: 0, last: true, adapter: null, allLogits: false, pick: true })), { kind: 'none' });
+      const token = prompts.map(() => 1);
+      profiler.reset();
+      profiler.enabled = true;
+      const d0 = webgpuCounts()!.dispatch;
+      const t0 = performance.now();
+      for (let s = 0; s < steps; s++) {
+        const res = await ex.decode(prompts.map((p, seq) => ({ seq, token: token[seq]!, position: p.length + s, adapter: null, pick: true })), { kind: 'none' });
+        prompts.forEach((_, seq) => (token[seq] = res.picked?.get(seq)?.id ?? 0));
+      }
+      const wall = performance.now() - t0;
+      profiler.enabled = false;
+      const { all, wait } = profileSeconds();
+      const dispatches = webgpuCounts()!.dispatch - d0;
+      prompts.forEach((_, seq) => ex.release(seq));
+      return { main: ((all - wait) * 1000) / steps, wall: wall / steps, dispatches: dispatches / steps };
+    };
+    const figures: Figure[] = [];
+    try {
+      for (const rows of ROWS) {
+        const main: number[][] = configs.map(() => []);
+        const wall: number[][] = configs.map(() => []);
+        const dispatches: number[] = configs.map(() => 0);
+        for (let r = 0; r <= ctx.sizes.rounds; r++) {
+          // Alternate which goes first; round 0 compiles the shaders and is dropped.
+          for (let k = 0; k < configs.length; k++) {
+            const n = (r + k) % configs.length;
+            const m = await round(configs[n]![1], rows, r);
+            if (r === 0) continue;
+            main[n]!.push(m.main);
+            wall[n]!.push(m.wall);
+            dispatches[n] = m.dispatches;
+          }
+        }
+        const stats = configs[1][1].recordedSteps;
+        ctx.log(`${rows} row(s): main thread ${configs.map(([name], n) => `${name} ${median(main[n]!).toFixed(2)} ms`).join(', ')}; ` +
+          `wall ${configs.map(([name], n) => `${name} ${median(wall[n]!).toFixed(2)} ms`).join(', ')}; dispatches per step ${dispatches.join(' / ')}; ` +
+          `replays so far ${stats.replayed}, recordings ${stats.recorded}, refused ${stats.unrecorded} (${stats.lastRefusal || '-'})`);
+        const ratio = (a: number[], b: number[]) => a.map((x, i) => x / b[i]!);
+        figures.push(
+          { label: `${rows} row(s): main thread's time per decode step, through tfjs`, key: `${rows}/main-tfjs`, value: median(main[0]!), unit: 'ms', values: main[0] },
+          { label: `${rows} row(s): main thread's time per decode step, recorded (default)`, key: `${rows}/main-recorded`, value: median(main[1]!), unit: 'ms', values: main[1] },
+          { label: `${rows} row(s): main thread's time per decode step, through tfjs ÷ recorded`, key: `${rows}/main-ratio`, value: median(ratio(main[0]!, main[1]!)), unit: '×', values: ratio(main[0]!, main[1]!), headline: true },
+          { label: `${rows} row(s): wall time per decode step, through tfjs`, key: `${rows}/wall-tfjs`, value: median(wall[0]!), unit: 'ms', values: wall[0] },
+          { label: `${rows} row(s): wall time per decode step, recorded (default)`, key: `${rows}/wall-recorded`, value: median(wall[1]!), unit: 'ms', values: wall[1] },
+          { label: `${rows} row(s): dispatches per decode step (through tfjs / recorded)`, key: `${rows}/dispatches`, value: dispatches[1]!, unit: '', note: `through tfjs: ${dispatches[0]}` },
+        );
+      }
+    } finally {
+      for (const [, ex] of configs) ex.dispose();
+      model.dispose();
+      tf.disposeVariables();
+    }
+    return figures;
+  },
+};
