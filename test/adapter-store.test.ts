@@ -6,6 +6,7 @@ import type { AddressInfo } from 'node:net';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { freePort } from '../bench/server.ts';
 import { listLinearModules, writePeftAdapter } from '../src/demo/adapter.ts';
 import { writeSafetensors } from '../src/formats/safetensors.ts';
 import { adapterDirFor, validateAdapterId } from '../src/lora/ids.ts';
@@ -430,10 +431,7 @@ test('remote: a stalled body times out; a closed port fails', async () => {
     await rejectsWith(store.read('slow'), 'ADAPTER_FETCH_TIMEOUT', /timed out/);
     assert.ok(Date.now() - t0 < 1500);
   });
-  const closed = createServer();
-  await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
-  const port = (closed.address() as AddressInfo).port;
-  await new Promise((resolve) => closed.close(resolve));
+  const port = await freePort(); // nothing listens on it
   const dir = await tmp();
   const store = new AdapterStore({ dir, remoteUrl: `http://127.0.0.1:${port}/{id}`, maxAdapterBytes: LIMIT, retries: 1, retryDelayMs: 10 });
   try {

@@ -7,36 +7,23 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import * as tf from '@tensorflow/tfjs-core';
-import { pino } from 'pino';
 import { request as http } from 'undici';
-import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { DEMO_LLAMA } from '../src/demo/index.ts';
 import { choiceSeed } from '../src/server/routes/common.ts';
-import { createServer, type Server } from '../src/server/server.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { argmax, fixtureCheckpoint, setupBackend, tempDir } from './helpers/tf.ts';
 import { logSoftmax, referenceForward, type GetTensor } from './reference/forward.ts';
 
 const tmp = tempDir();
-/** The server's log lines. */
-const lines: Record<string, any>[] = [];
-let server: Server;
-let url: string;
+let server: ListeningServer;
 let config: Record<string, unknown>;
 let get: GetTensor;
 
 before(async () => {
   await setupBackend();
   ({ config, get } = await fixtureCheckpoint(join(tmp.dir, 'model'), DEMO_LLAMA));
-  const sink = new Writable({ write(chunk, _enc, done) { lines.push(JSON.parse(String(chunk))); done(); } });
-  server = await createServer({
-    ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    maxInputLength: 64, maxTotalTokens: 128, workers: 1,
-  }, pino({ level: 'info' }, sink));
-  await server.app.listen({ host: '127.0.0.1', port: 0 });
-  server.setReady(true);
-  url = `http://127.0.0.1:${(server.app.server.address() as { port: number }).port}`;
+  server = await listeningServer(tmp.dir, { logLevel: 'info', workers: 1 });
 });
 after(async () => {
   await server.close();
@@ -46,13 +33,13 @@ after(async () => {
 type Json = Record<string, any>;
 
 async function post(path: string, body: unknown): Promise<{ status: number; json: Json }> {
-  const res = await http(url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+  const res = await http(server.url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
   return { status: res.statusCode, json: (await res.body.json()) as Json };
 }
 
 /** An SSE response's `data:` payloads, parsed (but `[DONE]`). */
 async function events(path: string, body: unknown): Promise<Json[]> {
-  const res = await http(url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+  const res = await http(server.url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
   assert.equal(res.statusCode, 200);
   const text = await res.body.text();
   return text.split('\n\n').filter((f) => f.startsWith('data: ')).map((f) => f.slice(6)).filter((d) => d !== '[DONE]').map((d) => JSON.parse(d));
@@ -62,7 +49,7 @@ const PROMPT = 'The quick brown fox';
 
 /** Sequences prefilled so far (rows of prefill passes), from /metrics. */
 async function prefillRows(): Promise<number> {
-  const text = await (await http(`${url}/metrics`)).body.text();
+  const text = await (await http(`${server.url}/metrics`)).body.text();
   const line = text.split('\n').find((l) => /^lora_serve_batch_size_sum\{[^}]*kind="prefill"/.test(l));
   return line ? Number(line.split(' ').at(-1)) : 0;
 }
@@ -77,7 +64,7 @@ test('greedy n=2 gives two identical choices; usage counts the prompt once and e
   assert.deepEqual(two.json.usage, {
     prompt_tokens: one.json.usage.prompt_tokens, completion_tokens: 12, total_tokens: one.json.usage.prompt_tokens + 12,
   });
-  const logged = lines.filter((l) => l.msg === 'request' && l.url === '/v1/completions').at(-1)!;
+  const logged = server.lines.filter((l) => l.msg === 'request' && l.url === '/v1/completions').at(-1)!;
   assert.deepEqual([logged.choices, logged.generated_tokens, logged.prompt_tokens], [2, 12, one.json.usage.prompt_tokens], 'the log line counts every choice');
   const chat = await post('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 5, temperature: 0, ignore_eos: true, n: 2 });
   assert.equal(chat.status, 200, JSON.stringify(chat.json));

@@ -10,15 +10,14 @@
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { installed, HAPROXY_CFG, renderHaproxyConfig, startProxy, type Proxy } from '../bench/proxy.ts';
 import { freePort } from '../bench/server.ts';
 import YAML from 'yaml';
-import { DEFAULT_OPTIONS, OPTIONS, parseOptions } from '../src/cli.ts';
+import { OPTIONS, parseOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
-import { createServer, type Server } from '../src/server/server.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { tempDir } from './helpers/tf.ts';
 
 const DEPLOY = new URL('../deploy/', import.meta.url).pathname;
@@ -32,13 +31,11 @@ const HAPROXY_SKIP = installed('haproxy') ? false : 'haproxy is not installed (a
 const NGINX_SKIP = !installed('nginx') ? 'nginx is not installed (apt-get install nginx libnginx-mod-http-js)'
   : NJS_MODULE === undefined ? 'the nginx njs module is not installed (apt-get install libnginx-mod-http-js)' : false;
 
-interface Replica {
-  readonly server: Server;
-  readonly port: number;
-}
+/** A lora-serve on 127.0.0.1 (`port`) in this process. */
+type Replica = ListeningServer;
 
 /** Every server started, closed at the end. */
-const running: Server[] = [];
+const running: Replica[] = [];
 let fixture: Promise<void> | undefined;
 
 /** Three replicas and one lone server, each with its own copy of the adapter folder. */
@@ -52,14 +49,9 @@ async function servers(tag: string): Promise<{ replicas: Replica[]; single: Repl
   await fixture;
   const start = async (name: string): Promise<Replica> => {
       cpSync(join(tmp.dir, 'adapters'), join(tmp.dir, name), { recursive: true });
-      const server = await createServer({
-        ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, name), backend: 'wasm', logLevel: 'silent',
-        maxInputLength: 64, maxTotalTokens: 128,
-      });
+      const server = await listeningServer(tmp.dir, { adapterDir: join(tmp.dir, name) });
       running.push(server);
-      await server.app.listen({ host: '127.0.0.1', port: 0 });
-      server.setReady(true);
-      return { server, port: (server.app.server.address() as AddressInfo).port };
+      return server;
   };
   const replicas = [await start(`${tag}-r0`), await start(`${tag}-r1`), await start(`${tag}-r2`)];
   return { replicas, single: await start(`${tag}-single`) };
@@ -88,13 +80,13 @@ function asker(proxyPort: number, replicaOf: (servedBy: string) => number): Ask 
 }
 
 async function singleAnswer(single: Replica, adapter: string): Promise<string> {
-  const res = await single.server.app.inject({ method: 'POST', url: '/v1/completions', payload: { model: adapter, prompt: 'the adapter is', max_tokens: 6, temperature: 0 } });
+  const res = await single.app.inject({ method: 'POST', url: '/v1/completions', payload: { model: adapter, prompt: 'the adapter is', max_tokens: 6, temperature: 0 } });
   return res.json().choices[0].text;
 }
 
 /** The replicas (indices) that hold the adapter on their device. */
 async function holders(replicas: Replica[], id: string): Promise<number[]> {
-  const states = await Promise.all(replicas.map(async (r) => (await r.server.app.inject({ method: 'GET', url: `/adapters/${id}` })).json().state));
+  const states = await Promise.all(replicas.map(async (r) => (await r.app.inject({ method: 'GET', url: `/adapters/${id}` })).json().state));
   return states.flatMap((s, i) => (s === 'ready' ? [i] : []));
 }
 
@@ -104,7 +96,7 @@ async function holders(replicas: Replica[], id: string): Promise<number[]> {
  * proxy also takes a replica that is down out of its ring by health checks (HAProxy), checked after they ran.
  */
 async function checkAffinity(ask: Ask, replicas: Replica[], single: Replica, healthChecks: boolean): Promise<void> {
-  for (const r of replicas) for (const id of ADAPTERS) await r.server.app.inject({ method: 'POST', url: `/adapters/${id}/unload` });
+  for (const r of replicas) for (const id of ADAPTERS) await r.app.inject({ method: 'POST', url: `/adapters/${id}/unload` });
   const home = new Map<string, number>();
   for (let round = 0; round < 3; round++) {
     for (const id of ADAPTERS) {
@@ -137,7 +129,7 @@ async function checkAffinity(ask: Ask, replicas: Replica[], single: Replica, hea
   // sends its requests to the next replica of the ring at once, and the others' adapters stay put.
   const counts = replicas.map((_, i) => [...home.values()].filter((h) => h === i).length);
   const down = counts.indexOf(Math.max(...counts));
-  await replicas[down]!.server.close(1000);
+  await replicas[down]!.close(1000);
   for (let pass = 0; pass < 2; pass++) {
     for (const id of ADAPTERS) {
       const a = await ask(id);

@@ -10,25 +10,16 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import OpenAI from 'openai';
 import { request as http, FormData } from 'undici';
-import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
+import type { ServerOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
-import { createServer, type Server } from '../src/server/server.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
 let config: Record<string, unknown>;
 
-async function start(overrides: Partial<ServerOptions> = {}): Promise<{ server: Server; url: string }> {
-  const server = await createServer({
-    ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    // In this process: the tests read its TensorFlow.js memory.
-    logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, workers: 1, ...overrides,
-  });
-  await server.app.listen({ host: '127.0.0.1', port: 0 });
-  server.setReady(true);
-  const addr = server.app.server.address() as { port: number };
-  return { server, url: `http://127.0.0.1:${addr.port}` };
-}
+/** A server on the fixture, computing in this process (one worker): the tests read its TensorFlow.js memory. */
+const start = (overrides: Partial<ServerOptions> = {}) => listeningServer(tmp.dir, { workers: 1, ...overrides });
 
 async function post(url: string, body: unknown, signal?: AbortSignal) {
   const res = await http(url, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' }, signal });
@@ -55,7 +46,7 @@ async function stream(url: string, body: unknown, onEvent?: (n: number) => void,
   return { status: res.statusCode, events };
 }
 
-let main: { server: Server; url: string };
+let main: ListeningServer;
 before(async () => {
   await setupBackend();
   ({ config } = await writeCheckpoint(join(tmp.dir, 'model'), TINY_LLAMA));
@@ -65,7 +56,7 @@ before(async () => {
   main = await start();
 });
 after(async () => {
-  await main.server.close();
+  await main.close();
   tmp.cleanup();
 });
 
@@ -143,11 +134,11 @@ test('a client aborting mid-stream frees its sequence', async () => {
   await assert.rejects(stream(`${main.url}/generate_stream`, { inputs: 'abort me', parameters: { adapter_id: 'org/a1', max_new_tokens: 100 } }, (n) => {
     if (n === 3) ac.abort();
   }, ac.signal));
-  for (let i = 0; i < 100 && (main.server.runtime.engine.stats().running > 0 || tf.memory().numTensors !== baseline); i++) {
+  for (let i = 0; i < 100 && (main.runtime.engine.stats().running > 0 || tf.memory().numTensors !== baseline); i++) {
     await new Promise((r) => setTimeout(r, 20));
   }
-  assert.equal(main.server.runtime.engine.stats().running, 0);
-  assert.equal(main.server.runtime.executor.running, 0);
+  assert.equal(main.runtime.engine.stats().running, 0);
+  assert.equal(main.runtime.executor.running, 0);
   assert.equal(tf.memory().numTensors, baseline);
 });
 
@@ -251,6 +242,6 @@ test('overload: with --max-queue 4 a burst of 50 gets 429s at once and the accep
     const lastDone = Math.max(...ok.map((r) => r.ms));
     assert.ok(lastRefused < lastDone, `last 429 after ${lastRefused.toFixed(0)} ms, last 200 after ${lastDone.toFixed(0)} ms`);
   } finally {
-    await small.server.close();
+    await small.close();
   }
 });

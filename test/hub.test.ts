@@ -9,8 +9,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
-import { createServer as createNetServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import { freePort } from '../bench/server.ts';
 import { DEFAULT_OPTIONS, type ServerOptions } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
 import { HubClient, hubSettingsFromEnv, parseRepoSpec, type HubSettings } from '../src/hub/client.ts';
@@ -147,10 +147,7 @@ test('Hub errors are coded: 401 without a token, 404 of a repo or revision, an u
   await assert.rejects(downloadModel(client, spec(STYLE)), { code: 'HUB_NOT_FOUND', message: /has no config\.json/ });
 
   // Nothing listens on this port.
-  const closed = createNetServer();
-  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r));
-  const port = (closed.address() as AddressInfo).port;
-  await new Promise<void>((r) => closed.close(() => r()));
+  const port = await freePort();
   const down = new HubClient(settings({ endpoint: `http://127.0.0.1:${port}`, cacheDir: join(tmp.dir, 'empty-cache') }));
   await assert.rejects(downloadModel(down, spec(MODEL)), { code: 'HUB_UNAVAILABLE', message: /could not be reached \(ECONNREFUSED\)/ });
   // Unreachable, but the ref is cached: the cache serves, with a warning.

@@ -12,17 +12,15 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { request as http, FormData } from 'undici';
-import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
 import { parseSafetensors, writeSafetensors } from '../src/formats/safetensors.ts';
-import { createServer, type Server } from '../src/server/server.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { refMergeAdapters, type RefMergeParams, type RefSource } from './reference/merge.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
 let config: Record<string, unknown>;
-let server: Server;
-let url: string;
+let server: ListeningServer;
 let baselineTensors: number;
 
 const SOURCES = {
@@ -39,13 +37,7 @@ before(async () => {
   ({ config } = await writeCheckpoint(join(tmp.dir, 'model'), TINY_LLAMA));
   for (const [id, o] of Object.entries(SOURCES)) await writePeftAdapter(adapterDir(id), { baseConfig: config, ...o });
   baselineTensors = tf.memory().numTensors;
-  server = await createServer({
-    ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, workers: 1,
-  });
-  await server.app.listen({ host: '127.0.0.1', port: 0 });
-  server.setReady(true);
-  url = `http://127.0.0.1:${(server.app.server.address() as { port: number }).port}`;
+  server = await listeningServer(tmp.dir, { workers: 1 });
 });
 after(async () => {
   await server?.close();
@@ -54,7 +46,7 @@ after(async () => {
 });
 
 async function post(path: string, body: unknown) {
-  const res = await http(`${url}${path}`, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+  const res = await http(`${server.url}${path}`, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
   return { status: res.statusCode, headers: res.headers, json: (await res.body.json()) as any };
 }
 
@@ -88,14 +80,14 @@ async function uploadReferenceMerge(as: string, ids: string[], weights: number[]
   const form = new FormData();
   form.append('config', new Blob([JSON.stringify(cfg)]), 'adapter_config.json');
   form.append('weights', new Blob([Uint8Array.from(writeSafetensors(tensors))]), 'adapter_model.safetensors');
-  const res = await http(`${url}/adapters/${as}`, { method: 'PUT', body: form });
+  const res = await http(`${server.url}/adapters/${as}`, { method: 'PUT', body: form });
   assert.equal(res.statusCode, 200, await res.body.text());
 }
 
 const merges = () => server.runtime.adapters.mergesComputed;
 
 async function metric(name: string): Promise<number> {
-  const text = await (await http(`${url}/metrics`)).body.text();
+  const text = await (await http(`${server.url}/metrics`)).body.text();
   return text.split('\n').filter((l) => l.startsWith(name)).reduce((s, l) => s + Number(l.split(' ').at(-1)), 0);
 }
 
@@ -127,7 +119,7 @@ test('each strategy: a merged request gives the tokens of an adapter uploaded wi
     assert.deepEqual(tokens(merged), tokens(ref), c.strategy);
     if (tokens(merged).join() !== base.join()) differsFromBase++;
     // Streamed, the same text.
-    const res = await http(`${url}/generate_stream`, {
+    const res = await http(`${server.url}/generate_stream`, {
       method: 'POST', headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ inputs: PROMPT, parameters: { max_new_tokens: 12, merged_adapters: { ids, weights: c.weights, merge_strategy: c.strategy, density: p.density, majority_sign_method: p.signMethod }, ...('seed' in c ? { seed: c.seed } : {}) } }),
     });
@@ -157,7 +149,7 @@ test('a repeated merge is computed once: the manager\'s count and lora_serve_ada
   assert.equal(await metric('lora_serve_adapter_merges_total'), beforeMetric + 4);
   // It takes a device slot like any adapter, and is not an adapter one can list.
   assert.ok(server.runtime.adapters.stats().deviceAdapters >= 1);
-  const models = (await (await http(`${url}/v1/models`)).body.json()) as any;
+  const models = (await (await http(`${server.url}/v1/models`)).body.json()) as any;
   assert.ok(!models.data.some((m: any) => String(m.id).startsWith('merge:')));
 });
 
@@ -201,7 +193,7 @@ test('replacing a source invalidates the merge (recomputed with the new weights)
   const form = new FormData();
   form.append('config', new Blob([readFileSync(join(tmp.dir, 'staging-b', 'adapter_config.json'))]), 'adapter_config.json');
   form.append('weights', new Blob([readFileSync(join(tmp.dir, 'staging-b', 'adapter_model.safetensors'))]), 'adapter_model.safetensors');
-  const put = await http(`${url}/adapters/org/b`, { method: 'PUT', body: form });
+  const put = await http(`${server.url}/adapters/org/b`, { method: 'PUT', body: form });
   assert.equal(put.statusCode, 200);
   await put.body.dump();
   const after = await generate(body);
@@ -211,7 +203,7 @@ test('replacing a source invalidates the merge (recomputed with the new weights)
   assert.deepEqual(tokens(after), tokens(await generate({ adapter_id: 'ref/replaced' })));
   assert.notDeepEqual(tokens(after), tokens(before));
   // Delete org/b: the merge is gone and cannot be made again.
-  const del = await http(`${url}/adapters/org/b`, { method: 'DELETE' });
+  const del = await http(`${server.url}/adapters/org/b`, { method: 'DELETE' });
   assert.equal(del.statusCode, 200);
   await del.body.dump();
   const gone = await generate(body);
@@ -237,7 +229,7 @@ test('bad merge parameters are 400 MERGE_INVALID, incompatible sources 422 MERGE
   assert.match(await bad({ ids: [] }), /ids.*1 to 16/);
   assert.match(await bad({ ids: ['org/a', ''] }), /ids\.1.*base model/);
   assert.match(await bad({ ids: ['org/a', 'org/c'] }, { adapter_id: 'org/a' }), /at most one of `adapter_id` and `parameters.merged_adapters`/);
-  const inf = await http(`${url}/generate`, {
+  const inf = await http(`${server.url}/generate`, {
     method: 'POST', headers: { 'content-type': 'application/json' },
     body: `{"inputs": "x", "parameters": {"merged_adapters": {"ids": ["org/a", "org/c"], "weights": [1, 1e999]}}}`,
   });

@@ -9,11 +9,10 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { request as http } from 'undici';
-import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { TINY_GPT2, TINY_LLAMA, writeCheckpoint, type CheckpointOptions } from '../src/demo/index.ts';
-import { createServer, type Server } from '../src/server/server.ts';
 import { grammarFor } from '../src/server/grammar.ts';
 import { Ajv } from './helpers/app.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { generate as generateOn, request, type Outcome } from './helpers/runtime.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
@@ -32,8 +31,7 @@ const FAMILIES: [string, CheckpointOptions][] = [['GPT-2', TINY_GPT2], ['Llama',
 for (const [family, ckpt] of FAMILIES) {
   describe(`structured output on the ${family} fixture`, () => {
     const tmp = tempDir();
-    let server: Server;
-    let url: string;
+    let server: ListeningServer;
     let baseline: number;
     const ajv = new Ajv({ strict: false });
 
@@ -41,13 +39,7 @@ for (const [family, ckpt] of FAMILIES) {
       await setupBackend();
       await writeCheckpoint(join(tmp.dir, 'model'), ckpt);
       baseline = tf.memory().numTensors;
-      server = await createServer({
-        ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-        logLevel: 'silent', maxInputLength: 64, maxTotalTokens: 128, workers: 1,
-      });
-      await server.app.listen({ host: '127.0.0.1', port: 0 });
-      server.setReady(true);
-      url = `http://127.0.0.1:${(server.app.server.address() as { port: number }).port}`;
+      server = await listeningServer(tmp.dir, { workers: 1 });
     });
     after(async () => {
       await server?.close();
@@ -56,7 +48,7 @@ for (const [family, ckpt] of FAMILIES) {
     });
 
     async function post(path: string, body: unknown): Promise<{ status: number; json: Json; text: string }> {
-      const res = await http(`${url}${path}`, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+      const res = await http(`${server.url}${path}`, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
       const text = await res.body.text();
       let json: Json = {};
       try { json = JSON.parse(text); } catch { /* SSE */ }

@@ -8,10 +8,10 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, symlinkSync, cpSync } from 'node:fs';
 import { join } from 'node:path';
-import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { TINY_LLAMA, writeCheckpoint, writePeftAdapter } from '../src/demo/index.ts';
 import { createServer, type Server } from '../src/server/server.ts';
 import { docValidator } from './helpers/app.ts';
+import { fixtureServerOptions } from './helpers/listening.ts';
 import { tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
@@ -28,11 +28,9 @@ before(async () => {
   mkdirSync(join(allowed, 'file-link'));
   cpSync(join(allowed, 'style', 'adapter_config.json'), join(allowed, 'file-link', 'adapter_config.json'));
   symlinkSync(join(outside, 'secret', 'adapter_model.safetensors'), join(allowed, 'file-link', 'adapter_model.safetensors'));
-  server = await createServer({
-    ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm', logLevel: 'silent',
-    maxInputLength: 64, maxTotalTokens: 128, maxBatchSize: 4, maxLoadedAdapters: 3,
-    allowedLocalAdapterPaths: `${allowed},${join(tmp.dir, 'missing-root')}`, metricsCompat: 'vllm',
-  });
+  server = await createServer(fixtureServerOptions(tmp.dir, {
+    maxBatchSize: 4, maxLoadedAdapters: 3, allowedLocalAdapterPaths: `${allowed},${join(tmp.dir, 'missing-root')}`, metricsCompat: 'vllm',
+  }));
   server.setReady(true);
 });
 after(async () => {

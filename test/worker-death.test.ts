@@ -6,31 +6,19 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
-import { pino } from 'pino';
 import { request as http } from 'undici';
-import { DEFAULT_OPTIONS } from '../src/cli.ts';
 import { DEMO_LLAMA, writeCheckpoint } from '../src/demo/index.ts';
 import type { ParallelExecutor } from '../src/exec/parallel-executor.ts';
-import { createServer, type Server } from '../src/server/server.ts';
+import { listeningServer, type ListeningServer } from './helpers/listening.ts';
 import { setupBackend, tempDir } from './helpers/tf.ts';
 
 const tmp = tempDir();
-const lines: Record<string, any>[] = [];
-let server: Server;
-let url: string;
+let server: ListeningServer;
 
 before(async () => {
   await setupBackend();
   await writeCheckpoint(join(tmp.dir, 'model'), DEMO_LLAMA);
-  const sink = new Writable({ write(chunk, _enc, done) { lines.push(JSON.parse(String(chunk))); done(); } });
-  server = await createServer({
-    ...DEFAULT_OPTIONS, model: join(tmp.dir, 'model'), adapterDir: join(tmp.dir, 'adapters'), backend: 'wasm',
-    maxInputLength: 64, maxTotalTokens: 1024, workers: 2,
-  }, pino({ level: 'info' }, sink));
-  await server.app.listen({ host: '127.0.0.1', port: 0 });
-  server.setReady(true);
-  url = `http://127.0.0.1:${(server.app.server.address() as { port: number }).port}`;
+  server = await listeningServer(tmp.dir, { logLevel: 'info', maxTotalTokens: 1024, workers: 2 });
 });
 after(async () => {
   await server.close();
@@ -40,7 +28,7 @@ after(async () => {
 const long = { inputs: 'Hello', parameters: { max_new_tokens: 1000, ignore_eos: true } };
 
 async function post(path: string, body: unknown) {
-  const res = await http(url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+  const res = await http(server.url + path, { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json' } });
   return { status: res.statusCode, json: (await res.body.json()) as any };
 }
 
@@ -51,10 +39,10 @@ async function until(what: string, ok: () => boolean): Promise<void> {
 
 test('a dead worker: its requests fail with WORKER_DIED, /health answers 503, the log names it, the other worker serves', async () => {
   const executor = server.runtime.executor as ParallelExecutor;
-  assert.equal((await http(`${url}/health`)).statusCode, 200);
+  assert.equal((await http(`${server.url}/health`)).statusCode, 200);
 
   // A stream on worker 0 (the first sequence goes to the first of two idle workers): killed after its first token.
-  const res = await http(`${url}/generate_stream`, { method: 'POST', body: JSON.stringify(long), headers: { 'content-type': 'application/json' } });
+  const res = await http(`${server.url}/generate_stream`, { method: 'POST', body: JSON.stringify(long), headers: { 'content-type': 'application/json' } });
   assert.equal(res.statusCode, 200);
   let body = '';
   let killed: Promise<void> | null = null;
@@ -69,12 +57,12 @@ test('a dead worker: its requests fail with WORKER_DIED, /health answers 503, th
   assert.equal(events.at(-1).error_type, 'backend');
 
   for (const method of ['GET', 'HEAD'] as const) {
-    const health = await http(`${url}/health`, { method });
+    const health = await http(`${server.url}/health`, { method });
     assert.equal(health.statusCode, 503, method);
     if (method === 'GET') assert.equal(((await health.body.json()) as any).code, 'WORKER_DIED');
     else await health.body.dump();
   }
-  const died = lines.find((l) => /executor worker 0 of 2 died/.test(l.msg));
+  const died = server.lines.find((l) => /executor worker 0 of 2 died/.test(l.msg));
   assert.ok(died, 'the log names the worker');
   assert.equal(died.level, 50, 'logged as an error');
 
@@ -92,5 +80,5 @@ test('a dead worker: its requests fail with WORKER_DIED, /health answers 503, th
   const none = await post('/generate', { inputs: 'Hi', parameters: { max_new_tokens: 3 } });
   assert.equal(none.status, 503);
   assert.equal(none.json.code, 'WORKER_DIED');
-  assert.ok(lines.some((l) => /executor worker 1 of 2 died/.test(l.msg)));
+  assert.ok(server.lines.some((l) => /executor worker 1 of 2 died/.test(l.msg)));
 });
