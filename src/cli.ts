@@ -110,6 +110,7 @@ export const OPTIONS: readonly OptionSpec[] = Object.freeze([
   opt('prefill-chunk', 'prefillChunk', 'int', 256, 'Prompt tokens prefilled per sequence per step (chunked prefill)', { min: 1 }),
   opt('workers', 'workers', 'int', 'auto', 'Executor threads, each with its own copy of the model; sequences are spread over them (auto: on wasm and cpu, which compute on one thread per copy, one per core as long as the copies fit in half of the free memory; 1 on other backends; webgpu runs in the main thread: 1 only)', { min: 1, auto: true }),
   opt('native-matmul', 'nativeMatmul', 'bool', true, 'On the wasm backend, run matrix products in the native AVX2/FMA addon built by npm ci (falls back to the wasm kernels when it is missing)'),
+  opt('recorded-steps', 'recordedSteps', 'bool', true, 'On the webgpu backend, record a decode step once and replay it (one command buffer of pre-built bind groups) while the batch and its KV caches stay the same, instead of running every step through TensorFlow.js op by op'),
   opt('profile', 'profile', 'bool', false, 'Time the phases of every step (matmuls, LoRA, attention, sampling, ...) into lora_serve_profile_seconds_total; exact on wasm/cpu'),
   opt('request-timeout', 'requestTimeout', 'seconds', 0, 'Per-request deadline in seconds (0: none)'),
   opt('shutdown-grace', 'shutdownGrace', 'seconds', 30, 'Seconds in-flight requests get to finish on SIGTERM/SIGINT'),

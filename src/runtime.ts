@@ -62,6 +62,8 @@ export interface RuntimeOptions {
   readonly profile?: boolean;
   /** On wasm, run matrix products in the native AVX2/FMA addon when it is built (default true). */
   readonly nativeMatmul?: boolean;
+  /** On webgpu, record decode steps and replay them (TfExecutor's recordSteps; default true). */
+  readonly recordedSteps?: boolean;
   /**
    * Heap bytes each executor allocates and frees at start on the wasm backend (TfExecutor.warmUp), so that first
    * adapter uploads and forwards write already-faulted memory. Default WARM_HEAP_BYTES.
@@ -199,7 +201,7 @@ export async function startRuntime(
     // In this thread: layer by layer, letting the HTTP server answer (503, with the progress) in between.
     const model = await CausalLM.loadAsync(dir, { onTensor: (elements) => progress.tensorRead(elements) });
     modelBytes = model.bytes;
-    const local = new TfExecutor(model);
+    const local = new TfExecutor(model, { recordSteps: opts.recordedSteps ?? true });
     local.warmUp(info.name === 'wasm' ? opts.warmHeapBytes ?? WARM_HEAP_BYTES : 0);
     executor = local;
   }

@@ -66,6 +66,7 @@ const ENV_CASES: readonly [env: string, value: string, key: string, parsed: unkn
   ['LORA_SERVE_PREFILL_CHUNK', '64', 'prefillChunk', 64],
   ['LORA_SERVE_WORKERS', '2', 'workers', 2],
   ['LORA_SERVE_NATIVE_MATMUL', 'false', 'nativeMatmul', false],
+  ['LORA_SERVE_RECORDED_STEPS', 'false', 'recordedSteps', false],
   ['LORA_SERVE_METRICS_COMPAT', 'vllm', 'metricsCompat', 'vllm'],
   ['LORA_SERVE_PROFILE', 'true', 'profile', true],
   ['LORA_SERVE_REQUEST_TIMEOUT', '2.5', 'requestTimeout', 2.5],

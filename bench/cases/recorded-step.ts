@@ -19,6 +19,9 @@ import { profiler } from '../../src/obs/profile.ts';
 
 const ROWS = [1, 8];
 
+/** What a decode step of the default executor was. */
+type StepKind = 'replay' | 'recording' | 'tfjs';
+
 /** Seconds of the profile's phases: all of them, and the readback's wait. */
 function profileSeconds(): { all: number; wait: number } {
   const decode = profiler.snapshot().decode ?? {};
@@ -39,31 +42,42 @@ export const recordedStep: BenchCase = {
     const V = model.config.vocabSize;
     const steps = ctx.sizes.newTokens;
     const configs = [['through tfjs', new TfExecutor(model, { recordSteps: false })], ['recorded (default)', new TfExecutor(model)]] as const;
-    /** One round: prefill `rows` prompts of 32 tokens, decode `steps` greedy steps; per step: main thread ms, wall ms, dispatches. */
+    /**
+     * One round: prefill `rows` prompts of 32 tokens, decode `steps` greedy steps. Per step: the main thread's ms and
+     * what the step was (a replay, a recording, or a step through tfjs without one); per round: wall ms per step and
+     * dispatches per step.
+     */
     const round = async (ex: TfExecutor, rows: number, seed: number) => {
       const prompts = Array.from({ length: rows }, (_, r) => Array.from({ length: 32 }, (_, t) => (seed * 31 + r * 17 + t * 7) % V));
       await ex.prefill(prompts.map((tokens, seq) => ({ seq, tokens, start: 0, last: true, adapter: null, allLogits: false, pick: true })), { kind: 'none' });
       const token = prompts.map(() => 1);
-      profiler.reset();
-      profiler.enabled = true;
+      const perStep: { ms: number; kind: StepKind }[] = [];
       const d0 = webgpuCounts()!.dispatch;
       const t0 = performance.now();
       for (let s = 0; s < steps; s++) {
+        const before = { ...ex.recordedSteps };
+        profiler.reset();
+        profiler.enabled = true;
         const res = await ex.decode(prompts.map((p, seq) => ({ seq, token: token[seq]!, position: p.length + s, adapter: null, pick: true })), { kind: 'none' });
+        profiler.enabled = false;
+        const { all, wait } = profileSeconds();
+        const kind: StepKind = ex.recordedSteps.replayed > before.replayed ? 'replay' : ex.recordedSteps.recorded > before.recorded ? 'recording' : 'tfjs';
+        perStep.push({ ms: (all - wait) * 1000, kind });
         prompts.forEach((_, seq) => (token[seq] = res.picked?.get(seq)?.id ?? 0));
       }
       const wall = performance.now() - t0;
-      profiler.enabled = false;
-      const { all, wait } = profileSeconds();
       const dispatches = webgpuCounts()!.dispatch - d0;
       prompts.forEach((_, seq) => ex.release(seq));
-      return { main: ((all - wait) * 1000) / steps, wall: wall / steps, dispatches: dispatches / steps };
+      return { perStep, wall: wall / steps, dispatches: dispatches / steps };
     };
     const figures: Figure[] = [];
+    const mean = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     try {
       for (const rows of ROWS) {
-        const main: number[][] = configs.map(() => []);
+        const main: number[][] = configs.map(() => []); // per round: mean main-thread ms per step
         const wall: number[][] = configs.map(() => []);
+        const byKind: Record<StepKind, number[]> = { replay: [], recording: [], tfjs: [] }; // per step, the default executor
+        const plainSteps: number[] = []; // per step, every step through tfjs
         const dispatches: number[] = configs.map(() => 0);
         for (let r = 0; r <= ctx.sizes.rounds; r++) {
           // Alternate which goes first; round 0 compiles the shaders and is dropped.
@@ -71,23 +85,28 @@ export const recordedStep: BenchCase = {
             const n = (r + k) % configs.length;
             const m = await round(configs[n]![1], rows, r);
             if (r === 0) continue;
-            main[n]!.push(m.main);
+            main[n]!.push(mean(m.perStep.map((x) => x.ms)));
             wall[n]!.push(m.wall);
             dispatches[n] = m.dispatches;
+            for (const x of m.perStep) (n === 0 ? plainSteps : byKind[x.kind]).push(x.ms);
           }
         }
-        const stats = configs[1][1].recordedSteps;
-        ctx.log(`${rows} row(s): main thread ${configs.map(([name], n) => `${name} ${median(main[n]!).toFixed(2)} ms`).join(', ')}; ` +
-          `wall ${configs.map(([name], n) => `${name} ${median(wall[n]!).toFixed(2)} ms`).join(', ')}; dispatches per step ${dispatches.join(' / ')}; ` +
-          `replays so far ${stats.replayed}, recordings ${stats.recorded}, refused ${stats.unrecorded} (${stats.lastRefusal || '-'})`);
+        const count = (kind: StepKind) => `${byKind[kind].length} ${kind === 'tfjs' ? 'through tfjs' : kind === 'replay' ? 'replays' : 'recordings'}`;
+        ctx.log(`${rows} row(s): main thread per step (mean) ${configs.map(([name], n) => `${name} ${median(main[n]!).toFixed(2)} ms`).join(', ')}; ` +
+          `median step: through tfjs ${median(plainSteps).toFixed(2)} ms, replay ${median(byKind.replay).toFixed(2)} ms, recording ${median(byKind.recording).toFixed(2)} ms ` +
+          `(${count('replay')}, ${count('recording')}, ${count('tfjs')}: ${configs[1][1].recordedSteps.lastRefusal || '-'}); ` +
+          `wall ${configs.map(([name], n) => `${name} ${median(wall[n]!).toFixed(2)} ms`).join(', ')}; dispatches per step ${dispatches.join(' / ')}`);
         const ratio = (a: number[], b: number[]) => a.map((x, i) => x / b[i]!);
         figures.push(
-          { label: `${rows} row(s): main thread's time per decode step, through tfjs`, key: `${rows}/main-tfjs`, value: median(main[0]!), unit: 'ms', values: main[0] },
-          { label: `${rows} row(s): main thread's time per decode step, recorded (default)`, key: `${rows}/main-recorded`, value: median(main[1]!), unit: 'ms', values: main[1] },
-          { label: `${rows} row(s): main thread's time per decode step, through tfjs ÷ recorded`, key: `${rows}/main-ratio`, value: median(ratio(main[0]!, main[1]!)), unit: '×', values: ratio(main[0]!, main[1]!), headline: true },
+          { label: `${rows} row(s): main thread's time per decode step (mean of a ${steps}-token answer), through tfjs`, key: `${rows}/main-tfjs`, value: median(main[0]!), unit: 'ms', values: main[0] },
+          { label: `${rows} row(s): the same, recorded steps (default)`, key: `${rows}/main-recorded`, value: median(main[1]!), unit: 'ms', values: main[1] },
+          { label: `${rows} row(s): main thread's time per decode step, through tfjs ÷ recorded (default)`, key: `${rows}/main-ratio`, value: median(ratio(main[0]!, main[1]!)), unit: '×', values: ratio(main[0]!, main[1]!), headline: true },
+          { label: `${rows} row(s): main thread's time of a step through tfjs (median step)`, key: `${rows}/step-tfjs`, value: median(plainSteps), unit: 'ms' },
+          { label: `${rows} row(s): main thread's time of a replayed step (median step; ${byKind.replay.length} of ${byKind.replay.length + byKind.recording.length + byKind.tfjs.length} steps)`, key: `${rows}/step-replay`, value: median(byKind.replay), unit: 'ms' },
+          { label: `${rows} row(s): main thread's time of a recording step (median step; ${byKind.recording.length} steps)`, key: `${rows}/step-recording`, value: median(byKind.recording), unit: 'ms' },
           { label: `${rows} row(s): wall time per decode step, through tfjs`, key: `${rows}/wall-tfjs`, value: median(wall[0]!), unit: 'ms', values: wall[0] },
           { label: `${rows} row(s): wall time per decode step, recorded (default)`, key: `${rows}/wall-recorded`, value: median(wall[1]!), unit: 'ms', values: wall[1] },
-          { label: `${rows} row(s): dispatches per decode step (through tfjs / recorded)`, key: `${rows}/dispatches`, value: dispatches[1]!, unit: '', note: `through tfjs: ${dispatches[0]}` },
+          { label: `${rows} row(s): dispatches per decode step, recorded (default)`, key: `${rows}/dispatches`, value: dispatches[1]!, unit: '', note: `through tfjs: ${dispatches[0]}` },
         );
       }
     } finally {
