@@ -137,6 +137,19 @@ export class KVBatch implements KVCache {
     return (this.stepState ??= tf.keep(tf.tensor1d(stepInput('kv.state', this.stateData()), 'int32')));
   }
 
+  /**
+   * Packed: gives every layer room for `T` more columns now, growing as a forward's append would (packedCapacity), so
+   * that the next forward of T new columns writes in place: the old cache is freed before the forward rather than
+   * held until its end, and (webgpu) the step can be recorded. Nothing to do when split or empty.
+   */
+  reserve(T: number): void {
+    if (!this.packed || this.cols === 0) return;
+    for (let l = 0; l < this.numLayers; l++) {
+      const cache = this.layers[l]![0];
+      if (cache && cache.shape[2] < this.cols + T) this.grow(l, this.cols + T);
+    }
+  }
+
   /** Device bytes of one packed column of `rows` rows (keys and values of every KV head). */
   private columnBytes(rows: number): number {
     return rows * this.kvHeads * 2 * this.headDim * 4;

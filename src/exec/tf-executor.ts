@@ -205,6 +205,7 @@ export class TfExecutor implements Executor {
     const logitRows = Array.from({ length: B }, (_, i) => i);
     const pickRows = this.rows.map((r) => this.devicePick && !!bySeq.get(r.seq)!.pick);
     const rowAdapters = this.rows.map((r) => r.adapter);
+    this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
     const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, pickRows))
       ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, pickRows, this.stepKey(lora, pickRows));
     const V = this.vocabSize;
@@ -331,8 +332,8 @@ export class TfExecutor implements Executor {
 
   /**
    * The decode step replayed from its recording, or null when there is none for this step: no recording for these
-   * rows, plan and picks, a tensor it binds replaced (a KV cache grown, trimmed or re-gathered; a bank or merged weights
-   * rebuilt), or a KV cache with no spare column (this step grows it, through tfjs).
+   * rows, plan and picks, or a tensor it binds replaced (a KV cache grown, trimmed or re-gathered; a bank or merged
+   * weights rebuilt). The KV cache has room for the step's column (reserved before).
    */
   private async replay(tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan,
     pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass } | null> {

@@ -12,8 +12,9 @@
  *   step appends to in place): the replay binds the same buffer, after checking that the tensor still holds it;
  * - intermediate: a new tensor's, written by one of the step's dispatches before any dispatch reads it: the recording
  *   gets a buffer of its own (from tfjs's pool), since tfjs hands the step's buffers to other tensors afterwards;
- * - input: host values uploaded during the step that were named with `stepInput` (the only host data a recorded
- *   step may read): a buffer of its own, written at each replay with that step's values of the name.
+ * - input: host values uploaded during the step that were named with `stepInput` (the only host data of its own a
+ *   recorded step may read; host values uploaded at first use by a tensor that outlives the step are persistent): a
+ *   buffer of its own, written at each replay with that step's values of the name.
  * A step that reads or writes in place anything else (a buffer made before it that no live tensor holds, as a KV cache
  * that the step grows or trims; host values not named), whose
  * dispatches read a buffer tfjs reused within the step, or that submits or reads back midway, is not recorded (the
@@ -92,8 +93,8 @@ interface Dispatch {
 /** The recording in progress: what the wrapped backend methods report. */
 class Recorder {
   readonly dispatches: Dispatch[] = [];
-  /** Buffers uploaded during the step, with their input name. */
-  readonly uploads = new Map<GpuBuffer, string>();
+  /** Buffers uploaded during the step, with their input name (or the count of unnamed values). */
+  readonly uploads = new Map<GpuBuffer, string | { unnamed: number }>();
   /** Buffers given to new tensors during the step (their first write allocates them). */
   readonly fresh = new Set<GpuBuffer>();
   /** The dataId each buffer was seen with (a buffer seen with two is a reuse within the step). */
@@ -159,13 +160,10 @@ export function installRecorder(b: object): boolean {
     upload.call(this, dataId);
     if (active && fresh) active.fresh.add(this.tensorMap.get(dataId).resource as GpuBuffer);
     if (!active || values == null) return;
-    const name = names.get(values as StepData);
     const buffer = this.tensorMap.get(dataId).resource as GpuBuffer;
-    if (name === undefined) active.fail(`the step uploaded host values that are not a named step input (${(values as ArrayLike<number>).length} values)`);
-    else {
-      active.uploads.set(buffer, name);
-      active.see(buffer, dataId);
-    }
+    // Unnamed host values are the step's only if no tensor holds them after it (a weight uploaded at first use is not).
+    active.uploads.set(buffer, names.get(values as StepData) ?? { unnamed: (values as ArrayLike<number>).length });
+    active.see(buffer, dataId);
   };
   const submit = full.submitQueue;
   full.submitQueue = function (this: Backend) {
@@ -247,21 +245,25 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
     }
     return m;
   };
-  const bind = (buffer: GpuBuffer, dataId: object, writing: boolean): GpuBuffer | null => {
+  /** The buffer a replay binds for one the step bound, or why there is none. */
+  const bind = (buffer: GpuBuffer, dataId: object, writing: boolean): GpuBuffer | string => {
     if (alive(dataId, buffer)) {
       persistent.set(dataId, buffer);
       return buffer;
     }
     const name = r.uploads.get(buffer);
     if (name !== undefined) {
-      if (writing) return null; // an input written over would not be the next step's input
+      if (typeof name !== 'string') return `the step uploaded host values that are not a named step input (${name.unnamed} values)`;
+      if (writing) return 'the step writes over one of its inputs';
       const m = mine(buffer);
       const list = inputs.get(name) ?? [];
       if (!list.includes(m)) inputs.set(name, [...list, m]);
       return m;
     }
     // Made before the step by a tensor now gone: read, or written in place (a trim or growth of the KV cache).
-    if (writing ? !r.fresh.has(buffer) : !written.has(buffer)) return null;
+    if (writing ? !r.fresh.has(buffer) : !written.has(buffer)) {
+      return 'the step reads or writes in place a buffer made before it that no live tensor holds (a KV cache grown or trimmed)';
+    }
     return mine(buffer);
   };
   const steps: { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[] = [];
@@ -270,12 +272,13 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
     const ins = d.inputs.map((i) => bind(i.buffer, i.dataId, false));
     const out = bind(d.output, d.outputId, true);
     written.add(d.output);
-    if (out === null || ins.includes(null)) {
+    const refusal = [out, ...ins].find((x): x is string => typeof x === 'string');
+    if (refusal !== undefined) {
       release();
       uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
-      return 'the step reads or writes in place a buffer made before it that no live tensor holds (a KV cache grown or trimmed), or writes over an input';
+      return refusal;
     }
-    const entries = [out, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
+    const entries = [out as GpuBuffer, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
     if (d.uniforms) {
       const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, UNIFORM_USAGE());
       b.queue.writeBuffer(u, 0, d.uniforms);
