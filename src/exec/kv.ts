@@ -139,8 +139,9 @@ export class KVBatch implements KVCache {
 
   /**
    * Packed: gives every layer room for `T` more columns now, growing as a forward's append would (packedCapacity), so
-   * that the next forward of T new columns writes in place: the old cache is freed before the forward rather than
-   * held until its end, and (webgpu) the step can be recorded. Nothing to do when split or empty.
+   * that the next forward of T new columns writes in place, and (webgpu) the step can be recorded. The old cache goes
+   * back to tfjs's pool at the next submit (the growth's copies are queued before the step). Nothing to do when split
+   * or empty.
    */
   reserve(T: number): void {
     if (!this.packed || this.cols === 0) return;
@@ -300,6 +301,11 @@ export class KVBatch implements KVCache {
 
   dispose(): void {
     this.clear();
+  }
+
+  /** A forward failed after appending: its state is forgotten (its columns beyond cols are spare again). */
+  abandon(): void {
+    this.dropState();
   }
 
   private dropState(): void {

@@ -10,7 +10,7 @@ import type {
 } from '../engine/executor.ts';
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
-import { canRecord, recordStep, stepInput, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
+import { canRecord, recordStep, stepInput, type PendingRecording, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
 import { batchSubmits } from '../backend/webgpu/submit.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import { buildBank, disposeAdapter, disposeBank, disposeStepLora, mergeWeights, slotData, stepLora, uploadAdapter, type DeviceAdapter, type LoraBank } from './lora-bank.ts';
@@ -228,6 +228,7 @@ export class TfExecutor implements Executor {
     }
     const idx = this.rows.findIndex((r) => r.seq === seq);
     if (idx >= 0) {
+      this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
       const keep = this.rows.map((_, i) => i).filter((i) => i !== idx);
       this.kv.keepRows(keep);
       this.rows.splice(idx, 1);
@@ -258,6 +259,7 @@ export class TfExecutor implements Executor {
   offloadAdapter(adapter: ExecAdapter): void {
     const a = this.adapters.get(adapter.key);
     if (!a) return;
+    this.dropRecording();
     if (this.merged?.adapter.key === a.key) this.dropMerged();
     for (const [key, bank] of this.banks) {
       if (bank.adapters.some((b) => b.key === a.key)) {
@@ -349,8 +351,15 @@ export class TfExecutor implements Executor {
     if (slots) inputs.set('lora.slots', slotData(slots));
     const keep = keptRows(pickRows, B);
     if (keep.length < B && keep.length > 0) inputs.set('pick.keep', keep);
-    const reading = profiler.time('executor', () => r.recording.replay(inputs)); // writes the inputs, encodes and submits
-    const data = await profiler.timeAsync('logits_download', () => reading);
+    let data: Float32Array;
+    try {
+      this.model.checkInputs(tokens, positions);
+      const reading = profiler.time('executor', () => r.recording.replay(inputs)); // writes the inputs, encodes and submits
+      data = await profiler.timeAsync('logits_download', () => reading);
+    } catch (err) {
+      this.dropRecording();
+      throw err;
+    }
     this.kv.commit(1);
     this.recordedSteps.replayed++;
     return { output: parseOutput(data, B, this.vocabSize, pickRows), pass: r.pass };
@@ -359,8 +368,11 @@ export class TfExecutor implements Executor {
   /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
   private rowSlots(rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] | null {
     const distinct = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
-    const bank = distinct.length > 0 ? this.banks.get(distinct.sort().join(',')) : undefined;
+    const key = distinct.sort().join(',');
+    const bank = distinct.length > 0 ? this.banks.get(key) : undefined;
     if (!bank) return null;
+    this.banks.delete(key); // refresh its LRU position, as loraFor does for a step through tfjs
+    this.banks.set(key, bank);
     const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
     return rowAdapters.map((a) => (a ? slot.get(a.key)! : null));
   }
@@ -419,10 +431,12 @@ export class TfExecutor implements Executor {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
       return passOutput(logits, picks);
     };
-    // A step that grows the KV cache reads the old one, which is gone after it: not worth recording.
-    const pending = record !== null && kv.capacity > kv.cols ? recordStep(build) : null;
+    // A step that grows the KV cache (a fallback: decode steps reserve their column before) reads the old one, which
+    // is gone after it: not worth recording.
+    let pending: PendingRecording<tf.Tensor> | null = null;
     let data: Float32Array;
     try {
+      pending = record !== null && kv.capacity > kv.cols ? recordStep(build) : null;
       out = pending ? pending.output : build();
       data = await profiler.timeAsync('logits_download', () => out!.data() as Promise<Float32Array>);
     } finally {

@@ -261,7 +261,8 @@ export function ropeRows(positions: Int32Array, B: number, T: number, second: { 
   const rows = new Int32Array(B * T);
   for (let b = 0; b < B; b++) {
     const row = positions.subarray(b * T, (b + 1) * T);
-    const shift = Math.max(...row) + 1 > second.after ? second.offset : 0;
+    const last = row.reduce((m, p) => Math.max(m, p), 0); // the row's largest position (pads are 0)
+    const shift = last + 1 > second.after ? second.offset : 0;
     row.forEach((p, t) => (rows[b * T + t] = p + shift));
   }
   return rows;

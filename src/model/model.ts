@@ -45,6 +45,8 @@ export interface KVCache {
   appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV;
   /** Once after the last layer of a forward of T new columns (pad as for mask). */
   commit(T: number, pad?: readonly number[]): void;
+  /** Instead of commit when the forward failed: forgets what was made for it (the cached columns are as before). */
+  abandon(): void;
 }
 
 /** What one forward step gives the architecture's block function; `mask` is the layer's (its window's). */
@@ -195,19 +197,31 @@ export class CausalLM {
       throw new Error(`forward: expected ${N} tokens and positions, got ${input.tokens.length}/${input.positions.length}`);
     }
     const c = this.config;
-    for (let i = 0; i < N; i++) {
-      const p = input.positions[i]!;
-      if (p < 0 || p >= c.maxPositions) throw fail('INPUT_TOO_LONG', `position ${p} exceeds the model's ${c.maxPositions} positions`);
-      const t = input.tokens[i]!;
-      if (t < 0 || t >= c.vocabSize) throw fail('VALIDATION', `token id ${t} is outside the vocabulary (${c.vocabSize})`);
-    }
+    this.checkInputs(input.tokens, input.positions);
     const G = c.numHeads / c.numKvHeads;
     // Time not spent in a nested section (matmuls, LoRA, attention, KV, head) is the other kernels.
     // A decode step is one command-buffer submit on webgpu (its readback submits it).
     if (fusedKernels()) batchSubmits(T === 1);
-    const logits = profiler.time('other_ops', () => this.run(input, B, T, G));
+    let logits: tf.Tensor2D;
+    try {
+      logits = profiler.time('other_ops', () => this.run(input, B, T, G));
+    } catch (err) {
+      kv.abandon();
+      throw err;
+    }
     kv.commit(T, input.pad);
     return logits;
+  }
+
+  /** Refuses positions outside the model's and token ids outside its vocabulary (INPUT_TOO_LONG, VALIDATION). */
+  checkInputs(tokens: Int32Array, positions: Int32Array): void {
+    const c = this.config;
+    for (let i = 0; i < tokens.length; i++) {
+      const p = positions[i]!;
+      if (p < 0 || p >= c.maxPositions) throw fail('INPUT_TOO_LONG', `position ${p} exceeds the model's ${c.maxPositions} positions`);
+      const t = tokens[i]!;
+      if (t < 0 || t >= c.vocabSize) throw fail('VALIDATION', `token id ${t} is outside the vocabulary (${c.vocabSize})`);
+    }
   }
 
   private run(input: ForwardInput, B: number, T: number, G: number): tf.Tensor2D {

@@ -175,3 +175,53 @@ test('a step that uploads host values nobody named is not recorded; a named one 
   tf.env().set('WEBGPU_CPU_FORWARD', forward);
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
 });
+
+/** Buffers tfjs's pool has handed out (tensors' and recordings'), after submitting what is queued (which frees the disposed ones). */
+function usedBuffers(): number {
+  const b = tf.backend() as unknown as { commandEncoder: unknown; endComputePassEncoder(): void; submitQueue(): void; bufferManager: { numUsedBuffers: number } };
+  if (b.commandEncoder) {
+    b.endComputePassEncoder();
+    b.submitQueue();
+  }
+  return b.bufferManager.numUsedBuffers;
+}
+
+test('a recorded step that fails leaks nothing and restores the submit batching; offloading an adapter drops the recording; buffers return to the pool', async () => {
+  const root = join(tmp.dir, 'failing');
+  const { dir, config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
+  const model = CausalLM.load(dir);
+  const tensors = tf.memory().numTensors;
+  const warm = new TfExecutor(model, { recordSteps: false });
+  warm.warmUp(); // tfjs keeps a few buffers of its own from its first steps on: not the recordings'
+  warm.dispose();
+  const buffers = usedBuffers();
+  const ex = new TfExecutor(model);
+  const manager = makeManager(model, join(root, 'adapters'), ex);
+  await writePeftAdapter(join(root, 'adapters', 'a'), { baseConfig: config, seed: 5, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
+  const lease = await manager.acquire('a');
+  const adapter = lease.adapter;
+  const unmerged: LoraPlan = { kind: 'unmerged' };
+  await ex.prefill([{ seq: 0, tokens: [3, 4, 5], start: 0, last: true, adapter, allLogits: false }], unmerged);
+  const step = (token: number, position: number) => ex.decode([{ seq: 0, token, position, adapter }], unmerged);
+  await step(1, 3); // recorded
+  await step(2, 4); // replayed
+  assert.equal(ex.recordedSteps.replayed, 1);
+  const held = tf.memory().numTensors;
+  // A token outside the vocabulary: refused on the replay path and (next) on the path that records.
+  await assert.rejects(step(model.config.vocabSize, 5), /outside the vocabulary/);
+  await assert.rejects(step(model.config.vocabSize, 5), /outside the vocabulary/);
+  assert.equal(tf.memory().numTensors, held, 'the failed steps left no tensor behind');
+  assert.equal(tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE'), 15, 'tfjs\'s submit batching is restored');
+  await step(3, 5);
+  await step(4, 6);
+  assert.ok(ex.recordedSteps.replayed >= 2, 'steps are recorded and replayed again');
+  // Offloading the adapter (its bank with it) drops the recording; the row's next step would need the adapter again.
+  ex.offloadAdapter(adapter);
+  assert.equal((ex as unknown as { recorded: unknown }).recorded, null, 'the recording is dropped with the adapter');
+  ex.release(0);
+  lease.release();
+  ex.dispose();
+  assert.equal(tf.memory().numTensors, tensors, 'no tensor leaks');
+  assert.equal(usedBuffers(), buffers, 'every buffer a recording took is back in tfjs\'s pool');
+  model.dispose();
+});

@@ -122,7 +122,7 @@ let lastUniforms: Uint8Array | null = null;
 /** Wraps the backend's methods so that steps can be recorded (once, when the backend starts); false if it lacks one. */
 export function installRecorder(b: object): boolean {
   const be = b as Partial<Backend>;
-  if (backend) return true;
+  if (backend === b) return true;
   for (const name of ['recordAndSubmit', 'makeUniforms', 'uploadToGPU', 'submitQueue', 'endComputePassEncoder'] as const) {
     if (typeof be[name] !== 'function') return false;
   }
@@ -234,7 +234,6 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
   const inputs = new Map<string, GpuBuffer[]>();
   const written = new Set<GpuBuffer>();
   const owned: GpuBuffer[] = [];
-  const release = (): void => owned.forEach((x) => b.bufferManager.releaseBuffer(x));
   const alive = (dataId: object, buffer: GpuBuffer): boolean => holds(b, dataId, buffer);
   const mine = (buffer: GpuBuffer): GpuBuffer => {
     let m = own.get(buffer);
@@ -247,17 +246,18 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
   };
   /** The buffer a replay binds for one the step bound, or why there is none. */
   const bind = (buffer: GpuBuffer, dataId: object, writing: boolean): GpuBuffer | string => {
+    const upload = r.uploads.get(buffer);
     if (alive(dataId, buffer)) {
+      if (typeof upload === 'string') return `the step input "${upload}" is kept by a tensor after the step (a replay would not write it)`;
       persistent.set(dataId, buffer);
       return buffer;
     }
-    const name = r.uploads.get(buffer);
-    if (name !== undefined) {
-      if (typeof name !== 'string') return `the step uploaded host values that are not a named step input (${name.unnamed} values)`;
+    if (upload !== undefined) {
+      if (typeof upload !== 'string') return `the step uploaded host values that are not a named step input (${upload.unnamed} values)`;
       if (writing) return 'the step writes over one of its inputs';
       const m = mine(buffer);
-      const list = inputs.get(name) ?? [];
-      if (!list.includes(m)) inputs.set(name, [...list, m]);
+      const list = inputs.get(upload) ?? [];
+      if (!list.includes(m)) inputs.set(upload, [...list, m]);
       return m;
     }
     // Made before the step by a tensor now gone: read, or written in place (a trim or growth of the KV cache).
@@ -268,31 +268,33 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
   };
   const steps: { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[] = [];
   const uniformBuffers: GpuBuffer[] = [];
-  for (const d of r.dispatches) {
-    const ins = d.inputs.map((i) => bind(i.buffer, i.dataId, false));
-    const out = bind(d.output, d.outputId, true);
-    written.add(d.output);
-    const refusal = [out, ...ins].find((x): x is string => typeof x === 'string');
-    if (refusal !== undefined) {
-      release();
-      uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
-      return refusal;
+  /** Returns the recording's buffers to the pool and says why there is no recording. */
+  const refuse = (why: string): string => {
+    owned.forEach((x) => b.bufferManager.releaseBuffer(x));
+    uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
+    return why;
+  };
+  try {
+    for (const d of r.dispatches) {
+      const ins = d.inputs.map((i) => bind(i.buffer, i.dataId, false));
+      const out = bind(d.output, d.outputId, true);
+      written.add(d.output);
+      const refusal = [out, ...ins].find((x): x is string => typeof x === 'string');
+      if (refusal !== undefined) return refuse(refusal);
+      const entries = [out as GpuBuffer, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
+      if (d.uniforms) {
+        const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, UNIFORM_USAGE());
+        b.queue.writeBuffer(u, 0, d.uniforms);
+        uniformBuffers.push(u);
+        entries.push({ binding: entries.length, resource: { buffer: u } });
+      }
+      steps.push({ pipeline: d.pipeline, workgroups: d.workgroups, group: b.device.createBindGroup({ layout: d.pipeline.getBindGroupLayout(0), entries }) });
     }
-    const entries = [out as GpuBuffer, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
-    if (d.uniforms) {
-      const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, UNIFORM_USAGE());
-      b.queue.writeBuffer(u, 0, d.uniforms);
-      uniformBuffers.push(u);
-      entries.push({ binding: entries.length, resource: { buffer: u } });
-    }
-    steps.push({ pipeline: d.pipeline, workgroups: d.workgroups, group: b.device.createBindGroup({ layout: d.pipeline.getBindGroupLayout(0), entries }) });
+  } catch (err) {
+    return refuse(`the recording could not be made: ${(err as Error).message}`);
   }
   const output = own.get(outBuffer);
-  if (!output) {
-    release();
-    uniformBuffers.forEach((u) => b.bufferManager.releaseBuffer(u));
-    return 'the output was not written by the step';
-  }
+  if (!output) return refuse('the output was not written by the step');
   return new Recording(b, steps, inputs, persistent, output, [...owned, ...uniformBuffers]);
 }
 
@@ -354,7 +356,9 @@ export class Recording {
     const b = this.b;
     for (const [name, buffers] of this.inputs) {
       const data = inputs.get(name);
-      if (!data || data.byteLength !== buffers[0]!.size) throw new Error(`replay: input "${name}" is missing or not ${buffers[0]!.size} bytes`);
+      for (const buffer of buffers) {
+        if (!data || data.byteLength !== buffer.size) throw new Error(`replay: input "${name}" is missing or not ${buffer.size} bytes`);
+      }
     }
     flush(b); // what tfjs queued before (a KV cache's growth, a join) runs first
     for (const [name, buffers] of this.inputs) for (const buffer of buffers) b.queue.writeBuffer(buffer, 0, inputs.get(name)!);
