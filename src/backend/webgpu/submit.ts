@@ -18,8 +18,8 @@ let saved: number | null = null;
 /**
  * How the dispatches from now on are batched into submits (call only on the webgpu backend). `wholeStep`, for a
  * decode step's forward and readback: no submit before the step's readback, so the step is one submit, holding its
- * intermediates (a few [rows, width] activations per layer, and on the steps where the KV cache grows each layer's
- * old cache) until it; otherwise the batch size in force before (tfjs's default of 15 unless set), which a prefill
+ * intermediates (a few [rows, width] activations per layer, and on the steps after the KV cache grew the old caches
+ * whose copies tfjs had not submitted yet) until it; otherwise the batch size in force before (tfjs's default of 15 unless set), which a prefill
  * keeps since its intermediates (every layer's [rows, heads, T, C] attention scores among them) would all be held at
  * once, and which the executor restores after each step's readback.
  */
