@@ -14,7 +14,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
-import type { BenchCase, Figure } from '../case.ts';
+import type { BenchCase, CaseContext, Figure } from '../case.ts';
 import { projectionWidths } from './kernels.ts';
 import { initBackend } from '../../src/backend/select.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
@@ -76,15 +76,20 @@ function previous(x: tf.Tensor2D, W: tf.Tensor2D, up?: tf.Tensor2D): tf.Tensor2D
 
 type Kernel = (x: tf.Tensor2D, W: tf.Tensor2D, up?: tf.Tensor2D) => tf.Tensor2D;
 
+/** Starts the webgpu backend in the harness itself (cases that run no server) and logs its adapter. */
+export async function harnessOnWebGPU(ctx: CaseContext): Promise<void> {
+  const info = await initBackend('webgpu');
+  if (info.name !== 'webgpu') throw new Error(`the harness runs ${info.name}, not webgpu`);
+  ctx.log(`adapter: ${info.adapter ? `${info.adapter.vendor} ${info.adapter.description}` : '?'}`);
+}
+
 export const decodeLinear: BenchCase = {
   name: 'decode-linear',
   title: 'WebGPU: a decode step\'s projections, the previous decode-linear kernel vs the split one, and one submit per step (in the harness, no server)',
   adapters: 0,
   backend: 'webgpu',
   async run(ctx) {
-    const info = await initBackend('webgpu');
-    if (info.name !== 'webgpu') throw new Error(`the harness runs ${info.name}, not webgpu`);
-    ctx.log(`adapter: ${info.adapter ? `${info.adapter.vendor} ${info.adapter.description}` : '?'}`);
+    await harnessOnWebGPU(ctx);
     const { c, d, q, kv, I } = projectionWidths(ctx.modelDir);
     // [in, out, gated] of a layer's products: q, k, v, o, gate·up, down.
     const layerShapes: [number, number, boolean][] = [[d, q, false], [d, kv, false], [d, kv, false], [q, d, false], [d, I, true], [I, d, false]];

@@ -11,7 +11,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
-import { initBackend } from '../../src/backend/select.ts';
+import { harnessOnWebGPU } from './decode-linear.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { TfExecutor } from '../../src/exec/tf-executor.ts';
 import { CausalLM } from '../../src/model/model.ts';
@@ -35,9 +35,7 @@ export const recordedStep: BenchCase = {
   adapters: 0,
   backend: 'webgpu',
   async run(ctx) {
-    const info = await initBackend('webgpu');
-    if (info.name !== 'webgpu') throw new Error(`the harness runs ${info.name}, not webgpu`);
-    ctx.log(`adapter: ${info.adapter ? `${info.adapter.vendor} ${info.adapter.description}` : '?'}`);
+    await harnessOnWebGPU(ctx);
     const model = CausalLM.load(ctx.modelDir);
     const V = model.config.vocabSize;
     const steps = ctx.sizes.newTokens;
