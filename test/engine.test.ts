@@ -82,16 +82,17 @@ test('long prompts are prefilled in chunks and match an unchunked run', async ()
   assert.deepEqual(chunked.tokens.map((t) => t.id), whole.tokens.map((t) => t.id));
 });
 
-test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logprobs, stops, lengths, details, forks, mixed batches', async () => {
+test('tokens picked or shortlisted on the device (webgpu) equal the host sampler\'s: ids, logprobs, stops, lengths, details, forks, mixed batches', async () => {
   const model = (rt.executor as TfExecutor).model;
   /** An engine over its own executor, counting the tokens it picked on the device. */
   const engineWith = (devicePick: boolean) => {
     const executor = new TfExecutor(model, { devicePick });
-    const counts = { picked: 0, logits: 0, mixed: 0 };
+    const counts = { picked: 0, shortlisted: 0, logits: 0, mixed: 0 };
     const count = (r: StepResult) => {
       counts.picked += r.picked?.size ?? 0;
+      counts.shortlisted += r.shortlists?.size ?? 0;
       counts.logits += r.logits.size;
-      if ((r.picked?.size ?? 0) > 0 && r.logits.size > 0) counts.mixed++;
+      if ((r.picked?.size ?? 0) + (r.shortlists?.size ?? 0) > 0 && r.logits.size > 0) counts.mixed++;
       return r;
     };
     const counted = Object.assign(Object.create(executor) as TfExecutor, {
@@ -116,6 +117,11 @@ test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logpr
     ...[0, 1, 2].map(() => request(prompt(7), { maxNewTokens: 6, ignoreEos: true, prefixGroup: group })), // choices sharing one prefill
     request(prompt(8), { maxNewTokens: 6, sampling: { logitBias: [[5, 2]] } }), // greedy on host (biased)
     request(prompt(9), { maxNewTokens: 6, sampling: { doSample: true, temperature: 0.7, seed: 3 } }), // sampled on host
+    // top_k ≤ 64: sampled from shortlists, with top_p, typical_p and temperatures
+    request(prompt(10), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 5, seed: 11 } }),
+    request(prompt(11), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 40, topP: 0.8, temperature: 0.6, seed: 12 } }),
+    request(prompt(12), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 64, typicalP: 0.9, temperature: 1.3, seed: 13 } }),
+    request(prompt(13), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 65, seed: 14 } }), // over 64: logits
   ];
   /** Greedy requests alone (every step picks), then everything together (mixed steps read logits). */
   const run = async (devicePick: boolean) => {
@@ -130,12 +136,13 @@ test('tokens picked on the device (webgpu) equal the host sampler\'s: ids, logpr
   const host = await run(false);
   const device = await run(true);
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
-  assert.equal(host.counts.picked, 0);
+  assert.equal(host.counts.picked + host.counts.shortlisted, 0);
   if (testBackend() === 'webgpu') {
     assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
+    assert.ok(device.counts.shortlisted >= 3 * 8, `tokens were sampled from shortlists (${device.counts.shortlisted})`);
     assert.ok(device.counts.mixed > 0, 'steps with picked and host-sampled rows read both from one download');
   } else {
-    assert.equal(device.counts.picked, 0, 'only the webgpu backend picks on the device');
+    assert.equal(device.counts.picked + device.counts.shortlisted, 0, 'only the webgpu backend picks or shortlists on the device');
   }
   host.outs.forEach((h, i) => {
     const d = device.outs[i]!;

@@ -6,9 +6,9 @@ import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
-import type { DecodeItem, LoraPlan, PickedToken, PrefillItem, StepExecutor, StepResult } from './executor.ts';
+import type { DecodeItem, LoraPlan, PickedToken, PrefillItem, Shortlist, ShortlistRequest, StepExecutor, StepResult } from './executor.ts';
 import type { ConstraintState } from './constraint/tokens.ts';
-import { pickableOnDevice, pickedToken, Sampler, type SampledToken } from './sampling.ts';
+import { pickableOnDevice, pickedToken, Sampler, shortlistOnDevice, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
@@ -50,6 +50,8 @@ interface Seq {
   readonly sampler: Sampler;
   /** Its next tokens may be picked on the device (greedy on the raw logits, no constraint): DecodeItem.pick. */
   readonly pick: boolean;
+  /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE, no constraint): DecodeItem.shortlist. */
+  readonly shortlist: ShortlistRequest | undefined;
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
   /** Where the text stands in `req.constraint` (null without one). */
@@ -191,6 +193,7 @@ export class Engine implements EngineApi {
     const seq: Seq = {
       id: this.nextId++, req, sink,
       sampler: new Sampler(req.sampling), pick: pickableOnDevice(req.sampling) && !req.constraint,
+      shortlist: shortlistOnDevice(req.sampling) && !req.constraint ? { temperature: req.sampling.temperature } : undefined,
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       constraint: req.constraint?.start() ?? null,
@@ -367,12 +370,12 @@ export class Engine implements EngineApi {
 
   private async decodeStep(lora: LoraPlan): Promise<void> {
     const items: DecodeItem[] = this.running.map((s) => ({
-      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick,
+      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick, shortlist: s.shortlist,
     }));
     const t0 = now();
     const res = await this.executor.decode(items, lora);
     this.stepMetrics('decode', res, now() - t0);
-    for (const seq of [...this.running]) this.accept(seq, res.picked?.get(seq.id) ?? res.logits.get(seq.id)!);
+    for (const seq of [...this.running]) this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? res.logits.get(seq.id)!);
   }
 
   /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
@@ -396,6 +399,7 @@ export class Engine implements EngineApi {
         seq: seq.id, tokens: seq.req.inputIds.slice(c.start, c.start + c.length), start: c.start, last: c.last,
         adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
         pick: seq.pick && c.last && !seq.req.decoderInputDetails && !sharing,
+        shortlist: c.last && !seq.req.decoderInputDetails && !sharing ? seq.shortlist : undefined,
       };
     });
     const res = await this.executor.prefill(items, lora);
@@ -411,10 +415,10 @@ export class Engine implements EngineApi {
       this.running.push(seq);
       seq.state = 'running';
       if (seq.req.decoderInputDetails) this.emitPrefill(seq);
-      const last = logits?.subarray(logits.length - V); // absent when the token was picked on the device
+      const last = logits?.subarray(logits.length - V); // absent when the token was picked or shortlisted on the device
       // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
-      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last!, t); // a leader's item never asks for a pick
-      this.accept(seq, res.picked?.get(seq.id) ?? last!);
+      if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last!, t); // a leader's item asks for neither
+      this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? last!);
     }
   }
 
@@ -454,7 +458,7 @@ export class Engine implements EngineApi {
    * token the executor picked on the device, emits it, and finishes the sequence when it should end. A grammar
    * that allows no token at all fails the sequence alone.
    */
-  private accept(seq: Seq, next: Float32Array | PickedToken): void {
+  private accept(seq: Seq, next: Float32Array | PickedToken | Shortlist): void {
     if (seq.state === 'done') return;
     const { req } = seq;
     const constraint = req.constraint;
@@ -468,6 +472,8 @@ export class Engine implements EngineApi {
           allowed = mask;
         }
         sampled = profiler.time('sampling', () => seq.sampler.sample(next, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0, allowed));
+      } else if ('ids' in next) {
+        sampled = profiler.time('sampling', () => seq.sampler.sampleShortlist(next, this.executor.vocabSize)); // only where seq.shortlist: no constraint
       } else {
         sampled = pickedToken(next); // only where seq.pick: no constraint
       }

@@ -38,6 +38,8 @@ export interface PrefillItem {
   readonly allLogits: boolean;
   /** The next token may be picked on the device (see DecodeItem.pick); only for a last chunk without allLogits. */
   readonly pick?: boolean;
+  /** The next token is sampled from a shortlist (see DecodeItem.shortlist); only for a last chunk without allLogits. */
+  readonly shortlist?: ShortlistRequest;
 }
 
 export interface DecodeItem {
@@ -51,6 +53,32 @@ export interface DecodeItem {
    * `pickableOnDevice`). The executor then may return a PickedToken for the sequence instead of its logits row.
    */
   readonly pick?: boolean;
+  /**
+   * The next token is sampled with top_k ≤ SHORTLIST_SIZE and nothing else that reads the whole row but the
+   * normaliser (sampling.ts `shortlistOnDevice`): the executor may return the row's Shortlist at this temperature
+   * instead of its logits.
+   */
+  readonly shortlist?: ShortlistRequest;
+}
+
+/** What a row's shortlist is made at: the temperature of its normaliser. */
+export interface ShortlistRequest {
+  readonly temperature: number;
+}
+
+/** Candidates in a Shortlist: top_k sampling up to this many may use one. */
+export const SHORTLIST_SIZE = 64;
+
+/**
+ * A row's SHORTLIST_SIZE largest logits, best first (value descending, then id ascending; NaN counts as −∞), and
+ * `logZ` = log Σ exp(logit / temperature) over the whole row (NaN when a logit is +∞, −∞ when none is finite), in
+ * float32: enough for the host Sampler to draw a top_k ≤ SHORTLIST_SIZE token exactly as from the whole row, and its
+ * logprob to float32 rounding. `ids` is −1 (and `logits` −∞) past the vocabulary's end.
+ */
+export interface Shortlist {
+  readonly ids: Int32Array;
+  readonly logits: Float32Array;
+  readonly logZ: number;
 }
 
 /**
@@ -97,6 +125,8 @@ export interface StepResult {
    * always return logits instead): the token, and no logits entry.
    */
   readonly picked?: ReadonlyMap<number, PickedToken>;
+  /** Per sequence whose item asked for a shortlist and got one (an executor may return logits instead): no logits entry. */
+  readonly shortlists?: ReadonlyMap<number, Shortlist>;
   /** The call's forward passes, in the order they ran. */
   readonly passes: readonly StepPass[];
 }

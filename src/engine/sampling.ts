@@ -20,7 +20,7 @@
  * PRNG float per token (greedy none), so a seed and a logits sequence fix the output.
  */
 import { fail } from '../errors.ts';
-import type { PickedToken } from './executor.ts';
+import { SHORTLIST_SIZE, type PickedToken, type Shortlist } from './executor.ts';
 
 export interface SamplingParams {
   doSample: boolean;
@@ -73,6 +73,16 @@ export interface SampledToken {
 export function pickableOnDevice(p: SamplingParams): boolean {
   return !p.doSample && p.temperature === 1 && p.repetitionPenalty === 1 && p.frequencyPenalty === 0 && p.presencePenalty === 0 &&
     p.topNTokens === 0 && p.logitBias.length === 0;
+}
+
+/**
+ * Whether sample() draws among at most SHORTLIST_SIZE top-k candidates and needs nothing else of the row but its
+ * normaliser (no penalties, logit_bias or top-n alternatives; a constraint mask, which the caller knows of, rules it
+ * out too): then an executor may return the row's Shortlist (DecodeItem.shortlist) instead of its logits.
+ */
+export function shortlistOnDevice(p: SamplingParams): boolean {
+  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && p.repetitionPenalty === 1 && p.frequencyPenalty === 0 &&
+    p.presencePenalty === 0 && p.topNTokens === 0 && p.logitBias.length === 0;
 }
 
 /** A token picked on the device (executor.ts PickedToken) as sample() returns it; fails as sample() does on a row without a finite logit or with +inf. */
@@ -250,6 +260,21 @@ export class Sampler {
       out.top = Array.from(selectTop(x, Math.min(p.topNTokens, V), V), (t) => ({ id: t, logprob: x[t]! - logZ }));
     }
     return out;
+  }
+
+  /**
+   * sample() of a row of `vocab` logits of which only its shortlist is known (shortlistOnDevice params): the same
+   * token, since top_k keeps only shortlisted ids and the draw reads only them; the logprob from the shortlist's
+   * normaliser (float32) instead of one over the whole row.
+   */
+  sampleShortlist(s: Shortlist, vocab: number): SampledToken {
+    if (Number.isNaN(s.logZ)) throw fail('GENERATION', 'the logits contain +inf');
+    const row = new Float32Array(vocab).fill(-Infinity);
+    s.ids.forEach((id, j) => {
+      if (id >= 0) row[id] = s.logits[j]!;
+    });
+    const { id } = this.sample(row, []);
+    return { id, logprob: row[id]! * (1 / this.params.temperature) - s.logZ };
   }
 
   private applyPenalties(x: Float64Array, history: readonly number[], penaltyFrom: number): void {

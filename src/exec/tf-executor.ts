@@ -5,10 +5,12 @@
  * never modified. Adapters are uploaded here under their key and named by it in items.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type {
-  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PickedToken, PrefillItem, ResidentAdapter, StepPass, StepResult,
+import {
+  SHORTLIST_SIZE, type DecodeItem, type DeviceMemory, type ExecAdapter, type Executor, type LoraPlan, type PickedToken, type PrefillItem,
+  type ResidentAdapter, type Shortlist, type ShortlistRequest, type StepPass, type StepResult,
 } from '../engine/executor.ts';
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
+import { shortlistGpu } from '../backend/webgpu/kernels/shortlist.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import { canRecord, recordStep, stepInput, type PendingRecording, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
 import { batchSubmits } from '../backend/webgpu/submit.ts';
@@ -24,8 +26,9 @@ export interface TfExecutorOptions {
   /** Cached banks (sets of adapters) kept on the device (default 4). */
   readonly maxBanks?: number;
   /**
-   * Pick next tokens on the device for the rows that allow it (DecodeItem.pick) where the backend has the kernel
-   * (webgpu): such a row reads back [id, logprob] instead of its logits (default true).
+   * Pick next tokens on the device for the rows that allow it (DecodeItem.pick), and make the shortlists of the rows
+   * that ask for one (DecodeItem.shortlist), where the backend has the kernels (webgpu): such a row reads back
+   * [id, logprob] or its shortlist instead of its logits (default true).
    */
   readonly devicePick?: boolean;
   /**
@@ -42,12 +45,16 @@ interface RecordedDecode {
   readonly pass: StepPass;
 }
 
-/** What one forward pass read back, by logits row: a token picked on the device, or the row's logits. */
+/** What a logits row is read back as: its logits, its greedy token picked on the device, or its shortlist. */
+type RowAnswer = 'logits' | 'pick' | ShortlistRequest;
+
+/** What one forward pass read back, by logits row: a token picked on the device, a shortlist, or the row's logits. */
 interface PassOutput {
   readonly picked: ReadonlyMap<number, PickedToken>;
-  /** The other rows' logits, in row order: [rows not picked, vocab]. */
+  readonly shortlists: ReadonlyMap<number, Shortlist>;
+  /** The other rows' logits, in row order: [rows answered with logits, vocab]. */
   readonly logits: Float32Array;
-  /** Per logits row: its index among the rows not picked (−1: picked). */
+  /** Per logits row: its index among the rows answered with logits (−1: picked or shortlisted). */
   readonly logitsAt: Int32Array;
 }
 
@@ -116,7 +123,7 @@ export class TfExecutor implements Executor {
   }
 
   private async prefillAll(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult> {
-    const out = { logits: new Map<number, Float32Array>(), picked: new Map<number, PickedToken>() };
+    const out = { logits: new Map<number, Float32Array>(), picked: new Map<number, PickedToken>(), shortlists: new Map<number, Shortlist>() };
     const passes: StepPass[] = [];
     // Whole prompts in one chunk run together (left-padded); chunks of long prompts run one by one.
     const whole = items.filter((i) => i.start === 0 && i.last && !this.prefilling.has(i.seq));
@@ -126,7 +133,8 @@ export class TfExecutor implements Executor {
     return { ...out, passes };
   }
 
-  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan, out: { logits: Map<number, Float32Array>; picked: Map<number, PickedToken> }): Promise<StepPass> {
+  private async prefillPass(items: readonly PrefillItem[], lora: LoraPlan,
+    out: { logits: Map<number, Float32Array>; picked: Map<number, PickedToken>; shortlists: Map<number, Shortlist> }): Promise<StepPass> {
     const T = Math.max(...items.map((i) => i.tokens.length));
     const B = items.length;
     let kv: KVBatch;
@@ -156,10 +164,10 @@ export class TfExecutor implements Executor {
     });
     const itemAdapters = items.map((i) => this.resolve(i.adapter));
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
-    const pickRows = items.flatMap((item, i) => new Array<boolean>(rowsOf[i]!.count).fill(!!item.pick && item.last && !item.allLogits));
+    const answers = items.flatMap((item, i) => new Array<RowAnswer>(rowsOf[i]!.count).fill(item.last && !item.allLogits ? this.answerOf(item) : 'logits'));
     let result: Awaited<ReturnType<TfExecutor['forward']>>;
     try {
-      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, pickRows);
+      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, answers);
     } catch (err) {
       if (!cont) kv.dispose(); // a continued prompt's KV is released with its sequence
       throw err;
@@ -168,9 +176,11 @@ export class TfExecutor implements Executor {
     const V = this.vocabSize;
     for (const r of rowsOf) {
       if (r.count === 0) continue;
-      const picked = output.picked.get(r.from); // a picked item has one row: its last
-      const at = output.logitsAt[r.from]!; // the item's rows are consecutive among those not picked
+      const picked = output.picked.get(r.from); // a picked or shortlisted item has one row: its last
+      const shortlist = output.shortlists.get(r.from);
+      const at = output.logitsAt[r.from]!; // the item's rows are consecutive among those answered with logits
       if (picked) out.picked.set(r.seq, picked);
+      else if (shortlist) out.shortlists.set(r.seq, shortlist);
       else out.logits.set(r.seq, output.logits.subarray(at * V, (at + r.count) * V));
     }
 
@@ -203,21 +213,30 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const pickRows = this.rows.map((r) => this.devicePick && !!bySeq.get(r.seq)!.pick);
+    const answers = this.rows.map((r) => this.answerOf(bySeq.get(r.seq)!));
     const rowAdapters = this.rows.map((r) => r.adapter);
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
-    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, pickRows))
-      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, pickRows, this.stepKey(lora, pickRows));
+    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers))
+      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, this.stepKey(lora, answers));
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
+    const shortlists = new Map<number, Shortlist>();
     this.rows.forEach((r, b) => {
       const p = output.picked.get(b);
+      const s = output.shortlists.get(b);
       const at = output.logitsAt[b]!;
       if (p) picked.set(r.seq, p);
+      else if (s) shortlists.set(r.seq, s);
       else logits.set(r.seq, output.logits.subarray(at * V, (at + 1) * V));
     });
-    return { logits, picked, passes: [pass] };
+    return { logits, picked, shortlists, passes: [pass] };
+  }
+
+  /** How an item's logits row is read back: picked or shortlisted on the device when it allows it and the backend can. */
+  private answerOf(item: { readonly pick?: boolean; readonly shortlist?: ShortlistRequest }): RowAnswer {
+    if (!this.devicePick) return 'logits';
+    return item.pick ? 'pick' : item.shortlist ?? 'logits';
   }
 
   release(seq: number): void {
@@ -324,12 +343,13 @@ export class TfExecutor implements Executor {
 
   /**
    * What a decode step's recording must match to be replayed, besides its buffers (Recording.valid): the rows (their
-   * sequences and adapters), the LoRA plan and which rows are picked on the device. null: steps are not recorded.
+   * sequences and adapters), the LoRA plan and which rows are picked or shortlisted on the device (the temperatures
+   * are step inputs). null: steps are not recorded.
    */
-  private stepKey(plan: LoraPlan, pickRows: readonly boolean[]): string | null {
+  private stepKey(plan: LoraPlan, answers: readonly RowAnswer[]): string | null {
     if (!this.recordSteps) return null;
     const rows = this.rows.map((r) => `${r.seq}:${r.adapter?.key ?? ''}`).join(',');
-    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${pickRows.map((p) => (p ? 1 : 0)).join('')}`;
+    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : 's')).join('')}`;
   }
 
   /**
@@ -338,9 +358,9 @@ export class TfExecutor implements Executor {
    * weights rebuilt). The KV cache has room for the step's column (reserved before).
    */
   private async replay(tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan,
-    pickRows: readonly boolean[]): Promise<{ output: PassOutput; pass: StepPass } | null> {
+    answers: readonly RowAnswer[]): Promise<{ output: PassOutput; pass: StepPass } | null> {
     const r = this.recorded;
-    const key = this.stepKey(plan, pickRows);
+    const key = this.stepKey(plan, answers);
     if (!r || r.key !== key || !r.recording.valid() || this.kv.capacity <= this.kv.cols) {
       if (r) this.dropRecording();
       return null;
@@ -349,8 +369,7 @@ export class TfExecutor implements Executor {
     const inputs = new Map<string, StepData>([...this.model.stepInputs(tokens, positions, B, 1), ['kv.state', this.kv.stateData()]]);
     const slots = this.rowSlots(rowAdapters);
     if (slots) inputs.set('lora.slots', slotData(slots));
-    const keep = keptRows(pickRows, B);
-    if (keep.length < B && keep.length > 0) inputs.set('pick.keep', keep);
+    for (const [name, data] of answerInputs(answers, B)) inputs.set(name, data);
     let data: Float32Array;
     try {
       this.model.checkInputs(tokens, positions);
@@ -362,7 +381,7 @@ export class TfExecutor implements Executor {
     }
     this.kv.commit(1);
     this.recordedSteps.replayed++;
-    return { output: parseOutput(data, B, this.vocabSize, pickRows), pass: r.pass };
+    return { output: parseOutput(data, B, this.vocabSize, answers), pass: r.pass };
   }
 
   /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
@@ -416,20 +435,19 @@ export class TfExecutor implements Executor {
   }
 
   /**
-   * One forward pass over `kv` for `seqs` sequences, and what it was, with its logits rows read back: with device
-   * picking on, the rows that allow it (`pickRows`, per logits row) as their greedy tokens picked on the device.
+   * One forward pass over `kv` for `seqs` sequences, and what it was, with its logits rows read back as `answers`
+   * says (per logits row: its logits, its greedy token picked on the device, or its shortlist).
    * `record` (a decode step's stepKey): the pass is recorded for replay when the backend can record it.
    */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
-    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, pickRows: readonly boolean[],
+    rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, answers: readonly RowAnswer[],
     record: string | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
-    const picks = this.devicePick ? pickRows : [];
     let logits: tf.Tensor2D | null = null;
     let out: tf.Tensor | null = null;
     const build = (): tf.Tensor => {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      return passOutput(logits, picks);
+      return passOutput(logits, answers);
     };
     // A step that grows the KV cache (a fallback: decode steps reserve their column before) reads the old one, which
     // is gone after it: not worth recording.
@@ -447,7 +465,7 @@ export class TfExecutor implements Executor {
     }
     const pass = { rows: seqs, ...choice.applied };
     if (record !== null) this.keepRecording(record, pending?.finish() ?? 'the step grows the KV cache', pass);
-    return { output: parseOutput(data, logitRows.length, this.vocabSize, picks), pass };
+    return { output: parseOutput(data, logitRows.length, this.vocabSize, answers), pass };
   }
 
   private keepRecording(key: string, result: Recording | string, pass: StepPass): void {
@@ -463,32 +481,69 @@ export class TfExecutor implements Executor {
   }
 }
 
-/** Of `rows` logits rows, those not picked on the device, in order (their indices are a step input, `pick.keep`). */
-function keptRows(pickRows: readonly boolean[], rows: number): Int32Array {
-  return Int32Array.from({ length: rows }, (_, r) => r).filter((r) => !pickRows[r]);
+/** Of `rows` logits rows, those answered as `kind` (logits, picks, or shortlists), in order. */
+function rowsAnswered(answers: readonly RowAnswer[], rows: number, kind: 'logits' | 'pick' | 'shortlist'): Int32Array {
+  const of = (a: RowAnswer | undefined) => (a === undefined || a === 'logits' ? 'logits' : a === 'pick' ? 'pick' : 'shortlist');
+  return Int32Array.from({ length: rows }, (_, r) => r).filter((r) => of(answers[r]) === kind);
 }
 
 /**
- * The tensor a pass reads back for logits [rows, vocab]: the logits when no row is picked (`pickRows`); else every
- * row's greedy pick [rows·2] (id, logprob: GreedyPickProgram), then the rows not picked, [keep·vocab].
+ * The host values passOutput uploads for `answers` (named step inputs): the rows answered with logits (`pick.keep`,
+ * when some rows are not), the shortlisted rows and their inverse temperatures (`shortlist.rows`, `shortlist.invTemp`).
  */
-function passOutput(logits: tf.Tensor2D, pickRows: readonly boolean[]): tf.Tensor {
+function answerInputs(answers: readonly RowAnswer[], rows: number): Map<string, Int32Array | Float32Array> {
+  const out = new Map<string, Int32Array | Float32Array>();
+  const keep = rowsAnswered(answers, rows, 'logits');
+  if (keep.length > 0 && keep.length < rows) out.set('pick.keep', keep);
+  const short = rowsAnswered(answers, rows, 'shortlist');
+  if (short.length > 0) {
+    out.set('shortlist.rows', short);
+    out.set('shortlist.invTemp', Float32Array.from(short, (r) => 1 / (answers[r] as ShortlistRequest).temperature));
+  }
+  return out;
+}
+
+/**
+ * The tensor a pass reads back for logits [rows, vocab]: the logits when every row is answered with its logits; else,
+ * concatenated, every row's greedy pick [rows·2] (id, logprob: GreedyPickProgram) when a row is picked, the shortlisted
+ * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (ShortlistProgram), then the rows answered with logits [keep·vocab].
+ */
+function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[]): tf.Tensor {
   const rows = logits.shape[0];
-  const keep = keptRows(pickRows, rows);
+  const keep = rowsAnswered(answers, rows, 'logits');
   if (rows === 0 || keep.length === rows) return logits;
+  const inputs = answerInputs(answers, rows);
+  const upload = (name: string, dtype: 'int32' | 'float32') => tf.tensor1d(stepInput(name, inputs.get(name)!), dtype);
   return tf.tidy(() => {
-    const picks = tf.reshape(greedyPickGpu(logits), [-1]);
-    return keep.length === 0 ? picks : tf.concat([picks, tf.reshape(tf.gather(logits, tf.tensor1d(stepInput('pick.keep', keep), 'int32')), [-1])]);
+    const parts: tf.Tensor[] = [];
+    if (rowsAnswered(answers, rows, 'pick').length > 0) parts.push(tf.reshape(greedyPickGpu(logits), [-1]));
+    if (inputs.has('shortlist.rows')) {
+      const short = tf.gather(logits, upload('shortlist.rows', 'int32'));
+      parts.push(tf.reshape(shortlistGpu(short, upload('shortlist.invTemp', 'float32'), SHORTLIST_SIZE), [-1]));
+    }
+    if (keep.length > 0) parts.push(tf.reshape(tf.gather(logits, upload('pick.keep', 'int32')), [-1]));
+    return parts.length === 1 ? parts[0]! : tf.concat(parts);
   });
 }
 
 /** What passOutput's tensor says, read back as `data`. */
-function parseOutput(data: Float32Array, rows: number, V: number, pickRows: readonly boolean[]): PassOutput {
-  const keep = keptRows(pickRows, rows);
+function parseOutput(data: Float32Array, rows: number, V: number, answers: readonly RowAnswer[]): PassOutput {
+  const keep = rowsAnswered(answers, rows, 'logits');
   const logitsAt = new Int32Array(rows).fill(-1);
   keep.forEach((r, i) => (logitsAt[r] = i));
-  if (rows === 0 || keep.length === rows) return { picked: new Map(), logits: data, logitsAt };
   const picked = new Map<number, PickedToken>();
-  for (let r = 0; r < rows; r++) if (pickRows[r]) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
-  return { picked, logits: data.subarray(2 * rows, 2 * rows + keep.length * V), logitsAt };
+  const shortlists = new Map<number, Shortlist>();
+  if (rows === 0 || keep.length === rows) return { picked, shortlists, logits: data, logitsAt };
+  let at = 0;
+  const picks = rowsAnswered(answers, rows, 'pick');
+  if (picks.length > 0) {
+    for (const r of picks) picked.set(r, { id: data[2 * r]!, logprob: data[2 * r + 1]! });
+    at = 2 * rows;
+  }
+  const S = SHORTLIST_SIZE;
+  for (const r of rowsAnswered(answers, rows, 'shortlist')) {
+    shortlists.set(r, { ids: Int32Array.from(data.subarray(at, at + S)), logits: data.slice(at + S, at + 2 * S), logZ: data[at + 2 * S]! });
+    at += 2 * S + 1;
+  }
+  return { picked, shortlists, logits: data.subarray(at, at + keep.length * V), logitsAt };
 }

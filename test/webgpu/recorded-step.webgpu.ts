@@ -1,8 +1,8 @@
 /**
  * Recorded decode steps (src/backend/webgpu/recorded-step.ts, TfExecutor's recordSteps): the same decode run through
  * two executors on one model, one replaying its recorded steps and one running every step through tfjs, gives the
- * same logits and device-picked tokens bit for bit — with adapters (a bank, then merged), rows joining, leaving and
- * picked or not, the KV cache growing, Gemma 2's windows and soft-caps, Phi-3's longrope switch — while most steps are
+ * same logits, device-picked tokens and shortlists bit for bit — with adapters (a bank, then merged), rows joining,
+ * leaving, picked, shortlisted or read as logits, the KV cache growing, Gemma 2's windows and soft-caps, Phi-3's longrope switch — while most steps are
  * replays of as many dispatches as the steps through tfjs. A step reading host values nobody named is refused, and
  * nothing leaks. test/webgpu.test.ts runs this file with TEST_BACKEND=webgpu.
  */
@@ -34,6 +34,8 @@ interface Seq {
   readonly joins: number;
   readonly leaves: number;
   readonly pick: boolean;
+  /** Sampled from a shortlist at this temperature. */
+  readonly shortlist?: number;
 }
 
 /** What a run returned at each step, per sequence: the logits row or the picked [id, logprob]. */
@@ -48,9 +50,10 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
   const last = new Map<number, { token: number; position: number }>();
   const take = (s: number, res: StepResult, out: Map<number, number[]>) => {
     const p = res.picked?.get(s);
+    const short = res.shortlists?.get(s);
     const l = res.logits.get(s);
-    out.set(s, p ? [p.id, p.logprob] : Array.from(l!));
-    const token = p ? p.id : argmax(l!);
+    out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logZ] : Array.from(l!));
+    const token = p ? p.id : short ? short.ids[0]! : argmax(l!);
     const prev = last.get(s);
     last.set(s, { token, position: prev ? prev.position + 1 : seqs[s]!.prompt.length });
   };
@@ -60,6 +63,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
     if (running.length > 0) {
       const items: DecodeItem[] = running.map((s) => ({
         seq: s, token: last.get(s)!.token, position: last.get(s)!.position, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, pick: seqs[s]!.pick,
+        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist! } } : {}),
       }));
       const res = await ex.decode(items, plan(step));
       for (const s of running) take(s, res, out);
@@ -68,6 +72,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
     if (joining.length > 0) {
       const res = await ex.prefill(joining.map((s) => ({
         seq: s, tokens: seqs[s]!.prompt, start: 0, last: true, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, allLogits: false, pick: seqs[s]!.pick,
+        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist! } } : {}),
       })), { kind: 'unmerged' });
       for (const s of joining) take(s, res, out);
     }
@@ -110,11 +115,13 @@ for (const [name, opts] of MODELS) {
       plainLeases.push(await plainManager.acquire(`a${i}`));
     }
     // A bank of both adapters and base rows until step 20; steps 22–26 merge adapter 0, the only one left running.
+    // Rows answered with logits, greedy picks and shortlists (their first candidate taken as the next token).
     const script: Seq[] = [
       { prompt: [5, 17, 42, 99, 3], adapter: 0, joins: 0, leaves: 30, pick: false },
       { prompt: [11, 12], adapter: null, joins: 0, leaves: 12, pick: true },
       { prompt: [200, 201, 202], adapter: 1, joins: 6, leaves: 20, pick: true },
-      { prompt: [7, 8, 9, 10], adapter: 0, joins: 18, leaves: 30, pick: false },
+      { prompt: [7, 8, 9, 10], adapter: 0, joins: 18, leaves: 30, pick: false, shortlist: 0.7 },
+      { prompt: [40, 41], adapter: null, joins: 2, leaves: 9, pick: false, shortlist: 1.2 },
     ];
     const plan = (l: readonly AdapterLease[]) => (step: number): LoraPlan => (step >= 22 && step <= 26 ? { kind: 'merged', key: l[0]!.adapter.key } : { kind: 'unmerged' });
     const before = webgpuCounts()!;
