@@ -70,15 +70,16 @@ export interface ShortlistRequest {
 export const SHORTLIST_SIZE = 64;
 
 /**
- * A row's SHORTLIST_SIZE largest logits, best first (value descending, then id ascending; NaN counts as −∞), and
- * `logZ` = log Σ exp(logit / temperature) over the whole row (NaN when a logit is +∞, −∞ when none is finite), in
- * float32: enough for the host Sampler to draw a top_k ≤ SHORTLIST_SIZE token exactly as from the whole row, and its
- * logprob to float32 rounding. `ids` is −1 (and `logits` −∞) past the vocabulary's end.
+ * A row's SHORTLIST_SIZE largest logits, best first (value descending, then id ascending; NaN counts as −∞, −0 as 0),
+ * and `logNorm` = log Σ_v exp((logit_v − logits[0]) / temperature) over the whole row, in float32 (NaN when a logit is
+ * +∞, −∞ when none is finite): enough for the host Sampler to draw a top_k ≤ SHORTLIST_SIZE token exactly as from the
+ * whole row, and its logprob (logit − logits[0]) / temperature − logNorm to float32 rounding of logNorm (which is
+ * between 0 and log vocab). `ids` is −1 (and `logits` −∞) past the vocabulary's end.
  */
 export interface Shortlist {
   readonly ids: Int32Array;
   readonly logits: Float32Array;
-  readonly logZ: number;
+  readonly logNorm: number;
 }
 
 /**

@@ -207,6 +207,8 @@ export class Sampler {
   private weights = new Float64Array(0);
   private ids = new Int32Array(0);
   private readonly binBuf = new Float64Array(BINS + 1);
+  /** The row sampleShortlist fills, reused between calls. */
+  private shortRow = new Float32Array(0);
 
   constructor(params: SamplingParams) {
     this.params = { ...params };
@@ -265,16 +267,18 @@ export class Sampler {
   /**
    * sample() of a row of `vocab` logits of which only its shortlist is known (shortlistOnDevice params): the same
    * token, since top_k keeps only shortlisted ids and the draw reads only them; the logprob from the shortlist's
-   * normaliser (float32) instead of one over the whole row.
+   * normaliser, relative to its largest logit so that a low temperature does not magnify the normaliser's float32
+   * rounding (and the best token's logprob is never above 0).
    */
   sampleShortlist(s: Shortlist, vocab: number): SampledToken {
-    if (Number.isNaN(s.logZ)) throw fail('GENERATION', 'the logits contain +inf');
-    const row = new Float32Array(vocab).fill(-Infinity);
+    if (Number.isNaN(s.logNorm)) throw fail('GENERATION', 'the logits contain +inf');
+    if (this.shortRow.length !== vocab) this.shortRow = new Float32Array(vocab);
+    const row = this.shortRow.fill(-Infinity);
     s.ids.forEach((id, j) => {
       if (id >= 0) row[id] = s.logits[j]!;
     });
     const { id } = this.sample(row, []);
-    return { id, logprob: row[id]! * (1 / this.params.temperature) - s.logZ };
+    return { id, logprob: (row[id]! - s.logits[0]!) * (1 / this.params.temperature) - s.logNorm };
   }
 
   private applyPenalties(x: Float64Array, history: readonly number[], penaltyFrom: number): void {

@@ -8,7 +8,7 @@
 import { Worker } from 'node:worker_threads';
 import type { BackendName } from '../backend/select.ts';
 import type {
-  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PickedToken, PrefillItem, ResidentAdapter, StepPass, StepResult,
+  DecodeItem, DeviceMemory, ExecAdapter, Executor, LoraPlan, PickedToken, PrefillItem, ResidentAdapter, Shortlist, StepPass, StepResult,
 } from '../engine/executor.ts';
 import { ERRORS, isServeError, ServeError } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
@@ -196,13 +196,15 @@ export class ParallelExecutor implements Executor {
     const answers = await profiler.timeAsync('executor_wait', () => Promise.all([...groups].map(([c, g]) => call(c, g))));
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
+    const shortlists = new Map<number, Shortlist>();
     const passes: StepPass[] = [];
     for (const r of answers) {
       for (const [seq, l] of r.logits) logits.set(seq, l);
       for (const [seq, p] of r.picked) picked.set(seq, p);
+      for (const [seq, s] of r.shortlists) shortlists.set(seq, s);
       passes.push(...r.passes);
     }
-    return { logits, picked, passes };
+    return { logits, picked, shortlists, passes };
   }
 
   /** Every worker gets the same LoRA plan with its share of the items. */

@@ -3,7 +3,7 @@
  * an id; the worker handles requests one after another, in arrival order, and answers each with the same id.
  */
 import type { BackendName } from '../backend/select.ts';
-import type { DecodeItem, DeviceMemory, ExecAdapter, LoraPlan, PickedToken, PrefillItem, StepPass } from '../engine/executor.ts';
+import type { DecodeItem, DeviceMemory, ExecAdapter, LoraPlan, PickedToken, PrefillItem, Shortlist, StepPass } from '../engine/executor.ts';
 import type { ErrorCode } from '../errors.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
 import type { ProfileTotals } from '../obs/profile.ts';
@@ -30,12 +30,14 @@ export interface WorkerInfo {
 }
 
 /**
- * A step's answer: logits per sequence (each its own transferred buffer), tokens picked on the device per sequence
- * (StepResult.picked; none on the backends workers run today) and the worker's forward passes.
+ * A step's answer: logits per sequence (each its own transferred buffer), tokens picked on the device and shortlists
+ * per sequence (StepResult.picked, StepResult.shortlists; none on the backends workers run today) and the worker's
+ * forward passes.
  */
 export interface WorkerStep {
   readonly logits: [number, Float32Array][];
   readonly picked: [number, PickedToken][];
+  readonly shortlists: [number, Shortlist][];
   readonly passes: readonly StepPass[];
 }
 

@@ -109,7 +109,10 @@ export class TfExecutor implements Executor {
       const positions = Int32Array.from({ length: 2 * T }, (_, i) => i % T);
       this.model.forward({ kv, tokens, positions, T, pad: [0, 0], logitRows: Int32Array.of(T - 1, 2 * T - 1) }).dispose();
       const logits = this.model.forward({ kv, tokens: new Int32Array(2), positions: Int32Array.of(T, T), T: 1, logitRows: Int32Array.of(0, 1) });
-      if (this.devicePick) greedyPickGpu(logits).dispose();
+      if (this.devicePick) {
+        greedyPickGpu(logits).dispose();
+        tf.tidy(() => shortlistGpu(logits, tf.ones([2]) as tf.Tensor1D, SHORTLIST_SIZE)).dispose();
+      }
       logits.dispose();
     } finally {
       kv.dispose();
@@ -506,7 +509,7 @@ function answerInputs(answers: readonly RowAnswer[], rows: number): Map<string, 
 /**
  * The tensor a pass reads back for logits [rows, vocab]: the logits when every row is answered with its logits; else,
  * concatenated, every row's greedy pick [rows·2] (id, logprob: GreedyPickProgram) when a row is picked, the shortlisted
- * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (ShortlistProgram), then the rows answered with logits [keep·vocab].
+ * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (shortlist.ts: two dispatches), then the rows answered with logits [keep·vocab].
  */
 function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[]): tf.Tensor {
   const rows = logits.shape[0];
@@ -542,7 +545,7 @@ function parseOutput(data: Float32Array, rows: number, V: number, answers: reado
   }
   const S = SHORTLIST_SIZE;
   for (const r of rowsAnswered(answers, rows, 'shortlist')) {
-    shortlists.set(r, { ids: Int32Array.from(data.subarray(at, at + S)), logits: data.slice(at + S, at + 2 * S), logZ: data[at + 2 * S]! });
+    shortlists.set(r, { ids: Int32Array.from(data.subarray(at, at + S)), logits: data.slice(at + S, at + 2 * S), logNorm: data[at + 2 * S]! });
     at += 2 * S + 1;
   }
   return { picked, shortlists, logits: data.subarray(at, at + keep.length * V), logitsAt };

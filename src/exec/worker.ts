@@ -24,7 +24,7 @@ function ready(): TfExecutor {
 function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
   // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
   const logits: [number, Float32Array][] = [...r.logits].map(([seq, l]) => [seq, l.slice()]);
-  const value: WorkerStep = { logits, picked: [...r.picked ?? []], passes: r.passes };
+  const value: WorkerStep = { logits, picked: [...r.picked ?? []], shortlists: [...r.shortlists ?? []], passes: r.passes };
   return { value, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
 }
 

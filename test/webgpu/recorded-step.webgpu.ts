@@ -52,7 +52,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
     const p = res.picked?.get(s);
     const short = res.shortlists?.get(s);
     const l = res.logits.get(s);
-    out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logZ] : Array.from(l!));
+    out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logNorm] : Array.from(l!));
     const token = p ? p.id : short ? short.ids[0]! : argmax(l!);
     const prev = last.get(s);
     last.set(s, { token, position: prev ? prev.position + 1 : seqs[s]!.prompt.length });
