@@ -113,21 +113,25 @@ test('a step of several forward passes (one per worker) is one step duration, an
   assert.equal(value(f, 'lora_serve_batch_adapters_sum', { kind: 'decode' }), 17);
 });
 
-test('the webgpu backend\'s device operations and readback bytes are counters; absent (bytes: 0) on other backends', async () => {
+test('the webgpu backend\'s device operations, readback bytes and decode steps by path are counters; absent (bytes: 0) on other backends', async () => {
   const ops = { dispatch: 526, submit: 36, upload: 40, readback: 1 };
-  const counts = { ...ops, readbackBytes: 4096 };
+  const counts = { ...ops, readbackBytes: 4096, decodeSteps: { replayed: 30, recorded: 2, tfjs: 1 } };
   const m = new Metrics({ processMetrics: false, webgpu: () => counts });
   let f = parseExposition(await m.text());
   for (const [op, n] of Object.entries(ops)) assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op }), n);
   assert.equal(value(f, 'lora_serve_webgpu_readback_bytes_total'), 4096);
+  for (const [path, n] of Object.entries(counts.decodeSteps)) assert.equal(value(f, 'lora_serve_webgpu_decode_steps_total', { path }), n);
   counts.dispatch += 100;
   counts.readbackBytes += 64;
+  counts.decodeSteps.replayed += 5;
   f = parseExposition(await m.text());
+  assert.equal(value(f, 'lora_serve_webgpu_decode_steps_total', { path: 'replayed' }), 35);
   assert.equal(value(f, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), 626, 'each scrape adds what happened since the last');
   assert.equal(value(f, 'lora_serve_webgpu_readback_bytes_total'), 4160);
   const other = parseExposition(await new Metrics({ processMetrics: false, webgpu: () => null }).text());
   assert.equal(value(other, 'lora_serve_webgpu_operations_total', { op: 'dispatch' }), undefined);
   assert.equal(value(other, 'lora_serve_webgpu_readback_bytes_total'), 0);
+  assert.equal(value(other, 'lora_serve_webgpu_decode_steps_total', { path: 'replayed' }), undefined);
 });
 
 test('engine, adapter and HTTP events move the counters', async () => {

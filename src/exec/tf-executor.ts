@@ -12,6 +12,7 @@ import {
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
 import { shortlistGpu } from '../backend/webgpu/kernels/shortlist.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
+import { countDecodeStep } from '../backend/webgpu/counters.ts';
 import { canRecord, recordStep, stepInput, type PendingRecording, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
 import { batchSubmits } from '../backend/webgpu/submit.ts';
 import type { AdapterWeights } from '../lora/adapter-file.ts';
@@ -219,8 +220,10 @@ export class TfExecutor implements Executor {
     const answers = this.rows.map((r) => this.answerOf(bySeq.get(r.seq)!));
     const rowAdapters = this.rows.map((r) => r.adapter);
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
+    const key = this.stepKey(lora, answers);
     const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers))
-      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, this.stepKey(lora, answers));
+      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, key);
+    if (key === null) countDecodeStep('tfjs'); // steps are not recorded (--recorded-steps false); counted on webgpu only
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
@@ -384,6 +387,7 @@ export class TfExecutor implements Executor {
     }
     this.kv.commit(1);
     this.recordedSteps.replayed++;
+    countDecodeStep('replayed');
     return { output: parseOutput(data, B, this.vocabSize, answers), pass: r.pass };
   }
 
@@ -476,10 +480,12 @@ export class TfExecutor implements Executor {
     if (typeof result !== 'string' && result.valid()) { // a trim at the step's end replaced the caches it wrote
       this.recorded = { key, recording: result, pass };
       this.recordedSteps.recorded++;
+      countDecodeStep('recorded');
       return;
     }
     if (typeof result !== 'string') result.dispose();
     this.recordedSteps.unrecorded++;
+    countDecodeStep('tfjs');
     this.recordedSteps.lastRefusal = typeof result === 'string' ? result : 'the KV caches were replaced at the step\'s end';
   }
 }

@@ -22,7 +22,7 @@ import type { EngineLoad, EngineMetrics, FinishReason } from '../engine/types.ts
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { MergeStrategy } from '../lora/merge.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
-import { WEBGPU_OPS, type WebGPUCounts, type WebGPUOp } from '../backend/webgpu/counters.ts';
+import { DECODE_PATHS, WEBGPU_OPS, type DecodePath, type WebGPUCounts, type WebGPUOp } from '../backend/webgpu/counters.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
 
@@ -229,6 +229,21 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
         if (!counts) return;
         if (counts.readbackBytes > seenBytes) this.inc(counts.readbackBytes - seenBytes);
         seenBytes = counts.readbackBytes;
+      },
+    });
+    const seenPaths = new Map<DecodePath, number>();
+    new Counter({
+      name: `${METRIC_PREFIX}webgpu_decode_steps_total`,
+      help: 'On the webgpu backend: decode steps by how they ran: replayed from a recording, recorded, or through TensorFlow.js unrecorded.',
+      labelNames: ['path'] as const, registers: [this.registry],
+      collect() {
+        const counts = webgpu?.();
+        if (!counts) return;
+        for (const path of DECODE_PATHS) {
+          const delta = counts.decodeSteps[path] - (seenPaths.get(path) ?? 0);
+          if (delta > 0) this.inc({ path }, delta);
+          seenPaths.set(path, counts.decodeSteps[path]);
+        }
       },
     });
     this.scaleOutGauges(opts);

@@ -139,6 +139,14 @@ for (const [name, opts] of MODELS) {
     assert.ok(st.replayed >= 15, `most decode steps are replays (${st.replayed} replayed, ${st.recorded} recorded, ${st.unrecorded} through tfjs: ${st.lastRefusal})`);
     assert.ok(st.recorded >= 3, `re-recorded after joins, leaves, plan changes and KV growth (${st.recorded})`);
     assert.equal(st.unrecorded, 0, `every step was recorded or replayed, KV growths included (reserved before the step): ${st.lastRefusal}`);
+    // lora_serve_webgpu_decode_steps_total's counts: every decode step of the plain executor through tfjs; the
+    // recording one's as many steps, by path.
+    const delta = (from: typeof before, to: typeof before) => Object.fromEntries(Object.entries(to.decodeSteps).map(([k, n]) => [k, n - from.decodeSteps[k as 'tfjs']]));
+    const plainSteps = delta(before, mid);
+    const recordedSteps = delta(mid, end);
+    assert.deepEqual({ replayed: plainSteps.replayed, recorded: plainSteps.recorded }, { replayed: 0, recorded: 0 });
+    assert.deepEqual(recordedSteps, { replayed: st.replayed, recorded: st.recorded, tfjs: st.unrecorded });
+    assert.equal(st.replayed + st.recorded + st.unrecorded, plainSteps.tfjs, 'as many decode steps');
     // A replay runs as many dispatches as the step through tfjs, in one submit.
     assert.equal(end.dispatch - mid.dispatch, mid.dispatch - before.dispatch, 'the same dispatches in all');
     // Submits: one per step on both paths, plus at most one per recording (what tfjs queued before it, such as a KV

@@ -7,9 +7,15 @@
 
 export const WEBGPU_OPS = ['dispatch', 'submit', 'upload', 'readback'] as const;
 export type WebGPUOp = (typeof WEBGPU_OPS)[number];
+/** How a decode step ran on webgpu: replayed from a recording, recorded (through tfjs), or through tfjs unrecorded. */
+export const DECODE_PATHS = ['replayed', 'recorded', 'tfjs'] as const;
+export type DecodePath = (typeof DECODE_PATHS)[number];
+
 export type WebGPUCounts = Record<WebGPUOp, number> & {
   /** Bytes of the device buffers read back (the readbacks' sizes). */
   readbackBytes: number;
+  /** Decode steps by how they ran (src/backend/webgpu/recorded-step.ts). */
+  decodeSteps: Record<DecodePath, number>;
 };
 
 /** The methods of tfjs-backend-webgpu's WebGPUBackend (4.22) that are counted. */
@@ -29,7 +35,7 @@ export function installCounters(backend: object): boolean {
   if (counts) return true;
   if (typeof b.recordAndSubmit !== 'function' || typeof b.submitQueue !== 'function' || typeof b.uploadToGPU !== 'function' ||
     typeof b.getBufferData !== 'function' || typeof b.tensorMap?.get !== 'function') return false;
-  const c: WebGPUCounts = { dispatch: 0, submit: 0, upload: 0, readback: 0, readbackBytes: 0 };
+  const c: WebGPUCounts = { dispatch: 0, submit: 0, upload: 0, readback: 0, readbackBytes: 0, decodeSteps: { replayed: 0, recorded: 0, tfjs: 0 } };
   const wrap = <K extends 'recordAndSubmit' | 'submitQueue'>(name: K, op: WebGPUOp) => {
     const original = b[name]!;
     b[name] = function (this: unknown, ...args: unknown[]) {
@@ -69,7 +75,12 @@ export function countReplay(dispatches: number, uploads: number, bytes: number):
   counts.readbackBytes += bytes;
 }
 
+/** Counts a decode step on webgpu by how it ran. */
+export function countDecodeStep(path: DecodePath): void {
+  if (counts) counts.decodeSteps[path]++;
+}
+
 /** Totals since the backend started, or null when the webgpu backend is not running (or was not counted). */
 export function webgpuCounts(): Readonly<WebGPUCounts> | null {
-  return counts ? { ...counts } : null;
+  return counts ? { ...counts, decodeSteps: { ...counts.decodeSteps } } : null;
 }
