@@ -393,14 +393,12 @@ export class TfExecutor implements Executor {
 
   /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
   private rowSlots(rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] | null {
-    const distinct = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
-    const key = distinct.sort().join(',');
-    const bank = distinct.length > 0 ? this.banks.get(key) : undefined;
-    if (!bank) return null;
+    const key = bankKey(rowAdapters);
+    const bank = key === null ? undefined : this.banks.get(key);
+    if (key === null || !bank) return null;
     this.banks.delete(key); // refresh its LRU position, as loraFor does for a step through tfjs
     this.banks.set(key, bank);
-    const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
-    return rowAdapters.map((a) => (a ? slot.get(a.key)! : null));
+    return slotsIn(bank, rowAdapters);
   }
 
   private dropMerged(): void {
@@ -422,7 +420,7 @@ export class TfExecutor implements Executor {
       }
       return { lora: { merged: this.merged!.weights }, applied: { mode: 'merged', adapters: 1 }, owned: false };
     }
-    const key = distinct.map((a) => a.key).sort().join(',');
+    const key = bankKey(rowAdapters)!;
     let bank = this.banks.get(key);
     if (bank) {
       this.banks.delete(key); // refresh LRU position
@@ -435,10 +433,7 @@ export class TfExecutor implements Executor {
       }
     }
     this.banks.set(key, bank);
-    const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
-    return {
-      lora: stepLora(bank, rowAdapters.map((a) => (a ? slot.get(a.key)! : null))), applied: { mode: 'unmerged', adapters: distinct.length }, owned: true,
-    };
+    return { lora: stepLora(bank, slotsIn(bank, rowAdapters)), applied: { mode: 'unmerged', adapters: distinct.length }, owned: true };
   }
 
   /**
@@ -488,6 +483,18 @@ export class TfExecutor implements Executor {
     countDecodeStep('tfjs');
     this.recordedSteps.lastRefusal = typeof result === 'string' ? result : 'the KV caches were replaced at the step\'s end';
   }
+}
+
+/** The cache key of the bank of the rows' adapters (their distinct upload keys, sorted), or null when no row has one. */
+function bankKey(rowAdapters: readonly (DeviceAdapter | null)[]): string | null {
+  const keys = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
+  return keys.length === 0 ? null : keys.sort().join(',');
+}
+
+/** Each row's index among `bank`'s adapters (null: the base model), as stepLora takes them. */
+function slotsIn(bank: LoraBank, rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] {
+  const slot = new Map(bank.adapters.map((a, i) => [a.key, i]));
+  return rowAdapters.map((a) => (a ? slot.get(a.key)! : null));
 }
 
 /** Of `rows` logits rows, those answered as `kind` (logits, picks, or shortlists), in order. */
