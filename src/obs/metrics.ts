@@ -22,7 +22,7 @@ import type { EngineLoad, EngineMetrics, FinishReason } from '../engine/types.ts
 import type { AdapterMetrics } from '../lora/types.ts';
 import type { MergeStrategy } from '../lora/merge.ts';
 import type { Phase, ProfileTotals, StepKind } from './profile.ts';
-import { DECODE_PATHS, WEBGPU_OPS, type DecodePath, type WebGPUCounts, type WebGPUOp } from '../backend/webgpu/counters.ts';
+import { DECODE_PATHS, WEBGPU_OPS, type WebGPUCounts } from '../backend/webgpu/counters.ts';
 
 export const METRIC_PREFIX = 'lora_serve_';
 
@@ -204,21 +204,9 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
       },
     });
     const webgpu = opts.webgpu;
-    const seenOps = new Map<WebGPUOp, number>();
-    new Counter({
-      name: `${METRIC_PREFIX}webgpu_operations_total`,
-      help: 'On the webgpu backend: compute dispatches, command-buffer submits, host-to-device uploads and device-to-host readbacks.',
-      labelNames: ['op'] as const, registers: [this.registry],
-      collect() {
-        const counts = webgpu?.();
-        if (!counts) return;
-        for (const op of WEBGPU_OPS) {
-          const delta = counts[op] - (seenOps.get(op) ?? 0);
-          if (delta > 0) this.inc({ op }, delta);
-          seenOps.set(op, counts[op]);
-        }
-      },
-    });
+    this.webgpuTotals('webgpu_operations_total',
+      'On the webgpu backend: compute dispatches, command-buffer submits, host-to-device uploads and device-to-host readbacks.',
+      'op', WEBGPU_OPS, () => webgpu?.() ?? null);
     let seenBytes = 0;
     new Counter({
       name: `${METRIC_PREFIX}webgpu_readback_bytes_total`,
@@ -231,27 +219,35 @@ export class Metrics implements EngineMetrics, AdapterMetrics {
         seenBytes = counts.readbackBytes;
       },
     });
-    const seenPaths = new Map<DecodePath, number>();
-    new Counter({
-      name: `${METRIC_PREFIX}webgpu_decode_steps_total`,
-      help: 'On the webgpu backend: decode steps by how they ran: replayed from a recording, recorded, or through TensorFlow.js unrecorded.',
-      labelNames: ['path'] as const, registers: [this.registry],
-      collect() {
-        const counts = webgpu?.();
-        if (!counts) return;
-        for (const path of DECODE_PATHS) {
-          const delta = counts.decodeSteps[path] - (seenPaths.get(path) ?? 0);
-          if (delta > 0) this.inc({ path }, delta);
-          seenPaths.set(path, counts.decodeSteps[path]);
-        }
-      },
-    });
+    this.webgpuTotals('webgpu_decode_steps_total',
+      'On the webgpu backend: decode steps by how they ran: replayed from a recording, recorded, or through TensorFlow.js unrecorded.',
+      'path', DECODE_PATHS, () => webgpu?.()?.decodeSteps ?? null);
     this.scaleOutGauges(opts);
     if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }
 
   /** Running and waiting have vLLM twins set with them; the KV and LoRA gauges are sampled from `opts.load`. */
   private readonly twins: { running?: Gauge; waiting?: Gauge } = {};
+
+  /**
+   * A counter labelled `label` over `keys` that adds, at each scrape, what `read`'s running totals (null: not on
+   * webgpu) grew by since the last.
+   */
+  private webgpuTotals<K extends string>(name: string, help: string, label: string, keys: readonly K[], read: () => Readonly<Record<K, number>> | null): void {
+    const seen = new Map<K, number>();
+    new Counter({
+      name: `${METRIC_PREFIX}${name}`, help, labelNames: [label], registers: [this.registry],
+      collect() {
+        const totals = read();
+        if (!totals) return;
+        for (const k of keys) {
+          const delta = totals[k] - (seen.get(k) ?? 0);
+          if (delta > 0) this.inc({ [label]: k }, delta);
+          seen.set(k, totals[k]);
+        }
+      },
+    });
+  }
 
   private scaleOutGauges(opts: MetricsOptions): void {
     const { load, maxLora = 0 } = opts;
