@@ -71,8 +71,12 @@ export interface SampledToken {
  * (DecodeItem.pick); a constraint mask, which the caller knows of, rules that out too.
  */
 export function pickableOnDevice(p: SamplingParams): boolean {
-  return !p.doSample && p.temperature === 1 && p.repetitionPenalty === 1 && p.frequencyPenalty === 0 && p.presencePenalty === 0 &&
-    p.topNTokens === 0 && p.logitBias.length === 0;
+  return !p.doSample && p.temperature === 1 && readsLogitsAsTheyAre(p);
+}
+
+/** No penalty, logit_bias or top-n alternatives: sample() reads the row's logits as they are, besides the temperature. */
+function readsLogitsAsTheyAre(p: SamplingParams): boolean {
+  return p.repetitionPenalty === 1 && p.frequencyPenalty === 0 && p.presencePenalty === 0 && p.topNTokens === 0 && p.logitBias.length === 0;
 }
 
 /**
@@ -81,8 +85,7 @@ export function pickableOnDevice(p: SamplingParams): boolean {
  * out too): then an executor may return the row's Shortlist (DecodeItem.shortlist) instead of its logits.
  */
 export function shortlistOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && p.repetitionPenalty === 1 && p.frequencyPenalty === 0 &&
-    p.presencePenalty === 0 && p.topNTokens === 0 && p.logitBias.length === 0;
+  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && readsLogitsAsTheyAre(p);
 }
 
 /** A token picked on the device (executor.ts PickedToken) as sample() returns it; fails as sample() does on a row without a finite logit or with +inf. */
