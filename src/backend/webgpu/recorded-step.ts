@@ -283,7 +283,7 @@ function makeRecording(b: Backend, r: Recorder, outBuffer: GpuBuffer): Recording
       if (refusal !== undefined) return refuse(refusal);
       const entries = [out as GpuBuffer, ...(ins as GpuBuffer[])].map((buffer, i) => ({ binding: i, resource: { buffer } }));
       if (d.uniforms) {
-        const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, UNIFORM_USAGE());
+        const u = b.bufferManager.acquireBuffer(d.uniforms.byteLength, gpuFlags().GPUBufferUsage.UNIFORM | gpuFlags().GPUBufferUsage.COPY_DST);
         b.queue.writeBuffer(u, 0, d.uniforms);
         uniformBuffers.push(u);
         entries.push({ binding: entries.length, resource: { buffer: u } });
@@ -310,10 +310,10 @@ function holds(b: Backend, dataId: object, buffer: GpuBuffer): boolean {
   return b.tensorMap.has(dataId) && b.tensorMap.get(dataId).resource === buffer;
 }
 
-const UNIFORM_USAGE = (): number => {
-  const u = (globalThis as unknown as { GPUBufferUsage: { UNIFORM: number; COPY_DST: number } }).GPUBufferUsage;
-  return u.UNIFORM | u.COPY_DST;
-};
+/** WebGPU's flag constants, which init.ts installs as globals (tfjs-backend-webgpu reads them there). */
+function gpuFlags(): { GPUBufferUsage: { UNIFORM: number; MAP_READ: number; COPY_DST: number }; GPUMapMode: { READ: number } } {
+  return globalThis as unknown as ReturnType<typeof gpuFlags>;
+}
 
 /** A recorded decode step (recordStep): replayed with new inputs while every tensor it binds still holds its buffer. */
 export class Recording {
@@ -370,7 +370,7 @@ export class Recording {
       pass.dispatchWorkgroups(...s.workgroups);
     }
     pass.end();
-    const g = globalThis as unknown as { GPUBufferUsage: { MAP_READ: number; COPY_DST: number }; GPUMapMode: { READ: number } };
+    const g = gpuFlags();
     const size = this.output.size;
     const staging = b.bufferManager.acquireBuffer(size, g.GPUBufferUsage.MAP_READ | g.GPUBufferUsage.COPY_DST);
     encoder.copyBufferToBuffer(this.output, 0, staging, 0, size);
