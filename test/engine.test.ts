@@ -87,13 +87,14 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
   /** An engine over its own executor, counting the tokens it picked on the device. */
   const engineWith = (devicePick: boolean) => {
     const executor = new TfExecutor(model, { devicePick });
-    const counts = { picked: 0, shortlisted: 0, logits: 0, mixed: 0 };
-    const count = (r: StepResult) => {
+    const counts = { picked: 0, shortlisted: 0, logits: 0, mixed: 0, rowsRead: 0 };
+    const count = (r: StepResult): StepResult => {
       counts.picked += r.picked?.size ?? 0;
       counts.shortlisted += r.shortlists?.size ?? 0;
       counts.logits += r.logits.size;
       if ((r.picked?.size ?? 0) + (r.shortlists?.size ?? 0) > 0 && r.logits.size > 0) counts.mixed++;
-      return r;
+      const read = r.readLogits;
+      return read ? { ...r, readLogits: (seqs) => ((counts.rowsRead += seqs.length), read(seqs)) } : r;
     };
     const counted = Object.assign(Object.create(executor) as TfExecutor, {
       prefill: (...a: Parameters<TfExecutor['prefill']>) => executor.prefill(...a).then(count),
@@ -123,12 +124,15 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     request(prompt(12), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 64, typicalP: 0.9, temperature: 1.3, seed: 13 } }),
     request(prompt(13), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 65, seed: 14 } }), // over 64: logits
     request(prompt(14), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 10, temperature: 0.01, seed: 15 } }), // low temperature
+    // top_p alone: sampled from shortlists, from the row where the nucleus reaches past the shortlist (flat at T = 8)
+    request(prompt(15), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topP: 0.6, temperature: 0.3, seed: 16 } }),
+    request(prompt(16), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topP: 0.95, temperature: 8, seed: 17 } }),
   ];
-  /** Greedy requests alone (every step picks), then everything together (mixed steps read logits). */
+  /** Greedy and top_p requests alone (every step picks or shortlists), then everything together (mixed steps read logits). */
   const run = async (devicePick: boolean) => {
     const e = engineWith(devicePick);
     const alone: Outcome[] = [];
-    for (const r of reqs().slice(0, 9)) alone.push(await generate(e, r));
+    for (const r of [...reqs().slice(0, 9), ...reqs().slice(-2)]) alone.push(await generate(e, r)); // alone: steps replayed
     const together = await Promise.all(reqs().map((r) => generate(e, r)));
     e.executor.dispose();
     return { outs: [...alone, ...together], counts: e.counts };
@@ -140,7 +144,8 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
   assert.equal(host.counts.picked + host.counts.shortlisted, 0);
   if (testBackend() === 'webgpu') {
     assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
-    assert.ok(device.counts.shortlisted >= 4 * 8, `tokens were sampled from shortlists (${device.counts.shortlisted})`);
+    assert.ok(device.counts.shortlisted >= 6 * 8, `tokens were sampled from shortlists (${device.counts.shortlisted})`);
+    assert.ok(device.counts.rowsRead > 0, 'rows of undecided shortlists were read after their step');
     assert.ok(device.counts.mixed > 0, 'steps with picked and host-sampled rows read both from one download');
   } else {
     assert.equal(device.counts.picked + device.counts.shortlisted, 0, 'only the webgpu backend picks or shortlists on the device');

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULT_SAMPLING, Sampler, Xoshiro128, type SamplingParams } from '../src/engine/sampling.ts';
+import { DEFAULT_SAMPLING, nucleusOnDevice, Sampler, shortlistOnDevice, Xoshiro128, type SamplingParams } from '../src/engine/sampling.ts';
 
 const params = (p: Partial<SamplingParams>): SamplingParams => ({ ...DEFAULT_SAMPLING, seed: 42, ...p });
 const f32 = (xs: number[]): Float32Array => Float32Array.from(xs);
@@ -262,7 +262,8 @@ test('a shortlist (the 64 best ids and the tempered normaliser) samples the same
       const short = new Sampler(p);
       for (let t = 0; t < 5; t++) {
         const a = whole.sample(row, []);
-        const b = short.sampleShortlist(shortlist, V);
+        const b = short.sampleShortlist(shortlist, V)!;
+        assert.ok(short.shortlistDecides(shortlist, V));
         assert.equal(b.id, a.id, `round ${round}, ${JSON.stringify(c)}, draw ${t}`);
         // float32 rounding of a normaliser between 0 and log V, whatever the temperature; never above 0 for the best
         close(b.logprob, a.logprob, 1e-6 + 1e-12 * Math.abs(a.logprob));
@@ -274,4 +275,72 @@ test('a shortlist (the 64 best ids and the tempered normaliser) samples the same
   const p = params({ doSample: true, topK: 3 });
   assert.throws(() => new Sampler(p).sampleShortlist({ ids: Int32Array.of(0, 1, 2), logits: f32([Infinity, 1, 0]), logNorm: NaN }, 10), /\+inf/);
   assert.throws(() => new Sampler(p).sampleShortlist({ ids: Int32Array.of(0, 1, 2), logits: f32([-Infinity, -Infinity, -Infinity]), logNorm: -Infinity }, 10), /-inf or NaN/);
+});
+
+/** The shortlist of `row` as the device makes it (shortlist.ts): the 64 best, and the tempered normaliser in float32, moved by `nudge`. */
+function shortlistOf(row: Float32Array, temperature: number, nudge = 0) {
+  const value = (v: number) => (Number.isNaN(row[v]) ? -Infinity : row[v]!);
+  const order = Array.from({ length: row.length }, (_, v) => v).sort((a, b) => (value(b) > value(a) ? 1 : value(b) < value(a) ? -1 : a - b));
+  const ids = Int32Array.from(order.slice(0, 64));
+  const top = value(ids[0]!);
+  const logNorm = Math.fround(Math.max(0, lse(Array.from(row).filter(Number.isFinite).map((x) => (x - top) / temperature)) + nudge)); // Σ ≥ exp(0)
+  return { ids, logits: Float32Array.from(ids, (v) => value(v)), logNorm };
+}
+
+test('top_p alone from a shortlist: the same tokens as the whole row where it decides, no random number drawn where it does not', () => {
+  const V = 5000;
+  let s = 11;
+  const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  let decided = 0;
+  let undecided = 0;
+  for (let round = 0; round < 40; round++) {
+    // Peaked rows of varied spread: the nucleus lies within the 64 best, or reaches past them.
+    const spread = 1 + (round % 8) * 1.5;
+    const row = Float32Array.from({ length: V }, () => -Math.log(-Math.log(next())) - next() * 12);
+    for (let i = 0; i < 40; i++) row[Math.floor(next() * V)] = Math.round(next() * spread * 4) / 4 + 6; // ties among the best
+    row[Math.floor(next() * V)] = NaN;
+    for (const topP of [0.3, 0.8, 0.95]) {
+      for (const temperature of [1, 0.6, 1.7, 0.01]) {
+        const p = params({ doSample: true, seed: 500 + round, topP, temperature });
+        assert.ok(nucleusOnDevice(p) && !shortlistOnDevice(p));
+        // The device's normaliser is float32: exact, and off by 2e-6 each way.
+        for (const nudge of [0, 2e-6, -2e-6]) {
+          const shortlist = shortlistOf(row, temperature, nudge);
+          const whole = new Sampler(p);
+          const short = new Sampler(p);
+          for (let t = 0; t < 4; t++) {
+            const a = whole.sample(row, []);
+            const b = short.sampleShortlist(shortlist, V);
+            assert.equal(b !== null, short.shortlistDecides(shortlist, V));
+            if (b === null) {
+              undecided++;
+              // the caller then samples the row: the same draw, the random numbers still in step
+              assert.equal(short.sample(row, []).id, a.id);
+              continue;
+            }
+            decided++;
+            assert.equal(b.id, a.id, `round ${round}, top_p ${topP}, T ${temperature}, nudge ${nudge}, draw ${t}`);
+            close(b.logprob, a.logprob, 1e-5 + 1e-12 * Math.abs(a.logprob));
+            assert.ok(b.logprob <= 0);
+          }
+        }
+      }
+    }
+  }
+  // Both happen, and the shortlist decides most draws on such rows.
+  assert.ok(undecided > 0 && decided > 3 * undecided, `decided ${decided}, undecided ${undecided}`);
+
+  // A row with fewer finite logits than the shortlist holds: the shortlist is the whole row, and always decides.
+  const sparse = new Float32Array(V).fill(-Infinity);
+  for (let i = 0; i < 30; i++) sparse[i * 97] = (i % 5) * 0.5;
+  for (let seed = 0; seed < 30; seed++) {
+    const p = params({ doSample: true, seed, topP: 0.9, temperature: 3 });
+    const b = new Sampler(p).sampleShortlist(shortlistOf(sparse, 3), V);
+    assert.ok(b !== null);
+    assert.equal(b.id, new Sampler(p).sample(sparse, []).id);
+  }
+  // top_k with top_p, typical_p, penalties or logit_bias are not nucleus rows.
+  for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { repetitionPenalty: 1.1 }, { logitBias: [[1, 2]] as [number, number][] }, { topNTokens: 2 }, { doSample: false }]) {
+    assert.ok(!nucleusOnDevice(params({ doSample: true, topP: 0.9, ...q })), JSON.stringify(q));
+  }
 });

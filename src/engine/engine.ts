@@ -8,7 +8,7 @@ import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
 import type { DecodeItem, LoraPlan, PickedToken, PrefillItem, Shortlist, ShortlistRequest, StepExecutor, StepResult } from './executor.ts';
 import type { ConstraintState } from './constraint/tokens.ts';
-import { pickableOnDevice, pickedToken, Sampler, shortlistOnDevice, type SampledToken } from './sampling.ts';
+import { nucleusOnDevice, pickableOnDevice, pickedToken, Sampler, shortlistOnDevice, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
 import { StopMatcher } from './stop.ts';
 import type {
@@ -50,7 +50,7 @@ interface Seq {
   readonly sampler: Sampler;
   /** Its next tokens may be picked on the device (greedy on the raw logits, no constraint): DecodeItem.pick. */
   readonly pick: boolean;
-  /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE, no constraint): DecodeItem.shortlist. */
+  /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE or top_p alone, no constraint): DecodeItem.shortlist. */
   readonly shortlist: ShortlistRequest | undefined;
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
@@ -193,7 +193,8 @@ export class Engine implements EngineApi {
     const seq: Seq = {
       id: this.nextId++, req, sink,
       sampler: new Sampler(req.sampling), pick: pickableOnDevice(req.sampling) && !req.constraint,
-      shortlist: shortlistOnDevice(req.sampling) && !req.constraint ? { temperature: req.sampling.temperature } : undefined,
+      shortlist: req.constraint ? undefined : shortlistOnDevice(req.sampling) ? { temperature: req.sampling.temperature }
+        : nucleusOnDevice(req.sampling) ? { temperature: req.sampling.temperature, fallback: true } : undefined,
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       constraint: req.constraint?.start() ?? null,
@@ -374,8 +375,25 @@ export class Engine implements EngineApi {
     }));
     const t0 = now();
     const res = await this.executor.decode(items, lora);
+    const rows = await this.undecidedRows(res);
     this.stepMetrics('decode', res, now() - t0);
-    for (const seq of [...this.running]) this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? res.logits.get(seq.id)!);
+    for (const seq of [...this.running]) this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? res.logits.get(seq.id)!, rows.get(seq.id));
+  }
+
+  /**
+   * The result's logits rows, with those of the sequences whose shortlist does not decide their token (a nucleus
+   * reaching past it) read from the executor where the result does not hold them (StepResult.readLogits).
+   */
+  private async undecidedRows(res: StepResult): Promise<ReadonlyMap<number, Float32Array>> {
+    const V = this.executor.vocabSize;
+    const need: number[] = [];
+    for (const [id, s] of res.shortlists ?? []) {
+      const seq = this.seqs.get(id);
+      if (seq && !res.logits.has(id) && !seq.sampler.shortlistDecides(s, V)) need.push(id);
+    }
+    if (need.length === 0) return res.logits;
+    if (!res.readLogits) throw new Error('executor: a fallback shortlist came without its row or readLogits');
+    return new Map([...res.logits, ...await res.readLogits(need)]);
   }
 
   /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
@@ -403,6 +421,7 @@ export class Engine implements EngineApi {
       };
     });
     const res = await this.executor.prefill(items, lora);
+    const rows = await this.undecidedRows(res);
     this.stepMetrics('prefill', res, now() - t);
     const V = this.executor.vocabSize;
     for (const item of items) {
@@ -418,7 +437,7 @@ export class Engine implements EngineApi {
       const last = logits?.subarray(logits.length - V); // absent when the token was picked or shortlisted on the device
       // Before the leader's own token: a leader that ends at once would free the cache its followers copy.
       if (seq.group?.open && seq.group.leader === seq) this.shareOut(seq, last!, t); // a leader's item asks for neither
-      this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? last!);
+      this.accept(seq, res.picked?.get(seq.id) ?? res.shortlists?.get(seq.id) ?? last!, rows.get(seq.id)?.subarray(-V));
     }
   }
 
@@ -458,7 +477,7 @@ export class Engine implements EngineApi {
    * token the executor picked on the device, emits it, and finishes the sequence when it should end. A grammar
    * that allows no token at all fails the sequence alone.
    */
-  private accept(seq: Seq, next: Float32Array | PickedToken | Shortlist): void {
+  private accept(seq: Seq, next: Float32Array | PickedToken | Shortlist, row?: Float32Array): void {
     if (seq.state === 'done') return;
     const { req } = seq;
     const constraint = req.constraint;
@@ -473,7 +492,13 @@ export class Engine implements EngineApi {
         }
         sampled = profiler.time('sampling', () => seq.sampler.sample(next, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0, allowed));
       } else if ('ids' in next) {
-        sampled = profiler.time('sampling', () => seq.sampler.sampleShortlist(next, this.executor.vocabSize)); // only where seq.shortlist: no constraint
+        // only where seq.shortlist: no constraint; `row` when the shortlist does not decide the token
+        sampled = profiler.time('sampling', () => {
+          const s = seq.sampler.sampleShortlist(next, this.executor.vocabSize);
+          if (s) return s;
+          if (!row) throw new Error('executor: the row of an undecided shortlist is missing');
+          return seq.sampler.sample(row, []);
+        });
       } else {
         sampled = pickedToken(next); // only where seq.pick: no constraint
       }

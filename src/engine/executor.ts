@@ -54,9 +54,9 @@ export interface DecodeItem {
    */
   readonly pick?: boolean;
   /**
-   * The next token is sampled with top_k ≤ SHORTLIST_SIZE and nothing else that reads the whole row but the
-   * normaliser (sampling.ts `shortlistOnDevice`): the executor may return the row's Shortlist at this temperature
-   * instead of its logits.
+   * The next token is sampled with top_k ≤ SHORTLIST_SIZE, or top_p alone (`fallback`), and nothing else that reads
+   * the whole row but the normaliser (sampling.ts `shortlistOnDevice`, `nucleusOnDevice`): the executor may return
+   * the row's Shortlist at this temperature instead of its logits.
    */
   readonly shortlist?: ShortlistRequest;
 }
@@ -64,6 +64,11 @@ export interface DecodeItem {
 /** What a row's shortlist is made at: the temperature of its normaliser. */
 export interface ShortlistRequest {
   readonly temperature: number;
+  /**
+   * The shortlist may not decide the token (a nucleus reaching past it): the executor keeps the row's logits readable
+   * until its next call, in StepResult.logits or through StepResult.readLogits.
+   */
+  readonly fallback?: boolean;
 }
 
 /** Candidates in a Shortlist: top_k sampling up to this many may use one. */
@@ -126,8 +131,17 @@ export interface StepResult {
    * always return logits instead): the token, and no logits entry.
    */
   readonly picked?: ReadonlyMap<number, PickedToken>;
-  /** Per sequence whose item asked for a shortlist and got one (an executor may return logits instead): no logits entry. */
+  /**
+   * Per sequence whose item asked for a shortlist and got one (an executor may return logits instead): no logits entry,
+   * except for a `fallback` shortlist, whose row the executor may return in `logits` as well.
+   */
   readonly shortlists?: ReadonlyMap<number, Shortlist>;
+  /**
+   * Reads the logits rows of sequences given a `fallback` shortlist and no logits entry in this result: required when
+   * there is such a sequence. Only before the executor's next call (prefill, decode, release, fork, adapter loads and
+   * offloads); rejects after.
+   */
+  readonly readLogits?: (seqs: readonly number[]) => Promise<ReadonlyMap<number, Float32Array>>;
   /** The call's forward passes, in the order they ran. */
   readonly passes: readonly StepPass[];
 }

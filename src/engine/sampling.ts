@@ -88,6 +88,23 @@ export function shortlistOnDevice(p: SamplingParams): boolean {
   return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && readsLogitsAsTheyAre(p);
 }
 
+/**
+ * Whether sample() draws a top_p (nucleus) token with no top_k, typical_p, penalty, logit_bias or top-n
+ * alternatives (a constraint mask, which the caller knows of, rules it out too): then the row's Shortlist decides the
+ * token whenever the nucleus lies within it (Sampler.sampleShortlist), and the row's logits are read only when it
+ * does not (ShortlistRequest.fallback).
+ */
+export function nucleusOnDevice(p: SamplingParams): boolean {
+  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && readsLogitsAsTheyAre(p);
+}
+
+/**
+ * How far the float32 normaliser of a Shortlist may be from the float64 sum over the whole row, relative to it: a
+ * nucleus whose crossing lies this close to top_p is decided on the row's logits. The kernel's rounding (float32 exp
+ * and a tree sum over at most a few 100k terms, and logNorm's own rounding, under 1e-6 × log V) is about 1e-6.
+ */
+export const SHORTLIST_SUM_TOLERANCE = 1e-4;
+
 /** A token picked on the device (executor.ts PickedToken) as sample() returns it; fails as sample() does on a row without a finite logit or with +inf. */
 export function pickedToken(p: PickedToken): SampledToken {
   if (p.id === -1) throw fail('GENERATION', 'every logit is -inf or NaN');
@@ -268,13 +285,75 @@ export class Sampler {
   }
 
   /**
-   * sample() of a row of `vocab` logits of which only its shortlist is known (shortlistOnDevice params): the same
-   * token, since top_k keeps only shortlisted ids and the draw reads only them; the logprob from the shortlist's
-   * normaliser, relative to its largest logit so that a low temperature does not magnify the normaliser's float32
-   * rounding (and the best token's logprob is never above 0).
+   * sample() of a row of `vocab` logits of which only its shortlist is known (shortlistOnDevice or nucleusOnDevice
+   * params), in O(SHORTLIST_SIZE): the same token, or null when the shortlist does not decide it (a nucleus reaching
+   * past the shortlist, or whose crossing lies within SHORTLIST_SUM_TOLERANCE of top_p), and then no random number is
+   * drawn: the caller samples the row's logits instead. top_k ≤ SHORTLIST_SIZE keeps only shortlisted ids, and so does
+   * a nucleus within the shortlist; the draw reads only them. The logprob comes from the shortlist's normaliser,
+   * relative to its largest logit so that a low temperature does not magnify the normaliser's float32 rounding (and
+   * the best token's logprob is never above 0).
    */
-  sampleShortlist(s: Shortlist, vocab: number): SampledToken {
+  sampleShortlist(s: Shortlist, vocab: number): SampledToken | null {
+    const view = this.shortlistView(s, vocab);
+    if (view === 'row') return this.sampleShortlistRow(s, vocab);
+    const { x, ids, order, complete } = view;
+    const p = this.params;
+    const max = x[order[0]!]!;
+    let survivors: Int32Array;
+    if (p.topK > 0) {
+      survivors = this.topKSurvivors(x, max, order.subarray(0, Math.min(p.topK, order.length)));
+    } else {
+      const c = this.nucleusEnd(x, max, order, complete, s.logNorm);
+      if (c < 0) return complete ? this.sampleShortlistRow(s, vocab) : null;
+      survivors = order.slice(0, c + 1).sort();
+    }
+    const k = this.drawAmong(x, max, survivors, true);
+    return { id: ids[k]!, logprob: (x[k]! - max) - s.logNorm };
+  }
+
+  /** Whether sampleShortlist answers from `s` alone, or throws (it draws no random number to tell). */
+  shortlistDecides(s: Shortlist, vocab: number): boolean {
+    let view: ReturnType<Sampler['shortlistView']>;
+    try {
+      view = this.shortlistView(s, vocab);
+    } catch {
+      return true; // sampleShortlist throws the same
+    }
+    if (view === 'row' || this.params.topK > 0 || view.complete) return true;
+    return this.nucleusEnd(view.x, view.x[view.order[0]!]!, view.order, false, s.logNorm) >= 0;
+  }
+
+  /**
+   * The shortlist's finite entries as a small row: ids ascending (`ids`), their tempered logits (`x`, the host's
+   * float64 values), and their indices best first (`order`: the shortlist's order, which is the host's ranking as
+   * long as tempering keeps distinct logits distinct); `complete` when every finite logit of the row is in it.
+   * 'row': decide on a row of `vocab` rebuilt from it (a vocabulary within the shortlist, or tempered logits that
+   * tie or overflow). Throws as sample() does on a row with a +∞ logit or none finite.
+   */
+  private shortlistView(s: Shortlist, vocab: number): { x: Float64Array; ids: Int32Array; order: Int32Array; complete: boolean } | 'row' {
     if (Number.isNaN(s.logNorm)) throw fail('GENERATION', 'the logits contain +inf');
+    if (vocab <= SHORTLIST_SIZE) return 'row';
+    const n0 = s.ids.length;
+    let n = 0;
+    while (n < n0 && s.ids[n]! >= 0 && s.logits[n]! > -Infinity) n++;
+    if (n === 0) throw fail('GENERATION', 'every logit is -inf or NaN');
+    const inv = 1 / this.params.temperature;
+    const temper = this.params.temperature !== 1;
+    const byId = Array.from({ length: n }, (_, j) => j).sort((a, b) => s.ids[a]! - s.ids[b]!);
+    const ids = Int32Array.from(byId, (j) => s.ids[j]!);
+    const x = Float64Array.from(byId, (j) => (temper ? s.logits[j]! * inv : s.logits[j]!));
+    const at = new Int32Array(n); // shortlist position → index in ids
+    byId.forEach((j, k) => (at[j] = k));
+    for (let j = 1; j < n; j++) {
+      // tempering made two distinct logits equal (or overflowed): the host would rank them by id instead
+      if (s.logits[j]! < s.logits[j - 1]! && !(x[at[j]!]! < x[at[j - 1]!]!)) return 'row';
+    }
+    if (x[at[0]!] === Infinity) return 'row';
+    return { x, ids, order: at, complete: n < n0 };
+  }
+
+  /** sample() on the row rebuilt from the shortlist (−∞ elsewhere): O(vocab). */
+  private sampleShortlistRow(s: Shortlist, vocab: number): SampledToken {
     if (this.shortRow.length !== vocab) this.shortRow = new Float32Array(vocab);
     const row = this.shortRow.fill(-Infinity);
     s.ids.forEach((id, j) => {
@@ -282,6 +361,27 @@ export class Sampler {
     });
     const { id } = this.sample(row, []);
     return { id, logprob: (row[id]! - s.logits[0]!) * (1 / this.params.temperature) - s.logNorm };
+  }
+
+  /**
+   * The last position in `order` (best first) that top_p keeps, as sample() finds it over the whole row: the first
+   * whose cumulative mass reaches top_p × the row's mass; −1 when the shortlist cannot tell. The row's mass is the
+   * shortlist's own when it holds every finite logit (`complete`; summed in id order, as sample() does), else
+   * exp(logNorm), known to SHORTLIST_SUM_TOLERANCE: a crossing closer than that to top_p, or none, cannot be told.
+   */
+  private nucleusEnd(x: Float64Array, max: number, order: Int32Array, complete: boolean, logNorm: number): number {
+    let sum = 0;
+    if (complete) for (let k = 0; k < x.length; k++) sum += Math.exp(x[k]! - max);
+    else sum = Math.exp(logNorm);
+    const tol = complete ? 1e-12 : SHORTLIST_SUM_TOLERANCE;
+    const target = this.params.topP * sum;
+    let cum = 0;
+    for (let j = 0; j < order.length; j++) {
+      cum += Math.exp(x[order[j]!]! - max);
+      // The mass before j is below the lowest the target can be: j is the crossing if cum is above the highest.
+      if (cum >= target * (1 - tol)) return cum >= target * (1 + tol) ? j : -1;
+    }
+    return -1;
   }
 
   private applyPenalties(x: Float64Array, history: readonly number[], penaltyFrom: number): void {
@@ -344,19 +444,7 @@ export class Sampler {
 
     let survivors: Int32Array;
     if (topK) {
-      // top_k by partial selection; top_p then walks the (small) best-first list.
-      let cand = selectTop(x, p.topK, V);
-      if (p.topP < 1) {
-        let total = 0;
-        for (let j = 0; j < cand.length; j++) total += Math.exp(x[cand[j]!]! - max);
-        // A token survives when the mass strictly before it is < top_p (HF: remove where
-        // cumsum_ascending <= 1 - top_p), i.e. keep up to the token that crosses top_p.
-        let cum = 0;
-        let keep = 0;
-        while (keep < cand.length && cum < p.topP * total) cum += Math.exp(x[cand[keep++]!]! - max);
-        cand = cand.subarray(0, Math.max(1, keep));
-      }
-      survivors = cand.slice().sort();
+      survivors = this.topKSurvivors(x, max, selectTop(x, p.topK, V));
     } else if (p.topP < 1) {
       // top_p over the whole vocabulary: find the crossing token without sorting, keep every
       // token ranked at or above it (ranking: logit desc, id asc).
@@ -372,8 +460,28 @@ export class Sampler {
     } else {
       survivors = this.typical(x, null); // typical_p alone
     }
-    if (p.typicalP < 1 && (topK || p.topP < 1) && survivors.length > 1) survivors = this.typical(x, survivors);
+    return this.drawAmong(x, max, survivors, topK || p.topP < 1);
+  }
 
+  /** top_k's candidates `cand` (best first) after top_p, ascending. */
+  private topKSurvivors(x: Float64Array, max: number, cand: Int32Array): Int32Array {
+    const p = this.params;
+    if (p.topP < 1) {
+      let total = 0;
+      for (let j = 0; j < cand.length; j++) total += Math.exp(x[cand[j]!]! - max);
+      // A token survives when the mass strictly before it is < top_p (HF: remove where
+      // cumsum_ascending <= 1 - top_p), i.e. keep up to the token that crosses top_p.
+      let cum = 0;
+      let keep = 0;
+      while (keep < cand.length && cum < p.topP * total) cum += Math.exp(x[cand[keep++]!]! - max);
+      cand = cand.subarray(0, Math.max(1, keep));
+    }
+    return cand.slice().sort();
+  }
+
+  /** typical_p over `survivors` (ascending) when `truncated` (after top_k or top_p), then the draw among them in id order. */
+  private drawAmong(x: Float64Array, max: number, survivors: Int32Array, truncated: boolean): number {
+    if (this.params.typicalP < 1 && truncated && survivors.length > 1) survivors = this.typical(x, survivors);
     // Draw among the survivors in id order (max is the global max, so nothing overflows).
     let mass = 0;
     for (let j = 0; j < survivors.length; j++) mass += Math.exp(x[survivors[j]!]! - max);

@@ -57,6 +57,10 @@ interface PassOutput {
   readonly logits: Float32Array;
   /** Per logits row: its index among the rows answered with logits (−1: picked or shortlisted). */
   readonly logitsAt: Int32Array;
+  /** The logits of rows with a fallback shortlist, by logits row, when they were read back with the rest. */
+  readonly fallback: ReadonlyMap<number, Float32Array>;
+  /** Reads the logits of rows with a fallback shortlist when they were not (a replay reads them on demand). */
+  readonly readFallback?: (rows: readonly number[]) => Promise<Map<number, Float32Array>>;
 }
 
 interface Row {
@@ -183,9 +187,11 @@ export class TfExecutor implements Executor {
       const picked = output.picked.get(r.from); // a picked or shortlisted item has one row: its last
       const shortlist = output.shortlists.get(r.from);
       const at = output.logitsAt[r.from]!; // the item's rows are consecutive among those answered with logits
+      const row = output.fallback.get(r.from); // read with the rest: prefill steps run through tfjs
       if (picked) out.picked.set(r.seq, picked);
       else if (shortlist) out.shortlists.set(r.seq, shortlist);
       else out.logits.set(r.seq, output.logits.subarray(at * V, (at + r.count) * V));
+      if (row) out.logits.set(r.seq, row);
     }
 
     // Sequences whose prompt is complete join the decode batch; others keep their own KV for the next chunk.
@@ -228,15 +234,28 @@ export class TfExecutor implements Executor {
     const logits = new Map<number, Float32Array>();
     const picked = new Map<number, PickedToken>();
     const shortlists = new Map<number, Shortlist>();
+    const rowOf = new Map<number, number>();
     this.rows.forEach((r, b) => {
       const p = output.picked.get(b);
       const s = output.shortlists.get(b);
       const at = output.logitsAt[b]!;
+      rowOf.set(r.seq, b);
       if (p) picked.set(r.seq, p);
       else if (s) shortlists.set(r.seq, s);
       else logits.set(r.seq, output.logits.subarray(at * V, (at + 1) * V));
+      const row = output.fallback.get(b);
+      if (row) logits.set(r.seq, row);
     });
-    return { logits, picked, shortlists, passes: [pass] };
+    const read = output.readFallback;
+    const readLogits = read && (async (seqs: readonly number[]) => {
+      const rows = await profiler.timeAsync('logits_download', () => read(seqs.map((q) => {
+        const b = rowOf.get(q);
+        if (b === undefined) throw new Error(`readLogits: sequence ${q} was not in the step`);
+        return b;
+      })));
+      return new Map(seqs.map((q) => [q, rows.get(rowOf.get(q)!)!]));
+    });
+    return { logits, picked, shortlists, passes: [pass], ...(readLogits ? { readLogits } : {}) };
   }
 
   /** How an item's logits row is read back: picked or shortlisted on the device when it allows it and the backend can. */
@@ -355,7 +374,7 @@ export class TfExecutor implements Executor {
   private stepKey(plan: LoraPlan, answers: readonly RowAnswer[]): string | null {
     if (!this.recordSteps) return null;
     const rows = this.rows.map((r) => `${r.seq}:${r.adapter?.key ?? ''}`).join(',');
-    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : 's')).join('')}`;
+    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}`;
   }
 
   /**
@@ -376,11 +395,13 @@ export class TfExecutor implements Executor {
     const slots = this.rowSlots(rowAdapters);
     if (slots) inputs.set('lora.slots', slotData(slots));
     for (const [name, data] of answerInputs(answers, B)) inputs.set(name, data);
-    let data: Float32Array;
+    let read: { data: Float32Array; replay: number };
+    const V = this.vocabSize;
+    const head = headLength(answers, B, V);
     try {
       this.model.checkInputs(tokens, positions);
-      const reading = profiler.time('executor', () => r.recording.replay(inputs)); // writes the inputs, encodes and submits
-      data = await profiler.timeAsync('logits_download', () => reading);
+      const reading = profiler.time('executor', () => r.recording.replay(inputs, 4 * head)); // writes the inputs, encodes and submits
+      read = await profiler.timeAsync('logits_download', () => reading);
     } catch (err) {
       this.dropRecording();
       throw err;
@@ -388,7 +409,17 @@ export class TfExecutor implements Executor {
     this.kv.commit(1);
     this.recordedSteps.replayed++;
     countDecodeStep('replayed');
-    return { output: parseOutput(data, B, this.vocabSize, answers), pass: r.pass };
+    const recording = r.recording;
+    const fallback = rowsAnswered(answers, B, 'fallback');
+    // The fallback rows' logits stay in the recording's output until its next replay: read the span the rows asked for.
+    const readFallback = async (rows: readonly number[]): Promise<Map<number, Float32Array>> => {
+      const at = rows.map((row) => fallback.indexOf(row));
+      if (at.some((i) => i < 0)) throw new Error('readLogits: a row without a fallback shortlist');
+      const lo = Math.min(...at);
+      const span = await recording.readOutput(4 * (head + lo * V), 4 * (Math.max(...at) - lo + 1) * V, read.replay);
+      return new Map(rows.map((row, i) => [row, span.subarray((at[i]! - lo) * V, (at[i]! - lo + 1) * V)]));
+    };
+    return { output: { ...parseOutput(read.data, B, V, answers), ...(fallback.length > 0 ? { readFallback } : {}) }, pass: r.pass };
   }
 
   /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
@@ -497,15 +528,21 @@ function slotsIn(bank: LoraBank, rowAdapters: readonly (DeviceAdapter | null)[])
   return rowAdapters.map((a) => (a ? slot.get(a.key)! : null));
 }
 
-/** Of `rows` logits rows, those answered as `kind` (logits, picks, or shortlists), in order. */
-function rowsAnswered(answers: readonly RowAnswer[], rows: number, kind: 'logits' | 'pick' | 'shortlist'): Int32Array {
+/**
+ * Of `rows` logits rows, those answered as `kind` (logits, picks, or shortlists), in order; 'fallback': the shortlisted
+ * rows whose logits are read too when the host needs them (ShortlistRequest.fallback).
+ */
+function rowsAnswered(answers: readonly RowAnswer[], rows: number, kind: 'logits' | 'pick' | 'shortlist' | 'fallback'): Int32Array {
   const of = (a: RowAnswer | undefined) => (a === undefined || a === 'logits' ? 'logits' : a === 'pick' ? 'pick' : 'shortlist');
-  return Int32Array.from({ length: rows }, (_, r) => r).filter((r) => of(answers[r]) === kind);
+  const all = Int32Array.from({ length: rows }, (_, r) => r);
+  if (kind === 'fallback') return all.filter((r) => typeof answers[r] === 'object' && (answers[r] as ShortlistRequest).fallback === true);
+  return all.filter((r) => of(answers[r]) === kind);
 }
 
 /**
  * The host values passOutput uploads for `answers` (named step inputs): the rows answered with logits (`pick.keep`,
- * when some rows are not), the shortlisted rows and their inverse temperatures (`shortlist.rows`, `shortlist.invTemp`).
+ * when some rows are not), the shortlisted rows and their inverse temperatures (`shortlist.rows`, `shortlist.invTemp`),
+ * and those of them whose logits follow (`shortlist.full`).
  */
 function answerInputs(answers: readonly RowAnswer[], rows: number): Map<string, Int32Array | Float32Array> {
   const out = new Map<string, Int32Array | Float32Array>();
@@ -516,13 +553,24 @@ function answerInputs(answers: readonly RowAnswer[], rows: number): Map<string, 
     out.set('shortlist.rows', short);
     out.set('shortlist.invTemp', Float32Array.from(short, (r) => 1 / (answers[r] as ShortlistRequest).temperature));
   }
+  const full = rowsAnswered(answers, rows, 'fallback');
+  if (full.length > 0) out.set('shortlist.full', full);
   return out;
+}
+
+/** Floats of passOutput's tensor before the fallback rows' logits (all of it without them). */
+function headLength(answers: readonly RowAnswer[], rows: number, V: number): number {
+  const keep = rowsAnswered(answers, rows, 'logits').length;
+  if (rows === 0 || keep === rows) return rows * V;
+  const picks = rowsAnswered(answers, rows, 'pick').length > 0 ? 2 * rows : 0;
+  return picks + rowsAnswered(answers, rows, 'shortlist').length * (2 * SHORTLIST_SIZE + 1) + keep * V;
 }
 
 /**
  * The tensor a pass reads back for logits [rows, vocab]: the logits when every row is answered with its logits; else,
  * concatenated, every row's greedy pick [rows·2] (id, logprob: GreedyPickProgram) when a row is picked, the shortlisted
- * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (shortlist.ts: two dispatches), then the rows answered with logits [keep·vocab].
+ * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (shortlist.ts: two dispatches), the rows answered with logits
+ * [keep·vocab], then the logits of the rows with a fallback shortlist [f·vocab] (headLength: where they start).
  */
 function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[]): tf.Tensor {
   const rows = logits.shape[0];
@@ -538,18 +586,22 @@ function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[]): tf.Tens
       parts.push(tf.reshape(shortlistGpu(short, upload('shortlist.invTemp', 'float32'), SHORTLIST_SIZE), [-1]));
     }
     if (keep.length > 0) parts.push(tf.reshape(tf.gather(logits, upload('pick.keep', 'int32')), [-1]));
+    if (inputs.has('shortlist.full')) parts.push(tf.reshape(tf.gather(logits, upload('shortlist.full', 'int32')), [-1]));
     return parts.length === 1 ? parts[0]! : tf.concat(parts);
   });
 }
 
-/** What passOutput's tensor says, read back as `data`. */
+/** What passOutput's tensor says, read back as `data` (all of it, or its first headLength floats). */
 function parseOutput(data: Float32Array, rows: number, V: number, answers: readonly RowAnswer[]): PassOutput {
   const keep = rowsAnswered(answers, rows, 'logits');
   const logitsAt = new Int32Array(rows).fill(-1);
   keep.forEach((r, i) => (logitsAt[r] = i));
   const picked = new Map<number, PickedToken>();
   const shortlists = new Map<number, Shortlist>();
-  if (rows === 0 || keep.length === rows) return { picked, shortlists, logits: data, logitsAt };
+  const fallback = new Map<number, Float32Array>();
+  if (rows === 0 || keep.length === rows) return { picked, shortlists, logits: data, logitsAt, fallback };
+  const head = headLength(answers, rows, V);
+  if (data.length > head) rowsAnswered(answers, rows, 'fallback').forEach((r, i) => fallback.set(r, data.subarray(head + i * V, head + (i + 1) * V)));
   let at = 0;
   const picks = rowsAnswered(answers, rows, 'pick');
   if (picks.length > 0) {
@@ -561,5 +613,5 @@ function parseOutput(data: Float32Array, rows: number, V: number, answers: reado
     shortlists.set(r, { ids: Int32Array.from(data.subarray(at, at + S)), logits: data.slice(at + S, at + 2 * S), logNorm: data[at + 2 * S]! });
     at += 2 * S + 1;
   }
-  return { picked, shortlists, logits: data.subarray(at, at + keep.length * V), logitsAt };
+  return { picked, shortlists, logits: data.subarray(at, at + keep.length * V), logitsAt, fallback };
 }

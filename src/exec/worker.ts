@@ -21,9 +21,12 @@ function ready(): TfExecutor {
   return executor;
 }
 
-function step(r: StepResult): { value: WorkerStep; transfer: ArrayBuffer[] } {
+async function step(r: StepResult): Promise<{ value: WorkerStep; transfer: ArrayBuffer[] }> {
+  // readLogits cannot cross threads: the rows of fallback shortlists go with the answer.
+  const unread = [...r.shortlists?.keys() ?? []].filter((seq) => !r.logits.has(seq));
+  const rows = r.readLogits && unread.length > 0 ? await r.readLogits(unread) : new Map<number, Float32Array>();
   // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
-  const logits: [number, Float32Array][] = [...r.logits].map(([seq, l]) => [seq, l.slice()]);
+  const logits: [number, Float32Array][] = [...r.logits, ...rows].map(([seq, l]) => [seq, l.slice()]);
   const value: WorkerStep = { logits, picked: [...r.picked ?? []], shortlists: [...r.shortlists ?? []], passes: r.passes };
   return { value, transfer: logits.map(([, l]) => l.buffer as ArrayBuffer) };
 }
@@ -57,10 +60,10 @@ const handlers: Handlers = {
     return { value };
   },
   prefill({ items, lora }) {
-    return profiler.step('prefill', 'executor', async () => step(await ready().prefill(items, lora)));
+    return profiler.step('prefill', 'executor', async () => await step(await ready().prefill(items, lora)));
   },
   decode({ items, lora }) {
-    return profiler.step('decode', 'executor', async () => step(await ready().decode(items, lora)));
+    return profiler.step('decode', 'executor', async () => await step(await ready().decode(items, lora)));
   },
   release({ seq }) {
     ready().release(seq);

@@ -36,10 +36,15 @@ interface Seq {
   readonly pick: boolean;
   /** Sampled from a shortlist at this temperature. */
   readonly shortlist?: number;
+  /** A fallback shortlist (top_p alone): its row is read too, with the step or through readLogits. */
+  readonly fallback?: boolean;
 }
 
 /** What a run returned at each step, per sequence: the logits row or the picked [id, logprob]. */
 type Trace = Map<number, number[]>[];
+
+/** Rows read through StepResult.readLogits (a fallback shortlist's row not read with its step). */
+let rowsRead = 0;
 
 /**
  * Drives an executor through `steps` engine steps: sequences join (prefill) at their step and leave after theirs;
@@ -48,11 +53,15 @@ type Trace = Map<number, number[]>[];
 async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly AdapterLease[], steps: number, plan: (step: number) => LoraPlan): Promise<Trace> {
   const trace: Trace = [];
   const last = new Map<number, { token: number; position: number }>();
-  const take = (s: number, res: StepResult, out: Map<number, number[]>) => {
+  const take = async (s: number, res: StepResult, out: Map<number, number[]>) => {
     const p = res.picked?.get(s);
     const short = res.shortlists?.get(s);
-    const l = res.logits.get(s);
-    out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logNorm] : Array.from(l!));
+    let l = res.logits.get(s);
+    if (!l && short && seqs[s]!.fallback) {
+      l = (await res.readLogits!([s])).get(s);
+      rowsRead++;
+    }
+    out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logNorm, ...(l ?? [])] : Array.from(l!));
     const token = p ? p.id : short ? short.ids[0]! : argmax(l!);
     const prev = last.get(s);
     last.set(s, { token, position: prev ? prev.position + 1 : seqs[s]!.prompt.length });
@@ -63,18 +72,18 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
     if (running.length > 0) {
       const items: DecodeItem[] = running.map((s) => ({
         seq: s, token: last.get(s)!.token, position: last.get(s)!.position, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, pick: seqs[s]!.pick,
-        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist! } } : {}),
+        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist!, fallback: seqs[s]!.fallback } } : {}),
       }));
       const res = await ex.decode(items, plan(step));
-      for (const s of running) take(s, res, out);
+      for (const s of running) await take(s, res, out);
     }
     const joining = seqs.map((_, s) => s).filter((s) => seqs[s]!.joins === step);
     if (joining.length > 0) {
       const res = await ex.prefill(joining.map((s) => ({
         seq: s, tokens: seqs[s]!.prompt, start: 0, last: true, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, allLogits: false, pick: seqs[s]!.pick,
-        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist! } } : {}),
+        ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist!, fallback: seqs[s]!.fallback } } : {}),
       })), { kind: 'unmerged' });
-      for (const s of joining) take(s, res, out);
+      for (const s of joining) await take(s, res, out);
     }
     for (const s of running) {
       if (seqs[s]!.leaves === step) {
@@ -122,13 +131,18 @@ for (const [name, opts] of MODELS) {
       { prompt: [200, 201, 202], adapter: 1, joins: 6, leaves: 20, pick: true },
       { prompt: [7, 8, 9, 10], adapter: 0, joins: 18, leaves: 30, pick: false, shortlist: 0.7 },
       { prompt: [40, 41], adapter: null, joins: 2, leaves: 9, pick: false, shortlist: 1.2 },
+      { prompt: [60, 61, 62], adapter: 0, joins: 4, leaves: 28, pick: false, shortlist: 0.9, fallback: true },
     ];
     const plan = (l: readonly AdapterLease[]) => (step: number): LoraPlan => (step >= 22 && step <= 26 ? { kind: 'merged', key: l[0]!.adapter.key } : { kind: 'unmerged' });
     const before = webgpuCounts()!;
+    rowsRead = 0;
     const a = await drive(plain, script, plainLeases, 31, plan(plainLeases));
+    assert.equal(rowsRead, 0, 'steps through tfjs read the fallback rows with the rest');
     const mid = webgpuCounts()!;
     const b = await drive(recorded, script, leases, 31, plan(leases));
     const end = webgpuCounts()!;
+    const reads = rowsRead;
+    assert.ok(reads >= 10, `replays read the fallback rows on demand (${reads})`);
     assert.equal(a.length, b.length);
     a.forEach((step, i) => {
       assert.deepEqual([...b[i]!.keys()], [...step.keys()], `step ${i}: the same sequences answered`);
@@ -150,9 +164,9 @@ for (const [name, opts] of MODELS) {
     // A replay runs as many dispatches as the step through tfjs, in one submit.
     assert.equal(end.dispatch - mid.dispatch, mid.dispatch - before.dispatch, 'the same dispatches in all');
     // Submits: one per step on both paths, plus at most one per recording (what tfjs queued before it, such as a KV
-    // cache's growth, is submitted when the recording is checked instead of with the step).
+    // cache's growth, is submitted when the recording is checked instead of with the step), plus one per row read later.
     const extra = (end.submit - mid.submit) - (mid.submit - before.submit);
-    assert.ok(extra <= st.recorded, `${extra} more submits than through tfjs, with ${st.recorded} recordings`);
+    assert.ok(extra <= st.recorded + reads, `${extra} more submits than through tfjs, with ${st.recorded} recordings and ${reads} rows read later`);
     leases.forEach((l) => l.release());
     plainLeases.forEach((l) => l.release());
     recorded.dispose();
@@ -181,7 +195,14 @@ test('a step that uploads host values nobody named is not recorded; a named one 
   assert.deepEqual(rec.inputNames, ['x']);
   assert.equal(rec.dispatches, 2);
   assert.ok(rec.valid());
-  assert.deepEqual(Array.from(await rec.replay(new Map([['x', new Float32Array([1, 1, 1, 1])]]))), [2, 6, 12, 20]);
+  const first = await rec.replay(new Map([['x', new Float32Array([1, 1, 1, 1])]]));
+  assert.deepEqual(Array.from(first.data), [2, 6, 12, 20]);
+  // A part of the output, now or later (until the next replay).
+  const half = await rec.replay(new Map([['x', new Float32Array([2, 2, 2, 2])]]), 8);
+  assert.deepEqual(Array.from(half.data), [3, 8]);
+  assert.deepEqual(Array.from(await rec.readOutput(8, 8, half.replay)), [15, 24]);
+  await assert.rejects(rec.readOutput(8, 8, first.replay), /overwritten or freed/);
+  await assert.rejects(rec.readOutput(8, 12, half.replay), /not within/);
   await assert.rejects(rec.replay(new Map([['x', new Float32Array(3)]])), /input "x" is missing or not 16 bytes/);
   // The weight it binds is gone: the recording is no longer valid.
   w.dispose();

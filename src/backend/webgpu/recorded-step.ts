@@ -318,6 +318,8 @@ function gpuFlags(): { GPUBufferUsage: { UNIFORM: number; MAP_READ: number; COPY
 /** A recorded decode step (recordStep): replayed with new inputs while every tensor it binds still holds its buffer. */
 export class Recording {
   private disposed = false;
+  /** Replays so far: readOutput reads the last one's output only. */
+  private replays = 0;
 
   constructor(private readonly b: Backend,
     private readonly steps: readonly { pipeline: GpuPipeline; workgroups: [number, number, number]; group: unknown }[],
@@ -349,10 +351,12 @@ export class Recording {
 
   /**
    * Runs the step again with `inputs` (every name the step uploaded, each as long as it was): one command buffer, then
-   * the output read back. The caller checks valid() first.
+   * the output's first `bytes` read back (all of it by default; readOutput reads more of it later). The caller checks
+   * valid() first. Returns the data and the replay's number, for readOutput.
    */
-  async replay(inputs: ReadonlyMap<string, StepData>): Promise<Float32Array> {
+  async replay(inputs: ReadonlyMap<string, StepData>, bytes = this.output.size): Promise<{ data: Float32Array; replay: number }> {
     if (this.disposed) throw new Error('replay: the recording was disposed');
+    if (bytes <= 0 || bytes > this.output.size || bytes % 4 !== 0) throw new Error(`replay: cannot read ${bytes} bytes of a ${this.output.size}-byte output`);
     const b = this.b;
     for (const [name, buffers] of this.inputs) {
       const data = inputs.get(name);
@@ -370,13 +374,32 @@ export class Recording {
       pass.dispatchWorkgroups(...s.workgroups);
     }
     pass.end();
+    const replay = ++this.replays;
+    countReplay(this.steps.length, this.inputs.size, bytes);
+    return { data: await this.read(encoder, 0, bytes), replay };
+  }
+
+  /**
+   * Reads `bytes` of the output from byte `offset` as the replay numbered `replay` left it; rejects when the
+   * recording has been replayed again or disposed since.
+   */
+  async readOutput(offset: number, bytes: number, replay: number): Promise<Float32Array> {
+    if (this.disposed || replay !== this.replays) throw new Error('readOutput: the step\'s output was overwritten or freed since');
+    if (offset < 0 || bytes <= 0 || offset + bytes > this.output.size || offset % 4 !== 0 || bytes % 4 !== 0) {
+      throw new Error(`readOutput: bytes ${offset}..${offset + bytes} are not within the ${this.output.size}-byte output`);
+    }
+    countReplay(0, 0, bytes);
+    return this.read(this.b.device.createCommandEncoder(), offset, bytes);
+  }
+
+  /** Copies output bytes [offset, offset + bytes) to a staging buffer after what `encoder` holds, submits, and maps it. */
+  private async read(encoder: GpuEncoder, offset: number, bytes: number): Promise<Float32Array> {
+    const b = this.b;
     const g = gpuFlags();
-    const size = this.output.size;
-    const staging = b.bufferManager.acquireBuffer(size, g.GPUBufferUsage.MAP_READ | g.GPUBufferUsage.COPY_DST);
-    encoder.copyBufferToBuffer(this.output, 0, staging, 0, size);
-    b.queue.submit([encoder.finish()]);
-    countReplay(this.steps.length, this.inputs.size, size);
+    const staging = b.bufferManager.acquireBuffer(bytes, g.GPUBufferUsage.MAP_READ | g.GPUBufferUsage.COPY_DST);
     try {
+      encoder.copyBufferToBuffer(this.output, offset, staging, 0, bytes);
+      b.queue.submit([encoder.finish()]);
       await staging.mapAsync(g.GPUMapMode.READ);
       const out = new Float32Array(staging.getMappedRange().slice(0));
       staging.unmap();
