@@ -20,6 +20,7 @@ import { manyAdapters } from './cases/many-adapters.ts';
 import { memory } from './cases/memory.ts';
 import { mergedOverhead } from './cases/merged-overhead.ts';
 import { grammar } from './cases/grammar.ts';
+import { hostSampling } from './cases/host-sampling.ts';
 import { kernels } from './cases/kernels.ts';
 import { profile } from './cases/profile.ts';
 import { scaleOut } from './cases/scale-out.ts';
@@ -30,7 +31,7 @@ import { REFERENCES, referenceOf } from './references.ts';
 import { startServer, type ServerFlags } from './server.ts';
 import { prepareAdapters, prepareModel, preparePrompts } from './setup.ts';
 
-const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches, decodeLinear, recordedStep, scaleOut, grammar];
+const CASES: readonly BenchCase[] = [mergedOverhead, batching, manyAdapters, coldLoad, adapterSwitch, ttft, memory, profile, kernels, dispatches, decodeLinear, recordedStep, scaleOut, grammar, hostSampling];
 
 /** Sized to finish within 20 minutes on a 2-core machine. */
 const FULL: Sizes = { rounds: 3, newTokens: 32, sequential: 4, loads: 40, switchPairs: 60, ttftIdle: 20, memoryRequests: 5000 };

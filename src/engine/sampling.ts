@@ -229,6 +229,8 @@ export class Sampler {
   private readonly binBuf = new Float64Array(BINS + 1);
   /** The row sampleShortlist fills, reused between calls. */
   private shortRow = new Float32Array(0);
+  /** shortlistView's arrays, reused between calls. */
+  private view = { keys: new Float64Array(0), ids: new Int32Array(0), x: new Float64Array(0), at: new Int32Array(0) };
 
   constructor(params: SamplingParams) {
     this.params = { ...params };
@@ -332,18 +334,27 @@ export class Sampler {
    */
   private shortlistView(s: Shortlist, vocab: number): { x: Float64Array; ids: Int32Array; order: Int32Array; complete: boolean } | 'row' {
     if (Number.isNaN(s.logNorm)) throw fail('GENERATION', 'the logits contain +inf');
-    if (vocab <= SHORTLIST_SIZE) return 'row';
     const n0 = s.ids.length;
+    if (vocab <= SHORTLIST_SIZE || n0 > 128) return 'row';
     let n = 0;
     while (n < n0 && s.ids[n]! >= 0 && s.logits[n]! > -Infinity) n++;
     if (n === 0) throw fail('GENERATION', 'every logit is -inf or NaN');
     const inv = 1 / this.params.temperature;
     const temper = this.params.temperature !== 1;
-    const byId = Array.from({ length: n }, (_, j) => j).sort((a, b) => s.ids[a]! - s.ids[b]!);
-    const ids = Int32Array.from(byId, (j) => s.ids[j]!);
-    const x = Float64Array.from(byId, (j) => (temper ? s.logits[j]! * inv : s.logits[j]!));
-    const at = new Int32Array(n); // shortlist position → index in ids
-    byId.forEach((j, k) => (at[j] = k));
+    if (this.view.keys.length < n) this.view = { keys: new Float64Array(n), ids: new Int32Array(n), x: new Float64Array(n), at: new Int32Array(n) };
+    // Sort (id, position) pairs packed in one number: ids are below 2^31 and positions below 2^7 (SHORTLIST_SIZE).
+    const keys = this.view.keys.subarray(0, n);
+    for (let j = 0; j < n; j++) keys[j] = s.ids[j]! * 128 + j;
+    keys.sort();
+    const ids = this.view.ids.subarray(0, n);
+    const x = this.view.x.subarray(0, n);
+    const at = this.view.at.subarray(0, n); // shortlist position → index in ids
+    for (let k = 0; k < n; k++) {
+      const j = keys[k]! % 128;
+      ids[k] = (keys[k]! - j) / 128;
+      x[k] = temper ? s.logits[j]! * inv : s.logits[j]!;
+      at[j] = k;
+    }
     for (let j = 1; j < n; j++) {
       // tempering made two distinct logits equal (or overflowed): the host would rank them by id instead
       if (s.logits[j]! < s.logits[j - 1]! && !(x[at[j]!]! < x[at[j - 1]!]!)) return 'row';
