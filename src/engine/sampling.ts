@@ -226,6 +226,8 @@ export class Sampler {
   private keys = new Float64Array(0);
   private weights = new Float64Array(0);
   private ids = new Int32Array(0);
+  /** nucleus's bin of each id, reused between calls. */
+  private bins = new Uint16Array(0);
   private readonly binBuf = new Float64Array(BINS + 1);
   /** The row sampleShortlist fills, reused between calls. */
   private shortRow = new Float32Array(0);
@@ -273,11 +275,17 @@ export class Sampler {
     for (let i = 0; i < V; i++) if (x[i]! > max) { max = x[i]!; argmax = i; }
     if (max === -Infinity) throw fail('GENERATION', 'every logit is -inf or NaN');
     if (max === Infinity) throw fail('GENERATION', 'the logits contain +inf');
+    // exp(x − max), kept for the draw when sampling
+    const w = this.weightBuf(V);
     let sum = 0;
-    for (let i = 0; i < V; i++) sum += Math.exp(x[i]! - max);
+    for (let i = 0; i < V; i++) {
+      const e = Math.exp(x[i]! - max);
+      w[i] = e;
+      sum += e;
+    }
     const logZ = max + Math.log(sum);
 
-    let id = p.doSample ? this.draw(x, max, sum) : argmax;
+    let id = p.doSample ? this.draw(x, max, sum, w) : argmax;
     if (x[id] === -Infinity) id = argmax; // a rounding fallback of draw() never picks a masked id
     const out: SampledToken = { id, logprob: x[id]! - logZ };
     if (p.topNTokens > 0) {
@@ -434,8 +442,11 @@ export class Sampler {
     }
   }
 
-  /** Apply top_k → top_p → typical_p and draw from the survivors. `max`/`sum` describe all of x. */
-  private draw(x: Float64Array, max: number, sum: number): number {
+  /**
+   * Apply top_k → top_p → typical_p and draw from the survivors. `max`/`sum` describe all of x; `w` holds
+   * exp(x − max) (overwritten by typical_p).
+   */
+  private draw(x: Float64Array, max: number, sum: number, w: Float64Array): number {
     const p = this.params;
     const V = x.length;
     const topK = p.topK > 0 && p.topK < V;
@@ -444,10 +455,9 @@ export class Sampler {
       let u = this.rng.nextFloat() * sum;
       let last = 0;
       for (let i = 0; i < V; i++) {
-        const w = Math.exp(x[i]! - max);
-        if (w === 0) continue;
+        if (w[i] === 0) continue;
         last = i;
-        u -= w;
+        u -= w[i]!;
         if (u < 0) return i;
       }
       return last; // rounding left u ≥ 0: the last token with weight
@@ -457,21 +467,53 @@ export class Sampler {
     if (topK) {
       survivors = this.topKSurvivors(x, max, selectTop(x, p.topK, V));
     } else if (p.topP < 1) {
-      // top_p over the whole vocabulary: find the crossing token without sorting, keep every
-      // token ranked at or above it (ranking: logit desc, id asc).
-      const key = this.keyBuf(V);
-      const w = this.weightBuf(V);
-      for (let i = 0; i < V; i++) { key[i] = -x[i]!; w[i] = Math.exp(x[i]! - max); }
-      const c = this.crossing(null, V, key, w, p.topP * sum);
-      const xc = x[c]!;
-      let n = 0;
-      const ids = this.idBuf(V);
-      for (let i = 0; i < V; i++) if (x[i]! > xc || (x[i] === xc && i <= c)) ids[n++] = i;
-      survivors = ids.slice(0, n);
+      survivors = this.nucleus(x, max, w, p.topP * sum);
     } else {
       survivors = this.typical(x, null); // typical_p alone
     }
     return this.drawAmong(x, max, survivors, topK || p.topP < 1);
+  }
+
+  /**
+   * top_p over the whole vocabulary, without sorting it: every id ranked at or above the first (ranking: x desc, id
+   * asc) whose inclusive cumulative weight `w` reaches `target`, or every id when none does (rounding), ascending.
+   * Ids are binned by how far below `max` they are (ids more than KEY_SPAN below, or −∞, share an overflow bin), the
+   * bins' weights summed in one pass, and only the bin where the mass crosses is sorted.
+   */
+  private nucleus(x: Float64Array, max: number, w: Float64Array, target: number): Int32Array {
+    const V = x.length;
+    const scale = BINS / KEY_SPAN;
+    const binOf = this.binIds(V);
+    const mass = this.binBuf.fill(0);
+    for (let i = 0; i < V; i++) {
+      const d = (max - x[i]!) * scale; // ∞ for −∞
+      const b = d < BINS ? Math.floor(d) : BINS;
+      binOf[i] = b;
+      mass[b]! += w[i]!;
+    }
+    let cum = 0;
+    let b = 0;
+    for (; b <= BINS; b++) {
+      if (cum + mass[b]! >= target) break;
+      cum += mass[b]!;
+    }
+    const ids = this.idBuf(V);
+    if (b > BINS) return ids.map((_, i) => i); // the mass never reaches the target (target ≈ all of it): every id
+    const members: number[] = [];
+    for (let i = 0; i < V; i++) if (binOf[i] === b) members.push(i);
+    members.sort((a, c) => x[c]! - x[a]! || a - c);
+    let c = members[members.length - 1]!; // rounding between the bin's sum and its members'
+    for (const i of members) {
+      cum += w[i]!;
+      if (cum >= target) {
+        c = i;
+        break;
+      }
+    }
+    const xc = x[c]!;
+    let n = 0;
+    for (let i = 0; i < V; i++) if (binOf[i]! < b || (binOf[i] === b && (x[i]! > xc || (x[i] === xc && i <= c)))) ids[n++] = i;
+    return ids.slice(0, n);
   }
 
   /** top_k's candidates `cand` (best first) after top_p, ascending. */
@@ -599,6 +641,11 @@ export class Sampler {
   private weightBuf(V: number): Float64Array {
     if (this.weights.length !== V) this.weights = new Float64Array(V);
     return this.weights;
+  }
+
+  private binIds(V: number): Uint16Array {
+    if (this.bins.length !== V) this.bins = new Uint16Array(V);
+    return this.bins;
   }
 
   private idBuf(V: number): Int32Array {
