@@ -767,3 +767,85 @@ test('a picked token without a finite logit or with +inf fails its sequence alon
   assert.deepEqual(ids(fine), chain(20, 5));
   assert.equal(ex.running, 0);
 });
+
+/**
+ * An executor answering top_p-alone rows with shortlists (ShortlistRequest.fallback) of a fixed row per step, and
+ * their logits through readLogits; other rows with logits. Records, per step, which sequences asked for a shortlist.
+ */
+class ShortlistExecutor implements StepExecutor {
+  readonly vocabSize = 200;
+  private readonly batch = new Set<number>();
+  readonly asked: boolean[] = [];
+  rowsRead = 0;
+  private step = 0;
+
+  constructor(private readonly rowAt: (step: number) => Float32Array) {}
+
+  get running(): number {
+    return this.batch.size;
+  }
+
+  private answer(items: readonly { seq: number; shortlist?: { fallback?: boolean } }[]): StepResult {
+    const row = this.rowAt(this.step++);
+    const ids = Array.from({ length: row.length }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b).slice(0, 64);
+    let sum = 0;
+    for (const x of row) sum += Math.exp(x - row[ids[0]!]!);
+    const shortlist = { ids: Int32Array.from(ids), logits: Float32Array.from(ids, (i) => row[i]!), logNorm: Math.fround(Math.log(sum)) };
+    const logits = new Map<number, Float32Array>();
+    const shortlists = new Map<number, typeof shortlist>();
+    for (const it of items) {
+      this.asked.push(it.shortlist?.fallback === true);
+      if (it.shortlist) shortlists.set(it.seq, shortlist);
+      else logits.set(it.seq, row);
+    }
+    const readLogits = async (seqs: readonly number[]) => {
+      this.rowsRead += seqs.length;
+      return new Map(seqs.map((s) => [s, row]));
+    };
+    return { logits, shortlists, readLogits, passes: [{ mode: 'none', adapters: 1, rows: items.length }] };
+  }
+
+  async prefill(items: readonly PrefillItem[]): Promise<StepResult> {
+    for (const it of items) if (it.last) this.batch.add(it.seq);
+    return this.answer(items);
+  }
+
+  async decode(items: readonly DecodeItem[]): Promise<StepResult> {
+    return this.answer(items);
+  }
+
+  release(seq: number): void {
+    this.batch.delete(seq);
+  }
+
+  fork(): void {
+    throw new Error('no forks');
+  }
+}
+
+test('top_p alone: tokens from shortlists, or from the row read after the step when the nucleus reaches past them; mostly flat rows pause shortlists', async () => {
+  let s = 3;
+  const rand = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  // Peaked rows (one id far above: the nucleus is one id) at steps 0–19 and from 60 on, flat ones between (the
+  // nucleus is most of the 200 ids).
+  const rows = Array.from({ length: 120 }, (_, step) => {
+    const flat = step >= 20 && step < 60;
+    const row = Float32Array.from({ length: 200 }, () => rand() * (flat ? 0.5 : 1));
+    if (!flat) row[Math.floor(rand() * 200)] = 12;
+    return row;
+  });
+  const ex = new ShortlistExecutor((step) => rows[step]!);
+  const engine = new Engine(ex, fakeTokenizer(), null, OPTS);
+  const sampling = { doSample: true, topP: 0.9, seed: 77 };
+  const out = await generate({ engine }, request([1, 2, 3], { maxNewTokens: 100, ignoreEos: true, sampling }));
+  assert.equal(out.error, undefined);
+  // The same tokens as the host sampler on each step's whole row.
+  const host = new Sampler({ ...DEFAULT_SAMPLING, ...sampling });
+  assert.deepEqual(out.tokens.map((t) => t.id), rows.slice(0, 100).map((r) => host.sample(r, []).id));
+  // Peaked steps decide from the shortlist. Flat steps: a few rows are read, then shortlists pause for 32 tokens,
+  // then are tried again.
+  assert.deepEqual(ex.asked.slice(0, 24), new Array(24).fill(true));
+  assert.ok(ex.asked.slice(24, 56).every((a) => !a), `paused after four undecided shortlists: ${ex.asked.slice(20, 60).map(Number).join('')}`);
+  assert.ok(ex.asked.slice(60).some((a) => a), 'tried again after the pause');
+  assert.ok(ex.rowsRead >= 4 && ex.rowsRead <= 8, `rows read after their step: ${ex.rowsRead}`);
+});

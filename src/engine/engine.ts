@@ -52,6 +52,8 @@ interface Seq {
   readonly pick: boolean;
   /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE or top_p alone, no constraint): DecodeItem.shortlist. */
   readonly shortlist: ShortlistRequest | undefined;
+  /** A top_p-alone sequence's recent share of undecided shortlists, and until which token it reads logits instead. */
+  readonly nucleus: { misses: number; pausedUntil: number };
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
   /** Where the text stands in `req.constraint` (null without one). */
@@ -77,6 +79,28 @@ interface Seq {
 }
 
 const now = (): number => performance.now() / 1000;
+
+/**
+ * A top_p-alone sequence whose shortlists keep failing to decide (a flat distribution: each miss costs a second
+ * readback) reads its logits at once for NUCLEUS_PAUSE tokens, then tries shortlists again. The token is the same
+ * either way: this only chooses what is read.
+ */
+const NUCLEUS_PAUSE = 32;
+
+/** The shortlist a sequence's item asks for now (none while a top_p-alone sequence is paused). */
+function shortlistOf(seq: Seq): ShortlistRequest | undefined {
+  return seq.shortlist?.fallback && seq.generated.length < seq.nucleus.pausedUntil ? undefined : seq.shortlist;
+}
+
+/** Counts a top_p-alone token drawn from its shortlist (`missed`: its row had to be read); pauses shortlists when most miss. */
+function noteNucleus(seq: Seq, missed: boolean): void {
+  const n = seq.nucleus;
+  n.misses = 0.8 * n.misses + (missed ? 0.2 : 0); // a moving share over the last few tokens
+  if (n.misses > 0.5) {
+    n.pausedUntil = seq.generated.length + 1 + NUCLEUS_PAUSE;
+    n.misses = 0.25;
+  }
+}
 
 /** log_softmax(row) in float64 at `id`, and its `k` largest entries best first (ties: lowest id). */
 function logprobsOf(row: Float32Array, id: number, k: number): { logprob: number; top: { id: number; logprob: number }[] } {
@@ -195,6 +219,7 @@ export class Engine implements EngineApi {
       sampler: new Sampler(req.sampling), pick: pickableOnDevice(req.sampling) && !req.constraint,
       shortlist: req.constraint ? undefined : shortlistOnDevice(req.sampling) ? { temperature: req.sampling.temperature }
         : nucleusOnDevice(req.sampling) ? { temperature: req.sampling.temperature, fallback: true } : undefined,
+      nucleus: { misses: 0, pausedUntil: 0 },
       decoder: this.tokenizer.createDecoder({ skipSpecialTokens: true }),
       stop: new StopMatcher([...req.stop], { includeStop: req.includeStop ?? true }),
       constraint: req.constraint?.start() ?? null,
@@ -371,7 +396,7 @@ export class Engine implements EngineApi {
 
   private async decodeStep(lora: LoraPlan): Promise<void> {
     const items: DecodeItem[] = this.running.map((s) => ({
-      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick, shortlist: s.shortlist,
+      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick, shortlist: shortlistOf(s),
     }));
     const t0 = now();
     const res = await this.executor.decode(items, lora);
@@ -417,7 +442,7 @@ export class Engine implements EngineApi {
         seq: seq.id, tokens: seq.req.inputIds.slice(c.start, c.start + c.length), start: c.start, last: c.last,
         adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
         pick: seq.pick && c.last && !seq.req.decoderInputDetails && !sharing,
-        shortlist: c.last && !seq.req.decoderInputDetails && !sharing ? seq.shortlist : undefined,
+        shortlist: c.last && !seq.req.decoderInputDetails && !sharing ? shortlistOf(seq) : undefined,
       };
     });
     const res = await this.executor.prefill(items, lora);
@@ -495,6 +520,7 @@ export class Engine implements EngineApi {
         // only where seq.shortlist: no constraint; `row` when the shortlist does not decide the token
         sampled = profiler.time('sampling', () => {
           const s = seq.sampler.sampleShortlist(next, this.executor.vocabSize);
+          if (seq.shortlist?.fallback) noteNucleus(seq, s === null);
           if (s) return s;
           if (!row) throw new Error('executor: the row of an undecided shortlist is missing');
           return seq.sampler.sample(row, []);
