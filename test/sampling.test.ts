@@ -339,6 +339,15 @@ test('top_p alone from a shortlist: the same tokens as the whole row where it de
     assert.ok(b !== null);
     assert.equal(b.id, new Sampler(p).sample(sparse, []).id);
   }
+  // Tempering that makes distinct logits equal (T = 1e300 on tiny logits): the shortlist cannot rank them as the host
+  // does, and top_p weighs the whole row: the row is read.
+  const tiny = Float32Array.from({ length: V }, (_, i) => (1 + ((i * 7919) % 997) / 997) * 1e-22);
+  const hot = params({ doSample: true, topP: 0.5, temperature: 1e300, seed: 3 });
+  const hotList = shortlistOf(tiny, 1e300);
+  const hotSampler = new Sampler(hot);
+  assert.equal(hotSampler.shortlistDecides(hotList, V), false);
+  assert.equal(hotSampler.sampleShortlist(hotList, V), null);
+  assert.equal(hotSampler.sample(tiny, []).id, new Sampler(hot).sample(tiny, []).id, 'no random number drawn');
   // top_k with top_p, typical_p, penalties or logit_bias are not nucleus rows.
   for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { repetitionPenalty: 1.1 }, { logitBias: [[1, 2]] as [number, number][] }, { topNTokens: 2 }, { doSample: false }]) {
     assert.ok(!nucleusOnDevice(params({ doSample: true, topP: 0.9, ...q })), JSON.stringify(q));

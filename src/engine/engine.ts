@@ -414,7 +414,7 @@ export class Engine implements EngineApi {
     const need: number[] = [];
     for (const [id, s] of res.shortlists ?? []) {
       const seq = this.seqs.get(id);
-      if (seq && !res.logits.has(id) && !seq.sampler.shortlistDecides(s, V)) need.push(id);
+      if (seq?.shortlist?.fallback && !res.logits.has(id) && !seq.sampler.shortlistDecides(s, V)) need.push(id);
     }
     if (need.length === 0) return res.logits;
     if (!res.readLogits) throw new Error('executor: a fallback shortlist came without its row or readLogits');

@@ -71,7 +71,7 @@ export interface ShortlistRequest {
   readonly fallback?: boolean;
 }
 
-/** Candidates in a Shortlist: top_k sampling up to this many may use one. */
+/** Candidates in a Shortlist: top_k sampling up to this many may use one (and top_p alone, with a fallback). */
 export const SHORTLIST_SIZE = 64;
 
 /**
@@ -139,7 +139,7 @@ export interface StepResult {
   /**
    * Reads the logits rows of sequences given a `fallback` shortlist and no logits entry in this result: required when
    * there is such a sequence. Only before the executor's next call (prefill, decode, release, fork, adapter loads and
-   * offloads); rejects after.
+   * offloads), after which it may reject (TfExecutor's does after a decode, release, offload or dispose).
    */
   readonly readLogits?: (seqs: readonly number[]) => Promise<ReadonlyMap<number, Float32Array>>;
   /** The call's forward passes, in the order they ran. */

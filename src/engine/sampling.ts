@@ -305,7 +305,7 @@ export class Sampler {
    */
   sampleShortlist(s: Shortlist, vocab: number): SampledToken | null {
     const view = this.shortlistView(s, vocab);
-    if (view === 'row') return this.sampleShortlistRow(s, vocab);
+    if (view === 'row') return this.rowDecides(s, vocab) ? this.sampleShortlistRow(s, vocab) : null;
     const { x, ids, order, complete } = view;
     const p = this.params;
     const max = x[order[0]!]!;
@@ -329,8 +329,19 @@ export class Sampler {
     } catch {
       return true; // sampleShortlist throws the same
     }
-    if (view === 'row' || this.params.topK > 0 || view.complete) return true;
+    if (view === 'row') return this.rowDecides(s, vocab);
+    if (this.params.topK > 0 || view.complete) return true;
     return this.nucleusEnd(view.x, view.x[view.order[0]!]!, view.order, false, s.logNorm) >= 0;
+  }
+
+  /**
+   * Whether the row rebuilt from the shortlist (−∞ past it) samples as the whole row does: with top_k, or when the
+   * shortlist holds every finite logit (a vocabulary within it, or −∞ past its end); not for top_p alone otherwise,
+   * which weighs the whole row.
+   */
+  private rowDecides(s: Shortlist, vocab: number): boolean {
+    const last = s.ids.length - 1;
+    return this.params.topK > 0 || vocab <= SHORTLIST_SIZE || (last >= 0 && (s.ids[last]! < 0 || !(s.logits[last]! > -Infinity)));
   }
 
   /**

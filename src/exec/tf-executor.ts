@@ -411,13 +411,12 @@ export class TfExecutor implements Executor {
     countDecodeStep('replayed');
     const recording = r.recording;
     const fallback = rowsAnswered(answers, B, 'fallback');
-    // The fallback rows' logits stay in the recording's output until its next replay: read the span the rows asked for.
+    // The fallback rows' logits stay in the recording's output until its next replay: read the rows asked for.
     const readFallback = async (rows: readonly number[]): Promise<Map<number, Float32Array>> => {
       const at = rows.map((row) => fallback.indexOf(row));
       if (at.some((i) => i < 0)) throw new Error('readLogits: a row without a fallback shortlist');
-      const lo = Math.min(...at);
-      const span = await recording.readOutput(4 * (head + lo * V), 4 * (Math.max(...at) - lo + 1) * V, read.replay);
-      return new Map(rows.map((row, i) => [row, span.subarray((at[i]! - lo) * V, (at[i]! - lo + 1) * V)]));
+      const data = await recording.readOutput(at.map((i) => [4 * (head + i * V), 4 * V] as const), read.replay);
+      return new Map(rows.map((row, i) => [row, data.subarray(i * V, (i + 1) * V)]));
     };
     return { output: { ...parseOutput(read.data, B, V, answers), ...(fallback.length > 0 ? { readFallback } : {}) }, pass: r.pass };
   }

@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../backend/select.ts';
 import { openCheckpoint } from '../model/checkpoint.ts';
 import { assertModelFits } from '../sizing.ts';
-import type { StepResult } from '../engine/executor.ts';
+import type { DecodeItem, PrefillItem, StepResult } from '../engine/executor.ts';
 import { isServeError } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import { CausalLM } from '../model/model.ts';
@@ -21,9 +21,9 @@ function ready(): TfExecutor {
   return executor;
 }
 
-async function step(r: StepResult): Promise<{ value: WorkerStep; transfer: ArrayBuffer[] }> {
+async function step(r: StepResult, items: readonly (PrefillItem | DecodeItem)[]): Promise<{ value: WorkerStep; transfer: ArrayBuffer[] }> {
   // readLogits cannot cross threads: the rows of fallback shortlists go with the answer.
-  const unread = [...r.shortlists?.keys() ?? []].filter((seq) => !r.logits.has(seq));
+  const unread = items.filter((i) => i.shortlist?.fallback && r.shortlists?.has(i.seq) && !r.logits.has(i.seq)).map((i) => i.seq);
   const rows = r.readLogits && unread.length > 0 ? await r.readLogits(unread) : new Map<number, Float32Array>();
   // Copy each sequence's rows out of the shared logits buffer so each can be transferred on its own.
   const logits: [number, Float32Array][] = [...r.logits, ...rows].map(([seq, l]) => [seq, l.slice()]);
@@ -60,10 +60,10 @@ const handlers: Handlers = {
     return { value };
   },
   prefill({ items, lora }) {
-    return profiler.step('prefill', 'executor', async () => await step(await ready().prefill(items, lora)));
+    return profiler.step('prefill', 'executor', async () => await step(await ready().prefill(items, lora), items));
   },
   decode({ items, lora }) {
-    return profiler.step('decode', 'executor', async () => await step(await ready().decode(items, lora)));
+    return profiler.step('decode', 'executor', async () => await step(await ready().decode(items, lora), items));
   },
   release({ seq }) {
     ready().release(seq);

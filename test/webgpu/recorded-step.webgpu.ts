@@ -200,9 +200,10 @@ test('a step that uploads host values nobody named is not recorded; a named one 
   // A part of the output, now or later (until the next replay).
   const half = await rec.replay(new Map([['x', new Float32Array([2, 2, 2, 2])]]), 8);
   assert.deepEqual(Array.from(half.data), [3, 8]);
-  assert.deepEqual(Array.from(await rec.readOutput(8, 8, half.replay)), [15, 24]);
-  await assert.rejects(rec.readOutput(8, 8, first.replay), /overwritten or freed/);
-  await assert.rejects(rec.readOutput(8, 12, half.replay), /not within/);
+  assert.deepEqual(Array.from(await rec.readOutput([[8, 8]], half.replay)), [15, 24]);
+  assert.deepEqual(Array.from(await rec.readOutput([[12, 4], [0, 4]], half.replay)), [24, 3], 'ranges concatenated');
+  await assert.rejects(rec.readOutput([[8, 8]], first.replay), /overwritten or freed/);
+  await assert.rejects(rec.readOutput([[8, 12]], half.replay), /not within/);
   await assert.rejects(rec.replay(new Map([['x', new Float32Array(3)]])), /input "x" is missing or not 16 bytes/);
   // The weight it binds is gone: the recording is no longer valid.
   w.dispose();

@@ -376,29 +376,38 @@ export class Recording {
     pass.end();
     const replay = ++this.replays;
     countReplay(this.steps.length, this.inputs.size, bytes);
-    return { data: await this.read(encoder, 0, bytes), replay };
+    return { data: await this.read(encoder, [[0, bytes]]), replay };
   }
 
   /**
-   * Reads `bytes` of the output from byte `offset` as the replay numbered `replay` left it; rejects when the
-   * recording has been replayed again or disposed since.
+   * Reads byte ranges [offset, offset + bytes) of the output, concatenated, as the replay numbered `replay` left it
+   * (one readback); rejects when the recording has been replayed again or disposed since.
    */
-  async readOutput(offset: number, bytes: number, replay: number): Promise<Float32Array> {
+  async readOutput(ranges: readonly (readonly [number, number])[], replay: number): Promise<Float32Array> {
     if (this.disposed || replay !== this.replays) throw new Error('readOutput: the step\'s output was overwritten or freed since');
-    if (offset < 0 || bytes <= 0 || offset + bytes > this.output.size || offset % 4 !== 0 || bytes % 4 !== 0) {
-      throw new Error(`readOutput: bytes ${offset}..${offset + bytes} are not within the ${this.output.size}-byte output`);
+    for (const [offset, bytes] of ranges) {
+      if (offset < 0 || bytes <= 0 || offset + bytes > this.output.size || offset % 4 !== 0 || bytes % 4 !== 0) {
+        throw new Error(`readOutput: bytes ${offset}..${offset + bytes} are not within the ${this.output.size}-byte output`);
+      }
     }
-    countReplay(0, 0, bytes);
-    return this.read(this.b.device.createCommandEncoder(), offset, bytes);
+    const total = ranges.reduce((n, [, bytes]) => n + bytes, 0);
+    if (total === 0) return new Float32Array(0);
+    countReplay(0, 0, total);
+    return this.read(this.b.device.createCommandEncoder(), ranges);
   }
 
-  /** Copies output bytes [offset, offset + bytes) to a staging buffer after what `encoder` holds, submits, and maps it. */
-  private async read(encoder: GpuEncoder, offset: number, bytes: number): Promise<Float32Array> {
+  /** Copies output byte ranges, concatenated, to a staging buffer after what `encoder` holds, submits, and maps it. */
+  private async read(encoder: GpuEncoder, ranges: readonly (readonly [number, number])[]): Promise<Float32Array> {
     const b = this.b;
     const g = gpuFlags();
+    const bytes = ranges.reduce((n, [, size]) => n + size, 0);
     const staging = b.bufferManager.acquireBuffer(bytes, g.GPUBufferUsage.MAP_READ | g.GPUBufferUsage.COPY_DST);
     try {
-      encoder.copyBufferToBuffer(this.output, offset, staging, 0, bytes);
+      let at = 0;
+      for (const [offset, size] of ranges) {
+        encoder.copyBufferToBuffer(this.output, offset, staging, at, size);
+        at += size;
+      }
       b.queue.submit([encoder.finish()]);
       await staging.mapAsync(g.GPUMapMode.READ);
       const out = new Float32Array(staging.getMappedRange().slice(0));
