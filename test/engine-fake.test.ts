@@ -778,6 +778,8 @@ class ShortlistExecutor implements StepExecutor {
   readonly asked: boolean[] = [];
   rowsRead = 0;
   private step = 0;
+  /** The step whose readLogits rejects. */
+  failReadAt = -1;
 
   constructor(private readonly rowAt: (step: number) => Float32Array) {}
 
@@ -785,8 +787,14 @@ class ShortlistExecutor implements StepExecutor {
     return this.batch.size;
   }
 
+  /** Steps so far. */
+  get steps(): number {
+    return this.step;
+  }
+
   private answer(items: readonly { seq: number; shortlist?: { fallback?: boolean } }[]): StepResult {
-    const row = this.rowAt(this.step++);
+    const k = this.step++;
+    const row = this.rowAt(k);
     const ids = Array.from({ length: row.length }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b).slice(0, 64);
     let sum = 0;
     for (const x of row) sum += Math.exp(x - row[ids[0]!]!);
@@ -799,6 +807,7 @@ class ShortlistExecutor implements StepExecutor {
       else logits.set(it.seq, row);
     }
     const readLogits = async (seqs: readonly number[]) => {
+      if (k === this.failReadAt) throw new Error('device lost');
       this.rowsRead += seqs.length;
       return new Map(seqs.map((s) => [s, row]));
     };
@@ -848,4 +857,27 @@ test('top_p alone: tokens from shortlists, or from the row read after the step w
   assert.ok(ex.asked.slice(24, 56).every((a) => !a), `paused after four undecided shortlists: ${ex.asked.slice(20, 60).map(Number).join('')}`);
   assert.ok(ex.asked.slice(60).some((a) => a), 'tried again after the pause');
   assert.ok(ex.rowsRead >= 4 && ex.rowsRead <= 8, `rows read after their step: ${ex.rowsRead}`);
+});
+
+test('a failed read of an undecided shortlist\'s row fails that sequence alone; the others go on', async () => {
+  const flat = Float32Array.from({ length: 200 }, (_, i) => (i % 7) * 0.01);
+  const ex = new ShortlistExecutor(() => flat);
+  const engine = new Engine(ex, fakeTokenizer(), null, OPTS);
+  // In the pair's prefill step, then in its third decode step.
+  for (const failAt of [0, 3]) {
+    ex.failReadAt = ex.steps + failAt;
+    const [nucleus, topK] = await Promise.all([
+      generate({ engine }, request([1, 2], { maxNewTokens: 5, ignoreEos: true, sampling: { doSample: true, topP: 0.9, seed: 1 } })),
+      generate({ engine }, request([3, 4], { maxNewTokens: 5, ignoreEos: true, sampling: { doSample: true, topK: 5, seed: 2 } })),
+    ]);
+    assert.equal(nucleus.error?.code, 'GENERATION', `read failing at step ${failAt}`);
+    assert.equal(nucleus.tokens.length, failAt === 0 ? 0 : 3);
+    assert.equal(topK.error, undefined);
+    assert.equal(topK.tokens.length, 5);
+  }
+  // the engine serves on: the next top_p request reads its rows
+  const again = await generate({ engine }, request([1, 2], { maxNewTokens: 3, ignoreEos: true, sampling: { doSample: true, topP: 0.9, seed: 1 } }));
+  assert.equal(again.error, undefined);
+  assert.equal(again.tokens.length, 3);
+  assert.ok(ex.rowsRead >= 3);
 });

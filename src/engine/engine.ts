@@ -407,7 +407,8 @@ export class Engine implements EngineApi {
 
   /**
    * The result's logits rows, with those of the sequences whose shortlist does not decide their token (a nucleus
-   * reaching past it) read from the executor where the result does not hold them (StepResult.readLogits).
+   * reaching past it) read from the executor where the result does not hold them (StepResult.readLogits). A failed
+   * read fails those sequences.
    */
   private async undecidedRows(res: StepResult): Promise<ReadonlyMap<number, Float32Array>> {
     const V = this.executor.vocabSize;
@@ -418,7 +419,13 @@ export class Engine implements EngineApi {
     }
     if (need.length === 0) return res.logits;
     if (!res.readLogits) throw new Error('executor: a fallback shortlist came without its row or readLogits');
-    return new Map([...res.logits, ...await res.readLogits(need)]);
+    try {
+      return new Map([...res.logits, ...await res.readLogits(need)]);
+    } catch (err) {
+      // those sequences alone fail; the others' tokens are decided
+      for (const id of need) this.finishWithError(this.seqs.get(id)!, err);
+      return res.logits;
+    }
   }
 
   /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
@@ -450,7 +457,8 @@ export class Engine implements EngineApi {
     this.stepMetrics('prefill', res, now() - t);
     const V = this.executor.vocabSize;
     for (const item of items) {
-      const seq = this.seqs.get(item.seq)!;
+      const seq = this.seqs.get(item.seq);
+      if (!seq) continue; // failed: its row could not be read
       seq.prefilled += item.tokens.length;
       const logits = res.logits.get(seq.id);
       if (seq.req.decoderInputDetails && logits) this.promptLogprobs(seq, item, logits);
