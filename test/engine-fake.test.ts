@@ -7,9 +7,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkLengths, Engine, type Detokenizer, type EngineOptions } from '../src/engine/engine.ts';
-import type { DecodeItem, ExecAdapter, LoraPlan, PickedToken, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
+import type { DecodeItem, ExecAdapter, LogitEdits, LoraPlan, PickedToken, PrefillItem, StepExecutor, StepResult } from '../src/engine/executor.ts';
 import { DEFAULT_SAMPLING, Sampler } from '../src/engine/sampling.ts';
-import type { EngineMetrics, GenerateRequest } from '../src/engine/types.ts';
+import type { EngineMetrics, GenerateRequest, TokenInfo } from '../src/engine/types.ts';
 import { fail, isServeError, type ServeError } from '../src/errors.ts';
 import type { AdapterLease, AdapterProvider, MergeSpec } from '../src/lora/types.ts';
 import { IncrementalDecoder } from '../src/text/tokenizer.ts';
@@ -30,6 +30,19 @@ function logitsRow(lastToken: number): Float32Array {
 }
 
 type Kind = 'prefill' | 'decode';
+
+/** A row with its edits applied in float32, as the device's LogitEditsProgram does. */
+function editedRow(row: Float32Array, e: LogitEdits): Float32Array {
+  const out = Float32Array.from(row);
+  const f = Math.fround;
+  e.ids.forEach((id, j) => {
+    let v = f(out[id]! + e.bias[j]!);
+    const rep = e.repetition[j]!;
+    if (rep !== 1) v = v > 0 ? f(v / rep) : f(v * rep);
+    out[id] = f(v - e.minus[j]!);
+  });
+  return out;
+}
 
 /** Executor fake: tracks which sequences it holds and checks the engine's calls against the contract. */
 class FakeExecutor implements StepExecutor {
@@ -88,7 +101,7 @@ class FakeExecutor implements StepExecutor {
         this.partial.add(it.seq);
       }
       if (this.picks && it.pick) {
-        picked.set(it.seq, this.pick(it.tokens.at(-1)!));
+        picked.set(it.seq, this.pick(it.tokens.at(-1)!, it.edits));
         continue;
       }
       const rows = it.allLogits ? it.tokens.length : it.last ? 1 : 0;
@@ -103,7 +116,8 @@ class FakeExecutor implements StepExecutor {
   }
 
   /** The token picked after `last`, its logprob as the host's greedy choice gives it. */
-  private pick(last: number): PickedToken {
+  private pick(last: number, edits?: LogitEdits): PickedToken {
+    if (edits) return new Sampler(DEFAULT_SAMPLING).sample(editedRow(logitsRow(last), edits), [], 0, undefined, true); // as a device would
     const id = this.pickAfter(last);
     return { id, logprob: id < 0 ? NaN : new Sampler(DEFAULT_SAMPLING).sample(logitsRow(last), []).logprob };
   }
@@ -118,7 +132,7 @@ class FakeExecutor implements StepExecutor {
     const picked = new Map<number, PickedToken>();
     for (const it of items) {
       this.pickFlags.push({ kind: 'decode', seq: it.seq, pick: it.pick ?? false });
-      if (this.picks && it.pick) picked.set(it.seq, this.pick(it.token));
+      if (this.picks && it.pick) picked.set(it.seq, this.pick(it.token, it.edits));
       else logits.set(it.seq, logitsRow(it.token));
     }
     this.inFlight = false;
@@ -715,7 +729,7 @@ test('a prefix group under a grammar: each member starts at the grammar\'s start
   assert.equal(ex.running, 0);
 });
 
-test('tokens the executor picks are taken as sampled ones, and only rows the host would take greedily from the raw logits are offered', async () => {
+test('tokens the executor picks are taken as sampled ones, and only rows the host would take greedily from the logits after bias and penalties are offered (with their edits)', async () => {
   const run = async (picks: boolean) => {
     const { ex, submit } = setup({ maxBatchSize: 16 }, [9]); // room for every choice to copy the leader's prefill
     ex.picks = picks;
@@ -727,8 +741,8 @@ test('tokens the executor picks are taken as sampled ones, and only rows the hos
       submit('details', request([1, 2], { maxNewTokens: 3, decoderInputDetails: true })),
       ...[0, 1, 2].map((i) => submit(`choice${i}`, request([5, 6], { prefixGroup: group, maxNewTokens: 2 + i }))),
       submit('sampled', request([3], { maxNewTokens: 3, sampling: { doSample: true, seed: 1 } })),
-      submit('biased', request([4], { maxNewTokens: 3, sampling: { logitBias: [[0, 1]] } })),
-      submit('penalised', request([4], { maxNewTokens: 3, sampling: { repetitionPenalty: 1.2 } })),
+      submit('biased', request([8], { maxNewTokens: 3, sampling: { logitBias: [[0, 11]] } })),
+      submit('penalised', request([10], { maxNewTokens: 3, sampling: { repetitionPenalty: 1.2, frequencyPenalty: 3 } })),
       submit('alternatives', request([4], { maxNewTokens: 3, sampling: { topNTokens: 2 } })),
     ]);
     assert.deepEqual(ex.violations, []);
@@ -736,15 +750,22 @@ test('tokens the executor picks are taken as sampled ones, and only rows the hos
   };
   const host = await run(false);
   const device = await run(true);
-  const timeless = (o: Outcome) => ({ ...o, result: o.result && { ...o.result, queueTimeS: 0, inferenceTimeS: 0, timeToFirstTokenS: 0 } });
+  // Logprobs of edited rows to float32 rounding (the device edits in float32, the host in float64).
+  const rounded = (t: TokenInfo) => ({ ...t, logprob: Math.round(t.logprob * 1e5) / 1e5 });
+  const timeless = (o: Outcome) => ({
+    ...o, tokens: o.tokens.map(rounded),
+    result: o.result && { ...o.result, queueTimeS: 0, inferenceTimeS: 0, timeToFirstTokenS: 0, tokens: o.result.tokens.map(rounded) },
+  });
   assert.deepEqual(device.outs.map(timeless), host.outs.map(timeless), 'the same tokens, text, logprobs, details and finish reasons');
+  // The bias makes id 0 the greedy choice (the fake model's next token has logit 10).
+  assert.deepEqual(host.outs[8]!.tokens.map((t) => t.id), [0, 0, 0]);
   assert.deepEqual(host.outs.slice(0, 3).map((o) => o.result?.finishReason), ['length', 'stop_sequence', 'eos_token']);
   const { pickFlags, prompts } = device.ex;
   const offered = (kind: 'prefill' | 'decode') => new Set(pickFlags.filter((f) => f.kind === kind && f.pick).map((f) => prompts.get(f.seq)!.join()));
-  const never = ['3', '4']; // sampled, biased, penalised, alternatives
+  const never = ['3', '4']; // sampled, alternatives
   // Prefill: not with prompt logprobs ([1, 2]), nor a group's leader ([5, 6]), whose followers sample from its logits.
-  assert.deepEqual([...offered('prefill')].sort(), ['0', '2', '7']);
-  assert.deepEqual([...offered('decode')].sort(), ['0', '1,2', '2', '5,6', '7']);
+  assert.deepEqual([...offered('prefill')].sort(), ['0', '10', '2', '7', '8']);
+  assert.deepEqual([...offered('decode')].sort(), ['0', '1,2', '10', '2', '5,6', '7', '8']);
   for (const f of pickFlags) if (never.includes(prompts.get(f.seq)!.join())) assert.equal(f.pick, false);
   assert.ok(pickFlags.some((f) => f.kind === 'decode' && !f.pick), 'the host-sampled rows were in the decode batches');
 });

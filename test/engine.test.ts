@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { TINY_LLAMA, writePeftAdapter } from '../src/demo/index.ts';
 import { Engine } from '../src/engine/engine.ts';
-import type { StepResult } from '../src/engine/executor.ts';
+import type { DecodeItem, PrefillItem, StepResult } from '../src/engine/executor.ts';
 import type { Runtime } from '../src/runtime.ts';
 import { TfExecutor } from '../src/exec/tf-executor.ts';
 import { fixtureRuntime, generate, request, TEST_RUNTIME, type Outcome } from './helpers/runtime.ts';
@@ -87,7 +87,12 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
   /** An engine over its own executor, counting the tokens it picked on the device. */
   const engineWith = (devicePick: boolean) => {
     const executor = new TfExecutor(model, { devicePick });
-    const counts = { picked: 0, shortlisted: 0, logits: 0, mixed: 0, rowsRead: 0 };
+    const counts = { picked: 0, shortlisted: 0, logits: 0, mixed: 0, rowsRead: 0, edited: 0 };
+    /** Items with logit edits that the executor answered on the device. */
+    const edited = (items: readonly (PrefillItem | DecodeItem)[]) => (r: StepResult): StepResult => {
+      counts.edited += items.filter((i) => i.edits && (r.picked?.has(i.seq) || r.shortlists?.has(i.seq))).length;
+      return r;
+    };
     const count = (r: StepResult): StepResult => {
       counts.picked += r.picked?.size ?? 0;
       counts.shortlisted += r.shortlists?.size ?? 0;
@@ -97,8 +102,8 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
       return read ? { ...r, readLogits: (seqs) => ((counts.rowsRead += seqs.length), read(seqs)) } : r;
     };
     const counted = Object.assign(Object.create(executor) as TfExecutor, {
-      prefill: (...a: Parameters<TfExecutor['prefill']>) => executor.prefill(...a).then(count),
-      decode: (...a: Parameters<TfExecutor['decode']>) => executor.decode(...a).then(count),
+      prefill: (...a: Parameters<TfExecutor['prefill']>) => executor.prefill(...a).then(edited(a[0])).then(count),
+      decode: (...a: Parameters<TfExecutor['decode']>) => executor.decode(...a).then(edited(a[0])).then(count),
     });
     const { maxBatchSize, maxBatchTokens, prefillChunk, loraMode, maxQueue, maxInputLength, maxTotalTokens } = TEST_RUNTIME;
     const engine = new Engine(counted, rt.tokenizer, null, {
@@ -116,7 +121,7 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     request(prompt(6), { maxNewTokens: 5, decoderInputDetails: true }), // prompt logprobs: its prefill reads logits
     request(long, { maxNewTokens: 4, ignoreEos: true }),
     ...[0, 1, 2].map(() => request(prompt(7), { maxNewTokens: 6, ignoreEos: true, prefixGroup: group })), // choices sharing one prefill
-    request(prompt(8), { maxNewTokens: 6, sampling: { logitBias: [[5, 2]] } }), // greedy on host (biased)
+    request(prompt(8), { maxNewTokens: 6, sampling: { logitBias: [[5, 2]] } }), // greedy, biased: picked after the device's edits
     request(prompt(9), { maxNewTokens: 6, sampling: { doSample: true, temperature: 0.7, seed: 3 } }), // sampled on host
     // top_k ≤ 64: sampled from shortlists, with top_p, typical_p and temperatures
     request(prompt(10), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 5, seed: 11 } }),
@@ -127,12 +132,17 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     // top_p alone: sampled from shortlists, from the row where the nucleus reaches past the shortlist (flat at T = 8)
     request(prompt(15), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topP: 0.6, temperature: 0.3, seed: 16 } }),
     request(prompt(16), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topP: 0.95, temperature: 8, seed: 17 } }),
+    // logit_bias and penalties: edits of the logits on the device before the pick or shortlist
+    request(prompt(17), { maxNewTokens: 8, ignoreEos: true, sampling: { repetitionPenalty: 1.5 } }),
+    request(prompt(18), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 20, frequencyPenalty: 0.7, presencePenalty: 0.3, seed: 19 } }),
+    request(prompt(19), { maxNewTokens: 8, ignoreEos: true, penalizeGeneratedOnly: true, sampling: { doSample: true, topP: 0.8, repetitionPenalty: 1.2, logitBias: [[7, 3], [7, 1]], seed: 20 } }),
+    request(prompt(20), { maxNewTokens: 6, ignoreEos: true, sampling: { topNTokens: 2, repetitionPenalty: 1.2 } }), // top-n alternatives: logits
   ];
   /** Greedy and top_p requests alone (every step picks or shortlists), then everything together (mixed steps read logits). */
   const run = async (devicePick: boolean) => {
     const e = engineWith(devicePick);
     const alone: Outcome[] = [];
-    for (const r of [...reqs().slice(0, 9), ...reqs().slice(-2)]) alone.push(await generate(e, r)); // alone: steps replayed
+    for (const r of [...reqs().slice(0, 9), ...reqs().slice(-6)]) alone.push(await generate(e, r)); // alone: steps replayed
     const together = await Promise.all(reqs().map((r) => generate(e, r)));
     e.executor.dispose();
     return { outs: [...alone, ...together], counts: e.counts };
@@ -144,8 +154,9 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
   assert.equal(host.counts.picked + host.counts.shortlisted, 0);
   if (testBackend() === 'webgpu') {
     assert.ok(device.counts.picked > 0, 'tokens were picked on the device');
-    assert.ok(device.counts.shortlisted >= 6 * 8, `tokens were sampled from shortlists (${device.counts.shortlisted})`);
+    assert.ok(device.counts.shortlisted >= 8 * 8, `tokens were sampled from shortlists (${device.counts.shortlisted})`);
     assert.ok(device.counts.rowsRead > 0, 'rows of undecided shortlists were read after their step');
+    assert.ok(device.counts.edited >= 4 * 8, `rows with logit_bias or penalties were picked or shortlisted after edits on the device (${device.counts.edited})`);
     assert.ok(device.counts.mixed > 0, 'steps with picked and host-sampled rows read both from one download');
   } else {
     assert.equal(device.counts.picked + device.counts.shortlisted, 0, 'only the webgpu backend picks or shortlists on the device');

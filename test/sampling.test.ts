@@ -348,8 +348,51 @@ test('top_p alone from a shortlist: the same tokens as the whole row where it de
   assert.equal(hotSampler.shortlistDecides(hotList, V), false);
   assert.equal(hotSampler.sampleShortlist(hotList, V), null);
   assert.equal(hotSampler.sample(tiny, []).id, new Sampler(hot).sample(tiny, []).id, 'no random number drawn');
-  // top_k with top_p, typical_p, penalties or logit_bias are not nucleus rows.
-  for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { repetitionPenalty: 1.1 }, { logitBias: [[1, 2]] as [number, number][] }, { topNTokens: 2 }, { doSample: false }]) {
+  // top_k with top_p, typical_p or top-n alternatives are not nucleus rows; penalties and logit_bias are (as edits).
+  for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { topNTokens: 2 }, { doSample: false }]) {
     assert.ok(!nucleusOnDevice(params({ doSample: true, topP: 0.9, ...q })), JSON.stringify(q));
+  }
+  assert.ok(nucleusOnDevice(params({ doSample: true, topP: 0.9, repetitionPenalty: 1.1, logitBias: [[1, 2]] })));
+});
+
+test('edits(): logit_bias and penalties as edits of the row (applied in float32, as on the device) give the tokens sample() gives with the history', () => {
+  const V = 700;
+  let s = 21;
+  const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  const apply = (row: Float32Array, e: NonNullable<ReturnType<Sampler['edits']>>) => {
+    const out = Float32Array.from(row);
+    const f = Math.fround;
+    e.ids.forEach((id, j) => {
+      let v = f(out[id]! + e.bias[j]!);
+      if (e.repetition[j] !== 1) v = v > 0 ? f(v / e.repetition[j]!) : f(v * e.repetition[j]!);
+      out[id] = f(v - e.minus[j]!);
+    });
+    return out;
+  };
+  const cases: Partial<SamplingParams>[] = [
+    { repetitionPenalty: 1.3 }, { frequencyPenalty: 0.8, presencePenalty: -0.4 }, { logitBias: [[3, 5], [3, -1], [699, 9], [700, 50]] },
+    { doSample: true, topK: 30, repetitionPenalty: 0.8, frequencyPenalty: 0.3, seed: 4 }, { doSample: true, topP: 0.7, temperature: 0.5, presencePenalty: 1, logitBias: [[10, 4]], seed: 5 },
+  ];
+  assert.equal(new Sampler(params({})).edits([1, 2], [3], 0, V), undefined, 'no bias or penalty: no edits');
+  for (let round = 0; round < 30; round++) {
+    const row = Float32Array.from({ length: V }, () => next() * 12 - 6);
+    const prompt = Array.from({ length: 20 }, () => Math.floor(next() * V));
+    const generated = Array.from({ length: 15 }, () => Math.floor(next() * 40)); // repeats
+    generated.push(V + 5); // an id past the vocabulary is ignored by both
+    for (const c of cases) {
+      for (const from of [0, prompt.length]) {
+        const p = params({ seed: round, ...c });
+        const e = new Sampler(p).edits(prompt, generated, from, V)!;
+        assert.ok(e && new Set(e.ids).size === e.ids.length, 'distinct ids');
+        const host = new Sampler(p);
+        const device = new Sampler(p);
+        for (let t = 0; t < 3; t++) {
+          const a = host.sample(row, [...prompt, ...generated], from);
+          const b = device.sample(apply(row, e), [], 0, undefined, true);
+          assert.equal(b.id, a.id, `round ${round}, ${JSON.stringify(c)}, from ${from}`);
+          close(b.logprob, a.logprob, 1e-5);
+        }
+      }
+    }
   }
 });

@@ -6,7 +6,7 @@ import { fail, isServeError, ServeError, type ErrorCode } from '../errors.ts';
 import { profiler } from '../obs/profile.ts';
 import type { IncrementalDecoder } from '../text/tokenizer.ts';
 import type { AdapterLease, AdapterProvider } from '../lora/types.ts';
-import type { DecodeItem, LoraPlan, PickedToken, PrefillItem, Shortlist, ShortlistRequest, StepExecutor, StepResult } from './executor.ts';
+import type { DecodeItem, LogitEdits, LoraPlan, PickedToken, PrefillItem, Shortlist, ShortlistRequest, StepExecutor, StepResult } from './executor.ts';
 import type { ConstraintState } from './constraint/tokens.ts';
 import { nucleusOnDevice, pickableOnDevice, pickedToken, Sampler, shortlistOnDevice, type SampledToken } from './sampling.ts';
 import { INITIAL_LORA_STATE, schedule, type LoraState, type PrefillChunk, type SchedSeq, type SchedulerLimits } from './scheduler.ts';
@@ -396,7 +396,7 @@ export class Engine implements EngineApi {
 
   private async decodeStep(lora: LoraPlan): Promise<void> {
     const items: DecodeItem[] = this.running.map((s) => ({
-      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick, shortlist: shortlistOf(s),
+      seq: s.id, token: s.generated.at(-1)!, position: s.req.inputIds.length + s.generated.length - 1, adapter: s.lease?.adapter ?? null, pick: s.pick, shortlist: shortlistOf(s), edits: this.editsOf(s),
     }));
     const t0 = now();
     const res = await this.executor.decode(items, lora);
@@ -428,6 +428,13 @@ export class Engine implements EngineApi {
     }
   }
 
+  /** The edits of a sequence's next row when the device may pick or shortlist it: its logit_bias and penalties. */
+  private editsOf(seq: Seq): LogitEdits | undefined {
+    if (!seq.pick && !shortlistOf(seq)) return undefined;
+    const { req } = seq;
+    return seq.sampler.edits(req.inputIds, seq.generated, req.penalizeGeneratedOnly ? req.inputIds.length : 0, this.executor.vocabSize);
+  }
+
   /** `lora` holds for any subset of the planned chunks (a sequence cancelled meanwhile is left out). */
   private async prefillStep(chunks: readonly PrefillChunk[], lora: LoraPlan): Promise<void> {
     const t = now();
@@ -450,6 +457,7 @@ export class Engine implements EngineApi {
         adapter: seq.lease?.adapter ?? null, allLogits: seq.req.decoderInputDetails,
         pick: seq.pick && c.last && !seq.req.decoderInputDetails && !sharing,
         shortlist: c.last && !seq.req.decoderInputDetails && !sharing ? shortlistOf(seq) : undefined,
+        edits: c.last && !seq.req.decoderInputDetails && !sharing ? this.editsOf(seq) : undefined,
       };
     });
     const res = await this.executor.prefill(items, lora);
@@ -531,7 +539,7 @@ export class Engine implements EngineApi {
           if (seq.shortlist?.fallback) noteNucleus(seq, s === null);
           if (s) return s;
           if (!row) throw new Error('executor: the row of an undecided shortlist is missing');
-          return seq.sampler.sample(row, []);
+          return seq.sampler.sample(row, [...req.inputIds, ...seq.generated], req.penalizeGeneratedOnly ? req.inputIds.length : 0); // never edited
         });
       } else {
         sampled = pickedToken(next); // only where seq.pick: no constraint

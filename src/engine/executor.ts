@@ -40,6 +40,8 @@ export interface PrefillItem {
   readonly pick?: boolean;
   /** The next token is sampled from a shortlist (see DecodeItem.shortlist); only for a last chunk without allLogits. */
   readonly shortlist?: ShortlistRequest;
+  /** See DecodeItem.edits. */
+  readonly edits?: LogitEdits;
 }
 
 export interface DecodeItem {
@@ -48,9 +50,9 @@ export interface DecodeItem {
   readonly position: number;
   readonly adapter: ExecAdapter | null;
   /**
-   * The next token may be picked on the device: the engine would take the greedy choice of the row's logits as
-   * they are (no constraint mask, logit bias, penalties, temperature or top-n alternatives; sampling.ts
-   * `pickableOnDevice`). The executor then may return a PickedToken for the sequence instead of its logits row.
+   * The next token may be picked on the device: the engine would take the greedy choice of the row's logits after
+   * `edits` (no constraint mask, temperature or top-n alternatives; sampling.ts `pickableOnDevice`). The executor then
+   * may return a PickedToken for the sequence instead of its logits row.
    */
   readonly pick?: boolean;
   /**
@@ -59,6 +61,25 @@ export interface DecodeItem {
    * the row's Shortlist at this temperature instead of its logits.
    */
   readonly shortlist?: ShortlistRequest;
+  /**
+   * The row's logit_bias and penalties as edits of its logits (Sampler.edits), for a row that is picked or shortlisted
+   * on the device: the pick and the shortlist are made of the edited logits. Logits returned as such (StepResult.logits)
+   * are never edited: the host applies the bias and penalties to them.
+   */
+  readonly edits?: LogitEdits;
+}
+
+/**
+ * The host Sampler's steps 0–2 (logit_bias, then the repetition penalty, then the frequency and presence penalties) for
+ * one row, as edits of the logits of distinct ids: logit = logit + bias; logit = logit > 0 ? logit / repetition :
+ * logit · repetition (when repetition ≠ 1); logit = logit − minus. In float32 on the device (the host computes in
+ * float64).
+ */
+export interface LogitEdits {
+  readonly ids: Int32Array;
+  readonly bias: Float32Array;
+  readonly repetition: Float32Array;
+  readonly minus: Float32Array;
 }
 
 /** What a row's shortlist is made at: the temperature of its normaliser. */

@@ -20,7 +20,7 @@
  * PRNG float per token (greedy none), so a seed and a logits sequence fix the output.
  */
 import { fail } from '../errors.ts';
-import { SHORTLIST_SIZE, type PickedToken, type Shortlist } from './executor.ts';
+import { SHORTLIST_SIZE, type LogitEdits, type PickedToken, type Shortlist } from './executor.ts';
 
 export interface SamplingParams {
   doSample: boolean;
@@ -66,36 +66,37 @@ export interface SampledToken {
 }
 
 /**
- * Whether sample() reduces to the greedy choice of the raw logits: argmax (ties → lowest id) with logprob
- * log_softmax(logits)[id], no random number drawn. Then an executor may pick the token on the device
- * (DecodeItem.pick); a constraint mask, which the caller knows of, rules that out too.
+ * Whether sample() reduces to the greedy choice of the logits after logit_bias and penalties (Sampler.edits): argmax
+ * (ties → lowest id) with logprob log_softmax(edited logits)[id], no random number drawn. Then an executor may pick
+ * the token on the device (DecodeItem.pick, with its edits); a constraint mask, which the caller knows of, rules that
+ * out too.
  */
 export function pickableOnDevice(p: SamplingParams): boolean {
-  return !p.doSample && p.temperature === 1 && readsLogitsAsTheyAre(p);
+  return !p.doSample && p.temperature === 1 && noAlternatives(p);
 }
 
-/** No penalty, logit_bias or top-n alternatives: sample() reads the row's logits as they are, besides the temperature. */
-function readsLogitsAsTheyAre(p: SamplingParams): boolean {
-  return p.repetitionPenalty === 1 && p.frequencyPenalty === 0 && p.presencePenalty === 0 && p.topNTokens === 0 && p.logitBias.length === 0;
+/** No top-n alternatives: sample() needs nothing of the row beyond the chosen token and the normaliser. */
+function noAlternatives(p: SamplingParams): boolean {
+  return p.topNTokens === 0;
 }
 
 /**
  * Whether sample() draws among at most SHORTLIST_SIZE top-k candidates and needs nothing else of the row but its
- * normaliser (no penalties, logit_bias or top-n alternatives; a constraint mask, which the caller knows of, rules it
- * out too): then an executor may return the row's Shortlist (DecodeItem.shortlist) instead of its logits.
+ * normaliser (no top-n alternatives; a constraint mask, which the caller knows of, rules it out too): then an executor
+ * may return the Shortlist of the row's edited logits (DecodeItem.shortlist, DecodeItem.edits) instead of its logits.
  */
 export function shortlistOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && readsLogitsAsTheyAre(p);
+  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && noAlternatives(p);
 }
 
 /**
- * Whether sample() draws a top_p (nucleus) token with no top_k, typical_p, penalty, logit_bias or top-n
- * alternatives (a constraint mask, which the caller knows of, rules it out too): then the row's Shortlist decides the
- * token whenever the nucleus lies within it (Sampler.sampleShortlist), and the row's logits are read only when it
- * does not (ShortlistRequest.fallback).
+ * Whether sample() draws a top_p (nucleus) token with no top_k, typical_p or top-n alternatives (a constraint mask,
+ * which the caller knows of, rules it out too): then the Shortlist of the row's edited logits decides the token
+ * whenever the nucleus lies within it (Sampler.sampleShortlist), and the row's logits are read only when it does not
+ * (ShortlistRequest.fallback).
  */
 export function nucleusOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && readsLogitsAsTheyAre(p);
+  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && noAlternatives(p);
 }
 
 /**
@@ -247,8 +248,9 @@ export class Sampler {
    *   default) counts the whole history like TGI's frequency penalty, the prompt length gives
    *   OpenAI/vLLM's "generated tokens only". The repetition penalty always covers the whole history (HF).
    * @param allowed when given, only ids with allowed[id] === 1 can be chosen (a constraint's mask; ids past its end are not allowed)
+   * @param edited the logits already carry logit_bias and the penalties (a device's edits: DecodeItem.edits); pass no history then
    */
-  sample(logits: Float32Array, history: readonly number[], penaltyFrom = 0, allowed?: Uint8Array): SampledToken {
+  sample(logits: Float32Array, history: readonly number[], penaltyFrom = 0, allowed?: Uint8Array, edited = false): SampledToken {
     const p = this.params;
     const V = logits.length;
     if (V === 0) throw fail('GENERATION', 'empty logits');
@@ -261,7 +263,7 @@ export class Sampler {
       const v = logits[i]!;
       x[i] = v !== v ? -Infinity : v; // NaN → never chosen
     }
-    for (const [id, bias] of p.logitBias) if (id < V) x[id]! += bias;
+    if (!edited) for (const [id, bias] of p.logitBias) if (id < V) x[id]! += bias;
     if (allowed) for (let i = 0; i < V; i++) if (allowed[i] !== 1) x[i] = -Infinity;
     this.applyPenalties(x, history, penaltyFrom);
     if (p.temperature !== 1) {
@@ -389,8 +391,43 @@ export class Sampler {
     s.ids.forEach((id, j) => {
       if (id >= 0) row[id] = s.logits[j]!;
     });
-    const { id } = this.sample(row, []);
+    const { id } = this.sample(row, [], 0, undefined, true);
     return { id, logprob: (row[id]! - s.logits[0]!) * (1 / this.params.temperature) - s.logNorm };
+  }
+
+  /**
+   * Steps 0–2 of sample() (logit_bias, the repetition penalty, the frequency and presence penalties) for the history
+   * `prompt` + `generated` as edits of a row of `vocab` logits (executor.ts LogitEdits), or undefined when there are
+   * none. Ids outside the vocabulary are left out, as sample() leaves them.
+   */
+  edits(prompt: readonly number[], generated: readonly number[], penaltyFrom: number, vocab: number): LogitEdits | undefined {
+    const p = this.params;
+    const rep = p.repetitionPenalty !== 1;
+    const freq = p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
+    if (!rep && !freq && p.logitBias.length === 0) return undefined;
+    const of = new Map<number, { bias: number; repeated: boolean; count: number }>();
+    const entry = (id: number) => {
+      let e = of.get(id);
+      if (!e) of.set(id, (e = { bias: 0, repeated: false, count: 0 }));
+      return e;
+    };
+    for (const [id, bias] of p.logitBias) if (id >= 0 && id < vocab) entry(id).bias += bias;
+    const n = prompt.length + generated.length;
+    const at = (j: number) => (j < prompt.length ? prompt[j]! : generated[j - prompt.length]!);
+    for (let j = 0; j < n; j++) {
+      const id = at(j);
+      if (id < 0 || id >= vocab) continue;
+      if (rep) entry(id).repeated = true;
+      if (freq && j >= penaltyFrom) entry(id).count++;
+    }
+    const ids = Int32Array.from(of.keys());
+    const es = [...of.values()];
+    return {
+      ids,
+      bias: Float32Array.from(es, (e) => e.bias),
+      repetition: Float32Array.from(es, (e) => (e.repeated ? p.repetitionPenalty : 1)),
+      minus: Float32Array.from(es, (e) => (e.count > 0 ? p.frequencyPenalty * e.count + p.presencePenalty : 0)),
+    };
   }
 
   /**

@@ -9,7 +9,9 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { greedyPickGpu, PICK_INFINITE, PICK_NO_FINITE } from '../../src/backend/webgpu/kernels/greedy-pick.ts';
+import { logitEditsGpu } from '../../src/backend/webgpu/kernels/logit-edits.ts';
 import { shortlistGpu } from '../../src/backend/webgpu/kernels/shortlist.ts';
+import { DEFAULT_SAMPLING, Sampler } from '../../src/engine/sampling.ts';
 import { setupBackend, testBackend } from '../helpers/tf.ts';
 
 before(async () => {
@@ -152,4 +154,54 @@ test('shortlist equals the plain loop: the 64 best ids in the host Sampler\'s or
     });
   }
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+});
+
+test('logit edits equal the plain loop (bias, then the repetition penalty by sign, then minus) and the host Sampler\'s own penalties to float32 rounding; other ids and rows untouched', async () => {
+  const vocab = 300;
+  const rows = 3;
+  const x = new Float32Array(rows * vocab);
+  for (let r = 0; r < rows; r++) x.set(randomRow(vocab, 40 + r, 6), r * vocab);
+  x[5] = NaN;
+  x[7] = -Infinity;
+  // Row 0: the Sampler's edits of a history; row 1: none; row 2: hand-made entries, ids past a stride of 64.
+  const sampler = new Sampler({ ...DEFAULT_SAMPLING, repetitionPenalty: 1.3, frequencyPenalty: 0.4, presencePenalty: 0.25, logitBias: [[9, 2.5], [9, -0.5], [299, -100]] });
+  const history = [5, 7, 9, 11, 11, 11, 250, 299, 1000];
+  const e0 = sampler.edits(history.slice(0, 4), history.slice(4), 2, vocab)!;
+  const e2 = { ids: Int32Array.of(0, 64, 128, 299), bias: Float32Array.of(0, 1, -1, 0), repetition: Float32Array.of(2, 1, 0.5, 1.5), minus: Float32Array.of(0, 0.5, 0, -3) };
+  const offsets = Int32Array.of(0, e0.ids.length, e0.ids.length, e0.ids.length + 4);
+  const cap = 64;
+  const ids = new Int32Array(cap);
+  const values = new Float32Array(3 * cap);
+  [e0, e2].forEach((e, k) => e.ids.forEach((id, j) => {
+    const at = offsets[k === 0 ? 0 : 2]! + j;
+    ids[at] = id;
+    values.set([e.bias[j]!, e.repetition[j]!, e.minus[j]!], 3 * at);
+  }));
+  const out = await tf.tidy(() => logitEditsGpu(tf.tensor2d(x, [rows, vocab]), tf.tensor1d(offsets, 'int32'), tf.tensor1d(ids, 'int32'), tf.tensor1d(values))).data();
+  const want = Float32Array.from(x);
+  const f = Math.fround;
+  [[0, e0], [2, e2]].forEach(([r, e]) => {
+    const edits = e as typeof e2;
+    edits.ids.forEach((id, j) => {
+      let v = f(x[(r as number) * vocab + id]! + edits.bias[j]!);
+      const rep = edits.repetition[j]!;
+      if (rep !== 1) v = v > 0 ? f(v / rep) : f(v * rep);
+      want[(r as number) * vocab + id] = f(v - edits.minus[j]!);
+    });
+  });
+  for (let i = 0; i < want.length; i++) {
+    if (Number.isNaN(want[i])) assert.ok(Number.isNaN(out[i]), `element ${i}`);
+    else assert.ok(out[i] === want[i] || Math.abs(out[i]! - want[i]!) <= 1e-6 * Math.max(1, Math.abs(want[i]!)), `element ${i}: ${out[i]} vs ${want[i]}`);
+  }
+  // Row 0 as the host Sampler applies its steps 0–2 in float64 (a greedy draw reads them): the same to float32 rounding.
+  const host = Float64Array.from(x.subarray(0, vocab), (v) => (Number.isNaN(v) ? -Infinity : v));
+  for (const [id, bias] of [[9, 2.5], [9, -0.5], [299, -100]] as const) host[id]! += bias;
+  for (const id of new Set(history.filter((i) => i < vocab))) host[id] = host[id]! > 0 ? host[id]! / 1.3 : host[id]! * 1.3;
+  const counts = new Map<number, number>();
+  for (const id of history.slice(2)) if (id < vocab) counts.set(id, (counts.get(id) ?? 0) + 1);
+  for (const [id, n] of counts) host[id]! -= 0.4 * n + 0.25;
+  for (let v = 0; v < vocab; v++) {
+    if (v === 5) continue; // NaN stays NaN on the device, −∞ on the host: both are never chosen
+    assert.ok(Math.abs(out[v]! - host[v]!) <= 1e-5 * Math.max(1, Math.abs(host[v]!)) || out[v] === host[v], `id ${v}: ${out[v]} vs ${host[v]}`);
+  }
 });

@@ -14,6 +14,7 @@ import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { recordStep, stepInput } from '../../src/backend/webgpu/recorded-step.ts';
 import { TINY_GEMMA2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type CheckpointOptions } from '../../src/demo/index.ts';
 import type { DecodeItem, LoraPlan, StepResult } from '../../src/engine/executor.ts';
+import { DEFAULT_SAMPLING, Sampler, type SamplingParams } from '../../src/engine/sampling.ts';
 import { TfExecutor } from '../../src/exec/tf-executor.ts';
 import type { AdapterLease } from '../../src/lora/types.ts';
 import { CausalLM } from '../../src/model/model.ts';
@@ -38,6 +39,8 @@ interface Seq {
   readonly shortlist?: number;
   /** A fallback shortlist (top_p alone): its row is read too, with the step or through readLogits. */
   readonly fallback?: boolean;
+  /** logit_bias and penalties: its rows are edited on the device before the pick or shortlist (DecodeItem.edits). */
+  readonly sampling?: Partial<SamplingParams>;
 }
 
 /** What a run returned at each step, per sequence: the logits row or the picked [id, logprob]. */
@@ -53,6 +56,11 @@ let rowsRead = 0;
 async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly AdapterLease[], steps: number, plan: (step: number) => LoraPlan): Promise<Trace> {
   const trace: Trace = [];
   const last = new Map<number, { token: number; position: number }>();
+  const generated = new Map<number, number[]>();
+  const editsOf = (s: number) => {
+    const p = seqs[s]!.sampling;
+    return p ? new Sampler({ ...DEFAULT_SAMPLING, ...p }).edits(seqs[s]!.prompt, generated.get(s) ?? [], 0, ex.vocabSize) : undefined;
+  };
   const take = async (s: number, res: StepResult, out: Map<number, number[]>) => {
     const p = res.picked?.get(s);
     const short = res.shortlists?.get(s);
@@ -63,6 +71,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
     }
     out.set(s, p ? [p.id, p.logprob] : short ? [...short.ids, ...short.logits, short.logNorm, ...(l ?? [])] : Array.from(l!));
     const token = p ? p.id : short ? short.ids[0]! : argmax(l!);
+    generated.set(s, [...generated.get(s) ?? [], token]);
     const prev = last.get(s);
     last.set(s, { token, position: prev ? prev.position + 1 : seqs[s]!.prompt.length });
   };
@@ -73,6 +82,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
       const items: DecodeItem[] = running.map((s) => ({
         seq: s, token: last.get(s)!.token, position: last.get(s)!.position, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, pick: seqs[s]!.pick,
         ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist!, fallback: seqs[s]!.fallback } } : {}),
+        edits: editsOf(s),
       }));
       const res = await ex.decode(items, plan(step));
       for (const s of running) await take(s, res, out);
@@ -82,6 +92,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
       const res = await ex.prefill(joining.map((s) => ({
         seq: s, tokens: seqs[s]!.prompt, start: 0, last: true, adapter: seqs[s]!.adapter === null ? null : leases[seqs[s]!.adapter!]!.adapter, allLogits: false, pick: seqs[s]!.pick,
         ...(seqs[s]!.shortlist ? { shortlist: { temperature: seqs[s]!.shortlist!, fallback: seqs[s]!.fallback } } : {}),
+        edits: editsOf(s),
       })), { kind: 'unmerged' });
       for (const s of joining) await take(s, res, out);
     }
@@ -132,6 +143,10 @@ for (const [name, opts] of MODELS) {
       { prompt: [7, 8, 9, 10], adapter: 0, joins: 18, leaves: 30, pick: false, shortlist: 0.7 },
       { prompt: [40, 41], adapter: null, joins: 2, leaves: 9, pick: false, shortlist: 1.2 },
       { prompt: [60, 61, 62], adapter: 0, joins: 4, leaves: 28, pick: false, shortlist: 0.9, fallback: true },
+      // Edits growing past 64 entries (60 biased ids and the repeated ones): their inputs' size doubles once.
+      { prompt: [70, 71, 72, 73], adapter: 0, joins: 3, leaves: 28, pick: true, sampling: {
+        repetitionPenalty: 1.4, frequencyPenalty: 0.2, logitBias: Array.from({ length: 60 }, (_, i) => [100 + i, (i % 7) - 3] as [number, number]),
+      } },
     ];
     const plan = (l: readonly AdapterLease[]) => (step: number): LoraPlan => (step >= 22 && step <= 26 ? { kind: 'merged', key: l[0]!.adapter.key } : { kind: 'unmerged' });
     const before = webgpuCounts()!;
