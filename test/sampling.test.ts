@@ -384,6 +384,10 @@ test('edits(): logit_bias and penalties as edits of the row (applied in float32,
         const p = params({ seed: round, ...c });
         const e = new Sampler(p).edits(prompt, generated, from, V)!;
         assert.ok(e && new Set(e.ids).size === e.ids.length, 'distinct ids');
+        // Counted incrementally, token by token, as the engine asks each step: the same edits.
+        const stepwise = new Sampler(p);
+        for (let k = 0; k < generated.length; k++) stepwise.edits(prompt, generated.slice(0, k), from, V);
+        assert.deepEqual(stepwise.edits(prompt, generated, from, V), e);
         const host = new Sampler(p);
         const device = new Sampler(p);
         for (let t = 0; t < 3; t++) {

@@ -5,7 +5,8 @@
  * requests on N adapters (unmerged LoRA), for one sampled request (whose logits rows are read back: the host
  * samples; greedy tokens are picked on the device), for one request sampled with top_k 40 (its shortlist is read
  * back), for one sampled with top_p 0.9 alone (its shortlist is read back, and its logits row after the step when
- * the nucleus reaches past the shortlist), and for N requests of which one is sampled. Each workload runs twice, with 1 and with 1 + newTokens new
+ * the nucleus reaches past the shortlist), for one greedy request with repetition_penalty 1.1 (its logits are edited on
+ * the device, then its token picked), and for N requests of which one is sampled. Each workload runs twice, with 1 and with 1 + newTokens new
  * tokens (ignore_eos): the difference is newTokens decode steps, the prefill being the same.
  * Each dispatch costs CPU time in tfjs and Dawn (about 0.1 ms) whatever the GPU, so dispatches per step bound a
  * decode step's time from below.
@@ -29,9 +30,9 @@ async function ops(api: ApiClient): Promise<Record<Counted, number>> {
 /**
  * greedy: every request greedy; sampled: every request sampled (no top_k: its logits are read back); shortlisted:
  * every request sampled with top_k 40 (its shortlist is read back); nucleus: every request sampled with top_p 0.9
- * alone; mixed: request 0 sampled, the others greedy.
+ * alone; penalized: every request greedy with repetition_penalty 1.1; mixed: request 0 sampled, the others greedy.
  */
-type Workload = 'greedy' | 'sampled' | 'shortlisted' | 'nucleus' | 'mixed';
+type Workload = 'greedy' | 'sampled' | 'shortlisted' | 'nucleus' | 'penalized' | 'mixed';
 
 export const dispatches: BenchCase = {
   name: 'dispatches',
@@ -42,12 +43,13 @@ export const dispatches: BenchCase = {
     const info = await api.json('GET', '/info') as { backend: string };
     if (info.backend !== 'webgpu') throw new Error(`the server runs ${info.backend}: this case needs --backend webgpu`);
     const steps = ctx.sizes.newTokens;
-    const sampled = (i: number, maxNewTokens: number, warper: { top_k?: number; top_p?: number } = {}) => api.json('POST', '/generate', {
-      inputs: ctx.prompt(i), parameters: { max_new_tokens: maxNewTokens, ignore_eos: true, do_sample: true, seed: 1 + i, ...warper },
+    const sampled = (i: number, maxNewTokens: number, warper: Record<string, number> = {}, doSample = true) => api.json('POST', '/generate', {
+      inputs: ctx.prompt(i), parameters: { max_new_tokens: maxNewTokens, ignore_eos: true, do_sample: doSample, seed: 1 + i, ...warper },
     });
     const greedy = (i: number, count: number, maxNewTokens: number) => api.generate(ctx.prompt(i), { adapter: count === 1 ? null : ctx.adapters.id(i), maxNewTokens });
     const run = (count: number, maxNewTokens: number, workload: Workload = 'greedy'): Promise<unknown> => Promise.all(Array.from({ length: count },
       (_, i) => (workload === 'shortlisted' ? sampled(i, maxNewTokens, { top_k: 40 }) : workload === 'nucleus' ? sampled(i, maxNewTokens, { top_p: 0.9 })
+        : workload === 'penalized' ? sampled(i, maxNewTokens, { repetition_penalty: 1.1 }, false)
         : workload === 'sampled' || (workload === 'mixed' && i === 0) ? sampled(i, maxNewTokens) : greedy(i, count, maxNewTokens))));
     /** Operations of one run of the workload. */
     const measure = async (count: number, maxNewTokens: number, workload: Workload) => {
@@ -63,6 +65,7 @@ export const dispatches: BenchCase = {
     const workloads = [
       ['one request, base model', 1, 'greedy'], [`${N} requests on ${N} adapters`, N, 'greedy'], ['one sampled request, base model', 1, 'sampled'],
       ['one request sampled with top_k 40, base model', 1, 'shortlisted'], ['one request sampled with top_p 0.9, base model', 1, 'nucleus'],
+      ['one greedy request with repetition_penalty 1.1, base model', 1, 'penalized'],
       [`${N} requests, one of them sampled`, N, 'mixed'],
     ] as const;
     for (const [name, count, workload] of workloads) {

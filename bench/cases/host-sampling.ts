@@ -1,6 +1,7 @@
 /**
  * Host sampling: what the engine's main thread costs per decode step when the device is free, for 128 concurrent
- * requests, by how their tokens reach it: picked on the device (greedy), sampled from a device shortlist (top_k 40;
+ * requests, by how their tokens reach it: picked on the device (greedy; with repetition_penalty 1.1, whose edits the
+ * engine makes each step), sampled from a device shortlist (top_k 40;
  * top_p 0.9 alone, whose shortlist decides the token when the nucleus lies within it, else the row is read), or sampled
  * from the whole logits row (what runs when the device does not shortlist: every backend but webgpu). The engine runs
  * in the harness with the bench model's tokenizer over an executor that answers at once (no model, no device): the
@@ -22,8 +23,12 @@ const VOCABS = [32_000, 128_256];
 /** Distinct rows the executor cycles through. */
 const ROWS = 16;
 
-type Mode = 'picked' | 'top_k 40, shortlist' | 'top_k 40, whole row' | 'top_p 0.9, shortlist' | 'top_p 0.9, whole row';
-const MODES: readonly Mode[] = ['picked', 'top_k 40, shortlist', 'top_k 40, whole row', 'top_p 0.9, shortlist', 'top_p 0.9, whole row'];
+type Mode = 'picked' | 'repetition_penalty 1.1, picked' | 'repetition_penalty 1.1, whole row' | 'top_k 40, shortlist' | 'top_k 40, whole row'
+  | 'top_p 0.9, shortlist' | 'top_p 0.9, whole row';
+const MODES: readonly Mode[] = [
+  'picked', 'repetition_penalty 1.1, picked', 'repetition_penalty 1.1, whole row', 'top_k 40, shortlist', 'top_k 40, whole row', 'top_p 0.9, shortlist',
+  'top_p 0.9, whole row',
+];
 
 /**
  * A language model's next-token logits, roughly: 8 to 128 likely ids (by row) well above a long Gumbel tail, so that
@@ -47,7 +52,10 @@ function shortlistOf(row: Float32Array): Shortlist {
   return { ids: Int32Array.from(ids), logits: Float32Array.from(ids, (i) => row[i]!), logNorm: Math.fround(Math.log(sum)) };
 }
 
-/** An executor that answers every step at once from precomputed rows: logits, shortlists, or picks where allowed. */
+/**
+ * An executor that answers every step at once from precomputed rows: picks and shortlists where allowed (`device`), else
+ * logits. Edits (logit_bias, penalties) are taken as made: the rows do not change.
+ */
 class InstantExecutor implements StepExecutor {
   readonly vocabSize: number;
   private readonly batch = new Set<number>();
@@ -57,9 +65,9 @@ class InstantExecutor implements StepExecutor {
   rowsRead = 0;
   shortlisted = 0;
 
-  constructor(private readonly rows: readonly Float32Array[], private readonly shortlist: boolean, private readonly tokenIds: number) {
+  constructor(private readonly rows: readonly Float32Array[], private readonly device: boolean, private readonly tokenIds: number) {
     this.vocabSize = rows[0]!.length;
-    this.shortlists = shortlist ? rows.map(shortlistOf) : [];
+    this.shortlists = device ? rows.map(shortlistOf) : [];
   }
 
   get running(): number {
@@ -73,8 +81,8 @@ class InstantExecutor implements StepExecutor {
     const k = this.step++;
     for (const it of items) {
       const r = (it.seq * 7 + k) % this.rows.length;
-      if (it.pick) picked.set(it.seq, { id: (it.seq * 31 + k * 17) % this.tokenIds, logprob: -0.5 });
-      else if (it.shortlist && this.shortlist) shortlists.set(it.seq, this.shortlists[r]!);
+      if (it.pick && this.device) picked.set(it.seq, { id: (it.seq * 31 + k * 17) % this.tokenIds, logprob: -0.5 });
+      else if (it.shortlist && this.device) shortlists.set(it.seq, this.shortlists[r]!);
       else logits.set(it.seq, this.rows[r]!);
     }
     this.shortlisted += shortlists.size;
@@ -119,6 +127,7 @@ function detokenizer(tok: TextTokenizer, size: number): Detokenizer {
 
 function sampling(mode: Mode, seed: number): SamplingParams {
   if (mode === 'picked') return DEFAULT_SAMPLING;
+  if (mode.startsWith('repetition_penalty')) return { ...DEFAULT_SAMPLING, repetitionPenalty: 1.1 };
   return { ...DEFAULT_SAMPLING, doSample: true, seed, ...(mode.startsWith('top_k') ? { topK: 40 } : { topP: 0.9 }) };
 }
 
@@ -136,7 +145,7 @@ export const hostSampling: BenchCase = {
       const rows = Array.from({ length: ROWS }, (_, i) => makeRow(V, 1 + i));
       const executors = new Map<Mode, InstantExecutor>();
       const runs = Object.fromEntries(MODES.map((mode) => {
-        const ex = new InstantExecutor(rows, mode.endsWith('shortlist'), size);
+        const ex = new InstantExecutor(rows, !mode.endsWith('whole row'), size);
         executors.set(mode, ex);
         const engine = new Engine(ex, detokenizer(tok, size), null, {
           maxBatchSize: N, maxBatchTokens: N * prompt.length, prefillChunk: 512, loraMode: 'auto', maxQueue: 4 * N,
@@ -161,6 +170,7 @@ export const hostSampling: BenchCase = {
         out.push(rateFigure(`vocab ${vocab}, ${mode}: host ceiling, ${N} concurrent`, rates[mode], { key: `${V}/${mode}`, headline: mode !== 'picked' || V === VOCABS[0] }));
         out.push({ label: `vocab ${vocab}, ${mode}: main-thread ms per step of ${N} rows (the prefill step included)`, value: msPerStep.sort((a, b) => a - b)[msPerStep.length >> 1]!, unit: 'ms', values: msPerStep });
       }
+      out.push(ratioFigure(`vocab ${vocab}, repetition_penalty 1.1: picked ÷ whole row`, rates['repetition_penalty 1.1, picked'], rates['repetition_penalty 1.1, whole row'], { key: `${V}/penalty ratio`, headline: true }));
       out.push(ratioFigure(`vocab ${vocab}, top_k 40: shortlist ÷ whole row`, rates['top_k 40, shortlist'], rates['top_k 40, whole row'], { key: `${V}/top_k ratio`, headline: true }));
       out.push(ratioFigure(`vocab ${vocab}, top_p 0.9: shortlist ÷ whole row`, rates['top_p 0.9, shortlist'], rates['top_p 0.9, whole row'], { key: `${V}/top_p ratio`, headline: true }));
       const nucleus = executors.get('top_p 0.9, shortlist')!;

@@ -213,6 +213,24 @@ function selectTop(x: Float64Array, k: number, n: number): Int32Array {
   return out;
 }
 
+/** Sampler.edits' running state: the entries of the distinct ids seen, and how much of the history they cover. */
+interface EditState {
+  /** What the history was counted for: prompt length, penaltyFrom and vocabulary. */
+  readonly prompt: number;
+  readonly penaltyFrom: number;
+  readonly vocab: number;
+  /** History tokens counted. */
+  consumed: number;
+  readonly index: Map<number, number>;
+  size: number;
+  ids: Int32Array;
+  bias: Float32Array;
+  repetition: Float32Array;
+  minus: Float32Array;
+  /** Per entry: occurrences in history[penaltyFrom:]. */
+  counts: Int32Array;
+}
+
 /** Bins of the mass-threshold search; keys this far above the smallest share the overflow bin (e^-50 ≈ 2e-22). */
 const BINS = 2048;
 const KEY_SPAN = 50;
@@ -232,6 +250,8 @@ export class Sampler {
   private readonly binBuf = new Float64Array(BINS + 1);
   /** The row sampleShortlist fills, reused between calls. */
   private shortRow = new Float32Array(0);
+  /** What edits() counted of the history so far. */
+  private editState: EditState | null = null;
   /** shortlistView's arrays, reused between calls. */
   private view = { keys: new Float64Array(0), ids: new Int32Array(0), x: new Float64Array(0), at: new Int32Array(0) };
 
@@ -398,36 +418,51 @@ export class Sampler {
   /**
    * Steps 0–2 of sample() (logit_bias, the repetition penalty, the frequency and presence penalties) for the history
    * `prompt` + `generated` as edits of a row of `vocab` logits (executor.ts LogitEdits), or undefined when there are
-   * none. Ids outside the vocabulary are left out, as sample() leaves them.
+   * none. Ids outside the vocabulary are left out, as sample() leaves them. Incremental: a call whose history extends
+   * the previous call's (same prompt length, penaltyFrom and vocab, more tokens) only counts the new tokens.
    */
   edits(prompt: readonly number[], generated: readonly number[], penaltyFrom: number, vocab: number): LogitEdits | undefined {
     const p = this.params;
     const rep = p.repetitionPenalty !== 1;
     const freq = p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
     if (!rep && !freq && p.logitBias.length === 0) return undefined;
-    const of = new Map<number, { bias: number; repeated: boolean; count: number }>();
-    const entry = (id: number) => {
-      let e = of.get(id);
-      if (!e) of.set(id, (e = { bias: 0, repeated: false, count: 0 }));
-      return e;
-    };
-    for (const [id, bias] of p.logitBias) if (id >= 0 && id < vocab) entry(id).bias += bias;
     const n = prompt.length + generated.length;
-    const at = (j: number) => (j < prompt.length ? prompt[j]! : generated[j - prompt.length]!);
-    for (let j = 0; j < n; j++) {
-      const id = at(j);
-      if (id < 0 || id >= vocab) continue;
-      if (rep) entry(id).repeated = true;
-      if (freq && j >= penaltyFrom) entry(id).count++;
+    let st = this.editState;
+    if (!st || st.prompt !== prompt.length || st.penaltyFrom !== penaltyFrom || st.vocab !== vocab || st.consumed > n) {
+      st = this.editState = { prompt: prompt.length, penaltyFrom, vocab, consumed: 0, index: new Map(), size: 0, ids: new Int32Array(16), bias: new Float32Array(16), repetition: new Float32Array(16), minus: new Float32Array(16), counts: new Int32Array(16) };
+      for (const [id, bias] of p.logitBias) if (id >= 0 && id < vocab) st.bias[this.editEntry(st, id)]! += bias;
     }
-    const ids = Int32Array.from(of.keys());
-    const es = [...of.values()];
-    return {
-      ids,
-      bias: Float32Array.from(es, (e) => e.bias),
-      repetition: Float32Array.from(es, (e) => (e.repeated ? p.repetitionPenalty : 1)),
-      minus: Float32Array.from(es, (e) => (e.count > 0 ? p.frequencyPenalty * e.count + p.presencePenalty : 0)),
-    };
+    for (let j = st.consumed; j < n; j++) {
+      const id = j < prompt.length ? prompt[j]! : generated[j - prompt.length]!;
+      if (id < 0 || id >= vocab) continue;
+      const k = this.editEntry(st, id);
+      if (rep) st.repetition[k] = p.repetitionPenalty;
+      if (freq && j >= penaltyFrom) st.minus[k] = p.frequencyPenalty * ++st.counts[k]! + p.presencePenalty;
+    }
+    st.consumed = n;
+    return { ids: st.ids.slice(0, st.size), bias: st.bias.slice(0, st.size), repetition: st.repetition.slice(0, st.size), minus: st.minus.slice(0, st.size) };
+  }
+
+  /** The index of `id`'s entry in the edit state, added (no bias, repetition 1, nothing subtracted) if new. */
+  private editEntry(st: EditState, id: number): number {
+    const k = st.index.get(id);
+    if (k !== undefined) return k;
+    if (st.size === st.ids.length) {
+      const grow = <T extends Int32Array | Float32Array>(a: T): T => {
+        const b = new (a.constructor as new (n: number) => T)(2 * a.length);
+        b.set(a);
+        return b;
+      };
+      st.ids = grow(st.ids); st.bias = grow(st.bias); st.repetition = grow(st.repetition); st.minus = grow(st.minus); st.counts = grow(st.counts);
+    }
+    const at = st.size++;
+    st.index.set(id, at);
+    st.ids[at] = id;
+    st.bias[at] = 0;
+    st.repetition[at] = 1;
+    st.minus[at] = 0;
+    st.counts[at] = 0;
+    return at;
   }
 
   /**
