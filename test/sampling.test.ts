@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULT_SAMPLING, nucleusOnDevice, Sampler, shortlistOnDevice, Xoshiro128, type SamplingParams } from '../src/engine/sampling.ts';
+import { DEFAULT_SAMPLING, nucleusOnDevice, pickableOnDevice, Sampler, shortlistOnDevice, Xoshiro128, type SamplingParams } from '../src/engine/sampling.ts';
 
 const params = (p: Partial<SamplingParams>): SamplingParams => ({ ...DEFAULT_SAMPLING, seed: 42, ...p });
 const f32 = (xs: number[]): Float32Array => Float32Array.from(xs);
@@ -353,6 +353,9 @@ test('top_p alone from a shortlist: the same tokens as the whole row where it de
     assert.ok(!nucleusOnDevice(params({ doSample: true, topP: 0.9, ...q })), JSON.stringify(q));
   }
   assert.ok(nucleusOnDevice(params({ doSample: true, topP: 0.9, repetitionPenalty: 1.1, logitBias: [[1, 2]] })));
+  // Penalties that float32 edits would overflow stay on the host.
+  assert.ok(pickableOnDevice(params({ repetitionPenalty: 1.2 })));
+  for (const repetitionPenalty of [1e-38, 1e39]) assert.ok(!pickableOnDevice(params({ repetitionPenalty })), String(repetitionPenalty));
 });
 
 test('edits(): logit_bias and penalties as edits of the row (applied in float32, as on the device) give the tokens sample() gives with the history', () => {
@@ -399,4 +402,19 @@ test('edits(): logit_bias and penalties as edits of the row (applied in float32,
       }
     }
   }
+});
+
+test('a shortlist of edited logits is not edited again: logit_bias counts once, the vocabulary within the shortlist too', () => {
+  const V = 50; // ≤ 64: the shortlist is the whole row, sampled as a row
+  const row = Float32Array.from({ length: V }, (_, i) => (i === 3 ? 5 : i === 8 ? 4 : (i % 7) * 0.1));
+  const p = params({ doSample: true, topK: 1, logitBias: [[3, -0.6]] }); // once: 4.4, still the best; twice: 3.8, not
+  const e = new Sampler(p).edits([], [], 0, V)!;
+  const edited = Float32Array.from(row);
+  e.ids.forEach((id, j) => (edited[id] = Math.fround(edited[id]! + e.bias[j]!)));
+  const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => edited[b]! - edited[a]! || a - b);
+  const ids = Int32Array.from({ length: 64 }, (_, j) => (j < V ? order[j]! : -1));
+  const logits = Float32Array.from({ length: 64 }, (_, j) => (j < V ? edited[order[j]!]! : -Infinity));
+  const logNorm = Math.fround(Math.log(Array.from(edited).reduce((sum, x) => sum + Math.exp(x - edited[3]!), 0)));
+  assert.equal(new Sampler(p).sample(row, []).id, 3, 'the host: bias once');
+  assert.equal(new Sampler(p).sampleShortlist({ ids, logits, logNorm }, V)!.id, 3);
 });

@@ -48,7 +48,7 @@ interface Seq {
   readonly req: GenerateRequest;
   readonly sink: GenerationSink;
   readonly sampler: Sampler;
-  /** Its next tokens may be picked on the device (greedy on the raw logits, no constraint): DecodeItem.pick. */
+  /** Its next tokens may be picked on the device (greedy on the logits after bias and penalties, no constraint): DecodeItem.pick. */
   readonly pick: boolean;
   /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE or top_p alone, no constraint): DecodeItem.shortlist. */
   readonly shortlist: ShortlistRequest | undefined;
@@ -83,7 +83,8 @@ const now = (): number => performance.now() / 1000;
 /**
  * A top_p-alone sequence whose shortlists keep failing to decide (a flat distribution: each miss costs a second
  * readback) reads its logits at once for NUCLEUS_PAUSE tokens, then tries shortlists again. The token is the same
- * either way: this only chooses what is read.
+ * either way (but at near-ties of a row with bias or penalties, edited in float32 on the device, in float64 on the
+ * host): this only chooses what is read.
  */
 const NUCLEUS_PAUSE = 32;
 
@@ -430,7 +431,7 @@ export class Engine implements EngineApi {
 
   /** The edits of a sequence's next row when the device may pick or shortlist it: its logit_bias and penalties. */
   private editsOf(seq: Seq): LogitEdits | undefined {
-    if (!seq.pick && !shortlistOf(seq)) return undefined;
+    if ((!seq.pick && !shortlistOf(seq)) || this.executor.answersOnDevice === false) return undefined;
     const { req } = seq;
     return seq.sampler.edits(req.inputIds, seq.generated, req.penalizeGeneratedOnly ? req.inputIds.length : 0, this.executor.vocabSize);
   }

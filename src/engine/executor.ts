@@ -177,6 +177,11 @@ export interface StepExecutor {
   readonly vocabSize: number;
   /** Sequences in the decode batch. */
   readonly running: number;
+  /**
+   * false: the executor always answers with logits, never with picks or shortlists (then the engine does not make
+   * the rows' edits). Absent: it may answer on the device.
+   */
+  readonly answersOnDevice?: boolean;
   prefill(items: readonly PrefillItem[], lora: LoraPlan): Promise<StepResult>;
   /** One token for every sequence in the decode batch (all of them, any order). */
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult>;

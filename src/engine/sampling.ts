@@ -72,12 +72,17 @@ export interface SampledToken {
  * out too.
  */
 export function pickableOnDevice(p: SamplingParams): boolean {
-  return !p.doSample && p.temperature === 1 && noAlternatives(p);
+  return !p.doSample && p.temperature === 1 && fitsTheDevice(p);
 }
 
-/** No top-n alternatives: sample() needs nothing of the row beyond the chosen token and the normaliser. */
-function noAlternatives(p: SamplingParams): boolean {
-  return p.topNTokens === 0;
+/**
+ * No top-n alternatives (sample() needs nothing of the row beyond the chosen token and the normaliser), and a bias and
+ * penalties the device's float32 edits hold (a repetition penalty near 0 or ∞ would overflow there).
+ */
+function fitsTheDevice(p: SamplingParams): boolean {
+  const fits = (v: number, lo: number) => Math.abs(v) <= 1e6 && (v === 0 || Math.abs(v) >= lo);
+  return p.topNTokens === 0 && fits(p.repetitionPenalty, 1e-6) && fits(p.frequencyPenalty, 0) && fits(p.presencePenalty, 0)
+    && p.logitBias.every(([, b]) => fits(b, 0));
 }
 
 /**
@@ -86,7 +91,7 @@ function noAlternatives(p: SamplingParams): boolean {
  * may return the Shortlist of the row's edited logits (DecodeItem.shortlist, DecodeItem.edits) instead of its logits.
  */
 export function shortlistOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && noAlternatives(p);
+  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && fitsTheDevice(p);
 }
 
 /**
@@ -96,7 +101,7 @@ export function shortlistOnDevice(p: SamplingParams): boolean {
  * (ShortlistRequest.fallback).
  */
 export function nucleusOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && noAlternatives(p);
+  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && fitsTheDevice(p);
 }
 
 /**

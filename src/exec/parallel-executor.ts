@@ -100,6 +100,8 @@ export interface ParallelExecutorOptions {
 }
 
 export class ParallelExecutor implements Executor {
+  /** Workers run wasm or cpu, where rows are always answered with logits. */
+  readonly answersOnDevice = false;
   private readonly owner = new Map<number, WorkerClient>();
   private runningSeqs = new Set<number>();
 

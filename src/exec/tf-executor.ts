@@ -10,7 +10,7 @@ import {
   type ResidentAdapter, type Shortlist, type ShortlistRequest, type StepPass, type StepResult,
 } from '../engine/executor.ts';
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
-import { logitEditsGpu } from '../backend/webgpu/kernels/logit-edits.ts';
+import { logitEditsInPlace } from '../backend/webgpu/kernels/logit-edits.ts';
 import { shortlistGpu } from '../backend/webgpu/kernels/shortlist.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import { countDecodeStep } from '../backend/webgpu/counters.ts';
@@ -80,6 +80,10 @@ export class TfExecutor implements Executor {
   private merged: { adapter: DeviceAdapter; weights: Map<string, Weight> } | null = null;
   private readonly maxBanks: number;
   private readonly devicePick: boolean;
+  /** Whether rows that allow it are picked or shortlisted on the device (webgpu, devicePick). */
+  get answersOnDevice(): boolean {
+    return this.devicePick;
+  }
   private readonly recordSteps: boolean;
   private recorded: RecordedDecode | null = null;
   /** Decode steps replayed from a recording, recorded, and run through tfjs without one (tests and the bench read them). */
@@ -118,7 +122,7 @@ export class TfExecutor implements Executor {
       if (this.devicePick) {
         greedyPickGpu(logits).dispose();
         tf.tidy(() => shortlistGpu(logits, tf.ones([2]) as tf.Tensor1D, SHORTLIST_SIZE)).dispose();
-        tf.tidy(() => logitEditsGpu(logits, tf.tensor1d([0, 1, 1], 'int32'), tf.tensor1d([0], 'int32'), tf.tensor1d([0, 1, 0]))).dispose();
+        tf.tidy(() => logitEditsInPlace(logits, tf.tensor1d([0], 'int32'), tf.tensor1d([0], 'int32'), tf.tensor1d([0, 1, 0])));
       }
       logits.dispose();
     } finally {
@@ -176,9 +180,10 @@ export class TfExecutor implements Executor {
     const rowAdapters = itemAdapters.flatMap((a) => new Array<DeviceAdapter | null>(T).fill(a));
     const answers = items.flatMap((item, i) => new Array<RowAnswer>(rowsOf[i]!.count).fill(item.last && !item.allLogits ? this.answerOf(item) : 'logits'));
     const edits = items.flatMap((item, i) => new Array<LogitEdits | undefined>(rowsOf[i]!.count).fill(item.last && !item.allLogits ? item.edits : undefined));
+    const asked = answerInputs(answers, answers.length, edits);
     let result: Awaited<ReturnType<TfExecutor['forward']>>;
     try {
-      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, answers, edits);
+      result = await this.forward(kv, tokens, positions, T, cont ? undefined : pad, rowAdapters, lora, logitRows, B, answers, asked);
     } catch (err) {
       if (!cont) kv.dispose(); // a continued prompt's KV is released with its sequence
       throw err;
@@ -227,12 +232,12 @@ export class TfExecutor implements Executor {
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
     const answers = this.rows.map((r) => this.answerOf(bySeq.get(r.seq)!));
-    const edits = this.rows.map((r) => bySeq.get(r.seq)!.edits);
+    const asked = answerInputs(answers, B, this.rows.map((r) => bySeq.get(r.seq)!.edits));
     const rowAdapters = this.rows.map((r) => r.adapter);
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
-    const key = this.stepKey(lora, answers, edits);
-    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers, edits))
-      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, edits, key);
+    const key = this.stepKey(lora, answers, asked);
+    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers, asked))
+      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key);
     if (key === null) countDecodeStep('tfjs'); // steps are not recorded (--recorded-steps false); counted on webgpu only
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
@@ -375,9 +380,9 @@ export class TfExecutor implements Executor {
    * sequences and adapters), the LoRA plan and which rows are picked or shortlisted on the device (the temperatures
    * are step inputs). null: steps are not recorded.
    */
-  private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], edits: readonly (LogitEdits | undefined)[]): string | null {
+  private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): string | null {
     if (!this.recordSteps) return null;
-    const capacity = answerInputs(answers, answers.length, edits).get('edit.ids')?.length ?? 0; // the edit inputs' size
+    const capacity = asked.get('edit.ids')?.length ?? 0; // the edit inputs' size
     const rows = this.rows.map((r) => `${r.seq}:${r.adapter?.key ?? ''}`).join(',');
     return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}|${capacity}`;
   }
@@ -388,9 +393,9 @@ export class TfExecutor implements Executor {
    * weights rebuilt). The KV cache has room for the step's column (reserved before).
    */
   private async replay(tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan,
-    answers: readonly RowAnswer[], edits: readonly (LogitEdits | undefined)[]): Promise<{ output: PassOutput; pass: StepPass } | null> {
+    answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): Promise<{ output: PassOutput; pass: StepPass } | null> {
     const r = this.recorded;
-    const key = this.stepKey(plan, answers, edits);
+    const key = this.stepKey(plan, answers, asked);
     if (!r || r.key !== key || !r.recording.valid() || this.kv.capacity <= this.kv.cols) {
       if (r) this.dropRecording();
       return null;
@@ -399,7 +404,7 @@ export class TfExecutor implements Executor {
     const inputs = new Map<string, StepData>([...this.model.stepInputs(tokens, positions, B, 1), ['kv.state', this.kv.stateData()]]);
     const slots = this.rowSlots(rowAdapters);
     if (slots) inputs.set('lora.slots', slotData(slots));
-    for (const [name, data] of answerInputs(answers, B, edits)) inputs.set(name, data);
+    for (const [name, data] of asked) inputs.set(name, data);
     let read: { data: Float32Array; replay: number };
     const V = this.vocabSize;
     const head = headLength(answers, B, V);
@@ -478,13 +483,13 @@ export class TfExecutor implements Executor {
    */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
     rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, answers: readonly RowAnswer[],
-    edits: readonly (LogitEdits | undefined)[], record: string | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
+    asked: ReadonlyMap<string, StepData>, record: string | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
     const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
     let logits: tf.Tensor2D | null = null;
     let out: tf.Tensor | null = null;
     const build = (): tf.Tensor => {
       logits = this.model.forward({ kv, tokens, positions, T, pad, lora: choice.lora, logitRows: Int32Array.from(logitRows) });
-      return passOutput(logits, answers, edits);
+      return passOutput(logits, answers, asked);
     };
     // A step that grows the KV cache (a fallback: decode steps reserve their column before) reads the old one, which
     // is gone after it: not worth recording.
@@ -559,25 +564,30 @@ function answerInputs(answers: readonly RowAnswer[], rows: number, edits: readon
   }
   const full = rowsAnswered(answers, rows, 'fallback');
   if (full.length > 0) out.set('shortlist.full', full);
-  // Edits of the rows picked or shortlisted (rows answered with logits are never edited): offsets [rows + 1], and
-  // entries padded to a power of two (≥ 64) so that a recording's inputs keep their size while histories grow.
+  // Edits of the rows picked or shortlisted (rows answered with logits are never edited): each entry's row, id and
+  // [bias, repetition, minus], padded (row −1) to a power of two (≥ 64) so that a recording's inputs keep their size
+  // while histories grow.
   const edited = (r: number) => (answers[r] !== undefined && answers[r] !== 'logits' ? edits[r] : undefined);
-  const entries = Array.from({ length: rows }, (_, r) => edited(r)?.ids.length ?? 0);
-  const total = entries.reduce((a, b) => a + b, 0);
+  let total = 0;
+  for (let r = 0; r < rows; r++) total += edited(r)?.ids.length ?? 0;
   if (total > 0) {
     const capacity = Math.max(64, 2 ** Math.ceil(Math.log2(total)));
-    const offsets = new Int32Array(rows + 1);
+    const rowOf = new Int32Array(capacity).fill(-1);
     const ids = new Int32Array(capacity);
     const values = new Float32Array(3 * capacity);
+    let at = 0;
     for (let r = 0; r < rows; r++) {
       const e = edited(r);
-      const at = offsets[r]!;
-      offsets[r + 1] = at + entries[r]!;
       if (!e) continue;
+      rowOf.fill(r, at, at + e.ids.length);
       ids.set(e.ids, at);
-      for (let j = 0; j < e.ids.length; j++) values.set([e.bias[j]!, e.repetition[j]!, e.minus[j]!], 3 * (at + j));
+      for (let j = 0; j < e.ids.length; j++, at++) {
+        values[3 * at] = e.bias[j]!;
+        values[3 * at + 1] = e.repetition[j]!;
+        values[3 * at + 2] = e.minus[j]!;
+      }
     }
-    out.set('edit.offsets', offsets);
+    out.set('edit.rows', rowOf);
     out.set('edit.ids', ids);
     out.set('edit.values', values);
   }
@@ -594,30 +604,31 @@ function headLength(answers: readonly RowAnswer[], rows: number, V: number): num
 
 /**
  * The tensor a pass reads back for logits [rows, vocab]: the logits when every row is answered with its logits; else,
- * concatenated (picks and shortlists of the logits after the rows' edits: LogitEditsProgram, when a row has some),
+ * concatenated (picks and shortlists of the logits after the rows' edits, written in place after the rows read as
+ * logits are gathered: LogitEditsProgram, when a row has some),
  * every row's greedy pick [rows·2] (id, logprob: GreedyPickProgram) when a row is picked, the shortlisted
  * rows' shortlists [s·(2·SHORTLIST_SIZE + 1)] (shortlist.ts: two dispatches), the rows answered with logits
  * [keep·vocab], then the logits of the rows with a fallback shortlist [f·vocab] (headLength: where they start).
  */
-function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[], edits: readonly (LogitEdits | undefined)[] = []): tf.Tensor {
+function passOutput(logits: tf.Tensor2D, answers: readonly RowAnswer[], inputs: ReadonlyMap<string, StepData>): tf.Tensor {
   const rows = logits.shape[0];
   const keep = rowsAnswered(answers, rows, 'logits');
   if (rows === 0 || keep.length === rows) return logits;
-  const inputs = answerInputs(answers, rows, edits);
   const upload = (name: string, dtype: 'int32' | 'float32') => tf.tensor1d(stepInput(name, inputs.get(name)!), dtype);
   return tf.tidy(() => {
-    // Picks and shortlists are made of the edited logits (logit_bias, penalties); rows read as logits are not edited.
-    const edited = inputs.has('edit.offsets')
-      ? logitEditsGpu(logits, upload('edit.offsets', 'int32'), upload('edit.ids', 'int32'), upload('edit.values', 'float32'))
-      : logits;
+    // Rows read back as logits are gathered before the edits (logit_bias, penalties) are written into the logits in
+    // place: picks and shortlists read the edited logits, rows read as logits are never edited.
+    const kept = keep.length > 0 ? tf.reshape(tf.gather(logits, upload('pick.keep', 'int32')), [-1]) : null;
+    const full = inputs.has('shortlist.full') ? tf.reshape(tf.gather(logits, upload('shortlist.full', 'int32')), [-1]) : null;
+    if (inputs.has('edit.ids')) logitEditsInPlace(logits, upload('edit.rows', 'int32'), upload('edit.ids', 'int32'), upload('edit.values', 'float32'));
     const parts: tf.Tensor[] = [];
-    if (rowsAnswered(answers, rows, 'pick').length > 0) parts.push(tf.reshape(greedyPickGpu(edited), [-1]));
+    if (rowsAnswered(answers, rows, 'pick').length > 0) parts.push(tf.reshape(greedyPickGpu(logits), [-1]));
     if (inputs.has('shortlist.rows')) {
-      const short = tf.gather(edited, upload('shortlist.rows', 'int32'));
+      const short = tf.gather(logits, upload('shortlist.rows', 'int32'));
       parts.push(tf.reshape(shortlistGpu(short, upload('shortlist.invTemp', 'float32'), SHORTLIST_SIZE), [-1]));
     }
-    if (keep.length > 0) parts.push(tf.reshape(tf.gather(logits, upload('pick.keep', 'int32')), [-1]));
-    if (inputs.has('shortlist.full')) parts.push(tf.reshape(tf.gather(logits, upload('shortlist.full', 'int32')), [-1]));
+    if (kept) parts.push(kept);
+    if (full) parts.push(full);
     return parts.length === 1 ? parts[0]! : tf.concat(parts);
   });
 }

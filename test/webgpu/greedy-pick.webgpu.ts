@@ -9,8 +9,9 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { greedyPickGpu, PICK_INFINITE, PICK_NO_FINITE } from '../../src/backend/webgpu/kernels/greedy-pick.ts';
-import { logitEditsGpu } from '../../src/backend/webgpu/kernels/logit-edits.ts';
+import { logitEditsInPlace } from '../../src/backend/webgpu/kernels/logit-edits.ts';
 import { shortlistGpu } from '../../src/backend/webgpu/kernels/shortlist.ts';
+import type { LogitEdits } from '../../src/engine/executor.ts';
 import { DEFAULT_SAMPLING, Sampler } from '../../src/engine/sampling.ts';
 import { setupBackend, testBackend } from '../helpers/tf.ts';
 
@@ -156,39 +157,55 @@ test('shortlist equals the plain loop: the 64 best ids in the host Sampler\'s or
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
 });
 
-test('logit edits equal the plain loop (bias, then the repetition penalty by sign, then minus) and the host Sampler\'s own penalties to float32 rounding; other ids and rows untouched', async () => {
+test('logit edits equal the plain loop (bias, then the repetition penalty by sign, then minus; non-finite logits kept) and the host Sampler\'s own penalties to float32 rounding; other ids and rows untouched', async () => {
   const vocab = 300;
-  const rows = 3;
+  const rows = 4;
   const x = new Float32Array(rows * vocab);
   for (let r = 0; r < rows; r++) x.set(randomRow(vocab, 40 + r, 6), r * vocab);
   x[5] = NaN;
   x[7] = -Infinity;
-  // Row 0: the Sampler's edits of a history; row 1: none; row 2: hand-made entries, ids past a stride of 64.
+  x[2 * vocab + 299] = Infinity;
+  // Row 0: the Sampler's edits of a history; row 1: none; row 2: hand-made entries; row 3: 250 entries (many per
+  // invocation stride), every id but 50.
   const sampler = new Sampler({ ...DEFAULT_SAMPLING, repetitionPenalty: 1.3, frequencyPenalty: 0.4, presencePenalty: 0.25, logitBias: [[9, 2.5], [9, -0.5], [299, -100]] });
   const history = [5, 7, 9, 11, 11, 11, 250, 299, 1000];
   const e0 = sampler.edits(history.slice(0, 4), history.slice(4), 2, vocab)!;
   const e2 = { ids: Int32Array.of(0, 64, 128, 299), bias: Float32Array.of(0, 1, -1, 0), repetition: Float32Array.of(2, 1, 0.5, 1.5), minus: Float32Array.of(0, 0.5, 0, -3) };
-  const offsets = Int32Array.of(0, e0.ids.length, e0.ids.length, e0.ids.length + 4);
-  const cap = 64;
+  const many = Array.from({ length: 250 }, (_, j) => 50 + j);
+  const e3 = {
+    ids: Int32Array.from(many), bias: Float32Array.from(many, (id) => (id % 5) - 2), repetition: Float32Array.from(many, (id) => (id % 3 === 0 ? 1.2 : 1)),
+    minus: Float32Array.from(many, (id) => (id % 4) * 0.3),
+  };
+  const entries: [number, LogitEdits][] = [[0, e0], [2, e2], [3, e3]];
+  const cap = 512;
+  const rowOf = new Int32Array(cap).fill(-1);
   const ids = new Int32Array(cap);
   const values = new Float32Array(3 * cap);
-  [e0, e2].forEach((e, k) => e.ids.forEach((id, j) => {
-    const at = offsets[k === 0 ? 0 : 2]! + j;
-    ids[at] = id;
-    values.set([e.bias[j]!, e.repetition[j]!, e.minus[j]!], 3 * at);
-  }));
-  const out = await tf.tidy(() => logitEditsGpu(tf.tensor2d(x, [rows, vocab]), tf.tensor1d(offsets, 'int32'), tf.tensor1d(ids, 'int32'), tf.tensor1d(values))).data();
+  let at = 0;
+  for (const [r, e] of entries) {
+    e.ids.forEach((id, j) => {
+      rowOf[at] = r;
+      ids[at] = id;
+      values.set([e.bias[j]!, e.repetition[j]!, e.minus[j]!], 3 * at++);
+    });
+  }
+  const out = await tf.tidy(() => {
+    const logits = tf.tensor2d(x, [rows, vocab]);
+    logitEditsInPlace(logits, tf.tensor1d(rowOf, 'int32'), tf.tensor1d(ids, 'int32'), tf.tensor1d(values));
+    return logits;
+  }).data();
   const want = Float32Array.from(x);
   const f = Math.fround;
-  [[0, e0], [2, e2]].forEach(([r, e]) => {
-    const edits = e as typeof e2;
-    edits.ids.forEach((id, j) => {
-      let v = f(x[(r as number) * vocab + id]! + edits.bias[j]!);
-      const rep = edits.repetition[j]!;
+  for (const [r, e] of entries) {
+    e.ids.forEach((id, j) => {
+      const x0 = x[r * vocab + id]!;
+      if (!Number.isFinite(x0)) return; // kept as it is
+      let v = f(x0 + e.bias[j]!);
+      const rep = e.repetition[j]!;
       if (rep !== 1) v = v > 0 ? f(v / rep) : f(v * rep);
-      want[(r as number) * vocab + id] = f(v - edits.minus[j]!);
+      want[r * vocab + id] = f(v - e.minus[j]!);
     });
-  });
+  }
   for (let i = 0; i < want.length; i++) {
     if (Number.isNaN(want[i])) assert.ok(Number.isNaN(out[i]), `element ${i}`);
     else assert.ok(out[i] === want[i] || Math.abs(out[i]! - want[i]!) <= 1e-6 * Math.max(1, Math.abs(want[i]!)), `element ${i}: ${out[i]} vs ${want[i]}`);
