@@ -122,7 +122,7 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     request(long, { maxNewTokens: 4, ignoreEos: true }),
     ...[0, 1, 2].map(() => request(prompt(7), { maxNewTokens: 6, ignoreEos: true, prefixGroup: group })), // choices sharing one prefill
     request(prompt(8), { maxNewTokens: 6, sampling: { logitBias: [[5, 2]] } }), // greedy, biased: picked after the device's edits
-    request(prompt(9), { maxNewTokens: 6, sampling: { doSample: true, temperature: 0.7, seed: 3 } }), // sampled on host
+    request(prompt(9), { maxNewTokens: 6, sampling: { doSample: true, temperature: 0.7, seed: 3 } }), // plain sampling: from a shortlist, or the row
     // top_k ≤ 64: sampled from shortlists, with top_p, typical_p and temperatures
     request(prompt(10), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 5, seed: 11 } }),
     request(prompt(11), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 40, topP: 0.8, temperature: 0.6, seed: 12 } }),

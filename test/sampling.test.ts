@@ -287,7 +287,7 @@ function shortlistOf(row: Float32Array, temperature: number, nudge = 0) {
   return { ids, logits: Float32Array.from(ids, (v) => value(v)), logNorm };
 }
 
-test('top_p alone from a shortlist: the same tokens as the whole row where it decides, no random number drawn where it does not', () => {
+test('top_p alone and plain sampling from a shortlist: the same tokens as the whole row where it decides, the random numbers in step where it does not', () => {
   const V = 5000;
   let s = 11;
   const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
@@ -299,7 +299,7 @@ test('top_p alone from a shortlist: the same tokens as the whole row where it de
     const row = Float32Array.from({ length: V }, () => -Math.log(-Math.log(next())) - next() * 12);
     for (let i = 0; i < 40; i++) row[Math.floor(next() * V)] = Math.round(next() * spread * 4) / 4 + 6; // ties among the best
     row[Math.floor(next() * V)] = NaN;
-    for (const topP of [0.3, 0.8, 0.95]) {
+    for (const topP of [0.3, 0.8, 0.95, 1]) { // 1: plain sampling, its draw walking the ranking
       for (const temperature of [1, 0.6, 1.7, 0.01]) {
         const p = params({ doSample: true, seed: 500 + round, topP, temperature });
         assert.ok(nucleusOnDevice(p) && !shortlistOnDevice(p));
@@ -310,8 +310,9 @@ test('top_p alone from a shortlist: the same tokens as the whole row where it de
           const short = new Sampler(p);
           for (let t = 0; t < 4; t++) {
             const a = whole.sample(row, []);
+            const decides = short.shortlistDecides(shortlist, V); // before the draw: plain sampling's looks at its number
             const b = short.sampleShortlist(shortlist, V);
-            assert.equal(b !== null, short.shortlistDecides(shortlist, V));
+            assert.equal(b !== null, decides);
             if (b === null) {
               undecided++;
               // the caller then samples the row: the same draw, the random numbers still in step

@@ -1,11 +1,11 @@
 /**
  * WebGPU device operations per decode step (`--backend webgpu` only): compute dispatches, command-buffer submits,
  * host-to-device uploads and device-to-host readbacks, from the server's lora_serve_webgpu_operations_total, and the
- * bytes read back (lora_serve_webgpu_readback_bytes_total), for one greedy request alone, for N concurrent greedy
- * requests on N adapters (unmerged LoRA), for one sampled request (whose logits rows are read back: the host
- * samples; greedy tokens are picked on the device), for one request sampled with top_k 40 (its shortlist is read
- * back), for one sampled with top_p 0.9 alone (its shortlist is read back, and its logits row after the step when
- * the nucleus reaches past the shortlist), for one greedy request with repetition_penalty 1.1 (its logits are edited on
+ * bytes read back (lora_serve_webgpu_readback_bytes_total), for one greedy request alone (its token picked on the
+ * device), for N concurrent greedy requests on N adapters (unmerged LoRA), for one sampled request (plain sampling: its
+ * shortlist is read back, and its logits row after the step when the draw falls past the shortlist), for one request
+ * sampled with top_k 40 (its shortlist is read back), for one sampled with top_p 0.9 alone (its shortlist, and its
+ * logits row after the step when the nucleus reaches past the shortlist), for one greedy request with repetition_penalty 1.1 (its logits are edited on
  * the device, then its token picked), and for N requests of which one is sampled. Each workload runs twice, with 1 and with 1 + newTokens new
  * tokens (ignore_eos): the difference is newTokens decode steps, the prefill being the same.
  * Each dispatch costs CPU time in tfjs and Dawn (about 0.1 ms) whatever the GPU, so dispatches per step bound a
@@ -28,7 +28,7 @@ async function ops(api: ApiClient): Promise<Record<Counted, number>> {
 }
 
 /**
- * greedy: every request greedy; sampled: every request sampled (no top_k: its logits are read back); shortlisted:
+ * greedy: every request greedy; sampled: every request sampled (plain sampling); shortlisted:
  * every request sampled with top_k 40 (its shortlist is read back); nucleus: every request sampled with top_p 0.9
  * alone; penalized: every request greedy with repetition_penalty 1.1; mixed: request 0 sampled, the others greedy.
  */

@@ -1,8 +1,8 @@
 /**
  * Host sampling: what the engine's main thread costs per decode step when the device is free, for 128 concurrent
  * requests, by how their tokens reach it: picked on the device (greedy; with repetition_penalty 1.1, whose edits the
- * engine makes each step), sampled from a device shortlist (top_k 40;
- * top_p 0.9 alone, whose shortlist decides the token when the nucleus lies within it, else the row is read), or sampled
+ * engine makes each step), sampled from a device shortlist (top_k 40; top_p 0.9 alone and plain sampling, whose
+ * shortlist decides the token when the nucleus or the draw lies within it, else the row is read), or sampled
  * from the whole logits row (what runs when the device does not shortlist: every backend but webgpu). The engine runs
  * in the harness with the bench model's tokenizer over an executor that answers at once (no model, no device): the
  * tokens/s are the host's ceiling, which a GPU cannot raise. Vocabularies of 32,000 (Llama 2, Mistral) and 128,256
@@ -24,10 +24,10 @@ const VOCABS = [32_000, 128_256];
 const ROWS = 16;
 
 type Mode = 'picked' | 'repetition_penalty 1.1, picked' | 'repetition_penalty 1.1, whole row' | 'top_k 40, shortlist' | 'top_k 40, whole row'
-  | 'top_p 0.9, shortlist' | 'top_p 0.9, whole row';
+  | 'top_p 0.9, shortlist' | 'top_p 0.9, whole row' | 'plain, shortlist' | 'plain, whole row';
 const MODES: readonly Mode[] = [
   'picked', 'repetition_penalty 1.1, picked', 'repetition_penalty 1.1, whole row', 'top_k 40, shortlist', 'top_k 40, whole row', 'top_p 0.9, shortlist',
-  'top_p 0.9, whole row',
+  'top_p 0.9, whole row', 'plain, shortlist', 'plain, whole row',
 ];
 
 /**
@@ -128,6 +128,7 @@ function detokenizer(tok: TextTokenizer, size: number): Detokenizer {
 function sampling(mode: Mode, seed: number): SamplingParams {
   if (mode === 'picked') return DEFAULT_SAMPLING;
   if (mode.startsWith('repetition_penalty')) return { ...DEFAULT_SAMPLING, repetitionPenalty: 1.1 };
+  if (mode.startsWith('plain')) return { ...DEFAULT_SAMPLING, doSample: true, seed };
   return { ...DEFAULT_SAMPLING, doSample: true, seed, ...(mode.startsWith('top_k') ? { topK: 40 } : { topP: 0.9 }) };
 }
 
@@ -173,11 +174,11 @@ export const hostSampling: BenchCase = {
       out.push(ratioFigure(`vocab ${vocab}, repetition_penalty 1.1: picked ÷ whole row`, rates['repetition_penalty 1.1, picked'], rates['repetition_penalty 1.1, whole row'], { key: `${V}/penalty ratio`, headline: true }));
       out.push(ratioFigure(`vocab ${vocab}, top_k 40: shortlist ÷ whole row`, rates['top_k 40, shortlist'], rates['top_k 40, whole row'], { key: `${V}/top_k ratio`, headline: true }));
       out.push(ratioFigure(`vocab ${vocab}, top_p 0.9: shortlist ÷ whole row`, rates['top_p 0.9, shortlist'], rates['top_p 0.9, whole row'], { key: `${V}/top_p ratio`, headline: true }));
-      const nucleus = executors.get('top_p 0.9, shortlist')!;
-      out.push({
-        label: `vocab ${vocab}, top_p 0.9: tokens whose row was read (the nucleus reached past the shortlist)`,
-        value: (100 * nucleus.rowsRead) / Math.max(1, nucleus.shortlisted), unit: '%',
-      });
+      out.push(ratioFigure(`vocab ${vocab}, plain sampling: shortlist ÷ whole row`, rates['plain, shortlist'], rates['plain, whole row'], { key: `${V}/plain ratio`, headline: true }));
+      for (const [mode, what] of [['top_p 0.9, shortlist', 'the nucleus reached past the shortlist'], ['plain, shortlist', 'the draw fell past the shortlist']] as const) {
+        const ex = executors.get(mode)!;
+        out.push({ label: `vocab ${vocab}, ${mode.split(',')[0]}: tokens whose row was read (${what})`, value: (100 * ex.rowsRead) / Math.max(1, ex.shortlisted), unit: '%' });
+      }
     }
     return out;
   },

@@ -10,7 +10,8 @@
  *      input; `sample(..., penaltyFrom = promptLength)` counts generated tokens only (OpenAI/vLLM)
  *   3. temperature (logit / T)
  *   4. top_k → top_p → typical_p (each renormalises over the survivors of the previous one)
- *   5. sample from the survivors, or argmax for greedy (ties → lowest id)
+ *   5. sample from the survivors (in id order), or argmax for greedy (ties → lowest id); without any of step 4 the
+ *      draw walks the ranking (logit desc, id asc), where a device's shortlist of the best logits begins
  *
  * `logprob` of the chosen id (and of the `top` alternatives) is log_softmax over the logits
  * after steps 0–3 (so under a constraint it is renormalised over the allowed ids), before truncation, so it does not depend on top_k/top_p/typical_p; greedy
@@ -95,13 +96,13 @@ export function shortlistOnDevice(p: SamplingParams): boolean {
 }
 
 /**
- * Whether sample() draws a top_p (nucleus) token with no top_k, typical_p or top-n alternatives (a constraint mask,
- * which the caller knows of, rules it out too): then the Shortlist of the row's edited logits decides the token
- * whenever the nucleus lies within it (Sampler.sampleShortlist), and the row's logits are read only when it does not
- * (ShortlistRequest.fallback).
+ * Whether sample() draws a token with top_p alone or none of top_k, top_p and typical_p (plain sampling), and no top-n
+ * alternatives (a constraint mask, which the caller knows of, rules it out too): then the Shortlist of the row's
+ * edited logits decides the token whenever the nucleus, or the plain draw (which walks the ranking), lies within it
+ * (Sampler.sampleShortlist), and the row's logits are read only when it does not (ShortlistRequest.fallback).
  */
 export function nucleusOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK === 0 && p.topP < 1 && p.typicalP >= 1 && fitsTheDevice(p);
+  return p.doSample && p.topK === 0 && p.typicalP >= 1 && fitsTheDevice(p);
 }
 
 /**
@@ -243,6 +244,8 @@ const KEY_SPAN = 50;
 export class Sampler {
   readonly params: SamplingParams;
   private readonly rng: Xoshiro128;
+  /** A random number drawn for the next token before its draw (peekDraw). */
+  private pendingDraw: number | null = null;
   /** Processed logits (penalties + temperature), reused between calls. */
   private work = new Float64Array(0);
   private counts = new Uint32Array(0);
@@ -263,6 +266,19 @@ export class Sampler {
   constructor(params: SamplingParams) {
     this.params = { ...params };
     this.rng = new Xoshiro128(params.seed);
+  }
+
+  /** The token's random number: one drawn ahead (peekDraw) if any, else a new one. */
+  private nextDraw(): number {
+    const u = this.pendingDraw ?? this.rng.nextFloat();
+    this.pendingDraw = null;
+    return u;
+  }
+
+  /** The next token's random number, drawn now and kept for it (a shortlist that cannot decide leaves it to the row). */
+  private peekDraw(): number {
+    this.pendingDraw ??= this.rng.nextFloat();
+    return this.pendingDraw;
   }
 
   /**
@@ -336,19 +352,27 @@ export class Sampler {
     const { x, ids, order, complete } = view;
     const p = this.params;
     const max = x[order[0]!]!;
-    let survivors: Int32Array;
+    let k: number;
     if (p.topK > 0) {
-      survivors = this.topKSurvivors(x, max, order.subarray(0, Math.min(p.topK, order.length)));
-    } else {
-      const c = this.nucleusEnd(x, max, order, complete, s.logNorm);
+      k = this.drawAmong(x, max, this.topKSurvivors(x, max, order.subarray(0, Math.min(p.topK, order.length))), true);
+    } else if (p.topP < 1) {
+      const c = this.rankEnd(x, max, order, complete, s.logNorm, p.topP);
       if (c < 0) return complete ? this.sampleShortlistRow(s, vocab) : null;
-      survivors = order.slice(0, c + 1).sort();
+      k = this.drawAmong(x, max, order.slice(0, c + 1).sort(), true);
+    } else {
+      // plain sampling: the draw walks the ranking, which the shortlist begins
+      const c = this.rankEnd(x, max, order, complete, s.logNorm, this.peekDraw());
+      if (c < 0) return complete ? this.sampleShortlistRow(s, vocab) : null; // the row takes the random number drawn
+      this.nextDraw();
+      k = order[c]!;
     }
-    const k = this.drawAmong(x, max, survivors, true);
     return { id: ids[k]!, logprob: (x[k]! - max) - s.logNorm };
   }
 
-  /** Whether sampleShortlist answers from `s` alone, or throws (it draws no random number to tell). */
+  /**
+   * Whether sampleShortlist answers from `s` alone, or throws. It draws no random number to tell, but for plain
+   * sampling, whose random number it draws ahead and keeps for the token (the row's draw takes it if need be).
+   */
   shortlistDecides(s: Shortlist, vocab: number): boolean {
     let view: ReturnType<Sampler['shortlistView']>;
     try {
@@ -358,7 +382,8 @@ export class Sampler {
     }
     if (view === 'row') return this.rowDecides(s, vocab);
     if (this.params.topK > 0 || view.complete) return true;
-    return this.nucleusEnd(view.x, view.x[view.order[0]!]!, view.order, false, s.logNorm) >= 0;
+    const fraction = this.params.topP < 1 ? this.params.topP : this.peekDraw();
+    return this.rankEnd(view.x, view.x[view.order[0]!]!, view.order, false, s.logNorm, fraction) >= 0;
   }
 
   /**
@@ -471,17 +496,18 @@ export class Sampler {
   }
 
   /**
-   * The last position in `order` (best first) that top_p keeps, as sample() finds it over the whole row: the first
-   * whose cumulative mass reaches top_p × the row's mass; −1 when the shortlist cannot tell. The row's mass is the
-   * shortlist's own when it holds every finite logit (`complete`; summed in id order, as sample() does), else
-   * exp(logNorm), known to SHORTLIST_SUM_TOLERANCE: a crossing closer than that to top_p, or none, cannot be told.
+   * The first position in `order` (best first) whose cumulative mass reaches `fraction` × the row's mass, as sample()
+   * finds it over the whole row (top_p's last kept token; plain sampling's token, `fraction` its random number); −1
+   * when the shortlist cannot tell. The row's mass is the shortlist's own when it holds every finite logit (`complete`;
+   * summed in id order, as sample() does), else exp(logNorm), known to SHORTLIST_SUM_TOLERANCE: a crossing closer
+   * than that to the target, or none, cannot be told.
    */
-  private nucleusEnd(x: Float64Array, max: number, order: Int32Array, complete: boolean, logNorm: number): number {
+  private rankEnd(x: Float64Array, max: number, order: Int32Array, complete: boolean, logNorm: number, fraction: number): number {
     let sum = 0;
     if (complete) for (let k = 0; k < x.length; k++) sum += Math.exp(x[k]! - max);
     else sum = Math.exp(logNorm);
     const tol = complete ? 1e-12 : SHORTLIST_SUM_TOLERANCE;
-    const target = this.params.topP * sum;
+    const target = fraction * sum;
     let cum = 0;
     for (let j = 0; j < order.length; j++) {
       cum += Math.exp(x[order[j]!]! - max);
@@ -539,16 +565,13 @@ export class Sampler {
     const V = x.length;
     const topK = p.topK > 0 && p.topK < V;
     if (!topK && p.topP >= 1 && p.typicalP >= 1) {
-      // Plain softmax sampling over the whole vocabulary: one pass, no sort.
-      let u = this.rng.nextFloat() * sum;
-      let last = 0;
-      for (let i = 0; i < V; i++) {
-        if (w[i] === 0) continue;
-        last = i;
-        u -= w[i]!;
-        if (u < 0) return i;
-      }
-      return last; // rounding left u ≥ 0: the last token with weight
+      // Plain softmax sampling over the whole vocabulary, the draw walking the ranking (as a shortlist can decide it:
+      // sampleShortlist), without sorting it.
+      const crossing = this.rankCrossing(x, max, w, this.nextDraw() * sum);
+      if (crossing) return crossing.c;
+      let last = 0; // rounding: the last id of the ranking with weight
+      for (let i = 0; i < V; i++) if (w[i]! > 0 && (x[i]! < x[last]! || w[last] === 0 || (x[i] === x[last] && i > last))) last = i;
+      return last;
     }
 
     let survivors: Int32Array;
@@ -570,6 +593,25 @@ export class Sampler {
    */
   private nucleus(x: Float64Array, max: number, w: Float64Array, target: number): Int32Array {
     const V = x.length;
+    const ids = this.idBuf(V);
+    const crossing = this.rankCrossing(x, max, w, target);
+    if (!crossing) return ids.map((_, i) => i); // the mass never reaches the target (target ≈ all of it): every id
+    const { c, b } = crossing;
+    const binOf = this.bins;
+    const xc = x[c]!;
+    let n = 0;
+    for (let i = 0; i < V; i++) if (binOf[i]! < b || (binOf[i] === b && (x[i]! > xc || (x[i] === xc && i <= c)))) ids[n++] = i;
+    return ids.slice(0, n);
+  }
+
+  /**
+   * The first id in the ranking (x descending, then id ascending) whose inclusive cumulative weight `w` reaches
+   * `target`, and its bin (this.bins holds every id's: how far below `max` it is, KEY_SPAN/BINS wide, ids more than
+   * KEY_SPAN below or −∞ in an overflow bin); null when none does (rounding, target ≈ all of the weight). One pass over
+   * the ids, and a sort of the bin where the mass crosses.
+   */
+  private rankCrossing(x: Float64Array, max: number, w: Float64Array, target: number): { c: number; b: number } | null {
+    const V = x.length;
     const scale = BINS / KEY_SPAN;
     const binOf = this.binIds(V);
     const mass = this.binBuf.fill(0);
@@ -585,8 +627,7 @@ export class Sampler {
       if (cum + mass[b]! >= target) break;
       cum += mass[b]!;
     }
-    const ids = this.idBuf(V);
-    if (b > BINS) return ids.map((_, i) => i); // the mass never reaches the target (target ≈ all of it): every id
+    if (b > BINS) return null;
     const members: number[] = [];
     for (let i = 0; i < V; i++) if (binOf[i] === b) members.push(i);
     members.sort((a, c) => x[c]! - x[a]! || a - c);
@@ -598,10 +639,7 @@ export class Sampler {
         break;
       }
     }
-    const xc = x[c]!;
-    let n = 0;
-    for (let i = 0; i < V; i++) if (binOf[i]! < b || (binOf[i] === b && (x[i]! > xc || (x[i] === xc && i <= c)))) ids[n++] = i;
-    return ids.slice(0, n);
+    return { c, b };
   }
 
   /** top_k's candidates `cand` (best first) after top_p, ascending. */
@@ -626,7 +664,7 @@ export class Sampler {
     // Draw among the survivors in id order (max is the global max, so nothing overflows).
     let mass = 0;
     for (let j = 0; j < survivors.length; j++) mass += Math.exp(x[survivors[j]!]! - max);
-    let u = this.rng.nextFloat() * mass;
+    let u = this.nextDraw() * mass;
     for (let j = 0; j < survivors.length; j++) {
       u -= Math.exp(x[survivors[j]!]! - max);
       if (u < 0) return survivors[j]!;
