@@ -137,13 +137,15 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     request(prompt(18), { maxNewTokens: 8, ignoreEos: true, sampling: { doSample: true, topK: 20, frequencyPenalty: 0.7, presencePenalty: 0.3, seed: 19 } }),
     // (flat at T = 8: its shortlists miss, and the row read after the step is sampled with the history's penalties)
     request(prompt(19), { maxNewTokens: 8, ignoreEos: true, penalizeGeneratedOnly: true, sampling: { doSample: true, topP: 0.95, temperature: 8, repetitionPenalty: 1.2, logitBias: [[7, 3], [7, 1]], seed: 20 } }),
-    request(prompt(20), { maxNewTokens: 6, ignoreEos: true, sampling: { topNTokens: 2, repetitionPenalty: 1.2 } }), // top-n alternatives: logits
+    // top-n alternatives (≤ 64) from shortlists too, greedy or sampled
+    request(prompt(20), { maxNewTokens: 6, ignoreEos: true, sampling: { topNTokens: 2, repetitionPenalty: 1.2 } }),
+    request(prompt(21), { maxNewTokens: 6, ignoreEos: true, sampling: { doSample: true, topK: 30, topNTokens: 3, temperature: 0.8, seed: 22 } }),
   ];
   /** Greedy and top_p requests alone (every step picks or shortlists), then everything together (mixed steps read logits). */
   const run = async (devicePick: boolean) => {
     const e = engineWith(devicePick);
     const alone: Outcome[] = [];
-    for (const r of [...reqs().slice(0, 9), ...reqs().slice(-6)]) alone.push(await generate(e, r)); // alone: steps replayed
+    for (const r of [...reqs().slice(0, 9), ...reqs().slice(-7)]) alone.push(await generate(e, r)); // alone: steps replayed
     const together = await Promise.all(reqs().map((r) => generate(e, r)));
     e.executor.dispose();
     return { outs: [...alone, ...together], counts: e.counts };
@@ -170,7 +172,12 @@ test('tokens picked or shortlisted on the device (webgpu) equal the host sampler
     assert.equal(d.result!.finishReason, h.result!.finishReason);
     assert.deepEqual(d.result!.prefill, h.result!.prefill);
     // float32 on the device, float64 on the host
-    d.tokens.forEach((t, j) => assert.ok(Math.abs(t.logprob - h.tokens[j]!.logprob) <= 1e-5, `request ${i} token ${j}: logprob ${t.logprob} vs ${h.tokens[j]!.logprob}`));
+    d.tokens.forEach((t, j) => {
+      const ht = h.tokens[j]!;
+      assert.ok(Math.abs(t.logprob - ht.logprob) <= 1e-5, `request ${i} token ${j}: logprob ${t.logprob} vs ${ht.logprob}`);
+      assert.deepEqual(t.top?.map((x) => x.id), ht.top?.map((x) => x.id), `request ${i} token ${j}: alternatives`);
+      t.top?.forEach((x, k) => assert.ok(Math.abs(x.logprob - ht.top![k]!.logprob) <= 1e-5, `request ${i} token ${j}: alternative ${k}`));
+    });
   });
   assert.equal(host.outs[6]!.result!.finishReason, 'stop_sequence');
 });

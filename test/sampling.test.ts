@@ -349,8 +349,8 @@ test('top_p alone and plain sampling from a shortlist: the same tokens as the wh
   assert.equal(hotSampler.shortlistDecides(hotList, V), false);
   assert.equal(hotSampler.sampleShortlist(hotList, V), null);
   assert.equal(hotSampler.sample(tiny, []).id, new Sampler(hot).sample(tiny, []).id, 'no random number drawn');
-  // top_k with top_p, typical_p or top-n alternatives are not nucleus rows; penalties and logit_bias are (as edits).
-  for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { topNTokens: 2 }, { doSample: false }]) {
+  // top_k with top_p, typical_p or more than 64 top-n alternatives are not nucleus rows; penalties and logit_bias are (as edits).
+  for (const q of [{ topK: 10 }, { typicalP: 0.9 }, { topNTokens: 65 }, { doSample: false }]) {
     assert.ok(!nucleusOnDevice(params({ doSample: true, topP: 0.9, ...q })), JSON.stringify(q));
   }
   assert.ok(nucleusOnDevice(params({ doSample: true, topP: 0.9, repetitionPenalty: 1.1, logitBias: [[1, 2]] })));
@@ -418,4 +418,39 @@ test('a shortlist of edited logits is not edited again: logit_bias counts once, 
   const logNorm = Math.fround(Math.log(Array.from(edited).reduce((sum, x) => sum + Math.exp(x - edited[3]!), 0)));
   assert.equal(new Sampler(p).sample(row, []).id, 3, 'the host: bias once');
   assert.equal(new Sampler(p).sampleShortlist({ ids, logits, logNorm }, V)!.id, 3);
+});
+
+test('top-n alternatives (≤ 64) and greedy rows from a shortlist: the whole row\'s token and alternatives, logprobs to float32 rounding', () => {
+  const V = 3000;
+  let s = 5;
+  const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  const cases: Partial<SamplingParams>[] = [
+    { topNTokens: 5 }, { temperature: 0.5, topNTokens: 3 }, { temperature: 2 }, { doSample: true, topK: 20, topNTokens: 4 },
+    { doSample: true, topP: 0.8, topNTokens: 2 }, { doSample: true, topNTokens: 64, temperature: 0.7 },
+  ];
+  let decided = 0;
+  for (let round = 0; round < 20; round++) {
+    const row = Float32Array.from({ length: V }, () => Math.round((next() * 16 - 8) * 4) / 4); // ties
+    row[Math.floor(next() * V)] = 9;
+    for (const c of cases) {
+      const p = params({ seed: 70 + round, ...c });
+      assert.ok(shortlistOnDevice(p) || nucleusOnDevice(p), JSON.stringify(c));
+      assert.ok(!pickableOnDevice(p));
+      const shortlist = shortlistOf(row, p.temperature);
+      const whole = new Sampler(p);
+      const short = new Sampler(p);
+      for (let t = 0; t < 3; t++) {
+        const a = whole.sample(row, []);
+        const b = short.sampleShortlist(shortlist, V) ?? short.sample(row, []);
+        decided++;
+        assert.equal(b.id, a.id, `round ${round}, ${JSON.stringify(c)}`);
+        close(b.logprob, a.logprob, 1e-5);
+        assert.deepEqual(b.top?.map((x) => x.id), a.top?.map((x) => x.id));
+        b.top?.forEach((x, j) => close(x.logprob, a.top![j]!.logprob, 1e-5));
+      }
+    }
+  }
+  assert.ok(decided > 0);
+  // More than 64 alternatives: the row is read.
+  assert.ok(!shortlistOnDevice(params({ topNTokens: 65 })) && !nucleusOnDevice(params({ doSample: true, topNTokens: 65 })));
 });

@@ -73,26 +73,28 @@ export interface SampledToken {
  * out too.
  */
 export function pickableOnDevice(p: SamplingParams): boolean {
-  return !p.doSample && p.temperature === 1 && fitsTheDevice(p);
+  return !p.doSample && p.temperature === 1 && p.topNTokens === 0 && fitsTheDevice(p);
 }
 
 /**
- * No top-n alternatives (sample() needs nothing of the row beyond the chosen token and the normaliser), and a bias and
- * penalties the device's float32 edits hold (a repetition penalty near 0 or ∞ would overflow there).
+ * At most SHORTLIST_SIZE top-n alternatives (a shortlist holds them), and a bias and penalties the device's float32
+ * edits hold (a repetition penalty near 0 or ∞ would overflow there).
  */
 function fitsTheDevice(p: SamplingParams): boolean {
   const fits = (v: number, lo: number) => Math.abs(v) <= 1e6 && (v === 0 || Math.abs(v) >= lo);
-  return p.topNTokens === 0 && fits(p.repetitionPenalty, 1e-6) && fits(p.frequencyPenalty, 0) && fits(p.presencePenalty, 0)
+  return p.topNTokens <= SHORTLIST_SIZE && fits(p.repetitionPenalty, 1e-6) && fits(p.frequencyPenalty, 0) && fits(p.presencePenalty, 0)
     && p.logitBias.every(([, b]) => fits(b, 0));
 }
 
 /**
- * Whether sample() draws among at most SHORTLIST_SIZE top-k candidates and needs nothing else of the row but its
- * normaliser (no top-n alternatives; a constraint mask, which the caller knows of, rules it out too): then an executor
- * may return the Shortlist of the row's edited logits (DecodeItem.shortlist, DecodeItem.edits) instead of its logits.
+ * Whether sample() draws among at most SHORTLIST_SIZE top-k candidates, or takes the greedy choice with alternatives or
+ * a temperature (not pickable), and needs nothing else of the row but its normaliser and at most SHORTLIST_SIZE top-n
+ * alternatives (a constraint mask, which the caller knows of, rules it out): then an executor may return the Shortlist
+ * of the row's edited logits (DecodeItem.shortlist, DecodeItem.edits) instead of its logits.
  */
 export function shortlistOnDevice(p: SamplingParams): boolean {
-  return p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE && fitsTheDevice(p);
+  const drawn = p.doSample && p.topK >= 1 && p.topK <= SHORTLIST_SIZE;
+  return (drawn || (!p.doSample && !pickableOnDevice(p))) && fitsTheDevice(p);
 }
 
 /**
@@ -347,13 +349,26 @@ export class Sampler {
    * the best token's logprob is never above 0).
    */
   sampleShortlist(s: Shortlist, vocab: number): SampledToken | null {
+    const token = this.shortlistToken(s, vocab);
+    const n = Math.min(this.params.topNTokens, s.ids.length);
+    if (!token || n === 0) return token;
+    // top-n alternatives: the shortlist's first ids, as selectTop ranks the whole row
+    const inv = 1 / this.params.temperature;
+    const top = Array.from({ length: n }, (_, j) => ({ id: s.ids[j]!, logprob: (s.logits[j]! - s.logits[0]!) * inv - s.logNorm })).filter((t) => t.id >= 0);
+    return { ...token, top };
+  }
+
+  /** sampleShortlist's token, without alternatives. */
+  private shortlistToken(s: Shortlist, vocab: number): SampledToken | null {
     const view = this.shortlistView(s, vocab);
     if (view === 'row') return this.rowDecides(s, vocab) ? this.sampleShortlistRow(s, vocab) : null;
     const { x, ids, order, complete } = view;
     const p = this.params;
     const max = x[order[0]!]!;
     let k: number;
-    if (p.topK > 0) {
+    if (!p.doSample) {
+      k = order[0]!; // the greedy choice: the largest logit, the lowest id among equals
+    } else if (p.topK > 0) {
       k = this.drawAmong(x, max, this.topKSurvivors(x, max, order.subarray(0, Math.min(p.topK, order.length))), true);
     } else if (p.topP < 1) {
       const c = this.rankEnd(x, max, order, complete, s.logNorm, p.topP);
@@ -381,7 +396,7 @@ export class Sampler {
       return true; // sampleShortlist throws the same
     }
     if (view === 'row') return this.rowDecides(s, vocab);
-    if (this.params.topK > 0 || view.complete) return true;
+    if (!this.params.doSample || this.params.topK > 0 || view.complete) return true;
     const fraction = this.params.topP < 1 ? this.params.topP : this.peekDraw();
     return this.rankEnd(view.x, view.x[view.order[0]!]!, view.order, false, s.logNorm, fraction) >= 0;
   }
@@ -393,7 +408,7 @@ export class Sampler {
    */
   private rowDecides(s: Shortlist, vocab: number): boolean {
     const last = s.ids.length - 1;
-    return this.params.topK > 0 || vocab <= SHORTLIST_SIZE || (last >= 0 && (s.ids[last]! < 0 || !(s.logits[last]! > -Infinity)));
+    return !this.params.doSample || this.params.topK > 0 || vocab <= SHORTLIST_SIZE || (last >= 0 && (s.ids[last]! < 0 || !(s.logits[last]! > -Infinity)));
   }
 
   /**
