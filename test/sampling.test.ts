@@ -451,6 +451,11 @@ test('top-n alternatives (≤ 64) and greedy rows from a shortlist: the whole ro
     }
   }
   assert.ok(decided > 0);
+  // Tempering that makes distinct logits equal (T = 1e300): the alternatives are ranked by id among them, as the host ranks them.
+  const tiny = new Float32Array(200).fill(-5);
+  [[10, 1e-30], [3, 2e-30], [7, 3e-30]].forEach(([id, v]) => (tiny[id!] = v!));
+  const hot = params({ temperature: 1e300, topNTokens: 4 });
+  assert.deepEqual(new Sampler(hot).sampleShortlist(shortlistOf(tiny, 1e300), 200)!.top!.map((t) => t.id), new Sampler(hot).sample(tiny, []).top!.map((t) => t.id));
   // More than 64 alternatives: the row is read.
   assert.ok(!shortlistOnDevice(params({ topNTokens: 65 })) && !nucleusOnDevice(params({ doSample: true, topNTokens: 65 })));
 });

@@ -56,8 +56,9 @@ export interface DecodeItem {
    */
   readonly pick?: boolean;
   /**
-   * The next token is sampled with top_k ≤ SHORTLIST_SIZE, or top_p alone (`fallback`), and nothing else that reads
-   * the whole row but the normaliser (sampling.ts `shortlistOnDevice`, `nucleusOnDevice`): the executor may return
+   * The next token is sampled with top_k ≤ SHORTLIST_SIZE, or top_p alone or plain sampling (`fallback`), or taken
+   * greedily with alternatives or a temperature, and nothing else reads the whole row but the normaliser and at most
+   * SHORTLIST_SIZE top-n alternatives (sampling.ts `shortlistOnDevice`, `nucleusOnDevice`): the executor may return
    * the row's Shortlist at this temperature instead of its logits.
    */
   readonly shortlist?: ShortlistRequest;

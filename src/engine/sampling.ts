@@ -98,8 +98,8 @@ export function shortlistOnDevice(p: SamplingParams): boolean {
 }
 
 /**
- * Whether sample() draws a token with top_p alone or none of top_k, top_p and typical_p (plain sampling), and no top-n
- * alternatives (a constraint mask, which the caller knows of, rules it out too): then the Shortlist of the row's
+ * Whether sample() draws a token with top_p alone or none of top_k, top_p and typical_p (plain sampling), and at most
+ * SHORTLIST_SIZE top-n alternatives (a constraint mask, which the caller knows of, rules it out too): then the Shortlist of the row's
  * edited logits decides the token whenever the nucleus, or the plain draw (which walks the ranking), lies within it
  * (Sampler.sampleShortlist), and the row's logits are read only when it does not (ShortlistRequest.fallback).
  */
@@ -352,10 +352,14 @@ export class Sampler {
     const token = this.shortlistToken(s, vocab);
     const n = Math.min(this.params.topNTokens, s.ids.length);
     if (!token || n === 0) return token;
-    // top-n alternatives: the shortlist's first ids, as selectTop ranks the whole row
+    // top-n alternatives: the shortlist's best ids as selectTop ranks the whole row (tempered logit desc, id asc: the
+    // shortlist's order unless tempering made distinct logits equal)
     const inv = 1 / this.params.temperature;
-    const top = Array.from({ length: n }, (_, j) => ({ id: s.ids[j]!, logprob: (s.logits[j]! - s.logits[0]!) * inv - s.logNorm })).filter((t) => t.id >= 0);
-    return { ...token, top };
+    const temper = this.params.temperature !== 1;
+    const at = Array.from({ length: s.ids.length }, (_, j) => j).filter((j) => s.ids[j]! >= 0);
+    const x = (j: number) => (temper ? s.logits[j]! * inv : s.logits[j]!);
+    at.sort((a, b) => (x(a) > x(b) ? -1 : x(a) < x(b) ? 1 : s.ids[a]! - s.ids[b]!));
+    return { ...token, top: at.slice(0, n).map((j) => ({ id: s.ids[j]!, logprob: (s.logits[j]! - s.logits[0]!) * inv - s.logNorm })) };
   }
 
   /** sampleShortlist's token, without alternatives. */
