@@ -52,7 +52,8 @@ test('sections charge their own time: nested time goes to the inner phase, per s
   const d = profiler.snapshot().decode!;
   assert.ok(d.sampling! >= 0.06, `sampling ${d.sampling}`);
   assert.ok(d.engine! >= 0.01 && d.engine! < d.sampling!, `engine ${d.engine}`);
-  assert.ok(d.executor_wait! >= 0.005, `wait ${d.executor_wait}`);
+  // a 5 ms timer: libuv's millisecond clock may fire it up to 1 ms early by performance.now()
+  assert.ok(d.executor_wait! >= 0.004, `wait ${d.executor_wait}`);
   assert.ok(d.base_matmul! >= 0.003, `matmul ${d.base_matmul}`);
   const sum = d.engine! + d.sampling! + d.executor_wait! + d.base_matmul!;
   assert.ok(Math.abs(sum - wall) < 0.002, `phases add up to the step: ${sum} vs ${wall}`);
