@@ -195,9 +195,9 @@ export class SoloAnswers {
   }
 
   /** Asks every prompt of `adapter` (null: base) alone and records the answers under `label`. */
-  async record(client: SoakClient, label: string, adapter: string | null): Promise<void> {
+  async record(client: SoakClient, label: string, adapter: string | null, opts: GenerateOpts = {}): Promise<void> {
     for (const p of PROMPTS) {
-      const a = await client.generate(p, adapter);
+      const a = await client.generate(p, adapter, opts);
       if (a.status !== 200 || a.text === undefined) throw new Error(`solo answer of ${label} on "${p}": ${a.status} ${a.failure ?? a.text}`);
       this.texts.set(SoloAnswers.key(label, p), a.text);
     }
