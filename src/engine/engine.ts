@@ -50,9 +50,12 @@ interface Seq {
   readonly sampler: Sampler;
   /** Its next tokens may be picked on the device (greedy on the logits after bias and penalties, no constraint): DecodeItem.pick. */
   readonly pick: boolean;
-  /** Its next tokens may be sampled from a shortlist (top_k ≤ SHORTLIST_SIZE or top_p alone, no constraint): DecodeItem.shortlist. */
+  /**
+   * Its next tokens may come from a shortlist (top_k ≤ SHORTLIST_SIZE; top_p alone or plain sampling, `fallback`; greedy with
+   * alternatives or a temperature; no constraint): DecodeItem.shortlist.
+   */
   readonly shortlist: ShortlistRequest | undefined;
-  /** A top_p-alone sequence's recent share of undecided shortlists, and until which token it reads logits instead. */
+  /** A fallback sequence's (top_p alone, plain) recent share of undecided shortlists, and until which token it reads logits instead. */
   readonly nucleus: { misses: number; pausedUntil: number };
   readonly decoder: IncrementalDecoder;
   readonly stop: StopMatcher;
@@ -81,19 +84,19 @@ interface Seq {
 const now = (): number => performance.now() / 1000;
 
 /**
- * A top_p-alone sequence whose shortlists keep failing to decide (a flat distribution: each miss costs a second
+ * A top_p-alone or plain sampling sequence whose shortlists keep failing to decide (a flat distribution: each miss costs a second
  * readback) reads its logits at once for NUCLEUS_PAUSE tokens, then tries shortlists again. The token is the same
  * either way (but at near-ties of a row with bias or penalties, edited in float32 on the device, in float64 on the
  * host): this only chooses what is read.
  */
 const NUCLEUS_PAUSE = 32;
 
-/** The shortlist a sequence's item asks for now (none while a top_p-alone sequence is paused). */
+/** The shortlist a sequence's item asks for now (none while a fallback sequence is paused). */
 function shortlistOf(seq: Seq): ShortlistRequest | undefined {
   return seq.shortlist?.fallback && seq.generated.length < seq.nucleus.pausedUntil ? undefined : seq.shortlist;
 }
 
-/** Counts a top_p-alone token drawn from its shortlist (`missed`: its row had to be read); pauses shortlists when most miss. */
+/** Counts a fallback sequence's token drawn from its shortlist (`missed`: its row had to be read); pauses shortlists when most miss. */
 function noteNucleus(seq: Seq, missed: boolean): void {
   const n = seq.nucleus;
   n.misses = 0.8 * n.misses + (missed ? 0.2 : 0); // a moving share over the last few tokens
@@ -407,8 +410,8 @@ export class Engine implements EngineApi {
   }
 
   /**
-   * The result's logits rows, with those of the sequences whose shortlist does not decide their token (a nucleus
-   * reaching past it) read from the executor where the result does not hold them (StepResult.readLogits). A failed
+   * The result's logits rows, with those of the sequences whose shortlist does not decide their token (a nucleus or
+   * a plain draw reaching past it) read from the executor where the result does not hold them (StepResult.readLogits). A failed
    * read fails those sequences.
    */
   private async undecidedRows(res: StepResult): Promise<ReadonlyMap<number, Float32Array>> {
