@@ -221,6 +221,14 @@ function selectTop(x: Float64Array, k: number, n: number): Int32Array {
   return out;
 }
 
+/** A shortlist's finite entries as a small row (Sampler.shortlistView). */
+interface ShortlistView {
+  readonly x: Float64Array;
+  readonly ids: Int32Array;
+  readonly order: Int32Array;
+  readonly complete: boolean;
+}
+
 /** Sampler.edits' running state: the entries of the distinct ids seen, and how much of the history they cover. */
 interface EditState {
   /** What the history was counted for: prompt length, penaltyFrom and vocabulary. */
@@ -264,6 +272,8 @@ export class Sampler {
   private editState: EditState | null = null;
   /** shortlistView's arrays, reused between calls. */
   private view = { keys: new Float64Array(0), ids: new Int32Array(0), x: new Float64Array(0), at: new Int32Array(0) };
+  /** The last shortlist shortlistView was asked for, and its view (in `view`'s arrays). */
+  private viewOf: { s: Shortlist; vocab: number; view: ShortlistView | 'row' } | null = null;
 
   constructor(params: SamplingParams) {
     this.params = { ...params };
@@ -359,7 +369,15 @@ export class Sampler {
     const at = Array.from({ length: s.ids.length }, (_, j) => j).filter((j) => s.ids[j]! >= 0);
     const x = (j: number) => (temper ? s.logits[j]! * inv : s.logits[j]!);
     at.sort((a, b) => (x(a) > x(b) ? -1 : x(a) < x(b) ? 1 : s.ids[a]! - s.ids[b]!));
-    return { ...token, top: at.slice(0, n).map((j) => ({ id: s.ids[j]!, logprob: (s.logits[j]! - s.logits[0]!) * inv - s.logNorm })) };
+    return { ...token, top: at.slice(0, n).map((j) => ({ id: s.ids[j]!, logprob: this.shortlistLogprob(s, s.logits[j]!) })) };
+  }
+
+  /**
+   * The logprob of a logit of the shortlist's row: its tempered distance from the largest logit, less the normaliser
+   * (relative to that logit, so that a low temperature does not magnify the normaliser's float32 rounding).
+   */
+  private shortlistLogprob(s: Shortlist, logit: number): number {
+    return (logit - s.logits[0]!) * (1 / this.params.temperature) - s.logNorm;
   }
 
   /** sampleShortlist's token, without alternatives. */
@@ -385,7 +403,7 @@ export class Sampler {
       this.nextDraw();
       k = order[c]!;
     }
-    return { id: ids[k]!, logprob: (x[k]! - max) - s.logNorm };
+    return { id: ids[k]!, logprob: this.shortlistLogprob(s, s.logits[order.indexOf(k)]!) };
   }
 
   /**
@@ -422,7 +440,15 @@ export class Sampler {
    * 'row': decide on a row of `vocab` rebuilt from it (a vocabulary within the shortlist, or tempered logits that
    * tie or overflow). Throws as sample() does on a row with a +∞ logit or none finite.
    */
-  private shortlistView(s: Shortlist, vocab: number): { x: Float64Array; ids: Int32Array; order: Int32Array; complete: boolean } | 'row' {
+  private shortlistView(s: Shortlist, vocab: number): ShortlistView | 'row' {
+    // shortlistDecides and sampleShortlist ask for the same shortlist's view, one after the other
+    if (this.viewOf?.s === s && this.viewOf.vocab === vocab) return this.viewOf.view;
+    const view = this.makeShortlistView(s, vocab);
+    this.viewOf = { s, vocab, view };
+    return view;
+  }
+
+  private makeShortlistView(s: Shortlist, vocab: number): ShortlistView | 'row' {
     if (Number.isNaN(s.logNorm)) throw fail('GENERATION', 'the logits contain +inf');
     const n0 = s.ids.length;
     if (vocab <= SHORTLIST_SIZE || n0 > 128) return 'row';
@@ -461,7 +487,7 @@ export class Sampler {
       if (id >= 0) row[id] = s.logits[j]!;
     });
     const { id } = this.sample(row, [], 0, undefined, true);
-    return { id, logprob: (row[id]! - s.logits[0]!) * (1 / this.params.temperature) - s.logNorm };
+    return { id, logprob: this.shortlistLogprob(s, row[id]!) };
   }
 
   /**
