@@ -64,6 +64,8 @@ export class KVBatch implements KVCache {
   start: number[] = [];
   /** Packed: the forward under way's KV state on the device (stateData), made at its first append, freed at commit. */
   private stepState: tf.Tensor1D | null = null;
+  /** The left padding of the forward under way (begin()), on a first forward only. */
+  private stepPad: number[] | null = null;
 
   /**
    * `reach`: the number of latest positions a query can attend to in any layer (the largest window when every layer
@@ -92,11 +94,20 @@ export class KVBatch implements KVCache {
   }
 
   /**
-   * Appends this step's keys/values ([B, kvHeads, T, headDim]) for one layer and returns the full cache.
-   * The caller calls `commit(T, newStart)` once after the last layer.
+   * Appends this step's keys/values for one layer, as the projections give them: token rows [B·T, kvHeads·headDim],
+   * rows (b, t). Returns the layer's whole cache. The caller calls `commit(T, pad)` once after the last layer.
    */
-  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
-    return profiler.time('kv_cache', () => (this.packed ? this.writeCols(layer, k, v) : this.appendCols(layer, k, v)));
+  appendLayer(layer: number, k: tf.Tensor2D, v: tf.Tensor2D): LayerKV {
+    if (this.packed) return profiler.time('kv_cache', () => this.writeCols(layer, k, v));
+    // The transposes are freed here, not left to the caller's scope.
+    return profiler.time('kv_cache', () => tf.tidy(() => this.appendCols(layer, this.toHeads(k), this.toHeads(v))) as LayerKV);
+  }
+
+  /** Token rows [B·T, kvHeads·headDim] → [B, kvHeads, T, headDim], the split layers' layout. */
+  private toHeads(x: tf.Tensor2D): tf.Tensor4D {
+    const B = this.rows;
+    const T = x.shape[0] / B;
+    return tf.transpose(tf.reshape(x, [B, T, this.kvHeads, this.headDim]), [0, 2, 1, 3]);
   }
 
   private appendCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
@@ -112,25 +123,34 @@ export class KVBatch implements KVCache {
   }
 
   /**
-   * Packed: writes the T new columns in place after the C cached ones, first growing the layer when it has no room.
-   * A first forward's (C = 0) attention reads the step's own keys and values, which are then the whole cache.
+   * Packed: writes the T new columns in place after the C cached ones, first growing the layer when it has no room;
+   * attention then reads the layer in place (a first forward's too: its columns are then the whole cache).
    */
-  private writeCols(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV {
-    const T = k.shape[2];
+  private writeCols(layer: number, k: tf.Tensor2D, v: tf.Tensor2D): LayerKV {
+    const T = k.shape[0] / this.rows;
     const cols = this.cols + T;
     let cache = this.layers[layer]![0];
     if (!cache || cache.shape[2] < cols) cache = this.grow(layer, cols);
     const state = this.state();
     kvAppendGpu(cache, k, v, state, this.cols);
-    return this.cols === 0 && T > 1 ? { k, v } : { packed: cache, cols, state };
+    return { packed: cache, cols, state };
+  }
+
+  /**
+   * Once before the first layer of a forward: `pad` (a first forward's left padding of each row's new tokens; see mask())
+   * makes the KV state's first valid columns, which the webgpu kernels mask with, before commit records it.
+   */
+  begin(pad?: readonly number[]): void {
+    this.stepPad = this.cols === 0 && pad ? pad.slice() : null;
   }
 
   /**
    * The KV state of the forward under way, as the webgpu kernels read it (int32 [1 + B]): the columns cached before
-   * it, then each row's first valid column. A recorded step's replay writes it (name `kv.state`).
+   * it, then each row's first valid column (on a first forward, its left padding given to begin()). A recorded step's
+   * replay writes it (name `kv.state`).
    */
   stateData(): Int32Array {
-    return Int32Array.from([this.cols, ...this.start]);
+    return Int32Array.from([this.cols, ...(this.stepPad ?? this.start)]);
   }
 
   private state(): tf.Tensor1D {
@@ -311,6 +331,7 @@ export class KVBatch implements KVCache {
   private dropState(): void {
     this.stepState?.dispose();
     this.stepState = null;
+    this.stepPad = null;
   }
 
   private take(other: KVBatch): void {

@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, constant, gatedActivation, gelu, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, toHeads, weightReader, type Linear } from './layers.ts';
+import { attention, constant, gatedActivation, gelu, layerConstants, linear, rmsNorm, rotary, rotaryLinear, softCap, weightReader, type Linear } from './layers.ts';
 import { llamaModules } from './llama.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { ModelConfig } from './types.ts';
@@ -105,7 +105,7 @@ export function* loadGemma(c: ModelConfig, ckpt: Checkpoint): Generator<void, Ar
       const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
       const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // the layer's keys and values, C+T columns
+      const cache = s.kv.appendLayer(l, k, v); // the layer's keys and values, C+T columns
       const a = attention(q, cache, s, nH, kvH, hd, scale, attnCap);
       x = L.postAttnNorm ? tf.add(x, rmsNorm(linear(a, L.o, s.lora), L.postAttnNorm, eps)) : linear(a, L.o, s.lora, x);
       // x = x + postMlpNorm(down(gelu(gate(h2)) · up(h2))), h2 = preMlpNorm(x)   (Gemma: no postMlpNorm)

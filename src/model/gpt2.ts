@@ -12,7 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight } from '../backend/weights.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, layerConstants, gelu, geluNew, layerModules, layerNorm, linear, toHeads, weightReader, type Linear } from './layers.ts';
+import { attention, layerConstants, gelu, geluNew, layerModules, layerNorm, linear, weightReader, type Linear } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -107,7 +107,7 @@ export function* loadGpt2(c: ModelConfig, ckpt: Checkpoint): Generator<void, Arc
       // x = x + attn(ln_1(x))
       const h = layerNorm(x, L.ln1[0], L.ln1[1], eps);
       const [q, k, v] = [linear(h, L.q, s.lora), linear(h, L.k, s.lora), linear(h, L.v, s.lora)]; // [N, d] each
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, nH, hd), toHeads(v, s.B, s.T, nH, hd)); // the layer's keys and values, C+T columns
+      const cache = s.kv.appendLayer(l, k, v); // the layer's keys and values, C+T columns
       x = linear(attention(q, cache, s, nH, nH, hd, scale), L.attnProj, s.lora, x);
       // x = x + mlp(ln_2(x))
       const m = act(linear(layerNorm(x, L.ln2[0], L.ln2[1], eps), L.fc, s.lora));

@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { isLaidOut, matmulW, matmulWPlus, type Weight } from '../backend/weights.ts';
-import { DECODE_ATTENTION_MAX_HEAD_DIM, decodeAttentionGpu } from '../backend/webgpu/kernels/decode-attention.ts';
+import { ATTENTION_MAX_HEAD_DIM, attentionGpu } from '../backend/webgpu/kernels/attention.ts';
 import { DECODE_LINEAR_MAX_RANK, DECODE_LINEAR_MAX_ROWS, decodeLinearGpu, type DecodeLinearParts, type GatedActivation } from '../backend/webgpu/kernels/decode-linear.ts';
 import { geluNewGpu } from '../backend/webgpu/kernels/gelu-new.ts';
 import { LORA_BGMV_MAX_RANK, loraBgmvGpu } from '../backend/webgpu/kernels/lora-bgmv.ts';
@@ -348,25 +348,25 @@ export interface StepShape {
   readonly T: number;
   /** The layer's additive mask [B, 1, T·G, C+T] (KVCache.mask), G = numHeads / numKvHeads, made at its first use. */
   mask(): tf.Tensor4D;
-  /** The layer's sliding window (null: none), which the decode attention kernel applies itself. */
+  /** The layer's sliding window (null: none), which the webgpu attention kernel applies itself. */
   readonly window: number | null;
 }
 
 /**
  * Causal attention of this step's queries over the cache (which already includes this step's keys).
- * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which a
- * decode step reads in place and other steps unpack (unpackKV). Grouped-query attention without copying K/V:
+ * q: [N, nH·hd]; cache: the layer's keys and values [B, kvH, C+T, hd], or its packed cache (webgpu; LayerKV), which the
+ * attention kernel reads in place (unpacked, unpackKV, only for a head_dim over the kernel's). Grouped-query attention without copying K/V:
  * the G query heads that share a KV head become G·T query rows of that head.
  * s.mask() is the layer's own mask (causal, banded by the layer's sliding window if it has one).
  * softcap (Gemma 2's attn_logit_softcapping c): the scaled scores become c·tanh(scores/c) before the mask is added,
- * as modeling_gemma2.py's eager_attention_forward. A decode step (T = 1) on webgpu is one kernel over the cache
- * (src/backend/webgpu/kernels/decode-attention.ts), which makes the same mask from the KV state and the window and
+ * as modeling_gemma2.py's eager_attention_forward. On webgpu a step's attention, decode or prefill, is one kernel over
+ * the cache (src/backend/webgpu/kernels/attention.ts), which makes the same mask from the KV state and the window and
  * applies the same soft-cap.
  */
 export function attention(q: tf.Tensor2D, cache: LayerKV, s: StepShape, nH: number, kvH: number, hd: number,
   scale: number | Constant = 1 / Math.sqrt(hd), softcap: Constant | null = null): tf.Tensor2D {
-  if ('packed' in cache && s.T === 1 && hd <= DECODE_ATTENTION_MAX_HEAD_DIM) {
-    return profiler.time('attention', () => decodeAttentionGpu(q, cache.packed, cache.cols, cache.state, nH, valueOf(scale), softcap?.value ?? null, s.window));
+  if ('packed' in cache && hd <= ATTENTION_MAX_HEAD_DIM) {
+    return profiler.time('attention', () => attentionGpu(q, cache.packed, cache.cols, cache.state, nH, valueOf(scale), softcap?.value ?? null, s.window));
   }
   return profiler.time('attention', () => {
     const { k, v } = 'packed' in cache ? unpackKV(cache.packed, cache.cols) : cache;
@@ -396,13 +396,6 @@ function attend(q: tf.Tensor2D, k: tf.Tensor4D, v: tf.Tensor4D, s: StepShape, nH
 /** c·tanh(x/c): Gemma 2's soft-capping of attention scores and logits. */
 export function softCap<T extends tf.Tensor>(x: T, c: tf.Scalar): T {
   return tf.mul(tf.tanh(tf.div(x, c)), c);
-}
-
-/** [N, H·hd] → [B, H, T, hd] for the cache. */
-export function toHeads(x: tf.Tensor2D, B: number, T: number, H: number, hd: number): tf.Tensor4D {
-  // For T = 1, [B, 1, H, hd] and [B, H, 1, hd] are one memory layout: a reshape, not a transpose kernel, on webgpu.
-  if (T === 1 && fusedKernels()) return tf.reshape(x, [B, H, 1, hd]);
-  return tf.transpose(tf.reshape(x, [B, T, H, hd]), [0, 2, 1, 3]);
 }
 
 /** A loader's tensors: every tensor it keeps for the model (disposed with it), and a reader by checkpoint name. */

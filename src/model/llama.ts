@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { matmulW, storeWeight } from '../backend/weights.ts';
 import { fail } from '../errors.ts';
 import type { Checkpoint } from './checkpoint.ts';
-import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, toHeads, weightReader, type Linear, type WeightReader } from './layers.ts';
+import { attention, gatedActivation, layerConstants, layerModules, linear, rmsNorm, rotary, rotaryLinear, weightReader, type Linear, type WeightReader } from './layers.ts';
 import type { Arch, StepContext } from './model.ts';
 import type { LinearModule, ModelConfig } from './types.ts';
 
@@ -126,7 +126,7 @@ export function llamaArch(c: ModelConfig, ckpt: Checkpoint, parts: LlamaParts): 
       const q = rotaryLinear(h, L.q, s.lora, nH, at); // [N, nH·hd]
       const k = rotaryLinear(h, L.k, s.lora, kvH, at); // [N, kvH·hd]
       const v = linear(h, L.v, s.lora); // [N, kvH·hd]
-      const cache = s.kv.appendLayer(l, toHeads(k, s.B, s.T, kvH, hd), toHeads(v, s.B, s.T, kvH, hd)); // the layer's keys and values, C+T columns
+      const cache = s.kv.appendLayer(l, k, v); // the layer's keys and values, C+T columns
       x = linear(attention(q, cache, s, nH, kvH, hd, scale), L.o, s.lora, x);
       // x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x) (Phi-3: [gate | up] = gate_up_proj(h2))
       const h2 = rmsNorm(x, L.postNorm, eps);

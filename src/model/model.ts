@@ -41,8 +41,10 @@ export interface KVCache {
    * positions j > i − W.
    */
   mask(T: number, groups: number, pad?: readonly number[], window?: number | null): Float32Array;
-  /** Appends one layer's new keys and values ([B, kvHeads, T, headDim]) and returns the layer's whole cache. */
-  appendLayer(layer: number, k: tf.Tensor4D, v: tf.Tensor4D): LayerKV;
+  /** Before the first layer of a forward of T new tokens per row: `pad` as for mask (the first forward only). */
+  begin(pad?: readonly number[]): void;
+  /** Appends one layer's new keys and values (token rows [B·T, kvHeads·headDim]) and returns the layer's whole cache. */
+  appendLayer(layer: number, k: tf.Tensor2D, v: tf.Tensor2D): LayerKV;
   /** Once after the last layer of a forward of T new columns (pad as for mask). */
   commit(T: number, pad?: readonly number[]): void;
   /** Instead of commit when the forward failed: forgets what was made for it (the cached columns are as before). */
@@ -203,6 +205,7 @@ export class CausalLM {
     // A decode step is one command-buffer submit on webgpu (its readback submits it).
     if (fusedKernels()) batchSubmits(T === 1);
     let logits: tf.Tensor2D;
+    kv.begin(input.pad);
     try {
       logits = profiler.time('other_ops', () => this.run(input, B, T, G));
     } catch (err) {

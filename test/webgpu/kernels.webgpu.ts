@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { decodeLinearGpu } from '../../src/backend/webgpu/kernels/decode-linear.ts';
-import { decodeAttentionGpu } from '../../src/backend/webgpu/kernels/decode-attention.ts';
+import { attentionGpu } from '../../src/backend/webgpu/kernels/attention.ts';
 import { geluNewGpu } from '../../src/backend/webgpu/kernels/gelu-new.ts';
 import { loraBgmvGpu } from '../../src/backend/webgpu/kernels/lora-bgmv.ts';
 import { layerNormGpu } from '../../src/backend/webgpu/kernels/layer-norm.ts';
@@ -133,7 +133,7 @@ function packKV(k: tf.Tensor4D, v: tf.Tensor4D, spare: number): tf.Tensor4D {
   return tf.tidy(() => tf.pad(tf.concat4d([k, v], 3), [[0, 0], [0, 0], [0, spare], [0, 0]], NaN));
 }
 
-test('fused decode attention equals scores, mask, softmax and weighted sum over the packed cache (GQA, padding, long caches, spare columns)', async () => {
+test('fused attention of a decode step equals scores, mask, softmax and weighted sum over the packed cache (GQA, padding, long caches, spare columns)', async () => {
   const done = leakCheck();
   // [B, kvH, G, C, hd]: GQA ratios 1, 3 and 4; caches shorter than, not a multiple of and longer than the 64-wide block.
   for (const [B, kvH, G, C, hd] of [[1, 1, 1, 1, 8], [3, 2, 3, 37, 10], [2, 1, 4, 150, 64], [1, 2, 1, 65, 130]] as const) {
@@ -148,7 +148,7 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
     const mask = tf.tensor4d(maskData, [B, 1, G, C]);
     const scale = 1 / Math.sqrt(hd);
     const cache = packKV(k, v, (C * 7) % 20);
-    const err = await compare(() => decodeAttentionGpu(q, cache, C, state, H, scale), () => tf.tidy(() => {
+    const err = await compare(() => attentionGpu(q, cache, C, state, H, scale), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const scores = tf.add(tf.matMul(tf.mul(q4, scale), k, false, true), mask); // [B, kvH, G, C]
       return tf.reshape(tf.matMul(tf.softmax(scores), v), [B, H * hd]);
@@ -159,7 +159,7 @@ test('fused decode attention equals scores, mask, softmax and weighted sum over 
   done();
 });
 
-test('fused decode attention soft-caps the scaled scores before the mask and honours a sliding-window band', async () => {
+test('fused attention of a decode step soft-caps the scaled scores before the mask and honours a sliding-window band', async () => {
   const done = leakCheck();
   // [B, kvH, G, C, hd, window, cap]: a window that hides whole 64-wide blocks of the cache, a window wider than the
   // cache (it hides nothing), and Gemma 2's caps; row b starts at column b·30 (so the later of its start and the band wins).
@@ -175,7 +175,7 @@ test('fused decode attention soft-caps the scaled scores before the mask and hon
     const mask = tf.tensor4d(new Float32Array(B * G * C).map((_, i) => (i % C < first[Math.floor(i / (G * C))]! ? -1e9 : 0)), [B, 1, G, C]);
     const scale = 0.3;
     const cache = packKV(k, v, 3);
-    const err = await compare(() => decodeAttentionGpu(q, cache, C, state, H, scale, cap, window), () => tf.tidy(() => {
+    const err = await compare(() => attentionGpu(q, cache, C, state, H, scale, cap, window), () => tf.tidy(() => {
       const q4 = tf.reshape(q, [B, kvH, G, hd]); // one token: query rows (t, g) = g
       const raw = tf.matMul(tf.mul(q4, scale), k, false, true); // [B, kvH, G, C]
       const scores = tf.add(tf.mul(tf.tanh(tf.div(raw, cap)), cap), mask);
@@ -183,6 +183,77 @@ test('fused decode attention soft-caps the scaled scores before the mask and hon
     }));
     assert.ok(err < 1e-5, `B ${B}, C ${C}, window ${window}, cap ${cap}: max rel err ${err}`);
     tf.dispose([q, k, v, cache, mask, state]);
+  }
+  done();
+});
+
+/**
+ * Attention as a plain float64 loop over host arrays: q [B·T, H·hd] (rows (b, t)), k and v [B, kvH, C, hd]; row b's
+ * token t is column at + t (at = C − T) and sees the columns j with first[b] ≤ j ≤ at + t and, with a window W,
+ * j > at + t − W; scores are scaled, then soft-capped (c·tanh(s/c)) when `cap` is given. A token that sees no column
+ * gets zeros (the kernel's convention for a first forward's left pads).
+ */
+function attentionLoop(q: Float32Array, k: Float32Array, v: Float32Array, dims: { B: number; T: number; H: number; kvH: number; hd: number; C: number },
+  first: readonly number[], scale: number, window: number | null, cap: number | null): Float64Array {
+  const { B, T, H, kvH, hd, C } = dims;
+  const G = H / kvH;
+  const out = new Float64Array(B * T * H * hd);
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T; t++) {
+      const i = C - T + t;
+      const lo = window === null ? first[b]! : Math.max(first[b]!, i - window + 1);
+      for (let h = 0; h < H; h++) {
+        const kvAt = (b * kvH + Math.floor(h / G)) * C;
+        const qAt = ((b * T + t) * H + h) * hd;
+        const scores: number[] = [];
+        for (let j = lo; j <= i; j++) {
+          let dot = 0;
+          for (let d = 0; d < hd; d++) dot += q[qAt + d]! * scale * k[(kvAt + j) * hd + d]!;
+          scores.push(cap === null ? dot : cap * Math.tanh(dot / cap));
+        }
+        if (scores.length === 0) continue;
+        const m = Math.max(...scores);
+        const w = scores.map((x) => Math.exp(x - m));
+        const sum = w.reduce((a, x) => a + x, 0);
+        for (let d = 0; d < hd; d++) {
+          let acc = 0;
+          w.forEach((x, n) => (acc += x * v[(kvAt + lo + n) * hd + d]!));
+          out[qAt + d] = acc / sum;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+test('fused attention of a prompt chunk (T tokens per row) equals a plain loop: causal within the chunk, left pads, cached columns, windows, soft-caps, GQA', async () => {
+  const done = leakCheck();
+  // [B, kvH, G, T, cached, hd, window, cap]: a first forward (no cached columns) whose rows are left-padded (row b by
+  // b·3 tokens, some by the whole chunk but one token), a chunk after cached columns, chunks longer than the 64-wide block,
+  // a window narrower than the chunk, a soft-cap; head dims under, at and over the 64-wide workgroup.
+  const cases = [[1, 1, 1, 2, 0, 8, null, null], [3, 2, 3, 7, 0, 10, null, null], [2, 1, 4, 70, 0, 16, null, null], [1, 2, 2, 19, 50, 64, null, null],
+    [2, 1, 2, 33, 40, 8, 20, 30], [1, 1, 1, 5, 0, 130, 3, null], [3, 1, 1, 9, 0, 12, null, 2]] as const;
+  for (const [B, kvH, G, T, cached, hd, window, cap] of cases) {
+    const H = kvH * G;
+    const C = cached + T;
+    const q = rand([B * T, H * hd], C + T, 2) as tf.Tensor2D;
+    const k = rand([B, kvH, C, hd], C + 1, 2) as tf.Tensor4D;
+    const v = rand([B, kvH, C, hd], C + 2) as tf.Tensor4D;
+    // First forward: row b's first valid column is its left padding (at most T − 1); after cached columns, its start.
+    const first = Array.from({ length: B }, (_, b) => Math.min(b * (cached === 0 ? 3 : 11), (cached === 0 ? T : C) - 1));
+    const state = tf.tensor1d([cached, ...first], 'int32');
+    const scale = 1 / Math.sqrt(hd);
+    const cache = packKV(k, v, 5);
+    const before = webgpuCounts()!.dispatch;
+    const out = attentionGpu(q, cache, C, state, H, scale, cap, window);
+    assert.equal(webgpuCounts()!.dispatch - before, 1, 'one dispatch');
+    assert.deepEqual(out.shape, [B * T, H * hd]);
+    const got = await out.data();
+    const want = attentionLoop(await q.data() as Float32Array, await k.data() as Float32Array, await v.data() as Float32Array,
+      { B, T, H, kvH, hd, C }, first, scale, window, cap);
+    const err = maxRelErr(got, want);
+    assert.ok(err < 1e-5, `B ${B}, kvH ${kvH}, G ${G}, T ${T}, cached ${cached}, hd ${hd}, window ${window}, cap ${cap}: max rel err ${err}`);
+    tf.dispose([q, k, v, cache, state, out]);
   }
   done();
 });

@@ -37,8 +37,8 @@ test('the KV append kernel writes k and v into the packed cache in place, as a p
   // [B, kvH, capacity, hd, at, T]: single elements, odd sizes, the last column, a whole cache at once.
   for (const [B, kvH, cap, hd, at, T] of [[1, 1, 1, 1, 0, 1], [3, 2, 7, 5, 4, 3], [2, 3, 40, 33, 39, 1], [5, 1, 17, 64, 0, 17]] as const) {
     const cache = rand([B, kvH, cap, 2 * hd], cap) as tf.Tensor4D;
-    const k = rand([B, kvH, T, hd], at + 1) as tf.Tensor4D;
-    const v = rand([B, kvH, T, hd], at + 2) as tf.Tensor4D;
+    const k = rand([B * T, kvH * hd], at + 1) as tf.Tensor2D; // token rows (b, t), as the projections give them
+    const v = rand([B * T, kvH * hd], at + 2) as tf.Tensor2D;
     // Read first, so that tfjs keeps the values on the host: the write must drop that copy.
     const expected = Float32Array.from(await cache.data() as Float32Array);
     const [kv, vv] = [await k.data(), await v.data()];
@@ -47,7 +47,7 @@ test('the KV append kernel writes k and v into the packed cache in place, as a p
         for (let t = 0; t < T; t++) {
           for (let d = 0; d < hd; d++) {
             const to = ((b * kvH + h) * cap + at + t) * 2 * hd;
-            const from = ((b * kvH + h) * T + t) * hd + d;
+            const from = (b * T + t) * kvH * hd + h * hd + d; // k[b·T + t, h·hd + d]
             expected[to + d] = kv[from]!;
             expected[to + hd + d] = vv[from]!;
           }
@@ -65,7 +65,7 @@ test('the KV append kernel writes k and v into the packed cache in place, as a p
   // A cache whose data another tensor shares (a reshape) is refused: writing it would change both.
   const cache = rand([1, 1, 4, 2], 1) as tf.Tensor4D;
   const alias = tf.reshape(cache, [8]);
-  const one = tf.zeros([1, 1, 1, 1]) as tf.Tensor4D;
+  const one = tf.zeros([1, 1]) as tf.Tensor2D;
   const state = tf.tensor1d([0, 0], 'int32');
   assert.throws(() => kvAppendGpu(cache, one, one, state, 0), /shared by 2 tensors/);
   tf.dispose([cache, alias, one, state]);
@@ -95,14 +95,20 @@ async function driveAlike(reach: number | null, limitBytes = Infinity): Promise<
   /** One forward of T columns into both batches (pad: a first forward's left padding), checked layer by layer. */
   const step = async (p: KVBatch, s: KVBatch, T: number, pad?: number[]) => {
     const inPlace = p.capacity >= p.cols + T && p.cols > 0;
+    p.begin(pad);
+    s.begin(pad);
+    // The KV state the kernels mask with: the columns cached before the step, then each row's first valid column (a
+    // first forward's: its left padding).
+    const state = [p.cols, ...(p.cols === 0 && pad ? pad : p.start)];
     for (let l = 0; l < L; l++) {
-      const k = rand([p.rows, kvH, T, hd], ++seed) as tf.Tensor4D;
-      const v = rand([p.rows, kvH, T, hd], ++seed) as tf.Tensor4D;
+      const k = rand([p.rows * T, kvH * hd], ++seed) as tf.Tensor2D;
+      const v = rand([p.rows * T, kvH * hd], ++seed) as tf.Tensor2D;
       const before = dispatches();
       const a = p.appendLayer(l, k, v);
       if (inPlace) assert.equal(dispatches() - before, 1, 'an append with room is one dispatch');
       const b = s.appendLayer(l, k, v);
-      assert.ok(T > 1 || 'packed' in a, 'a decode step reads the packed cache');
+      assert.ok('packed' in a, 'attention reads the packed cache');
+      assert.deepEqual([...await a.state.data()], state, 'the KV state');
       const [[ak, av], [bk, bv]] = [await columns(a), await columns(b)];
       assert.deepEqual(ak, bk, `layer ${l}: keys`);
       assert.deepEqual(av, bv, `layer ${l}: values`);
