@@ -20,7 +20,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { dropLeadingCols, gatherRows } from '../backend/raw-copy.ts';
 import { maxTensorBytes } from '../backend/webgpu/init.ts';
-import { kvAppendGpu } from '../backend/webgpu/kernels/kv-append.ts';
+import { kvAppendGpu, kvCopyRowGpu } from '../backend/webgpu/kernels/kv-append.ts';
 import { fusedKernels, uninitialized } from '../backend/webgpu/kernels/program.ts';
 import { stepInput } from '../backend/webgpu/recorded-step.ts';
 import type { KVCache, LayerKV } from '../model/model.ts';
@@ -283,6 +283,37 @@ export class KVBatch implements KVCache {
     other.layers = other.layers.map(() => []);
     other.start = [];
     other.cols = 0;
+  }
+
+  /**
+   * Frees row b (its sequence left) without moving any row: the row keeps its place, none of its columns valid (its
+   * first valid column is cols), so that no trim waits for it. Its columns are written by the steps that decode it
+   * until place() gives it a new sequence or keepRows() drops it; nothing reads them for anyone else.
+   */
+  retire(b: number): void {
+    if (!Number.isInteger(b) || b < 0 || b >= this.rows) throw new Error(`KVBatch.retire: no row ${b}`);
+    this.start[b] = this.cols;
+  }
+
+  /** Whether place() can move row `from` of `other` into a row of this batch: both packed, its columns no more than these. */
+  fits(other: KVBatch, from: number): boolean {
+    return this.packed && other.packed && this.cols > 0 && from >= 0 && from < other.rows && other.cols - other.start[from]! <= this.cols;
+  }
+
+  /**
+   * Packed: copies row `from` of `other` (its valid columns) into row b of this batch, ending at this batch's last
+   * column (rows are aligned on the right), in place, one dispatch per layer. The layers' tensors stay the same, so a
+   * recorded step that binds them still replays (a row joining by append() replaces them). `other` is left as it was.
+   */
+  place(b: number, other: KVBatch, from: number): void {
+    if (!this.fits(other, from) || !Number.isInteger(b) || b < 0 || b >= this.rows) throw new Error(`KVBatch.place: row ${from} of the other batch does not fit row ${b}`);
+    const first = other.start[from]!;
+    const len = other.cols - first;
+    const at = this.cols - len;
+    profiler.time('kv_cache', () => {
+      for (let l = 0; l < this.numLayers; l++) kvCopyRowGpu(this.layers[l]![0]!, b, at, other.layers[l]![0]!, from, first, len);
+    });
+    this.start[b] = at;
   }
 
   /** Keeps only the given rows (in this order), then trims columns no remaining row uses. */

@@ -38,6 +38,14 @@ export interface TfExecutorOptions {
    * while the batch, its LoRA plan and its KV caches stay as they were (default true).
    */
   readonly recordSteps?: boolean;
+  /**
+   * Keep the decode batch's rows in place when sequences leave (free rows, decoded with the others, their output
+   * unused) and move joining sequences into free rows, so that the batch's tensors, and with them its recorded step,
+   * outlive continuous batching's joins and leaves (webgpu's packed KV cache only; default: recordSteps). Free rows are
+   * dropped once they are more than the running ones. Otherwise, and when a joining prompt is longer than the batch's
+   * columns or no row is free, rows leave and join by re-gathering the KV cache, which a recording does not survive.
+   */
+  readonly slotRows?: boolean;
 }
 
 /** A recorded decode step and what it was recorded for (TfExecutor.stepKey). */
@@ -72,7 +80,8 @@ interface Row {
 export class TfExecutor implements Executor {
   readonly vocabSize: number;
   private readonly kv: KVBatch;
-  private rows: Row[] = [];
+  /** The decode batch's rows in KV order; null: a free row (slotRows), decoded but unused. */
+  private rows: (Row | null)[] = [];
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
   /** Resident adapters by key (ExecAdapter.key). */
   private readonly adapters = new Map<string, DeviceAdapter>();
@@ -85,6 +94,7 @@ export class TfExecutor implements Executor {
     return this.devicePick;
   }
   private readonly recordSteps: boolean;
+  private readonly slotRows: boolean;
   private recorded: RecordedDecode | null = null;
   /** Decode steps replayed from a recording, recorded, and run through tfjs without one (tests and the bench read them). */
   readonly recordedSteps = { replayed: 0, recorded: 0, unrecorded: 0, lastRefusal: '' };
@@ -95,10 +105,18 @@ export class TfExecutor implements Executor {
     this.maxBanks = opts.maxBanks ?? 4;
     this.devicePick = (opts.devicePick ?? true) && fusedKernels();
     this.recordSteps = (opts.recordSteps ?? true) && canRecord();
+    this.slotRows = (opts.slotRows ?? this.recordSteps) && this.kv.packed;
   }
 
   get running(): number {
-    return this.rows.length;
+    return this.live().length;
+  }
+
+  /** The running rows, with their index in the batch. */
+  private live(): { row: Row; b: number }[] {
+    const out: { row: Row; b: number }[] = [];
+    this.rows.forEach((row, b) => row && out.push({ row, b }));
+    return out;
   }
 
   /**
@@ -205,12 +223,43 @@ export class TfExecutor implements Executor {
     // Sequences whose prompt is complete join the decode batch; others keep their own KV for the next chunk.
     if (items.every((i) => i.last)) {
       this.prefilling.delete(items[0]!.seq);
-      this.kv.append(kv);
-      items.forEach((item, b) => this.rows.push({ seq: item.seq, adapter: itemAdapters[b]! }));
+      this.join(kv, items.map((item, b) => ({ seq: item.seq, adapter: itemAdapters[b]! })));
     } else if (!cont) {
       this.prefilling.set(items[0]!.seq, { kv, adapter: itemAdapters[0]! });
     }
     return pass;
+  }
+
+  /**
+   * Sequences whose prompt is complete join the decode batch with their KV rows (`kv`, row i holding rows[i]'s): into
+   * free rows in place where they fit (slotRows), the others appended (the batch's KV tensors then change). Disposes `kv`.
+   */
+  private join(kv: KVBatch, rows: readonly Row[]): void {
+    const appended: number[] = [];
+    rows.forEach((row, i) => {
+      const free = this.slotRows ? this.rows.indexOf(null) : -1;
+      if (free >= 0 && this.kv.fits(kv, i)) {
+        this.kv.place(free, kv, i);
+        this.rows[free] = row;
+      } else {
+        appended.push(i);
+      }
+    });
+    if (appended.length < rows.length) kv.keepRows(appended); // the rows placed are copied: the others join by append
+    this.kv.append(kv);
+    for (const i of appended) this.rows.push(rows[i]!);
+  }
+
+  /**
+   * Drops the free rows (slotRows) when they outnumber the running ones, before a decode step: they cost a step's work
+   * for nothing. The batch's KV tensors change (its recording is re-made).
+   */
+  private compact(): void {
+    const live = this.live();
+    if (live.length === this.rows.length || live.length * 2 >= this.rows.length) return;
+    this.dropRecording();
+    this.kv.keepRows(live.map((l) => l.b));
+    this.rows = live.map((l) => l.row);
   }
 
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
@@ -219,21 +268,27 @@ export class TfExecutor implements Executor {
 
   private async decodeAll(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
     const bySeq = new Map(items.map((i) => [i.seq, i]));
-    if (bySeq.size !== this.rows.length || this.rows.some((r) => !bySeq.has(r.seq))) {
-      throw new Error(`decode: expected one item for each of the ${this.rows.length} running sequences`);
+    const running = this.live();
+    if (bySeq.size !== running.length || running.some((r) => !bySeq.has(r.row.seq))) {
+      throw new Error(`decode: expected one item for each of the ${running.length} running sequences`);
     }
+    this.compact();
     const B = this.rows.length;
+    // A free row decodes token 0 at position 0 on the base model, its token picked on the device and dropped.
     const tokens = new Int32Array(B);
     const positions = new Int32Array(B);
     this.rows.forEach((r, b) => {
+      if (!r) return;
       const it = bySeq.get(r.seq)!;
       tokens[b] = it.token;
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const answers = this.rows.map((r) => this.answerOf(bySeq.get(r.seq)!));
-    const asked = answerInputs(answers, B, this.rows.map((r) => bySeq.get(r.seq)!.edits));
-    const rowAdapters = this.rows.map((r) => r.adapter);
+    const answers = this.rows.map((r) => (r ? this.answerOf(bySeq.get(r.seq)!) : this.devicePick ? 'pick' as const : 'logits' as const));
+    const asked = answerInputs(answers, B, this.rows.map((r) => (r ? bySeq.get(r.seq)!.edits : undefined)));
+    // A free row takes the merged adapter under a merged plan (every row's weights are), else the base model.
+    const free = lora.kind === 'merged' ? this.adapters.get(lora.key) ?? null : null;
+    const rowAdapters = this.rows.map((r) => (r ? r.adapter : free));
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
     const key = this.stepKey(lora, answers, asked);
     const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers, asked))
@@ -245,6 +300,7 @@ export class TfExecutor implements Executor {
     const shortlists = new Map<number, Shortlist>();
     const rowOf = new Map<number, number>();
     this.rows.forEach((r, b) => {
+      if (!r) return;
       const p = output.picked.get(b);
       const s = output.shortlists.get(b);
       const at = output.logitsAt[b]!;
@@ -279,17 +335,22 @@ export class TfExecutor implements Executor {
       p.kv.dispose();
       this.prefilling.delete(seq);
     }
-    const idx = this.rows.findIndex((r) => r.seq === seq);
-    if (idx >= 0) {
-      this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
-      const keep = this.rows.map((_, i) => i).filter((i) => i !== idx);
-      this.kv.keepRows(keep);
-      this.rows.splice(idx, 1);
+    const idx = this.rows.findIndex((r) => r?.seq === seq);
+    if (idx < 0) return;
+    const others = this.rows.some((r, b) => r && b !== idx);
+    if (this.slotRows && others) {
+      this.rows[idx] = null; // the row stays, free: the batch's tensors, and its recording, stay as they are
+      this.kv.retire(idx);
+      return;
     }
+    this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
+    const keep = others ? this.rows.map((_, i) => i).filter((i) => i !== idx) : []; // the last running row: free rows go too
+    this.kv.keepRows(keep);
+    this.rows.splice(0, this.rows.length, ...keep.map((i) => this.rows[i]!));
   }
 
   fork(seq: number, into: readonly number[]): void {
-    const idx = this.rows.findIndex((r) => r.seq === seq);
+    const idx = this.rows.findIndex((r) => r?.seq === seq);
     if (idx < 0) throw new Error(`fork: sequence ${seq} is not running`);
     // Rows 0..B-1 stay; each new sequence gets a copy of row idx, appended.
     this.kv.keepRows([...this.rows.keys(), ...into.map(() => idx)]);
@@ -376,15 +437,17 @@ export class TfExecutor implements Executor {
   }
 
   /**
-   * What a decode step's recording must match to be replayed, besides its buffers (Recording.valid): the rows (their
-   * sequences and adapters), the LoRA plan and which rows are picked or shortlisted on the device (the temperatures
-   * are step inputs). null: steps are not recorded.
+   * What a decode step's recording must match to be replayed, besides its buffers (Recording.valid, which a change of
+   * the batch's rows fails through their KV tensors): the number of rows, the adapters' bank (each row's slot in it is
+   * a step input), the LoRA plan, which rows are picked or shortlisted on the device (the temperatures are step inputs)
+   * and the edit inputs' size. Which sequence a row holds is not part of it: a sequence moved into a free row in place
+   * (slotRows) replays the same recording. null: steps are not recorded.
    */
   private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): string | null {
     if (!this.recordSteps) return null;
     const capacity = asked.get('edit.ids')?.length ?? 0; // the edit inputs' size
-    const rows = this.rows.map((r) => `${r.seq}:${r.adapter?.key ?? ''}`).join(',');
-    return `${rows}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}|${capacity}`;
+    const bank = plan.kind === 'unmerged' ? bankKey(this.rows.map((r) => r?.adapter ?? null)) ?? '' : '';
+    return `${this.rows.length}|${bank}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}|${capacity}`;
   }
 
   /**

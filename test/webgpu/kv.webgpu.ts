@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
-import { kvAppendGpu } from '../../src/backend/webgpu/kernels/kv-append.ts';
+import { kvAppendGpu, kvCopyRowGpu } from '../../src/backend/webgpu/kernels/kv-append.ts';
 import { TINY_LLAMA } from '../../src/demo/index.ts';
 import { KVBatch, newKV } from '../../src/exec/kv.ts';
 import { unpackKV } from '../../src/model/layers.ts';
@@ -69,6 +69,87 @@ test('the KV append kernel writes k and v into the packed cache in place, as a p
   const state = tf.tensor1d([0, 0], 'int32');
   assert.throws(() => kvAppendGpu(cache, one, one, state, 0), /shared by 2 tensors/);
   tf.dispose([cache, alias, one, state]);
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+});
+
+test('the KV row-copy kernel copies columns of one row of a packed cache into a row of another, in place, as a plain loop, in one dispatch', async () => {
+  const baseline = tf.memory().numTensors;
+  // [src rows, src capacity, dst rows, dst capacity, kvH, hd, srcRow, srcCol, dstRow, dstCol, len]
+  for (const [sB, sCap, dB, dCap, kvH, hd, srcRow, srcCol, dstRow, dstCol, len] of [[1, 4, 1, 4, 1, 1, 0, 0, 0, 0, 4], [3, 9, 4, 20, 2, 5, 2, 3, 1, 13, 6], [2, 70, 3, 90, 3, 33, 0, 1, 2, 20, 65]] as const) {
+    const src = rand([sB, kvH, sCap, 2 * hd], sCap) as tf.Tensor4D;
+    const dst = rand([dB, kvH, dCap, 2 * hd], dCap) as tf.Tensor4D;
+    const expected = Float32Array.from(await dst.data() as Float32Array);
+    const from = await src.data();
+    for (let h = 0; h < kvH; h++) {
+      for (let t = 0; t < len; t++) {
+        for (let e = 0; e < 2 * hd; e++) {
+          expected[((dstRow * kvH + h) * dCap + dstCol + t) * 2 * hd + e] = from[((srcRow * kvH + h) * sCap + srcCol + t) * 2 * hd + e]!;
+        }
+      }
+    }
+    const before = dispatches();
+    kvCopyRowGpu(dst, dstRow, dstCol, src, srcRow, srcCol, len);
+    assert.equal(dispatches() - before, 1, 'one dispatch');
+    assert.deepEqual(await dst.data(), expected, `row ${srcRow} [${srcCol}, +${len}) → row ${dstRow} at ${dstCol}`);
+    assert.throws(() => kvCopyRowGpu(dst, dstRow, dCap - len + 1, src, srcRow, srcCol, len), /outside a cache/);
+    tf.dispose([src, dst]);
+  }
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+});
+
+test('a packed KV batch frees a row in place (retire) and moves a prefilled row into it (place), right-aligned, the other rows and the tensors unchanged', async () => {
+  const baseline = tf.memory().numTensors;
+  const [L, kvH, hd] = [2, 2, 3];
+  const batch = new KVBatch(L, kvH, hd, null, true);
+  const joiner = new KVBatch(L, kvH, hd, null, true);
+  const forward = async (kv: KVBatch, T: number, pad?: number[]) => {
+    kv.begin(pad);
+    for (let l = 0; l < L; l++) {
+      const k = rand([kv.rows * T, kvH * hd], 100 + l + T) as tf.Tensor2D;
+      const v = rand([kv.rows * T, kvH * hd], 200 + l + T) as tf.Tensor2D;
+      kv.appendLayer(l, k, v);
+      tf.dispose([k, v]);
+    }
+    kv.commit(T, pad);
+  };
+  batch.addEmptyRows(3);
+  await forward(batch, 8, [0, 2, 5]);
+  joiner.addEmptyRows(2);
+  await forward(joiner, 5, [1, 0]);
+  const layerOf = (kv: KVBatch, l: number) => (kv as unknown as { layers: tf.Tensor4D[][] }).layers[l]![0]!;
+  const tensors = [0, 1].map((l) => layerOf(batch, l));
+  const before = await Promise.all([0, 1].map((l) => layerOf(batch, l).data()));
+  const joined = await Promise.all([0, 1].map((l) => layerOf(joiner, l).data()));
+  batch.retire(1);
+  assert.deepEqual(batch.start, [0, 8, 5], 'a retired row has no valid column');
+  assert.ok(batch.fits(joiner, 0) && batch.fits(joiner, 1));
+  const d0 = dispatches();
+  batch.place(1, joiner, 0); // joiner row 0: columns 1..4 (4 columns) → batch row 1, columns 4..7
+  assert.equal(dispatches() - d0, L, 'one dispatch per layer');
+  assert.deepEqual(batch.start, [0, 4, 5]);
+  const cap = batch.capacity;
+  const jCap = joiner.capacity;
+  const w = 2 * hd;
+  for (let l = 0; l < L; l++) {
+    assert.equal(layerOf(batch, l), tensors[l], 'the same tensor');
+    const after = await layerOf(batch, l).data();
+    for (let b = 0; b < 3; b++) {
+      for (let h = 0; h < kvH; h++) {
+        for (let j = 0; j < 8; j++) {
+          const at = ((b * kvH + h) * cap + j) * w;
+          const want = b === 1 && j >= 4 ? joined[l]!.slice(((0 * kvH + h) * jCap + j - 3) * w, ((0 * kvH + h) * jCap + j - 3) * w + w) : before[l]!.slice(at, at + w);
+          assert.deepEqual(after.slice(at, at + w), want, `layer ${l}, row ${b}, head ${h}, column ${j}`);
+        }
+      }
+    }
+  }
+  // A row longer than the batch's columns does not fit; nor does anything into an empty batch.
+  const long = new KVBatch(L, kvH, hd, null, true);
+  long.addEmptyRows(1);
+  await forward(long, 9);
+  assert.equal(batch.fits(long, 0), false);
+  assert.throws(() => batch.place(2, long, 0), /does not fit/);
+  [batch, joiner, long].forEach((kv) => kv.dispose());
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
 });
 

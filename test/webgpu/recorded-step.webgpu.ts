@@ -123,7 +123,9 @@ for (const [name, opts] of MODELS) {
     const { dir, config } = await fixtureCheckpoint(join(root, 'model'), opts);
     const model = CausalLM.load(dir);
     const baseline = tf.memory().numTensors;
-    const plain = new TfExecutor(model, { recordSteps: false });
+    // Its rows as the recording executor's (a leaving row stays free, a joining one moves into it: slotRows), so that
+    // the logits can be equal bit for bit.
+    const plain = new TfExecutor(model, { recordSteps: false, slotRows: true });
     const recorded = new TfExecutor(model);
     const manager = makeManager(model, join(root, 'adapters'), recorded);
     const plainManager = makeManager(model, join(root, 'adapters'), plain);
@@ -190,6 +192,51 @@ for (const [name, opts] of MODELS) {
     model.dispose();
   });
 }
+
+test('continuous batching: sequences leaving free their rows and joining ones move into them in place, so one recording replays through the churn; tokens equal a batch that re-gathers its rows', async () => {
+  const { dir } = await fixtureCheckpoint(join(tmp.dir, 'churn'), TINY_LLAMA);
+  const model = CausalLM.load(dir);
+  const baseline = tf.memory().numTensors;
+  const slots = new TfExecutor(model); // the default on webgpu: recorded steps, rows kept in place
+  const regathered = new TfExecutor(model, { recordSteps: false, slotRows: false });
+  const recordedRegathered = new TfExecutor(model, { slotRows: false }); // recorded steps, rows re-gathered at each join and leave
+  // Four running sequences; from step 3 on one leaves every third step and a new one joins at the next, with a prompt
+  // shorter than the batch's columns (it fits the free row). Steps 40–47: every sequence leaves, none joins, and the
+  // free rows are dropped once they outnumber the running ones.
+  const script: Seq[] = [];
+  const prompt = (n: number, len: number) => Array.from({ length: len }, (_, t) => (n * 37 + t * 11) % 250);
+  for (let n = 0; n < 4; n++) script.push({ prompt: prompt(n, 6 + n), adapter: null, joins: 0, leaves: 40 + 2 * n, pick: true });
+  for (let step = 3, n = 4; step < 36; step += 3, n++) {
+    const leaver = script.findIndex((q) => q.joins <= step && q.leaves > step && q.leaves >= 40);
+    script[leaver] = { ...script[leaver]!, leaves: step };
+    script.push({ prompt: prompt(n, 3 + (n % 4)), adapter: null, joins: step + 1, leaves: 40 + (n % 4) * 2, pick: true });
+  }
+  const a = await drive(regathered, script, [], 48, () => ({ kind: 'none' }));
+  for (const ex of [slots, recordedRegathered]) {
+    const b = await drive(ex, script, [], 48, () => ({ kind: 'none' }));
+    a.forEach((step, i) => {
+      assert.deepEqual([...b[i]!.keys()], [...step.keys()], `step ${i}: the same sequences answered`);
+      for (const [s, [id, logprob]] of step) {
+        const [id2, logprob2] = b[i]!.get(s)!;
+        assert.equal(id2, id, `step ${i}, sequence ${s}: the same token`);
+        assert.ok(Math.abs(logprob2! - logprob!) < 1e-5, `step ${i}, sequence ${s}: logprob ${logprob2} against ${logprob}`);
+      }
+    });
+  }
+  const st = slots.recordedSteps;
+  const other = recordedRegathered.recordedSteps;
+  // 11 leaves and 11 joins: with rows re-gathered each one changes the batch's KV tensors and is recorded anew; with
+  // free rows, only the KV cache's growths and trims (copies of every layer) and the drop of the free rows at the end are.
+  assert.ok(other.recorded >= 22, `rows re-gathered: recorded ${other.recorded} times (${other.replayed} replays)`);
+  assert.ok(st.recorded <= other.recorded - 15, `free rows: recorded ${st.recorded} times (${st.replayed} replays), against ${other.recorded}`);
+  assert.equal(st.replayed + st.recorded + st.unrecorded, other.replayed + other.recorded + other.unrecorded, 'as many decode steps');
+  assert.equal(regathered.recordedSteps.replayed + regathered.recordedSteps.recorded, 0);
+  slots.dispose();
+  regathered.dispose();
+  recordedRegathered.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+  model.dispose();
+});
 
 test('a step that uploads host values nobody named is not recorded; a named one is replayed with new values; no leaks', async () => {
   const baseline = tf.memory().numTensors;

@@ -64,3 +64,58 @@ export function kvAppendGpu(cache: tf.Tensor4D, k: tf.Tensor2D, v: tf.Tensor2D, 
   if (state.dtype !== 'int32' || state.shape[0] < 1) throw new Error(`kvAppend: the KV state [${state.shape}] is not int32`);
   runProgramInPlace(new KVAppendProgram(cache.shape, B * kvH * T * width), [k, v, state], cache);
 }
+
+/**
+ * Copies `len` columns of one row of a packed KV cache into another row of another packed cache, in place, in one
+ * dispatch: as a plain loop, for h < kvH, t < len, e < 2·hd: `dst[dstRow, h, dstCol + t, e] = src[srcRow, h, srcCol + t, e]`;
+ * every other element of dst is left as it was. Both caches are [rows, kvH, capacity, 2·hd] (their rows and capacities
+ * may differ). It moves a prefilled sequence into a free row of the running batch (src/exec/kv.ts's place), between
+ * steps, so the uniforms may change from call to call. One invocation per element written.
+ */
+export class KVCopyRowProgram implements WebGPUProgram {
+  readonly variableNames = ['src'];
+  readonly outputShape: number[];
+  readonly shaderKey = 'loraServeKVCopyRow';
+  readonly dispatchLayout = { x: [0, 1, 2, 3] };
+  readonly dispatch: [number, number, number];
+  readonly workgroupSize: [number, number, number] = [WORKGROUP, 1, 1];
+  readonly uniforms = 'srcRow : i32, srcCol : i32, dstRow : i32, dstCol : i32, len : i32,';
+
+  constructor(dstShape: readonly number[], written: number) {
+    this.outputShape = [...dstShape];
+    this.dispatch = flatDispatch(written, WORKGROUP);
+  }
+
+  getUserCode(): string {
+    return `
+      fn main(index : i32) {
+        let kvH = uniforms.outShape[1];
+        let width = uniforms.outShape[3];
+        let len = uniforms.len;
+        if (index >= kvH * len * width) { return; }
+        let e = index % width;
+        let t = (index / width) % len;
+        let h = index / (width * len);
+        let srcAt = ((uniforms.srcRow * kvH + h) * uniforms.srcShape[2] + uniforms.srcCol + t) * width + e; // src[srcRow, h, srcCol + t, e]
+        result[((uniforms.dstRow * kvH + h) * uniforms.outShape[2] + uniforms.dstCol + t) * width + e] = src[srcAt];
+      }
+    `;
+  }
+}
+
+/**
+ * Copies columns srcCol .. srcCol+len−1 of row srcRow of the packed cache `src` into columns dstCol .. of row dstRow of
+ * the packed cache `dst` [rows, kvH, capacity, 2·hd], in place (see KVCopyRowProgram), on the webgpu backend. `dst`
+ * must be the only tensor on its buffer.
+ */
+export function kvCopyRowGpu(dst: tf.Tensor4D, dstRow: number, dstCol: number, src: tf.Tensor4D, srcRow: number, srcCol: number, len: number): void {
+  const [rows, kvH, capacity, width] = dst.shape;
+  const [srcRows, srcKvH, srcCapacity, srcWidth] = src.shape;
+  if (srcKvH !== kvH || srcWidth !== width) throw new Error(`kvCopyRow: caches [${src.shape}] and [${dst.shape}] differ in heads or width`);
+  const ok = (n: number, lo: number, hi: number) => Number.isInteger(n) && n >= lo && n <= hi;
+  if (!ok(len, 1, Infinity) || !ok(srcRow, 0, srcRows - 1) || !ok(dstRow, 0, rows - 1) || !ok(srcCol, 0, srcCapacity - len) || !ok(dstCol, 0, capacity - len)) {
+    throw new Error(`kvCopyRow: ${len} columns from row ${srcRow}, column ${srcCol} of [${src.shape}] to row ${dstRow}, column ${dstCol} of [${dst.shape}] are outside a cache`);
+  }
+  runProgramInPlace(new KVCopyRowProgram(dst.shape, kvH * len * width), [src], dst,
+    [srcRow, srcCol, dstRow, dstCol, len].map((n) => ({ type: 'int32' as const, data: [n] })));
+}
