@@ -7,6 +7,11 @@
  * time (the profiler's phases but the wait for the readback: tfjs's per-op work, or the replay's input writes,
  * encoding and submit) — what bounds a decode step on a GPU, where the kernels take microseconds — and the wall time
  * (on lavapipe the shaders run on the CPU, so it is mostly theirs). Dispatches per step are the same on both paths.
+ * Then continuous batching's churn: CHURN_ROWS sequences decoding, each leaving after its own answer length
+ * (CHURN_LENGTHS) and a new one joining (prefilled) at once, through three executors: every step through tfjs, recorded
+ * steps with the rows re-gathered at each join and leave (`slotRows: false`), and the default (recorded steps, free
+ * rows kept in place and joiners moved into them): per decode step the main thread's own time and which steps were
+ * replays.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { median } from '../client.ts';
@@ -18,6 +23,9 @@ import { CausalLM } from '../../src/model/model.ts';
 import { profiler } from '../../src/obs/profile.ts';
 
 const ROWS = [1, 8];
+/** The churn workload: rows, and the answer lengths its sequences cycle through (a leave every 1–3 steps). */
+const CHURN_ROWS = 8;
+const CHURN_LENGTHS = [5, 9, 13, 17, 7, 11, 15, 19];
 
 /** What a decode step of the default executor was. */
 type StepKind = 'replay' | 'recording' | 'tfjs';
@@ -107,6 +115,7 @@ export const recordedStep: BenchCase = {
           { label: `${rows} row(s): dispatches per decode step, recorded (default)`, key: `${rows}/dispatches`, value: dispatches[1]!, unit: '', note: `through tfjs: ${dispatches[0]}` },
         );
       }
+      figures.push(...await churn(ctx, model, steps));
     } finally {
       for (const [, ex] of configs) ex.dispose();
       model.dispose();
@@ -115,3 +124,87 @@ export const recordedStep: BenchCase = {
     return figures;
   },
 };
+
+/**
+ * The churn workload (see the file's comment) through three executors, alternating which goes first; each round runs
+ * `steps` decode steps from a fresh batch, and the first round, which compiles the shaders, is dropped.
+ */
+async function churn(ctx: Parameters<BenchCase['run']>[0], model: CausalLM, steps: number): Promise<Figure[]> {
+  const V = model.config.vocabSize;
+  const configs = [
+    ['through tfjs', new TfExecutor(model, { recordSteps: false })],
+    ['recorded, rows re-gathered', new TfExecutor(model, { slotRows: false })],
+    ['recorded, free rows (default)', new TfExecutor(model)],
+  ] as const;
+  const round = async (ex: TfExecutor, seed: number) => {
+    let next = 0;
+    const live = new Map<number, { position: number; left: number; token: number }>();
+    const join = async (n: number) => {
+      const items = Array.from({ length: n }, () => {
+        const seq = next++;
+        const tokens = Array.from({ length: 20 + ((seq * 7 + seed) % 13) }, (_, t) => (seed * 31 + seq * 17 + t * 7) % V);
+        live.set(seq, { position: tokens.length, left: CHURN_LENGTHS[seq % CHURN_LENGTHS.length]!, token: 0 });
+        return { seq, tokens, start: 0, last: true, adapter: null, allLogits: false, pick: true };
+      });
+      const res = await ex.prefill(items, { kind: 'none' });
+      for (const it of items) live.get(it.seq)!.token = res.picked?.get(it.seq)?.id ?? 0;
+    };
+    await join(CHURN_ROWS);
+    const before = { ...ex.recordedSteps };
+    const main: number[] = [];
+    let wall = 0;
+    for (let s = 0; s < steps; s++) {
+      profiler.reset();
+      profiler.enabled = true;
+      const t0 = performance.now();
+      const res = await ex.decode([...live].map(([seq, x]) => ({ seq, token: x.token, position: x.position, adapter: null, pick: true })), { kind: 'none' });
+      wall += performance.now() - t0;
+      profiler.enabled = false;
+      const { all, wait } = profileSeconds();
+      main.push((all - wait) * 1000);
+      let left = 0;
+      for (const [seq, x] of live) {
+        x.token = res.picked?.get(seq)?.id ?? 0;
+        x.position++;
+        if (--x.left > 0) continue;
+        ex.release(seq);
+        live.delete(seq);
+        left++;
+      }
+      if (left > 0) await join(left);
+    }
+    for (const seq of live.keys()) ex.release(seq);
+    const replayed = ex.recordedSteps.replayed - before.replayed;
+    return { main: main.reduce((a, b) => a + b, 0) / steps, wall: wall / steps, replayed: replayed / steps, joins: next - CHURN_ROWS };
+  };
+  const main: number[][] = configs.map(() => []);
+  const wall: number[][] = configs.map(() => []);
+  const replayed: number[][] = configs.map(() => []);
+  let joins = 0;
+  try {
+    for (let r = 0; r <= ctx.sizes.rounds; r++) {
+      for (let k = 0; k < configs.length; k++) {
+        const n = (r + k) % configs.length;
+        const m = await round(configs[n]![1], r);
+        if (r === 0) continue; // compiles the shaders
+        main[n]!.push(m.main);
+        wall[n]!.push(m.wall);
+        replayed[n]!.push(m.replayed);
+        joins = m.joins;
+      }
+    }
+  } finally {
+    for (const [, ex] of configs) ex.dispose();
+  }
+  const ratio = (a: number[], b: number[]) => a.map((x, i) => x / b[i]!);
+  const what = `churn, ${CHURN_ROWS} rows, ${joins} joins in ${steps} steps`;
+  ctx.log(`${what}: main thread per step (mean) ${configs.map(([name], n) => `${name} ${median(main[n]!).toFixed(2)} ms`).join(', ')}; ` +
+    `replayed ${configs.map(([name], n) => `${name} ${(100 * median(replayed[n]!)).toFixed(0)} %`).join(', ')}; wall ${configs.map(([name], n) => `${name} ${median(wall[n]!).toFixed(1)} ms`).join(', ')}`);
+  return [
+    ...configs.map(([name], n): Figure => ({ label: `${what}: main thread's time per decode step (mean), ${name}`, key: `churn/main-${n}`, value: median(main[n]!), unit: 'ms', values: main[n] })),
+    ...configs.slice(1).map(([name], i): Figure => ({ label: `${what}: share of decode steps replayed, ${name}`, key: `churn/replayed-${i + 1}`, value: median(replayed[i + 1]!), unit: '', values: replayed[i + 1] })),
+    { label: `${what}: main thread's time per decode step, rows re-gathered ÷ free rows (default)`, key: 'churn/main-ratio', value: median(ratio(main[1]!, main[2]!)), unit: '×', values: ratio(main[1]!, main[2]!), headline: true },
+    { label: `${what}: main thread's time per decode step, through tfjs ÷ free rows (default)`, key: 'churn/main-ratio-tfjs', value: median(ratio(main[0]!, main[2]!)), unit: '×', values: ratio(main[0]!, main[2]!) },
+    ...configs.map(([name], n): Figure => ({ label: `${what}: wall time per decode step, ${name}`, key: `churn/wall-${n}`, value: median(wall[n]!), unit: 'ms', values: wall[n] })),
+  ];
+}
