@@ -62,6 +62,8 @@ export class KVBatch implements KVCache {
   cols = 0;
   /** First valid column of each row. */
   start: number[] = [];
+  /** Per row: freed by retire() (its sequence left), until place() fills it. */
+  private free: boolean[] = [];
   /** Packed: the forward under way's KV state on the device (stateData), made at its first append, freed at commit. */
   private stepState: tf.Tensor1D | null = null;
   /** The left padding of the forward under way (begin()), on a first forward only. */
@@ -90,7 +92,10 @@ export class KVBatch implements KVCache {
   /** Adds `rows` empty rows (before a prefill forward into this batch). */
   addEmptyRows(rows: number): void {
     if (this.cols !== 0) throw new Error('addEmptyRows: only on an empty KV batch');
-    for (let i = 0; i < rows; i++) this.start.push(0);
+    for (let i = 0; i < rows; i++) {
+      this.start.push(0);
+      this.free.push(false);
+    }
   }
 
   /**
@@ -230,7 +235,8 @@ export class KVBatch implements KVCache {
       this.start = pad.slice();
     }
     this.cols += T;
-    const trim = this.trimmable(this.start);
+    this.start = this.start.map((s, b) => (this.free[b] ? this.cols : s)); // a free row has no valid column
+    const trim = this.trimmable(this.start, this.free);
     if (trim === 0) return;
     this.layers = this.layers.map((ts) => ts.map((t) => {
       const kept = tf.keep(dropLeadingCols(t, trim));
@@ -242,14 +248,16 @@ export class KVBatch implements KVCache {
   }
 
   /**
-   * The leading columns to drop for rows starting at `start`: those before every row's first column, and (when
-   * every layer slides) those out of reach of the next query, at column C: it sees columns j > C − reach. Dropped
-   * only once they are a quarter of the cache, so the copy is amortised over many steps.
+   * The leading columns to drop for rows starting at `start` (`free`: the rows that hold no sequence, which no trim
+   * waits for): those before every other row's first column, and (when every layer slides) those out of reach of
+   * the next query, at column C: it sees columns j > C − reach. Dropped only once they are a quarter of the cache, so
+   * the copy is amortised over many steps.
    */
-  private trimmable(start: readonly number[]): number {
-    if (start.length === 0) return 0;
+  private trimmable(start: readonly number[], free: readonly boolean[]): number {
+    const held = start.filter((_, b) => !free[b]);
+    if (held.length === 0) return 0;
     const unreachable = this.reach === null ? 0 : Math.max(0, this.cols - this.reach + 1);
-    const unused = Math.max(Math.min(...start), unreachable);
+    const unused = Math.max(Math.min(...held), unreachable);
     return unused > 0 && unused * 4 >= this.cols ? unused : 0;
   }
 
@@ -279,25 +287,29 @@ export class KVBatch implements KVCache {
       return joined;
     }));
     this.start = [...a.start, ...b.start];
+    this.free = [...a.free, ...b.free];
     this.cols = cols;
     other.layers = other.layers.map(() => []);
     other.start = [];
+    other.free = [];
     other.cols = 0;
   }
 
   /**
    * Frees row b (its sequence left) without moving any row: the row keeps its place, none of its columns valid (its
-   * first valid column is cols), so that no trim waits for it. Its columns are written by the steps that decode it
-   * until place() gives it a new sequence or keepRows() drops it; nothing reads them for anyone else.
+   * first valid column is cols, after every step too), and no trim waits for it. Its columns are written by the steps
+   * that decode it until place() gives it a new sequence or keepRows() drops it; nothing reads them for anyone else.
    */
   retire(b: number): void {
     if (!Number.isInteger(b) || b < 0 || b >= this.rows) throw new Error(`KVBatch.retire: no row ${b}`);
     this.start[b] = this.cols;
+    this.free[b] = true;
   }
 
   /** Whether place() can move row `from` of `other` into a row of this batch: both packed, its columns no more than these. */
   fits(other: KVBatch, from: number): boolean {
-    return this.packed && other.packed && this.cols > 0 && from >= 0 && from < other.rows && other.cols - other.start[from]! <= this.cols;
+    const len = other.cols - (other.start[from] ?? other.cols);
+    return this.packed && other.packed && this.cols > 0 && len >= 1 && len <= this.cols;
   }
 
   /**
@@ -314,6 +326,7 @@ export class KVBatch implements KVCache {
       for (let l = 0; l < this.numLayers; l++) kvCopyRowGpu(this.layers[l]![0]!, b, at, other.layers[l]![0]!, from, first, len);
     });
     this.start[b] = at;
+    this.free[b] = false;
   }
 
   /** Keeps only the given rows (in this order), then trims columns no remaining row uses. */
@@ -325,7 +338,8 @@ export class KVBatch implements KVCache {
     }
     const more = rows.length > this.rows;
     const start = rows.map((r) => this.start[r]!);
-    const trim = this.trimmable(start);
+    const free = rows.map((r) => this.free[r]!);
+    const trim = this.trimmable(start, free);
     this.layers = this.layers.map((ts) => ts.map((t) => {
       const g = gatherRows(t, rows);
       const kept = tf.keep(trim > 0 ? dropLeadingCols(g, trim) : g);
@@ -334,6 +348,7 @@ export class KVBatch implements KVCache {
       return kept;
     }));
     this.start = start.map((s) => Math.max(0, s - trim));
+    this.free = free;
     this.cols -= trim;
     // More rows (a fork) at the same capacity may no longer bind: drop spare columns until they do.
     if (this.packed && more) {
@@ -347,6 +362,7 @@ export class KVBatch implements KVCache {
     for (const ts of this.layers) tf.dispose(ts);
     this.layers = this.layers.map(() => []);
     this.start = [];
+    this.free = [];
     this.cols = 0;
   }
 
@@ -369,9 +385,11 @@ export class KVBatch implements KVCache {
     this.clear();
     this.layers = other.layers;
     this.start = other.start.slice();
+    this.free = other.free.slice();
     this.cols = other.cols;
     other.layers = other.layers.map(() => []);
     other.start = [];
+    other.free = [];
     other.cols = 0;
   }
 

@@ -12,6 +12,7 @@ import {
 import { greedyPickGpu } from '../backend/webgpu/kernels/greedy-pick.ts';
 import { logitEditsInPlace } from '../backend/webgpu/kernels/logit-edits.ts';
 import { shortlistGpu } from '../backend/webgpu/kernels/shortlist.ts';
+import { DECODE_LINEAR_MAX_RANK, DECODE_LINEAR_MAX_ROWS } from '../backend/webgpu/kernels/decode-linear.ts';
 import { fusedKernels } from '../backend/webgpu/kernels/program.ts';
 import { countDecodeStep } from '../backend/webgpu/counters.ts';
 import { canRecord, recordStep, stepInput, type PendingRecording, type Recording, type StepData } from '../backend/webgpu/recorded-step.ts';
@@ -82,6 +83,10 @@ export class TfExecutor implements Executor {
   private readonly kv: KVBatch;
   /** The decode batch's rows in KV order; null: a free row (slotRows), decoded but unused. */
   private rows: (Row | null)[] = [];
+  /** How each free row is read back: as its last sequence's was (so that the recording's key stays), by row. */
+  private readonly freeAnswers = new Map<number, RowAnswer>();
+  /** How each row was read back at the last decode step, by row. */
+  private lastAnswers: readonly RowAnswer[] = [];
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
   /** Resident adapters by key (ExecAdapter.key). */
   private readonly adapters = new Map<string, DeviceAdapter>();
@@ -241,6 +246,7 @@ export class TfExecutor implements Executor {
       if (free >= 0 && this.kv.fits(kv, i)) {
         this.kv.place(free, kv, i);
         this.rows[free] = row;
+        this.freeAnswers.delete(free);
       } else {
         appended.push(i);
       }
@@ -251,15 +257,18 @@ export class TfExecutor implements Executor {
   }
 
   /**
-   * Drops the free rows (slotRows) when they outnumber the running ones, before a decode step: they cost a step's work
+   * Drops the free rows (slotRows) before a decode step when they outnumber the running ones, or when without them the
+   * batch would be few enough rows for the fused decode projections (DECODE_LINEAR_MAX_ROWS): they cost a step's work
    * for nothing. The batch's KV tensors change (its recording is re-made).
    */
   private compact(): void {
     const live = this.live();
-    if (live.length === this.rows.length || live.length * 2 >= this.rows.length) return;
+    const few = live.length <= DECODE_LINEAR_MAX_ROWS && this.rows.length > DECODE_LINEAR_MAX_ROWS;
+    if (live.length === this.rows.length || (live.length * 2 >= this.rows.length && !few)) return;
     this.dropRecording();
     this.kv.keepRows(live.map((l) => l.b));
     this.rows = live.map((l) => l.row);
+    this.freeAnswers.clear();
   }
 
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
@@ -284,15 +293,19 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const answers = this.rows.map((r) => (r ? this.answerOf(bySeq.get(r.seq)!) : this.devicePick ? 'pick' as const : 'logits' as const));
+    const answers = this.rows.map((r, b) => (r ? this.answerOf(bySeq.get(r.seq)!) : this.freeAnswers.get(b) ?? (this.devicePick ? 'pick' as const : 'logits' as const)));
+    this.lastAnswers = answers;
     const asked = answerInputs(answers, B, this.rows.map((r) => (r ? bySeq.get(r.seq)!.edits : undefined)));
     // A free row takes the merged adapter under a merged plan (every row's weights are), else the base model.
     const free = lora.kind === 'merged' ? this.adapters.get(lora.key) ?? null : null;
     const rowAdapters = this.rows.map((r) => (r ? r.adapter : free));
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
     const key = this.stepKey(lora, answers, asked);
-    const { output, pass } = (await this.replay(tokens, positions, rowAdapters, lora, answers, asked))
+    const { output, pass: ran } = (await this.replay(tokens, positions, rowAdapters, lora, answers, asked))
       ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key);
+    // What ran, counted over the running rows (a replay's pass is its recording's; free rows are no sequences).
+    const adapters = new Set(running.flatMap((r) => (r.row.adapter ? [r.row.adapter.key] : []))).size;
+    const pass: StepPass = { ...ran, rows: running.length, adapters: ran.mode === 'unmerged' ? adapters : ran.adapters };
     if (key === null) countDecodeStep('tfjs'); // steps are not recorded (--recorded-steps false); counted on webgpu only
     const V = this.vocabSize;
     const logits = new Map<number, Float32Array>();
@@ -341,12 +354,14 @@ export class TfExecutor implements Executor {
     if (this.slotRows && others) {
       this.rows[idx] = null; // the row stays, free: the batch's tensors, and its recording, stay as they are
       this.kv.retire(idx);
+      this.freeAnswers.set(idx, freeAnswer(this.lastAnswers[idx]));
       return;
     }
     this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
     const keep = others ? this.rows.map((_, i) => i).filter((i) => i !== idx) : []; // the last running row: free rows go too
     this.kv.keepRows(keep);
     this.rows.splice(0, this.rows.length, ...keep.map((i) => this.rows[i]!));
+    this.freeAnswers.clear(); // slotRows: the last running row left, and the free rows with it
   }
 
   fork(seq: number, into: readonly number[]): void {
@@ -446,7 +461,8 @@ export class TfExecutor implements Executor {
   private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): string | null {
     if (!this.recordSteps) return null;
     const capacity = asked.get('edit.ids')?.length ?? 0; // the edit inputs' size
-    const bank = plan.kind === 'unmerged' ? bankKey(this.rows.map((r) => r?.adapter ?? null)) ?? '' : '';
+    const adapters = this.rows.map((r) => r?.adapter ?? null);
+    const bank = plan.kind === 'unmerged' ? this.cachedBank(adapters)?.key ?? bankKey(adapters) ?? '' : '';
     return `${this.rows.length}|${bank}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}|${capacity}`;
   }
 
@@ -494,14 +510,35 @@ export class TfExecutor implements Executor {
     return { output: { ...parseOutput(read.data, B, V, answers), ...(fallback.length > 0 ? { readFallback } : {}) }, pass: r.pass };
   }
 
-  /** The rows' slots in the cached bank of their adapters (as stepLora got them), or null when no row has an adapter or no bank is cached. */
+  /** The rows' slots in the cached bank their step uses (as stepLora got them), or null when no row has an adapter or no bank is cached. */
   private rowSlots(rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] | null {
+    const found = this.cachedBank(rowAdapters);
+    if (!found) return null;
+    this.banks.delete(found.key); // refresh its LRU position, as loraFor does for a step through tfjs
+    this.banks.set(found.key, found.bank);
+    return slotsIn(found.bank, rowAdapters);
+  }
+
+  /**
+   * The cached bank a step of these rows uses: the bank of exactly their adapters, or, on webgpu, the smallest cached
+   * bank that holds all of them with a rank the fused kernels take (they read each row's own block of the bank through
+   * its slot, so the bank's other adapters cost nothing). A batch whose adapters come and go (a sequence on the only
+   * row of an adapter leaving) then keeps its bank, and so its recorded step. Null: none cached, or no row has an adapter.
+   */
+  private cachedBank(rowAdapters: readonly (DeviceAdapter | null)[]): { key: string; bank: LoraBank } | null {
     const key = bankKey(rowAdapters);
-    const bank = key === null ? undefined : this.banks.get(key);
-    if (key === null || !bank) return null;
-    this.banks.delete(key); // refresh its LRU position, as loraFor does for a step through tfjs
-    this.banks.set(key, bank);
-    return slotsIn(bank, rowAdapters);
+    if (key === null) return null;
+    const exact = this.banks.get(key);
+    if (exact) return { key, bank: exact };
+    if (!fusedKernels()) return null; // the unfused delta multiplies by every adapter of the bank
+    const need = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
+    let best: { key: string; bank: LoraBank } | null = null;
+    for (const [k, bank] of this.banks) {
+      if (bank.R > DECODE_LINEAR_MAX_RANK || (best && best.bank.adapters.length <= bank.adapters.length)) continue;
+      const held = new Set(bank.adapters.map((a) => a.key));
+      if (need.every((n) => held.has(n))) best = { key: k, bank };
+    }
+    return best;
   }
 
   private dropMerged(): void {
@@ -523,8 +560,9 @@ export class TfExecutor implements Executor {
       }
       return { lora: { merged: this.merged!.weights }, applied: { mode: 'merged', adapters: 1 }, owned: false };
     }
-    const key = bankKey(rowAdapters)!;
-    let bank = this.banks.get(key);
+    const found = this.cachedBank(rowAdapters);
+    const key = found?.key ?? bankKey(rowAdapters)!;
+    let bank = found?.bank;
     if (bank) {
       this.banks.delete(key); // refresh LRU position
     } else {
@@ -586,6 +624,11 @@ export class TfExecutor implements Executor {
     countDecodeStep('tfjs');
     this.recordedSteps.lastRefusal = typeof result === 'string' ? result : 'the KV caches were replaced at the step\'s end';
   }
+}
+
+/** How a free row is read back: as `last` (its last sequence's row) was, a shortlist at temperature 1; else picked. */
+function freeAnswer(last: RowAnswer | undefined): RowAnswer {
+  return last === undefined || last === 'pick' || last === 'logits' ? last ?? 'pick' : { temperature: 1, ...(last.fallback ? { fallback: true } : {}) };
 }
 
 /** The cache key of the bank of the rows' adapters (their distinct upload keys, sorted), or null when no row has one. */

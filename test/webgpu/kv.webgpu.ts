@@ -149,6 +149,24 @@ test('a packed KV batch frees a row in place (retire) and moves a prefilled row 
   await forward(long, 9);
   assert.equal(batch.fits(long, 0), false);
   assert.throws(() => batch.place(2, long, 0), /does not fit/);
+  // A row left free holds back no trim: the running row is replaced by a 3-column sequence every 10 steps while row 2
+  // stays free, and the cache keeps within 4/3 of the longest running sequence (13 columns) plus a step's growth.
+  batch.retire(2);
+  let widest = 0;
+  for (let step = 0; step < 80; step++) {
+    if (step % 10 === 0) {
+      batch.retire(step % 20 === 0 ? 0 : 1);
+      const short = new KVBatch(L, kvH, hd, null, true);
+      short.addEmptyRows(1);
+      await forward(short, 3);
+      batch.place(step % 20 === 0 ? 0 : 1, short, 0);
+      short.dispose();
+    }
+    await forward(batch, 1);
+    assert.equal(batch.start[2], batch.cols, 'the free row has no valid column');
+    widest = Math.max(widest, batch.cols);
+  }
+  assert.ok(widest <= 25, `the cache grew to ${widest} columns`);
   [batch, joiner, long].forEach((kv) => kv.dispose());
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
 });

@@ -48,6 +48,8 @@ type Trace = Map<number, number[]>[];
 
 /** Rows read through StepResult.readLogits (a fallback shortlist's row not read with its step). */
 let rowsRead = 0;
+/** Per decode step of the last drive: the rows its pass reports (StepPass.rows) and the running sequences. */
+let passRows: [number, number][] = [];
 
 /**
  * Drives an executor through `steps` engine steps: sequences join (prefill) at their step and leave after theirs;
@@ -55,6 +57,7 @@ let rowsRead = 0;
  */
 async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly AdapterLease[], steps: number, plan: (step: number) => LoraPlan): Promise<Trace> {
   const trace: Trace = [];
+  passRows = [];
   const last = new Map<number, { token: number; position: number }>();
   const generated = new Map<number, number[]>();
   const editsOf = (s: number) => {
@@ -85,6 +88,7 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
         edits: editsOf(s),
       }));
       const res = await ex.decode(items, plan(step));
+      passRows.push([res.passes.reduce((n, p) => n + p.rows, 0), items.length]);
       for (const s of running) await take(s, res, out);
     }
     const joining = seqs.map((_, s) => s).filter((s) => seqs[s]!.joins === step);
@@ -193,47 +197,88 @@ for (const [name, opts] of MODELS) {
   });
 }
 
-test('continuous batching: sequences leaving free their rows and joining ones move into them in place, so one recording replays through the churn; tokens equal a batch that re-gathers its rows', async () => {
-  const { dir } = await fixtureCheckpoint(join(tmp.dir, 'churn'), TINY_LLAMA);
+for (const kind of ['picked', 'shortlisted'] as const) {
+  test(`continuous batching (${kind} rows): sequences leaving free their rows and joining ones move into them in place, so one recording replays through the churn; tokens equal a batch that re-gathers its rows`, async () => {
+    const { dir } = await fixtureCheckpoint(join(tmp.dir, `churn-${kind}`), TINY_LLAMA);
+    const model = CausalLM.load(dir);
+    const baseline = tf.memory().numTensors;
+    const slots = new TfExecutor(model); // the default on webgpu: recorded steps, rows kept in place
+    const regathered = new TfExecutor(model, { recordSteps: false, slotRows: false });
+    const recordedRegathered = new TfExecutor(model, { slotRows: false }); // recorded steps, rows re-gathered at each join and leave
+    // Four running sequences; from step 3 on one leaves every third step and a new one joins at the next, with a prompt
+    // shorter than the batch's columns (it fits the free row). Steps 40–47: every sequence leaves, none joins, and the
+    // free rows are dropped once they outnumber the running ones.
+    const script: Seq[] = [];
+    const prompt = (n: number, len: number) => Array.from({ length: len }, (_, t) => (n * 37 + t * 11) % 250);
+    // Shortlisted rows: a free row is read back as its last sequence's was, so the joiner's row keeps the recording's key.
+    const answer = kind === 'picked' ? { pick: true } : { pick: false, shortlist: 0.8 };
+    for (let n = 0; n < 4; n++) script.push({ prompt: prompt(n, 6 + n), adapter: null, joins: 0, leaves: 40 + 2 * n, ...answer });
+    for (let step = 3, n = 4; step < 36; step += 3, n++) {
+      const leaver = script.findIndex((q) => q.joins <= step && q.leaves > step && q.leaves >= 40);
+      script[leaver] = { ...script[leaver]!, leaves: step };
+      script.push({ prompt: prompt(n, 3 + (n % 4)), adapter: null, joins: step + 1, leaves: 40 + (n % 4) * 2, ...answer });
+    }
+    const a = await drive(regathered, script, [], 48, () => ({ kind: 'none' }));
+    for (const ex of [recordedRegathered, slots]) { // slots last: passRows below are its
+      const b = await drive(ex, script, [], 48, () => ({ kind: 'none' }));
+      a.forEach((step, i) => {
+        assert.deepEqual([...b[i]!.keys()], [...step.keys()], `step ${i}: the same sequences answered`);
+        for (const [s, [id, logprob]] of step) {
+          const [id2, logprob2] = b[i]!.get(s)!;
+          // [id, logprob] picked, or a shortlist's first two ids
+          assert.equal(id2, id, `step ${i}, sequence ${s}: the same token`);
+          assert.ok(Math.abs(logprob2! - logprob!) < 1e-5, `step ${i}, sequence ${s}: ${logprob2} against ${logprob}`);
+        }
+      });
+    }
+    // Free rows are no sequences: a step's pass (lora_serve_batch_size) counts the running ones, replayed or not.
+    for (const [i, [rows, running]] of passRows.entries()) assert.equal(rows, running, `decode step ${i}: rows of its pass`);
+    const st = slots.recordedSteps;
+    const other = recordedRegathered.recordedSteps;
+    // 11 leaves and 11 joins: with rows re-gathered each one changes the batch's KV tensors and is recorded anew; with
+    // free rows, only the KV cache's growths and trims (copies of every layer) and the drop of the free rows at the end are.
+    assert.ok(other.recorded >= 22, `rows re-gathered: recorded ${other.recorded} times (${other.replayed} replays)`);
+    assert.ok(st.recorded <= other.recorded - 15, `free rows: recorded ${st.recorded} times (${st.replayed} replays), against ${other.recorded}`);
+    assert.equal(st.replayed + st.recorded + st.unrecorded, other.replayed + other.recorded + other.unrecorded, 'as many decode steps');
+    assert.equal(regathered.recordedSteps.replayed + regathered.recordedSteps.recorded, 0);
+    slots.dispose();
+    regathered.dispose();
+    recordedRegathered.dispose();
+    assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+    model.dispose();
+  });
+}
+
+test('a sequence leaving the only row of its adapter keeps the batch\'s bank (a cached bank holding every running adapter serves), so the recording replays on', async () => {
+  const root = join(tmp.dir, 'superset');
+  const { dir, config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(dir);
   const baseline = tf.memory().numTensors;
-  const slots = new TfExecutor(model); // the default on webgpu: recorded steps, rows kept in place
-  const regathered = new TfExecutor(model, { recordSteps: false, slotRows: false });
-  const recordedRegathered = new TfExecutor(model, { slotRows: false }); // recorded steps, rows re-gathered at each join and leave
-  // Four running sequences; from step 3 on one leaves every third step and a new one joins at the next, with a prompt
-  // shorter than the batch's columns (it fits the free row). Steps 40–47: every sequence leaves, none joins, and the
-  // free rows are dropped once they outnumber the running ones.
-  const script: Seq[] = [];
-  const prompt = (n: number, len: number) => Array.from({ length: len }, (_, t) => (n * 37 + t * 11) % 250);
-  for (let n = 0; n < 4; n++) script.push({ prompt: prompt(n, 6 + n), adapter: null, joins: 0, leaves: 40 + 2 * n, pick: true });
-  for (let step = 3, n = 4; step < 36; step += 3, n++) {
-    const leaver = script.findIndex((q) => q.joins <= step && q.leaves > step && q.leaves >= 40);
-    script[leaver] = { ...script[leaver]!, leaves: step };
-    script.push({ prompt: prompt(n, 3 + (n % 4)), adapter: null, joins: step + 1, leaves: 40 + (n % 4) * 2, pick: true });
+  const recorded = new TfExecutor(model);
+  const plain = new TfExecutor(model, { recordSteps: false, slotRows: true });
+  const leases: AdapterLease[][] = [[], []];
+  const managers = [makeManager(model, join(root, 'adapters'), recorded), makeManager(model, join(root, 'adapters'), plain)];
+  for (let i = 0; i < 2; i++) {
+    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 80 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
+    for (const k of [0, 1]) leases[k]!.push(await managers[k]!.acquire(`a${i}`));
   }
-  const a = await drive(regathered, script, [], 48, () => ({ kind: 'none' }));
-  for (const ex of [slots, recordedRegathered]) {
-    const b = await drive(ex, script, [], 48, () => ({ kind: 'none' }));
-    a.forEach((step, i) => {
-      assert.deepEqual([...b[i]!.keys()], [...step.keys()], `step ${i}: the same sequences answered`);
-      for (const [s, [id, logprob]] of step) {
-        const [id2, logprob2] = b[i]!.get(s)!;
-        assert.equal(id2, id, `step ${i}, sequence ${s}: the same token`);
-        assert.ok(Math.abs(logprob2! - logprob!) < 1e-5, `step ${i}, sequence ${s}: logprob ${logprob2} against ${logprob}`);
-      }
-    });
-  }
-  const st = slots.recordedSteps;
-  const other = recordedRegathered.recordedSteps;
-  // 11 leaves and 11 joins: with rows re-gathered each one changes the batch's KV tensors and is recorded anew; with
-  // free rows, only the KV cache's growths and trims (copies of every layer) and the drop of the free rows at the end are.
-  assert.ok(other.recorded >= 22, `rows re-gathered: recorded ${other.recorded} times (${other.replayed} replays)`);
-  assert.ok(st.recorded <= other.recorded - 15, `free rows: recorded ${st.recorded} times (${st.replayed} replays), against ${other.recorded}`);
-  assert.equal(st.replayed + st.recorded + st.unrecorded, other.replayed + other.recorded + other.unrecorded, 'as many decode steps');
-  assert.equal(regathered.recordedSteps.replayed + regathered.recordedSteps.recorded, 0);
-  slots.dispose();
-  regathered.dispose();
-  recordedRegathered.dispose();
+  // Rows on adapter 0, adapter 1 and the base model; adapter 1's sequence leaves after step 3, the others decode on.
+  const script: Seq[] = [
+    { prompt: [5, 17, 42, 99, 3], adapter: 0, joins: 0, leaves: 9, pick: true },
+    { prompt: [11, 12, 13], adapter: 1, joins: 0, leaves: 3, pick: true },
+    { prompt: [200, 201], adapter: null, joins: 0, leaves: 9, pick: false },
+  ];
+  const a = await drive(plain, script, leases[1]!, 10, () => ({ kind: 'unmerged' }));
+  const b = await drive(recorded, script, leases[0]!, 10, () => ({ kind: 'unmerged' }));
+  a.forEach((step, i) => {
+    for (const [s, values] of step) assert.deepEqual(b[i]!.get(s), values, `step ${i}, sequence ${s}: the same ${values.length === 2 ? 'picked token' : 'logits'}`);
+  });
+  const st = recorded.recordedSteps;
+  assert.equal(st.recorded, 1, `one recording for the nine decode steps (${st.replayed} replays, ${st.recorded} recordings)`);
+  assert.equal(st.replayed, 8);
+  for (const l of leases.flat()) l.release();
+  recorded.dispose();
+  plain.dispose();
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
   model.dispose();
 });

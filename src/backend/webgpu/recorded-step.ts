@@ -20,7 +20,7 @@
  * dispatches read a buffer tfjs reused within the step, or that submits or reads back midway, is not recorded (the
  * reason is returned), and runs through tfjs as it did. Every value that changes from step to step must therefore
  * reach the shaders through a named input, never a uniform: the KV column count is read from the KV state buffer
- * (decode-attention.ts, kv-append.ts).
+ * (attention.ts, kv-append.ts).
  *
  * tfjs-backend-webgpu 4.22's internals used (wrapped once, like counters.ts): `recordAndSubmit` (each dispatch),
  * `makeUniforms` (the uniform bytes, caught from its queue.writeBuffer), `uploadToGPU` (host uploads), `submitQueue`,
