@@ -87,6 +87,8 @@ export class TfExecutor implements Executor {
   private readonly freeAnswers = new Map<number, RowAnswer>();
   /** How each row was read back at the last decode step, by row. */
   private lastAnswers: readonly RowAnswer[] = [];
+  /** The key of the bank the last unmerged decode step used (cachedBank prefers it while it serves). */
+  private decodeBank: string | null = null;
   private readonly prefilling = new Map<number, { kv: KVBatch; adapter: DeviceAdapter | null }>();
   /** Resident adapters by key (ExecAdapter.key). */
   private readonly adapters = new Map<string, DeviceAdapter>();
@@ -300,9 +302,12 @@ export class TfExecutor implements Executor {
     const free = lora.kind === 'merged' ? this.adapters.get(lora.key) ?? null : null;
     const rowAdapters = this.rows.map((r) => (r ? r.adapter : free));
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
-    const key = this.stepKey(lora, answers, asked);
-    const { output, pass: ran } = (await this.replay(tokens, positions, rowAdapters, lora, answers, asked))
-      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key);
+    // The bank is chosen once for the step: its key, its slots and its LoRA must agree (null: one is built for it).
+    const bank = lora.kind === 'unmerged' ? this.cachedBank(rowAdapters, this.decodeBank) : null;
+    if (lora.kind === 'unmerged') this.decodeBank = bank?.key ?? bankKey(rowAdapters);
+    const key = this.stepKey(lora, answers, asked, bank?.key ?? bankKey(rowAdapters) ?? '');
+    const { output, pass: ran } = (await this.replay(key, tokens, positions, rowAdapters, bank, answers, asked))
+      ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key, bank);
     // What ran, counted over the running rows (a replay's pass is its recording's; free rows are no sequences).
     const adapters = new Set(running.flatMap((r) => (r.row.adapter ? [r.row.adapter.key] : []))).size;
     const pass: StepPass = { ...ran, rows: running.length, adapters: ran.mode === 'unmerged' ? adapters : ran.adapters };
@@ -354,7 +359,7 @@ export class TfExecutor implements Executor {
     if (this.slotRows && others) {
       this.rows[idx] = null; // the row stays, free: the batch's tensors, and its recording, stay as they are
       this.kv.retire(idx);
-      this.freeAnswers.set(idx, freeAnswer(this.lastAnswers[idx]));
+      this.freeAnswers.set(idx, freeAnswer(this.lastAnswers[idx], this.devicePick));
       return;
     }
     this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
@@ -453,36 +458,38 @@ export class TfExecutor implements Executor {
 
   /**
    * What a decode step's recording must match to be replayed, besides its buffers (Recording.valid, which a change of
-   * the batch's rows fails through their KV tensors): the number of rows, the adapters' bank (each row's slot in it is
-   * a step input), the LoRA plan, which rows are picked or shortlisted on the device (the temperatures are step inputs)
-   * and the edit inputs' size. Which sequence a row holds is not part of it: a sequence moved into a free row in place
-   * (slotRows) replays the same recording. null: steps are not recorded.
+   * the batch's rows fails through their KV tensors): the number of rows, the adapters' bank (`bank`, its key; each
+   * row's slot in it is a step input), the LoRA plan, which rows are picked or shortlisted on the device (the
+   * temperatures are step inputs) and the edit inputs' size. Which sequence a row holds is not part of it: a sequence
+   * moved into a free row in place (slotRows) replays the same recording. null: steps are not recorded.
    */
-  private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): string | null {
+  private stepKey(plan: LoraPlan, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>, bank: string): string | null {
     if (!this.recordSteps) return null;
     const capacity = asked.get('edit.ids')?.length ?? 0; // the edit inputs' size
-    const adapters = this.rows.map((r) => r?.adapter ?? null);
-    const bank = plan.kind === 'unmerged' ? this.cachedBank(adapters)?.key ?? bankKey(adapters) ?? '' : '';
+    if (plan.kind !== 'unmerged') bank = '';
     return `${this.rows.length}|${bank}|${plan.kind}:${plan.kind === 'merged' ? plan.key : ''}|${answers.map((a) => (a === 'logits' ? 'l' : a === 'pick' ? 'p' : a.fallback ? 'f' : 's')).join('')}|${capacity}`;
   }
 
   /**
    * The decode step replayed from its recording, or null when there is none for this step: no recording for these
    * rows, plan and picks, or a tensor it binds replaced (a KV cache grown, trimmed or re-gathered; a bank or merged
-   * weights rebuilt). The KV cache has room for the step's column (reserved before).
+   * weights rebuilt). The KV cache has room for the step's column (reserved before). `key`: the step's stepKey; `bank`:
+   * the cached bank its unmerged LoRA uses (null: none).
    */
-  private async replay(tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan,
-    answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): Promise<{ output: PassOutput; pass: StepPass } | null> {
+  private async replay(key: string | null, tokens: Int32Array, positions: Int32Array, rowAdapters: readonly (DeviceAdapter | null)[],
+    bank: { key: string; bank: LoraBank } | null, answers: readonly RowAnswer[], asked: ReadonlyMap<string, StepData>): Promise<{ output: PassOutput; pass: StepPass } | null> {
     const r = this.recorded;
-    const key = this.stepKey(plan, answers, asked);
     if (!r || r.key !== key || !r.recording.valid() || this.kv.capacity <= this.kv.cols) {
       if (r) this.dropRecording();
       return null;
     }
     const B = this.rows.length;
     const inputs = new Map<string, StepData>([...this.model.stepInputs(tokens, positions, B, 1), ['kv.state', this.kv.stateData()]]);
-    const slots = this.rowSlots(rowAdapters);
-    if (slots) inputs.set('lora.slots', slotData(slots));
+    if (bank) {
+      this.banks.delete(bank.key); // refresh its LRU position, as loraFor does for a step through tfjs
+      this.banks.set(bank.key, bank.bank);
+      inputs.set('lora.slots', slotData(slotsIn(bank.bank, rowAdapters)));
+    }
     for (const [name, data] of asked) inputs.set(name, data);
     let read: { data: Float32Array; replay: number };
     const V = this.vocabSize;
@@ -510,33 +517,33 @@ export class TfExecutor implements Executor {
     return { output: { ...parseOutput(read.data, B, V, answers), ...(fallback.length > 0 ? { readFallback } : {}) }, pass: r.pass };
   }
 
-  /** The rows' slots in the cached bank their step uses (as stepLora got them), or null when no row has an adapter or no bank is cached. */
-  private rowSlots(rowAdapters: readonly (DeviceAdapter | null)[]): (number | null)[] | null {
-    const found = this.cachedBank(rowAdapters);
-    if (!found) return null;
-    this.banks.delete(found.key); // refresh its LRU position, as loraFor does for a step through tfjs
-    this.banks.set(found.key, found.bank);
-    return slotsIn(found.bank, rowAdapters);
-  }
-
   /**
-   * The cached bank a step of these rows uses: the bank of exactly their adapters, or, on webgpu, the smallest cached
-   * bank that holds all of them with a rank the fused kernels take (they read each row's own block of the bank through
-   * its slot, so the bank's other adapters cost nothing). A batch whose adapters come and go (a sequence on the only
-   * row of an adapter leaving) then keeps its bank, and so its recorded step. Null: none cached, or no row has an adapter.
+   * The cached bank a step of these rows uses: on webgpu the bank `prefer` (the last decode step's) while it holds
+   * all their adapters, so that a sequence leaving the only row of its adapter keeps the bank and the recording; else
+   * the bank of exactly their adapters; else, on webgpu, the smallest cached bank holding all of them (ties by key).
+   * A bank with more adapters than the rows use serves only on webgpu, with ranks up to 64 and no linear that none of
+   * the rows' adapters targets (the fused kernels read each row's block through its slot, so the others cost nothing
+   * but the bank's rank, and a linear with a delta would lose the fused gate·up kernel). Null: none cached, or no row
+   * has an adapter.
    */
-  private cachedBank(rowAdapters: readonly (DeviceAdapter | null)[]): { key: string; bank: LoraBank } | null {
+  private cachedBank(rowAdapters: readonly (DeviceAdapter | null)[], prefer: string | null = null): { key: string; bank: LoraBank } | null {
     const key = bankKey(rowAdapters);
     if (key === null) return null;
+    const need = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
+    const serves = (bank: LoraBank): boolean => {
+      if (!fusedKernels() || bank.R > DECODE_LINEAR_MAX_RANK) return false; // the unfused delta multiplies by every adapter
+      const held = new Set(bank.adapters.map((a) => a.key));
+      if (!need.every((a) => held.has(a.key))) return false;
+      return [...bank.linears.keys()].every((k) => need.some((a) => a.modules.has(this.model.linears.get(k)!.module.key)));
+    };
+    const preferred = prefer !== null && prefer !== key ? this.banks.get(prefer) : undefined;
+    if (preferred && serves(preferred)) return { key: prefer!, bank: preferred };
     const exact = this.banks.get(key);
     if (exact) return { key, bank: exact };
-    if (!fusedKernels()) return null; // the unfused delta multiplies by every adapter of the bank
-    const need = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
     let best: { key: string; bank: LoraBank } | null = null;
     for (const [k, bank] of this.banks) {
-      if (bank.R > DECODE_LINEAR_MAX_RANK || (best && best.bank.adapters.length <= bank.adapters.length)) continue;
-      const held = new Set(bank.adapters.map((a) => a.key));
-      if (need.every((n) => held.has(n))) best = { key: k, bank };
+      const smaller = !best || bank.adapters.length < best.bank.adapters.length || (bank.adapters.length === best.bank.adapters.length && k < best.key);
+      if (smaller && serves(bank)) best = { key: k, bank };
     }
     return best;
   }
@@ -547,8 +554,11 @@ export class TfExecutor implements Executor {
     this.merged = null;
   }
 
-  /** Builds one pass's StepLora as the plan says (merging or building a bank when not cached). */
-  private loraFor(rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan): { lora?: StepLora; applied: Omit<StepPass, 'rows'>; owned: boolean } {
+  /**
+   * Builds one pass's StepLora as the plan says (merging, or building a bank when not cached). `chosen`: a decode
+   * step's bank, as its key was made with (cachedBank); null: the cached bank of these rows, or a new one.
+   */
+  private loraFor(rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, chosen: { key: string; bank: LoraBank } | null = null): { lora?: StepLora; applied: Omit<StepPass, 'rows'>; owned: boolean } {
     const distinct = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
     if (distinct.length === 0) return { applied: { mode: 'none', adapters: 0 }, owned: false };
     if (plan.kind === 'none') throw new Error('executor: rows use adapters under a LoRA plan of none');
@@ -560,7 +570,7 @@ export class TfExecutor implements Executor {
       }
       return { lora: { merged: this.merged!.weights }, applied: { mode: 'merged', adapters: 1 }, owned: false };
     }
-    const found = this.cachedBank(rowAdapters);
+    const found = chosen ?? this.cachedBank(rowAdapters);
     const key = found?.key ?? bankKey(rowAdapters)!;
     let bank = found?.bank;
     if (bank) {
@@ -584,8 +594,8 @@ export class TfExecutor implements Executor {
    */
   private async forward(kv: KVBatch, tokens: Int32Array, positions: Int32Array, T: number, pad: number[] | undefined,
     rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, logitRows: number[], seqs: number, answers: readonly RowAnswer[],
-    asked: ReadonlyMap<string, StepData>, record: string | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
-    const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan));
+    asked: ReadonlyMap<string, StepData>, record: string | null = null, bank: { key: string; bank: LoraBank } | null = null): Promise<{ output: PassOutput; pass: StepPass }> {
+    const choice = profiler.time('lora_setup', () => this.loraFor(rowAdapters, plan, bank));
     let logits: tf.Tensor2D | null = null;
     let out: tf.Tensor | null = null;
     const build = (): tf.Tensor => {
@@ -626,9 +636,14 @@ export class TfExecutor implements Executor {
   }
 }
 
-/** How a free row is read back: as `last` (its last sequence's row) was, a shortlist at temperature 1; else picked. */
-function freeAnswer(last: RowAnswer | undefined): RowAnswer {
-  return last === undefined || last === 'pick' || last === 'logits' ? last ?? 'pick' : { temperature: 1, ...(last.fallback ? { fallback: true } : {}) };
+/**
+ * How a free row is read back: as `last` (its last sequence's row) was when that was a pick or a shortlist (at
+ * temperature 1); a row read as logits (a whole row a step) or not yet decoded is picked, or read as logits when the
+ * executor picks nothing on the device.
+ */
+function freeAnswer(last: RowAnswer | undefined, devicePick: boolean): RowAnswer {
+  if (typeof last === 'object') return { temperature: 1, ...(last.fallback ? { fallback: true } : {}) };
+  return devicePick ? 'pick' : 'logits';
 }
 
 /** The cache key of the bank of the rows' adapters (their distinct upload keys, sorted), or null when no row has one. */

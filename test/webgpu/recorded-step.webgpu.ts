@@ -249,36 +249,47 @@ for (const kind of ['picked', 'shortlisted'] as const) {
   });
 }
 
-test('a sequence leaving the only row of its adapter keeps the batch\'s bank (a cached bank holding every running adapter serves), so the recording replays on', async () => {
+test('a sequence leaving the only row of its adapter keeps the batch\'s bank (the last decode step\'s bank serves while it holds every running adapter), so the recording replays on', async () => {
   const root = join(tmp.dir, 'superset');
   const { dir, config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
   const model = CausalLM.load(dir);
   const baseline = tf.memory().numTensors;
-  const recorded = new TfExecutor(model);
-  const plain = new TfExecutor(model, { recordSteps: false, slotRows: true });
-  const leases: AdapterLease[][] = [[], []];
-  const managers = [makeManager(model, join(root, 'adapters'), recorded), makeManager(model, join(root, 'adapters'), plain)];
-  for (let i = 0; i < 2; i++) {
-    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 80 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
-    for (const k of [0, 1]) leases[k]!.push(await managers[k]!.acquire(`a${i}`));
+  const executors = [new TfExecutor(model), new TfExecutor(model, { recordSteps: false, slotRows: true }), new TfExecutor(model, { recordSteps: false, slotRows: false })];
+  const [recorded, plain, regathered] = executors as [TfExecutor, TfExecutor, TfExecutor];
+  const leases: AdapterLease[][] = executors.map(() => []);
+  const managers = executors.map((ex) => makeManager(model, join(root, 'adapters'), ex));
+  for (let i = 0; i < 3; i++) {
+    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 80 + i, r: 2 + 2 * i, loraAlpha: 8, targetModules: 'all-linear' });
+    for (const k of [0, 1, 2]) leases[k]!.push(await managers[k]!.acquire(`a${i}`));
   }
-  // Rows on adapter 0, adapter 1 and the base model; adapter 1's sequence leaves after step 3, the others decode on.
+  // Adapter 0 and a base row from step 0; adapter 1 joins at step 1 (a bank of adapters 0 and 1) and leaves after step
+  // 4; adapter 2 joins its free row at step 6 (a bank of adapters 0 and 2) and leaves after step 10. After each leave
+  // the bank of the step before still serves, though a bank of adapter 0 alone is cached too (its prefill's).
   const script: Seq[] = [
-    { prompt: [5, 17, 42, 99, 3], adapter: 0, joins: 0, leaves: 9, pick: true },
-    { prompt: [11, 12, 13], adapter: 1, joins: 0, leaves: 3, pick: true },
-    { prompt: [200, 201], adapter: null, joins: 0, leaves: 9, pick: false },
+    { prompt: [5, 17, 42, 99, 3], adapter: 0, joins: 0, leaves: 20, pick: true },
+    { prompt: [200, 201], adapter: null, joins: 0, leaves: 20, pick: false },
+    { prompt: [11, 12, 13], adapter: 1, joins: 1, leaves: 4, pick: true },
+    { prompt: [30, 31], adapter: 2, joins: 6, leaves: 10, pick: true },
   ];
-  const a = await drive(plain, script, leases[1]!, 10, () => ({ kind: 'unmerged' }));
-  const b = await drive(recorded, script, leases[0]!, 10, () => ({ kind: 'unmerged' }));
+  const traces = [];
+  for (const [k, ex] of executors.entries()) traces.push(await drive(ex, script, leases[k]!, 21, () => ({ kind: 'unmerged' })));
+  const [b, a, c] = traces as [Trace, Trace, Trace];
   a.forEach((step, i) => {
-    for (const [s, values] of step) assert.deepEqual(b[i]!.get(s), values, `step ${i}, sequence ${s}: the same ${values.length === 2 ? 'picked token' : 'logits'}`);
+    for (const [s, values] of step) {
+      assert.deepEqual(b[i]!.get(s), values, `step ${i}, sequence ${s}: the same ${values.length === 2 ? 'picked token' : 'logits'} as through tfjs`);
+      // against rows re-gathered, whose steps use the banks of exactly their adapters
+      const other = c[i]!.get(s)!;
+      if (values.length === 2) assert.equal(other[0], values[0], `step ${i}, sequence ${s}: the same token with exact banks`);
+      assert.ok(values.every((v, j) => Math.abs(v - other[j]!) < 1e-5), `step ${i}, sequence ${s}: within 1e-5 of exact banks`);
+    }
   });
   const st = recorded.recordedSteps;
-  assert.equal(st.recorded, 1, `one recording for the nine decode steps (${st.replayed} replays, ${st.recorded} recordings)`);
-  assert.equal(st.replayed, 8);
+  // 20 decode steps: recorded at the first, when adapter 1's row is appended, when adapter 2 brings a new bank, and at
+  // the KV cache's growth past 16 columns; not when adapter 1 or 2 leaves.
+  assert.ok(st.recorded <= 4, `recorded ${st.recorded} times (${st.replayed} replays)`);
+  assert.equal(st.replayed + st.recorded, 20);
   for (const l of leases.flat()) l.release();
-  recorded.dispose();
-  plain.dispose();
+  for (const ex of executors) ex.dispose();
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
   model.dispose();
 });
