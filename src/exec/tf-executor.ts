@@ -239,7 +239,8 @@ export class TfExecutor implements Executor {
 
   /**
    * Sequences whose prompt is complete join the decode batch with their KV rows (`kv`, row i holding rows[i]'s): into
-   * free rows in place where they fit (slotRows), the others appended (the batch's KV tensors then change). Disposes `kv`.
+   * free rows in place where they fit (slotRows), the others appended (the batch's KV tensors then change, so the free
+   * rows left are dropped first: the batch never holds more rows than it has had running at once). Disposes `kv`.
    */
   private join(kv: KVBatch, rows: readonly Row[]): void {
     const appended: number[] = [];
@@ -254,6 +255,7 @@ export class TfExecutor implements Executor {
       }
     });
     if (appended.length < rows.length) kv.keepRows(appended); // the rows placed are copied: the others join by append
+    if (appended.length > 0) this.dropFreeRows();
     this.kv.append(kv);
     for (const i of appended) this.rows.push(rows[i]!);
   }
@@ -266,7 +268,14 @@ export class TfExecutor implements Executor {
   private compact(): void {
     const live = this.live();
     const few = live.length <= DECODE_LINEAR_MAX_ROWS && this.rows.length > DECODE_LINEAR_MAX_ROWS;
-    if (live.length === this.rows.length || (live.length * 2 >= this.rows.length && !few)) return;
+    if (live.length * 2 >= this.rows.length && !few) return;
+    this.dropFreeRows();
+  }
+
+  /** Drops the free rows, if any (the running rows' KV is re-gathered: the recording is re-made). */
+  private dropFreeRows(): void {
+    const live = this.live();
+    if (live.length === this.rows.length) return;
     this.dropRecording();
     this.kv.keepRows(live.map((l) => l.b));
     this.rows = live.map((l) => l.row);

@@ -294,6 +294,37 @@ test('a sequence leaving the only row of its adapter keeps the batch\'s bank (th
   model.dispose();
 });
 
+test('free rows: a joiner that fits moves into one; one too long is appended and the free rows are dropped, so the batch holds no more rows than ran at once', async () => {
+  const { dir } = await fixtureCheckpoint(join(tmp.dir, 'free-rows'), TINY_LLAMA);
+  const model = CausalLM.load(dir);
+  const baseline = tf.memory().numTensors;
+  const ex = new TfExecutor(model);
+  const rows = () => (ex as unknown as { rows: unknown[] }).rows.length; // the batch's rows, free ones included
+  const item = (seq: number, length: number) => ({ seq, tokens: Array.from({ length }, (_, t) => (seq * 13 + t * 5) % 250), start: 0, last: true, adapter: null, allLogits: false, pick: true });
+  /** One decode step of `seqs` at `positions` (each the sequence's next). */
+  const decode = async (seqs: number[], positions: number[]) => {
+    const res = await ex.decode(seqs.map((seq, i) => ({ seq, token: 1, position: positions[i]!, adapter: null, pick: true })), { kind: 'none' });
+    assert.deepEqual([...res.picked!.keys()].sort(), [...seqs].sort(), 'each running sequence picked, no free row');
+  };
+  await ex.prefill([item(0, 4), item(1, 4)], { kind: 'none' });
+  await decode([0, 1], [4, 4]);
+  ex.release(1);
+  assert.deepEqual([rows(), ex.running], [2, 1], 'the row stays, free');
+  await ex.prefill([item(2, 3)], { kind: 'none' }); // 3 columns fit the batch's 5: moved into the free row
+  assert.deepEqual([rows(), ex.running], [2, 2]);
+  await decode([0, 2], [5, 3]);
+  ex.release(2);
+  await ex.prefill([item(3, 30)], { kind: 'none' }); // 30 columns do not fit 6: appended, the free row dropped
+  assert.deepEqual([rows(), ex.running], [2, 2]);
+  await decode([0, 3], [6, 30]);
+  ex.release(0);
+  ex.release(3);
+  assert.deepEqual([rows(), ex.running], [0, 0], 'the last running row takes the free ones with it');
+  ex.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+  model.dispose();
+});
+
 test('a step that uploads host values nobody named is not recorded; a named one is replayed with new values; no leaks', async () => {
   const baseline = tf.memory().numTensors;
   const forward = tf.env().getBool('WEBGPU_CPU_FORWARD');
