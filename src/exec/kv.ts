@@ -9,7 +9,9 @@
  * columns instead of a copy of the whole cache per step. Rows are left-padded:
  * row b's valid keys are columns start[b] .. C-1; the attention mask hides the rest. Rows join
  * (after their prefill) by `append` and leave by `keepRows`; leading columns that no row uses any more
- * are trimmed so padding never grows without bound.
+ * are trimmed so padding never grows without bound. Packed rows may also leave in place (`retire`: the row stays,
+ * free) and be filled in place (`place`: a prefilled row copied into a free one), so that the layers' tensors, which a
+ * recorded decode step binds, stay the same (src/exec/tf-executor.ts's slotRows).
  *
  * Sliding windows: a row's valid columns hold consecutive positions ending at column C−1 (rows are aligned on the
  * right), so the distance between two positions is the distance between their columns, and a layer's window is a
