@@ -315,7 +315,10 @@ export class TfExecutor implements Executor {
     const bank = lora.kind === 'unmerged' ? this.cachedBank(rowAdapters, this.decodeBank) : null;
     if (lora.kind === 'unmerged') this.decodeBank = bank?.key ?? bankKey(rowAdapters);
     const key = this.stepKey(lora, answers, asked, bank?.key ?? bankKey(rowAdapters) ?? '');
-    const { output, pass: ran } = (await this.replay(key, tokens, positions, rowAdapters, bank, answers, asked))
+    // Rows with adapters and no cached bank (evicted by other passes' banks, maxBanks): a recording of this key would
+    // bind a bank that is gone, or a single adapter's own tensors without its slots: recorded anew with a new bank.
+    const bankless = lora.kind === 'unmerged' && !bank && rowAdapters.some((a) => a !== null);
+    const { output, pass: ran } = (await this.replay(bankless ? null : key, tokens, positions, rowAdapters, bank, answers, asked))
       ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key, bank);
     // What ran, counted over the running rows (a replay's pass is its recording's; free rows are no sequences).
     const adapters = new Set(running.flatMap((r) => (r.row.adapter ? [r.row.adapter.key] : []))).size;

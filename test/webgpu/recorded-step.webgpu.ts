@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
 import { recordStep, stepInput } from '../../src/backend/webgpu/recorded-step.ts';
 import { TINY_GEMMA2, TINY_LLAMA, TINY_PHI3, writePeftAdapter, type CheckpointOptions } from '../../src/demo/index.ts';
-import type { DecodeItem, LoraPlan, StepResult } from '../../src/engine/executor.ts';
+import type { DecodeItem, ExecAdapter, LoraPlan, StepResult } from '../../src/engine/executor.ts';
 import { DEFAULT_SAMPLING, Sampler, type SamplingParams } from '../../src/engine/sampling.ts';
 import { TfExecutor } from '../../src/exec/tf-executor.ts';
 import type { AdapterLease } from '../../src/lora/types.ts';
@@ -320,6 +320,37 @@ test('free rows: a joiner that fits moves into one; one too long is appended and
   ex.release(0);
   ex.release(3);
   assert.deepEqual([rows(), ex.running], [0, 0], 'the last running row takes the free ones with it');
+  ex.dispose();
+  assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
+  model.dispose();
+});
+
+test('a decode step whose bank a prefill evicted (maxBanks) is recorded anew, not replayed without its adapters\' slots', async () => {
+  const root = join(tmp.dir, 'evicted-bank');
+  const { dir, config } = await fixtureCheckpoint(join(root, 'model'), TINY_LLAMA);
+  const model = CausalLM.load(dir);
+  const baseline = tf.memory().numTensors;
+  const ex = new TfExecutor(model, { maxBanks: 1 });
+  const manager = makeManager(model, join(root, 'adapters'), ex);
+  const leases: AdapterLease[] = [];
+  for (let i = 0; i < 2; i++) {
+    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 90 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
+    leases.push(await manager.acquire(`a${i}`));
+  }
+  const [a0, a1] = leases.map((l) => l.adapter) as [ExecAdapter, ExecAdapter];
+  await ex.prefill([{ seq: 0, tokens: [5, 17, 42], start: 0, last: true, adapter: a0, allLogits: false, pick: true }], { kind: 'unmerged' });
+  const step = (position: number) => ex.decode([{ seq: 0, token: 1, position, adapter: a0, pick: true }], { kind: 'unmerged' });
+  await step(3);
+  await step(4);
+  assert.equal(ex.recordedSteps.replayed, 1);
+  // The first chunk of a prompt on adapter 1: its bank takes the only place, adapter 0's goes.
+  await ex.prefill([{ seq: 1, tokens: [7, 8, 9], start: 0, last: false, adapter: a1, allLogits: false, pick: false }], { kind: 'unmerged' });
+  const res = await step(5);
+  assert.ok(res.picked?.has(0), 'the step ran');
+  assert.equal(ex.recordedSteps.recorded, 2, 'recorded anew with a new bank');
+  ex.release(0);
+  ex.release(1);
+  leases.forEach((l) => l.release());
   ex.dispose();
   assert.equal(tf.memory().numTensors, baseline, 'no tensor leaks');
   model.dispose();
