@@ -240,6 +240,8 @@ for (const kind of ['picked', 'shortlisted'] as const) {
     assert.ok(other.recorded >= 22, `rows re-gathered: recorded ${other.recorded} times (${other.replayed} replays)`);
     assert.ok(st.recorded <= other.recorded - 15, `free rows: recorded ${st.recorded} times (${st.replayed} replays), against ${other.recorded}`);
     assert.equal(st.replayed + st.recorded + st.unrecorded, other.replayed + other.recorded + other.unrecorded, 'as many decode steps');
+    // Every decode step was replayed or recorded (a KV growth is made before its step).
+    assert.equal(st.unrecorded, 0, `steps neither recorded nor replayed: ${st.lastRefusal}`);
     assert.equal(regathered.recordedSteps.replayed + regathered.recordedSteps.recorded, 0);
     slots.dispose();
     regathered.dispose();
