@@ -83,9 +83,7 @@ export class TfExecutor implements Executor {
   private readonly kv: KVBatch;
   /** The decode batch's rows in KV order; null: a free row (slotRows), decoded but unused. */
   private rows: (Row | null)[] = [];
-  /** How each free row is read back: as its last sequence's was (so that the recording's key stays), by row. */
-  private readonly freeAnswers = new Map<number, RowAnswer>();
-  /** How each row was read back at the last decode step, by row. */
+  /** How each row was read back at the last decode step, by row (a free row is read back as it was: freeAnswer). */
   private lastAnswers: readonly RowAnswer[] = [];
   /** The key of the bank the last unmerged decode step used (cachedBank prefers it while it serves). */
   private decodeBank: string | null = null;
@@ -249,7 +247,6 @@ export class TfExecutor implements Executor {
       if (free >= 0 && this.kv.fits(kv, i)) {
         this.kv.place(free, kv, i);
         this.rows[free] = row;
-        this.freeAnswers.delete(free);
       } else {
         appended.push(i);
       }
@@ -279,7 +276,6 @@ export class TfExecutor implements Executor {
     this.dropRecording();
     this.kv.keepRows(live.map((l) => l.b));
     this.rows = live.map((l) => l.row);
-    this.freeAnswers.clear();
   }
 
   decode(items: readonly DecodeItem[], lora: LoraPlan): Promise<StepResult> {
@@ -304,7 +300,7 @@ export class TfExecutor implements Executor {
       positions[b] = it.position;
     });
     const logitRows = Array.from({ length: B }, (_, i) => i);
-    const answers = this.rows.map((r, b) => (r ? this.answerOf(bySeq.get(r.seq)!) : this.freeAnswers.get(b) ?? (this.devicePick ? 'pick' as const : 'logits' as const)));
+    const answers = this.rows.map((r, b) => (r ? this.answerOf(bySeq.get(r.seq)!) : freeAnswer(this.lastAnswers[b], this.devicePick)));
     this.lastAnswers = answers;
     const asked = answerInputs(answers, B, this.rows.map((r) => (r ? bySeq.get(r.seq)!.edits : undefined)));
     // A free row takes the merged adapter under a merged plan (every row's weights are), else the base model.
@@ -313,15 +309,16 @@ export class TfExecutor implements Executor {
     this.kv.reserve(1); // a growth now, not inside the step: the step can then be recorded
     // The bank is chosen once for the step: its key, its slots and its LoRA must agree (null: one is built for it).
     const bank = lora.kind === 'unmerged' ? this.cachedBank(rowAdapters, this.decodeBank) : null;
-    if (lora.kind === 'unmerged') this.decodeBank = bank?.key ?? bankKey(rowAdapters);
-    const key = this.stepKey(lora, answers, asked, bank?.key ?? bankKey(rowAdapters) ?? '');
+    const bankName = bank?.key ?? bankKey(rowAdapters); // the bank used, or the one built for the step
+    if (lora.kind === 'unmerged') this.decodeBank = bankName;
+    const key = this.stepKey(lora, answers, asked, bankName ?? '');
     // Rows with adapters and no cached bank (evicted by other passes' banks, maxBanks): a recording of this key would
     // bind a bank that is gone, or a single adapter's own tensors without its slots: recorded anew with a new bank.
     const bankless = lora.kind === 'unmerged' && !bank && rowAdapters.some((a) => a !== null);
     const { output, pass: ran } = (await this.replay(bankless ? null : key, tokens, positions, rowAdapters, bank, answers, asked))
       ?? await this.forward(this.kv, tokens, positions, 1, undefined, rowAdapters, lora, logitRows, B, answers, asked, key, bank);
     // What ran, counted over the running rows (a replay's pass is its recording's; free rows are no sequences).
-    const adapters = new Set(running.flatMap((r) => (r.row.adapter ? [r.row.adapter.key] : []))).size;
+    const adapters = distinctAdapters(running.map((r) => r.row.adapter)).length;
     const pass: StepPass = { ...ran, rows: running.length, adapters: ran.mode === 'unmerged' ? adapters : ran.adapters };
     if (key === null) countDecodeStep('tfjs'); // steps are not recorded (--recorded-steps false); counted on webgpu only
     const V = this.vocabSize;
@@ -371,14 +368,12 @@ export class TfExecutor implements Executor {
     if (this.slotRows && others) {
       this.rows[idx] = null; // the row stays, free: the batch's tensors, and its recording, stay as they are
       this.kv.retire(idx);
-      this.freeAnswers.set(idx, freeAnswer(this.lastAnswers[idx], this.devicePick));
       return;
     }
     this.dropRecording(); // the batch changes: its buffers (a step's intermediates) go back to the pool now
     const keep = others ? this.rows.map((_, i) => i).filter((i) => i !== idx) : []; // the last running row: free rows go too
     this.kv.keepRows(keep);
-    this.rows.splice(0, this.rows.length, ...keep.map((i) => this.rows[i]!));
-    this.freeAnswers.clear(); // slotRows: the last running row left, and the free rows with it
+    this.rows.splice(0, this.rows.length, ...keep.map((i) => this.rows[i]!)); // slotRows: the last running row takes the free ones
   }
 
   fork(seq: number, into: readonly number[]): void {
@@ -498,8 +493,7 @@ export class TfExecutor implements Executor {
     const B = this.rows.length;
     const inputs = new Map<string, StepData>([...this.model.stepInputs(tokens, positions, B, 1), ['kv.state', this.kv.stateData()]]);
     if (bank) {
-      this.banks.delete(bank.key); // refresh its LRU position, as loraFor does for a step through tfjs
-      this.banks.set(bank.key, bank.bank);
+      this.touchBank(bank.key, bank.bank);
       inputs.set('lora.slots', slotData(slotsIn(bank.bank, rowAdapters)));
     }
     for (const [name, data] of asked) inputs.set(name, data);
@@ -541,7 +535,7 @@ export class TfExecutor implements Executor {
   private cachedBank(rowAdapters: readonly (DeviceAdapter | null)[], prefer: string | null = null): { key: string; bank: LoraBank } | null {
     const key = bankKey(rowAdapters);
     if (key === null) return null;
-    const need = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
+    const need = distinctAdapters(rowAdapters);
     const serves = (bank: LoraBank): boolean => {
       if (!fusedKernels() || bank.R > DECODE_LINEAR_MAX_RANK) return false; // the unfused delta multiplies by every adapter
       const held = new Set(bank.adapters.map((a) => a.key));
@@ -560,6 +554,12 @@ export class TfExecutor implements Executor {
     return best;
   }
 
+  /** Puts a bank last in the banks' LRU order (the cache's most recently used), adding it when new. */
+  private touchBank(key: string, bank: LoraBank): void {
+    this.banks.delete(key);
+    this.banks.set(key, bank);
+  }
+
   private dropMerged(): void {
     if (!this.merged) return;
     for (const w of this.merged.weights.values()) w.dispose();
@@ -571,7 +571,7 @@ export class TfExecutor implements Executor {
    * step's bank, as its key was made with (cachedBank); null: the cached bank of these rows, or a new one.
    */
   private loraFor(rowAdapters: readonly (DeviceAdapter | null)[], plan: LoraPlan, chosen: { key: string; bank: LoraBank } | null = null): { lora?: StepLora; applied: Omit<StepPass, 'rows'>; owned: boolean } {
-    const distinct = [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
+    const distinct = distinctAdapters(rowAdapters);
     if (distinct.length === 0) return { applied: { mode: 'none', adapters: 0 }, owned: false };
     if (plan.kind === 'none') throw new Error('executor: rows use adapters under a LoRA plan of none');
     if (plan.kind === 'merged') {
@@ -585,9 +585,7 @@ export class TfExecutor implements Executor {
     const found = chosen ?? this.cachedBank(rowAdapters);
     const key = found?.key ?? bankKey(rowAdapters)!;
     let bank = found?.bank;
-    if (bank) {
-      this.banks.delete(key); // refresh LRU position
-    } else {
+    if (!bank) {
       bank = buildBank(this.model.linears.values(), distinct);
       while (this.banks.size >= this.maxBanks) {
         const [oldKey, old] = this.banks.entries().next().value!;
@@ -595,7 +593,7 @@ export class TfExecutor implements Executor {
         this.banks.delete(oldKey);
       }
     }
-    this.banks.set(key, bank);
+    this.touchBank(key, bank);
     return { lora: stepLora(bank, slotsIn(bank, rowAdapters)), applied: { mode: 'unmerged', adapters: distinct.length }, owned: true };
   }
 
@@ -649,18 +647,24 @@ export class TfExecutor implements Executor {
 }
 
 /**
- * How a free row is read back: as `last` (its last sequence's row) was when that was a pick or a shortlist (at
- * temperature 1); a row read as logits (a whole row a step) or not yet decoded is picked, or read as logits when the
- * executor picks nothing on the device.
+ * How a free row is read back, from `last`, how the row was read back at the last decode step (by its last sequence,
+ * or free already: the answer is the same again, so the recording's key stays): a shortlist at temperature 1 when that
+ * was a shortlist; else (a pick, a row read as logits, whole rows a step, or a row not yet decoded) picked, or read as
+ * logits when the executor picks nothing on the device.
  */
 function freeAnswer(last: RowAnswer | undefined, devicePick: boolean): RowAnswer {
   if (typeof last === 'object') return { temperature: 1, ...(last.fallback ? { fallback: true } : {}) };
   return devicePick ? 'pick' : 'logits';
 }
 
+/** The rows' adapters, each once (by upload key), in row order. */
+function distinctAdapters(rowAdapters: readonly (DeviceAdapter | null)[]): DeviceAdapter[] {
+  return [...new Map(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => [a.key, a])).values()];
+}
+
 /** The cache key of the bank of the rows' adapters (their distinct upload keys, sorted), or null when no row has one. */
 function bankKey(rowAdapters: readonly (DeviceAdapter | null)[]): string | null {
-  const keys = [...new Set(rowAdapters.filter((a): a is DeviceAdapter => a !== null).map((a) => a.key))];
+  const keys = distinctAdapters(rowAdapters).map((a) => a.key);
   return keys.length === 0 ? null : keys.sort().join(',');
 }
 
