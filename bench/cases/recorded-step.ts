@@ -18,6 +18,7 @@ import { median } from '../client.ts';
 import type { BenchCase, Figure } from '../case.ts';
 import { harnessOnWebGPU } from './decode-linear.ts';
 import { webgpuCounts } from '../../src/backend/webgpu/counters.ts';
+import type { DecodeItem, StepResult } from '../../src/engine/executor.ts';
 import { TfExecutor } from '../../src/exec/tf-executor.ts';
 import { CausalLM } from '../../src/model/model.ts';
 import { profiler } from '../../src/obs/profile.ts';
@@ -30,11 +31,21 @@ const CHURN_LENGTHS = [5, 9, 13, 17, 7, 11, 15, 19];
 /** What a decode step of the default executor was. */
 type StepKind = 'replay' | 'recording' | 'tfjs';
 
-/** Seconds of the profile's phases: all of them, and the readback's wait. */
-function profileSeconds(): { all: number; wait: number } {
-  const decode = profiler.snapshot().decode ?? {};
-  const all = Object.values(decode).reduce((a, b) => a + (b ?? 0), 0);
-  return { all, wait: decode.logits_download ?? 0 };
+/**
+ * One decode step of the base model with the profiler on: its result and the main thread's own ms (the profile's
+ * phases but the readback's wait).
+ */
+async function profiledDecode(ex: TfExecutor, items: DecodeItem[]): Promise<{ res: StepResult; ms: number }> {
+  profiler.reset();
+  profiler.enabled = true;
+  try {
+    const res = await ex.decode(items, { kind: 'none' });
+    const decode = profiler.snapshot().decode ?? {};
+    const all = Object.values(decode).reduce((a, b) => a + (b ?? 0), 0);
+    return { res, ms: (all - (decode.logits_download ?? 0)) * 1000 };
+  } finally {
+    profiler.enabled = false;
+  }
 }
 
 export const recordedStep: BenchCase = {
@@ -62,13 +73,9 @@ export const recordedStep: BenchCase = {
       const t0 = performance.now();
       for (let s = 0; s < steps; s++) {
         const before = { ...ex.recordedSteps };
-        profiler.reset();
-        profiler.enabled = true;
-        const res = await ex.decode(prompts.map((p, seq) => ({ seq, token: token[seq]!, position: p.length + s, adapter: null, pick: true })), { kind: 'none' });
-        profiler.enabled = false;
-        const { all, wait } = profileSeconds();
+        const { res, ms } = await profiledDecode(ex, prompts.map((p, seq) => ({ seq, token: token[seq]!, position: p.length + s, adapter: null, pick: true })));
         const kind: StepKind = ex.recordedSteps.replayed > before.replayed ? 'replay' : ex.recordedSteps.recorded > before.recorded ? 'recording' : 'tfjs';
-        perStep.push({ ms: (all - wait) * 1000, kind });
+        perStep.push({ ms, kind });
         prompts.forEach((_, seq) => (token[seq] = res.picked?.get(seq)?.id ?? 0));
       }
       const wall = performance.now() - t0;
@@ -154,14 +161,10 @@ async function churn(ctx: Parameters<BenchCase['run']>[0], model: CausalLM, step
     const main: number[] = [];
     let wall = 0;
     for (let s = 0; s < steps; s++) {
-      profiler.reset();
-      profiler.enabled = true;
       const t0 = performance.now();
-      const res = await ex.decode([...live].map(([seq, x]) => ({ seq, token: x.token, position: x.position, adapter: null, pick: true })), { kind: 'none' });
+      const { res, ms } = await profiledDecode(ex, [...live].map(([seq, x]) => ({ seq, token: x.token, position: x.position, adapter: null, pick: true })));
       wall += performance.now() - t0;
-      profiler.enabled = false;
-      const { all, wait } = profileSeconds();
-      main.push((all - wait) * 1000);
+      main.push(ms);
       let left = 0;
       for (const [seq, x] of live) {
         x.token = res.picked?.get(seq)?.id ?? 0;
