@@ -112,6 +112,21 @@ async function drive(ex: TfExecutor, seqs: readonly Seq[], leases: readonly Adap
   return trace;
 }
 
+/**
+ * Writes PEFT adapters a0 … a(n−1) under root/adapters (every linear, alpha 8; `shapes[i]`: adapter i's seed and rank)
+ * and acquires each on every executor: leases[k][i] is adapter i's on executors[k].
+ */
+async function adaptersOn(model: CausalLM, root: string, baseConfig: Parameters<typeof writePeftAdapter>[1]['baseConfig'], executors: readonly TfExecutor[],
+  shapes: readonly { seed: number; r: number }[]): Promise<AdapterLease[][]> {
+  const managers = executors.map((ex) => makeManager(model, join(root, 'adapters'), ex));
+  const leases: AdapterLease[][] = executors.map(() => []);
+  for (const [i, { seed, r }] of shapes.entries()) {
+    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig, seed, r, loraAlpha: 8, targetModules: 'all-linear' });
+    for (const [k, manager] of managers.entries()) leases[k]!.push(await manager.acquire(`a${i}`));
+  }
+  return leases;
+}
+
 const MODELS: [string, CheckpointOptions][] = [
   ['llama (GQA)', TINY_LLAMA],
   ['gemma2 (sliding window 7 on even layers, soft-caps)', { ...TINY_GEMMA2, numLayers: 3, seed: 35, configExtra: { ...TINY_GEMMA2.configExtra, sliding_window: 7 } }],
@@ -131,15 +146,7 @@ for (const [name, opts] of MODELS) {
     // the logits can be equal bit for bit.
     const plain = new TfExecutor(model, { recordSteps: false, slotRows: true });
     const recorded = new TfExecutor(model);
-    const manager = makeManager(model, join(root, 'adapters'), recorded);
-    const plainManager = makeManager(model, join(root, 'adapters'), plain);
-    const leases: AdapterLease[] = [];
-    const plainLeases: AdapterLease[] = [];
-    for (let i = 0; i < 2; i++) {
-      await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 60 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
-      leases.push(await manager.acquire(`a${i}`));
-      plainLeases.push(await plainManager.acquire(`a${i}`));
-    }
+    const [leases, plainLeases] = await adaptersOn(model, root, config, [recorded, plain], [{ seed: 60, r: 4 }, { seed: 61, r: 4 }]) as [AdapterLease[], AdapterLease[]];
     // A bank of both adapters and base rows until step 20; steps 22–26 merge adapter 0, the only one left running.
     // Rows answered with logits, greedy picks and shortlists (their first candidate taken as the next token).
     const script: Seq[] = [
@@ -258,12 +265,7 @@ test('a sequence leaving the only row of its adapter keeps the batch\'s bank (th
   const baseline = tf.memory().numTensors;
   const executors = [new TfExecutor(model), new TfExecutor(model, { recordSteps: false, slotRows: true }), new TfExecutor(model, { recordSteps: false, slotRows: false })];
   const [recorded, plain, regathered] = executors as [TfExecutor, TfExecutor, TfExecutor];
-  const leases: AdapterLease[][] = executors.map(() => []);
-  const managers = executors.map((ex) => makeManager(model, join(root, 'adapters'), ex));
-  for (let i = 0; i < 3; i++) {
-    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 80 + i, r: 2 + 2 * i, loraAlpha: 8, targetModules: 'all-linear' });
-    for (const k of [0, 1, 2]) leases[k]!.push(await managers[k]!.acquire(`a${i}`));
-  }
+  const leases = await adaptersOn(model, root, config, executors, [0, 1, 2].map((i) => ({ seed: 80 + i, r: 2 + 2 * i })));
   // Adapter 0 and a base row from step 0; adapter 1 joins at step 1 (a bank of adapters 0 and 1) and leaves after step
   // 4; adapter 2 joins its free row at step 6 (a bank of adapters 0 and 2) and leaves after step 10. After each leave
   // the bank of the step before still serves, though a bank of adapter 0 alone is cached too (its prefill's).
@@ -333,12 +335,7 @@ test('a decode step whose bank a prefill evicted (maxBanks) is recorded anew, no
   const model = CausalLM.load(dir);
   const baseline = tf.memory().numTensors;
   const ex = new TfExecutor(model, { maxBanks: 1 });
-  const manager = makeManager(model, join(root, 'adapters'), ex);
-  const leases: AdapterLease[] = [];
-  for (let i = 0; i < 2; i++) {
-    await writePeftAdapter(join(root, 'adapters', `a${i}`), { baseConfig: config, seed: 90 + i, r: 4, loraAlpha: 8, targetModules: 'all-linear' });
-    leases.push(await manager.acquire(`a${i}`));
-  }
+  const [leases] = await adaptersOn(model, root, config, [ex], [{ seed: 90, r: 4 }, { seed: 91, r: 4 }]) as [AdapterLease[]];
   const [a0, a1] = leases.map((l) => l.adapter) as [ExecAdapter, ExecAdapter];
   await ex.prefill([{ seq: 0, tokens: [5, 17, 42], start: 0, last: true, adapter: a0, allLogits: false, pick: true }], { kind: 'unmerged' });
   const step = (position: number) => ex.decode([{ seq: 0, token: 1, position, adapter: a0, pick: true }], { kind: 'unmerged' });
